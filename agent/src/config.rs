@@ -1,0 +1,150 @@
+//! The agent's configuration: a TOML file (`/etc/drover/agent.toml`), then flags, then
+//! `validate()` with messages that name the file and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::daemon::{LogFormat, duration_str};
+use crate::health::Thresholds;
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// Everything the agent daemon needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Controller address (`host:port`). Empty: the one recorded at enrollment.
+    pub controller: String,
+    /// Where the identity, the outbox and job state live.
+    pub data_dir: PathBuf,
+    #[serde(with = "duration_str")]
+    pub heartbeat_interval: Duration,
+    /// How often a HealthReport is sent even when nothing changed.
+    #[serde(with = "duration_str")]
+    pub health_interval: Duration,
+    /// How often health is sampled to notice changes.
+    #[serde(with = "duration_str")]
+    pub health_sample_interval: Duration,
+    /// Upper bound of the reconnect backoff.
+    #[serde(with = "duration_str")]
+    pub reconnect_max: Duration,
+    /// Docker Engine socket; empty means the default (`DOCKER_HOST` or /var/run/docker.sock).
+    pub docker_socket: String,
+    pub log_format: LogFormat,
+    /// Labels sent in Hello (merged over the ones given at enrollment).
+    pub labels: BTreeMap<String, String>,
+    pub health: Thresholds,
+    /// Where this config came from, for error messages.
+    #[serde(skip)]
+    pub source: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            controller: String::new(),
+            data_dir: PathBuf::from("/var/lib/drover-agent"),
+            heartbeat_interval: Duration::from_secs(5),
+            health_interval: Duration::from_secs(30),
+            health_sample_interval: Duration::from_secs(5),
+            reconnect_max: Duration::from_secs(60),
+            docker_socket: String::new(),
+            log_format: LogFormat::Text,
+            labels: BTreeMap::new(),
+            health: Thresholds::default(),
+            source: "(defaults)".into(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `source` names it in errors.
+    pub fn from_toml(text: &str, source: &str) -> Result<AgentConfig, ConfigError> {
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: source.to_string(),
+            message: e.to_string(),
+        })?;
+        config.source = source.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            path: self.source.clone(),
+            key,
+            message: message.to_string(),
+        };
+        if self.heartbeat_interval < Duration::from_millis(100) {
+            return Err(invalid("heartbeat_interval", "must be at least 100ms"));
+        }
+        if self.health_interval < self.heartbeat_interval {
+            return Err(invalid("health_interval", "must not be shorter than heartbeat_interval"));
+        }
+        if self.reconnect_max < Duration::from_secs(1) {
+            return Err(invalid("reconnect_max", "must be at least 1s"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if !self.controller.is_empty() {
+            drover_identity::tls::controller_authority(&self.controller)
+                .map_err(|e| invalid("controller", &e.to_string()))?;
+        }
+        self.health
+            .validate()
+            .map_err(|(key, message)| invalid(key, &message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_in_the_repo_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/agent.toml");
+        let config = AgentConfig::from_file(&path).unwrap();
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(config.health_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let err = AgentConfig::from_toml("heartbeat_interval = \"1ms\"", "a.toml").unwrap_err();
+        assert_eq!(err.to_string(), "invalid config a.toml: key `heartbeat_interval`: must be at least 100ms");
+        let err = AgentConfig::from_toml("nope = 1", "a.toml").unwrap_err().to_string();
+        assert!(err.contains("a.toml") && err.contains("nope"), "{err}");
+        let err = AgentConfig::from_toml("heartbeat_interval = \"soon\"", "a.toml").unwrap_err().to_string();
+        assert!(err.contains("invalid duration"), "{err}");
+    }
+}

@@ -1,0 +1,506 @@
+//! Host health: facts collected from /proc, statvfs and the Docker Engine, and the pure
+//! function that turns facts into healthy/degraded/unhealthy checks.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::daemon::duration_str;
+
+/// Limits that decide when a check is degraded or unhealthy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Thresholds {
+    pub disk_degraded_free_percent: f64,
+    pub disk_unhealthy_free_percent: f64,
+    pub disk_min_free_bytes: u64,
+    pub memory_degraded_available_percent: f64,
+    pub memory_unhealthy_available_percent: f64,
+    pub load_degraded_per_cpu: f64,
+    pub load_unhealthy_per_cpu: f64,
+    #[serde(with = "duration_str")]
+    pub cert_degraded_before_expiry: Duration,
+    #[serde(with = "duration_str")]
+    pub clock_degraded_offset: Duration,
+    #[serde(with = "duration_str")]
+    pub clock_unhealthy_offset: Duration,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            disk_degraded_free_percent: 10.0,
+            disk_unhealthy_free_percent: 5.0,
+            disk_min_free_bytes: 1 << 30,
+            memory_degraded_available_percent: 10.0,
+            memory_unhealthy_available_percent: 5.0,
+            load_degraded_per_cpu: 2.0,
+            load_unhealthy_per_cpu: 4.0,
+            cert_degraded_before_expiry: Duration::from_secs(2 * 3600),
+            clock_degraded_offset: Duration::from_secs(1),
+            clock_unhealthy_offset: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Thresholds {
+    /// Checks the limits are coherent; the error names the `health.` key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let pct = |key, v: f64| {
+            if (0.0..=100.0).contains(&v) { Ok(()) } else { Err((key, format!("{v} is not a percentage (0-100)"))) }
+        };
+        pct("health.disk_degraded_free_percent", self.disk_degraded_free_percent)?;
+        pct("health.disk_unhealthy_free_percent", self.disk_unhealthy_free_percent)?;
+        pct("health.memory_degraded_available_percent", self.memory_degraded_available_percent)?;
+        pct("health.memory_unhealthy_available_percent", self.memory_unhealthy_available_percent)?;
+        if self.disk_unhealthy_free_percent > self.disk_degraded_free_percent {
+            return Err(("health.disk_unhealthy_free_percent", "must not exceed disk_degraded_free_percent".into()));
+        }
+        if self.memory_unhealthy_available_percent > self.memory_degraded_available_percent {
+            return Err(("health.memory_unhealthy_available_percent", "must not exceed memory_degraded_available_percent".into()));
+        }
+        if self.load_degraded_per_cpu <= 0.0 || self.load_unhealthy_per_cpu < self.load_degraded_per_cpu {
+            return Err(("health.load_unhealthy_per_cpu", "must be at least load_degraded_per_cpu, which must be above 0".into()));
+        }
+        if self.clock_unhealthy_offset < self.clock_degraded_offset {
+            return Err(("health.clock_unhealthy_offset", "must be at least clock_degraded_offset".into()));
+        }
+        Ok(())
+    }
+}
+
+/// How bad a check is. Ordered: `Unhealthy` is the worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Status {
+    #[default]
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Healthy => "healthy",
+            Status::Degraded => "degraded",
+            Status::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// One health check with its verdict and a short reason with the numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub name: String,
+    pub status: Status,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Disk {
+    pub mount: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DockerFacts {
+    pub reachable: bool,
+    pub version: String,
+    pub error: String,
+    pub containers_running: u32,
+    pub containers_total: u32,
+}
+
+/// Everything health is decided from. The session fills the agent-side fields (version,
+/// certificate, clock offset, now); `collect_host` fills the rest.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostFacts {
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    pub cpus: u32,
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    pub disks: Vec<Disk>,
+    pub uptime_secs: u64,
+    pub docker: DockerFacts,
+    pub agent_version: String,
+    pub cert_not_after_unix: Option<i64>,
+    pub clock_offset_ms: Option<i64>,
+    pub now_unix: i64,
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        100.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+fn check(name: &str, status: Status, reason: String) -> Check {
+    Check {
+        name: name.to_string(),
+        status,
+        reason,
+    }
+}
+
+/// Rule for one disk: free below `disk_unhealthy_free_percent` is unhealthy; free below
+/// `disk_degraded_free_percent` or below `disk_min_free_bytes` is degraded.
+fn disk_status(d: &Disk, t: &Thresholds) -> Status {
+    let free = percent(d.free_bytes, d.total_bytes);
+    if free < t.disk_unhealthy_free_percent {
+        Status::Unhealthy
+    } else if free < t.disk_degraded_free_percent || d.free_bytes < t.disk_min_free_bytes {
+        Status::Degraded
+    } else {
+        Status::Healthy
+    }
+}
+
+/// Turns facts into checks, in a stable order: disk (the worst mount decides), memory
+/// (available %), load (5-minute load per CPU), docker, certificate, clock.
+pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
+    let mut checks = Vec::with_capacity(6);
+
+    let worst_disk = facts
+        .disks
+        .iter()
+        .map(|d| (disk_status(d, t), d))
+        .max_by(|(sa, da), (sb, db)| {
+            sa.cmp(sb).then(
+                percent(db.free_bytes, db.total_bytes)
+                    .partial_cmp(&percent(da.free_bytes, da.total_bytes))
+                    .unwrap_or(std::cmp::Ordering::Equal),
+            )
+        });
+    checks.push(match worst_disk {
+        None => check("disk", Status::Degraded, "no local file systems found".into()),
+        Some((status, d)) => check(
+            "disk",
+            status,
+            format!(
+                "{}: {} free of {} ({:.1}%){}",
+                d.mount,
+                gib(d.free_bytes),
+                gib(d.total_bytes),
+                percent(d.free_bytes, d.total_bytes),
+                if facts.disks.len() > 1 { format!(", worst of {} mounts", facts.disks.len()) } else { String::new() }
+            ),
+        ),
+    });
+
+    let avail = percent(facts.mem_available_bytes, facts.mem_total_bytes);
+    let mem_status = if facts.mem_total_bytes == 0 {
+        Status::Degraded
+    } else if avail < t.memory_unhealthy_available_percent {
+        Status::Unhealthy
+    } else if avail < t.memory_degraded_available_percent {
+        Status::Degraded
+    } else {
+        Status::Healthy
+    };
+    checks.push(check(
+        "memory",
+        mem_status,
+        format!("{} available of {} ({avail:.1}%)", gib(facts.mem_available_bytes), gib(facts.mem_total_bytes)),
+    ));
+
+    let per_cpu = facts.load5 / f64::from(facts.cpus.max(1));
+    let load_status = if per_cpu >= t.load_unhealthy_per_cpu {
+        Status::Unhealthy
+    } else if per_cpu >= t.load_degraded_per_cpu {
+        Status::Degraded
+    } else {
+        Status::Healthy
+    };
+    checks.push(check(
+        "load",
+        load_status,
+        format!("load {:.2} {:.2} {:.2} on {} CPUs ({per_cpu:.2} per CPU over 5 min)", facts.load1, facts.load5, facts.load15, facts.cpus.max(1)),
+    ));
+
+    checks.push(if facts.docker.reachable {
+        check(
+            "docker",
+            Status::Healthy,
+            format!(
+                "Docker Engine {}: {} running of {} containers",
+                facts.docker.version, facts.docker.containers_running, facts.docker.containers_total
+            ),
+        )
+    } else {
+        let why = if facts.docker.error.is_empty() { "not probed yet".to_string() } else { facts.docker.error.clone() };
+        check("docker", Status::Unhealthy, why)
+    });
+
+    checks.push(match facts.cert_not_after_unix {
+        None => check("certificate", Status::Unhealthy, "no certificate".into()),
+        Some(not_after) => {
+            let left = not_after - facts.now_unix;
+            if left <= 0 {
+                check("certificate", Status::Unhealthy, format!("expired {}s ago", -left))
+            } else if left < t.cert_degraded_before_expiry.as_secs() as i64 {
+                check("certificate", Status::Degraded, format!("expires in {left}s and has not been renewed"))
+            } else {
+                check("certificate", Status::Healthy, format!("expires in {}h {}m", left / 3600, left % 3600 / 60))
+            }
+        }
+    });
+
+    checks.push(match facts.clock_offset_ms {
+        None => check("clock", Status::Healthy, "offset from the controller not measured yet".into()),
+        Some(offset) => {
+            let abs = offset.unsigned_abs();
+            let status = if abs >= t.clock_unhealthy_offset.as_millis() as u64 {
+                Status::Unhealthy
+            } else if abs >= t.clock_degraded_offset.as_millis() as u64 {
+                Status::Degraded
+            } else {
+                Status::Healthy
+            };
+            check("clock", status, format!("{offset} ms from the controller's clock"))
+        }
+    });
+    checks
+}
+
+/// The host's status: the worst check (healthy when there are none).
+pub fn overall(checks: &[Check]) -> Status {
+    checks.iter().map(|c| c.status).max().unwrap_or(Status::Healthy)
+}
+
+/// Whether a report is due now: a check appeared, disappeared or changed status. Reasons whose
+/// numbers move do not count.
+pub fn changed(prev: &[Check], next: &[Check]) -> bool {
+    prev.len() != next.len()
+        || prev
+            .iter()
+            .zip(next)
+            .any(|(a, b)| a.name != b.name || a.status != b.status)
+}
+
+/// `/proc/loadavg` → (1, 5, 15 minute load).
+pub fn parse_loadavg(text: &str) -> Option<(f64, f64, f64)> {
+    let mut it = text.split_whitespace().map(|s| s.parse::<f64>().ok());
+    Some((it.next()??, it.next()??, it.next()??))
+}
+
+/// `/proc/meminfo` → (MemTotal, MemAvailable) in bytes.
+pub fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("MemTotal:")?, field("MemAvailable:")?))
+}
+
+/// `/proc/uptime` → whole seconds.
+pub fn parse_uptime(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse::<f64>().ok().map(|s| s as u64)
+}
+
+/// File systems that hold data worth watching; pseudo, memory and container layers are not.
+const REAL_FS: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "vfat", "exfat", "jfs", "reiserfs", "bcachefs"];
+
+/// `/proc/self/mounts` → mount points of real file systems, one per device (the first seen).
+pub fn parse_mounts(text: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(device), Some(mount), Some(fs)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        if REAL_FS.contains(&fs) && seen.insert(device.to_string()) {
+            // /proc/mounts escapes spaces and such as octal (\040).
+            out.push(mount.replace("\\040", " "));
+        }
+    }
+    out
+}
+
+fn disk_usage(mount: &str) -> Option<Disk> {
+    let st = rustix::fs::statvfs(mount).ok()?;
+    let total = st.f_blocks.saturating_mul(st.f_frsize);
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    (total > 0).then(|| Disk {
+        mount: mount.to_string(),
+        total_bytes: total,
+        free_bytes: free,
+    })
+}
+
+/// Reads this Linux host's load, memory, uptime, CPUs and disks. Blocking (file reads and
+/// statvfs): call it from `spawn_blocking`.
+pub fn collect_host() -> HostFacts {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let (load1, load5, load15) = parse_loadavg(&read("/proc/loadavg")).unwrap_or_default();
+    let (mem_total_bytes, mem_available_bytes) = parse_meminfo(&read("/proc/meminfo")).unwrap_or_default();
+    let mut mounts = parse_mounts(&read("/proc/self/mounts"));
+    if mounts.is_empty() {
+        // In a container the root is often overlay: watch it rather than nothing.
+        mounts.push("/".to_string());
+    }
+    HostFacts {
+        load1,
+        load5,
+        load15,
+        cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        mem_total_bytes,
+        mem_available_bytes,
+        disks: mounts.iter().filter_map(|m| disk_usage(m)).collect(),
+        uptime_secs: parse_uptime(&read("/proc/uptime")).unwrap_or_default(),
+        ..HostFacts::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            load1: 0.5,
+            load5: 0.5,
+            load15: 0.5,
+            cpus: 2,
+            mem_total_bytes: 8 << 30,
+            mem_available_bytes: 4 << 30,
+            disks: vec![Disk { mount: "/".into(), total_bytes: 100 << 30, free_bytes: 50 << 30 }],
+            uptime_secs: 100,
+            docker: DockerFacts { reachable: true, version: "28.2.2".into(), ..Default::default() },
+            agent_version: "0.1.0".into(),
+            cert_not_after_unix: Some(1_000_000 + 86_400),
+            clock_offset_ms: Some(3),
+            now_unix: 1_000_000,
+        }
+    }
+
+    fn status_of(f: &HostFacts, name: &str) -> Status {
+        evaluate(f, &Thresholds::default()).into_iter().find(|c| c.name == name).unwrap().status
+    }
+
+    #[test]
+    fn a_healthy_host_has_six_healthy_checks_in_order() {
+        let checks = evaluate(&facts(), &Thresholds::default());
+        let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["disk", "memory", "load", "docker", "certificate", "clock"]);
+        assert_eq!(overall(&checks), Status::Healthy);
+        assert!(checks[0].reason.contains("50.0 GiB free of 100.0 GiB (50.0%)"), "{}", checks[0].reason);
+    }
+
+    #[test]
+    fn each_check_at_its_boundaries() {
+        use Status::*;
+        let disk = |free_gib: u64, total_gib: u64| {
+            let mut f = facts();
+            f.disks = vec![Disk { mount: "/".into(), total_bytes: total_gib << 30, free_bytes: free_gib << 30 }];
+            status_of(&f, "disk")
+        };
+        assert_eq!(disk(10, 100), Healthy);
+        assert_eq!(disk(9, 100), Degraded);
+        assert_eq!(disk(5, 100), Degraded);
+        assert_eq!(disk(4, 100), Unhealthy);
+        assert_eq!(disk(0, 8), Unhealthy);
+        let mut small = facts();
+        small.disks = vec![Disk { mount: "/boot".into(), total_bytes: 2 << 30, free_bytes: 900 << 20 }];
+        assert_eq!(status_of(&small, "disk"), Degraded, "under 1 GiB free is degraded even at 44%");
+        let mut two = facts();
+        two.disks.push(Disk { mount: "/var".into(), total_bytes: 100 << 30, free_bytes: 3 << 30 });
+        let c = &evaluate(&two, &Thresholds::default())[0];
+        assert_eq!((c.status, c.reason.starts_with("/var")), (Unhealthy, true), "the worst mount decides");
+
+        let mem = |avail_pct: u64| {
+            let mut f = facts();
+            f.mem_total_bytes = 100 << 20;
+            f.mem_available_bytes = avail_pct << 20;
+            status_of(&f, "memory")
+        };
+        assert_eq!((mem(10), mem(9), mem(5), mem(4)), (Healthy, Degraded, Degraded, Unhealthy));
+
+        let load = |l5: f64| {
+            let mut f = facts();
+            f.load5 = l5;
+            status_of(&f, "load")
+        };
+        assert_eq!((load(3.9), load(4.0), load(7.9), load(8.0)), (Healthy, Degraded, Degraded, Unhealthy));
+
+        let mut f = facts();
+        f.docker = DockerFacts { reachable: false, error: "cannot reach Docker Engine".into(), ..Default::default() };
+        let c = evaluate(&f, &Thresholds::default()).remove(3);
+        assert_eq!((c.status, c.reason.as_str()), (Unhealthy, "cannot reach Docker Engine"));
+
+        let cert = |left: Option<i64>| {
+            let mut f = facts();
+            f.cert_not_after_unix = left.map(|l| f.now_unix + l);
+            status_of(&f, "certificate")
+        };
+        assert_eq!((cert(None), cert(Some(0)), cert(Some(7199)), cert(Some(7200))), (Unhealthy, Unhealthy, Degraded, Healthy));
+
+        let clock = |ms: Option<i64>| {
+            let mut f = facts();
+            f.clock_offset_ms = ms;
+            status_of(&f, "clock")
+        };
+        assert_eq!(
+            (clock(None), clock(Some(-999)), clock(Some(-1000)), clock(Some(29_999)), clock(Some(30_000))),
+            (Healthy, Healthy, Degraded, Degraded, Unhealthy)
+        );
+    }
+
+    #[test]
+    fn overall_is_the_worst_and_changes_ignore_moving_numbers() {
+        let mut f = facts();
+        let before = evaluate(&f, &Thresholds::default());
+        f.load1 = 1.7;
+        f.disks[0].free_bytes -= 1 << 20;
+        let after = evaluate(&f, &Thresholds::default());
+        assert_ne!(before, after);
+        assert!(!changed(&before, &after));
+        f.docker.reachable = false;
+        let broken = evaluate(&f, &Thresholds::default());
+        assert!(changed(&after, &broken));
+        assert_eq!(overall(&broken), Status::Unhealthy);
+        assert!(changed(&[], &broken));
+        assert_eq!(overall(&[]), Status::Healthy);
+    }
+
+    #[test]
+    fn proc_parsers() {
+        assert_eq!(parse_loadavg("0.52 0.58 0.59 1/467 12345\n"), Some((0.52, 0.58, 0.59)));
+        assert_eq!(parse_loadavg("garbage"), None);
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   12288000 kB\n";
+        assert_eq!(parse_meminfo(meminfo), Some((24_576_000 * 1024, 12_288_000 * 1024)));
+        assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_uptime("12345.67 2345.00\n"), Some(12345));
+        let mounts = "/dev/vda / ext4 rw 0 0\nproc /proc proc rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n\
+                      /dev/vda /etc/hosts ext4 rw 0 0\n/dev/vdb /srv/my\\040data xfs rw 0 0\n\
+                      overlay /var/lib/docker/x overlay rw 0 0\n";
+        assert_eq!(parse_mounts(mounts), vec!["/".to_string(), "/srv/my data".to_string()]);
+    }
+
+    #[test]
+    fn thresholds_validate_with_the_key() {
+        assert!(Thresholds::default().validate().is_ok());
+        let t = Thresholds { disk_unhealthy_free_percent: 20.0, ..Thresholds::default() };
+        assert_eq!(t.validate().unwrap_err().0, "health.disk_unhealthy_free_percent");
+        let t = Thresholds { memory_degraded_available_percent: 120.0, ..Thresholds::default() };
+        assert_eq!(t.validate().unwrap_err().0, "health.memory_degraded_available_percent");
+        let t = Thresholds { load_unhealthy_per_cpu: 1.0, ..Thresholds::default() };
+        assert_eq!(t.validate().unwrap_err().0, "health.load_unhealthy_per_cpu");
+    }
+
+    #[test]
+    fn this_machine_reports_cpus_memory_and_a_disk() {
+        let f = collect_host();
+        assert!(f.cpus > 0 && f.mem_total_bytes > 0 && f.uptime_secs > 0);
+        assert!(!f.disks.is_empty() && f.disks.iter().all(|d| d.total_bytes >= d.free_bytes));
+    }
+}

@@ -1,0 +1,182 @@
+//! The Drover agent: the daemon on each host.
+//!
+//! It enrolls once with a one-time token (`enroll`), then keeps one mTLS session to the
+//! controller (`session`): heartbeats, health reports (`health`, `docker`), job events from
+//! the durable outbox (`store`), certificate renewal. See ARCHITECTURE.md for the map.
+
+pub mod backoff;
+pub mod config;
+pub mod convert;
+pub mod daemon;
+pub mod docker;
+pub mod enroll;
+pub mod error;
+pub mod health;
+mod session;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::AgentConfig;
+pub use error::AgentError;
+
+use enroll::{Enrollment, Paths};
+use health::{HostFacts, Status};
+use store::{NewEvent, Store};
+
+/// What the agent is doing, for the daemon's watchdog, `dev` and tests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentStatus {
+    pub connected: bool,
+    /// Sessions established since start.
+    pub sessions: u64,
+    /// Certificates renewed over a live session since start.
+    pub renewals: u64,
+    pub cert_not_after_unix: i64,
+    pub acked_seq: u64,
+    pub clock_offset_ms: Option<i64>,
+    pub health: Option<Status>,
+    pub last_error: String,
+}
+
+/// Where job code records events: stored and flushed first, sent after, deleted once the
+/// controller acknowledges them.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    store: Arc<Store>,
+    notify: Arc<Notify>,
+}
+
+impl Outbox {
+    /// Records an event durably and returns its sequence number.
+    pub async fn record(&self, event: NewEvent) -> Result<u64, AgentError> {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let stored = self.store.append(event, at).await?;
+        self.notify.notify_one();
+        Ok(stored.seq)
+    }
+
+    /// Events recorded but not yet acknowledged by the controller.
+    pub fn pending(&self) -> usize {
+        self.store.pending_count()
+    }
+}
+
+/// An enrolled agent, ready to run.
+pub struct Agent {
+    config: AgentConfig,
+    paths: Paths,
+    enrollment: Enrollment,
+    store: Arc<Store>,
+    notify: Arc<Notify>,
+    status: watch::Sender<AgentStatus>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("host", &self.enrollment.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Opens the agent's state under `config.data_dir`. Fails with a clear error when the host
+    /// is not enrolled.
+    pub fn open(config: AgentConfig) -> Result<Agent, AgentError> {
+        config.validate()?;
+        let paths = Paths::new(&config.data_dir);
+        let enrollment = Enrollment::load(&paths)?;
+        drover_identity::files::Bundle::recover(&paths.identity_dir)?;
+        if !drover_identity::files::Bundle::exists(&paths.identity_dir) {
+            return Err(AgentError::NotEnrolled(paths.identity_dir.join("cert.pem").display().to_string()));
+        }
+        let store = Arc::new(Store::open(&paths.store_dir)?);
+        let (status, _) = watch::channel(AgentStatus::default());
+        Ok(Agent {
+            config,
+            paths,
+            enrollment,
+            store,
+            notify: Arc::new(Notify::new()),
+            status,
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.enrollment.host
+    }
+
+    pub fn outbox(&self) -> Outbox {
+        Outbox {
+            store: self.store.clone(),
+            notify: self.notify.clone(),
+        }
+    }
+
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `shutdown` is cancelled: the health sampler and the controller session.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        info!(host = %self.enrollment.host, version = env!("CARGO_PKG_VERSION"), "agent starting");
+        let (facts_tx, facts_rx) = watch::channel(None::<HostFacts>);
+        let sampler = tokio::spawn(sample_health(
+            self.config.docker_socket.clone(),
+            self.config.health_sample_interval,
+            facts_tx,
+            shutdown.clone(),
+        ));
+        let ctx = session::SessionCtx {
+            config: self.config,
+            paths: self.paths,
+            enrollment: self.enrollment,
+            store: self.store,
+            notify: self.notify,
+            status: self.status,
+            facts: facts_rx,
+        };
+        session::run(ctx, shutdown).await;
+        if let Err(err) = sampler.await {
+            warn!(error = %err, "health sampler ended abnormally");
+        }
+        info!("agent stopped");
+        Ok(())
+    }
+}
+
+/// Samples host facts every `every` and publishes them; the session decides what to send.
+async fn sample_health(
+    docker_socket: String,
+    every: std::time::Duration,
+    facts: watch::Sender<Option<HostFacts>>,
+    shutdown: CancellationToken,
+) {
+    let docker = docker::connect(&docker_socket);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut sample = match tokio::task::spawn_blocking(health::collect_host).await {
+            Ok(sample) => sample,
+            Err(err) => {
+                warn!(error = %err, "collecting host facts failed");
+                continue;
+            }
+        };
+        sample.docker = docker.probe().await;
+        facts.send_replace(Some(sample));
+    }
+}

@@ -1,0 +1,350 @@
+//! The agent's one session with the controller: connect out over mTLS, say Hello, then
+//! heartbeat, report health, replay and stream outbox events, and renew the certificate, until
+//! the connection breaks (then reconnect with backoff) or the agent shuts down.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use drover_identity::files::Bundle;
+use drover_identity::pki::{CertInfo, new_key_and_csr, unix_now};
+use drover_identity::tls::{ClientCert, Trust, channel, client_config};
+use drover_proto::v1;
+use drover_proto::v1::agent_message::Msg as Out;
+use drover_proto::v1::controller_message::Msg as In;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::AgentConfig;
+use crate::convert;
+use crate::enroll::{Enrollment, Paths};
+use crate::health::{self, Check, HostFacts};
+use crate::store::Store;
+use crate::{AgentError, AgentStatus, backoff};
+
+/// Events sent but not yet acknowledged, at most. Bounds memory on both sides and keeps the
+/// outbound channel from filling while acks are pending.
+const SEND_WINDOW: u64 = 256;
+
+/// What a session needs; shared across reconnects.
+pub(crate) struct SessionCtx {
+    pub config: AgentConfig,
+    pub paths: Paths,
+    pub enrollment: Enrollment,
+    pub store: Arc<Store>,
+    pub notify: Arc<Notify>,
+    pub status: watch::Sender<AgentStatus>,
+    pub facts: watch::Receiver<Option<HostFacts>>,
+}
+
+impl SessionCtx {
+    fn controller(&self) -> &str {
+        if self.config.controller.is_empty() {
+            &self.enrollment.controller
+        } else {
+            &self.config.controller
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs sessions until `shutdown`, reconnecting with jittered exponential backoff.
+pub(crate) async fn run(ctx: SessionCtx, shutdown: CancellationToken) {
+    let mut attempt: u32 = 0;
+    while !shutdown.is_cancelled() {
+        let started = tokio::time::Instant::now();
+        let result = session(&ctx, &shutdown, &mut attempt).await;
+        ctx.status.send_modify(|s| s.connected = false);
+        match result {
+            Ok(()) => return,
+            Err(err) => {
+                warn!(controller = %ctx.controller(), error = %err, "session to the controller ended");
+                ctx.status.send_modify(|s| s.last_error = err.to_string());
+            }
+        }
+        // A session that lived a while resets the backoff; a flapping one keeps growing it.
+        if started.elapsed() > Duration::from_secs(30) {
+            attempt = 0;
+        }
+        let delay = backoff::delay(
+            attempt,
+            Duration::from_millis(500),
+            ctx.config.reconnect_max,
+            rand::random::<f64>(),
+        );
+        attempt = attempt.saturating_add(1);
+        debug!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting after backoff");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+struct Live {
+    out: mpsc::Sender<v1::AgentMessage>,
+    cert: CertInfo,
+    acked: u64,
+    sent_upto: u64,
+    clock_offset_ms: Option<i64>,
+    last_checks: Vec<Check>,
+    pending_key: Option<String>,
+}
+
+impl Live {
+    async fn send(&self, msg: Out) -> Result<(), AgentError> {
+        self.out
+            .send(v1::AgentMessage { msg: Some(msg) })
+            .await
+            .map_err(|_| AgentError::Rpc {
+                code: "Cancelled".into(),
+                message: "the session's outbound stream closed".into(),
+            })
+    }
+}
+
+/// One session: returns Ok on shutdown, Err when the connection ends or fails.
+async fn session(
+    ctx: &SessionCtx,
+    shutdown: &CancellationToken,
+    attempt: &mut u32,
+) -> Result<(), AgentError> {
+    Bundle::recover(&ctx.paths.identity_dir)?;
+    let bundle = Bundle::load(&ctx.paths.identity_dir)?;
+    let cert = CertInfo::from_pem(&bundle.cert_pem)?;
+    let tls = client_config(
+        &Trust::Ca(bundle.ca_pem.clone()),
+        Some(&ClientCert {
+            cert_pem: bundle.cert_pem.clone(),
+            key_pem: bundle.key_pem.clone(),
+        }),
+    )?;
+    let controller = ctx.controller().to_string();
+    let mut client =
+        v1::agent_service_client::AgentServiceClient::new(channel(&controller, tls, Duration::from_secs(10))?);
+
+    let (out_tx, out_rx) = mpsc::channel::<v1::AgentMessage>(1024);
+    let mut labels: BTreeMap<String, String> = ctx.enrollment.labels.clone();
+    labels.extend(ctx.config.labels.clone());
+    out_tx
+        .send(v1::AgentMessage {
+            msg: Some(Out::Hello(v1::Hello {
+                host: ctx.enrollment.host.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                last_command_id: ctx.store.last_command_id()?,
+                labels: labels.into_iter().collect(),
+            })),
+        })
+        .await
+        .ok();
+    let connect = client.session(ReceiverStream::new(out_rx));
+    let response = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = connect => r.map_err(|s| AgentError::from_status(&controller, s))?,
+    };
+    let mut inbound = response.into_inner();
+    let welcome = match inbound.message().await {
+        Ok(Some(v1::ControllerMessage { msg: Some(In::Welcome(w)) })) => w,
+        Ok(_) => {
+            return Err(AgentError::Rpc {
+                code: "Internal".into(),
+                message: "the controller did not start the session with Welcome".into(),
+            });
+        }
+        Err(status) => return Err(AgentError::from_status(&controller, status)),
+    };
+
+    // The controller holds everything up to `acked_seq`: drop it here, and never reuse those
+    // numbers even if this host's store is younger than the controller's memory of it.
+    ctx.store.advance_seq(welcome.acked_seq).await?;
+    ctx.store.ack(welcome.acked_seq).await?;
+    let acked = ctx.store.acked_seq()?.max(welcome.acked_seq);
+    let heartbeat_every = if welcome.heartbeat_interval_secs > 0 {
+        Duration::from_secs(u64::from(welcome.heartbeat_interval_secs)).min(ctx.config.heartbeat_interval)
+    } else {
+        ctx.config.heartbeat_interval
+    };
+    info!(controller = %controller, host = %ctx.enrollment.host, acked_seq = acked,
+          pending = ctx.store.pending_count(), "session established");
+    *attempt = 0;
+    ctx.status.send_modify(|s| {
+        s.connected = true;
+        s.sessions += 1;
+        s.cert_not_after_unix = cert.not_after_unix;
+        s.last_error.clear();
+    });
+
+    let mut live = Live {
+        out: out_tx,
+        cert,
+        acked,
+        sent_upto: acked,
+        clock_offset_ms: None,
+        last_checks: Vec::new(),
+        pending_key: None,
+    };
+    let mut facts_rx = ctx.facts.clone();
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    let mut report = tokio::time::interval(ctx.config.health_interval);
+    let mut renew_check = tokio::time::interval(Duration::from_secs(1));
+    for tick in [&mut heartbeat, &mut report, &mut renew_check] {
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    pump_events(ctx, &mut live).await?;
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = heartbeat.tick() => {
+                live.send(Out::Heartbeat(v1::Heartbeat { sent_unix_ms: now_ms() })).await?;
+            }
+            _ = report.tick() => {
+                let facts = facts_rx.borrow().clone();
+                send_health(ctx, &mut live, facts, true).await?;
+            }
+            changed = facts_rx.changed() => {
+                if changed.is_ok() {
+                    let facts = facts_rx.borrow_and_update().clone();
+                    send_health(ctx, &mut live, facts, false).await?;
+                }
+            }
+            _ = ctx.notify.notified() => pump_events(ctx, &mut live).await?,
+            _ = renew_check.tick() => maybe_renew(&mut live).await?,
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => return Err(AgentError::Unreachable {
+                        controller: controller.clone(),
+                        message: "the controller closed the session".into(),
+                    }),
+                    Err(status) => return Err(AgentError::from_status(&controller, status)),
+                };
+                handle_inbound(ctx, &mut live, msg).await?;
+            }
+        }
+    }
+}
+
+/// Sends outbox events past `sent_upto`, keeping at most SEND_WINDOW unacknowledged.
+async fn pump_events(ctx: &SessionCtx, live: &mut Live) -> Result<(), AgentError> {
+    loop {
+        let room = SEND_WINDOW.saturating_sub(live.sent_upto - live.acked);
+        if room == 0 {
+            return Ok(());
+        }
+        let batch = ctx.store.pending_after(live.sent_upto, room as usize)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for event in &batch {
+            live.send(Out::Event(convert::event_to_proto(event))).await?;
+            live.sent_upto = event.seq;
+        }
+    }
+}
+
+async fn send_health(
+    ctx: &SessionCtx,
+    live: &mut Live,
+    facts: Option<HostFacts>,
+    periodic: bool,
+) -> Result<(), AgentError> {
+    let Some(mut facts) = facts else { return Ok(()) };
+    facts.agent_version = env!("CARGO_PKG_VERSION").to_string();
+    facts.cert_not_after_unix = Some(live.cert.not_after_unix);
+    facts.clock_offset_ms = live.clock_offset_ms;
+    facts.now_unix = unix_now();
+    let checks = health::evaluate(&facts, &ctx.config.health);
+    if !periodic && !health::changed(&live.last_checks, &checks) {
+        return Ok(());
+    }
+    let overall = health::overall(&checks);
+    if health::changed(&live.last_checks, &checks) && !live.last_checks.is_empty() {
+        info!(status = overall.as_str(), "host health changed");
+    }
+    ctx.status.send_modify(|s| s.health = Some(overall));
+    let msg = convert::health_to_proto(&facts, &checks, overall);
+    live.last_checks = checks;
+    live.send(Out::Health(msg)).await
+}
+
+async fn maybe_renew(live: &mut Live) -> Result<(), AgentError> {
+    if live.pending_key.is_some() || unix_now() < live.cert.renew_at_unix() {
+        return Ok(());
+    }
+    let host = match &live.cert.identity {
+        Some(drover_identity::Identity::Agent { host }) => host.clone(),
+        _ => String::new(),
+    };
+    let (key_pem, csr_pem) = new_key_and_csr(&host)?;
+    info!(not_after = live.cert.not_after_unix, "renewing the agent certificate");
+    live.pending_key = Some(key_pem);
+    live.send(Out::Renew(v1::RenewRequest { csr_pem })).await
+}
+
+async fn handle_inbound(
+    ctx: &SessionCtx,
+    live: &mut Live,
+    msg: v1::ControllerMessage,
+) -> Result<(), AgentError> {
+    match msg.msg {
+        Some(In::Ack(ack)) => {
+            if ack.upto_seq > live.acked {
+                ctx.store.ack(ack.upto_seq).await?;
+                live.acked = ack.upto_seq;
+                ctx.status.send_modify(|s| s.acked_seq = ack.upto_seq);
+            }
+            pump_events(ctx, live).await?;
+        }
+        Some(In::HeartbeatAck(hb)) => {
+            // NTP-style estimate: the controller's clock at the midpoint of the round trip.
+            let now = now_ms();
+            let rtt = (now - hb.agent_sent_unix_ms).max(0);
+            let offset = hb.controller_unix_ms - (hb.agent_sent_unix_ms + rtt / 2);
+            live.clock_offset_ms = Some(offset);
+            ctx.status.send_modify(|s| s.clock_offset_ms = Some(offset));
+        }
+        Some(In::Renew(renew)) => {
+            let Some(key_pem) = live.pending_key.take() else {
+                warn!("ignoring a certificate renewal that was not asked for");
+                return Ok(());
+            };
+            let info = CertInfo::from_pem(&renew.cert_pem)?;
+            let current = Bundle::load(&ctx.paths.identity_dir)?;
+            // Check the pair before it replaces the working one on disk.
+            client_config(
+                &Trust::Ca(current.ca_pem.clone()),
+                Some(&ClientCert {
+                    cert_pem: renew.cert_pem.clone(),
+                    key_pem: key_pem.clone(),
+                }),
+            )?;
+            Bundle {
+                ca_pem: current.ca_pem,
+                cert_pem: renew.cert_pem,
+                key_pem,
+            }
+            .replace(&ctx.paths.identity_dir)?;
+            info!(not_after = info.not_after_unix, "agent certificate renewed");
+            live.cert = info;
+            ctx.status.send_modify(|s| {
+                s.renewals += 1;
+                s.cert_not_after_unix = live.cert.not_after_unix;
+            });
+        }
+        Some(In::Command(cmd)) => {
+            warn!(job = %cmd.job_id, kind = %cmd.kind, "this agent does not run jobs yet; command ignored");
+        }
+        Some(In::Cancel(c)) => debug!(job = %c.job_id, "cancel for a job this agent does not run"),
+        Some(In::Welcome(_)) | None => {}
+    }
+    Ok(())
+}

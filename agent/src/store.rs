@@ -1,0 +1,265 @@
+//! The agent's durable state in sled: the event outbox and a few markers. The only module of
+//! the agent that knows it is sled.
+//!
+//! Every write that must survive a crash is flushed before the caller is told it happened.
+//! Events get consecutive sequence numbers starting at 1; they stay in the outbox until the
+//! controller acknowledges them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+const SCHEMA_VERSION: u64 = 1;
+const KEY_SCHEMA: &[u8] = b"schema_version";
+const KEY_LAST_SEQ: &[u8] = b"last_seq";
+const KEY_ACKED: &[u8] = b"acked_seq";
+const KEY_LAST_COMMAND: &[u8] = b"last_command_id";
+
+/// Errors of the agent store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("agent store {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("agent store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("agent store holds schema version {found}, this agent understands {SCHEMA_VERSION}; upgrade the agent")]
+    Schema { found: u64 },
+    #[error("agent store: corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// A job event as the agent records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub job_id: String,
+    pub at_unix_ms: i64,
+    pub kind: String,
+    pub message: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+/// An event before it has a sequence number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewEvent {
+    pub job_id: String,
+    pub kind: String,
+    pub message: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+/// The agent's sled database.
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    outbox: sled::Tree,
+    // Serialises sequence assignment so numbers stay consecutive.
+    last_seq: Mutex<u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn u64_of(v: Option<sled::IVec>) -> Result<u64, StoreError> {
+    match v {
+        None => Ok(0),
+        Some(bytes) => bytes
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("counter is not 8 bytes".into())),
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        let meta = db.open_tree("meta")?;
+        let outbox = db.open_tree("outbox")?;
+        match u64_of(meta.get(KEY_SCHEMA)?)? {
+            0 => {
+                meta.insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            SCHEMA_VERSION => {}
+            found => return Err(StoreError::Schema { found }),
+        }
+        let last_seq = u64_of(meta.get(KEY_LAST_SEQ)?)?;
+        Ok(Store {
+            db,
+            meta,
+            outbox,
+            last_seq: Mutex::new(last_seq),
+        })
+    }
+
+    /// Records an event durably (flushed) and returns it with its sequence number.
+    pub async fn append(&self, new: NewEvent, at_unix_ms: i64) -> Result<Event, StoreError> {
+        let event = {
+            let mut last = self.last_seq.lock().unwrap_or_else(|e| e.into_inner());
+            let seq = *last + 1;
+            let event = Event {
+                seq,
+                job_id: new.job_id,
+                at_unix_ms,
+                kind: new.kind,
+                message: new.message,
+                fields: new.fields,
+            };
+            let bytes = serde_json::to_vec(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            use sled::Transactional;
+            (&self.meta, &self.outbox)
+                .transaction(|(meta, outbox)| {
+                    outbox.insert(&seq.to_be_bytes(), bytes.as_slice())?;
+                    meta.insert(KEY_LAST_SEQ, &seq.to_be_bytes())?;
+                    Ok(())
+                })
+                .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                    sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                    sled::transaction::TransactionError::Abort(()) => {
+                        StoreError::Corrupt("transaction aborted".into())
+                    }
+                })?;
+            *last = seq;
+            event
+        };
+        self.db.flush_async().await?;
+        Ok(event)
+    }
+
+    /// Events not yet acknowledged with a sequence above `after`, oldest first, at most `limit`.
+    pub fn pending_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let start = (after + 1).to_be_bytes();
+        self.outbox
+            .range(start..)
+            .take(limit)
+            .map(|item| {
+                let (_, v) = item?;
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Deletes every event up to and including `upto`: the controller has stored them.
+    pub async fn ack(&self, upto: u64) -> Result<(), StoreError> {
+        let acked = self.acked_seq()?;
+        if upto <= acked {
+            return Ok(());
+        }
+        let end = (upto + 1).to_be_bytes();
+        let mut batch = sled::Batch::default();
+        for item in self.outbox.range(..end) {
+            let (k, _) = item?;
+            batch.remove(k);
+        }
+        self.outbox.apply_batch(batch)?;
+        self.meta.insert(KEY_ACKED, &upto.to_be_bytes())?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// The highest sequence the controller has acknowledged.
+    pub fn acked_seq(&self) -> Result<u64, StoreError> {
+        u64_of(self.meta.get(KEY_ACKED)?)
+    }
+
+    /// The highest sequence assigned so far.
+    pub fn last_seq(&self) -> u64 {
+        *self.last_seq.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the next sequence number at least `seq + 1`. Used when the controller already
+    /// holds events up to `seq` (this host's store was wiped or restored from an old copy), so
+    /// new events are not mistaken for duplicates and dropped.
+    pub async fn advance_seq(&self, seq: u64) -> Result<(), StoreError> {
+        {
+            let mut last = self.last_seq.lock().unwrap_or_else(|e| e.into_inner());
+            if *last >= seq {
+                return Ok(());
+            }
+            self.meta.insert(KEY_LAST_SEQ, &seq.to_be_bytes())?;
+            *last = seq;
+        }
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// How many events wait for acknowledgement.
+    pub fn pending_count(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn last_command_id(&self) -> Result<String, StoreError> {
+        Ok(self
+            .meta
+            .get(KEY_LAST_COMMAND)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(n: u32) -> NewEvent {
+        NewEvent {
+            job_id: "job".into(),
+            kind: "test".into(),
+            message: format!("event {n}"),
+            fields: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn events_survive_reopen_until_acked() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            for n in 1..=5 {
+                assert_eq!(store.append(ev(n), 0).await.unwrap().seq, u64::from(n));
+            }
+            store.ack(2).await.unwrap();
+        }
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.acked_seq().unwrap(), 2);
+        assert_eq!(store.last_seq(), 5);
+        let pending = store.pending_after(store.acked_seq().unwrap(), 100).unwrap();
+        assert_eq!(pending.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(pending[0].message, "event 3");
+        // Numbering continues after a restart; an old ack changes nothing.
+        assert_eq!(store.append(ev(6), 0).await.unwrap().seq, 6);
+        store.ack(1).await.unwrap();
+        assert_eq!(store.pending_count(), 4);
+        assert_eq!(store.pending_after(4, 1).unwrap()[0].seq, 5);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(tmp.path()).unwrap();
+            db.open_tree("meta").unwrap().insert(KEY_SCHEMA, &9u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("schema version 9"), "{err}");
+    }
+}

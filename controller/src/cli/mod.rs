@@ -1,0 +1,351 @@
+//! The operator CLI, `drover`: argument parsing, one function per command, and the one place
+//! that maps an error to an exit code.
+
+pub mod client;
+pub mod output;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use drover_identity::files::Bundle;
+use drover_identity::pki::new_key_and_csr;
+use drover_proto::v1;
+use serde_json::Value;
+
+use crate::server::now_ms;
+
+/// Exit codes (also in README.md). Following sysexits.h where one fits.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: i32 = 2;
+    /// The controller refused the request as invalid (EX_DATAERR).
+    pub const INVALID: i32 = 65;
+    /// Unknown host, token or other named thing (EX_NOHOST).
+    pub const NOT_FOUND: i32 = 68;
+    /// The controller cannot be reached (EX_UNAVAILABLE).
+    pub const UNREACHABLE: i32 = 69;
+    /// Refused: not authenticated, wrong role, revoked or foreign certificate (EX_NOPERM).
+    pub const PERMISSION_DENIED: i32 = 77;
+    /// No usable identity bundle or config (EX_CONFIG).
+    pub const NO_IDENTITY: i32 = 78;
+}
+
+/// Everything that can go wrong in a `drover` command, each with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    NoIdentity(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) => exit::USAGE,
+            CliError::Invalid(_) => exit::INVALID,
+            CliError::NotFound(_) => exit::NOT_FOUND,
+            CliError::Unreachable(_) => exit::UNREACHABLE,
+            CliError::PermissionDenied(_) => exit::PERMISSION_DENIED,
+            CliError::NoIdentity(_) => exit::NO_IDENTITY,
+            CliError::Other(_) => exit::FAILURE,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "drover", version, about = "Operate a Drover fleet: hosts, health, enrollment tokens, operators")]
+pub struct Cli {
+    /// Controller address (host:port).
+    #[arg(long, global = true, env = "DROVER_CONTROLLER")]
+    pub controller: Option<String>,
+    /// Directory with ca.pem, cert.pem, key.pem of an operator identity.
+    #[arg(long, global = true, env = "DROVER_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List hosts with connection state and health.
+    Hosts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one host in detail (or every host, without HOST).
+    Status {
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Operator identities.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+    /// Hosts.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Job events a host has reported, oldest first.
+    Events {
+        host: String,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show who this identity is to the controller.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time enrollment token bound to a host name.
+    Create {
+        #[arg(long)]
+        host: String,
+        /// Label for the host, k=v (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Lifetime (e.g. 15m, 2h); default from the controller's config.
+        #[arg(long, value_parser = drover_agent::daemon::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List enrollment tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an unused token by id.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Issue an operator identity; the key is made here and never sent.
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+        /// Directory to write ca.pem, cert.pem and key.pem (0600) into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Close a host's session now and refuse its certificates from now on.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} is not k=v")),
+    }
+}
+
+fn print_json(value: &Value) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Other(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Runs one `drover` command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "drover", &mut std::io::stdout());
+        return Ok(());
+    }
+    let controller = client::resolve_controller(cli.controller.as_deref());
+    let identity = client::resolve_identity(cli.identity.as_deref())?;
+    let client = client::connect(&controller, &identity)?;
+    let mut api = client.api.clone();
+    let addr = client.controller.clone();
+    let err = |s: tonic::Status| client::rpc_error(&addr, s);
+    let now = now_ms();
+    match cli.command {
+        Command::Completions { .. } => Ok(()),
+        Command::Hosts { json } => {
+            let hosts = api.list_hosts(v1::ListHostsRequest {}).await.map_err(err)?.into_inner().hosts;
+            if json {
+                print_json(&Value::Array(hosts.iter().map(output::host_json).collect()))
+            } else {
+                println!("{}", output::hosts_table(&hosts, now));
+                Ok(())
+            }
+        }
+        Command::Status { host: Some(name), json } => {
+            let host = api.get_host(v1::GetHostRequest { name }).await.map_err(err)?.into_inner();
+            if json {
+                print_json(&output::host_json(&host))
+            } else {
+                println!("{}", output::host_detail(&host, now));
+                Ok(())
+            }
+        }
+        Command::Status { host: None, json } => {
+            let who = api.who_am_i(v1::WhoAmIRequest {}).await.map_err(err)?.into_inner();
+            let hosts = api.list_hosts(v1::ListHostsRequest {}).await.map_err(err)?.into_inner().hosts;
+            if json {
+                print_json(&serde_json::json!({
+                    "controller": addr,
+                    "operator": {"name": who.name, "role": who.role},
+                    "hosts": hosts.iter().map(output::host_json).collect::<Vec<_>>(),
+                }))
+            } else {
+                println!("controller {addr} (you are {} / {})\n", who.name, who.role);
+                println!("{}", output::hosts_table(&hosts, now));
+                Ok(())
+            }
+        }
+        Command::Token(TokenCommand::Create { host, labels, ttl, json }) => {
+            let labels: BTreeMap<String, String> = labels.into_iter().collect();
+            let resp = api
+                .create_token(v1::CreateTokenRequest {
+                    host: host.clone(),
+                    labels: labels.into_iter().collect(),
+                    ttl_secs: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({
+                    "token": resp.token,
+                    "id": resp.id,
+                    "host": host,
+                    "expires_at": output::rfc3339_ms(resp.expires_unix_ms),
+                }))
+            } else {
+                println!("{}", resp.token);
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "token {} for host {host}, works once, expires {}.\non the host: drover-agent enroll --controller {addr} --token <the line above>",
+                    resp.id,
+                    output::expires_in(resp.expires_unix_ms / 1000, now)
+                );
+                Ok(())
+            }
+        }
+        Command::Token(TokenCommand::List { json }) => {
+            let tokens = api.list_tokens(v1::ListTokensRequest {}).await.map_err(err)?.into_inner().tokens;
+            if json {
+                print_json(&Value::Array(tokens.iter().map(output::token_json).collect()))
+            } else {
+                println!("{}", output::tokens_table(&tokens, now));
+                Ok(())
+            }
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            api.revoke_token(v1::RevokeTokenRequest { id: id.clone() }).await.map_err(err)?;
+            println!("token {id} revoked");
+            Ok(())
+        }
+        Command::Operator(OperatorCommand::Create { name, role, out }) => {
+            if Bundle::exists(&out) {
+                return Err(CliError::Invalid(format!(
+                    "{} already holds an identity; choose another --out directory",
+                    out.display()
+                )));
+            }
+            let (key_pem, csr_pem) = new_key_and_csr(&name).map_err(|e| CliError::Other(e.to_string()))?;
+            let resp = api
+                .create_operator(v1::CreateOperatorRequest {
+                    name: name.clone(),
+                    role: role.clone(),
+                    csr_pem,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            Bundle {
+                ca_pem: resp.ca_pem,
+                cert_pem: resp.cert_pem,
+                key_pem,
+            }
+            .save(&out)
+            .map_err(|e| CliError::Other(e.to_string()))?;
+            println!("operator {name} ({role}) written to {}", out.display());
+            Ok(())
+        }
+        Command::Host(HostCommand::Revoke { name, json }) => {
+            let resp = api
+                .revoke_host(v1::RevokeHostRequest { name: name.clone() })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({
+                    "host": name,
+                    "certificates_revoked": resp.certificates_revoked,
+                    "session_closed": resp.session_closed,
+                }))
+            } else {
+                println!(
+                    "host {name} revoked: {} certificate(s) refused from now on{}",
+                    resp.certificates_revoked,
+                    if resp.session_closed { ", session closed" } else { "" }
+                );
+                Ok(())
+            }
+        }
+        Command::Events { host, after, limit, json } => {
+            let events = api
+                .list_events(v1::ListEventsRequest { host, after_seq: after, limit })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .events;
+            if json {
+                print_json(&Value::Array(events.iter().map(output::event_json).collect()))
+            } else {
+                for e in &events {
+                    println!("{:>6}  {}  {}  {}  {}", e.seq, output::rfc3339_ms(e.at_unix_ms).as_str().unwrap_or("-"), e.job_id, e.kind, e.message);
+                }
+                Ok(())
+            }
+        }
+        Command::Whoami { json } => {
+            let who = api.who_am_i(v1::WhoAmIRequest {}).await.map_err(err)?.into_inner();
+            if json {
+                print_json(&serde_json::json!({"name": who.name, "role": who.role, "controller": addr, "identity": identity.value}))
+            } else {
+                println!("{} ({}) at {addr}, identity {}", who.name, who.role, identity.value.display());
+                Ok(())
+            }
+        }
+    }
+}

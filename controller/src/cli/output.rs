@@ -1,0 +1,245 @@
+//! Rendering for `drover`: tables for people, JSON for programs. Pure functions of the data.
+
+use std::time::Duration;
+
+use comfy_table::{Table, presets::NOTHING};
+use drover_proto::v1;
+use serde_json::{Value, json};
+
+use crate::convert::status_name;
+
+/// "12s ago", "3m ago", "never".
+pub fn ago(then_ms: i64, now_ms: i64) -> String {
+    if then_ms <= 0 {
+        return "never".into();
+    }
+    let secs = ((now_ms - then_ms).max(0) / 1000) as u64;
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        7200..=172_799 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+/// RFC 3339 time, or null for "never".
+pub fn rfc3339_ms(ms: i64) -> Value {
+    if ms <= 0 {
+        return Value::Null;
+    }
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
+    Value::String(humantime::format_rfc3339_seconds(t).to_string())
+}
+
+fn rfc3339_secs(secs: i64) -> Value {
+    rfc3339_ms(secs.saturating_mul(1000))
+}
+
+/// "in 23h", "expired 2h ago".
+pub fn expires_in(unix_secs: i64, now_ms: i64) -> String {
+    if unix_secs <= 0 {
+        return "-".into();
+    }
+    let left = unix_secs - now_ms / 1000;
+    if left < 0 {
+        return format!("expired {}", ago(unix_secs * 1000, now_ms));
+    }
+    match left {
+        0..=119 => format!("in {left}s"),
+        120..=7199 => format!("in {}m", left / 60),
+        7200..=172_799 => format!("in {}h", left / 3600),
+        _ => format!("in {}d", left / 86_400),
+    }
+}
+
+fn failing_checks(report: Option<&v1::HealthReport>) -> Vec<&v1::Check> {
+    report
+        .map(|r| {
+            r.checks
+                .iter()
+                .filter(|c| c.status != v1::CheckStatus::Healthy as i32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn host_json(h: &v1::HostInfo) -> Value {
+    let checks: Vec<Value> = h
+        .last_report
+        .as_ref()
+        .map(|r| {
+            r.checks
+                .iter()
+                .map(|c| json!({"name": c.name, "status": status_name(c.status), "reason": c.reason}))
+                .collect()
+        })
+        .unwrap_or_default();
+    let report = h.last_report.as_ref();
+    json!({
+        "name": h.name,
+        "state": h.state,
+        "health": h.health,
+        "last_seen": rfc3339_ms(h.last_seen_unix_ms),
+        "last_seen_unix_ms": h.last_seen_unix_ms,
+        "session_open": h.session_open,
+        "agent_version": h.agent_version,
+        "cert_not_after": rfc3339_secs(h.cert_not_after_unix),
+        "labels": h.labels,
+        "enrolled_at": rfc3339_ms(h.enrolled_unix_ms),
+        "events_stored": h.acked_seq,
+        "checks": checks,
+        "docker": report.map(|r| json!({
+            "reachable": r.docker_reachable,
+            "version": r.docker_version,
+            "containers_running": r.containers_running,
+            "containers_total": r.containers_total,
+        })),
+        "load": report.map(|r| json!([r.load1, r.load5, r.load15])),
+        "memory": report.map(|r| json!({"total_bytes": r.mem_total_bytes, "available_bytes": r.mem_available_bytes})),
+        "disks": report.map(|r| r.disks.iter().map(|d| json!({"mount": d.mount, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes})).collect::<Vec<_>>()),
+        "uptime_secs": report.map(|r| r.uptime_secs),
+        "clock_offset_ms": report.map(|r| r.clock_offset_ms),
+    })
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(header.iter().map(|h| h.to_string()));
+    t
+}
+
+pub fn hosts_table(hosts: &[v1::HostInfo], now_ms: i64) -> String {
+    if hosts.is_empty() {
+        return "no hosts enrolled yet: `drover token create --host NAME`, then `drover-agent enroll` on the host".into();
+    }
+    let mut t = table(&["NAME", "STATE", "HEALTH", "LAST SEEN", "VERSION", "CERT EXPIRES", "FAILING CHECKS"]);
+    for h in hosts {
+        let failing = failing_checks(h.last_report.as_ref())
+            .iter()
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        t.add_row(vec![
+            h.name.clone(),
+            h.state.clone(),
+            h.health.clone(),
+            ago(h.last_seen_unix_ms, now_ms),
+            h.agent_version.clone(),
+            expires_in(h.cert_not_after_unix, now_ms),
+            if failing.is_empty() { "-".into() } else { failing },
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn host_detail(h: &v1::HostInfo, now_ms: i64) -> String {
+    let mut out = String::new();
+    let labels = h
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    out.push_str(&format!("host:          {}\n", h.name));
+    out.push_str(&format!("state:         {}{}\n", h.state, if h.session_open { " (session open)" } else { "" }));
+    out.push_str(&format!("health:        {}\n", h.health));
+    out.push_str(&format!("last seen:     {}\n", ago(h.last_seen_unix_ms, now_ms)));
+    out.push_str(&format!("agent version: {}\n", if h.agent_version.is_empty() { "-" } else { &h.agent_version }));
+    out.push_str(&format!("certificate:   expires {}\n", expires_in(h.cert_not_after_unix, now_ms)));
+    out.push_str(&format!("labels:        {}\n", if labels.is_empty() { "-".into() } else { labels }));
+    if let Some(r) = &h.last_report {
+        out.push_str(&format!(
+            "docker:        {}\n",
+            if r.docker_reachable {
+                format!("{} ({} running / {} containers)", r.docker_version, r.containers_running, r.containers_total)
+            } else {
+                "unreachable".into()
+            }
+        ));
+        out.push_str(&format!("load:          {:.2} {:.2} {:.2}\n", r.load1, r.load5, r.load15));
+        out.push_str(&format!("clock offset:  {} ms\n", r.clock_offset_ms));
+        out.push_str("checks:\n");
+        let mut t = table(&["  CHECK", "STATUS", "REASON"]);
+        for c in &r.checks {
+            t.add_row(vec![format!("  {}", c.name), status_name(c.status).to_string(), c.reason.clone()]);
+        }
+        out.push_str(&t.to_string());
+    } else {
+        out.push_str("checks:        no health report received yet");
+    }
+    out
+}
+
+pub fn token_json(t: &v1::TokenInfo) -> Value {
+    json!({
+        "id": t.id,
+        "host": t.host,
+        "labels": t.labels,
+        "state": t.state,
+        "created_at": rfc3339_ms(t.created_unix_ms),
+        "expires_at": rfc3339_ms(t.expires_unix_ms),
+        "created_by": t.created_by,
+    })
+}
+
+pub fn tokens_table(tokens: &[v1::TokenInfo], now_ms: i64) -> String {
+    if tokens.is_empty() {
+        return "no enrollment tokens".into();
+    }
+    let mut t = table(&["ID", "HOST", "STATE", "CREATED", "EXPIRES", "BY"]);
+    for tok in tokens {
+        t.add_row(vec![
+            tok.id.clone(),
+            tok.host.clone(),
+            tok.state.clone(),
+            ago(tok.created_unix_ms, now_ms),
+            expires_in(tok.expires_unix_ms / 1000, now_ms),
+            tok.created_by.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn event_json(e: &v1::JobEvent) -> Value {
+    json!({
+        "host": e.host,
+        "seq": e.seq,
+        "job_id": e.job_id,
+        "at": rfc3339_ms(e.at_unix_ms),
+        "kind": e.kind,
+        "message": e.message,
+        "fields": e.fields,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times() {
+        let now = 1_000_000_000;
+        assert_eq!(ago(0, now), "never");
+        assert_eq!(ago(now - 5_000, now), "5s ago");
+        assert_eq!(ago(now - 600_000, now), "10m ago");
+        assert_eq!(expires_in(now / 1000 + 3600 * 23, now), "in 23h");
+        assert_eq!(expires_in(now / 1000 - 10, now), "expired 10s ago");
+    }
+
+    #[test]
+    fn host_json_has_the_documented_fields() {
+        let h = v1::HostInfo {
+            name: "web-1".into(),
+            state: "connected".into(),
+            health: "degraded".into(),
+            last_seen_unix_ms: 1_700_000_000_000,
+            ..Default::default()
+        };
+        let v = host_json(&h);
+        assert_eq!(v["name"], "web-1");
+        assert_eq!(v["state"], "connected");
+        assert_eq!(v["health"], "degraded");
+        assert_eq!(v["last_seen"], "2023-11-14T22:13:20Z");
+    }
+}

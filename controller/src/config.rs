@@ -1,0 +1,146 @@
+//! The controller's configuration: a TOML file (`/etc/drover/controller.toml`), flags over it,
+//! then `validate()` with messages that name the file and the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drover_agent::daemon::{LogFormat, duration_str};
+use serde::Deserialize;
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls_names: Vec<String>,
+    #[serde(with = "duration_str")]
+    pub agent_cert_ttl: Duration,
+    #[serde(with = "duration_str")]
+    pub operator_cert_ttl: Duration,
+    #[serde(with = "duration_str")]
+    pub token_ttl: Duration,
+    #[serde(with = "duration_str")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "duration_str")]
+    pub suspect_after: Duration,
+    #[serde(with = "duration_str")]
+    pub down_after: Duration,
+    pub log_format: LogFormat,
+    #[serde(skip)]
+    pub source: String,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            data_dir: PathBuf::from("/var/lib/drover-controller"),
+            tls_names: Vec::new(),
+            agent_cert_ttl: Duration::from_secs(24 * 3600),
+            operator_cert_ttl: Duration::from_secs(365 * 24 * 3600),
+            token_ttl: Duration::from_secs(15 * 60),
+            heartbeat_interval: Duration::from_secs(5),
+            suspect_after: Duration::from_secs(15),
+            down_after: Duration::from_secs(30),
+            log_format: LogFormat::Text,
+            source: "(defaults)".into(),
+        }
+    }
+}
+
+/// The longest an enrollment token may live.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl ControllerConfig {
+    pub fn from_file(path: &Path) -> Result<ControllerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn from_toml(text: &str, source: &str) -> Result<ControllerConfig, ConfigError> {
+        let mut config: ControllerConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: source.to_string(),
+            message: e.to_string(),
+        })?;
+        config.source = source.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            path: self.source.clone(),
+            key,
+            message: message.to_string(),
+        };
+        if self.agent_cert_ttl < Duration::from_secs(10) {
+            return Err(invalid("agent_cert_ttl", "must be at least 10s"));
+        }
+        if self.operator_cert_ttl < Duration::from_secs(60) {
+            return Err(invalid("operator_cert_ttl", "must be at least 60s"));
+        }
+        if self.token_ttl.is_zero() || self.token_ttl > MAX_TOKEN_TTL {
+            return Err(invalid("token_ttl", "must be between 1s and 7 days"));
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err(invalid("heartbeat_interval", "must be more than 0s"));
+        }
+        if self.suspect_after <= self.heartbeat_interval {
+            return Err(invalid("suspect_after", "must be longer than heartbeat_interval"));
+        }
+        if self.down_after <= self.suspect_after {
+            return Err(invalid("down_after", "must be longer than suspect_after"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_in_the_repo_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/controller.toml");
+        let config = ControllerConfig::from_file(&path).unwrap();
+        let defaults = ControllerConfig::default();
+        assert_eq!(config.listen, defaults.listen);
+        assert_eq!(config.agent_cert_ttl, defaults.agent_cert_ttl);
+        assert_eq!(config.suspect_after, Duration::from_secs(15));
+        assert_eq!(config.down_after, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let err = ControllerConfig::from_toml("down_after = \"10s\"", "c.toml").unwrap_err();
+        assert_eq!(err.to_string(), "invalid config c.toml: key `down_after`: must be longer than suspect_after");
+        let err = ControllerConfig::from_toml("listen = \"nowhere\"", "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("invalid config file c.toml"), "{err}");
+    }
+}

@@ -1,0 +1,172 @@
+//! Conversions between `drover.v1` wire messages and the controller's stored records. Nothing
+//! outside the RPC handlers and the CLI sees prost types.
+
+use drover_proto::v1;
+
+use crate::store::{CheckRecord, DiskRecord, EventRecord, HealthSnapshot, HostRecord, TokenRecord};
+
+pub fn status_name(status: i32) -> &'static str {
+    match v1::CheckStatus::try_from(status) {
+        Ok(v1::CheckStatus::Healthy) => "healthy",
+        Ok(v1::CheckStatus::Degraded) => "degraded",
+        Ok(v1::CheckStatus::Unhealthy) => "unhealthy",
+        _ => "unknown",
+    }
+}
+
+fn status_value(name: &str) -> i32 {
+    match name {
+        "healthy" => v1::CheckStatus::Healthy as i32,
+        "degraded" => v1::CheckStatus::Degraded as i32,
+        "unhealthy" => v1::CheckStatus::Unhealthy as i32,
+        _ => v1::CheckStatus::Unspecified as i32,
+    }
+}
+
+pub fn health_from_proto(r: &v1::HealthReport) -> HealthSnapshot {
+    HealthSnapshot {
+        status: status_name(r.status).to_string(),
+        checks: r
+            .checks
+            .iter()
+            .map(|c| CheckRecord {
+                name: c.name.clone(),
+                status: status_name(c.status).to_string(),
+                reason: c.reason.clone(),
+            })
+            .collect(),
+        load1: r.load1,
+        load5: r.load5,
+        load15: r.load15,
+        mem_total_bytes: r.mem_total_bytes,
+        mem_available_bytes: r.mem_available_bytes,
+        disks: r
+            .disks
+            .iter()
+            .map(|d| DiskRecord {
+                mount: d.mount.clone(),
+                total_bytes: d.total_bytes,
+                free_bytes: d.free_bytes,
+            })
+            .collect(),
+        uptime_secs: r.uptime_secs,
+        docker_reachable: r.docker_reachable,
+        docker_version: r.docker_version.clone(),
+        containers_running: r.containers_running,
+        containers_total: r.containers_total,
+        agent_version: r.agent_version.clone(),
+        cert_not_after_unix: r.cert_not_after_unix,
+        clock_offset_ms: r.clock_offset_ms,
+        collected_unix_ms: r.collected_unix_ms,
+    }
+}
+
+pub fn health_to_proto(h: &HealthSnapshot) -> v1::HealthReport {
+    v1::HealthReport {
+        status: status_value(&h.status),
+        checks: h
+            .checks
+            .iter()
+            .map(|c| v1::Check {
+                name: c.name.clone(),
+                status: status_value(&c.status),
+                reason: c.reason.clone(),
+            })
+            .collect(),
+        load1: h.load1,
+        load5: h.load5,
+        load15: h.load15,
+        mem_total_bytes: h.mem_total_bytes,
+        mem_available_bytes: h.mem_available_bytes,
+        disks: h
+            .disks
+            .iter()
+            .map(|d| v1::DiskUsage {
+                mount: d.mount.clone(),
+                total_bytes: d.total_bytes,
+                free_bytes: d.free_bytes,
+            })
+            .collect(),
+        uptime_secs: h.uptime_secs,
+        docker_reachable: h.docker_reachable,
+        docker_version: h.docker_version.clone(),
+        containers_running: h.containers_running,
+        containers_total: h.containers_total,
+        agent_version: h.agent_version.clone(),
+        cert_not_after_unix: h.cert_not_after_unix,
+        clock_offset_ms: h.clock_offset_ms,
+        collected_unix_ms: h.collected_unix_ms,
+    }
+}
+
+pub fn event_from_proto(host: &str, e: &v1::JobEvent, received_unix_ms: i64) -> EventRecord {
+    EventRecord {
+        host: host.to_string(),
+        seq: e.seq,
+        job_id: e.job_id.clone(),
+        at_unix_ms: e.at_unix_ms,
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+        fields: e.fields.clone().into_iter().collect(),
+        received_unix_ms,
+    }
+}
+
+pub fn event_to_proto(e: &EventRecord) -> v1::JobEvent {
+    v1::JobEvent {
+        seq: e.seq,
+        job_id: e.job_id.clone(),
+        at_unix_ms: e.at_unix_ms,
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+        fields: e.fields.clone().into_iter().collect(),
+        host: e.host.clone(),
+    }
+}
+
+pub fn token_to_proto(t: &TokenRecord, now_ms: i64) -> v1::TokenInfo {
+    let state = if t.revoked {
+        "revoked"
+    } else if t.used_unix_ms.is_some() {
+        "used"
+    } else if now_ms >= t.expires_unix_ms {
+        "expired"
+    } else {
+        "pending"
+    };
+    v1::TokenInfo {
+        id: t.id.clone(),
+        host: t.host.clone(),
+        labels: t.labels.clone().into_iter().collect(),
+        created_unix_ms: t.created_unix_ms,
+        expires_unix_ms: t.expires_unix_ms,
+        created_by: t.created_by.clone(),
+        state: state.to_string(),
+    }
+}
+
+pub fn host_to_proto(
+    h: &HostRecord,
+    state: &str,
+    last_seen_unix_ms: i64,
+    session_open: bool,
+    acked_seq: u64,
+) -> v1::HostInfo {
+    v1::HostInfo {
+        name: h.name.clone(),
+        state: state.to_string(),
+        health: h
+            .health
+            .as_ref()
+            .map(|s| s.status.clone())
+            .unwrap_or_else(|| "unknown".to_string()),
+        last_seen_unix_ms,
+        agent_version: h.agent_version.clone(),
+        cert_not_after_unix: h.cert_not_after_unix,
+        labels: h.labels.clone().into_iter().collect(),
+        last_report: h.health.as_ref().map(health_to_proto),
+        enrolled_unix_ms: h.enrolled_unix_ms,
+        acked_seq,
+        session_open,
+    }
+}

@@ -1,0 +1,22 @@
+//! The Drover controller: the control plane agents connect out to, and the operator CLI.
+//!
+//! `server` opens the data dir and serves `enrollment`, `sessions` (AgentService) and
+//! `operator` (OperatorService) over mTLS; `auth` decides who may call what; `store` is the
+//! only module that touches sled; `cli` is the `drover` command. See ARCHITECTURE.md.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod dev;
+pub mod enrollment;
+pub mod error;
+pub mod hoststate;
+pub mod operator;
+pub mod server;
+pub mod sessions;
+pub mod store;
+
+pub use config::ControllerConfig;
+pub use error::ControllerError;
+pub use server::Controller;

@@ -1,0 +1,147 @@
+//! The controller daemon's core: open the data dir (CA, admin bundle, store), then serve the
+//! three gRPC services over mTLS on a listener it is given, until a shutdown token fires.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use drover_identity::files::Bundle;
+use drover_identity::pki::Ca;
+use drover_identity::{Identity, Role};
+use drover_proto::v1;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tracing::info;
+
+use crate::config::ControllerConfig;
+use crate::enrollment::EnrollmentApi;
+use crate::operator::OperatorApi;
+use crate::sessions::{AgentApi, Registry};
+use crate::store::Store;
+use crate::ControllerError;
+
+/// How long open sessions get to close after shutdown is asked for.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// State shared by every RPC handler.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: ControllerConfig,
+    pub store: Store,
+    pub ca: Ca,
+    pub registry: Registry,
+    pub shutdown: CancellationToken,
+}
+
+/// An opened controller: its state, ready to serve.
+#[derive(Debug)]
+pub struct Controller {
+    shared: Arc<Shared>,
+    server_chain_pem: String,
+    server_key_pem: String,
+}
+
+/// Where the controller keeps things under its data dir.
+pub fn admin_bundle_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("operator").join("admin")
+}
+
+impl Controller {
+    /// Opens the data dir. On first start this creates the CA (key 0600) and the admin
+    /// operator bundle in `<data-dir>/operator/admin/`.
+    pub fn open(config: ControllerConfig) -> Result<Controller, ControllerError> {
+        config.validate()?;
+        drover_identity::files::ensure_private_dir(&config.data_dir)?;
+        let (ca, created) = Ca::load_or_create(&config.data_dir.join("ca"))?;
+        if created {
+            info!(data_dir = %config.data_dir.display(), fingerprint = %ca.fingerprint(), "created a new Drover CA");
+        }
+        let admin_dir = admin_bundle_dir(&config.data_dir);
+        if !Bundle::exists(&admin_dir) {
+            let identity = Identity::Operator {
+                name: "admin".into(),
+                role: Role::Admin,
+            };
+            let (issued, key_pem) = ca.issue(&identity, config.operator_cert_ttl)?;
+            Bundle {
+                ca_pem: ca.cert_pem().to_string(),
+                cert_pem: issued.cert_pem,
+                key_pem,
+            }
+            .save(&admin_dir)?;
+            info!(dir = %admin_dir.display(), "wrote the admin operator bundle");
+        }
+        let store = Store::open(&config.data_dir.join("store"))?;
+        // The server certificate is re-issued at every start and never written to disk.
+        let (server_chain_pem, server_key_pem) =
+            ca.issue_server(&config.tls_names, Duration::from_secs(365 * 24 * 3600))?;
+        Ok(Controller {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                ca,
+                registry: Registry::default(),
+                shutdown: CancellationToken::new(),
+            }),
+            server_chain_pem,
+            server_key_pem,
+        })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then closes agent sessions and
+    /// returns within [`SHUTDOWN_GRACE`].
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ControllerError> {
+        let shared = self.shared.clone();
+        let tls = ServerTlsConfig::new()
+            .identity(TlsIdentity::from_pem(&self.server_chain_pem, &self.server_key_pem))
+            .client_ca_root(Certificate::from_pem(shared.ca.cert_pem()))
+            // Enrollment has no client certificate yet; every other RPC checks for one.
+            .client_auth_optional(true)
+            .timeout(Duration::from_secs(10));
+        let addr = listener.local_addr().map_err(|e| ControllerError::Io(e.to_string()))?;
+        let router = Server::builder()
+            .tls_config(tls)
+            .map_err(|e| ControllerError::Tls(e.to_string()))?
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(v1::enrollment_server::EnrollmentServer::new(EnrollmentApi { shared: shared.clone() }))
+            .add_service(v1::agent_service_server::AgentServiceServer::new(AgentApi { shared: shared.clone() }))
+            .add_service(v1::operator_service_server::OperatorServiceServer::new(OperatorApi { shared: shared.clone() }));
+        info!(listen = %addr, "controller serving");
+        let signal_shared = shared.clone();
+        let signal = async move {
+            shutdown.cancelled().await;
+            // Long-lived agent streams would hold a graceful shutdown open forever: end them.
+            signal_shared.shutdown.cancel();
+            signal_shared.registry.close_all();
+        };
+        let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        tokio::pin!(serve);
+        let result = tokio::select! {
+            r = &mut serve => r,
+            _ = async {
+                shared.shutdown.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("connections still open after the grace period; closing them");
+                Ok(())
+            }
+        };
+        shared.store.flush().await?;
+        info!("controller stopped");
+        result.map_err(|e| ControllerError::Tls(e.to_string()))
+    }
+}

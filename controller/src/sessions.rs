@@ -1,0 +1,350 @@
+//! AgentService: one long-lived stream per agent. Heartbeats, health reports and job events
+//! come in; Welcome, acks, heartbeat replies and renewed certificates go out.
+//!
+//! Events are persisted (flushed) before they are acknowledged, and de-duplicated by
+//! (host, seq), so an agent that replays after a reconnect never produces a second copy.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_identity::Identity;
+use drover_proto::v1;
+use drover_proto::v1::agent_message::Msg as In;
+use drover_proto::v1::controller_message::Msg as Out;
+use futures::{FutureExt, Stream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::auth::{Need, authorize};
+use crate::convert;
+use crate::server::{Shared, now_ms};
+use crate::store::Appended;
+
+/// How long an agent has to say Hello after opening the stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events taken in one persist-then-ack round.
+const MAX_BATCH: usize = 256;
+
+#[derive(Debug, Default)]
+struct Entry {
+    session: Option<(u64, CancellationToken)>,
+    last_seen_ms: i64,
+}
+
+/// Live sessions and last-seen times, by host.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<HashMap<String, Entry>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new session for `host`, closing any older one (the newest connection wins).
+    pub fn register(&self, host: &str, now_ms: i64) -> (u64, CancellationToken) {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let token = CancellationToken::new();
+        let mut map = self.lock();
+        let entry = map.entry(host.to_string()).or_default();
+        if let Some((_, old)) = entry.session.replace((id, token.clone())) {
+            old.cancel();
+        }
+        entry.last_seen_ms = now_ms;
+        (id, token)
+    }
+
+    pub fn touch(&self, host: &str, now_ms: i64) {
+        if let Some(entry) = self.lock().get_mut(host) {
+            entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
+        }
+    }
+
+    pub fn unregister(&self, host: &str, id: u64) {
+        if let Some(entry) = self.lock().get_mut(host)
+            && entry.session.as_ref().is_some_and(|(sid, _)| *sid == id)
+        {
+            entry.session = None;
+        }
+    }
+
+    /// Closes the host's session, if any. Returns whether one was open.
+    pub fn close(&self, host: &str) -> bool {
+        match self.lock().get_mut(host).and_then(|e| e.session.take()) {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn close_all(&self) {
+        for entry in self.lock().values_mut() {
+            if let Some((_, token)) = entry.session.take() {
+                token.cancel();
+            }
+        }
+    }
+
+    /// (last seen, session open) for `host`.
+    pub fn seen(&self, host: &str) -> (Option<i64>, bool) {
+        match self.lock().get(host) {
+            Some(e) => (Some(e.last_seen_ms), e.session.is_some()),
+            None => (None, false),
+        }
+    }
+
+    pub fn open_sessions(&self) -> usize {
+        self.lock().values().filter(|e| e.session.is_some()).count()
+    }
+}
+
+pub type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ControllerMessage, Status>> + Send>>;
+
+fn out(msg: Out) -> Result<v1::ControllerMessage, Status> {
+    Ok(v1::ControllerMessage { msg: Some(msg) })
+}
+
+/// The AgentService implementation.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    pub shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl v1::agent_service_server::AgentService for AgentApi {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let shared = self.shared.clone();
+        let caller = authorize(&request, &shared.store, Need::Agent)?;
+        let Identity::Agent { host } = caller.identity else {
+            return Err(Status::permission_denied("not an agent certificate"));
+        };
+        let record = shared
+            .store
+            .host(&host)
+            .map_err(internal)?
+            .ok_or_else(|| Status::permission_denied(format!("host {host} is not enrolled here")))?;
+        if record.revoked_unix_ms.is_some() {
+            return Err(Status::permission_denied(format!(
+                "host {host} was revoked; enroll it again with a new token"
+            )));
+        }
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(v1::AgentMessage { msg: Some(In::Hello(hello)) }))) => hello,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("a session must start with Hello")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
+        };
+        if hello.host != host {
+            return Err(Status::permission_denied(format!(
+                "this certificate is for host {host}, but Hello says {}",
+                hello.host
+            )));
+        }
+        let now = now_ms();
+        let (session_id, cancel) = shared.registry.register(&host, now);
+        shared
+            .store
+            .update_host(&host, |h| {
+                h.agent_version = hello.agent_version.clone();
+                h.last_seen_unix_ms = now;
+                for (k, v) in &hello.labels {
+                    h.labels.insert(k.clone(), v.clone());
+                }
+            })
+            .map_err(internal)?;
+        let acked_seq = shared.store.last_event_seq(&host).map_err(internal)?;
+        info!(host = %host, version = %hello.agent_version, acked_seq, "agent session opened");
+
+        let (tx, rx) = mpsc::channel(64);
+        let heartbeat_interval_secs = shared.config.heartbeat_interval.as_secs().max(1) as u32;
+        tx.send(out(Out::Welcome(v1::Welcome {
+            acked_seq,
+            heartbeat_interval_secs,
+        })))
+        .await
+        .map_err(|_| Status::cancelled("agent went away"))?;
+        // The drive loop runs in its own task so the handler returns the response stream now.
+        tokio::spawn(drive(shared, host, session_id, cancel, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn internal(err: impl std::fmt::Display) -> Status {
+    Status::internal(err.to_string())
+}
+
+async fn drive(
+    shared: Arc<Shared>,
+    host: String,
+    session_id: u64,
+    cancel: CancellationToken,
+    mut inbound: Streaming<v1::AgentMessage>,
+    tx: mpsc::Sender<Result<v1::ControllerMessage, Status>>,
+) {
+    let end = loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => break closing_status(&shared, &host),
+            _ = shared.shutdown.cancelled() => break Some(Status::unavailable("controller shutting down")),
+            msg = inbound.message() => msg,
+        };
+        let first = match first {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break None,
+            Err(status) => {
+                info!(host = %host, error = %status.message(), "agent stream broke");
+                break None;
+            }
+        };
+        // Take whatever else is already waiting, so events are persisted and acknowledged in
+        // batches: one flush per batch rather than one per event.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match inbound.message().now_or_never() {
+                Some(Ok(Some(msg))) => batch.push(msg),
+                _ => break,
+            }
+        }
+        match handle_batch(&shared, &host, batch, &tx).await {
+            Ok(()) => {}
+            Err(status) => break Some(status),
+        }
+    };
+    shared.registry.unregister(&host, session_id);
+    let now = now_ms();
+    let _ = shared.store.update_host(&host, |h| h.last_seen_unix_ms = now);
+    if let Some(status) = end {
+        info!(host = %host, reason = %status.message(), "closing agent session");
+        let _ = tx.send(Err(status)).await;
+    } else {
+        info!(host = %host, "agent session closed");
+    }
+}
+
+fn closing_status(shared: &Shared, host: &str) -> Option<Status> {
+    let revoked = shared
+        .store
+        .host(host)
+        .ok()
+        .flatten()
+        .is_some_and(|h| h.revoked_unix_ms.is_some());
+    Some(if revoked {
+        Status::permission_denied(format!("host {host} was revoked"))
+    } else {
+        Status::aborted("a newer session of this host replaced this one")
+    })
+}
+
+async fn handle_batch(
+    shared: &Shared,
+    host: &str,
+    batch: Vec<v1::AgentMessage>,
+    tx: &mpsc::Sender<Result<v1::ControllerMessage, Status>>,
+) -> Result<(), Status> {
+    let now = now_ms();
+    shared.registry.touch(host, now);
+    let mut highest_event: Option<u64> = None;
+    let mut replies = Vec::new();
+    for msg in batch {
+        match msg.msg {
+            Some(In::Heartbeat(hb)) => replies.push(Out::HeartbeatAck(v1::HeartbeatAck {
+                agent_sent_unix_ms: hb.sent_unix_ms,
+                controller_unix_ms: now_ms(),
+            })),
+            Some(In::Health(report)) => {
+                let snapshot = convert::health_from_proto(&report);
+                shared
+                    .store
+                    .update_host(host, |h| {
+                        h.agent_version = snapshot.agent_version.clone();
+                        h.cert_not_after_unix = snapshot.cert_not_after_unix;
+                        h.last_seen_unix_ms = now;
+                        h.health = Some(snapshot.clone());
+                    })
+                    .map_err(internal)?;
+            }
+            Some(In::Event(event)) => {
+                if !event.host.is_empty() && event.host != host {
+                    warn!(host = %host, claimed = %event.host, "agent sent an event as another host");
+                    return Err(Status::permission_denied(format!(
+                        "this certificate is for host {host}; it may not send events as host {}",
+                        event.host
+                    )));
+                }
+                if event.seq == 0 {
+                    return Err(Status::invalid_argument("event sequence numbers start at 1"));
+                }
+                let record = convert::event_from_proto(host, &event, now);
+                if shared.store.append_event(&record).map_err(internal)? == Appended::Duplicate {
+                    tracing::debug!(host = %host, seq = event.seq, "duplicate event ignored");
+                }
+                highest_event = Some(highest_event.unwrap_or(0).max(event.seq));
+            }
+            Some(In::Renew(renew)) => {
+                let identity = Identity::Agent { host: host.to_string() };
+                let issued = shared
+                    .ca
+                    .sign_csr(&renew.csr_pem, &identity, shared.config.agent_cert_ttl)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                shared
+                    .store
+                    .update_host(host, |h| {
+                        h.serials.push(issued.serial.clone());
+                        h.cert_not_after_unix = issued.not_after_unix;
+                    })
+                    .map_err(internal)?;
+                shared.store.flush().await.map_err(internal)?;
+                info!(host = %host, serial = %issued.serial, "agent certificate renewed");
+                replies.push(Out::Renew(v1::RenewResponse {
+                    cert_pem: issued.cert_pem,
+                }));
+            }
+            Some(In::Hello(_)) => return Err(Status::invalid_argument("Hello may only be sent once")),
+            None => {}
+        }
+    }
+    if let Some(seq) = highest_event {
+        // Durable first, acknowledged second.
+        shared.store.flush().await.map_err(internal)?;
+        let upto = shared.store.last_event_seq(host).map_err(internal)?.max(seq);
+        replies.push(Out::Ack(v1::Ack { upto_seq: upto }));
+    }
+    for reply in replies {
+        if tx.send(out(reply)).await.is_err() {
+            return Err(Status::cancelled("agent went away"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_session_closes_the_old_one() {
+        let registry = Registry::default();
+        let (id1, t1) = registry.register("h", 1);
+        let (id2, t2) = registry.register("h", 2);
+        assert!(t1.is_cancelled() && !t2.is_cancelled());
+        registry.unregister("h", id1); // the old session's teardown must not drop the new one
+        assert_eq!(registry.seen("h"), (Some(2), true));
+        registry.unregister("h", id2);
+        assert_eq!(registry.seen("h"), (Some(2), false));
+        assert!(!registry.close("h"));
+    }
+}

@@ -1,0 +1,350 @@
+//! Test harness for end-to-end tests: a real controller and real agents in this process, over
+//! mTLS on 127.0.0.1 with certificates made at test time; a TCP proxy that can cut or freeze
+//! connections; paths to the built binaries for tests that run the real programs.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_agent::store::NewEvent;
+use drover_agent::{Agent, AgentConfig, AgentStatus, Outbox};
+use drover_controller::server::{Shared, admin_bundle_dir};
+use drover_controller::{Controller, ControllerConfig};
+use drover_identity::files::Bundle;
+use drover_identity::tls::{ClientCert, Trust, channel, client_config};
+use drover_proto::v1;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use drover_proto::v1::operator_service_client::OperatorServiceClient;
+pub use tonic::transport::Channel;
+
+/// Logs to the test output when `RUST_LOG` is set; installs the crypto provider.
+pub fn init() {
+    drover_identity::tls::install_crypto_provider();
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+    }
+}
+
+/// Polls `check` every 50 ms until it yields `Some`, or panics naming `what` after `patience`.
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {patience:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A controller running in this process.
+pub struct TestController {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), drover_controller::ControllerError>>,
+}
+
+/// Test-friendly timings: fast heartbeats and short suspect/down windows.
+pub fn fast_controller_config(data_dir: &Path) -> ControllerConfig {
+    ControllerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: data_dir.to_path_buf(),
+        heartbeat_interval: Duration::from_secs(1),
+        suspect_after: Duration::from_secs(3),
+        down_after: Duration::from_secs(6),
+        source: "test".into(),
+        ..ControllerConfig::default()
+    }
+}
+
+impl TestController {
+    /// Starts a controller on `config.listen` (port 0 picks a free one).
+    pub async fn start(config: ControllerConfig) -> TestController {
+        let data_dir = config.data_dir.clone();
+        let controller = Controller::open(config.clone()).expect("open controller");
+        let shared = controller.shared();
+        let listener = TcpListener::bind(config.listen).await.expect("bind controller");
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(controller.serve(listener, shutdown.clone()));
+        TestController {
+            addr,
+            data_dir,
+            shared,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Stops the controller and waits until it has released its store.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("controller stops within 10s");
+        result.expect("controller task").expect("controller serve");
+        drop(self.shared);
+    }
+
+    pub fn admin_dir(&self) -> PathBuf {
+        admin_bundle_dir(&self.data_dir)
+    }
+
+    /// A one-time enrollment token for `host`.
+    pub async fn token(&self, host: &str) -> String {
+        let (token, _) = drover_controller::operator::issue_token(&self.shared, host, BTreeMap::new(), None, "test")
+            .await
+            .expect("issue token");
+        token.encode()
+    }
+
+    /// An operator API client with the identity in `dir`.
+    pub fn operator(&self, dir: &Path) -> OperatorServiceClient<Channel> {
+        operator_client(&self.addr.to_string(), &Bundle::load(dir).expect("identity bundle"))
+    }
+
+    /// An operator API client with the admin bundle.
+    pub fn admin(&self) -> OperatorServiceClient<Channel> {
+        self.operator(&self.admin_dir())
+    }
+
+    /// Host info as the operator API reports it.
+    pub async fn host(&self, name: &str) -> Option<v1::HostInfo> {
+        self.admin()
+            .get_host(v1::GetHostRequest { name: name.to_string() })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+}
+
+/// An operator client for any bundle.
+pub fn operator_client(addr: &str, bundle: &Bundle) -> OperatorServiceClient<Channel> {
+    let config = client_config(
+        &Trust::Ca(bundle.ca_pem.clone()),
+        Some(&ClientCert {
+            cert_pem: bundle.cert_pem.clone(),
+            key_pem: bundle.key_pem.clone(),
+        }),
+    )
+    .expect("client config");
+    OperatorServiceClient::new(channel(addr, config, Duration::from_secs(5)).expect("channel"))
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    pub host: String,
+    pub data_dir: PathBuf,
+    pub status: watch::Receiver<AgentStatus>,
+    pub outbox: Outbox,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), drover_agent::AgentError>>,
+}
+
+/// Test-friendly agent timings.
+pub fn fast_agent_config(data_dir: &Path, controller: &str) -> AgentConfig {
+    AgentConfig {
+        controller: controller.to_string(),
+        data_dir: data_dir.to_path_buf(),
+        heartbeat_interval: Duration::from_secs(1),
+        health_interval: Duration::from_secs(5),
+        health_sample_interval: Duration::from_secs(1),
+        reconnect_max: Duration::from_secs(2),
+        source: "test".into(),
+        ..AgentConfig::default()
+    }
+}
+
+impl TestAgent {
+    /// Enrolls a new agent for `host` in `data_dir` with a fresh token, then starts it
+    /// talking to `connect_to` (the controller, or a proxy in front of it).
+    pub async fn enroll_and_start(controller: &TestController, host: &str, data_dir: &Path, connect_to: &str) -> TestAgent {
+        let token = controller.token(host).await;
+        drover_agent::enroll::enroll(&controller.addr.to_string(), &token, data_dir, BTreeMap::new())
+            .await
+            .expect("enroll");
+        TestAgent::start(fast_agent_config(data_dir, connect_to)).await
+    }
+
+    pub async fn start(config: AgentConfig) -> TestAgent {
+        let data_dir = config.data_dir.clone();
+        let agent = Agent::open(config).expect("open agent");
+        let host = agent.host().to_string();
+        let status = agent.status();
+        let outbox = agent.outbox();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(agent.run(shutdown.clone()));
+        TestAgent {
+            host,
+            data_dir,
+            status,
+            outbox,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn wait_connected(&mut self) {
+        tokio::time::timeout(Duration::from_secs(20), self.status.wait_for(|s| s.connected))
+            .await
+            .expect("agent connects within 20s")
+            .expect("agent status");
+    }
+
+    pub async fn record(&self, message: &str) -> u64 {
+        self.outbox
+            .record(NewEvent {
+                job_id: "test-job".into(),
+                kind: "test".into(),
+                message: message.to_string(),
+                fields: BTreeMap::new(),
+            })
+            .await
+            .expect("record event")
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("agent stops within 10s")
+            .expect("agent task")
+            .expect("agent run");
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the controller: `cut()` drops every live connection
+/// (a network blip), `freeze()` stops forwarding bytes without closing anything (a silent
+/// host), `retarget()` follows a restarted controller.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    target: Arc<Mutex<SocketAddr>>,
+    generation: watch::Sender<u64>,
+    frozen: watch::Sender<bool>,
+    shutdown: CancellationToken,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let target = Arc::new(Mutex::new(target));
+        let (generation, _) = watch::channel(0u64);
+        let (frozen, _) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let (t, g, f, s) = (target.clone(), generation.clone(), frozen.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                let to = *t.lock().unwrap();
+                let mut gen_rx = g.subscribe();
+                let start_gen = *gen_rx.borrow();
+                let frozen_rx = f.subscribe();
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(to).await else { return };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let pipe = async {
+                        tokio::join!(copy(cr, sw, frozen_rx.clone()), copy(sr, cw, frozen_rx.clone()));
+                    };
+                    tokio::select! {
+                        _ = pipe => {}
+                        _ = s.cancelled() => {}
+                        _ = gen_rx.wait_for(|g| *g != start_gen) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            target,
+            generation,
+            frozen,
+            shutdown,
+        }
+    }
+
+    /// Drops every connection open now.
+    pub fn cut(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // While frozen, hold the bytes: the peer sees silence, not a closed connection.
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            break;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Path of a workspace binary (built by `cargo build --workspace` / `cargo test --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+/// A free port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every Drover check on a fresh machine: installs what the tests need, then formatting,
+# lints and the whole test suite (unit, end-to-end over real mTLS, real programs, install.sh).
+# Under CI=true a missing prerequisite fails the run instead of being skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*"; }
+die() { printf 'test.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# --- prerequisites ----------------------------------------------------------------------------
+need_apt=()
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing ${need_apt[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  elif [ "${CI:-}" = "true" ]; then
+    die "missing ${need_apt[*]} and cannot install it (not root or no apt-get)"
+  else
+    log "warning: ${need_apt[*]} missing; tests that need it will skip with a reason"
+  fi
+fi
+if ! docker version >/dev/null 2>&1; then
+  if [ "${CI:-}" = "true" ]; then
+    die "the Docker Engine is not reachable (docker version failed); the suite needs it under CI"
+  fi
+  log "warning: Docker Engine not reachable; Docker tests will skip with a reason"
+fi
+
+# --- checks -----------------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "building the binaries the end-to-end tests run"
+cargo build --workspace --bins --locked
+log "cargo test --workspace"
+cargo test --workspace --locked -- --test-threads 2
