@@ -108,7 +108,10 @@ impl AgentConfig {
             return Err(invalid("heartbeat_interval", "must be at least 100ms"));
         }
         if self.health_interval < self.heartbeat_interval {
-            return Err(invalid("health_interval", "must not be shorter than heartbeat_interval"));
+            return Err(invalid(
+                "health_interval",
+                "must not be shorter than heartbeat_interval",
+            ));
         }
         if self.reconnect_max < Duration::from_secs(1) {
             return Err(invalid("reconnect_max", "must be at least 1s"));
@@ -141,10 +144,17 @@ mod tests {
     #[test]
     fn errors_name_file_and_key() {
         let err = AgentConfig::from_toml("heartbeat_interval = \"1ms\"", "a.toml").unwrap_err();
-        assert_eq!(err.to_string(), "invalid config a.toml: key `heartbeat_interval`: must be at least 100ms");
-        let err = AgentConfig::from_toml("nope = 1", "a.toml").unwrap_err().to_string();
+        assert_eq!(
+            err.to_string(),
+            "invalid config a.toml: key `heartbeat_interval`: must be at least 100ms"
+        );
+        let err = AgentConfig::from_toml("nope = 1", "a.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("a.toml") && err.contains("nope"), "{err}");
-        let err = AgentConfig::from_toml("heartbeat_interval = \"soon\"", "a.toml").unwrap_err().to_string();
+        let err = AgentConfig::from_toml("heartbeat_interval = \"soon\"", "a.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid duration"), "{err}");
     }
 }

@@ -88,7 +88,8 @@ pub fn spawn_watchdog(
 
 /// Parses durations such as `5s`, `15m`, `24h` for config files and flags.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e} (examples: 5s, 15m, 24h)"))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 5s, 15m, 24h)"))
 }
 
 /// serde helper: a duration written as a string like `30s`.

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::query_parameters::ListContainersOptionsBuilder;
 use bollard::models::ContainerSummaryStateEnum;
+use bollard::query_parameters::ListContainersOptionsBuilder;
 use tokio::sync::Mutex;
 
 use crate::health::DockerFacts;
@@ -62,7 +62,11 @@ impl DockerClient {
         let raw = if self.socket.is_empty() {
             Docker::connect_with_local_defaults()
         } else {
-            Docker::connect_with_unix(&self.shown, PROBE_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
+            Docker::connect_with_unix(
+                &self.shown,
+                PROBE_TIMEOUT.as_secs(),
+                bollard::API_DEFAULT_VERSION,
+            )
         }
         .map_err(fail)?;
         let negotiated = raw.negotiate_version().await.map_err(fail)?;
@@ -142,6 +146,10 @@ mod tests {
     async fn a_missing_socket_is_unreachable_with_its_path_in_the_reason() {
         let facts = connect("unix:///nonexistent/docker.sock").probe().await;
         assert!(!facts.reachable);
-        assert!(facts.error.contains("/nonexistent/docker.sock"), "{}", facts.error);
+        assert!(
+            facts.error.contains("/nonexistent/docker.sock"),
+            "{}",
+            facts.error
+        );
     }
 }

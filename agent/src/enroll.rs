@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drover_identity::Identity;
 use drover_identity::files::{Bundle, write_public};
 use drover_identity::pki::{CertInfo, fingerprint_pem, new_key_and_csr};
 use drover_identity::tls::{Trust, channel, client_config};
 use drover_identity::token::EnrollToken;
-use drover_identity::Identity;
 use drover_proto::v1;
 use serde::{Deserialize, Serialize};
 
@@ -45,13 +45,10 @@ pub struct Enrollment {
 
 impl Enrollment {
     pub fn load(paths: &Paths) -> Result<Enrollment, AgentError> {
-        let text = std::fs::read_to_string(&paths.enrollment_file).map_err(|_| {
-            AgentError::NotEnrolled(paths.enrollment_file.display().to_string())
-        })?;
-        toml::from_str(&text).map_err(|e| AgentError::Corrupt(format!(
-            "{}: {e}",
-            paths.enrollment_file.display()
-        )))
+        let text = std::fs::read_to_string(&paths.enrollment_file)
+            .map_err(|_| AgentError::NotEnrolled(paths.enrollment_file.display().to_string()))?;
+        toml::from_str(&text)
+            .map_err(|e| AgentError::Corrupt(format!("{}: {e}", paths.enrollment_file.display())))
     }
 }
 
@@ -71,7 +68,10 @@ pub async fn enroll(
         });
     }
     let (key_pem, csr_pem) = new_key_and_csr(&token.host)?;
-    let config = client_config(&Trust::PinnedFingerprint(token.ca_fingerprint.clone()), None)?;
+    let config = client_config(
+        &Trust::PinnedFingerprint(token.ca_fingerprint.clone()),
+        None,
+    )?;
     let mut client = v1::enrollment_client::EnrollmentClient::new(channel(
         controller,
         config,

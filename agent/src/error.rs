@@ -5,9 +5,13 @@ use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("this host is not enrolled ({0} is missing): run `drover-agent enroll --controller ADDR --token TOKEN` first")]
+    #[error(
+        "this host is not enrolled ({0} is missing): run `drover-agent enroll --controller ADDR --token TOKEN` first"
+    )]
     NotEnrolled(String),
-    #[error("this host is already enrolled ({dir} holds its identity); to enroll again, stop the agent and remove that directory")]
+    #[error(
+        "this host is already enrolled ({dir} holds its identity); to enroll again, stop the agent and remove that directory"
+    )]
     AlreadyEnrolled { dir: String },
     #[error(transparent)]
     Identity(#[from] drover_identity::Error),
@@ -36,15 +40,15 @@ impl AgentError {
                 controller: controller.to_string(),
                 message: describe_transport(&status),
             },
-            Code::Unknown if transport => {
-                AgentError::Unreachable {
-                    controller: controller.to_string(),
-                    message: describe_transport(&status),
-                }
-            }
-            Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound => {
-                AgentError::Refused { message }
-            }
+            Code::Unknown if transport => AgentError::Unreachable {
+                controller: controller.to_string(),
+                message: describe_transport(&status),
+            },
+            Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::NotFound => AgentError::Refused { message },
             code => AgentError::Rpc {
                 code: format!("{code:?}"),
                 message,

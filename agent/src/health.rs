@@ -47,23 +47,53 @@ impl Thresholds {
     /// Checks the limits are coherent; the error names the `health.` key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let pct = |key, v: f64| {
-            if (0.0..=100.0).contains(&v) { Ok(()) } else { Err((key, format!("{v} is not a percentage (0-100)"))) }
+            if (0.0..=100.0).contains(&v) {
+                Ok(())
+            } else {
+                Err((key, format!("{v} is not a percentage (0-100)")))
+            }
         };
-        pct("health.disk_degraded_free_percent", self.disk_degraded_free_percent)?;
-        pct("health.disk_unhealthy_free_percent", self.disk_unhealthy_free_percent)?;
-        pct("health.memory_degraded_available_percent", self.memory_degraded_available_percent)?;
-        pct("health.memory_unhealthy_available_percent", self.memory_unhealthy_available_percent)?;
+        pct(
+            "health.disk_degraded_free_percent",
+            self.disk_degraded_free_percent,
+        )?;
+        pct(
+            "health.disk_unhealthy_free_percent",
+            self.disk_unhealthy_free_percent,
+        )?;
+        pct(
+            "health.memory_degraded_available_percent",
+            self.memory_degraded_available_percent,
+        )?;
+        pct(
+            "health.memory_unhealthy_available_percent",
+            self.memory_unhealthy_available_percent,
+        )?;
         if self.disk_unhealthy_free_percent > self.disk_degraded_free_percent {
-            return Err(("health.disk_unhealthy_free_percent", "must not exceed disk_degraded_free_percent".into()));
+            return Err((
+                "health.disk_unhealthy_free_percent",
+                "must not exceed disk_degraded_free_percent".into(),
+            ));
         }
         if self.memory_unhealthy_available_percent > self.memory_degraded_available_percent {
-            return Err(("health.memory_unhealthy_available_percent", "must not exceed memory_degraded_available_percent".into()));
+            return Err((
+                "health.memory_unhealthy_available_percent",
+                "must not exceed memory_degraded_available_percent".into(),
+            ));
         }
-        if self.load_degraded_per_cpu <= 0.0 || self.load_unhealthy_per_cpu < self.load_degraded_per_cpu {
-            return Err(("health.load_unhealthy_per_cpu", "must be at least load_degraded_per_cpu, which must be above 0".into()));
+        if self.load_degraded_per_cpu <= 0.0
+            || self.load_unhealthy_per_cpu < self.load_degraded_per_cpu
+        {
+            return Err((
+                "health.load_unhealthy_per_cpu",
+                "must be at least load_degraded_per_cpu, which must be above 0".into(),
+            ));
         }
         if self.clock_unhealthy_offset < self.clock_degraded_offset {
-            return Err(("health.clock_unhealthy_offset", "must be at least clock_degraded_offset".into()));
+            return Err((
+                "health.clock_unhealthy_offset",
+                "must be at least clock_degraded_offset".into(),
+            ));
         }
         Ok(())
     }
@@ -169,19 +199,24 @@ fn disk_status(d: &Disk, t: &Thresholds) -> Status {
 pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
     let mut checks = Vec::with_capacity(6);
 
-    let worst_disk = facts
-        .disks
-        .iter()
-        .map(|d| (disk_status(d, t), d))
-        .max_by(|(sa, da), (sb, db)| {
-            sa.cmp(sb).then(
-                percent(db.free_bytes, db.total_bytes)
-                    .partial_cmp(&percent(da.free_bytes, da.total_bytes))
-                    .unwrap_or(std::cmp::Ordering::Equal),
-            )
-        });
+    let worst_disk =
+        facts
+            .disks
+            .iter()
+            .map(|d| (disk_status(d, t), d))
+            .max_by(|(sa, da), (sb, db)| {
+                sa.cmp(sb).then(
+                    percent(db.free_bytes, db.total_bytes)
+                        .partial_cmp(&percent(da.free_bytes, da.total_bytes))
+                        .unwrap_or(std::cmp::Ordering::Equal),
+                )
+            });
     checks.push(match worst_disk {
-        None => check("disk", Status::Degraded, "no local file systems found".into()),
+        None => check(
+            "disk",
+            Status::Degraded,
+            "no local file systems found".into(),
+        ),
         Some((status, d)) => check(
             "disk",
             status,
@@ -191,7 +226,11 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
                 gib(d.free_bytes),
                 gib(d.total_bytes),
                 percent(d.free_bytes, d.total_bytes),
-                if facts.disks.len() > 1 { format!(", worst of {} mounts", facts.disks.len()) } else { String::new() }
+                if facts.disks.len() > 1 {
+                    format!(", worst of {} mounts", facts.disks.len())
+                } else {
+                    String::new()
+                }
             ),
         ),
     });
@@ -209,7 +248,11 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
     checks.push(check(
         "memory",
         mem_status,
-        format!("{} available of {} ({avail:.1}%)", gib(facts.mem_available_bytes), gib(facts.mem_total_bytes)),
+        format!(
+            "{} available of {} ({avail:.1}%)",
+            gib(facts.mem_available_bytes),
+            gib(facts.mem_total_bytes)
+        ),
     ));
 
     let per_cpu = facts.load5 / f64::from(facts.cpus.max(1));
@@ -223,7 +266,13 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
     checks.push(check(
         "load",
         load_status,
-        format!("load {:.2} {:.2} {:.2} on {} CPUs ({per_cpu:.2} per CPU over 5 min)", facts.load1, facts.load5, facts.load15, facts.cpus.max(1)),
+        format!(
+            "load {:.2} {:.2} {:.2} on {} CPUs ({per_cpu:.2} per CPU over 5 min)",
+            facts.load1,
+            facts.load5,
+            facts.load15,
+            facts.cpus.max(1)
+        ),
     ));
 
     checks.push(if facts.docker.reachable {
@@ -232,11 +281,17 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
             Status::Healthy,
             format!(
                 "Docker Engine {}: {} running of {} containers",
-                facts.docker.version, facts.docker.containers_running, facts.docker.containers_total
+                facts.docker.version,
+                facts.docker.containers_running,
+                facts.docker.containers_total
             ),
         )
     } else {
-        let why = if facts.docker.error.is_empty() { "not probed yet".to_string() } else { facts.docker.error.clone() };
+        let why = if facts.docker.error.is_empty() {
+            "not probed yet".to_string()
+        } else {
+            facts.docker.error.clone()
+        };
         check("docker", Status::Unhealthy, why)
     });
 
@@ -245,17 +300,33 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
         Some(not_after) => {
             let left = not_after - facts.now_unix;
             if left <= 0 {
-                check("certificate", Status::Unhealthy, format!("expired {}s ago", -left))
+                check(
+                    "certificate",
+                    Status::Unhealthy,
+                    format!("expired {}s ago", -left),
+                )
             } else if left < t.cert_degraded_before_expiry.as_secs() as i64 {
-                check("certificate", Status::Degraded, format!("expires in {left}s and has not been renewed"))
+                check(
+                    "certificate",
+                    Status::Degraded,
+                    format!("expires in {left}s and has not been renewed"),
+                )
             } else {
-                check("certificate", Status::Healthy, format!("expires in {}h {}m", left / 3600, left % 3600 / 60))
+                check(
+                    "certificate",
+                    Status::Healthy,
+                    format!("expires in {}h {}m", left / 3600, left % 3600 / 60),
+                )
             }
         }
     });
 
     checks.push(match facts.clock_offset_ms {
-        None => check("clock", Status::Healthy, "offset from the controller not measured yet".into()),
+        None => check(
+            "clock",
+            Status::Healthy,
+            "offset from the controller not measured yet".into(),
+        ),
         Some(offset) => {
             let abs = offset.unsigned_abs();
             let status = if abs >= t.clock_unhealthy_offset.as_millis() as u64 {
@@ -265,7 +336,11 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
             } else {
                 Status::Healthy
             };
-            check("clock", status, format!("{offset} ms from the controller's clock"))
+            check(
+                "clock",
+                status,
+                format!("{offset} ms from the controller's clock"),
+            )
         }
     });
     checks
@@ -273,7 +348,11 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
 
 /// The host's status: the worst check (healthy when there are none).
 pub fn overall(checks: &[Check]) -> Status {
-    checks.iter().map(|c| c.status).max().unwrap_or(Status::Healthy)
+    checks
+        .iter()
+        .map(|c| c.status)
+        .max()
+        .unwrap_or(Status::Healthy)
 }
 
 /// Whether a report is due now: a check appeared, disappeared or changed status. Reasons whose
@@ -297,7 +376,13 @@ pub fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map(|kb| kb * 1024)
     };
     Some((field("MemTotal:")?, field("MemAvailable:")?))
@@ -305,11 +390,18 @@ pub fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
 
 /// `/proc/uptime` → whole seconds.
 pub fn parse_uptime(text: &str) -> Option<u64> {
-    text.split_whitespace().next()?.parse::<f64>().ok().map(|s| s as u64)
+    text.split_whitespace()
+        .next()?
+        .parse::<f64>()
+        .ok()
+        .map(|s| s as u64)
 }
 
 /// File systems that hold data worth watching; pseudo, memory and container layers are not.
-const REAL_FS: &[&str] = &["ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "vfat", "exfat", "jfs", "reiserfs", "bcachefs"];
+const REAL_FS: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "vfat", "exfat", "jfs", "reiserfs",
+    "bcachefs",
+];
 
 /// `/proc/self/mounts` → mount points of real file systems, one per device (the first seen).
 pub fn parse_mounts(text: &str) -> Vec<String> {
@@ -317,7 +409,10 @@ pub fn parse_mounts(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut fields = line.split_whitespace();
-        let (Some(device), Some(mount), Some(fs)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        let (Some(device), Some(mount), Some(fs)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
         if REAL_FS.contains(&fs) && seen.insert(device.to_string()) {
             // /proc/mounts escapes spaces and such as octal (\040).
             out.push(mount.replace("\\040", " "));
@@ -342,7 +437,8 @@ fn disk_usage(mount: &str) -> Option<Disk> {
 pub fn collect_host() -> HostFacts {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let (load1, load5, load15) = parse_loadavg(&read("/proc/loadavg")).unwrap_or_default();
-    let (mem_total_bytes, mem_available_bytes) = parse_meminfo(&read("/proc/meminfo")).unwrap_or_default();
+    let (mem_total_bytes, mem_available_bytes) =
+        parse_meminfo(&read("/proc/meminfo")).unwrap_or_default();
     let mut mounts = parse_mounts(&read("/proc/self/mounts"));
     if mounts.is_empty() {
         // In a container the root is often overlay: watch it rather than nothing.
@@ -352,7 +448,9 @@ pub fn collect_host() -> HostFacts {
         load1,
         load5,
         load15,
-        cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
         mem_total_bytes,
         mem_available_bytes,
         disks: mounts.iter().filter_map(|m| disk_usage(m)).collect(),
@@ -373,9 +471,17 @@ mod tests {
             cpus: 2,
             mem_total_bytes: 8 << 30,
             mem_available_bytes: 4 << 30,
-            disks: vec![Disk { mount: "/".into(), total_bytes: 100 << 30, free_bytes: 50 << 30 }],
+            disks: vec![Disk {
+                mount: "/".into(),
+                total_bytes: 100 << 30,
+                free_bytes: 50 << 30,
+            }],
             uptime_secs: 100,
-            docker: DockerFacts { reachable: true, version: "28.2.2".into(), ..Default::default() },
+            docker: DockerFacts {
+                reachable: true,
+                version: "28.2.2".into(),
+                ..Default::default()
+            },
             agent_version: "0.1.0".into(),
             cert_not_after_unix: Some(1_000_000 + 86_400),
             clock_offset_ms: Some(3),
@@ -384,16 +490,29 @@ mod tests {
     }
 
     fn status_of(f: &HostFacts, name: &str) -> Status {
-        evaluate(f, &Thresholds::default()).into_iter().find(|c| c.name == name).unwrap().status
+        evaluate(f, &Thresholds::default())
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap()
+            .status
     }
 
     #[test]
     fn a_healthy_host_has_six_healthy_checks_in_order() {
         let checks = evaluate(&facts(), &Thresholds::default());
         let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["disk", "memory", "load", "docker", "certificate", "clock"]);
+        assert_eq!(
+            names,
+            ["disk", "memory", "load", "docker", "certificate", "clock"]
+        );
         assert_eq!(overall(&checks), Status::Healthy);
-        assert!(checks[0].reason.contains("50.0 GiB free of 100.0 GiB (50.0%)"), "{}", checks[0].reason);
+        assert!(
+            checks[0]
+                .reason
+                .contains("50.0 GiB free of 100.0 GiB (50.0%)"),
+            "{}",
+            checks[0].reason
+        );
     }
 
     #[test]
@@ -401,7 +520,11 @@ mod tests {
         use Status::*;
         let disk = |free_gib: u64, total_gib: u64| {
             let mut f = facts();
-            f.disks = vec![Disk { mount: "/".into(), total_bytes: total_gib << 30, free_bytes: free_gib << 30 }];
+            f.disks = vec![Disk {
+                mount: "/".into(),
+                total_bytes: total_gib << 30,
+                free_bytes: free_gib << 30,
+            }];
             status_of(&f, "disk")
         };
         assert_eq!(disk(10, 100), Healthy);
@@ -410,12 +533,28 @@ mod tests {
         assert_eq!(disk(4, 100), Unhealthy);
         assert_eq!(disk(0, 8), Unhealthy);
         let mut small = facts();
-        small.disks = vec![Disk { mount: "/boot".into(), total_bytes: 2 << 30, free_bytes: 900 << 20 }];
-        assert_eq!(status_of(&small, "disk"), Degraded, "under 1 GiB free is degraded even at 44%");
+        small.disks = vec![Disk {
+            mount: "/boot".into(),
+            total_bytes: 2 << 30,
+            free_bytes: 900 << 20,
+        }];
+        assert_eq!(
+            status_of(&small, "disk"),
+            Degraded,
+            "under 1 GiB free is degraded even at 44%"
+        );
         let mut two = facts();
-        two.disks.push(Disk { mount: "/var".into(), total_bytes: 100 << 30, free_bytes: 3 << 30 });
+        two.disks.push(Disk {
+            mount: "/var".into(),
+            total_bytes: 100 << 30,
+            free_bytes: 3 << 30,
+        });
         let c = &evaluate(&two, &Thresholds::default())[0];
-        assert_eq!((c.status, c.reason.starts_with("/var")), (Unhealthy, true), "the worst mount decides");
+        assert_eq!(
+            (c.status, c.reason.starts_with("/var")),
+            (Unhealthy, true),
+            "the worst mount decides"
+        );
 
         let mem = |avail_pct: u64| {
             let mut f = facts();
@@ -423,26 +562,47 @@ mod tests {
             f.mem_available_bytes = avail_pct << 20;
             status_of(&f, "memory")
         };
-        assert_eq!((mem(10), mem(9), mem(5), mem(4)), (Healthy, Degraded, Degraded, Unhealthy));
+        assert_eq!(
+            (mem(10), mem(9), mem(5), mem(4)),
+            (Healthy, Degraded, Degraded, Unhealthy)
+        );
 
         let load = |l5: f64| {
             let mut f = facts();
             f.load5 = l5;
             status_of(&f, "load")
         };
-        assert_eq!((load(3.9), load(4.0), load(7.9), load(8.0)), (Healthy, Degraded, Degraded, Unhealthy));
+        assert_eq!(
+            (load(3.9), load(4.0), load(7.9), load(8.0)),
+            (Healthy, Degraded, Degraded, Unhealthy)
+        );
 
         let mut f = facts();
-        f.docker = DockerFacts { reachable: false, error: "cannot reach Docker Engine".into(), ..Default::default() };
+        f.docker = DockerFacts {
+            reachable: false,
+            error: "cannot reach Docker Engine".into(),
+            ..Default::default()
+        };
         let c = evaluate(&f, &Thresholds::default()).remove(3);
-        assert_eq!((c.status, c.reason.as_str()), (Unhealthy, "cannot reach Docker Engine"));
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (Unhealthy, "cannot reach Docker Engine")
+        );
 
         let cert = |left: Option<i64>| {
             let mut f = facts();
             f.cert_not_after_unix = left.map(|l| f.now_unix + l);
             status_of(&f, "certificate")
         };
-        assert_eq!((cert(None), cert(Some(0)), cert(Some(7199)), cert(Some(7200))), (Unhealthy, Unhealthy, Degraded, Healthy));
+        assert_eq!(
+            (
+                cert(None),
+                cert(Some(0)),
+                cert(Some(7199)),
+                cert(Some(7200))
+            ),
+            (Unhealthy, Unhealthy, Degraded, Healthy)
+        );
 
         let clock = |ms: Option<i64>| {
             let mut f = facts();
@@ -450,7 +610,13 @@ mod tests {
             status_of(&f, "clock")
         };
         assert_eq!(
-            (clock(None), clock(Some(-999)), clock(Some(-1000)), clock(Some(29_999)), clock(Some(30_000))),
+            (
+                clock(None),
+                clock(Some(-999)),
+                clock(Some(-1000)),
+                clock(Some(29_999)),
+                clock(Some(30_000))
+            ),
             (Healthy, Healthy, Degraded, Degraded, Unhealthy)
         );
     }
@@ -474,26 +640,51 @@ mod tests {
 
     #[test]
     fn proc_parsers() {
-        assert_eq!(parse_loadavg("0.52 0.58 0.59 1/467 12345\n"), Some((0.52, 0.58, 0.59)));
+        assert_eq!(
+            parse_loadavg("0.52 0.58 0.59 1/467 12345\n"),
+            Some((0.52, 0.58, 0.59))
+        );
         assert_eq!(parse_loadavg("garbage"), None);
-        let meminfo = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   12288000 kB\n";
-        assert_eq!(parse_meminfo(meminfo), Some((24_576_000 * 1024, 12_288_000 * 1024)));
+        let meminfo =
+            "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   12288000 kB\n";
+        assert_eq!(
+            parse_meminfo(meminfo),
+            Some((24_576_000 * 1024, 12_288_000 * 1024))
+        );
         assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
         assert_eq!(parse_uptime("12345.67 2345.00\n"), Some(12345));
         let mounts = "/dev/vda / ext4 rw 0 0\nproc /proc proc rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n\
                       /dev/vda /etc/hosts ext4 rw 0 0\n/dev/vdb /srv/my\\040data xfs rw 0 0\n\
                       overlay /var/lib/docker/x overlay rw 0 0\n";
-        assert_eq!(parse_mounts(mounts), vec!["/".to_string(), "/srv/my data".to_string()]);
+        assert_eq!(
+            parse_mounts(mounts),
+            vec!["/".to_string(), "/srv/my data".to_string()]
+        );
     }
 
     #[test]
     fn thresholds_validate_with_the_key() {
         assert!(Thresholds::default().validate().is_ok());
-        let t = Thresholds { disk_unhealthy_free_percent: 20.0, ..Thresholds::default() };
-        assert_eq!(t.validate().unwrap_err().0, "health.disk_unhealthy_free_percent");
-        let t = Thresholds { memory_degraded_available_percent: 120.0, ..Thresholds::default() };
-        assert_eq!(t.validate().unwrap_err().0, "health.memory_degraded_available_percent");
-        let t = Thresholds { load_unhealthy_per_cpu: 1.0, ..Thresholds::default() };
+        let t = Thresholds {
+            disk_unhealthy_free_percent: 20.0,
+            ..Thresholds::default()
+        };
+        assert_eq!(
+            t.validate().unwrap_err().0,
+            "health.disk_unhealthy_free_percent"
+        );
+        let t = Thresholds {
+            memory_degraded_available_percent: 120.0,
+            ..Thresholds::default()
+        };
+        assert_eq!(
+            t.validate().unwrap_err().0,
+            "health.memory_degraded_available_percent"
+        );
+        let t = Thresholds {
+            load_unhealthy_per_cpu: 1.0,
+            ..Thresholds::default()
+        };
         assert_eq!(t.validate().unwrap_err().0, "health.load_unhealthy_per_cpu");
     }
 

@@ -97,7 +97,9 @@ impl Agent {
         let enrollment = Enrollment::load(&paths)?;
         drover_identity::files::Bundle::recover(&paths.identity_dir)?;
         if !drover_identity::files::Bundle::exists(&paths.identity_dir) {
-            return Err(AgentError::NotEnrolled(paths.identity_dir.join("cert.pem").display().to_string()));
+            return Err(AgentError::NotEnrolled(
+                paths.identity_dir.join("cert.pem").display().to_string(),
+            ));
         }
         let store = Arc::new(Store::open(&paths.store_dir)?);
         let (status, _) = watch::channel(AgentStatus::default());

@@ -10,7 +10,11 @@ use drover_agent::daemon::{self, LogFormat};
 use drover_agent::{Agent, AgentConfig, AgentError};
 
 #[derive(Debug, Parser)]
-#[command(name = "drover-agent", version, about = "The Drover agent: runs on every host")]
+#[command(
+    name = "drover-agent",
+    version,
+    about = "The Drover agent: runs on every host"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -78,10 +82,16 @@ fn main() {
 
 async fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Enroll { controller, token, data_dir, labels } => {
+        Command::Enroll {
+            controller,
+            token,
+            data_dir,
+            labels,
+        } => {
             daemon::init_logging(LogFormat::Text);
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
-            let enrollment = drover_agent::enroll::enroll(&controller, &token, &data_dir, labels).await?;
+            let enrollment =
+                drover_agent::enroll::enroll(&controller, &token, &data_dir, labels).await?;
             println!(
                 "enrolled as host {} with the controller at {}; identity stored in {}",
                 enrollment.host,
@@ -90,7 +100,11 @@ async fn run(args: Args) -> Result<()> {
             );
             Ok(())
         }
-        Command::Run { config, data_dir, log_format } => {
+        Command::Run {
+            config,
+            data_dir,
+            log_format,
+        } => {
             let mut cfg = match &config {
                 Some(path) => AgentConfig::from_file(path).map_err(AgentError::from)?,
                 None => AgentConfig::default(),

@@ -81,7 +81,10 @@ pub(crate) async fn run(ctx: SessionCtx, shutdown: CancellationToken) {
             rand::random::<f64>(),
         );
         attempt = attempt.saturating_add(1);
-        debug!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting after backoff");
+        debug!(
+            delay_ms = delay.as_millis() as u64,
+            attempt, "reconnecting after backoff"
+        );
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
@@ -128,8 +131,11 @@ async fn session(
         }),
     )?;
     let controller = ctx.controller().to_string();
-    let mut client =
-        v1::agent_service_client::AgentServiceClient::new(channel(&controller, tls, Duration::from_secs(10))?);
+    let mut client = v1::agent_service_client::AgentServiceClient::new(channel(
+        &controller,
+        tls,
+        Duration::from_secs(10),
+    )?);
 
     let (out_tx, out_rx) = mpsc::channel::<v1::AgentMessage>(1024);
     let mut labels: BTreeMap<String, String> = ctx.enrollment.labels.clone();
@@ -152,7 +158,9 @@ async fn session(
     };
     let mut inbound = response.into_inner();
     let welcome = match inbound.message().await {
-        Ok(Some(v1::ControllerMessage { msg: Some(In::Welcome(w)) })) => w,
+        Ok(Some(v1::ControllerMessage {
+            msg: Some(In::Welcome(w)),
+        })) => w,
         Ok(_) => {
             return Err(AgentError::Rpc {
                 code: "Internal".into(),
@@ -168,7 +176,8 @@ async fn session(
     ctx.store.ack(welcome.acked_seq).await?;
     let acked = ctx.store.acked_seq()?.max(welcome.acked_seq);
     let heartbeat_every = if welcome.heartbeat_interval_secs > 0 {
-        Duration::from_secs(u64::from(welcome.heartbeat_interval_secs)).min(ctx.config.heartbeat_interval)
+        Duration::from_secs(u64::from(welcome.heartbeat_interval_secs))
+            .min(ctx.config.heartbeat_interval)
     } else {
         ctx.config.heartbeat_interval
     };
@@ -245,7 +254,8 @@ async fn pump_events(ctx: &SessionCtx, live: &mut Live) -> Result<(), AgentError
             return Ok(());
         }
         for event in &batch {
-            live.send(Out::Event(convert::event_to_proto(event))).await?;
+            live.send(Out::Event(convert::event_to_proto(event)))
+                .await?;
             live.sent_upto = event.seq;
         }
     }
@@ -257,7 +267,9 @@ async fn send_health(
     facts: Option<HostFacts>,
     periodic: bool,
 ) -> Result<(), AgentError> {
-    let Some(mut facts) = facts else { return Ok(()) };
+    let Some(mut facts) = facts else {
+        return Ok(());
+    };
     facts.agent_version = env!("CARGO_PKG_VERSION").to_string();
     facts.cert_not_after_unix = Some(live.cert.not_after_unix);
     facts.clock_offset_ms = live.clock_offset_ms;
@@ -285,7 +297,10 @@ async fn maybe_renew(live: &mut Live) -> Result<(), AgentError> {
         _ => String::new(),
     };
     let (key_pem, csr_pem) = new_key_and_csr(&host)?;
-    info!(not_after = live.cert.not_after_unix, "renewing the agent certificate");
+    info!(
+        not_after = live.cert.not_after_unix,
+        "renewing the agent certificate"
+    );
     live.pending_key = Some(key_pem);
     live.send(Out::Renew(v1::RenewRequest { csr_pem })).await
 }

@@ -28,7 +28,9 @@ pub enum StoreError {
     },
     #[error("agent store: {0}")]
     Sled(#[from] sled::Error),
-    #[error("agent store holds schema version {found}, this agent understands {SCHEMA_VERSION}; upgrade the agent")]
+    #[error(
+        "agent store holds schema version {found}, this agent understands {SCHEMA_VERSION}; upgrade the agent"
+    )]
     Schema { found: u64 },
     #[error("agent store: corrupt record: {0}")]
     Corrupt(String),
@@ -123,7 +125,8 @@ impl Store {
                 message: new.message,
                 fields: new.fields,
             };
-            let bytes = serde_json::to_vec(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let bytes =
+                serde_json::to_vec(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             use sled::Transactional;
             (&self.meta, &self.outbox)
                 .transaction(|(meta, outbox)| {
@@ -241,8 +244,13 @@ mod tests {
         let store = Store::open(tmp.path()).unwrap();
         assert_eq!(store.acked_seq().unwrap(), 2);
         assert_eq!(store.last_seq(), 5);
-        let pending = store.pending_after(store.acked_seq().unwrap(), 100).unwrap();
-        assert_eq!(pending.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let pending = store
+            .pending_after(store.acked_seq().unwrap(), 100)
+            .unwrap();
+        assert_eq!(
+            pending.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         assert_eq!(pending[0].message, "event 3");
         // Numbering continues after a restart; an old ack changes nothing.
         assert_eq!(store.append(ev(6), 0).await.unwrap().seq, 6);
@@ -256,7 +264,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         {
             let db = sled::open(tmp.path()).unwrap();
-            db.open_tree("meta").unwrap().insert(KEY_SCHEMA, &9u64.to_be_bytes()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(KEY_SCHEMA, &9u64.to_be_bytes())
+                .unwrap();
             db.flush().unwrap();
         }
         let err = Store::open(tmp.path()).unwrap_err().to_string();

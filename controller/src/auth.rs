@@ -37,9 +37,9 @@ pub fn caller<T>(request: &Request<T>, store: &Store) -> Result<Caller, Status> 
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
     let info = CertInfo::from_der(leaf)
         .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
-    let identity = info
-        .identity
-        .ok_or_else(|| Status::permission_denied("the client certificate carries no Drover identity"))?;
+    let identity = info.identity.ok_or_else(|| {
+        Status::permission_denied("the client certificate carries no Drover identity")
+    })?;
     let revoked = store
         .is_revoked(&info.serial)
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -61,12 +61,23 @@ pub fn permits(identity: &Identity, need: Need) -> Result<(), String> {
         (Identity::Agent { host }, _) => Err(format!(
             "agent {host} may not call the operator API; use an operator identity"
         )),
-        (Identity::Operator { name, .. }, Need::Agent) => Err(format!(
-            "operator {name} may not call the agent API"
-        )),
+        (Identity::Operator { name, .. }, Need::Agent) => {
+            Err(format!("operator {name} may not call the agent API"))
+        }
         (Identity::Operator { .. }, Need::OperatorRead) => Ok(()),
-        (Identity::Operator { role: Role::Admin, .. }, Need::OperatorAdmin) => Ok(()),
-        (Identity::Operator { name, role: Role::Viewer }, Need::OperatorAdmin) => Err(format!(
+        (
+            Identity::Operator {
+                role: Role::Admin, ..
+            },
+            Need::OperatorAdmin,
+        ) => Ok(()),
+        (
+            Identity::Operator {
+                name,
+                role: Role::Viewer,
+            },
+            Need::OperatorAdmin,
+        ) => Err(format!(
             "operator {name} has the viewer role, which is read-only; ask an admin"
         )),
     }
@@ -94,8 +105,14 @@ mod tests {
     #[test]
     fn the_authorization_table() {
         let agent = Identity::Agent { host: "h".into() };
-        let admin = Identity::Operator { name: "a".into(), role: Role::Admin };
-        let viewer = Identity::Operator { name: "v".into(), role: Role::Viewer };
+        let admin = Identity::Operator {
+            name: "a".into(),
+            role: Role::Admin,
+        };
+        let viewer = Identity::Operator {
+            name: "v".into(),
+            role: Role::Viewer,
+        };
         let table = [
             (&agent, Need::Agent, true),
             (&agent, Need::OperatorRead, false),
@@ -110,6 +127,10 @@ mod tests {
         for (who, need, allowed) in table {
             assert_eq!(permits(who, need).is_ok(), allowed, "{who} {need:?}");
         }
-        assert!(permits(&viewer, Need::OperatorAdmin).unwrap_err().contains("read-only"));
+        assert!(
+            permits(&viewer, Need::OperatorAdmin)
+                .unwrap_err()
+                .contains("read-only")
+        );
     }
 }

@@ -81,10 +81,11 @@ impl ControllerConfig {
     }
 
     pub fn from_toml(text: &str, source: &str) -> Result<ControllerConfig, ConfigError> {
-        let mut config: ControllerConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: source.to_string(),
-            message: e.to_string(),
-        })?;
+        let mut config: ControllerConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: source.to_string(),
+                message: e.to_string(),
+            })?;
         config.source = source.to_string();
         config.validate()?;
         Ok(config)
@@ -109,7 +110,10 @@ impl ControllerConfig {
             return Err(invalid("heartbeat_interval", "must be more than 0s"));
         }
         if self.suspect_after <= self.heartbeat_interval {
-            return Err(invalid("suspect_after", "must be longer than heartbeat_interval"));
+            return Err(invalid(
+                "suspect_after",
+                "must be longer than heartbeat_interval",
+            ));
         }
         if self.down_after <= self.suspect_after {
             return Err(invalid("down_after", "must be longer than suspect_after"));
@@ -139,8 +143,13 @@ mod tests {
     #[test]
     fn errors_name_file_and_key() {
         let err = ControllerConfig::from_toml("down_after = \"10s\"", "c.toml").unwrap_err();
-        assert_eq!(err.to_string(), "invalid config c.toml: key `down_after`: must be longer than suspect_after");
-        let err = ControllerConfig::from_toml("listen = \"nowhere\"", "c.toml").unwrap_err().to_string();
+        assert_eq!(
+            err.to_string(),
+            "invalid config c.toml: key `down_after`: must be longer than suspect_after"
+        );
+        let err = ControllerConfig::from_toml("listen = \"nowhere\"", "c.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("invalid config file c.toml"), "{err}");
     }
 }

@@ -16,7 +16,9 @@ use crate::server::{Controller, admin_bundle_dir};
 /// Errors of the dev environment, each naming the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
-    #[error("cannot listen on {addr}: {source} (is another controller running? pick another with --listen)")]
+    #[error(
+        "cannot listen on {addr}: {source} (is another controller running? pick another with --listen)"
+    )]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -37,9 +39,19 @@ pub fn local_host_name() -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
-    let cleaned = cleaned.trim_start_matches(['-', '.', '_']).chars().take(63).collect::<String>();
+    let cleaned = cleaned
+        .trim_start_matches(['-', '.', '_'])
+        .chars()
+        .take(63)
+        .collect::<String>();
     if drover_identity::validate_name(&cleaned).is_ok() {
         cleaned
     } else {
@@ -63,7 +75,11 @@ fn drover_command() -> String {
 }
 
 /// Runs the dev environment until `shutdown`.
-pub async fn run(dir: &Path, listen: SocketAddr, shutdown: CancellationToken) -> Result<(), DevError> {
+pub async fn run(
+    dir: &Path,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), DevError> {
     let dir = if dir.is_absolute() {
         dir.to_path_buf()
     } else {
@@ -81,8 +97,14 @@ pub async fn run(dir: &Path, listen: SocketAddr, shutdown: CancellationToken) ->
     let shared = controller.shared();
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|source| DevError::Bind { addr: listen, source })?;
-    let addr = listener.local_addr().map_err(|source| DevError::Bind { addr: listen, source })?;
+        .map_err(|source| DevError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| DevError::Bind {
+        addr: listen,
+        source,
+    })?;
     let server = tokio::spawn(controller.serve(listener, shutdown.clone()));
 
     let host = local_host_name();
@@ -93,7 +115,8 @@ pub async fn run(dir: &Path, listen: SocketAddr, shutdown: CancellationToken) ->
         let (token, _) = crate::operator::issue_token(&shared, &host, labels.clone(), None, "dev")
             .await
             .map_err(|s| DevError::Token(s.message().to_string()))?;
-        drover_agent::enroll::enroll(&addr.to_string(), &token.encode(), &agent_dir, labels).await?;
+        drover_agent::enroll::enroll(&addr.to_string(), &token.encode(), &agent_dir, labels)
+            .await?;
         info!(host = %host, "local agent enrolled");
     }
     let agent = Agent::open(AgentConfig {
@@ -106,7 +129,11 @@ pub async fn run(dir: &Path, listen: SocketAddr, shutdown: CancellationToken) ->
     let mut status = agent.status();
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
     // Print the commands once the agent is connected, so the first `drover hosts` shows it.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.connected)).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        status.wait_for(|s| s.connected),
+    )
+    .await;
 
     let identity = relative(&admin_bundle_dir(&controller_dir));
     let drover = drover_command();

@@ -29,7 +29,8 @@ impl v1::enrollment_server::Enrollment for EnrollmentApi {
     ) -> Result<Response<v1::EnrollResponse>, Status> {
         let shared = &self.shared;
         let req = request.into_inner();
-        let token = EnrollToken::parse(&req.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let token =
+            EnrollToken::parse(&req.token).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let record = shared
             .store
             .token(&token.secret_hash())
@@ -45,7 +46,10 @@ impl v1::enrollment_server::Enrollment for EnrollmentApi {
             Status::permission_denied(why)
         };
         if record.revoked {
-            return Err(refuse(format!("enrollment token {} was revoked", record.id)));
+            return Err(refuse(format!(
+                "enrollment token {} was revoked",
+                record.id
+            )));
         }
         if record.used_unix_ms.is_some() {
             return Err(refuse(format!(
@@ -75,13 +79,20 @@ impl v1::enrollment_server::Enrollment for EnrollmentApi {
         // Consume the token only once everything else has worked, and atomically: of two
         // racing enrollments one wins.
         if !shared.store.consume_token(&record, now).map_err(internal)? {
-            return Err(refuse(format!("enrollment token {} was already used", record.id)));
+            return Err(refuse(format!(
+                "enrollment token {} was already used",
+                record.id
+            )));
         }
-        let mut host = shared.store.host(&record.host).map_err(internal)?.unwrap_or_else(|| HostRecord {
-            name: record.host.clone(),
-            ..HostRecord::default()
-        });
-        host.labels.extend(req.labels.into_iter());
+        let mut host = shared
+            .store
+            .host(&record.host)
+            .map_err(internal)?
+            .unwrap_or_else(|| HostRecord {
+                name: record.host.clone(),
+                ..HostRecord::default()
+            });
+        host.labels.extend(req.labels);
         host.labels.extend(record.labels.clone());
         host.enrolled_unix_ms = now;
         host.revoked_unix_ms = None;

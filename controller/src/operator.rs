@@ -32,7 +32,8 @@ impl OperatorApi {
         let shared = &self.shared;
         let (seen, open) = shared.registry.seen(&h.name);
         let last_seen = seen.unwrap_or(0).max(h.last_seen_unix_ms);
-        let silence = (last_seen > 0).then(|| Duration::from_millis((now_ms() - last_seen).max(0) as u64));
+        let silence =
+            (last_seen > 0).then(|| Duration::from_millis((now_ms() - last_seen).max(0) as u64));
         let state = host_state(
             h.revoked_unix_ms.is_some(),
             silence,
@@ -40,13 +41,22 @@ impl OperatorApi {
             shared.config.down_after,
         );
         let acked = shared.store.last_event_seq(&h.name).map_err(internal)?;
-        Ok(convert::host_to_proto(h, state.as_str(), last_seen, open, acked))
+        Ok(convert::host_to_proto(
+            h,
+            state.as_str(),
+            last_seen,
+            open,
+            acked,
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl v1::operator_service_server::OperatorService for OperatorApi {
-    async fn who_am_i(&self, request: Request<v1::WhoAmIRequest>) -> Result<Response<v1::WhoAmIResponse>, Status> {
+    async fn who_am_i(
+        &self,
+        request: Request<v1::WhoAmIRequest>,
+    ) -> Result<Response<v1::WhoAmIResponse>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let Identity::Operator { name, role } = caller.identity else {
             return Err(Status::permission_denied("not an operator"));
@@ -57,7 +67,10 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         }))
     }
 
-    async fn list_hosts(&self, request: Request<v1::ListHostsRequest>) -> Result<Response<v1::ListHostsResponse>, Status> {
+    async fn list_hosts(
+        &self,
+        request: Request<v1::ListHostsRequest>,
+    ) -> Result<Response<v1::ListHostsResponse>, Status> {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let hosts = self
             .shared
@@ -70,7 +83,10 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(v1::ListHostsResponse { hosts }))
     }
 
-    async fn get_host(&self, request: Request<v1::GetHostRequest>) -> Result<Response<v1::HostInfo>, Status> {
+    async fn get_host(
+        &self,
+        request: Request<v1::GetHostRequest>,
+    ) -> Result<Response<v1::HostInfo>, Status> {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let name = &request.get_ref().name;
         let host = self
@@ -78,11 +94,18 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             .store
             .host(name)
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("unknown host {name}; `drover hosts` lists the enrolled ones")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown host {name}; `drover hosts` lists the enrolled ones"
+                ))
+            })?;
         Ok(Response::new(self.host_info(&host)?))
     }
 
-    async fn revoke_host(&self, request: Request<v1::RevokeHostRequest>) -> Result<Response<v1::RevokeHostResponse>, Status> {
+    async fn revoke_host(
+        &self,
+        request: Request<v1::RevokeHostRequest>,
+    ) -> Result<Response<v1::RevokeHostResponse>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let name = request.get_ref().name.clone();
         let store = &self.shared.store;
@@ -94,8 +117,14 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
                 }
             })
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("unknown host {name}; `drover hosts` lists the enrolled ones")))?;
-        store.revoke_serials(&name, &host.serials).map_err(internal)?;
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown host {name}; `drover hosts` lists the enrolled ones"
+                ))
+            })?;
+        store
+            .revoke_serials(&name, &host.serials)
+            .map_err(internal)?;
         // Durable before the session is cut, so a restart cannot resurrect the certificate.
         store.flush().await.map_err(internal)?;
         let session_closed = self.shared.registry.close(&name);
@@ -106,12 +135,22 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         }))
     }
 
-    async fn create_token(&self, request: Request<v1::CreateTokenRequest>) -> Result<Response<v1::CreateTokenResponse>, Status> {
+    async fn create_token(
+        &self,
+        request: Request<v1::CreateTokenRequest>,
+    ) -> Result<Response<v1::CreateTokenResponse>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
         let ttl = (req.ttl_secs > 0).then(|| Duration::from_secs(req.ttl_secs));
         let labels = req.labels.into_iter().collect();
-        let (token, record) = issue_token(&self.shared, &req.host, labels, ttl, &operator_name(&caller)).await?;
+        let (token, record) = issue_token(
+            &self.shared,
+            &req.host,
+            labels,
+            ttl,
+            &operator_name(&caller),
+        )
+        .await?;
         Ok(Response::new(v1::CreateTokenResponse {
             token: token.encode(),
             id: record.id,
@@ -119,7 +158,10 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         }))
     }
 
-    async fn list_tokens(&self, request: Request<v1::ListTokensRequest>) -> Result<Response<v1::ListTokensResponse>, Status> {
+    async fn list_tokens(
+        &self,
+        request: Request<v1::ListTokensRequest>,
+    ) -> Result<Response<v1::ListTokensResponse>, Status> {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let now = now_ms();
         let mut tokens: Vec<v1::TokenInfo> = self
@@ -134,7 +176,10 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(v1::ListTokensResponse { tokens }))
     }
 
-    async fn revoke_token(&self, request: Request<v1::RevokeTokenRequest>) -> Result<Response<v1::RevokeTokenResponse>, Status> {
+    async fn revoke_token(
+        &self,
+        request: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let id = request.get_ref().id.clone();
         let store = &self.shared.store;
@@ -143,7 +188,11 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             .map_err(internal)?
             .into_iter()
             .find(|t| t.id == id)
-            .ok_or_else(|| Status::not_found(format!("unknown token {id}; `drover token list` shows them")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown token {id}; `drover token list` shows them"
+                ))
+            })?;
         token.revoked = true;
         store.put_token(&token).map_err(internal)?;
         store.flush().await.map_err(internal)?;
@@ -151,16 +200,26 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(v1::RevokeTokenResponse {}))
     }
 
-    async fn create_operator(&self, request: Request<v1::CreateOperatorRequest>) -> Result<Response<v1::CreateOperatorResponse>, Status> {
+    async fn create_operator(
+        &self,
+        request: Request<v1::CreateOperatorRequest>,
+    ) -> Result<Response<v1::CreateOperatorResponse>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
         validate_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let role = Role::parse(&req.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let identity = Identity::Operator { name: req.name.clone(), role };
+        let identity = Identity::Operator {
+            name: req.name.clone(),
+            role,
+        };
         let issued = self
             .shared
             .ca
-            .sign_csr(&req.csr_pem, &identity, self.shared.config.operator_cert_ttl)
+            .sign_csr(
+                &req.csr_pem,
+                &identity,
+                self.shared.config.operator_cert_ttl,
+            )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         info!(operator = %req.name, role = %role, serial = %issued.serial, by = %operator_name(&caller), "operator certificate issued");
         Ok(Response::new(v1::CreateOperatorResponse {
@@ -169,7 +228,10 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         }))
     }
 
-    async fn list_events(&self, request: Request<v1::ListEventsRequest>) -> Result<Response<v1::ListEventsResponse>, Status> {
+    async fn list_events(
+        &self,
+        request: Request<v1::ListEventsRequest>,
+    ) -> Result<Response<v1::ListEventsResponse>, Status> {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let req = request.get_ref();
         let limit = match req.limit {
@@ -203,7 +265,9 @@ pub async fn issue_token(
     }
     let ttl = ttl.unwrap_or(shared.config.token_ttl);
     if ttl > MAX_TOKEN_TTL {
-        return Err(Status::invalid_argument("a token may live at most 7 days (168h)"));
+        return Err(Status::invalid_argument(
+            "a token may live at most 7 days (168h)",
+        ));
     }
     let token = EnrollToken::generate(host, &shared.ca.fingerprint())
         .map_err(|e| Status::invalid_argument(e.to_string()))?;

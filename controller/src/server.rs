@@ -15,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::info;
 
+use crate::ControllerError;
 use crate::config::ControllerConfig;
 use crate::enrollment::EnrollmentApi;
 use crate::operator::OperatorApi;
 use crate::sessions::{AgentApi, Registry};
 use crate::store::Store;
-use crate::ControllerError;
 
 /// How long open sessions get to close after shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -103,23 +103,44 @@ impl Controller {
 
     /// Serves on `listener` until `shutdown` is cancelled, then closes agent sessions and
     /// returns within [`SHUTDOWN_GRACE`].
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ControllerError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ControllerError> {
         let shared = self.shared.clone();
         let tls = ServerTlsConfig::new()
-            .identity(TlsIdentity::from_pem(&self.server_chain_pem, &self.server_key_pem))
+            .identity(TlsIdentity::from_pem(
+                &self.server_chain_pem,
+                &self.server_key_pem,
+            ))
             .client_ca_root(Certificate::from_pem(shared.ca.cert_pem()))
             // Enrollment has no client certificate yet; every other RPC checks for one.
             .client_auth_optional(true)
             .timeout(Duration::from_secs(10));
-        let addr = listener.local_addr().map_err(|e| ControllerError::Io(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ControllerError::Io(e.to_string()))?;
         let router = Server::builder()
             .tls_config(tls)
             .map_err(|e| ControllerError::Tls(e.to_string()))?
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(v1::enrollment_server::EnrollmentServer::new(EnrollmentApi { shared: shared.clone() }))
-            .add_service(v1::agent_service_server::AgentServiceServer::new(AgentApi { shared: shared.clone() }))
-            .add_service(v1::operator_service_server::OperatorServiceServer::new(OperatorApi { shared: shared.clone() }));
+            .add_service(v1::enrollment_server::EnrollmentServer::new(
+                EnrollmentApi {
+                    shared: shared.clone(),
+                },
+            ))
+            .add_service(v1::agent_service_server::AgentServiceServer::new(
+                AgentApi {
+                    shared: shared.clone(),
+                },
+            ))
+            .add_service(v1::operator_service_server::OperatorServiceServer::new(
+                OperatorApi {
+                    shared: shared.clone(),
+                },
+            ));
         info!(listen = %addr, "controller serving");
         let signal_shared = shared.clone();
         let signal = async move {

@@ -50,7 +50,10 @@ impl Registry {
 
     /// Registers a new session for `host`, closing any older one (the newest connection wins).
     pub fn register(&self, host: &str, now_ms: i64) -> (u64, CancellationToken) {
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let token = CancellationToken::new();
         let mut map = self.lock();
         let entry = map.entry(host.to_string()).or_default();
@@ -132,11 +135,9 @@ impl v1::agent_service_server::AgentService for AgentApi {
         let Identity::Agent { host } = caller.identity else {
             return Err(Status::permission_denied("not an agent certificate"));
         };
-        let record = shared
-            .store
-            .host(&host)
-            .map_err(internal)?
-            .ok_or_else(|| Status::permission_denied(format!("host {host} is not enrolled here")))?;
+        let record = shared.store.host(&host).map_err(internal)?.ok_or_else(|| {
+            Status::permission_denied(format!("host {host} is not enrolled here"))
+        })?;
         if record.revoked_unix_ms.is_some() {
             return Err(Status::permission_denied(format!(
                 "host {host} was revoked; enroll it again with a new token"
@@ -144,7 +145,9 @@ impl v1::agent_service_server::AgentService for AgentApi {
         }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(v1::AgentMessage { msg: Some(In::Hello(hello)) }))) => hello,
+            Ok(Ok(Some(v1::AgentMessage {
+                msg: Some(In::Hello(hello)),
+            }))) => hello,
             Ok(Ok(_)) => return Err(Status::invalid_argument("a session must start with Hello")),
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
@@ -226,7 +229,9 @@ async fn drive(
     };
     shared.registry.unregister(&host, session_id);
     let now = now_ms();
-    let _ = shared.store.update_host(&host, |h| h.last_seen_unix_ms = now);
+    let _ = shared
+        .store
+        .update_host(&host, |h| h.last_seen_unix_ms = now);
     if let Some(status) = end {
         info!(host = %host, reason = %status.message(), "closing agent session");
         let _ = tx.send(Err(status)).await;
@@ -286,7 +291,9 @@ async fn handle_batch(
                     )));
                 }
                 if event.seq == 0 {
-                    return Err(Status::invalid_argument("event sequence numbers start at 1"));
+                    return Err(Status::invalid_argument(
+                        "event sequence numbers start at 1",
+                    ));
                 }
                 let record = convert::event_from_proto(host, &event, now);
                 if shared.store.append_event(&record).map_err(internal)? == Appended::Duplicate {
@@ -295,7 +302,9 @@ async fn handle_batch(
                 highest_event = Some(highest_event.unwrap_or(0).max(event.seq));
             }
             Some(In::Renew(renew)) => {
-                let identity = Identity::Agent { host: host.to_string() };
+                let identity = Identity::Agent {
+                    host: host.to_string(),
+                };
                 let issued = shared
                     .ca
                     .sign_csr(&renew.csr_pem, &identity, shared.config.agent_cert_ttl)
@@ -313,14 +322,20 @@ async fn handle_batch(
                     cert_pem: issued.cert_pem,
                 }));
             }
-            Some(In::Hello(_)) => return Err(Status::invalid_argument("Hello may only be sent once")),
+            Some(In::Hello(_)) => {
+                return Err(Status::invalid_argument("Hello may only be sent once"));
+            }
             None => {}
         }
     }
     if let Some(seq) = highest_event {
         // Durable first, acknowledged second.
         shared.store.flush().await.map_err(internal)?;
-        let upto = shared.store.last_event_seq(host).map_err(internal)?.max(seq);
+        let upto = shared
+            .store
+            .last_event_seq(host)
+            .map_err(internal)?
+            .max(seq);
         replies.push(Out::Ack(v1::Ack { upto_seq: upto }));
     }
     for reply in replies {

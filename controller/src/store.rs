@@ -14,7 +14,9 @@ const KEY_SCHEMA: &[u8] = b"schema_version";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("controller store {path}: {source} (is another drover-controller using this data dir?)")]
+    #[error(
+        "controller store {path}: {source} (is another drover-controller using this data dir?)"
+    )]
     Open {
         path: String,
         #[source]
@@ -22,7 +24,9 @@ pub enum StoreError {
     },
     #[error("controller store: {0}")]
     Sled(#[from] sled::Error),
-    #[error("controller store holds schema version {found}, this controller understands {SCHEMA_VERSION}; upgrade the controller")]
+    #[error(
+        "controller store holds schema version {found}, this controller understands {SCHEMA_VERSION}; upgrade the controller"
+    )]
     Schema { found: u64 },
     #[error("controller store: corrupt record: {0}")]
     Corrupt(String),
@@ -235,12 +239,16 @@ impl Store {
     // --- tokens ------------------------------------------------------------------------------
 
     pub fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
-        self.tokens.insert(token.secret_hash.as_bytes(), encode(token)?)?;
+        self.tokens
+            .insert(token.secret_hash.as_bytes(), encode(token)?)?;
         Ok(())
     }
 
     pub fn token(&self, secret_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.tokens.get(secret_hash)?.map(|v| decode(&v)).transpose()
+        self.tokens
+            .get(secret_hash)?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
@@ -253,9 +261,11 @@ impl Store {
         let old = encode(token)?;
         let mut used = token.clone();
         used.used_unix_ms = Some(now_ms);
-        let swapped = self
-            .tokens
-            .compare_and_swap(token.secret_hash.as_bytes(), Some(old), Some(encode(&used)?))?;
+        let swapped = self.tokens.compare_and_swap(
+            token.secret_hash.as_bytes(),
+            Some(old),
+            Some(encode(&used)?),
+        )?;
         Ok(swapped.is_ok())
     }
 
@@ -293,12 +303,19 @@ impl Store {
             })
             .map_err(|e: sled::transaction::TransactionError<()>| match e {
                 sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt("transaction aborted".into()),
+                sled::transaction::TransactionError::Abort(()) => {
+                    StoreError::Corrupt("transaction aborted".into())
+                }
             })
     }
 
     /// Events of `host` after `after_seq`, oldest first.
-    pub fn events(&self, host: &str, after_seq: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+    pub fn events(
+        &self,
+        host: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
         let start = event_key(host, after_seq.saturating_add(1));
         let end = event_key(host, u64::MAX);
         let mut out: Vec<EventRecord> = Vec::new();
@@ -331,16 +348,36 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         {
             let store = Store::open(tmp.path()).unwrap();
-            assert_eq!(store.append_event(&event("a", 1)).unwrap(), Appended::Stored);
-            assert_eq!(store.append_event(&event("a", 2)).unwrap(), Appended::Stored);
-            assert_eq!(store.append_event(&event("a", 2)).unwrap(), Appended::Duplicate);
-            assert_eq!(store.append_event(&event("ab", 1)).unwrap(), Appended::Stored);
+            assert_eq!(
+                store.append_event(&event("a", 1)).unwrap(),
+                Appended::Stored
+            );
+            assert_eq!(
+                store.append_event(&event("a", 2)).unwrap(),
+                Appended::Stored
+            );
+            assert_eq!(
+                store.append_event(&event("a", 2)).unwrap(),
+                Appended::Duplicate
+            );
+            assert_eq!(
+                store.append_event(&event("ab", 1)).unwrap(),
+                Appended::Stored
+            );
             store.flush().await.unwrap();
         }
         let store = Store::open(tmp.path()).unwrap();
-        assert_eq!(store.append_event(&event("a", 1)).unwrap(), Appended::Duplicate);
+        assert_eq!(
+            store.append_event(&event("a", 1)).unwrap(),
+            Appended::Duplicate
+        );
         assert_eq!(store.last_event_seq("a").unwrap(), 2);
-        let seqs: Vec<u64> = store.events("a", 0, 10).unwrap().iter().map(|e| e.seq).collect();
+        let seqs: Vec<u64> = store
+            .events("a", 0, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
         assert_eq!(seqs, vec![1, 2], "host 'ab' does not leak into host 'a'");
         assert_eq!(store.events("a", 1, 10).unwrap().len(), 1);
     }

@@ -29,7 +29,10 @@ pub use tonic::transport::Channel;
 pub fn init() {
     drover_identity::tls::install_crypto_provider();
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
     }
 }
 
@@ -79,7 +82,9 @@ impl TestController {
         let data_dir = config.data_dir.clone();
         let controller = Controller::open(config.clone()).expect("open controller");
         let shared = controller.shared();
-        let listener = TcpListener::bind(config.listen).await.expect("bind controller");
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .expect("bind controller");
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(controller.serve(listener, shutdown.clone()));
@@ -108,15 +113,24 @@ impl TestController {
 
     /// A one-time enrollment token for `host`.
     pub async fn token(&self, host: &str) -> String {
-        let (token, _) = drover_controller::operator::issue_token(&self.shared, host, BTreeMap::new(), None, "test")
-            .await
-            .expect("issue token");
+        let (token, _) = drover_controller::operator::issue_token(
+            &self.shared,
+            host,
+            BTreeMap::new(),
+            None,
+            "test",
+        )
+        .await
+        .expect("issue token");
         token.encode()
     }
 
     /// An operator API client with the identity in `dir`.
     pub fn operator(&self, dir: &Path) -> OperatorServiceClient<Channel> {
-        operator_client(&self.addr.to_string(), &Bundle::load(dir).expect("identity bundle"))
+        operator_client(
+            &self.addr.to_string(),
+            &Bundle::load(dir).expect("identity bundle"),
+        )
     }
 
     /// An operator API client with the admin bundle.
@@ -127,7 +141,9 @@ impl TestController {
     /// Host info as the operator API reports it.
     pub async fn host(&self, name: &str) -> Option<v1::HostInfo> {
         self.admin()
-            .get_host(v1::GetHostRequest { name: name.to_string() })
+            .get_host(v1::GetHostRequest {
+                name: name.to_string(),
+            })
             .await
             .ok()
             .map(|r| r.into_inner())
@@ -174,11 +190,21 @@ pub fn fast_agent_config(data_dir: &Path, controller: &str) -> AgentConfig {
 impl TestAgent {
     /// Enrolls a new agent for `host` in `data_dir` with a fresh token, then starts it
     /// talking to `connect_to` (the controller, or a proxy in front of it).
-    pub async fn enroll_and_start(controller: &TestController, host: &str, data_dir: &Path, connect_to: &str) -> TestAgent {
+    pub async fn enroll_and_start(
+        controller: &TestController,
+        host: &str,
+        data_dir: &Path,
+        connect_to: &str,
+    ) -> TestAgent {
         let token = controller.token(host).await;
-        drover_agent::enroll::enroll(&controller.addr.to_string(), &token, data_dir, BTreeMap::new())
-            .await
-            .expect("enroll");
+        drover_agent::enroll::enroll(
+            &controller.addr.to_string(),
+            &token,
+            data_dir,
+            BTreeMap::new(),
+        )
+        .await
+        .expect("enroll");
         TestAgent::start(fast_agent_config(data_dir, connect_to)).await
     }
 
@@ -201,10 +227,13 @@ impl TestAgent {
     }
 
     pub async fn wait_connected(&mut self) {
-        tokio::time::timeout(Duration::from_secs(20), self.status.wait_for(|s| s.connected))
-            .await
-            .expect("agent connects within 20s")
-            .expect("agent status");
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            self.status.wait_for(|s| s.connected),
+        )
+        .await
+        .expect("agent connects within 20s")
+        .expect("agent status");
     }
 
     pub async fn record(&self, message: &str) -> u64 {
@@ -248,7 +277,12 @@ impl Proxy {
         let (generation, _) = watch::channel(0u64);
         let (frozen, _) = watch::channel(false);
         let shutdown = CancellationToken::new();
-        let (t, g, f, s) = (target.clone(), generation.clone(), frozen.clone(), shutdown.clone());
+        let (t, g, f, s) = (
+            target.clone(),
+            generation.clone(),
+            frozen.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
@@ -261,11 +295,16 @@ impl Proxy {
                 let frozen_rx = f.subscribe();
                 let s = s.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(to).await else { return };
+                    let Ok(server) = TcpStream::connect(to).await else {
+                        return;
+                    };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     let pipe = async {
-                        tokio::join!(copy(cr, sw, frozen_rx.clone()), copy(sr, cw, frozen_rx.clone()));
+                        tokio::join!(
+                            copy(cr, sw, frozen_rx.clone()),
+                            copy(sr, cw, frozen_rx.clone())
+                        );
                     };
                     tokio::select! {
                         _ = pipe => {}

@@ -13,13 +13,21 @@ use drover_proto::v1::agent_message::Msg;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-fn agent_client(addr: &str, bundle: &Bundle) -> v1::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+fn agent_client(
+    addr: &str,
+    bundle: &Bundle,
+) -> v1::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
     let config = client_config(
         &Trust::Ca(bundle.ca_pem.clone()),
-        Some(&ClientCert { cert_pem: bundle.cert_pem.clone(), key_pem: bundle.key_pem.clone() }),
+        Some(&ClientCert {
+            cert_pem: bundle.cert_pem.clone(),
+            key_pem: bundle.key_pem.clone(),
+        }),
     )
     .unwrap();
-    v1::agent_service_client::AgentServiceClient::new(channel(addr, config, Duration::from_secs(5)).unwrap())
+    v1::agent_service_client::AgentServiceClient::new(
+        channel(addr, config, Duration::from_secs(5)).unwrap(),
+    )
 }
 
 fn msg(m: Msg) -> v1::AgentMessage {
@@ -27,12 +35,20 @@ fn msg(m: Msg) -> v1::AgentMessage {
 }
 
 fn hello(host: &str) -> v1::AgentMessage {
-    msg(Msg::Hello(v1::Hello { host: host.into(), agent_version: "test".into(), ..Default::default() }))
+    msg(Msg::Hello(v1::Hello {
+        host: host.into(),
+        agent_version: "test".into(),
+        ..Default::default()
+    }))
 }
 
 /// Opens a raw agent session, sends `messages`, and returns the first error the controller
 /// answers with (on the call or on the stream).
-async fn session_error(addr: &str, bundle: &Bundle, messages: Vec<v1::AgentMessage>) -> tonic::Status {
+async fn session_error(
+    addr: &str,
+    bundle: &Bundle,
+    messages: Vec<v1::AgentMessage>,
+) -> tonic::Status {
     let (tx, rx) = mpsc::channel(16);
     for m in messages {
         tx.send(m).await.unwrap();
@@ -57,12 +73,21 @@ async fn session_error(addr: &str, bundle: &Bundle, messages: Vec<v1::AgentMessa
     result
 }
 
-fn bundle_from(ca: &Ca, identity: &Identity, cert_ca_pem: &str, validity: Option<(i64, i64)>) -> Bundle {
+fn bundle_from(
+    ca: &Ca,
+    identity: &Identity,
+    cert_ca_pem: &str,
+    validity: Option<(i64, i64)>,
+) -> Bundle {
     let (issued, key_pem) = match validity {
         Some((nb, na)) => ca.issue_between(identity, nb, na).unwrap(),
         None => ca.issue(identity, Duration::from_secs(3600)).unwrap(),
     };
-    Bundle { ca_pem: cert_ca_pem.to_string(), cert_pem: issued.cert_pem, key_pem }
+    Bundle {
+        ca_pem: cert_ca_pem.to_string(),
+        cert_pem: issued.cert_pem,
+        key_pem,
+    }
 }
 
 #[tokio::test]
@@ -75,29 +100,62 @@ async fn clients_without_a_valid_certificate_are_refused_clearly() {
 
     // No client certificate at all.
     let config = client_config(&Trust::Ca(ca_pem.clone()), None).unwrap();
-    let mut anonymous = v1::operator_service_client::OperatorServiceClient::new(channel(&addr, config, Duration::from_secs(5)).unwrap());
-    let status = anonymous.list_hosts(v1::ListHostsRequest {}).await.unwrap_err();
+    let mut anonymous = v1::operator_service_client::OperatorServiceClient::new(
+        channel(&addr, config, Duration::from_secs(5)).unwrap(),
+    );
+    let status = anonymous
+        .list_hosts(v1::ListHostsRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
-    assert!(status.message().contains("no client certificate"), "{}", status.message());
+    assert!(
+        status.message().contains("no client certificate"),
+        "{}",
+        status.message()
+    );
 
     // A certificate from a foreign CA: the TLS handshake is refused (under TLS 1.3 this shows
     // on the first call).
     let foreign_ca = Ca::generate().unwrap();
-    let admin = Identity::Operator { name: "admin".into(), role: Role::Admin };
+    let admin = Identity::Operator {
+        name: "admin".into(),
+        role: Role::Admin,
+    };
     let foreign = bundle_from(&foreign_ca, &admin, &ca_pem, None);
-    let status = operator_client(&addr, &foreign).list_hosts(v1::ListHostsRequest {}).await.unwrap_err();
+    let status = operator_client(&addr, &foreign)
+        .list_hosts(v1::ListHostsRequest {})
+        .await
+        .unwrap_err();
     let cause = describe_transport(&status);
-    assert!(cause.to_lowercase().contains("certificate") || cause.to_lowercase().contains("alert"), "foreign CA: {cause}");
+    assert!(
+        cause.to_lowercase().contains("certificate") || cause.to_lowercase().contains("alert"),
+        "foreign CA: {cause}"
+    );
 
     // An expired certificate from the right CA.
     let now = unix_now();
-    let expired = bundle_from(&controller.shared.ca, &admin, &ca_pem, Some((now - 7200, now - 3600)));
-    let status = operator_client(&addr, &expired).list_hosts(v1::ListHostsRequest {}).await.unwrap_err();
+    let expired = bundle_from(
+        &controller.shared.ca,
+        &admin,
+        &ca_pem,
+        Some((now - 7200, now - 3600)),
+    );
+    let status = operator_client(&addr, &expired)
+        .list_hosts(v1::ListHostsRequest {})
+        .await
+        .unwrap_err();
     let cause = describe_transport(&status);
-    assert!(cause.to_lowercase().contains("expired") || cause.to_lowercase().contains("certificate"), "expired: {cause}");
+    assert!(
+        cause.to_lowercase().contains("expired") || cause.to_lowercase().contains("certificate"),
+        "expired: {cause}"
+    );
 
     // The real admin works, for contrast.
-    controller.admin().list_hosts(v1::ListHostsRequest {}).await.expect("admin lists hosts");
+    controller
+        .admin()
+        .list_hosts(v1::ListHostsRequest {})
+        .await
+        .expect("admin lists hosts");
     controller.stop().await;
 }
 
@@ -107,14 +165,22 @@ async fn roles_and_services_are_enforced() {
     let tmp = tempfile::tempdir().unwrap();
     let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
     let addr = controller.addr.to_string();
-    let mut agent = TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &addr).await;
+    let mut agent =
+        TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &addr).await;
     agent.wait_connected().await;
     let agent_bundle = Bundle::load(&tmp.path().join("agent/identity")).unwrap();
 
     // An agent certificate calling the operator API.
-    let status = operator_client(&addr, &agent_bundle).list_hosts(v1::ListHostsRequest {}).await.unwrap_err();
+    let status = operator_client(&addr, &agent_bundle)
+        .list_hosts(v1::ListHostsRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status.message().contains("may not call the operator API"), "{}", status.message());
+    assert!(
+        status.message().contains("may not call the operator API"),
+        "{}",
+        status.message()
+    );
 
     // An operator certificate calling the agent API.
     let admin_bundle = Bundle::load(&controller.admin_dir()).unwrap();
@@ -125,35 +191,97 @@ async fn roles_and_services_are_enforced() {
     let (key_pem, csr_pem) = new_key_and_csr("vic").unwrap();
     let issued = controller
         .admin()
-        .create_operator(v1::CreateOperatorRequest { name: "vic".into(), role: "viewer".into(), csr_pem })
+        .create_operator(v1::CreateOperatorRequest {
+            name: "vic".into(),
+            role: "viewer".into(),
+            csr_pem,
+        })
         .await
         .unwrap()
         .into_inner();
-    let viewer = Bundle { ca_pem: issued.ca_pem, cert_pem: issued.cert_pem, key_pem };
+    let viewer = Bundle {
+        ca_pem: issued.ca_pem,
+        cert_pem: issued.cert_pem,
+        key_pem,
+    };
     let mut viewer_api = operator_client(&addr, &viewer);
-    let hosts = viewer_api.list_hosts(v1::ListHostsRequest {}).await.unwrap().into_inner().hosts;
+    let hosts = viewer_api
+        .list_hosts(v1::ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
     assert_eq!(hosts.len(), 1);
-    let who = viewer_api.who_am_i(v1::WhoAmIRequest {}).await.unwrap().into_inner();
+    let who = viewer_api
+        .who_am_i(v1::WhoAmIRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((who.name.as_str(), who.role.as_str()), ("vic", "viewer"));
     let status = viewer_api
-        .create_token(v1::CreateTokenRequest { host: "x".into(), ..Default::default() })
+        .create_token(v1::CreateTokenRequest {
+            host: "x".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status.message().contains("read-only"), "{}", status.message());
-    let status = viewer_api.revoke_host(v1::RevokeHostRequest { name: "web-1".into() }).await.unwrap_err();
+    assert!(
+        status.message().contains("read-only"),
+        "{}",
+        status.message()
+    );
+    let status = viewer_api
+        .revoke_host(v1::RevokeHostRequest {
+            name: "web-1".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
 
     // An agent speaking as another host: in Hello, and in an event.
     let status = session_error(&addr, &agent_bundle, vec![hello("db-1")]).await;
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status.message().contains("this certificate is for host web-1"), "{}", status.message());
-    let forged = msg(Msg::Event(v1::JobEvent { seq: 1_000_000, host: "db-1".into(), kind: "x".into(), ..Default::default() }));
+    assert!(
+        status
+            .message()
+            .contains("this certificate is for host web-1"),
+        "{}",
+        status.message()
+    );
+    let forged = msg(Msg::Event(v1::JobEvent {
+        seq: 1_000_000,
+        host: "db-1".into(),
+        kind: "x".into(),
+        ..Default::default()
+    }));
     let status = session_error(&addr, &agent_bundle, vec![hello("web-1"), forged]).await;
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status.message().contains("may not send events as host db-1"), "{}", status.message());
-    assert!(controller.shared.store.events("db-1", 0, 10).unwrap().is_empty(), "nothing stored for db-1");
-    assert!(controller.shared.store.events("web-1", 999_999, 10).unwrap().is_empty(), "nor for web-1");
+    assert!(
+        status
+            .message()
+            .contains("may not send events as host db-1"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        controller
+            .shared
+            .store
+            .events("db-1", 0, 10)
+            .unwrap()
+            .is_empty(),
+        "nothing stored for db-1"
+    );
+    assert!(
+        controller
+            .shared
+            .store
+            .events("web-1", 999_999, 10)
+            .unwrap()
+            .is_empty(),
+        "nor for web-1"
+    );
 
     agent.stop().await;
     controller.stop().await;
@@ -166,23 +294,29 @@ async fn revoking_a_host_closes_its_session_and_survives_a_restart() {
     let config = fast_controller_config(&tmp.path().join("ctl"));
     let controller = TestController::start(config.clone()).await;
     let addr = controller.addr.to_string();
-    let mut agent = TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &addr).await;
+    let mut agent =
+        TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &addr).await;
     agent.wait_connected().await;
     let agent_bundle = Bundle::load(&tmp.path().join("agent/identity")).unwrap();
 
     let resp = controller
         .admin()
-        .revoke_host(v1::RevokeHostRequest { name: "web-1".into() })
+        .revoke_host(v1::RevokeHostRequest {
+            name: "web-1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(resp.session_closed);
     assert!(resp.certificates_revoked >= 1);
     // The live session is closed at once...
-    tokio::time::timeout(Duration::from_secs(5), agent.status.wait_for(|s| !s.connected))
-        .await
-        .expect("session closed within 5s")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        agent.status.wait_for(|s| !s.connected),
+    )
+    .await
+    .expect("session closed within 5s")
+    .unwrap();
     // ...the agent's reconnects are refused, saying why...
     let status = session_error(&addr, &agent_bundle, vec![hello("web-1")]).await;
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
@@ -192,7 +326,10 @@ async fn revoking_a_host_closes_its_session_and_survives_a_restart() {
 
     // ...and still after the controller restarts on the same data dir.
     controller.stop().await;
-    let config = drover_controller::ControllerConfig { listen: addr.parse().unwrap(), ..config };
+    let config = drover_controller::ControllerConfig {
+        listen: addr.parse().unwrap(),
+        ..config
+    };
     let controller = TestController::start(config).await;
     let status = session_error(&addr, &agent_bundle, vec![hello("web-1")]).await;
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
@@ -201,7 +338,13 @@ async fn revoking_a_host_closes_its_session_and_survives_a_restart() {
     assert_eq!(controller.host("web-1").await.unwrap().state, "revoked");
 
     // Unknown hosts are named as such.
-    let status = controller.admin().revoke_host(v1::RevokeHostRequest { name: "nope".into() }).await.unwrap_err();
+    let status = controller
+        .admin()
+        .revoke_host(v1::RevokeHostRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
     assert!(status.message().contains("unknown host nope"));
     agent.stop().await;

@@ -13,7 +13,13 @@ async fn a_thousand_events_survive_twenty_cuts_and_a_controller_restart() {
     let config = fast_controller_config(&tmp.path().join("ctl"));
     let mut controller = TestController::start(config.clone()).await;
     let proxy = Proxy::start(controller.addr).await;
-    let mut agent = TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &proxy.addr.to_string()).await;
+    let mut agent = TestAgent::enroll_and_start(
+        &controller,
+        "web-1",
+        &tmp.path().join("agent"),
+        &proxy.addr.to_string(),
+    )
+    .await;
     agent.wait_connected().await;
 
     const ROUNDS: u64 = 20;
@@ -21,7 +27,11 @@ async fn a_thousand_events_survive_twenty_cuts_and_a_controller_restart() {
     for round in 0..ROUNDS {
         for i in 0..PER_ROUND {
             let n = round * PER_ROUND + i + 1;
-            assert_eq!(agent.record(&format!("event {n}")).await, n, "consecutive sequence numbers");
+            assert_eq!(
+                agent.record(&format!("event {n}")).await,
+                n,
+                "consecutive sequence numbers"
+            );
         }
         // Let part of the round through, then cut mid-stream.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -35,24 +45,39 @@ async fn a_thousand_events_survive_twenty_cuts_and_a_controller_restart() {
             controller = restarted;
         }
         // Wait for the reconnect, so every cut hits a live session.
-        tokio::time::timeout(Duration::from_secs(20), agent.status.wait_for(|s| s.sessions > sessions && s.connected))
-            .await
-            .expect("the agent reconnects within 20s")
-            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            agent
+                .status
+                .wait_for(|s| s.sessions > sessions && s.connected),
+        )
+        .await
+        .expect("the agent reconnects within 20s")
+        .unwrap();
     }
 
     let total = ROUNDS * PER_ROUND;
     let shared = controller.shared.clone();
-    eventually("all events stored and acknowledged", Duration::from_secs(60), || {
-        let shared = shared.clone();
-        let pending = agent.outbox.pending();
-        async move { (shared.store.last_event_seq("web-1").ok()? == total && pending == 0).then_some(()) }
-    })
+    eventually(
+        "all events stored and acknowledged",
+        Duration::from_secs(60),
+        || {
+            let shared = shared.clone();
+            let pending = agent.outbox.pending();
+            async move {
+                (shared.store.last_event_seq("web-1").ok()? == total && pending == 0).then_some(())
+            }
+        },
+    )
     .await;
 
     let events = controller
         .admin()
-        .list_events(v1::ListEventsRequest { host: "web-1".into(), after_seq: 0, limit: 10_000 })
+        .list_events(v1::ListEventsRequest {
+            host: "web-1".into(),
+            after_seq: 0,
+            limit: 10_000,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -64,7 +89,10 @@ async fn a_thousand_events_survive_twenty_cuts_and_a_controller_restart() {
         assert_eq!(event.message, format!("event {n}"));
         assert_eq!(event.host, "web-1");
     }
-    assert!(agent.status.borrow().sessions > ROUNDS, "one session plus one per cut");
+    assert!(
+        agent.status.borrow().sessions > ROUNDS,
+        "one session plus one per cut"
+    );
     agent.stop().await;
     controller.stop().await;
 }
@@ -76,7 +104,9 @@ async fn an_agent_restart_replays_what_was_not_acknowledged() {
     let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
     let proxy = Proxy::start(controller.addr).await;
     let agent_dir = tmp.path().join("agent");
-    let mut agent = TestAgent::enroll_and_start(&controller, "web-1", &agent_dir, &proxy.addr.to_string()).await;
+    let mut agent =
+        TestAgent::enroll_and_start(&controller, "web-1", &agent_dir, &proxy.addr.to_string())
+            .await;
     agent.wait_connected().await;
     // Freeze the link: events are stored locally but cannot be acknowledged.
     proxy.freeze(true);
@@ -94,14 +124,21 @@ async fn an_agent_restart_replays_what_was_not_acknowledged() {
         async move { (shared.store.last_event_seq("web-1").ok()? == 10).then_some(()) }
     })
     .await;
-    assert_eq!(agent.record("event 11").await, 11, "numbering continues after a restart");
+    assert_eq!(
+        agent.record("event 11").await,
+        11,
+        "numbering continues after a restart"
+    );
     eventually("event 11 stored", Duration::from_secs(30), || {
         let shared = shared.clone();
         async move { (shared.store.last_event_seq("web-1").ok()? == 11).then_some(()) }
     })
     .await;
     let events = controller.shared.store.events("web-1", 0, 100).unwrap();
-    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=11).collect::<Vec<_>>());
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<_>>()
+    );
     agent.stop().await;
     controller.stop().await;
 }

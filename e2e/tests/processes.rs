@@ -18,13 +18,19 @@ impl Drop for Daemon {
 
 fn sigterm_and_wait(daemon: &mut Daemon) -> (Duration, std::process::ExitStatus) {
     let started = Instant::now();
-    let ok = Command::new("kill").args(["-TERM", &daemon.0.id().to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
     loop {
         if let Some(status) = daemon.0.try_wait().unwrap() {
             return (started.elapsed(), status);
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "did not exit within 10s of SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "did not exit within 10s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -62,7 +68,11 @@ fn the_real_programs_enroll_report_and_stop_on_sigterm() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let config = tmp.path().join("controller.toml");
-    std::fs::write(&config, format!("listen = \"{addr}\"\ndata_dir = \"{}\"\n", data.display())).unwrap();
+    std::fs::write(
+        &config,
+        format!("listen = \"{addr}\"\ndata_dir = \"{}\"\n", data.display()),
+    )
+    .unwrap();
     let mut controller = Daemon(
         Command::new(bin("drover-controller"))
             .args(["run", "--config"])
@@ -81,23 +91,46 @@ fn the_real_programs_enroll_report_and_stop_on_sigterm() {
     // No hosts yet; JSON is an empty array.
     let out = drover(&addr, &admin, &["hosts", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap(), serde_json::json!([]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap(),
+        serde_json::json!([])
+    );
 
     // token create -> enroll -> run.
-    let out = drover(&addr, &admin, &["token", "create", "--host", "web-1", "--label", "role=web", "--ttl", "10m"]);
+    let out = drover(
+        &addr,
+        &admin,
+        &[
+            "token", "create", "--host", "web-1", "--label", "role=web", "--ttl", "10m",
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let token = stdout(&out).trim().to_string();
     assert!(token.starts_with("drover1."), "{token}");
     let agent_dir = tmp.path().join("agent");
     let out = Command::new(bin("drover-agent"))
-        .args(["enroll", "--controller", &addr, "--token", &token, "--data-dir"])
+        .args([
+            "enroll",
+            "--controller",
+            &addr,
+            "--token",
+            &token,
+            "--data-dir",
+        ])
         .arg(&agent_dir)
         .output()
         .unwrap();
     assert!(out.status.success(), "enroll: {}", stderr(&out));
-    assert!(!stdout(&out).contains(&token) && !stderr(&out).contains(&token), "the token is never echoed");
+    assert!(
+        !stdout(&out).contains(&token) && !stderr(&out).contains(&token),
+        "the token is never echoed"
+    );
     let agent_config = tmp.path().join("agent.toml");
-    std::fs::write(&agent_config, "heartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n").unwrap();
+    std::fs::write(
+        &agent_config,
+        "heartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n",
+    )
+    .unwrap();
     let mut agent = Daemon(
         Command::new(bin("drover-agent"))
             .args(["run", "--config"])
@@ -110,19 +143,32 @@ fn the_real_programs_enroll_report_and_stop_on_sigterm() {
             .unwrap(),
     );
     let mut hosts = serde_json::Value::Null;
-    wait_until("web-1 connected with a health report", Duration::from_secs(30), || {
-        let out = drover(&addr, &admin, &["hosts", "--json"]);
-        hosts = serde_json::from_str(&stdout(&out)).unwrap_or_default();
-        hosts[0]["state"] == "connected" && hosts[0]["health"] != "unknown"
-    });
+    wait_until(
+        "web-1 connected with a health report",
+        Duration::from_secs(30),
+        || {
+            let out = drover(&addr, &admin, &["hosts", "--json"]);
+            hosts = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+            hosts[0]["state"] == "connected" && hosts[0]["health"] != "unknown"
+        },
+    );
     let host = &hosts[0];
     assert_eq!(host["name"], "web-1");
     assert!(host["last_seen"].as_str().unwrap().ends_with('Z'));
     assert_eq!(host["labels"]["role"], "web");
     let out = drover(&addr, &admin, &["status", "web-1"]);
     assert!(out.status.success());
-    for needle in ["state:         connected", "checks:", "docker", "certificate"] {
-        assert!(stdout(&out).contains(needle), "status lacks {needle:?}:\n{}", stdout(&out));
+    for needle in [
+        "state:         connected",
+        "checks:",
+        "docker",
+        "certificate",
+    ] {
+        assert!(
+            stdout(&out).contains(needle),
+            "status lacks {needle:?}:\n{}",
+            stdout(&out)
+        );
     }
 
     // Documented exit codes, one clear line each.
@@ -131,16 +177,37 @@ fn the_real_programs_enroll_report_and_stop_on_sigterm() {
     assert!(stderr(&out).contains("unknown host nope"));
     let out = drover("127.0.0.1:1", &admin, &["hosts"]);
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
-    assert!(stderr(&out).contains("cannot reach the controller at 127.0.0.1:1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the controller at 127.0.0.1:1"),
+        "{}",
+        stderr(&out)
+    );
     let out = drover(&addr, &tmp.path().join("no-such-identity"), &["hosts"]);
     assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
     let viewer = tmp.path().join("viewer");
-    let out = drover(&addr, &admin, &["operator", "create", "vic", "--role", "viewer", "--out", viewer.to_str().unwrap()]);
+    let out = drover(
+        &addr,
+        &admin,
+        &[
+            "operator",
+            "create",
+            "vic",
+            "--role",
+            "viewer",
+            "--out",
+            viewer.to_str().unwrap(),
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let out = drover(&addr, &viewer, &["token", "create", "--host", "x"]);
     assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
     assert!(stderr(&out).contains("read-only"));
-    assert_eq!(stderr(&out).lines().count(), 1, "one line: {}", stderr(&out));
+    assert_eq!(
+        stderr(&out).lines().count(),
+        1,
+        "one line: {}",
+        stderr(&out)
+    );
     let out = drover(&addr, &viewer, &["hosts", "--json"]);
     assert!(out.status.success());
 
@@ -172,19 +239,31 @@ fn sigterm_stops_a_controller_with_live_agent_sessions_within_5s() {
     );
     let admin = dir.join("controller/operator/admin");
     let mut hosts = serde_json::Value::Null;
-    wait_until("the dev agent is connected", Duration::from_secs(30), || {
-        let out = drover(&addr, &admin, &["hosts", "--json"]);
-        hosts = serde_json::from_str(&stdout(&out)).unwrap_or_default();
-        hosts[0]["state"] == "connected"
-    });
+    wait_until(
+        "the dev agent is connected",
+        Duration::from_secs(30),
+        || {
+            let out = drover(&addr, &admin, &["hosts", "--json"]);
+            hosts = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+            hosts[0]["state"] == "connected"
+        },
+    );
     assert_eq!(hosts.as_array().unwrap().len(), 1);
     let (took, status) = sigterm_and_wait(&mut dev);
     assert!(took < Duration::from_secs(5), "dev took {took:?}");
     assert!(status.success());
     let mut printed = String::new();
     use std::io::Read;
-    dev.0.stdout.take().unwrap().read_to_string(&mut printed).unwrap();
-    assert!(printed.contains("export DROVER_CONTROLLER="), "dev prints the commands to try:\n{printed}");
+    dev.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut printed)
+        .unwrap();
+    assert!(
+        printed.contains("export DROVER_CONTROLLER="),
+        "dev prints the commands to try:\n{printed}"
+    );
     assert!(printed.contains("hosts"), "{printed}");
 }
 
@@ -193,11 +272,22 @@ fn bad_config_files_are_refused_with_the_file_and_key() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("c.toml");
     std::fs::write(&config, "down_after = \"1s\"\n").unwrap();
-    let out = Command::new(bin("drover-controller")).args(["run", "--config"]).arg(&config).output().unwrap();
+    let out = Command::new(bin("drover-controller"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = stderr(&out);
-    assert!(err.contains("c.toml") && err.contains("down_after"), "{err}");
-    let out = Command::new(bin("drover-agent")).args(["run", "--data-dir"]).arg(tmp.path().join("empty")).output().unwrap();
+    assert!(
+        err.contains("c.toml") && err.contains("down_after"),
+        "{err}"
+    );
+    let out = Command::new(bin("drover-agent"))
+        .args(["run", "--data-dir"])
+        .arg(tmp.path().join("empty"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(stderr(&out).contains("not enrolled"), "{}", stderr(&out));
 }

@@ -10,18 +10,34 @@ async fn health_reports_carry_every_check_and_docker_facts() {
     init();
     let tmp = tempfile::tempdir().unwrap();
     let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
-    let mut agent = TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &controller.addr.to_string()).await;
+    let mut agent = TestAgent::enroll_and_start(
+        &controller,
+        "web-1",
+        &tmp.path().join("agent"),
+        &controller.addr.to_string(),
+    )
+    .await;
     agent.wait_connected().await;
     let host = eventually("a health report", Duration::from_secs(20), || async {
-        controller.host("web-1").await.filter(|h| h.last_report.is_some())
+        controller
+            .host("web-1")
+            .await
+            .filter(|h| h.last_report.is_some())
     })
     .await;
     assert_eq!(host.state, "connected");
-    assert!(["healthy", "degraded", "unhealthy"].contains(&host.health.as_str()), "{}", host.health);
+    assert!(
+        ["healthy", "degraded", "unhealthy"].contains(&host.health.as_str()),
+        "{}",
+        host.health
+    );
     let report = host.last_report.unwrap();
     let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
     for expected in ["disk", "memory", "load", "docker", "certificate", "clock"] {
-        assert!(names.contains(&expected), "check {expected} missing from {names:?}");
+        assert!(
+            names.contains(&expected),
+            "check {expected} missing from {names:?}"
+        );
     }
     assert!(report.mem_total_bytes > 0 && report.uptime_secs > 0 && !report.disks.is_empty());
     assert_eq!(report.agent_version, env!("CARGO_PKG_VERSION"));
@@ -39,7 +55,10 @@ async fn health_reports_carry_every_check_and_docker_facts() {
     let host = eventually("a clock offset", Duration::from_secs(20), || async {
         let h = controller.host("web-1").await?;
         let r = h.last_report.as_ref()?;
-        r.checks.iter().any(|c| c.name == "clock" && !c.reason.contains("not measured")).then_some(h)
+        r.checks
+            .iter()
+            .any(|c| c.name == "clock" && !c.reason.contains("not measured"))
+            .then_some(h)
     })
     .await;
     assert!(host.last_report.unwrap().clock_offset_ms.abs() < 1000);
@@ -55,26 +74,41 @@ async fn certificates_renew_over_the_live_session() {
     config.agent_cert_ttl = Duration::from_secs(10);
     let controller = TestController::start(config).await;
     let proxy = Proxy::start(controller.addr).await;
-    let mut agent = TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &proxy.addr.to_string()).await;
+    let mut agent = TestAgent::enroll_and_start(
+        &controller,
+        "web-1",
+        &tmp.path().join("agent"),
+        &proxy.addr.to_string(),
+    )
+    .await;
     agent.wait_connected().await;
     let first_expiry = agent.status.borrow().cert_not_after_unix;
     // A 10 s certificate renews at 40 % of its life: three renewals take about 12 s, and the
     // enrollment certificate has expired by the end.
-    tokio::time::timeout(Duration::from_secs(40), agent.status.wait_for(|s| s.renewals >= 3))
-        .await
-        .expect("three renewals within 40s")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(40),
+        agent.status.wait_for(|s| s.renewals >= 3),
+    )
+    .await
+    .expect("three renewals within 40s")
+    .unwrap();
     let status = agent.status.borrow().clone();
     assert_eq!(status.sessions, 1, "renewal did not drop the session");
     assert!(status.connected);
     assert!(status.cert_not_after_unix > first_expiry);
-    assert!(drover_identity::pki::unix_now() > first_expiry, "the first certificate has expired");
+    assert!(
+        drover_identity::pki::unix_now() > first_expiry,
+        "the first certificate has expired"
+    );
     // A reconnect now must use the renewed certificate (the first one would be refused).
     proxy.cut();
-    tokio::time::timeout(Duration::from_secs(20), agent.status.wait_for(|s| s.sessions >= 2 && s.connected))
-        .await
-        .expect("reconnects with the renewed certificate")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        agent.status.wait_for(|s| s.sessions >= 2 && s.connected),
+    )
+    .await
+    .expect("reconnects with the renewed certificate")
+    .unwrap();
     let seq = agent.record("after renewal").await;
     let shared = controller.shared.clone();
     eventually("event stored", Duration::from_secs(20), || {
@@ -92,25 +126,42 @@ async fn silence_makes_a_host_suspect_then_down_and_it_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
     let proxy = Proxy::start(controller.addr).await;
-    let mut agent = TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &proxy.addr.to_string()).await;
+    let mut agent = TestAgent::enroll_and_start(
+        &controller,
+        "web-1",
+        &tmp.path().join("agent"),
+        &proxy.addr.to_string(),
+    )
+    .await;
     agent.wait_connected().await;
     let state = |c: &TestController| {
         let mut api = c.admin();
         async move {
-            api.get_host(drover_proto::v1::GetHostRequest { name: "web-1".into() })
-                .await
-                .ok()
-                .map(|h| h.into_inner().state)
+            api.get_host(drover_proto::v1::GetHostRequest {
+                name: "web-1".into(),
+            })
+            .await
+            .ok()
+            .map(|h| h.into_inner().state)
         }
     };
     assert_eq!(state(&controller).await.as_deref(), Some("connected"));
     // The host goes silent: connection open, no bytes (config: suspect 3s, down 6s).
     proxy.freeze(true);
-    eventually("suspect", Duration::from_secs(10), || async { (state(&controller).await? == "suspect").then_some(()) }).await;
-    eventually("down", Duration::from_secs(10), || async { (state(&controller).await? == "down").then_some(()) }).await;
+    eventually("suspect", Duration::from_secs(10), || async {
+        (state(&controller).await? == "suspect").then_some(())
+    })
+    .await;
+    eventually("down", Duration::from_secs(10), || async {
+        (state(&controller).await? == "down").then_some(())
+    })
+    .await;
     proxy.freeze(false);
     proxy.cut();
-    eventually("connected again", Duration::from_secs(20), || async { (state(&controller).await? == "connected").then_some(()) }).await;
+    eventually("connected again", Duration::from_secs(20), || async {
+        (state(&controller).await? == "connected").then_some(())
+    })
+    .await;
     agent.stop().await;
     controller.stop().await;
 }

@@ -202,7 +202,10 @@ mod tests {
         fs::rename(&dir, sibling(&dir, "old")).unwrap();
         Bundle::recover(&dir).unwrap();
         let loaded = Bundle::load(&dir).unwrap();
-        assert_eq!((loaded.cert_pem.as_str(), loaded.key_pem.as_str()), ("cert-3", "key-3"));
+        assert_eq!(
+            (loaded.cert_pem.as_str(), loaded.key_pem.as_str()),
+            ("cert-3", "key-3")
+        );
         assert!(!sibling(&dir, "old").exists() && !sibling(&dir, "new").exists());
     }
 }

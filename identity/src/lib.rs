@@ -7,8 +7,8 @@
 
 pub mod files;
 pub mod pki;
-pub mod token;
 pub mod tls;
+pub mod token;
 
 use std::fmt;
 
@@ -97,9 +97,10 @@ impl Identity {
         }
         if let Some(name) = uri.strip_prefix("drover://operator/") {
             validate_name(name)?;
-            let role = Role::parse(role.ok_or_else(|| {
-                Error::Identity("operator certificate carries no role".into())
-            })?)?;
+            let role =
+                Role::parse(role.ok_or_else(|| {
+                    Error::Identity("operator certificate carries no role".into())
+                })?)?;
             return Ok(Identity::Operator {
                 name: name.to_string(),
                 role,
@@ -143,7 +144,9 @@ mod tests {
 
     #[test]
     fn identity_round_trips_through_uri() {
-        let agent = Identity::Agent { host: "web-1".into() };
+        let agent = Identity::Agent {
+            host: "web-1".into(),
+        };
         assert_eq!(Identity::from_uri(&agent.uri(), None).unwrap(), agent);
         let op = Identity::Operator {
             name: "alice".into(),

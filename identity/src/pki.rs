@@ -6,8 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -104,7 +103,12 @@ impl Ca {
 
     /// Signs a CSR for `identity`. Only the CSR's public key is used: names, usages and
     /// validity come from the CA, never from the requester.
-    pub fn sign_csr(&self, csr_pem: &str, identity: &Identity, ttl: Duration) -> Result<Issued, Error> {
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Issued, Error> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| Error::Cert(format!("invalid CSR: {e}")))?;
         csr.params = leaf_params(identity, ttl)?;
@@ -128,7 +132,8 @@ impl Ca {
     ) -> Result<(Issued, String), Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = leaf_params(identity, Duration::ZERO)?;
-        let at = |t: i64| OffsetDateTime::from_unix_timestamp(t).map_err(|e| Error::Cert(e.to_string()));
+        let at =
+            |t: i64| OffsetDateTime::from_unix_timestamp(t).map_err(|e| Error::Cert(e.to_string()));
         params.not_before = at(not_before_unix)?;
         params.not_after = at(not_after_unix)?;
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -137,7 +142,11 @@ impl Ca {
 
     /// Issues the controller's TLS server certificate: the fixed name plus `extra_names`.
     /// Returns the chain (leaf then CA, so clients can pin the CA) and the key.
-    pub fn issue_server(&self, extra_names: &[String], ttl: Duration) -> Result<(String, String), Error> {
+    pub fn issue_server(
+        &self,
+        extra_names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), Error> {
         let mut names = vec![CONTROLLER_SERVER_NAME.to_string()];
         names.extend(extra_names.iter().cloned());
         let mut params = CertificateParams::new(names)?;
@@ -152,7 +161,10 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
+        Ok((
+            format!("{}{}", cert.pem(), self.cert_pem),
+            key.serialize_pem(),
+        ))
     }
 }
 
@@ -263,7 +275,8 @@ impl CertInfo {
     /// counted from issuance, not from the backdated NotBefore, so a short-lived certificate is
     /// not renewed the moment it arrives.
     pub fn renew_at_unix(&self) -> i64 {
-        let issued = (self.not_before_unix + CLOCK_SKEW_ALLOWANCE.as_secs() as i64).min(self.not_after_unix);
+        let issued =
+            (self.not_before_unix + CLOCK_SKEW_ALLOWANCE.as_secs() as i64).min(self.not_after_unix);
         issued + (self.not_after_unix - issued) * 2 / 5
     }
 }
@@ -303,7 +316,9 @@ mod tests {
         assert_eq!(ca.fingerprint(), ca2.fingerprint());
 
         let (_key, csr) = new_key_and_csr("whatever-the-requester-says").unwrap();
-        let id = Identity::Agent { host: "web-1".into() };
+        let id = Identity::Agent {
+            host: "web-1".into(),
+        };
         let issued = ca.sign_csr(&csr, &id, Duration::from_secs(3600)).unwrap();
         let info = CertInfo::from_pem(&issued.cert_pem).unwrap();
         assert_eq!(info.identity, Some(id));
@@ -311,7 +326,10 @@ mod tests {
         assert!(info.not_before_unix <= now - 240, "NotBefore is backdated");
         assert!((info.not_after_unix - (now + 3600)).abs() < 5);
         let renew_in = info.renew_at_unix() - now;
-        assert!((1430..=1450).contains(&renew_in), "renews at 40% of 3600s, not {renew_in}s");
+        assert!(
+            (1430..=1450).contains(&renew_in),
+            "renews at 40% of 3600s, not {renew_in}s"
+        );
     }
 
     #[test]
@@ -323,14 +341,19 @@ mod tests {
         };
         let (issued, key) = ca.issue(&id, Duration::from_secs(60)).unwrap();
         assert!(key.contains("PRIVATE KEY"));
-        assert_eq!(CertInfo::from_pem(&issued.cert_pem).unwrap().identity, Some(id));
+        assert_eq!(
+            CertInfo::from_pem(&issued.cert_pem).unwrap().identity,
+            Some(id)
+        );
     }
 
     #[test]
     fn garbage_csr_is_refused() {
         let ca = Ca::generate().unwrap();
         let id = Identity::Agent { host: "h".into() };
-        let err = ca.sign_csr("not a csr", &id, Duration::from_secs(60)).unwrap_err();
+        let err = ca
+            .sign_csr("not a csr", &id, Duration::from_secs(60))
+            .unwrap_err();
         assert!(err.to_string().contains("invalid CSR"), "{err}");
     }
 

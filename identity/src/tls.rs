@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
@@ -76,12 +76,14 @@ pub fn client_config(trust: &Trust, cert: Option<&ClientCert>) -> Result<ClientC
             }
             builder.with_root_certificates(roots)
         }
-        Trust::PinnedFingerprint(fp) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
-                fingerprint: fp.to_ascii_lowercase(),
-                provider,
-            })),
+        Trust::PinnedFingerprint(fp) => {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
+                    fingerprint: fp.to_ascii_lowercase(),
+                    provider,
+                }))
+        }
     };
     let mut config = match cert {
         Some(c) => builder
@@ -118,7 +120,11 @@ pub fn controller_authority(addr: &str) -> Result<String, Error> {
 
 /// Opens a gRPC channel to the controller over our own rustls client. The channel connects
 /// lazily: connection and handshake errors show up on the first call.
-pub fn channel(addr: &str, config: ClientConfig, connect_timeout: Duration) -> Result<Channel, Error> {
+pub fn channel(
+    addr: &str,
+    config: ClientConfig,
+    connect_timeout: Duration,
+) -> Result<Channel, Error> {
     let authority = controller_authority(addr)?;
     // The scheme here is only for tonic's bookkeeping: the connector below does the TLS.
     let endpoint = Endpoint::from_shared(format!("http://{authority}"))
@@ -177,9 +183,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -224,10 +231,21 @@ mod tests {
 
     #[test]
     fn controller_addresses_normalise() {
-        assert_eq!(controller_authority("127.0.0.1:7443").unwrap(), "127.0.0.1:7443");
-        assert_eq!(controller_authority("https://ctl.example:9000/").unwrap(), "ctl.example:9000");
-        assert_eq!(controller_authority("ctl.example").unwrap(), "ctl.example:7443");
-        let err = controller_authority("http://ctl:1").unwrap_err().to_string();
+        assert_eq!(
+            controller_authority("127.0.0.1:7443").unwrap(),
+            "127.0.0.1:7443"
+        );
+        assert_eq!(
+            controller_authority("https://ctl.example:9000/").unwrap(),
+            "ctl.example:9000"
+        );
+        assert_eq!(
+            controller_authority("ctl.example").unwrap(),
+            "ctl.example:7443"
+        );
+        let err = controller_authority("http://ctl:1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("only speaks TLS"), "{err}");
     }
 }

@@ -45,7 +45,11 @@ impl EnrollToken {
 
     /// Parses a token as printed by `drover token create`.
     pub fn parse(s: &str) -> Result<EnrollToken, Error> {
-        let bad = |why: &str| Error::Identity(format!("malformed enrollment token: {why}; copy the whole line printed by `drover token create`"));
+        let bad = |why: &str| {
+            Error::Identity(format!(
+                "malformed enrollment token: {why}; copy the whole line printed by `drover token create`"
+            ))
+        };
         let parts: Vec<&str> = s.trim().split('.').collect();
         let [prefix, host, fp, secret] = parts.as_slice() else {
             return Err(bad("expected 4 parts separated by '.'"));

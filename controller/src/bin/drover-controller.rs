@@ -10,7 +10,11 @@ use drover_agent::daemon::{self, LogFormat};
 use drover_controller::{Controller, ControllerConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "drover-controller", version, about = "The Drover control plane")]
+#[command(
+    name = "drover-controller",
+    version,
+    about = "The Drover control plane"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +51,9 @@ enum Command {
 fn main() {
     let args = Args::parse();
     drover_identity::tls::install_crypto_provider();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
     let result = runtime
         .context("starting the tokio runtime")
         .and_then(|rt| rt.block_on(run(args)));
@@ -63,9 +69,15 @@ fn main() {
 
 async fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Run { config, data_dir, listen, log_format } => {
+        Command::Run {
+            config,
+            data_dir,
+            listen,
+            log_format,
+        } => {
             let mut cfg = match &config {
-                Some(path) => ControllerConfig::from_file(path).map_err(drover_controller::ControllerError::from)?,
+                Some(path) => ControllerConfig::from_file(path)
+                    .map_err(drover_controller::ControllerError::from)?,
                 None => ControllerConfig::default(),
             };
             if let Some(dir) = data_dir {
@@ -83,7 +95,9 @@ async fn run(args: Args) -> Result<()> {
             let controller = Controller::open(cfg)?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
-                .with_context(|| format!("cannot listen on {listen} (in use? set `listen` or --listen)"))?;
+                .with_context(|| {
+                    format!("cannot listen on {listen} (in use? set `listen` or --listen)")
+                })?;
             daemon::notify_ready();
             daemon::spawn_watchdog(shutdown.clone(), || true);
             let result = controller.serve(listener, shutdown).await;
@@ -91,7 +105,11 @@ async fn run(args: Args) -> Result<()> {
             result?;
             Ok(())
         }
-        Command::Dev { dir, listen, log_format } => {
+        Command::Dev {
+            dir,
+            listen,
+            log_format,
+        } => {
             daemon::init_logging(log_format);
             let shutdown = daemon::shutdown_on_signals().context("installing signal handlers")?;
             drover_controller::dev::run(&dir, listen, shutdown).await?;

@@ -6,7 +6,10 @@ use drover_controller::cli::{self, Cli};
 fn main() {
     let cli = Cli::parse();
     drover_identity::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("drover: error: cannot start the runtime: {err}");

@@ -50,7 +50,14 @@ pub fn resolve_controller(flag: Option<&str>) -> Resolved<String> {
             source: "--controller / DROVER_CONTROLLER".into(),
         };
     }
-    if let Some((UserConfig { controller: Some(addr), .. }, path)) = user_config() {
+    if let Some((
+        UserConfig {
+            controller: Some(addr),
+            ..
+        },
+        path,
+    )) = user_config()
+    {
         return Resolved {
             value: addr,
             source: path.display().to_string(),
@@ -65,7 +72,14 @@ pub fn resolve_controller(flag: Option<&str>) -> Resolved<String> {
 /// The places an identity bundle is looked for, in order, when no flag names one.
 pub fn identity_candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
-    if let Some((UserConfig { identity: Some(dir), .. }, _)) = user_config() {
+    if let Some((
+        UserConfig {
+            identity: Some(dir),
+            ..
+        },
+        _,
+    )) = user_config()
+    {
         out.push(dir);
     }
     if let Some(dir) = config_dir() {
@@ -118,9 +132,16 @@ pub struct Client {
     pub controller: String,
 }
 
-pub fn connect(controller: &Resolved<String>, identity: &Resolved<PathBuf>) -> Result<Client, CliError> {
-    let bundle = Bundle::load(&identity.value)
-        .map_err(|e| CliError::NoIdentity(format!("cannot read identity {}: {e}", identity.value.display())))?;
+pub fn connect(
+    controller: &Resolved<String>,
+    identity: &Resolved<PathBuf>,
+) -> Result<Client, CliError> {
+    let bundle = Bundle::load(&identity.value).map_err(|e| {
+        CliError::NoIdentity(format!(
+            "cannot read identity {}: {e}",
+            identity.value.display()
+        ))
+    })?;
     let config = client_config(
         &Trust::Ca(bundle.ca_pem),
         Some(&ClientCert {
@@ -144,11 +165,16 @@ pub fn rpc_error(controller: &str, status: tonic::Status) -> CliError {
     match status.code() {
         Code::PermissionDenied | Code::Unauthenticated => CliError::PermissionDenied(message),
         Code::NotFound => CliError::NotFound(message),
-        Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => CliError::Invalid(message),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists => {
+            CliError::Invalid(message)
+        }
         Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => {
             let cause = drover_agent::error::describe_transport(&status);
             let lower = cause.to_ascii_lowercase();
-            if lower.contains("certificate") || lower.contains("alert") || lower.contains("handshake") {
+            if lower.contains("certificate")
+                || lower.contains("alert")
+                || lower.contains("handshake")
+            {
                 CliError::PermissionDenied(format!(
                     "the TLS handshake with {controller} failed: {cause} (is the identity issued by this controller's CA and unexpired?)"
                 ))

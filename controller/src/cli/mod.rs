@@ -68,7 +68,11 @@ impl CliError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "drover", version, about = "Operate a Drover fleet: hosts, health, enrollment tokens, operators")]
+#[command(
+    name = "drover",
+    version,
+    about = "Operate a Drover fleet: hosts, health, enrollment tokens, operators"
+)]
 pub struct Cli {
     /// Controller address (host:port).
     #[arg(long, global = true, env = "DROVER_CONTROLLER")]
@@ -199,7 +203,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Completions { .. } => Ok(()),
         Command::Hosts { json } => {
-            let hosts = api.list_hosts(v1::ListHostsRequest {}).await.map_err(err)?.into_inner().hosts;
+            let hosts = api
+                .list_hosts(v1::ListHostsRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .hosts;
             if json {
                 print_json(&Value::Array(hosts.iter().map(output::host_json).collect()))
             } else {
@@ -207,8 +216,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
         }
-        Command::Status { host: Some(name), json } => {
-            let host = api.get_host(v1::GetHostRequest { name }).await.map_err(err)?.into_inner();
+        Command::Status {
+            host: Some(name),
+            json,
+        } => {
+            let host = api
+                .get_host(v1::GetHostRequest { name })
+                .await
+                .map_err(err)?
+                .into_inner();
             if json {
                 print_json(&output::host_json(&host))
             } else {
@@ -217,8 +233,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Status { host: None, json } => {
-            let who = api.who_am_i(v1::WhoAmIRequest {}).await.map_err(err)?.into_inner();
-            let hosts = api.list_hosts(v1::ListHostsRequest {}).await.map_err(err)?.into_inner().hosts;
+            let who = api
+                .who_am_i(v1::WhoAmIRequest {})
+                .await
+                .map_err(err)?
+                .into_inner();
+            let hosts = api
+                .list_hosts(v1::ListHostsRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .hosts;
             if json {
                 print_json(&serde_json::json!({
                     "controller": addr,
@@ -231,7 +256,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
         }
-        Command::Token(TokenCommand::Create { host, labels, ttl, json }) => {
+        Command::Token(TokenCommand::Create {
+            host,
+            labels,
+            ttl,
+            json,
+        }) => {
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
             let resp = api
                 .create_token(v1::CreateTokenRequest {
@@ -261,16 +291,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Token(TokenCommand::List { json }) => {
-            let tokens = api.list_tokens(v1::ListTokensRequest {}).await.map_err(err)?.into_inner().tokens;
+            let tokens = api
+                .list_tokens(v1::ListTokensRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .tokens;
             if json {
-                print_json(&Value::Array(tokens.iter().map(output::token_json).collect()))
+                print_json(&Value::Array(
+                    tokens.iter().map(output::token_json).collect(),
+                ))
             } else {
                 println!("{}", output::tokens_table(&tokens, now));
                 Ok(())
             }
         }
         Command::Token(TokenCommand::Revoke { id }) => {
-            api.revoke_token(v1::RevokeTokenRequest { id: id.clone() }).await.map_err(err)?;
+            api.revoke_token(v1::RevokeTokenRequest { id: id.clone() })
+                .await
+                .map_err(err)?;
             println!("token {id} revoked");
             Ok(())
         }
@@ -281,7 +320,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     out.display()
                 )));
             }
-            let (key_pem, csr_pem) = new_key_and_csr(&name).map_err(|e| CliError::Other(e.to_string()))?;
+            let (key_pem, csr_pem) =
+                new_key_and_csr(&name).map_err(|e| CliError::Other(e.to_string()))?;
             let resp = api
                 .create_operator(v1::CreateOperatorRequest {
                     name: name.clone(),
@@ -317,33 +357,66 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 println!(
                     "host {name} revoked: {} certificate(s) refused from now on{}",
                     resp.certificates_revoked,
-                    if resp.session_closed { ", session closed" } else { "" }
+                    if resp.session_closed {
+                        ", session closed"
+                    } else {
+                        ""
+                    }
                 );
                 Ok(())
             }
         }
-        Command::Events { host, after, limit, json } => {
+        Command::Events {
+            host,
+            after,
+            limit,
+            json,
+        } => {
             let events = api
-                .list_events(v1::ListEventsRequest { host, after_seq: after, limit })
+                .list_events(v1::ListEventsRequest {
+                    host,
+                    after_seq: after,
+                    limit,
+                })
                 .await
                 .map_err(err)?
                 .into_inner()
                 .events;
             if json {
-                print_json(&Value::Array(events.iter().map(output::event_json).collect()))
+                print_json(&Value::Array(
+                    events.iter().map(output::event_json).collect(),
+                ))
             } else {
                 for e in &events {
-                    println!("{:>6}  {}  {}  {}  {}", e.seq, output::rfc3339_ms(e.at_unix_ms).as_str().unwrap_or("-"), e.job_id, e.kind, e.message);
+                    println!(
+                        "{:>6}  {}  {}  {}  {}",
+                        e.seq,
+                        output::rfc3339_ms(e.at_unix_ms).as_str().unwrap_or("-"),
+                        e.job_id,
+                        e.kind,
+                        e.message
+                    );
                 }
                 Ok(())
             }
         }
         Command::Whoami { json } => {
-            let who = api.who_am_i(v1::WhoAmIRequest {}).await.map_err(err)?.into_inner();
+            let who = api
+                .who_am_i(v1::WhoAmIRequest {})
+                .await
+                .map_err(err)?
+                .into_inner();
             if json {
-                print_json(&serde_json::json!({"name": who.name, "role": who.role, "controller": addr, "identity": identity.value}))
+                print_json(
+                    &serde_json::json!({"name": who.name, "role": who.role, "controller": addr, "identity": identity.value}),
+                )
             } else {
-                println!("{} ({}) at {addr}, identity {}", who.name, who.role, identity.value.display());
+                println!(
+                    "{} ({}) at {addr}, identity {}",
+                    who.name,
+                    who.role,
+                    identity.value.display()
+                );
                 Ok(())
             }
         }

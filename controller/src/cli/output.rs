@@ -113,7 +113,15 @@ pub fn hosts_table(hosts: &[v1::HostInfo], now_ms: i64) -> String {
     if hosts.is_empty() {
         return "no hosts enrolled yet: `drover token create --host NAME`, then `drover-agent enroll` on the host".into();
     }
-    let mut t = table(&["NAME", "STATE", "HEALTH", "LAST SEEN", "VERSION", "CERT EXPIRES", "FAILING CHECKS"]);
+    let mut t = table(&[
+        "NAME",
+        "STATE",
+        "HEALTH",
+        "LAST SEEN",
+        "VERSION",
+        "CERT EXPIRES",
+        "FAILING CHECKS",
+    ]);
     for h in hosts {
         let failing = failing_checks(h.last_report.as_ref())
             .iter()
@@ -127,7 +135,11 @@ pub fn hosts_table(hosts: &[v1::HostInfo], now_ms: i64) -> String {
             ago(h.last_seen_unix_ms, now_ms),
             h.agent_version.clone(),
             expires_in(h.cert_not_after_unix, now_ms),
-            if failing.is_empty() { "-".into() } else { failing },
+            if failing.is_empty() {
+                "-".into()
+            } else {
+                failing
+            },
         ]);
     }
     t.to_string()
@@ -142,27 +154,65 @@ pub fn host_detail(h: &v1::HostInfo, now_ms: i64) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     out.push_str(&format!("host:          {}\n", h.name));
-    out.push_str(&format!("state:         {}{}\n", h.state, if h.session_open { " (session open)" } else { "" }));
+    out.push_str(&format!(
+        "state:         {}{}\n",
+        h.state,
+        if h.session_open {
+            " (session open)"
+        } else {
+            ""
+        }
+    ));
     out.push_str(&format!("health:        {}\n", h.health));
-    out.push_str(&format!("last seen:     {}\n", ago(h.last_seen_unix_ms, now_ms)));
-    out.push_str(&format!("agent version: {}\n", if h.agent_version.is_empty() { "-" } else { &h.agent_version }));
-    out.push_str(&format!("certificate:   expires {}\n", expires_in(h.cert_not_after_unix, now_ms)));
-    out.push_str(&format!("labels:        {}\n", if labels.is_empty() { "-".into() } else { labels }));
+    out.push_str(&format!(
+        "last seen:     {}\n",
+        ago(h.last_seen_unix_ms, now_ms)
+    ));
+    out.push_str(&format!(
+        "agent version: {}\n",
+        if h.agent_version.is_empty() {
+            "-"
+        } else {
+            &h.agent_version
+        }
+    ));
+    out.push_str(&format!(
+        "certificate:   expires {}\n",
+        expires_in(h.cert_not_after_unix, now_ms)
+    ));
+    out.push_str(&format!(
+        "labels:        {}\n",
+        if labels.is_empty() {
+            "-".into()
+        } else {
+            labels
+        }
+    ));
     if let Some(r) = &h.last_report {
         out.push_str(&format!(
             "docker:        {}\n",
             if r.docker_reachable {
-                format!("{} ({} running / {} containers)", r.docker_version, r.containers_running, r.containers_total)
+                format!(
+                    "{} ({} running / {} containers)",
+                    r.docker_version, r.containers_running, r.containers_total
+                )
             } else {
                 "unreachable".into()
             }
         ));
-        out.push_str(&format!("load:          {:.2} {:.2} {:.2}\n", r.load1, r.load5, r.load15));
+        out.push_str(&format!(
+            "load:          {:.2} {:.2} {:.2}\n",
+            r.load1, r.load5, r.load15
+        ));
         out.push_str(&format!("clock offset:  {} ms\n", r.clock_offset_ms));
         out.push_str("checks:\n");
         let mut t = table(&["  CHECK", "STATUS", "REASON"]);
         for c in &r.checks {
-            t.add_row(vec![format!("  {}", c.name), status_name(c.status).to_string(), c.reason.clone()]);
+            t.add_row(vec![
+                format!("  {}", c.name),
+                status_name(c.status).to_string(),
+                c.reason.clone(),
+            ]);
         }
         out.push_str(&t.to_string());
     } else {
