@@ -291,3 +291,92 @@ fn bad_config_files_are_refused_with_the_file_and_key() {
     assert_eq!(out.status.code(), Some(78));
     assert!(stderr(&out).contains("not enrolled"), "{}", stderr(&out));
 }
+
+/// A command that runs `program` with `WATCHDOG_PID` set to its own pid, as systemd does
+/// (the shell execs the program, so the pid stays the same).
+fn with_watchdog_pid(program: &Path) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
+        .arg(program);
+    cmd
+}
+
+/// Reads sd_notify datagrams until one contains `want`, or panics after 10 s.
+fn expect_notify(socket: &std::os::unix::net::UnixDatagram, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.lines().any(|l| l == want) {
+                return;
+            }
+            seen.push(text);
+        }
+    }
+    panic!("no {want} from the daemon within 10s; got {seen:?}");
+}
+
+#[test]
+fn both_daemons_speak_sd_notify_ready_watchdog_and_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("controller");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let notify_path = tmp.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut controller = Daemon(
+        with_watchdog_pid(&bin("drover-controller"))
+            .args(["run", "--listen", &addr, "--data-dir"])
+            .arg(&data)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "400000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    expect_notify(&socket, "READY=1");
+    expect_notify(&socket, "WATCHDOG=1");
+
+    // The agent too, once enrolled.
+    let admin = data.join("operator/admin");
+    let out = drover(&addr, &admin, &["token", "create", "--host", "web-1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let agent_dir = tmp.path().join("agent");
+    let enrolled = Command::new(bin("drover-agent"))
+        .args(["enroll", "--controller", &addr, "--data-dir"])
+        .arg(&agent_dir)
+        .env("DROVER_TOKEN", stdout(&out).trim())
+        .output()
+        .unwrap();
+    assert!(enrolled.status.success(), "{}", stderr(&enrolled));
+    let agent_notify_path = tmp.path().join("agent-notify.sock");
+    let agent_socket = std::os::unix::net::UnixDatagram::bind(&agent_notify_path).unwrap();
+    agent_socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut agent = Daemon(
+        with_watchdog_pid(&bin("drover-agent"))
+            .args(["run", "--data-dir"])
+            .arg(&agent_dir)
+            .env("NOTIFY_SOCKET", &agent_notify_path)
+            .env("WATCHDOG_USEC", "400000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    expect_notify(&agent_socket, "READY=1");
+    expect_notify(&agent_socket, "WATCHDOG=1");
+    let (took, status) = sigterm_and_wait(&mut agent);
+    assert!(status.success() && took < Duration::from_secs(5));
+    expect_notify(&agent_socket, "STOPPING=1");
+
+    let (took, status) = sigterm_and_wait(&mut controller);
+    assert!(status.success() && took < Duration::from_secs(5));
+    expect_notify(&socket, "STOPPING=1");
+}
