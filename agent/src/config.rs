@@ -7,29 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::daemon::{LogFormat, duration_str};
+use crate::daemon::{ConfigError, LogFormat, duration_str, parse_toml, read_toml_file};
 use crate::health::Thresholds;
 
-/// Errors reading or validating the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("invalid config {path}: key `{key}`: {message}")]
-    Invalid {
-        path: String,
-        key: &'static str,
-        message: String,
-    },
-}
-
-/// Everything the agent daemon needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
@@ -80,19 +60,15 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut config: AgentConfig = read_toml_file(path)?;
+        config.source = path.display().to_string();
+        config.validate()?;
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `source` names it in errors.
     pub fn from_toml(text: &str, source: &str) -> Result<AgentConfig, ConfigError> {
-        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: source.to_string(),
-            message: e.to_string(),
-        })?;
+        let mut config: AgentConfig = parse_toml(text, source)?;
         config.source = source.to_string();
         config.validate()?;
         Ok(config)

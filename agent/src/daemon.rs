@@ -86,6 +86,47 @@ pub fn spawn_watchdog(
     }))
 }
 
+/// Errors reading or validating a daemon's TOML configuration; each names the file (and key).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// Reads a TOML config file; the caller validates what it got.
+pub fn read_toml_file<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_toml(&text, &path.display().to_string())
+}
+
+/// Parses TOML text; `source` names it in errors.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    source: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: source.to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// Parses durations such as `5s`, `15m`, `24h` for config files and flags.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())

@@ -1,6 +1,6 @@
 //! The agent library's error type: each variant says what went wrong and what to do.
 
-use crate::config::ConfigError;
+use crate::daemon::ConfigError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]

@@ -5,27 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drover_agent::daemon::{LogFormat, duration_str};
+use drover_agent::daemon::{ConfigError, LogFormat, duration_str, parse_toml, read_toml_file};
 use serde::Deserialize;
-
-/// Errors reading or validating the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("invalid config {path}: key `{key}`: {message}")]
-    Invalid {
-        path: String,
-        key: &'static str,
-        message: String,
-    },
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -73,19 +54,14 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ControllerConfig {
     pub fn from_file(path: &Path) -> Result<ControllerConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut config: ControllerConfig = read_toml_file(path)?;
+        config.source = path.display().to_string();
+        config.validate()?;
+        Ok(config)
     }
 
     pub fn from_toml(text: &str, source: &str) -> Result<ControllerConfig, ConfigError> {
-        let mut config: ControllerConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse {
-                path: source.to_string(),
-                message: e.to_string(),
-            })?;
+        let mut config: ControllerConfig = parse_toml(text, source)?;
         config.source = source.to_string();
         config.validate()?;
         Ok(config)

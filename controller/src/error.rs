@@ -1,7 +1,7 @@
 //! The controller library's error type.
 
-use crate::config::ConfigError;
 use crate::store::StoreError;
+use drover_agent::daemon::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {

@@ -125,6 +125,20 @@ impl TestController {
         token.encode()
     }
 
+    /// Waits until the controller has stored `host`'s events up to `seq`.
+    pub async fn wait_stored(&self, host: &str, seq: u64) {
+        let shared = self.shared.clone();
+        eventually(
+            &format!("{host}'s events up to {seq} stored"),
+            Duration::from_secs(30),
+            || {
+                let shared = shared.clone();
+                async move { (shared.store.last_event_seq(host).ok()? >= seq).then_some(()) }
+            },
+        )
+        .await;
+    }
+
     /// An operator API client with the identity in `dir`.
     pub fn operator(&self, dir: &Path) -> OperatorServiceClient<Channel> {
         operator_client(

@@ -118,22 +118,13 @@ async fn an_agent_restart_replays_what_was_not_acknowledged() {
     proxy.freeze(false);
     let config = drover_e2e::fast_agent_config(&agent_dir, &controller.addr.to_string());
     let agent = TestAgent::start(config).await;
-    let shared = controller.shared.clone();
-    eventually("replayed events stored", Duration::from_secs(30), || {
-        let shared = shared.clone();
-        async move { (shared.store.last_event_seq("web-1").ok()? == 10).then_some(()) }
-    })
-    .await;
+    controller.wait_stored("web-1", 10).await;
     assert_eq!(
         agent.record("event 11").await,
         11,
         "numbering continues after a restart"
     );
-    eventually("event 11 stored", Duration::from_secs(30), || {
-        let shared = shared.clone();
-        async move { (shared.store.last_event_seq("web-1").ok()? == 11).then_some(()) }
-    })
-    .await;
+    controller.wait_stored("web-1", 11).await;
     let events = controller.shared.store.events("web-1", 0, 100).unwrap();
     assert_eq!(
         events.iter().map(|e| e.seq).collect::<Vec<_>>(),

@@ -110,12 +110,7 @@ async fn certificates_renew_over_the_live_session() {
     .expect("reconnects with the renewed certificate")
     .unwrap();
     let seq = agent.record("after renewal").await;
-    let shared = controller.shared.clone();
-    eventually("event stored", Duration::from_secs(20), || {
-        let shared = shared.clone();
-        async move { (shared.store.last_event_seq("web-1").ok()? == seq).then_some(()) }
-    })
-    .await;
+    controller.wait_stored("web-1", seq).await;
     agent.stop().await;
     controller.stop().await;
 }
