@@ -47,7 +47,10 @@ impl Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "Drover CA");
+        // A unique name per CA: a certificate from another Drover installation then fails as
+        // "unknown CA" rather than as a bad signature under a CA of the same name.
+        let id: [u8; 4] = rand::random();
+        dn.push(DnType::CommonName, format!("Drover CA {}", hex::encode(id)));
         dn.push(DnType::OrganizationName, "Drover");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
