@@ -128,7 +128,6 @@ async fn clients_without_a_valid_certificate_are_refused_clearly() {
         .unwrap_err();
     let cause = describe_transport(&status);
     assert!(cause.contains("UnknownCA"), "foreign CA: {cause}");
-    );
 
     // An expired certificate from the right CA.
     let now = unix_now();
@@ -144,7 +143,6 @@ async fn clients_without_a_valid_certificate_are_refused_clearly() {
         .unwrap_err();
     let cause = describe_transport(&status);
     assert!(cause.contains("CertificateExpired"), "expired: {cause}");
-    );
 
     // The real admin works, for contrast.
     controller
