@@ -1,1 +1,3 @@
-fn main(){}
+//! Benchmarks for Drover (see BENCHMARKS.md); filled in by the fleet benchmark.
+
+fn main() {}
