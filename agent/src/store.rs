@@ -83,6 +83,16 @@ fn u64_of(v: Option<sled::IVec>) -> Result<u64, StoreError> {
 }
 
 impl Store {
+    /// Makes every write so far durable. sled 0.34's `flush_async` deadlocks when several
+    /// callers await it at once (spacejam/sled#1308), so the blocking flush runs on the
+    /// blocking pool instead.
+    async fn flush_durable(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
+        Ok(())
+    }
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
@@ -143,7 +153,7 @@ impl Store {
             *last = seq;
             event
         };
-        self.db.flush_async().await?;
+        self.flush_durable().await?;
         Ok(event)
     }
 
@@ -174,7 +184,7 @@ impl Store {
         }
         self.outbox.apply_batch(batch)?;
         self.meta.insert(KEY_ACKED, &upto.to_be_bytes())?;
-        self.db.flush_async().await?;
+        self.flush_durable().await?;
         Ok(())
     }
 
@@ -200,7 +210,7 @@ impl Store {
             self.meta.insert(KEY_LAST_SEQ, &seq.to_be_bytes())?;
             *last = seq;
         }
-        self.db.flush_async().await?;
+        self.flush_durable().await?;
         Ok(())
     }
 
@@ -257,6 +267,29 @@ mod tests {
         store.ack(1).await.unwrap();
         assert_eq!(store.pending_count(), 4);
         assert_eq!(store.pending_after(4, 1).unwrap()[0].seq, 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_get_distinct_consecutive_numbers() {
+        // Concurrent flushes must all finish (see flush_durable).
+        let tmp = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(tmp.path()).unwrap());
+        let tasks: Vec<_> = (0..200)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move { store.append(ev(n), 0).await.unwrap().seq })
+            })
+            .collect();
+        let all = futures::future::join_all(tasks);
+        let mut seqs: Vec<u64> = tokio::time::timeout(std::time::Duration::from_secs(30), all)
+            .await
+            .expect("200 concurrent appends finish within 30s")
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+        assert_eq!(store.pending_count(), 200);
     }
 
     #[test]

@@ -150,6 +150,16 @@ fn event_key(host: &str, seq: u64) -> Vec<u8> {
 }
 
 impl Store {
+    /// Makes every write so far durable. sled 0.34's `flush_async` deadlocks when several
+    /// callers await it at once (spacejam/sled#1308), so the blocking flush runs on the
+    /// blocking pool instead.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
+        Ok(())
+    }
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
@@ -186,10 +196,6 @@ impl Store {
     }
 
     /// Makes everything written so far durable.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
-    }
 
     // --- hosts -------------------------------------------------------------------------------
 
@@ -380,6 +386,29 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![1, 2], "host 'ab' does not leak into host 'a'");
         assert_eq!(store.events("a", 1, 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_flushes_all_complete() {
+        // Concurrent flushes must all finish. (sled's own flush_async did not, in release
+        // builds with 32+ concurrent callers: spacejam/sled#1308, found by the fleet benchmark.)
+        let tmp = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(tmp.path()).unwrap());
+        let tasks: Vec<_> = (1..=200u64)
+            .map(|seq| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .append_event(&event(&format!("h{}", seq % 7), seq))
+                        .unwrap();
+                    store.flush().await.unwrap();
+                })
+            })
+            .collect();
+        let all = futures::future::join_all(tasks);
+        tokio::time::timeout(std::time::Duration::from_secs(30), all)
+            .await
+            .expect("200 concurrent flushes finish within 30s");
     }
 
     #[test]
