@@ -195,8 +195,6 @@ impl Store {
         })
     }
 
-    /// Makes everything written so far durable.
-
     // --- hosts -------------------------------------------------------------------------------
 
     pub fn host(&self, name: &str) -> Result<Option<HostRecord>, StoreError> {
