@@ -36,5 +36,9 @@ log "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "building the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
+if docker version >/dev/null 2>&1; then
+  log "building the test app images (static binary, docker import)"
+  scripts/testapp-image.sh
+fi
 log "cargo test --workspace"
 cargo test --workspace --locked -- --test-threads 2

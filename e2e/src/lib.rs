@@ -401,3 +401,104 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// Whether the Docker Engine answers. Under `CI=true` a missing Engine fails the test that
+/// asked; elsewhere the test prints why it skips and returns.
+pub fn docker_available(test: &str) -> bool {
+    let ok = std::process::Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: the Docker Engine is not reachable, and CI needs it");
+        }
+        eprintln!("skipping {test}: the Docker Engine is not reachable");
+    }
+    ok
+}
+
+/// Makes sure the test app images exist (`scripts/testapp-image.sh`, idempotent) and returns
+/// the image name for `tag`.
+pub fn testapp_image(tag: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = std::process::Command::new("bash")
+        .arg(root.join("scripts/testapp-image.sh"))
+        .arg(tag)
+        .status()
+        .expect("run scripts/testapp-image.sh");
+    assert!(status.success(), "scripts/testapp-image.sh {tag} failed");
+    format!("drover-testapp:{tag}")
+}
+
+/// A container removed when dropped.
+pub struct Container {
+    pub id: String,
+}
+
+impl Container {
+    /// `docker run -d` with `args` before the image; publishes container port 8080 on
+    /// 127.0.0.1 at a free port.
+    pub fn run(image: &str, args: &[&str]) -> Container {
+        let out = std::process::Command::new("docker")
+            .args(["run", "-d", "-p", "127.0.0.1::8080"])
+            .args(args)
+            .arg(image)
+            .output()
+            .expect("docker run");
+        assert!(
+            out.status.success(),
+            "docker run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Container {
+            id: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        }
+    }
+
+    /// The host address of the container's port 8080.
+    pub fn addr(&self) -> SocketAddr {
+        let out = std::process::Command::new("docker")
+            .args(["port", &self.id, "8080/tcp"])
+            .output()
+            .expect("docker port");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no published port for {}: {text}", self.id))
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &self.id])
+            .output();
+    }
+}
+
+/// A minimal HTTP/1.0 request over a fresh connection: (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
