@@ -4,6 +4,7 @@
 //! controller (`session`): heartbeats, health reports (`health`, `docker`), job events from
 //! the durable outbox (`store`), certificate renewal. See ARCHITECTURE.md for the map.
 
+pub mod appspec;
 pub mod backoff;
 pub mod config;
 pub mod convert;
