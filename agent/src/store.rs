@@ -93,6 +93,7 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
         Ok(())
     }
+
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()

@@ -160,6 +160,7 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
         Ok(())
     }
+
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
