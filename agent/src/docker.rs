@@ -1,13 +1,23 @@
 //! The Docker Engine, through bollard. The only module of the agent that imports bollard.
 //!
-//! For now the agent only probes the Engine for its health report; deploys will add to this
-//! module behind a trait so their logic can be tested against a fake.
+//! The agent probes the Engine for its health report, and manages containers by name: image
+//! presence, create-and-start with labels and a published port, inspect, stop, remove, list by
+//! label, log tails and one-off runs (migrations). Deploy logic will reach these through a
+//! trait with a fake for its unit tests; here they are tested against the real Engine.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::models::ContainerSummaryStateEnum;
-use bollard::query_parameters::ListContainersOptionsBuilder;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummaryStateEnum, HostConfig,
+    PortBinding,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use futures::StreamExt;
 use tokio::sync::Mutex;
 
 use crate::health::DockerFacts;
@@ -20,6 +30,42 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum DockerError {
     #[error("cannot reach the Docker Engine at {socket}: {message}")]
     Connect { socket: String, message: String },
+    #[error("image {0} is not present on this host")]
+    ImageMissing(String),
+    #[error("no container named {0}")]
+    NoSuchContainer(String),
+    #[error("Docker Engine: {action}: {message}")]
+    Engine { action: String, message: String },
+}
+
+/// What to run: a container of `image`, named `name`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// Overrides the image's command when set.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    /// A container port to publish on 127.0.0.1 at a port the Engine picks.
+    pub publish: Option<u16>,
+    /// `volume:/path` or `/host/path:/path`.
+    pub binds: Vec<String>,
+    pub network: Option<String>,
+}
+
+/// What the Engine says about a container.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    /// The image ID (`sha256:...`) the container runs.
+    pub image_id: String,
+    pub running: bool,
+    pub exit_code: Option<i64>,
+    /// The host port the published container port landed on.
+    pub host_port: Option<u16>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A client of the local Docker Engine. It connects on first use, and again after a failure,
@@ -115,12 +161,251 @@ impl DockerClient {
         }
     }
 
+    fn engine_err(action: &str, err: bollard::errors::Error) -> DockerError {
+        DockerError::Engine {
+            action: action.to_string(),
+            message: err.to_string(),
+        }
+    }
+
+    /// The image's ID if `image` (repository:tag) is present locally.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>, DockerError> {
+        let docker = self.client().await?;
+        match docker.inspect_image(image).await {
+            Ok(inspect) => Ok(inspect.id),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(Self::engine_err(&format!("inspect image {image}"), e)),
+        }
+    }
+
+    /// Creates and starts a container; the image must be present.
+    pub async fn create_and_start(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<ContainerInfo, DockerError> {
+        let docker = self.client().await?;
+        if self.image_id(&spec.image).await?.is_none() {
+            return Err(DockerError::ImageMissing(spec.image.clone()));
+        }
+        let port_key = spec.publish.map(|p| format!("{p}/tcp"));
+        let port_bindings = port_key.as_ref().map(|key| {
+            let binding = PortBinding {
+                host_ip: Some("127.0.0.1".into()),
+                host_port: Some(String::new()),
+            };
+            HashMap::from([(key.clone(), Some(vec![binding]))])
+        });
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            exposed_ports: port_key.clone().map(|k| vec![k]),
+            host_config: Some(HostConfig {
+                port_bindings,
+                binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
+                network_mode: spec.network.clone(),
+                ..HostConfig::default()
+            }),
+            ..ContainerCreateBody::default()
+        };
+        let options = CreateContainerOptionsBuilder::new()
+            .name(&spec.name)
+            .build();
+        docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| Self::engine_err(&format!("create container {}", spec.name), e))?;
+        if let Err(e) = docker.start_container(&spec.name, None).await {
+            // Leave nothing half-done: a container that cannot start is removed.
+            let _ = self.remove(&spec.name).await;
+            return Err(Self::engine_err(
+                &format!("start container {}", spec.name),
+                e,
+            ));
+        }
+        self.inspect(&spec.name)
+            .await?
+            .ok_or_else(|| DockerError::NoSuchContainer(spec.name.clone()))
+    }
+
+    /// The container named `name`, if it exists.
+    pub async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, DockerError> {
+        let docker = self.client().await?;
+        match docker.inspect_container(name, None).await {
+            Ok(inspect) => Ok(Some(container_info(inspect))),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(Self::engine_err(&format!("inspect container {name}"), e)),
+        }
+    }
+
+    /// Stops a container, giving it `timeout` after SIGTERM. Stopping a stopped one is fine.
+    pub async fn stop(&self, name: &str, timeout: Duration) -> Result<(), DockerError> {
+        let docker = self.client().await?;
+        let options = StopContainerOptionsBuilder::new()
+            .t(timeout.as_secs() as i32)
+            .build();
+        match docker.stop_container(name, Some(options)).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Err(DockerError::NoSuchContainer(name.to_string())),
+            Err(e) => Err(Self::engine_err(&format!("stop container {name}"), e)),
+        }
+    }
+
+    /// Removes a container (running or not). Removing one that is gone is fine.
+    pub async fn remove(&self, name: &str) -> Result<(), DockerError> {
+        let docker = self.client().await?;
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        match docker.remove_container(name, Some(options)).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(Self::engine_err(&format!("remove container {name}"), e)),
+        }
+    }
+
+    /// Containers (running or not) carrying `label=value`.
+    pub async fn list_labelled(
+        &self,
+        label: &str,
+        value: &str,
+    ) -> Result<Vec<ContainerInfo>, DockerError> {
+        let docker = self.client().await?;
+        let filters = HashMap::from([("label", vec![format!("{label}={value}")])]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let found = docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| Self::engine_err("list containers", e))?;
+        let mut out = Vec::new();
+        for summary in found {
+            let name = summary
+                .names
+                .unwrap_or_default()
+                .first()
+                .map(|n| n.trim_start_matches('/').to_string())
+                .unwrap_or_default();
+            if let Some(info) = self.inspect(&name).await? {
+                out.push(info);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The last `lines` lines of a container's output (stdout and stderr).
+    pub async fn logs_tail(&self, name: &str, lines: usize) -> Result<String, DockerError> {
+        let docker = self.client().await?;
+        let tail = lines.to_string();
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail)
+            .build();
+        let mut stream = docker.logs(name, Some(options));
+        let mut text = String::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Self::engine_err(&format!("logs of {name}"), e))?;
+            text.push_str(&chunk.to_string());
+        }
+        Ok(text)
+    }
+
+    /// Runs a one-off container to completion (a migration): its exit code and log tail. The
+    /// container is removed afterwards whatever happened; `timeout` bounds the wait.
+    pub async fn run_to_completion(
+        &self,
+        spec: &ContainerSpec,
+        timeout: Duration,
+    ) -> Result<(i64, String), DockerError> {
+        self.create_and_start(spec).await?;
+        let docker = self.client().await?;
+        let waited = tokio::time::timeout(timeout, async {
+            let mut wait = docker.wait_container(&spec.name, None);
+            let mut code = None;
+            while let Some(item) = wait.next().await {
+                match item {
+                    Ok(response) => code = Some(response.status_code),
+                    // bollard reports a non-zero exit as an error carrying the code.
+                    Err(bollard::errors::Error::DockerContainerWaitError { code: c, .. }) => {
+                        code = Some(c)
+                    }
+                    Err(e) => return Err(Self::engine_err(&format!("wait for {}", spec.name), e)),
+                }
+            }
+            Ok(code)
+        })
+        .await;
+        let logs = self.logs_tail(&spec.name, 50).await.unwrap_or_default();
+        self.remove(&spec.name).await?;
+        match waited {
+            Ok(Ok(Some(code))) => Ok((code, logs)),
+            Ok(Ok(None)) => Err(DockerError::Engine {
+                action: format!("wait for {}", spec.name),
+                message: "the Engine reported no exit code".into(),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(DockerError::Engine {
+                action: format!("run {}", spec.name),
+                message: format!(
+                    "still running after {}s; stopped and removed",
+                    timeout.as_secs()
+                ),
+            }),
+        }
+    }
+
     fn unreachable(&self, err: &DockerError) -> DockerFacts {
         DockerFacts {
             reachable: false,
             error: format!("{err} (is dockerd running? may the agent's user use the socket?)"),
             ..DockerFacts::default()
         }
+    }
+}
+
+fn container_info(inspect: ContainerInspectResponse) -> ContainerInfo {
+    let state = inspect.state.unwrap_or_default();
+    let host_port = inspect
+        .network_settings
+        .and_then(|n| n.ports)
+        .and_then(|ports| {
+            ports
+                .into_values()
+                .flatten()
+                .flatten()
+                .find_map(|b| b.host_port.and_then(|p| p.parse().ok()))
+        });
+    ContainerInfo {
+        id: inspect.id.unwrap_or_default(),
+        name: inspect
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        image_id: inspect.image.unwrap_or_default(),
+        running: state.running.unwrap_or(false),
+        exit_code: state.exit_code,
+        host_port,
+        labels: inspect
+            .config
+            .and_then(|c| c.labels)
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
     }
 }
 
