@@ -7,7 +7,8 @@
 //! - `FAIL_HEALTH=1`: `/healthz` answers 503; `FAIL_SMOKE=1`: `/smoke` answers 500
 //! - `ERROR_RATE` (0.0-1.0): that share of `/` requests answers 500; `LATENCY_MS` delays `/`
 //! - `EXIT_AFTER_MS`: the process exits with status 3 after this long
-//! - `/ws`: a WebSocket echo, for tests of upgrades through the proxy
+//! - `/ws`: a WebSocket echo, for tests of upgrades through the proxy; `/headers` lists the
+//!   request headers it received
 //! - `POST /control/fail-health|heal|errors-on|errors-off|exit`
 
 use std::convert::Infallible;
@@ -71,6 +72,15 @@ async fn handle(
             format!("smoke ok version={}\n", app.version),
         ),
         (_, "/version") => text(StatusCode::OK, format!("{}\n", app.version)),
+        (_, "/headers") => {
+            let mut lines: Vec<String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                .collect();
+            lines.sort();
+            text(StatusCode::OK, lines.join("\n") + "\n")
+        }
         (_, "/ws") => websocket(&mut req),
         (Method::POST, control) if control.starts_with("/control/") => {
             match &control["/control/".len()..] {
