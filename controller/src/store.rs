@@ -111,6 +111,16 @@ pub struct EventRecord {
     pub received_unix_ms: i64,
 }
 
+/// An app spec as applied: the text is kept as written, with a revision per change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRecord {
+    pub name: String,
+    pub revision: u64,
+    pub spec_toml: String,
+    pub updated_unix_ms: i64,
+    pub updated_by: String,
+}
+
 /// What happened to an event offered to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -125,6 +135,7 @@ pub struct Store {
     revoked: sled::Tree,
     events: sled::Tree,
     event_seq: sled::Tree,
+    apps: sled::Tree,
 }
 
 impl std::fmt::Debug for Store {
@@ -192,6 +203,7 @@ impl Store {
             revoked: db.open_tree("revoked_serials")?,
             events: db.open_tree("events")?,
             event_seq: db.open_tree("event_seq")?,
+            apps: db.open_tree("apps")?,
             db,
         })
     }
@@ -226,6 +238,51 @@ impl Store {
             bytes
         })?;
         Ok(result)
+    }
+
+    // --- apps --------------------------------------------------------------------------------
+
+    pub fn app(&self, name: &str) -> Result<Option<AppRecord>, StoreError> {
+        self.apps.get(name)?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppRecord>, StoreError> {
+        self.apps.iter().map(|item| decode(&item?.1)).collect()
+    }
+
+    /// Stores `spec_toml` as the app's spec: a new revision if the text changed, nothing if
+    /// not. Compare-and-swap, so two concurrent applies get distinct revisions.
+    /// Returns the record and whether it changed. Not yet durable: flush before answering.
+    pub fn apply_app(
+        &self,
+        name: &str,
+        spec_toml: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(AppRecord, bool), StoreError> {
+        loop {
+            let old_bytes = self.apps.get(name)?;
+            let old: Option<AppRecord> = old_bytes.as_ref().map(|v| decode(v)).transpose()?;
+            if let Some(old) = &old
+                && old.spec_toml == spec_toml
+            {
+                return Ok((old.clone(), false));
+            }
+            let new = AppRecord {
+                name: name.to_string(),
+                revision: old.map(|o| o.revision + 1).unwrap_or(1),
+                spec_toml: spec_toml.to_string(),
+                updated_unix_ms: now_ms,
+                updated_by: by.to_string(),
+            };
+            if self
+                .apps
+                .compare_and_swap(name, old_bytes, Some(encode(&new)?))?
+                .is_ok()
+            {
+                return Ok((new, true));
+            }
+        }
     }
 
     // --- revocation --------------------------------------------------------------------------

@@ -106,6 +106,9 @@ pub enum Command {
     /// Hosts.
     #[command(subcommand)]
     Host(HostCommand),
+    /// App specs (how each app is deployed).
+    #[command(subcommand)]
+    App(AppCommand),
     /// Job events a host has reported, oldest first.
     Events {
         host: String,
@@ -160,6 +163,27 @@ pub enum OperatorCommand {
         /// Directory to write ca.pem, cert.pem and key.pem (0600) into.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Validate an app spec (TOML) and store it as the app's new revision.
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List applied apps.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an app's current spec.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -363,6 +387,64 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         ""
                     }
                 );
+                Ok(())
+            }
+        }
+        Command::App(AppCommand::Apply { file, json }) => {
+            let spec_toml = std::fs::read_to_string(&file)
+                .map_err(|e| CliError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+            let resp = api
+                .apply_app(v1::ApplyAppRequest {
+                    spec_toml,
+                    source: file.display().to_string(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(
+                    &serde_json::json!({"name": resp.name, "revision": resp.revision, "changed": resp.changed}),
+                )
+            } else {
+                if resp.changed {
+                    println!("app {} applied: revision {}", resp.name, resp.revision);
+                } else {
+                    println!("app {} unchanged (revision {})", resp.name, resp.revision);
+                }
+                Ok(())
+            }
+        }
+        Command::App(AppCommand::List { json }) => {
+            let apps = api
+                .list_apps(v1::ListAppsRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .apps;
+            if json {
+                print_json(&Value::Array(apps.iter().map(output::app_json).collect()))
+            } else {
+                println!("{}", output::apps_table(&apps, now));
+                Ok(())
+            }
+        }
+        Command::App(AppCommand::Show { name, json }) => {
+            let app = api
+                .get_app(v1::GetAppRequest { name })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&output::app_json(&app))
+            } else {
+                println!(
+                    "# app {} revision {}, applied {} by {}",
+                    app.name,
+                    app.revision,
+                    output::ago(app.updated_unix_ms, now),
+                    app.updated_by
+                );
+                print!("{}", app.spec_toml);
                 Ok(())
             }
         }

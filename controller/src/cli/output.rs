@@ -251,6 +251,42 @@ pub fn tokens_table(tokens: &[v1::TokenInfo], now_ms: i64) -> String {
     t.to_string()
 }
 
+pub fn app_json(a: &v1::AppInfo) -> Value {
+    json!({
+        "name": a.name,
+        "revision": a.revision,
+        "image": a.image,
+        "web": a.has_web,
+        "workers": a.workers,
+        "updated_at": rfc3339_ms(a.updated_unix_ms),
+        "updated_by": a.updated_by,
+        "spec_toml": a.spec_toml,
+    })
+}
+
+pub fn apps_table(apps: &[v1::AppInfo], now_ms: i64) -> String {
+    if apps.is_empty() {
+        return "no apps yet: `drover app apply FILE` (see examples/api.toml)".into();
+    }
+    let mut t = table(&["NAME", "REVISION", "IMAGE", "ROLES", "APPLIED", "BY"]);
+    for a in apps {
+        let mut roles: Vec<String> = Vec::new();
+        if a.has_web {
+            roles.push("web".into());
+        }
+        roles.extend(a.workers.iter().cloned());
+        t.add_row(vec![
+            a.name.clone(),
+            a.revision.to_string(),
+            a.image.clone(),
+            roles.join(","),
+            ago(a.updated_unix_ms, now_ms),
+            a.updated_by.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
 pub fn event_json(e: &v1::JobEvent) -> Value {
     json!({
         "host": e.host,

@@ -1,0 +1,156 @@
+//! App specs through the real controller and the real `drover` binary: apply validates and
+//! versions, list and show read back, invalid specs name the file and key, viewers only read.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use drover_e2e::{TestController, bin, fast_controller_config, init};
+use drover_identity::files::Bundle;
+use drover_identity::pki::new_key_and_csr;
+use drover_proto::v1;
+
+fn drover(addr: &str, identity: &Path, args: &[&str]) -> Output {
+    Command::new(bin("drover"))
+        .args(args)
+        .env("DROVER_CONTROLLER", addr)
+        .env("DROVER_IDENTITY", identity)
+        .env("HOME", identity)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_list_show_and_refusals() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+    let addr = controller.addr.to_string();
+    let admin = controller.admin_dir();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/api.toml");
+    let example = example.to_str().unwrap().to_string();
+
+    let (a, e) = (addr.clone(), admin.clone());
+    let run = move |args: Vec<String>| {
+        let (a, e) = (a.clone(), e.clone());
+        tokio::task::spawn_blocking(move || {
+            drover(&a, &e, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+    };
+    let out = run(vec!["app".into(), "apply".into(), example.clone()])
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "app api applied: revision 1");
+    let out = run(vec!["app".into(), "apply".into(), example.clone()])
+        .await
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "app api unchanged (revision 1)");
+
+    let changed = tmp.path().join("api.toml");
+    let spec = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace("keep_releases = 3", "keep_releases = 5");
+    std::fs::write(&changed, spec).unwrap();
+    let out = run(vec![
+        "app".into(),
+        "apply".into(),
+        changed.display().to_string(),
+        "--json".into(),
+    ])
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"name": "api", "revision": 2, "changed": true})
+    );
+
+    let out = run(vec!["app".into(), "list".into(), "--json".into()])
+        .await
+        .unwrap();
+    let apps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(apps[0]["name"], "api");
+    assert_eq!(apps[0]["workers"], serde_json::json!(["bot"]));
+    assert_eq!(apps[0]["updated_by"], "admin");
+    let out = run(vec!["app".into(), "show".into(), "api".into()])
+        .await
+        .unwrap();
+    assert!(
+        text(&out.stdout).contains("keep_releases = 5"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(vec!["app".into(), "show".into(), "nope".into()])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(68), "{}", text(&out.stderr));
+
+    // An invalid spec: exit 65, one line naming the file and the key; nothing stored.
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"api\"\nimage = \"acme/api:v1\"\n[web]\nport = 8000\nlisten = \"0.0.0.0:80\"\n",
+    )
+    .unwrap();
+    let out = run(vec![
+        "app".into(),
+        "apply".into(),
+        bad.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("`image`"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(
+        controller
+            .shared
+            .store
+            .app("api")
+            .unwrap()
+            .unwrap()
+            .revision,
+        2
+    );
+
+    // A viewer reads but may not apply.
+    let (key_pem, csr_pem) = new_key_and_csr("vic").unwrap();
+    let issued = controller
+        .admin()
+        .create_operator(v1::CreateOperatorRequest {
+            name: "vic".into(),
+            role: "viewer".into(),
+            csr_pem,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let viewer = tmp.path().join("viewer");
+    Bundle {
+        ca_pem: issued.ca_pem,
+        cert_pem: issued.cert_pem,
+        key_pem,
+    }
+    .save(&viewer)
+    .unwrap();
+    let (a, v, ex) = (addr.clone(), viewer.clone(), example.clone());
+    let out = tokio::task::spawn_blocking(move || drover(&a, &v, &["app", "apply", &ex]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(77), "{}", text(&out.stderr));
+    let (a, v) = (addr.clone(), viewer.clone());
+    let out = tokio::task::spawn_blocking(move || drover(&a, &v, &["app", "list"]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out.stdout).contains("api"),
+        "{}",
+        text(&out.stdout)
+    );
+    controller.stop().await;
+}
