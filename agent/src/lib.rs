@@ -13,6 +13,7 @@ pub mod docker;
 pub mod enroll;
 pub mod error;
 pub mod health;
+pub mod lock;
 pub mod proxy;
 mod session;
 pub mod store;

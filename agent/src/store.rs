@@ -1,4 +1,4 @@
-//! The agent's durable state in sled: the event outbox and a few markers. The only module of
+//! The agent's durable state in sled: the event outbox, deploy locks and a few markers. The only module of
 //! the agent that knows it is sled.
 //!
 //! Every write that must survive a crash is flushed before the caller is told it happened.
@@ -10,6 +10,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+
+use crate::lock::{Decision, Lease, decide};
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &[u8] = b"schema_version";
@@ -61,6 +63,7 @@ pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
     outbox: sled::Tree,
+    locks: sled::Tree,
     // Serialises sequence assignment so numbers stay consecutive.
     last_seq: Mutex<u64>,
 }
@@ -106,6 +109,7 @@ impl Store {
             })?;
         let meta = db.open_tree("meta")?;
         let outbox = db.open_tree("outbox")?;
+        let locks = db.open_tree("locks")?;
         match u64_of(meta.get(KEY_SCHEMA)?)? {
             0 => {
                 meta.insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
@@ -119,6 +123,7 @@ impl Store {
             db,
             meta,
             outbox,
+            locks,
             last_seq: Mutex::new(last_seq),
         })
     }
@@ -215,6 +220,46 @@ impl Store {
         Ok(())
     }
 
+    /// Takes or renews `app`'s deploy lock for `holder` (compare-and-swap, flushed), or says
+    /// who holds it. See [`crate::lock::decide`].
+    pub async fn lock(
+        &self,
+        app: &str,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Decision, StoreError> {
+        loop {
+            let old = self.locks.get(app)?;
+            let existing: Option<Lease> = old
+                .as_ref()
+                .map(|v| serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .transpose()?;
+            let decision = decide(existing.as_ref(), app, holder, now_ms, lease_ms);
+            let Decision::Grant(lease) = &decision else {
+                return Ok(decision);
+            };
+            let new = serde_json::to_vec(lease).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if self.locks.compare_and_swap(app, old, Some(new))?.is_ok() {
+                self.flush_durable().await?;
+                return Ok(decision);
+            }
+        }
+    }
+
+    /// Releases `app`'s lock if `holder` holds it.
+    pub async fn unlock(&self, app: &str, holder: &str) -> Result<(), StoreError> {
+        if let Some(old) = self.locks.get(app)? {
+            let lease: Lease =
+                serde_json::from_slice(&old).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if lease.holder == holder {
+                let _ = self.locks.compare_and_swap(app, Some(old), None::<&[u8]>)?;
+                self.flush_durable().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// How many events wait for acknowledgement.
     pub fn pending_count(&self) -> usize {
         self.outbox.len()
@@ -291,6 +336,47 @@ mod tests {
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
         assert_eq!(store.pending_count(), 200);
+    }
+
+    #[tokio::test]
+    async fn deploy_locks_survive_a_restart_and_expire_by_lease() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            assert!(matches!(
+                store.lock("api", "job-1", 1_000, 60_000).await.unwrap(),
+                Decision::Grant(_)
+            ));
+        }
+        // The agent "crashed"; after a restart the lock is still held...
+        let store = Store::open(tmp.path()).unwrap();
+        match store.lock("api", "job-2", 2_000, 60_000).await.unwrap() {
+            Decision::Held(lease) => assert_eq!(
+                (lease.holder.as_str(), lease.since_unix_ms),
+                ("job-1", 1_000)
+            ),
+            other => panic!("{other:?}"),
+        }
+        // ...other apps are independent...
+        assert!(matches!(
+            store.lock("web", "job-2", 2_000, 60_000).await.unwrap(),
+            Decision::Grant(_)
+        ));
+        // ...and once the lease runs out, the next deploy takes it.
+        assert!(matches!(
+            store.lock("api", "job-2", 61_001, 60_000).await.unwrap(),
+            Decision::Grant(_)
+        ));
+        store.unlock("api", "job-1").await.unwrap(); // not the holder any more: no effect
+        assert!(matches!(
+            store.lock("api", "job-3", 61_002, 60_000).await.unwrap(),
+            Decision::Held(_)
+        ));
+        store.unlock("api", "job-2").await.unwrap();
+        assert!(matches!(
+            store.lock("api", "job-3", 61_003, 60_000).await.unwrap(),
+            Decision::Grant(_)
+        ));
     }
 
     #[test]
