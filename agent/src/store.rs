@@ -1,5 +1,5 @@
-//! The agent's durable state in sled: the event outbox, deploy locks and a few markers. The only module of
-//! the agent that knows it is sled.
+//! The agent's durable state in sled: the event outbox, deploy locks and a few markers. The
+//! only module of the agent that knows it is sled.
 //!
 //! Every write that must survive a crash is flushed before the caller is told it happened.
 //! Events get consecutive sequence numbers starting at 1; they stay in the outbox until the
