@@ -147,6 +147,26 @@ impl TestController {
         )
     }
 
+    /// Issues a viewer identity named `name` through the operator API (key made here).
+    pub async fn viewer(&self, name: &str) -> Bundle {
+        let (key_pem, csr_pem) = drover_identity::pki::new_key_and_csr(name).expect("key and CSR");
+        let issued = self
+            .admin()
+            .create_operator(v1::CreateOperatorRequest {
+                name: name.to_string(),
+                role: "viewer".into(),
+                csr_pem,
+            })
+            .await
+            .expect("create viewer")
+            .into_inner();
+        Bundle {
+            ca_pem: issued.ca_pem,
+            cert_pem: issued.cert_pem,
+            key_pem,
+        }
+    }
+
     /// An operator API client with the admin bundle.
     pub fn admin(&self) -> OperatorServiceClient<Channel> {
         self.operator(&self.admin_dir())
@@ -501,4 +521,32 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Runs the real `drover` CLI against `addr` with the identity in `identity` (its own HOME,
+/// so the user's ~/.config/drover stays out of the test).
+pub fn drover_cli(addr: &str, identity: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin("drover"))
+        .args(args)
+        .env("DROVER_CONTROLLER", addr)
+        .env("DROVER_IDENTITY", identity)
+        .env("HOME", identity)
+        .output()
+        .expect("run drover")
+}
+
+/// Opens a WebSocket to `ws://{addr}/ws`, sends `text` and asserts it comes back.
+pub async fn assert_ws_echo(addr: SocketAddr, text: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("WebSocket upgrade");
+    ws.send(Message::text(text)).await.expect("send");
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("an echo within 5s")
+        .expect("a message")
+        .expect("a good message");
+    assert_eq!(echoed, Message::text(text));
 }

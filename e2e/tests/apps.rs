@@ -2,22 +2,8 @@
 //! versions, list and show read back, invalid specs name the file and key, viewers only read.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use drover_e2e::{TestController, bin, fast_controller_config, init};
-use drover_identity::files::Bundle;
-use drover_identity::pki::new_key_and_csr;
-use drover_proto::v1;
-
-fn drover(addr: &str, identity: &Path, args: &[&str]) -> Output {
-    Command::new(bin("drover"))
-        .args(args)
-        .env("DROVER_CONTROLLER", addr)
-        .env("DROVER_IDENTITY", identity)
-        .env("HOME", identity)
-        .output()
-        .unwrap()
-}
+use drover_e2e::{TestController, drover_cli as drover, fast_controller_config, init};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -119,25 +105,8 @@ async fn apply_list_show_and_refusals() {
     );
 
     // A viewer reads but may not apply.
-    let (key_pem, csr_pem) = new_key_and_csr("vic").unwrap();
-    let issued = controller
-        .admin()
-        .create_operator(v1::CreateOperatorRequest {
-            name: "vic".into(),
-            role: "viewer".into(),
-            csr_pem,
-        })
-        .await
-        .unwrap()
-        .into_inner();
     let viewer = tmp.path().join("viewer");
-    Bundle {
-        ca_pem: issued.ca_pem,
-        cert_pem: issued.cert_pem,
-        key_pem,
-    }
-    .save(&viewer)
-    .unwrap();
+    controller.viewer("vic").await.save(&viewer).unwrap();
     let (a, v, ex) = (addr.clone(), viewer.clone(), example.clone());
     let out = tokio::task::spawn_blocking(move || drover(&a, &v, &["app", "apply", &ex]))
         .await

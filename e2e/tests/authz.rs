@@ -5,7 +5,7 @@ use std::time::Duration;
 use drover_agent::error::describe_transport;
 use drover_e2e::{TestAgent, TestController, fast_controller_config, init, operator_client};
 use drover_identity::files::Bundle;
-use drover_identity::pki::{Ca, new_key_and_csr, unix_now};
+use drover_identity::pki::{Ca, unix_now};
 use drover_identity::tls::{ClientCert, Trust, channel, client_config};
 use drover_identity::{Identity, Role};
 use drover_proto::v1;
@@ -182,22 +182,7 @@ async fn roles_and_services_are_enforced() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
     // A viewer reads but may not change anything.
-    let (key_pem, csr_pem) = new_key_and_csr("vic").unwrap();
-    let issued = controller
-        .admin()
-        .create_operator(v1::CreateOperatorRequest {
-            name: "vic".into(),
-            role: "viewer".into(),
-            csr_pem,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let viewer = Bundle {
-        ca_pem: issued.ca_pem,
-        cert_pem: issued.cert_pem,
-        key_pem,
-    };
+    let viewer = controller.viewer("vic").await;
     let mut viewer_api = operator_client(&addr, &viewer);
     let hosts = viewer_api
         .list_hosts(v1::ListHostsRequest {})

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use drover_e2e::{bin, free_port};
+use drover_e2e::{bin, drover_cli as drover, free_port};
 
 struct Daemon(Child);
 
@@ -33,16 +33,6 @@ fn sigterm_and_wait(daemon: &mut Daemon) -> (Duration, std::process::ExitStatus)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn drover(addr: &str, identity: &Path, args: &[&str]) -> Output {
-    Command::new(bin("drover"))
-        .args(args)
-        .env("DROVER_CONTROLLER", addr)
-        .env("DROVER_IDENTITY", identity)
-        .env("HOME", identity) // keep the user's own ~/.config/drover out of the test
-        .output()
-        .unwrap()
 }
 
 fn wait_until(what: &str, patience: Duration, mut check: impl FnMut() -> bool) {

@@ -8,10 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use drover_agent::proxy::{Proxy, Upstream};
-use drover_e2e::{Container, docker_available, eventually, http, testapp_image};
-use futures_util::{SinkExt, StreamExt};
+use drover_e2e::{Container, assert_ws_echo, docker_available, eventually, http, testapp_image};
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 async fn app(tag: &str, args: &[&str]) -> (Container, SocketAddr) {
@@ -128,16 +126,7 @@ async fn websockets_headers_and_errors_through_the_proxy() {
     let upstream = Upstream::new(addr, "v1.0.0");
     proxy.switch(upstream.clone());
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{front}/ws"))
-        .await
-        .expect("upgrade through the proxy");
-    ws.send(Message::text("ping")).await.unwrap();
-    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(echoed, Message::text("ping"));
+    assert_ws_echo(front, "ping").await;
 
     let headers = http(front, "GET", "/headers").await.unwrap().1;
     assert!(headers.contains("x-forwarded-for: 127.0.0.1"), "{headers}");

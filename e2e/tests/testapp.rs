@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use drover_e2e::{Container, docker_available, eventually, http, testapp_image};
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use drover_e2e::{Container, assert_ws_echo, docker_available, eventually, http, testapp_image};
 
 async fn ready(c: &Container) -> std::net::SocketAddr {
     let addr = c.addr();
@@ -88,15 +86,6 @@ async fn the_test_app_echoes_websockets() {
     }
     let app = Container::run(&testapp_image("v1.1.0"), &[]);
     let addr = ready(&app).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .expect("upgrade");
-    ws.send(Message::text("hello")).await.unwrap();
-    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(echoed, Message::text("hello"));
+    assert_ws_echo(addr, "hello").await;
     assert_eq!(http(addr, "GET", "/").await.unwrap().1, "version=v1.1.0\n");
 }
