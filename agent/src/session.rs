@@ -324,8 +324,15 @@ async fn handle_inbound(
             let now = now_ms();
             let rtt = (now - hb.agent_sent_unix_ms).max(0);
             let offset = hb.controller_unix_ms - (hb.agent_sent_unix_ms + rtt / 2);
+            let first = live.clock_offset_ms.is_none();
             live.clock_offset_ms = Some(offset);
             ctx.status.send_modify(|s| s.clock_offset_ms = Some(offset));
+            if first {
+                // The first measurement completes the report: send it now rather than at the
+                // next periodic report.
+                let facts = ctx.facts.borrow().clone();
+                send_health(ctx, live, facts, true).await?;
+            }
         }
         Some(In::Renew(renew)) => {
             let Some(key_pem) = live.pending_key.take() else {
