@@ -26,6 +26,11 @@ use crate::health::DockerFacts;
 /// stall health reporting.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// bollard's bound on one request until the Engine answers. Stopping a container answers only
+/// once it has stopped (after its grace period), so this must be long: bollard's own default,
+/// also what `connect_with_local_defaults` uses. Probes carry the short bound above.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("cannot reach the Docker Engine at {socket}: {message}")]
@@ -105,19 +110,23 @@ impl DockerClient {
             socket: self.shown.clone(),
             message: e.to_string(),
         };
-        let raw = if self.socket.is_empty() {
+        let raw = self.unconnected().map_err(fail)?;
+        let negotiated = raw.negotiate_version().await.map_err(fail)?;
+        *guard = Some(negotiated.clone());
+        Ok(negotiated)
+    }
+
+    /// A bollard client for the configured socket; no I/O yet.
+    fn unconnected(&self) -> Result<Docker, bollard::errors::Error> {
+        if self.socket.is_empty() {
             Docker::connect_with_local_defaults()
         } else {
             Docker::connect_with_unix(
                 &self.shown,
-                PROBE_TIMEOUT.as_secs(),
+                REQUEST_TIMEOUT.as_secs(),
                 bollard::API_DEFAULT_VERSION,
             )
         }
-        .map_err(fail)?;
-        let negotiated = raw.negotiate_version().await.map_err(fail)?;
-        *guard = Some(negotiated.clone());
-        Ok(negotiated)
     }
 
     /// Pings the Engine, reads its version and counts containers. Never fails: an error is
@@ -425,6 +434,18 @@ mod tests {
         }
         assert!(!facts.version.is_empty());
         assert!(facts.containers_running <= facts.containers_total);
+    }
+
+    #[tokio::test]
+    async fn a_configured_socket_allows_requests_longer_than_a_stop_grace_period() {
+        // A short bound here would cut `stop()` off while the container is still in its grace
+        // period; the configured socket must behave like the default one.
+        let configured = connect("unix:///var/run/docker.sock")
+            .unconnected()
+            .unwrap();
+        let default = connect("").unconnected().unwrap();
+        assert_eq!(configured.timeout(), REQUEST_TIMEOUT);
+        assert_eq!(default.timeout(), REQUEST_TIMEOUT);
     }
 
     #[tokio::test]
