@@ -81,13 +81,23 @@ impl Thresholds {
                 "must not exceed memory_degraded_available_percent".into(),
             ));
         }
-        if self.load_degraded_per_cpu <= 0.0
+        if !self.load_degraded_per_cpu.is_finite() || self.load_degraded_per_cpu <= 0.0 {
+            return Err((
+                "health.load_degraded_per_cpu",
+                format!("{} must be a number above 0", self.load_degraded_per_cpu),
+            ));
+        }
+        if self.load_unhealthy_per_cpu.is_nan()
             || self.load_unhealthy_per_cpu < self.load_degraded_per_cpu
         {
             return Err((
                 "health.load_unhealthy_per_cpu",
-                "must be at least load_degraded_per_cpu, which must be above 0".into(),
+                "must be at least load_degraded_per_cpu".into(),
             ));
+        }
+        // A zero limit would call every measured offset degraded.
+        if self.clock_degraded_offset.is_zero() {
+            return Err(("health.clock_degraded_offset", "must be above 0".into()));
         }
         if self.clock_unhealthy_offset < self.clock_degraded_offset {
             return Err((
@@ -194,8 +204,18 @@ fn disk_status(d: &Disk, t: &Thresholds) -> Status {
     }
 }
 
-/// Turns facts into checks, in a stable order: disk (the worst mount decides), memory
-/// (available %), load (5-minute load per CPU), docker, certificate, clock.
+/// Turns facts into checks, in a stable order. Percent limits trip when the value falls
+/// below them; load, clock and certificate limits trip when the value reaches them.
+/// - `disk`: per mount, free below `disk_unhealthy_free_percent` is unhealthy; free below
+///   `disk_degraded_free_percent` or below `disk_min_free_bytes` is degraded (a small disk
+///   never reaches the byte limit's percentage, so bytes alone do not make it unhealthy). The
+///   worst mount decides; no mount at all is degraded.
+/// - `memory`: MemAvailable as a percentage of MemTotal; an unknown total is degraded.
+/// - `load`: 5-minute load average per CPU.
+/// - `docker`: an unreachable Engine is unhealthy, with the probe's error as the reason.
+/// - `certificate`: none or expired is unhealthy; expiring within
+///   `cert_degraded_before_expiry` is degraded (renewal should have happened by then).
+/// - `clock`: the absolute offset from the controller; not measured yet is healthy.
 pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
     let mut checks = Vec::with_capacity(6);
 
@@ -248,11 +268,15 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
     checks.push(check(
         "memory",
         mem_status,
-        format!(
-            "{} available of {} ({avail:.1}%)",
-            gib(facts.mem_available_bytes),
-            gib(facts.mem_total_bytes)
-        ),
+        if facts.mem_total_bytes == 0 {
+            "memory size unknown (/proc/meminfo unreadable)".to_string()
+        } else {
+            format!(
+                "{} available of {} ({avail:.1}%)",
+                gib(facts.mem_available_bytes),
+                gib(facts.mem_total_bytes)
+            )
+        },
     ));
 
     let per_cpu = facts.load5 / f64::from(facts.cpus.max(1));
@@ -414,11 +438,33 @@ pub fn parse_mounts(text: &str) -> Vec<String> {
             continue;
         };
         if REAL_FS.contains(&fs) && seen.insert(device.to_string()) {
-            // /proc/mounts escapes spaces and such as octal (\040).
-            out.push(mount.replace("\\040", " "));
+            out.push(unescape_mount(mount));
         }
     }
     out
+}
+
+/// The kernel writes space, tab, newline and backslash in mount points as octal (`\040`).
+fn unescape_mount(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| {
+            bytes[i] == b'\\' && d[0] <= b'3' && d.iter().all(|c| (b'0'..=b'7').contains(c))
+        });
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn disk_usage(mount: &str) -> Option<Disk> {
@@ -566,6 +612,17 @@ mod tests {
             (mem(10), mem(9), mem(5), mem(4)),
             (Healthy, Degraded, Degraded, Unhealthy)
         );
+        let mut unknown = facts();
+        unknown.mem_total_bytes = 0;
+        unknown.mem_available_bytes = 0;
+        let c = evaluate(&unknown, &Thresholds::default()).remove(1);
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (Degraded, "memory size unknown (/proc/meminfo unreadable)")
+        );
+        let mut none = facts();
+        none.disks.clear();
+        assert_eq!(status_of(&none, "disk"), Degraded);
 
         let load = |l5: f64| {
             let mut f = facts();
@@ -655,10 +712,11 @@ mod tests {
         assert_eq!(parse_uptime("12345.67 2345.00\n"), Some(12345));
         let mounts = "/dev/vda / ext4 rw 0 0\nproc /proc proc rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n\
                       /dev/vda /etc/hosts ext4 rw 0 0\n/dev/vdb /srv/my\\040data xfs rw 0 0\n\
-                      overlay /var/lib/docker/x overlay rw 0 0\n";
+                      overlay /var/lib/docker/x overlay rw 0 0\n\
+                      /dev/vdc /mnt/a\\134b\\011c\\777 btrfs rw 0 0\n";
         assert_eq!(
             parse_mounts(mounts),
-            vec!["/".to_string(), "/srv/my data".to_string()]
+            ["/", "/srv/my data", "/mnt/a\\b\tc\\777"]
         );
     }
 
@@ -686,6 +744,42 @@ mod tests {
             ..Thresholds::default()
         };
         assert_eq!(t.validate().unwrap_err().0, "health.load_unhealthy_per_cpu");
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let t = Thresholds {
+                load_degraded_per_cpu: bad,
+                ..Thresholds::default()
+            };
+            assert_eq!(t.validate().unwrap_err().0, "health.load_degraded_per_cpu");
+        }
+        let t = Thresholds {
+            load_unhealthy_per_cpu: f64::NAN,
+            ..Thresholds::default()
+        };
+        assert_eq!(t.validate().unwrap_err().0, "health.load_unhealthy_per_cpu");
+        let t = Thresholds {
+            clock_degraded_offset: Duration::ZERO,
+            ..Thresholds::default()
+        };
+        assert_eq!(t.validate().unwrap_err().0, "health.clock_degraded_offset");
+        let t = Thresholds {
+            clock_unhealthy_offset: Duration::from_millis(500),
+            ..Thresholds::default()
+        };
+        assert_eq!(t.validate().unwrap_err().0, "health.clock_unhealthy_offset");
+        let t = Thresholds {
+            disk_degraded_free_percent: -1.0,
+            ..Thresholds::default()
+        };
+        assert_eq!(
+            t.validate().unwrap_err().0,
+            "health.disk_degraded_free_percent"
+        );
+        // Equal limits are allowed: no degraded band.
+        let t = Thresholds {
+            memory_unhealthy_available_percent: 10.0,
+            ..Thresholds::default()
+        };
+        assert!(t.validate().is_ok());
     }
 
     #[test]
