@@ -1,11 +1,11 @@
-//! `drover-bench-agents`: benchmarks recorded in BENCHMARKS.md. `fleet` runs the real controller
-//! binary against N simulated agents (each its own mTLS connection, in this one process);
-//! `agent-idle` watches a real idle agent's memory and CPU.
+//! `drover-bench-agents`: hand-run benchmarks recorded in BENCHMARKS.md. `fleet` runs the real
+//! controller binary against N simulated agents (each its own mTLS connection and session, all in
+//! this one process); `agent-idle` watches a real idle agent's memory and CPU.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -17,98 +17,238 @@ use drover_proto::v1;
 use drover_proto::v1::agent_message::Msg as Out;
 use drover_proto::v1::controller_message::Msg as In;
 use futures::StreamExt;
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "drover-bench-agents",
-    about = "Drover benchmarks (see BENCHMARKS.md)"
+    about = "Drover benchmarks, run by hand (see BENCHMARKS.md)"
 )]
 struct Args {
+    /// Print the results as one JSON object on stdout (the summary goes to stderr).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// One controller, N simulated agents: memory per agent, CPU, connect and reconnect times.
+    /// One real controller, N simulated agents: memory per agent, CPU, connect and reconnect.
     Fleet {
         #[arg(long, default_value_t = 2000)]
         agents: usize,
-        /// Steady-state window, seconds.
-        #[arg(long, default_value_t = 60)]
-        steady: u64,
-        #[arg(long, default_value = "target/release")]
-        bin_dir: PathBuf,
+        /// Steady-state measuring window (e.g. 60s, 2m; a bare number is seconds).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        steady: Duration,
+        /// Pause between "all connected" and the steady window.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        settle: Duration,
+        /// Enrollments in flight at once.
+        #[arg(long, default_value_t = 32)]
+        enroll_concurrency: usize,
+        /// How long to wait for all agents to connect, in each phase, before failing.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        patience: Duration,
+        #[arg(long, default_value = "target/release/drover-controller")]
+        controller_bin: PathBuf,
     },
-    /// A real idle agent: RSS and CPU over a window.
+    /// A real, idle, enrolled agent with its default configuration: RSS and CPU over a window.
     AgentIdle {
-        /// Window, seconds.
-        #[arg(long, default_value_t = 600)]
-        duration: u64,
-        #[arg(long, default_value = "target/release")]
-        bin_dir: PathBuf,
+        /// Measuring window (e.g. 600s, 10m; a bare number is seconds).
+        #[arg(long, default_value = "600s", value_parser = parse_duration)]
+        duration: Duration,
+        /// RSS sampling period.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        every: Duration,
+        /// Start-up time left out of the window.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        settle: Duration,
+        #[arg(long, default_value = "target/release/drover-controller")]
+        controller_bin: PathBuf,
+        #[arg(long, default_value = "target/release/drover-agent")]
+        agent_bin: PathBuf,
     },
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    drover_identity::tls::install_crypto_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let report = rt.block_on(async {
-        match args.command {
-            Cmd::Fleet {
-                agents,
-                steady,
-                bin_dir,
-            } => fleet(agents, steady, &bin_dir).await,
-            Cmd::AgentIdle { duration, bin_dir } => agent_idle(duration, &bin_dir).await,
-        }
-    })?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
-}
-
-// --- process measurements -------------------------------------------------------------------
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
-}
-
-/// utime + stime of a process, in seconds (clock ticks of 1/100 s on Linux).
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("bad stat")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After the ')' field 3 (state) is index 0, so utime (14) is index 11, stime (15) index 12.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}")),
     }
 }
 
-fn sigterm(child: &mut Child) -> Result<Duration> {
-    let started = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    child.wait()?;
-    Ok(started.elapsed())
+fn main() {
+    let args = Args::parse();
+    drover_identity::tls::install_crypto_provider();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+        .and_then(|rt| {
+            rt.block_on(async {
+                match args.command {
+                    Cmd::Fleet {
+                        agents,
+                        steady,
+                        settle,
+                        enroll_concurrency,
+                        patience,
+                        controller_bin,
+                    } => {
+                        fleet(FleetOpts {
+                            n: agents,
+                            steady,
+                            settle,
+                            enroll_concurrency,
+                            patience,
+                            controller_bin,
+                        })
+                        .await
+                    }
+                    Cmd::AgentIdle {
+                        duration,
+                        every,
+                        settle,
+                        controller_bin,
+                        agent_bin,
+                    } => agent_idle(duration, every, settle, &controller_bin, &agent_bin).await,
+                }
+            })
+        });
+    match result {
+        Ok(report) => {
+            if args.json {
+                eprintln!("{}", report.summary);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report.json).unwrap_or_default()
+                );
+            } else {
+                println!("{}", report.summary);
+            }
+        }
+        Err(err) => {
+            eprintln!("drover-bench-agents: FAILED: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+struct Report {
+    summary: String,
+    json: serde_json::Value,
+}
+
+// --- processes and /proc --------------------------------------------------------------------
+
+/// One field (in KiB) of /proc/<pid>/status, e.g. `VmRSS`.
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// Clock ticks per second for /proc/<pid>/stat (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("bad /proc/PID/stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the ')' the state (field 3) is index 0: utime (14) is index 11, stime (15) index 12.
+    let ticks = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / clock_ticks())
+}
+
+/// A child process, killed if still running when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, args: &[&str], log: &Path) -> Result<Proc> {
+        let out = std::fs::File::create(log)?;
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (build it first: cargo build --release --workspace --bins)",
+                    bin.display()
+                )
+            })?;
+        Ok(Proc {
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last lines of the process's output, for error messages.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(15);
+        format!(
+            "last lines of {}:\n{}",
+            self.log.display(),
+            lines[from..].join("\n")
+        )
+    }
+
+    /// SIGTERM (through kill(1): this workspace has no unsafe code), then waits for the exit.
+    fn terminate(&mut self) -> Result<(Duration, ExitStatus)> {
+        let started = Instant::now();
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        if !sent.success() {
+            bail!("kill -TERM {} failed", self.pid());
+        }
+        let status = self.child.wait()?;
+        Ok((started.elapsed(), status))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn free_port() -> Result<u16> {
@@ -117,26 +257,26 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn start_controller(bin_dir: &Path, data: &Path, addr: &str) -> Result<Proc> {
-    let child = Command::new(bin_dir.join("drover-controller"))
-        .args(["run", "--listen", addr, "--data-dir"])
-        .arg(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| {
-            format!(
-                "starting {}/drover-controller (cargo build --release --workspace --bins)",
-                bin_dir.display()
-            )
-        })?;
-    Ok(Proc(child))
+fn start_controller(bin: &Path, data: &Path, addr: &str, log: &Path) -> Result<Proc> {
+    let data = data.to_str().context("data dir is not UTF-8")?;
+    Proc::spawn(
+        bin,
+        &[
+            "run",
+            "--data-dir",
+            data,
+            "--listen",
+            addr,
+            "--log-format",
+            "text",
+        ],
+        log,
+    )
 }
 
-fn operator(
-    addr: &str,
-    dir: &Path,
-) -> Result<v1::operator_service_client::OperatorServiceClient<tonic::transport::Channel>> {
+type OperatorClient = v1::operator_service_client::OperatorServiceClient<tonic::transport::Channel>;
+
+fn operator(addr: &str, dir: &Path) -> Result<OperatorClient> {
     let b = Bundle::load(dir)?;
     let config = client_config(
         &Trust::Ca(b.ca_pem),
@@ -145,24 +285,56 @@ fn operator(
             key_pem: b.key_pem,
         }),
     )?;
-    Ok(v1::operator_service_client::OperatorServiceClient::new(
-        channel(addr, config, Duration::from_secs(5))?,
-    ))
+    Ok(OperatorClient::new(channel(
+        addr,
+        config,
+        Duration::from_secs(5),
+    )?))
 }
 
-async fn wait_serving(addr: &str, admin: &Path) -> Result<Instant> {
+/// Waits until the admin bundle exists and an operator call succeeds.
+async fn wait_serving(controller: &mut Proc, addr: &str, admin: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if admin.join("key.pem").exists()
             && let Ok(mut api) = operator(addr, admin)
             && api.who_am_i(v1::WhoAmIRequest {}).await.is_ok()
         {
-            return Ok(Instant::now());
+            return Ok(());
+        }
+        if let Some(status) = controller.exited() {
+            bail!(
+                "the controller exited ({status}); {}",
+                controller.log_tail()
+            );
         }
         if Instant::now() > deadline {
-            bail!("the controller did not serve within 30s");
+            bail!(
+                "the controller did not serve within 30s; {}",
+                controller.log_tail()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until a plain TCP connect to `addr` succeeds: the listener is bound and accepting.
+async fn wait_accepting(controller: &mut Proc, addr: &str) -> Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(Instant::now());
+        }
+        if let Some(status) = controller.exited() {
+            bail!(
+                "the controller exited ({status}); {}",
+                controller.log_tail()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the controller did not listen within 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -173,37 +345,64 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    percentile(v, 50.0)
+}
+
+/// Nearest-rank percentile; 0 for an empty slice.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 // --- fleet ----------------------------------------------------------------------------------
 
-/// Enrolls `n` hosts through the real Enrollment RPC; returns their bundles.
-async fn enroll_fleet(addr: &str, admin: &Path, n: usize) -> Result<Vec<(String, Bundle)>> {
+struct FleetOpts {
+    n: usize,
+    steady: Duration,
+    settle: Duration,
+    enroll_concurrency: usize,
+    patience: Duration,
+    controller_bin: PathBuf,
+}
+
+/// Enrolls `n` hosts `bench-0001`… through the real Enrollment RPC (a token from the operator
+/// API, a fresh key and CSR per host); returns their names and bundles, in order.
+async fn enroll_fleet(
+    addr: &str,
+    admin: &Path,
+    n: usize,
+    concurrency: usize,
+) -> Result<Vec<(String, Bundle)>> {
     let api = operator(addr, admin)?;
     let ca_pem = Bundle::load(admin)?.ca_pem;
-    let results = futures::stream::iter(0..n)
+    let enroll_config = client_config(&Trust::Ca(ca_pem.clone()), None)?;
+    let mut results = futures::stream::iter(1..=n)
         .map(|i| {
             let mut api = api.clone();
             let ca_pem = ca_pem.clone();
+            let enroll_config = enroll_config.clone();
             let addr = addr.to_string();
             async move {
-                let host = format!("bench-{i:05}");
+                let host = format!("bench-{i:04}");
                 let token = api
                     .create_token(v1::CreateTokenRequest {
                         host: host.clone(),
                         ..Default::default()
                     })
-                    .await?
+                    .await
+                    .with_context(|| format!("{host}: CreateToken"))?
                     .into_inner()
                     .token;
                 let (key_pem, csr_pem) = new_key_and_csr(&host)?;
-                let config = client_config(&Trust::Ca(ca_pem.clone()), None)?;
                 let mut enroll = v1::enrollment_client::EnrollmentClient::new(channel(
                     &addr,
-                    config,
+                    enroll_config,
                     Duration::from_secs(10),
                 )?);
                 let resp = enroll
@@ -213,9 +412,11 @@ async fn enroll_fleet(addr: &str, admin: &Path, n: usize) -> Result<Vec<(String,
                         host: host.clone(),
                         labels: Default::default(),
                     })
-                    .await?
+                    .await
+                    .with_context(|| format!("{host}: Enroll"))?
                     .into_inner();
                 anyhow::Ok((
+                    i,
                     host,
                     Bundle {
                         ca_pem,
@@ -225,14 +426,107 @@ async fn enroll_fleet(addr: &str, admin: &Path, n: usize) -> Result<Vec<(String,
                 ))
             }
         })
-        .buffer_unordered(32)
+        .buffer_unordered(concurrency)
         .collect::<Vec<_>>()
-        .await;
-    results.into_iter().collect()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    results.sort_by_key(|(i, _, _)| *i);
+    Ok(results.into_iter().map(|(_, h, b)| (h, b)).collect())
 }
 
-/// One simulated agent: session, Hello, heartbeats every 5 s, reconnect with the agent's backoff.
-async fn simulated_agent(addr: String, host: String, bundle: Bundle, welcomes: Arc<AtomicU64>) {
+/// What the simulated agents have seen, shared with the measuring code.
+struct Board {
+    base: Instant,
+    /// The phase Welcomes are counted for: 1 = cold start, 2 = after the controller restart.
+    epoch: AtomicU64,
+    /// Per agent: the epoch of its last Welcome.
+    seen: Vec<AtomicU64>,
+    /// Per epoch: agents welcomed, and the time of the last first-Welcome (ms since `base`).
+    welcomed: [AtomicU64; 3],
+    last_welcome_ms: [AtomicU64; 3],
+    /// Every Welcome, so reconnects in the steady window show.
+    sessions: AtomicU64,
+    heartbeats: AtomicU64,
+    acks: AtomicU64,
+    /// While set, heartbeat round trips are recorded (µs).
+    measuring: AtomicBool,
+    rtts_us: Mutex<Vec<u32>>,
+    last_error: Vec<Mutex<String>>,
+}
+
+impl Board {
+    fn new(n: usize) -> Board {
+        Board {
+            base: Instant::now(),
+            epoch: AtomicU64::new(0),
+            seen: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            welcomed: Default::default(),
+            last_welcome_ms: Default::default(),
+            sessions: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            acks: AtomicU64::new(0),
+            measuring: AtomicBool::new(false),
+            rtts_us: Mutex::new(Vec::new()),
+            last_error: (0..n).map(|_| Mutex::new(String::new())).collect(),
+        }
+    }
+
+    fn welcome(&self, idx: usize) {
+        self.sessions.fetch_add(1, Ordering::SeqCst);
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if self.seen[idx].swap(epoch, Ordering::SeqCst) != epoch {
+            let at = self.base.elapsed().as_millis() as u64;
+            self.last_welcome_ms[epoch as usize].fetch_max(at, Ordering::SeqCst);
+            self.welcomed[epoch as usize].fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Time (since `base`) of the last agent's first Welcome in `epoch`.
+    fn last_welcome(&self, epoch: usize) -> Duration {
+        Duration::from_millis(self.last_welcome_ms[epoch].load(Ordering::SeqCst))
+    }
+
+    /// Waits until every agent has a Welcome in `epoch`; else names the ones that do not.
+    async fn wait_all(&self, epoch: usize, hosts: &[String], patience: Duration) -> Result<()> {
+        let n = hosts.len() as u64;
+        let deadline = Instant::now() + patience;
+        while self.welcomed[epoch].load(Ordering::SeqCst) < n {
+            if Instant::now() > deadline {
+                let missing: Vec<String> = (0..hosts.len())
+                    .filter(|&i| self.seen[i].load(Ordering::SeqCst) != epoch as u64)
+                    .map(|i| {
+                        let err = self.last_error[i].lock().map(|e| e.clone());
+                        format!("{} ({})", hosts[i], err.unwrap_or_default())
+                    })
+                    .collect();
+                bail!(
+                    "only {} of {n} agents connected within {patience:?}; missing {}: {}",
+                    n as usize - missing.len(),
+                    missing.len(),
+                    missing
+                        .iter()
+                        .take(10)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+/// One simulated agent: its own TLS connection and session, Hello, a heartbeat every 5 s with a
+/// random phase, reading everything the controller sends, reconnecting with the agent's backoff.
+async fn simulated_agent(
+    addr: String,
+    idx: usize,
+    host: String,
+    bundle: Bundle,
+    board: Arc<Board>,
+) {
     let config = match client_config(
         &Trust::Ca(bundle.ca_pem.clone()),
         Some(&ClientCert {
@@ -241,187 +535,438 @@ async fn simulated_agent(addr: String, host: String, bundle: Bundle, welcomes: A
         }),
     ) {
         Ok(c) => c,
-        Err(e) => return eprintln!("{host}: {e}"),
+        Err(e) => {
+            *board.last_error[idx].lock().unwrap() = e.to_string();
+            return;
+        }
     };
     let mut attempt = 0u32;
     loop {
-        let result: Result<()> = async {
-            let mut client = v1::agent_service_client::AgentServiceClient::new(channel(&addr, config.clone(), Duration::from_secs(10))?);
-            let (tx, rx) = mpsc::channel(8);
-            tx.send(v1::AgentMessage { msg: Some(Out::Hello(v1::Hello { host: host.clone(), agent_version: "bench".into(), ..Default::default() })) }).await?;
-            let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
-            // A random phase spreads the fleet's heartbeats over the 5 s interval.
-            let phase = Duration::from_millis(rand::random::<u64>() % 5000);
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        tx.send(v1::AgentMessage { msg: Some(Out::Heartbeat(v1::Heartbeat { sent_unix_ms: now_ms() })) }).await?;
-                    }
-                    msg = inbound.message() => match msg? {
-                        Some(v1::ControllerMessage { msg: Some(In::Welcome(_)) }) => {
-                            attempt = 0;
-                            welcomes.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Some(_) => {}
-                        None => bail!("session closed"),
-                    }
-                }
-            }
+        let result = session(&addr, idx, &host, config.clone(), &board, &mut attempt).await;
+        if let Err(e) = result {
+            *board.last_error[idx].lock().unwrap() = format!("{e:#}");
         }
-        .await;
-        let _ = result;
         let delay = drover_agent::backoff::delay(
             attempt,
             Duration::from_millis(500),
             Duration::from_secs(60),
-            rand::random(),
+            rand::random::<f64>(),
         );
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(delay).await;
     }
 }
 
-async fn wait_count(counter: &AtomicU64, target: u64, patience: Duration) -> Result<Instant> {
-    let deadline = Instant::now() + patience;
-    while counter.load(Ordering::SeqCst) < target {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {target} sessions after {patience:?}",
-                counter.load(Ordering::SeqCst)
-            );
+async fn session(
+    addr: &str,
+    idx: usize,
+    host: &str,
+    config: rustls::ClientConfig,
+    board: &Board,
+    attempt: &mut u32,
+) -> Result<()> {
+    let mut client = v1::agent_service_client::AgentServiceClient::new(channel(
+        addr,
+        config,
+        Duration::from_secs(10),
+    )?);
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(v1::AgentMessage {
+        msg: Some(Out::Hello(v1::Hello {
+            host: host.to_string(),
+            agent_version: "bench".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .context("Session")?
+        .into_inner();
+    // A random phase spreads the fleet's heartbeats over the interval, as real agents drift.
+    let phase = Duration::from_millis(rand::random::<u64>() % 5000);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + phase, Duration::from_secs(5));
+    let mut last_sent: Option<(i64, Instant)> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let sent = now_ms();
+                last_sent = Some((sent, Instant::now()));
+                tx.send(v1::AgentMessage {
+                    msg: Some(Out::Heartbeat(v1::Heartbeat { sent_unix_ms: sent })),
+                })
+                .await?;
+                board.heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+            msg = inbound.message() => match msg.context("reading the session")? {
+                Some(v1::ControllerMessage { msg: Some(In::Welcome(_)) }) => {
+                    *attempt = 0;
+                    board.welcome(idx);
+                }
+                Some(v1::ControllerMessage { msg: Some(In::HeartbeatAck(ack)) }) => {
+                    board.acks.fetch_add(1, Ordering::Relaxed);
+                    if let Some((sent, at)) = last_sent
+                        && sent == ack.agent_sent_unix_ms
+                        && board.measuring.load(Ordering::Relaxed)
+                    {
+                        let us = at.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        board.rtts_us.lock().unwrap().push(us);
+                    }
+                }
+                Some(_) => {}
+                None => bail!("the controller ended the session"),
+            }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Ok(Instant::now())
 }
 
-async fn fleet(n: usize, steady: u64, bin_dir: &Path) -> Result<serde_json::Value> {
+async fn fleet(o: FleetOpts) -> Result<Report> {
+    let n = o.n;
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("controller");
     let addr = format!("127.0.0.1:{}", free_port()?);
     let admin = data.join("operator/admin");
-    let mut controller = start_controller(bin_dir, &data, &addr)?;
-    wait_serving(&addr, &admin).await?;
-    let started = Instant::now();
-    let fleet = enroll_fleet(&addr, &admin, n).await?;
-    let enroll_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let pid = controller.0.id();
-    let rss_baseline = rss_kib(pid)?;
-    eprintln!("enrolled {n} hosts in {enroll_secs:.1}s; controller RSS {rss_baseline} KiB");
 
-    let welcomes = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    for (host, bundle) in fleet {
+    let mut controller = start_controller(
+        &o.controller_bin,
+        &data,
+        &addr,
+        &tmp.path().join("controller-1.log"),
+    )?;
+    wait_serving(&mut controller, &addr, &admin).await?;
+    let pid = controller.pid();
+    eprintln!("controller pid {pid} serving on {addr}; enrolling {n} hosts");
+
+    let t = Instant::now();
+    let fleet = enroll_fleet(&addr, &admin, n, o.enroll_concurrency).await?;
+    let enroll_secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_baseline = rss_kib(pid)?;
+    eprintln!(
+        "enrolled {n} hosts in {enroll_secs:.2}s; controller baseline RSS {rss_baseline} KiB"
+    );
+
+    // Cold start: every agent dials at once.
+    let hosts: Vec<String> = fleet.iter().map(|(h, _)| h.clone()).collect();
+    let board = Arc::new(Board::new(n));
+    board.epoch.store(1, Ordering::SeqCst);
+    let started = board.base.elapsed();
+    for (idx, (host, bundle)) in fleet.into_iter().enumerate() {
         tokio::spawn(simulated_agent(
             addr.clone(),
+            idx,
             host,
             bundle,
-            welcomes.clone(),
+            board.clone(),
         ));
     }
-    let connected = wait_count(&welcomes, n as u64, Duration::from_secs(120)).await?;
-    let connect_secs = (connected - started).as_secs_f64();
-    eprintln!("all {n} connected from cold in {connect_secs:.2}s; steady state for {steady}s");
+    if let Err(e) = board.wait_all(1, &hosts, o.patience).await {
+        bail!("cold start: {e:#}; {}", controller.log_tail());
+    }
+    let connect_cold = board.last_welcome(1).saturating_sub(started);
+    eprintln!(
+        "all {n} connected from cold in {:.2}s; settling {:?}, then steady for {:?}",
+        connect_cold.as_secs_f64(),
+        o.settle,
+        o.steady
+    );
 
-    // Let start-up allocations settle, then measure a steady window.
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let cpu0 = cpu_secs(pid)?;
+    // Steady state.
+    tokio::time::sleep(o.settle).await;
+    let me = std::process::id();
+    let sessions0 = board.sessions.load(Ordering::SeqCst);
+    let acks0 = board.acks.load(Ordering::SeqCst);
+    let (cpu0, bench_cpu0) = (cpu_secs(pid)?, cpu_secs(me)?);
     let t0 = Instant::now();
-    let mut rss_samples = Vec::new();
-    while t0.elapsed() < Duration::from_secs(steady) {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+    board.measuring.store(true, Ordering::SeqCst);
+    let mut rss_samples = vec![rss_kib(pid)? as f64];
+    while t0.elapsed() < o.steady {
+        let left = o.steady.saturating_sub(t0.elapsed());
+        tokio::time::sleep(left.min(Duration::from_secs(5))).await;
         rss_samples.push(rss_kib(pid)? as f64);
     }
-    let cpu_percent = (cpu_secs(pid)? - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
-    let rss_steady = median(rss_samples);
+    let window = t0.elapsed().as_secs_f64();
+    let cpu_pct = (cpu_secs(pid)? - cpu0) / window * 100.0;
+    let bench_cpu_pct = (cpu_secs(me)? - bench_cpu0) / window * 100.0;
+    board.measuring.store(false, Ordering::SeqCst);
+    let acks = board.acks.load(Ordering::SeqCst) - acks0;
+    let reconnects_steady = board.sessions.load(Ordering::SeqCst) - sessions0;
+    let rtts: Vec<f64> = board
+        .rtts_us
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&us| us as f64 / 1000.0)
+        .collect();
+    let rss_steady = median(&rss_samples);
+    let rss_start = rss_samples[0];
+    let rss_end = rss_samples[rss_samples.len() - 1];
     let per_agent_kib = (rss_steady - rss_baseline as f64) / n as f64;
-    let bench_rss = rss_kib(std::process::id())?;
+    // RSS keeps creeping up while idle per-connection buffers get touched page by page (see
+    // BENCHMARKS.md): the window's end and its slope tell whether it has levelled off.
+    let per_agent_end_kib = (rss_end - rss_baseline as f64) / n as f64;
+    let growth_kib_per_min = (rss_end - rss_start) / (window / 60.0);
+    let bench_rss = rss_kib(me)?;
+    // The peak so far: the connect storm or the steady window, whichever was higher.
+    let hwm = status_kib(pid, "VmHWM")?;
+    let expected_acks = n as f64 * window / 5.0;
     eprintln!(
-        "steady: RSS {rss_steady} KiB ({per_agent_kib:.1} KiB per agent), CPU {cpu_percent:.2}% of a core"
+        "steady: RSS {rss_steady} KiB ({per_agent_kib:.1} KiB per agent), CPU {cpu_pct:.2}% of a \
+         core, {acks} heartbeat acks ({:.0}% of the expected {expected_acks:.0}), {reconnects_steady} reconnects",
+        acks as f64 / expected_acks * 100.0
     );
+    if reconnects_steady > 0 {
+        bail!("{reconnects_steady} sessions were re-established during the steady window");
+    }
 
-    let stop = sigterm(&mut controller.0)?;
-    let before = welcomes.load(Ordering::SeqCst);
-    let restarted_at = Instant::now();
-    let _controller = start_controller(bin_dir, &data, &addr)?;
-    let serving = wait_serving(&addr, &admin).await?;
-    let done = wait_count(&welcomes, before + n as u64, Duration::from_secs(120)).await?;
-    let reconnect_secs = (done - restarted_at).as_secs_f64();
-    let reconnect_from_serving = (done - serving).as_secs_f64();
+    // Restart: SIGTERM, then the same binary on the same port and data dir.
+    let (stop, exit) = controller.terminate()?;
+    if !exit.success() {
+        bail!(
+            "the controller exited with {exit} after SIGTERM; {}",
+            controller.log_tail()
+        );
+    }
+    board.epoch.store(2, Ordering::SeqCst);
+    let spawned = board.base.elapsed();
+    let mut controller = start_controller(
+        &o.controller_bin,
+        &data,
+        &addr,
+        &tmp.path().join("controller-2.log"),
+    )?;
+    let accepting = wait_accepting(&mut controller, &addr).await? - board.base;
+    if let Err(e) = board.wait_all(2, &hosts, o.patience).await {
+        bail!("after the restart: {e:#}; {}", controller.log_tail());
+    }
+    let last = board.last_welcome(2);
+    let reconnect_from_spawn = last.saturating_sub(spawned);
+    let reconnect_from_accept = last.saturating_sub(accepting);
+    let rss_after_reconnect = rss_kib(controller.pid())?;
     eprintln!(
-        "controller stopped in {:.2}s; all {n} reconnected {reconnect_secs:.2}s after the restart",
-        stop.as_secs_f64()
+        "controller exited {:.2}s after SIGTERM; all {n} reconnected {:.2}s after the new spawn \
+         ({:.2}s after it accepted connections)",
+        stop.as_secs_f64(),
+        reconnect_from_spawn.as_secs_f64(),
+        reconnect_from_accept.as_secs_f64()
     );
+    let (stop2, _) = controller.terminate()?;
 
-    Ok(serde_json::json!({
+    let kib_per_agent_goal = 64.0;
+    let reconnect_goal = 10.0;
+    let summary = format!(
+        "fleet: {n} simulated agents against one controller ({:?} steady window)\n\
+         \x20 enroll all ({} at a time)            {enroll_secs:>9.2} s\n\
+         \x20 controller RSS, enrolled, no sessions {:>9.1} MiB\n\
+         \x20 controller RSS, steady (median)       {:>9.1} MiB  (start {:.1}, end {:.1}, peak {:.1})\n\
+         \x20 controller memory per agent           {per_agent_kib:>9.1} KiB  (goal <= {kib_per_agent_goal}: {}); {per_agent_end_kib:.1} at the window's end\n\
+         \x20 controller RSS growth in the window   {growth_kib_per_min:>9.0} KiB/min\n\
+         \x20 controller CPU at steady state        {cpu_pct:>9.2} % of one core\n\
+         \x20 heartbeat acks in the window          {acks:>9}    ({:.1}% of expected), RTT median {:.2} ms, p99 {:.2} ms\n\
+         \x20 connect all from cold                 {:>9.2} s\n\
+         \x20 controller exit after SIGTERM         {:>9.2} s\n\
+         \x20 reconnect all after restart (spawn)   {:>9.2} s    (goal <= {reconnect_goal}: {})\n\
+         \x20 reconnect all after accepting         {:>9.2} s\n\
+         \x20 bench process: RSS {:.1} MiB, CPU {bench_cpu_pct:.1} % of one core in the window",
+        o.steady,
+        o.enroll_concurrency,
+        rss_baseline as f64 / 1024.0,
+        rss_steady / 1024.0,
+        rss_start / 1024.0,
+        rss_end / 1024.0,
+        hwm as f64 / 1024.0,
+        if per_agent_kib <= kib_per_agent_goal {
+            "met"
+        } else {
+            "MISSED"
+        },
+        acks as f64 / expected_acks * 100.0,
+        median(&rtts),
+        percentile(&rtts, 99.0),
+        connect_cold.as_secs_f64(),
+        stop.as_secs_f64(),
+        reconnect_from_spawn.as_secs_f64(),
+        if reconnect_from_spawn.as_secs_f64() <= reconnect_goal {
+            "met"
+        } else {
+            "MISSED"
+        },
+        reconnect_from_accept.as_secs_f64(),
+        bench_rss as f64 / 1024.0,
+    );
+    let json = json!({
+        "benchmark": "fleet",
         "agents": n,
+        "steady_window_secs": window,
         "enroll_all_secs": enroll_secs,
+        "enroll_concurrency": o.enroll_concurrency,
         "controller_rss_baseline_kib": rss_baseline,
-        "controller_rss_steady_kib": rss_steady,
+        "controller_rss_steady_median_kib": rss_steady,
+        "controller_rss_steady_start_kib": rss_start,
+        "controller_rss_steady_end_kib": rss_end,
+        "controller_rss_steady_samples_kib": rss_samples,
+        "controller_rss_peak_vmhwm_kib": hwm,
         "controller_kib_per_agent": per_agent_kib,
-        "controller_cpu_percent_of_one_core": cpu_percent,
-        "connect_all_cold_secs": connect_secs,
+        "controller_kib_per_agent_window_end": per_agent_end_kib,
+        "controller_rss_growth_kib_per_min": growth_kib_per_min,
+        "controller_cpu_percent_of_one_core": cpu_pct,
+        "heartbeat_acks_in_window": acks,
+        "heartbeat_acks_expected": expected_acks,
+        "heartbeat_rtt_median_ms": median(&rtts),
+        "heartbeat_rtt_p99_ms": percentile(&rtts, 99.0),
+        "reconnects_in_window": reconnects_steady,
+        "connect_all_cold_secs": connect_cold.as_secs_f64(),
         "controller_sigterm_exit_secs": stop.as_secs_f64(),
-        "reconnect_all_after_restart_secs": reconnect_secs,
-        "reconnect_all_after_serving_secs": reconnect_from_serving,
-        "bench_process_rss_kib": bench_rss,
-        "steady_window_secs": steady,
-    }))
+        "reconnect_all_from_spawn_secs": reconnect_from_spawn.as_secs_f64(),
+        "reconnect_all_from_accepting_secs": reconnect_from_accept.as_secs_f64(),
+        "controller_spawn_to_accepting_secs": accepting.saturating_sub(spawned).as_secs_f64(),
+        "controller_rss_after_reconnect_kib": rss_after_reconnect,
+        "controller_sigterm_exit_second_secs": stop2.as_secs_f64(),
+        "bench_rss_kib": bench_rss,
+        "bench_cpu_percent_of_one_core": bench_cpu_pct,
+        "goals": {
+            "kib_per_agent_max": kib_per_agent_goal,
+            "kib_per_agent_met": per_agent_kib <= kib_per_agent_goal,
+            "reconnect_all_secs_max": reconnect_goal,
+            "reconnect_all_met": reconnect_from_spawn.as_secs_f64() <= reconnect_goal,
+        },
+    });
+    Ok(Report { summary, json })
 }
 
 // --- agent idle -----------------------------------------------------------------------------
 
-async fn agent_idle(duration: u64, bin_dir: &Path) -> Result<serde_json::Value> {
+async fn agent_idle(
+    duration: Duration,
+    every: Duration,
+    settle: Duration,
+    controller_bin: &Path,
+    agent_bin: &Path,
+) -> Result<Report> {
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("controller");
     let addr = format!("127.0.0.1:{}", free_port()?);
     let admin = data.join("operator/admin");
-    let _controller = start_controller(bin_dir, &data, &addr)?;
-    wait_serving(&addr, &admin).await?;
-    let token = operator(&addr, &admin)?
+    let mut controller = start_controller(
+        controller_bin,
+        &data,
+        &addr,
+        &tmp.path().join("controller.log"),
+    )?;
+    wait_serving(&mut controller, &addr, &admin).await?;
+    let mut api = operator(&addr, &admin)?;
+    let host = "idle-1";
+    let token = api
         .create_token(v1::CreateTokenRequest {
-            host: "idle-1".into(),
+            host: host.into(),
             ..Default::default()
         })
         .await?
         .into_inner()
         .token;
     let agent_dir = tmp.path().join("agent");
-    let status = Command::new(bin_dir.join("drover-agent"))
-        .args(["enroll", "--controller", &addr, "--data-dir"])
-        .arg(&agent_dir)
+    let agent_dir_s = agent_dir.to_str().context("temp dir is not UTF-8")?;
+    let enrolled = Command::new(agent_bin)
+        .args(["enroll", "--controller", &addr, "--data-dir", agent_dir_s])
         .env("DROVER_TOKEN", &token)
         .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("enrollment failed");
+        .status()
+        .with_context(|| format!("running {} enroll", agent_bin.display()))?;
+    if !enrolled.success() {
+        bail!("drover-agent enroll failed: {enrolled}");
     }
-    let agent = Proc(
-        Command::new(bin_dir.join("drover-agent"))
-            .args(["run", "--data-dir"])
-            .arg(&agent_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
+    // Default configuration: no --config file.
+    let mut agent = Proc::spawn(
+        agent_bin,
+        &["run", "--data-dir", agent_dir_s],
+        &tmp.path().join("agent.log"),
+    )?;
+    let pid = agent.pid();
+    eprintln!(
+        "agent pid {pid} running; settling {settle:?}, then sampling RSS every {every:?} for {duration:?}"
     );
-    let pid = agent.0.id();
-    // Past start-up: connected, first reports sent.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(settle).await;
+    if let Some(status) = agent.exited() {
+        bail!("the agent exited ({status}); {}", agent.log_tail());
+    }
     let cpu0 = cpu_secs(pid)?;
     let t0 = Instant::now();
-    let mut samples = Vec::new();
-    while t0.elapsed() < Duration::from_secs(duration) {
-        tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut samples = vec![rss_kib(pid)? as f64];
+    while t0.elapsed() < duration {
+        let left = duration.saturating_sub(t0.elapsed());
+        tokio::time::sleep(left.min(every)).await;
+        if let Some(status) = agent.exited() {
+            bail!("the agent exited ({status}); {}", agent.log_tail());
+        }
         samples.push(rss_kib(pid)? as f64);
     }
-    let cpu_percent = (cpu_secs(pid)? - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let window = t0.elapsed().as_secs_f64();
+    let cpu_pct = (cpu_secs(pid)? - cpu0) / window * 100.0;
+    let hwm = status_kib(pid, "VmHWM")?;
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+
+    // The agent really did its default work: connected, reporting, Docker probed.
+    let info = api
+        .get_host(v1::GetHostRequest { name: host.into() })
+        .await?
+        .into_inner();
+    let report = info.last_report.unwrap_or_default();
+    if info.state != "connected" || !info.session_open {
+        bail!(
+            "the agent is not connected at the end (state {}); {}",
+            info.state,
+            agent.log_tail()
+        );
+    }
+    let report_age_s = (now_ms() - report.collected_unix_ms) as f64 / 1000.0;
+    let (stop, _) = agent.terminate()?;
+
     let max = samples.iter().copied().fold(0.0, f64::max);
-    Ok(serde_json::json!({
-        "window_secs": duration,
-        "agent_rss_median_kib": median(samples),
+    let min = samples.iter().copied().fold(f64::MAX, f64::min);
+    let med = median(&samples);
+    let goal_mib = 15.0;
+    let summary = format!(
+        "agent-idle: one real agent, default configuration, {window:.0} s window\n\
+         \x20 agent RSS median ({} samples)  {:>7.1} MiB ({med} KiB)  (goal <= {goal_mib} MiB: {})\n\
+         \x20 agent RSS min / max              {:>7.1} / {:.1} MiB, peak (VmHWM) {:.1} MiB\n\
+         \x20 agent CPU over the window        {cpu_pct:>7.3} % of one core\n\
+         \x20 threads {threads}; Docker reachable {} (version {}); last report {report_age_s:.0} s old; \
+         exited {:.2}s after SIGTERM",
+        samples.len(),
+        med / 1024.0,
+        if med / 1024.0 <= goal_mib {
+            "met"
+        } else {
+            "MISSED"
+        },
+        min / 1024.0,
+        max / 1024.0,
+        hwm as f64 / 1024.0,
+        report.docker_reachable,
+        report.docker_version,
+        stop.as_secs_f64(),
+    );
+    let json = json!({
+        "benchmark": "agent-idle",
+        "window_secs": window,
+        "samples": samples.len(),
+        "agent_rss_median_kib": med,
+        "agent_rss_min_kib": min,
         "agent_rss_max_kib": max,
-        "agent_cpu_percent_of_one_core": cpu_percent,
-    }))
+        "agent_rss_peak_vmhwm_kib": hwm,
+        "agent_cpu_percent_of_one_core": cpu_pct,
+        "agent_threads": threads,
+        "docker_reachable": report.docker_reachable,
+        "docker_version": report.docker_version,
+        "host_state_at_end": info.state,
+        "last_report_age_secs": report_age_s,
+        "agent_sigterm_exit_secs": stop.as_secs_f64(),
+        "goals": { "rss_mib_max": goal_mib, "rss_met": med / 1024.0 <= goal_mib },
+    });
+    Ok(Report { summary, json })
 }
