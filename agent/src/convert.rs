@@ -60,5 +60,6 @@ pub fn health_to_proto(facts: &HostFacts, checks: &[Check], overall: Status) -> 
         cert_not_after_unix: facts.cert_not_after_unix.unwrap_or_default(),
         clock_offset_ms: facts.clock_offset_ms.unwrap_or_default(),
         collected_unix_ms: facts.now_unix * 1000,
+        apps: Vec::new(),
     }
 }

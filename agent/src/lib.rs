@@ -13,8 +13,10 @@ pub mod docker;
 pub mod enroll;
 pub mod error;
 pub mod health;
+pub mod jobevent;
 pub mod lock;
 pub mod proxy;
+pub mod releases;
 mod session;
 pub mod store;
 

@@ -96,6 +96,7 @@ pub fn health_to_proto(h: &HealthSnapshot) -> v1::HealthReport {
         cert_not_after_unix: h.cert_not_after_unix,
         clock_offset_ms: h.clock_offset_ms,
         collected_unix_ms: h.collected_unix_ms,
+        apps: Vec::new(),
     }
 }
 

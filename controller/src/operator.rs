@@ -71,6 +71,52 @@ fn app_info(record: &crate::store::AppRecord) -> v1::AppInfo {
 
 #[tonic::async_trait]
 impl v1::operator_service_server::OperatorService for OperatorApi {
+    type WatchJobStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<v1::WatchJobResponse, Status>> + Send>,
+    >;
+
+    async fn deploy(
+        &self,
+        _request: Request<v1::DeployRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        Err(Status::unimplemented("deploy: work in progress"))
+    }
+
+    async fn rollback(
+        &self,
+        _request: Request<v1::RollbackRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        Err(Status::unimplemented("rollback: work in progress"))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        Err(Status::unimplemented("jobs: work in progress"))
+    }
+
+    async fn get_job(
+        &self,
+        _request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        Err(Status::unimplemented("jobs: work in progress"))
+    }
+
+    async fn watch_job(
+        &self,
+        _request: Request<v1::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        Err(Status::unimplemented("watch: work in progress"))
+    }
+
+    async fn list_releases(
+        &self,
+        _request: Request<v1::ListReleasesRequest>,
+    ) -> Result<Response<v1::ListReleasesResponse>, Status> {
+        Err(Status::unimplemented("releases: work in progress"))
+    }
+
     async fn apply_app(
         &self,
         request: Request<v1::ApplyAppRequest>,
