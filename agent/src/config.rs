@@ -33,6 +33,13 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Labels sent in Hello (merged over the ones given at enrollment).
     pub labels: BTreeMap<String, String>,
+    /// App secrets: `<secrets_dir>/<app>.env`, KEY=value lines, owned by the agent's user,
+    /// mode 0600. Read at each deploy; never sent to the controller.
+    pub secrets_dir: PathBuf,
+    /// A deploy lock expires this long after its holder last renewed it (a crashed agent's
+    /// lock does not block the app forever).
+    #[serde(with = "duration_str")]
+    pub lock_lease: Duration,
     pub health: Thresholds,
     /// Where this config came from, for error messages.
     #[serde(skip)]
@@ -51,6 +58,8 @@ impl Default for AgentConfig {
             docker_socket: String::new(),
             log_format: LogFormat::Text,
             labels: BTreeMap::new(),
+            secrets_dir: PathBuf::from("/etc/drover/secrets"),
+            lock_lease: Duration::from_secs(60),
             health: Thresholds::default(),
             source: "(defaults)".into(),
         }
@@ -91,6 +100,9 @@ impl AgentConfig {
         }
         if self.reconnect_max < Duration::from_secs(1) {
             return Err(invalid("reconnect_max", "must be at least 1s"));
+        }
+        if self.lock_lease < Duration::from_secs(3) {
+            return Err(invalid("lock_lease", "must be at least 3s"));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));

@@ -60,6 +60,18 @@ pub fn health_to_proto(facts: &HostFacts, checks: &[Check], overall: Status) -> 
         cert_not_after_unix: facts.cert_not_after_unix.unwrap_or_default(),
         clock_offset_ms: facts.clock_offset_ms.unwrap_or_default(),
         collected_unix_ms: facts.now_unix * 1000,
-        apps: Vec::new(),
+        apps: facts
+            .apps
+            .iter()
+            .map(|a| v1::AppStatus {
+                app: a.app.clone(),
+                version: a.version.clone(),
+                running: a.running,
+                listen: a.listen.clone(),
+                requests: a.requests,
+                status_5xx: a.status_5xx,
+                p95_ms: a.p95_ms,
+            })
+            .collect(),
     }
 }

@@ -1,21 +1,22 @@
 //! The Docker Engine, through bollard. The only module of the agent that imports bollard.
 //!
-//! The agent probes the Engine for its health report, and manages containers by name: image
-//! presence, create-and-start with labels and a published port, inspect, stop, remove, list by
-//! label, log tails and one-off runs (migrations). Deploy logic will reach these through a
-//! trait with a fake for its unit tests; here they are tested against the real Engine.
+//! The agent probes the Engine for its health report, and manages containers by name for
+//! deploys: image presence, pull and untag, create-and-start with labels, a published port and
+//! networks, start, stop, remove, restart policy, inspect, list by label, log tails and one-off
+//! runs (migrations). Tested against the real Engine.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerSummaryStateEnum, HostConfig,
-    PortBinding,
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummaryStateEnum, ContainerUpdateBody,
+    HostConfig, NetworkConnectRequest, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use tokio::sync::Mutex;
@@ -56,7 +57,9 @@ pub struct ContainerSpec {
     pub publish: Option<u16>,
     /// `volume:/path` or `/host/path:/path`.
     pub binds: Vec<String>,
-    pub network: Option<String>,
+    /// Networks to join: the first is the container's network mode, the others are connected
+    /// before it starts. Empty: Docker's default bridge.
+    pub networks: Vec<String>,
 }
 
 /// What the Engine says about a container.
@@ -215,7 +218,7 @@ impl DockerClient {
             host_config: Some(HostConfig {
                 port_bindings,
                 binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
-                network_mode: spec.network.clone(),
+                network_mode: spec.networks.first().cloned(),
                 ..HostConfig::default()
             }),
             ..ContainerCreateBody::default()
@@ -227,6 +230,19 @@ impl DockerClient {
             .create_container(Some(options), body)
             .await
             .map_err(|e| Self::engine_err(&format!("create container {}", spec.name), e))?;
+        for network in spec.networks.iter().skip(1) {
+            let request = NetworkConnectRequest {
+                container: spec.name.clone(),
+                endpoint_config: None,
+            };
+            if let Err(e) = docker.connect_network(network, request).await {
+                let _ = self.remove(&spec.name).await;
+                return Err(Self::engine_err(
+                    &format!("connect {} to network {network}", spec.name),
+                    e,
+                ));
+            }
+        }
         if let Err(e) = docker.start_container(&spec.name, None).await {
             // Leave nothing half-done: a container that cannot start is removed.
             let _ = self.remove(&spec.name).await;
@@ -238,6 +254,83 @@ impl DockerClient {
         self.inspect(&spec.name)
             .await?
             .ok_or_else(|| DockerError::NoSuchContainer(spec.name.clone()))
+    }
+
+    /// Pulls `image` (repository:tag) from its registry. Fails with the Engine's reason (no
+    /// such image, registry unreachable, not authorized).
+    pub async fn pull(&self, image: &str) -> Result<(), DockerError> {
+        let docker = self.client().await?;
+        let (repo, tag) = match image.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+            _ => (image, "latest"),
+        };
+        let options = CreateImageOptionsBuilder::new()
+            .from_image(repo)
+            .tag(tag)
+            .build();
+        let mut stream = docker.create_image(Some(options), None, None);
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| Self::engine_err(&format!("pull {image}"), e))?;
+            if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                return Err(DockerError::Engine {
+                    action: format!("pull {image}"),
+                    message: detail,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the tag `image`; the image itself goes once no tag or container uses it. An
+    /// image still in use, or already gone, is left alone: returns whether it was removed.
+    pub async fn remove_image(&self, image: &str) -> Result<bool, DockerError> {
+        let docker = self.client().await?;
+        let options = RemoveImageOptionsBuilder::new().build();
+        match docker.remove_image(image, Some(options), None).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(Self::engine_err(&format!("remove image {image}"), e)),
+        }
+    }
+
+    /// Starts an existing container; starting a running one is fine.
+    pub async fn start(&self, name: &str) -> Result<(), DockerError> {
+        let docker = self.client().await?;
+        match docker.start_container(name, None).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Err(DockerError::NoSuchContainer(name.to_string())),
+            Err(e) => Err(Self::engine_err(&format!("start container {name}"), e)),
+        }
+    }
+
+    /// Sets a container's restart policy: `true` restarts it whenever it stops unless it was
+    /// stopped on purpose (and after a reboot); `false` never restarts it.
+    pub async fn set_restart(&self, name: &str, restart: bool) -> Result<(), DockerError> {
+        let docker = self.client().await?;
+        let policy = RestartPolicy {
+            name: Some(if restart {
+                RestartPolicyNameEnum::UNLESS_STOPPED
+            } else {
+                RestartPolicyNameEnum::NO
+            }),
+            maximum_retry_count: None,
+        };
+        let body = ContainerUpdateBody {
+            restart_policy: Some(policy),
+            ..ContainerUpdateBody::default()
+        };
+        docker
+            .update_container(name, body)
+            .await
+            .map_err(|e| Self::engine_err(&format!("update container {name}"), e))
     }
 
     /// The container named `name`, if it exists.

@@ -169,6 +169,22 @@ pub struct HostFacts {
     pub cert_not_after_unix: Option<i64>,
     pub clock_offset_ms: Option<i64>,
     pub now_unix: i64,
+    /// Apps with a live release here.
+    pub apps: Vec<AppFacts>,
+}
+
+/// An app with a live release on this host, and its proxy's counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppFacts {
+    pub app: String,
+    pub version: String,
+    /// Whether every container of the live release runs.
+    pub running: bool,
+    /// The web role's public address; empty for worker-only apps.
+    pub listen: String,
+    pub requests: u64,
+    pub status_5xx: u64,
+    pub p95_ms: u64,
 }
 
 fn gib(bytes: u64) -> String {
@@ -216,6 +232,8 @@ fn disk_status(d: &Disk, t: &Thresholds) -> Status {
 /// - `certificate`: none or expired is unhealthy; expiring within
 ///   `cert_degraded_before_expiry` is degraded (renewal should have happened by then).
 /// - `clock`: the absolute offset from the controller; not measured yet is healthy.
+/// - `apps` (only with deployed apps): a live release with a container not running is
+///   unhealthy.
 pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
     let mut checks = Vec::with_capacity(6);
 
@@ -367,6 +385,29 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
             )
         }
     });
+
+    // Only on hosts with deployed apps, so a fresh host's checks stay the same.
+    if !facts.apps.is_empty() {
+        let down: Vec<String> = facts
+            .apps
+            .iter()
+            .filter(|a| !a.running)
+            .map(|a| format!("{} {}", a.app, a.version))
+            .collect();
+        checks.push(if down.is_empty() {
+            check(
+                "apps",
+                Status::Healthy,
+                format!("{} app(s) live and running", facts.apps.len()),
+            )
+        } else {
+            check(
+                "apps",
+                Status::Unhealthy,
+                format!("not running: {}", down.join(", ")),
+            )
+        });
+    }
     checks
 }
 
@@ -532,6 +573,7 @@ mod tests {
             cert_not_after_unix: Some(1_000_000 + 86_400),
             clock_offset_ms: Some(3),
             now_unix: 1_000_000,
+            apps: Vec::new(),
         }
     }
 

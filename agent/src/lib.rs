@@ -4,19 +4,25 @@
 //! controller (`session`): heartbeats, health reports (`health`, `docker`), job events from
 //! the durable outbox (`store`), certificate renewal. See ARCHITECTURE.md for the map.
 
+pub mod apps;
 pub mod appspec;
 pub mod backoff;
 pub mod config;
 pub mod convert;
 pub mod daemon;
+pub mod deploy;
 pub mod docker;
 pub mod enroll;
 pub mod error;
 pub mod health;
+pub mod httpcheck;
 pub mod jobevent;
+pub mod jobs;
 pub mod lock;
 pub mod proxy;
+pub mod recovery;
 pub mod releases;
+pub mod secrets;
 mod session;
 pub mod store;
 
@@ -33,6 +39,14 @@ pub use error::AgentError;
 use enroll::{Enrollment, Paths};
 use health::{HostFacts, Status};
 use store::{NewEvent, Store};
+
+/// Wall-clock time in Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// What the agent is doing, for the daemon's watchdog, `dev` and tests.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -83,6 +97,8 @@ pub struct Agent {
     store: Arc<Store>,
     notify: Arc<Notify>,
     status: watch::Sender<AgentStatus>,
+    queue: jobs::JobQueue,
+    commands: tokio::sync::mpsc::UnboundedReceiver<store::JobRecord>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -108,6 +124,7 @@ impl Agent {
         }
         let store = Arc::new(Store::open(&paths.store_dir)?);
         let (status, _) = watch::channel(AgentStatus::default());
+        let (queue, commands) = jobs::JobQueue::new();
         Ok(Agent {
             config,
             paths,
@@ -115,6 +132,8 @@ impl Agent {
             store,
             notify: Arc::new(Notify::new()),
             status,
+            queue,
+            commands,
         })
     }
 
@@ -129,16 +148,36 @@ impl Agent {
         }
     }
 
+    /// Where jobs are submitted (the session does, for the controller's commands).
+    pub fn jobs(&self) -> jobs::JobQueue {
+        self.queue.clone()
+    }
+
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
         self.status.subscribe()
     }
 
-    /// Runs until `shutdown` is cancelled: the health sampler and the controller session.
+    /// Runs until `shutdown` is cancelled: the job runner (which first converges what a crash
+    /// interrupted and brings the app proxies back), the health sampler and the controller
+    /// session.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         info!(host = %self.enrollment.host, version = env!("CARGO_PKG_VERSION"), "agent starting");
+        let jobs_ctx = Arc::new(jobs::JobCtx {
+            store: self.store.clone(),
+            outbox: Outbox {
+                store: self.store.clone(),
+                notify: self.notify.clone(),
+            },
+            docker: docker::connect(&self.config.docker_socket),
+            apps: apps::Apps::default(),
+            secrets_dir: self.config.secrets_dir.clone(),
+            shutdown: shutdown.clone(),
+            lock_lease: self.config.lock_lease,
+        });
+        let runner = tokio::spawn(jobs::run(jobs_ctx.clone(), self.commands));
         let (facts_tx, facts_rx) = watch::channel(None::<HostFacts>);
         let sampler = tokio::spawn(sample_health(
-            self.config.docker_socket.clone(),
+            jobs_ctx.clone(),
             self.config.health_sample_interval,
             facts_tx,
             shutdown.clone(),
@@ -151,10 +190,13 @@ impl Agent {
             notify: self.notify,
             status: self.status,
             facts: facts_rx,
+            jobs: self.queue,
         };
         session::run(ctx, shutdown).await;
-        if let Err(err) = sampler.await {
-            warn!(error = %err, "health sampler ended abnormally");
+        for (name, task) in [("health sampler", sampler), ("job runner", runner)] {
+            if let Err(err) = task.await {
+                warn!(error = %err, "{name} ended abnormally");
+            }
         }
         info!("agent stopped");
         Ok(())
@@ -163,12 +205,11 @@ impl Agent {
 
 /// Samples host facts every `every` and publishes them; the session decides what to send.
 async fn sample_health(
-    docker_socket: String,
+    jobs: Arc<jobs::JobCtx>,
     every: std::time::Duration,
     facts: watch::Sender<Option<HostFacts>>,
     shutdown: CancellationToken,
 ) {
-    let docker = docker::connect(&docker_socket);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -183,7 +224,10 @@ async fn sample_health(
                 continue;
             }
         };
-        sample.docker = docker.probe().await;
+        sample.docker = jobs.docker.probe().await;
+        if sample.docker.reachable {
+            sample.apps = jobs::app_facts(&jobs).await;
+        }
         facts.send_replace(Some(sample));
     }
 }

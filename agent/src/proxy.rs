@@ -9,7 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,8 @@ pub struct Upstream {
     pub release: String,
     pub stats: Stats,
     inflight: AtomicU64,
+    /// Wall-clock time (Unix ms) of the first request sent here; 0 before.
+    first_request_unix_ms: AtomicI64,
 }
 
 impl Upstream {
@@ -143,7 +145,16 @@ impl Upstream {
             release: release.to_string(),
             stats: Stats::default(),
             inflight: AtomicU64::new(0),
+            first_request_unix_ms: AtomicI64::new(0),
         })
+    }
+
+    /// When the first request reached this upstream (Unix ms), if one has.
+    pub fn first_request_unix_ms(&self) -> Option<i64> {
+        match self.first_request_unix_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(at),
+        }
     }
 
     pub fn inflight(&self) -> u64 {
@@ -255,6 +266,18 @@ impl Proxy {
             ));
         };
         upstream.inflight.fetch_add(1, Ordering::SeqCst);
+        if upstream.first_request_unix_ms.load(Ordering::Relaxed) == 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(1);
+            let _ = upstream.first_request_unix_ms.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         let guard = InflightGuard(upstream.clone());
         let started = Instant::now();
         set_forwarded(&mut req, peer);

@@ -166,7 +166,11 @@ mod tests {
             rel("e", "v5", 5, Live, true),
         ];
         assert_eq!(to_prune(&table, 3), vec!["b", "a"]);
-        assert_eq!(to_prune(&table, 1), vec!["c", "b", "a"], "d is the rollback target");
+        assert_eq!(
+            to_prune(&table, 1),
+            vec!["c", "b", "a"],
+            "d is the rollback target"
+        );
         assert!(to_prune(&table, 10).is_empty());
         // After a rollback to b, the newer c and d count as kept too; b is live, a the target.
         let table = vec![

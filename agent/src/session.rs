@@ -37,6 +37,7 @@ pub(crate) struct SessionCtx {
     pub notify: Arc<Notify>,
     pub status: watch::Sender<AgentStatus>,
     pub facts: watch::Receiver<Option<HostFacts>>,
+    pub jobs: crate::jobs::JobQueue,
 }
 
 impl SessionCtx {
@@ -362,10 +363,13 @@ async fn handle_inbound(
                 s.cert_not_after_unix = live.cert.not_after_unix;
             });
         }
-        Some(In::Command(cmd)) => {
-            warn!(job = %cmd.job_id, kind = %cmd.kind, "this agent does not run jobs yet; command ignored");
-        }
-        Some(In::Cancel(c)) => debug!(job = %c.job_id, "cancel for a job this agent does not run"),
+        Some(In::Command(cmd)) => match crate::deploy::job_from_command(&cmd, now_ms()) {
+            Some(job) => ctx.jobs.submit(job),
+            None => {
+                warn!(job = %cmd.job_id, kind = %cmd.kind, "a command this agent does not understand; ignored (upgrade the agent)")
+            }
+        },
+        Some(In::Cancel(c)) => debug!(job = %c.job_id, "cancelling jobs is not supported; ignored"),
         Some(In::Welcome(_)) | None => {}
     }
     Ok(())

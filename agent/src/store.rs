@@ -1,5 +1,6 @@
-//! The agent's durable state in sled: the event outbox, deploy locks and a few markers. The
-//! only module of the agent that knows it is sled.
+//! The agent's durable state in sled: the event outbox, deploy locks, jobs and their progress,
+//! each app's release table, and a few markers. The only module of the agent that knows it is
+//! sled.
 //!
 //! Every write that must survive a crash is flushed before the caller is told it happened.
 //! Events get consecutive sequence numbers starting at 1; they stay in the outbox until the
@@ -11,6 +12,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobevent::Release;
 use crate::lock::{Decision, Lease, decide};
 
 const SCHEMA_VERSION: u64 = 1;
@@ -58,12 +60,58 @@ pub struct NewEvent {
     pub fields: BTreeMap<String, String>,
 }
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Deploy,
+    Rollback,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Deploy => "deploy",
+            JobKind::Rollback => "rollback",
+        }
+    }
+}
+
+/// A job as the agent keeps it: the command, then its progress, written before each step acts
+/// so a restart knows how far it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: JobKind,
+    pub app: String,
+    /// Deploy: the version to deploy. Rollback: the version asked for, empty for "previous".
+    pub version: String,
+    /// Deploy: the app spec (TOML) to deploy with, and its revision at the controller.
+    pub spec_toml: String,
+    pub spec_revision: u64,
+    pub skip_backup: bool,
+    pub wait_lock: bool,
+    pub requested_by: String,
+    pub accepted_unix_ms: i64,
+    /// The step started last.
+    pub step: String,
+    pub finished: bool,
+    /// The release this job brings up (a deploy's new one, a rollback's target), once known.
+    pub release: String,
+    /// The release that was live when the job began, if any.
+    pub previous: String,
+    /// Whether traffic moved to `release` (committed together with the release table).
+    pub switched: bool,
+}
+
 /// The agent's sled database.
 pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
     outbox: sled::Tree,
     locks: sled::Tree,
+    jobs: sled::Tree,
+    releases: sled::Tree,
     // Serialises sequence assignment so numbers stay consecutive.
     last_seq: Mutex<u64>,
 }
@@ -83,6 +131,14 @@ fn u64_of(v: Option<sled::IVec>) -> Result<u64, StoreError> {
             .map(u64::from_be_bytes)
             .map_err(|_| StoreError::Corrupt("counter is not 8 bytes".into())),
     }
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 impl Store {
@@ -110,6 +166,8 @@ impl Store {
         let meta = db.open_tree("meta")?;
         let outbox = db.open_tree("outbox")?;
         let locks = db.open_tree("locks")?;
+        let jobs = db.open_tree("jobs")?;
+        let releases = db.open_tree("releases")?;
         match u64_of(meta.get(KEY_SCHEMA)?)? {
             0 => {
                 meta.insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
@@ -124,6 +182,8 @@ impl Store {
             meta,
             outbox,
             locks,
+            jobs,
+            releases,
             last_seq: Mutex::new(last_seq),
         })
     }
@@ -258,6 +318,89 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Stores a newly received job (flushed) unless its id is already known. Returns whether
+    /// it was new: a command sent again after a reconnect is recognised and ignored.
+    pub async fn accept_job(&self, job: &JobRecord) -> Result<bool, StoreError> {
+        let bytes = to_json(job)?;
+        let inserted = self
+            .jobs
+            .compare_and_swap(job.id.as_bytes(), None::<&[u8]>, Some(bytes))?
+            .is_ok();
+        if inserted {
+            self.flush_durable().await?;
+        }
+        Ok(inserted)
+    }
+
+    /// Records a job's progress (flushed).
+    pub async fn put_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        self.jobs.insert(job.id.as_bytes(), to_json(job)?)?;
+        self.flush_durable().await
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.jobs.get(id)?.map(|v| from_json(&v)).transpose()
+    }
+
+    /// Jobs taken but not finished: after a restart, the ones a crash interrupted.
+    pub fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.jobs.iter() {
+            let job: JobRecord = from_json(&item?.1)?;
+            if !job.finished {
+                out.push(job);
+            }
+        }
+        out.sort_by_key(|j| j.accepted_unix_ms);
+        Ok(out)
+    }
+
+    /// An app's release table on this host (empty if it was never deployed here).
+    pub fn releases(&self, app: &str) -> Result<Vec<Release>, StoreError> {
+        Ok(self
+            .releases
+            .get(app)?
+            .map(|v| from_json(&v))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Apps with a release table.
+    pub fn release_apps(&self) -> Result<Vec<String>, StoreError> {
+        self.releases
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
+    /// Replaces an app's release table (flushed).
+    pub async fn put_releases(&self, app: &str, releases: &[Release]) -> Result<(), StoreError> {
+        self.releases.insert(app, to_json(&releases)?)?;
+        self.flush_durable().await
+    }
+
+    /// Writes a job's progress and its app's release table as one (a switch of traffic is
+    /// both at once: a crash sees either neither or both), flushed.
+    pub async fn commit(&self, job: &JobRecord, releases: &[Release]) -> Result<(), StoreError> {
+        let job_bytes = to_json(job)?;
+        let table = to_json(&releases)?;
+        use sled::Transactional;
+        (&self.jobs, &self.releases)
+            .transaction(|(jobs, rels)| {
+                jobs.insert(job.id.as_bytes(), job_bytes.as_slice())?;
+                rels.insert(job.app.as_bytes(), table.as_slice())?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    StoreError::Corrupt("transaction aborted".into())
+                }
+            })?;
+        self.flush_durable().await
     }
 
     /// How many events wait for acknowledgement.

@@ -71,9 +71,8 @@ fn app_info(record: &crate::store::AppRecord) -> v1::AppInfo {
 
 #[tonic::async_trait]
 impl v1::operator_service_server::OperatorService for OperatorApi {
-    type WatchJobStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<v1::WatchJobResponse, Status>> + Send>,
-    >;
+    type WatchJobStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::WatchJobResponse, Status>> + Send>>;
 
     async fn deploy(
         &self,

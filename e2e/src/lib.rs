@@ -17,6 +17,8 @@ use drover_identity::files::Bundle;
 use drover_identity::tls::{ClientCert, Trust, channel, client_config};
 use drover_proto::v1;
 use tokio::io::AsyncWriteExt;
+
+pub mod deploys;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -139,6 +141,36 @@ impl TestController {
         .await;
     }
 
+    /// `host`'s stored events of job `job_id`, in order.
+    pub fn job_events(
+        &self,
+        host: &str,
+        job_id: &str,
+    ) -> Vec<drover_controller::store::EventRecord> {
+        self.shared
+            .store
+            .events(host, 0, usize::MAX)
+            .expect("read events")
+            .into_iter()
+            .filter(|e| e.job_id == job_id)
+            .collect()
+    }
+
+    /// Waits until `host` reported job `job_id` finished; returns its `job.finished` event.
+    pub async fn wait_job(
+        &self,
+        host: &str,
+        job_id: &str,
+        patience: Duration,
+    ) -> drover_controller::store::EventRecord {
+        eventually(&format!("job {job_id} finished"), patience, || async {
+            self.job_events(host, job_id)
+                .into_iter()
+                .find(|e| e.kind == drover_agent::jobevent::FINISHED)
+        })
+        .await
+    }
+
     /// An operator API client with the identity in `dir`.
     pub fn operator(&self, dir: &Path) -> OperatorServiceClient<Channel> {
         operator_client(
@@ -203,6 +235,7 @@ pub struct TestAgent {
     pub data_dir: PathBuf,
     pub status: watch::Receiver<AgentStatus>,
     pub outbox: Outbox,
+    pub jobs: drover_agent::jobs::JobQueue,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), drover_agent::AgentError>>,
 }
@@ -216,6 +249,8 @@ pub fn fast_agent_config(data_dir: &Path, controller: &str) -> AgentConfig {
         health_interval: Duration::from_secs(5),
         health_sample_interval: Duration::from_secs(1),
         reconnect_max: Duration::from_secs(2),
+        secrets_dir: data_dir.join("secrets"),
+        lock_lease: Duration::from_secs(5),
         source: "test".into(),
         ..AgentConfig::default()
     }
@@ -248,6 +283,7 @@ impl TestAgent {
         let host = agent.host().to_string();
         let status = agent.status();
         let outbox = agent.outbox();
+        let jobs = agent.jobs();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(agent.run(shutdown.clone()));
         TestAgent {
@@ -255,6 +291,7 @@ impl TestAgent {
             data_dir,
             status,
             outbox,
+            jobs,
             shutdown,
             task,
         }

@@ -10,6 +10,10 @@
 //! - `/ws`: a WebSocket echo, for tests of upgrades through the proxy; `/headers` lists the
 //!   request headers it received
 //! - `POST /control/fail-health|heal|errors-on|errors-off|exit`
+//!
+//! With an argument it is not a server: `migrate` prints a line and exits with `MIGRATE_EXIT`
+//! (default 0); `worker` prints a line a second until stopped, or exits with status 4 after
+//! `WORKER_EXIT_AFTER_MS`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -147,8 +151,43 @@ fn websocket(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
     response
 }
 
+/// `migrate` and `worker` modes (see the top of the file).
+async fn one_off(mode: &str, version: &str) -> ! {
+    match mode {
+        "migrate" => {
+            let code = env("MIGRATE_EXIT")
+                .and_then(|v| v.parse::<i32>().ok())
+                .unwrap_or(0);
+            println!("migrating to {version}");
+            if code != 0 {
+                eprintln!("migration failed: relation \"users\" already exists");
+            }
+            std::process::exit(code);
+        }
+        "worker" => {
+            let exit_after = env("WORKER_EXIT_AFTER_MS").and_then(|v| v.parse::<u64>().ok());
+            let started = std::time::Instant::now();
+            loop {
+                println!("worker {version} working");
+                if exit_after.is_some_and(|ms| started.elapsed() >= Duration::from_millis(ms)) {
+                    eprintln!("worker exiting as told by WORKER_EXIT_AFTER_MS");
+                    std::process::exit(4);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        other => {
+            eprintln!("unknown mode {other:?}: use migrate or worker");
+            std::process::exit(2);
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    if let Some(mode) = std::env::args().nth(1) {
+        one_off(&mode, &env("APP_VERSION").unwrap_or_else(|| "dev".into())).await;
+    }
     let error_rate: f64 = env("ERROR_RATE")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);

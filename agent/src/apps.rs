@@ -1,0 +1,159 @@
+//! The web apps this agent serves: one reverse proxy per app on its public address, kept for
+//! the agent's lifetime. A deploy reserves the address early (so a port already taken fails the
+//! deploy before anything runs) and installs the proxy when traffic first moves to the app.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::{Proxy, StatsSnapshot};
+
+struct Served {
+    listen: SocketAddr,
+    proxy: Proxy,
+    /// Stops this proxy's accept loop (when the app moves to another address).
+    stop: CancellationToken,
+}
+
+/// What a deploy holds between validation and the switch: either the app's running proxy, or a
+/// freshly bound listener for it.
+#[derive(Debug)]
+pub enum Reserved {
+    Serving(Box<Proxy>),
+    Bound(SocketAddr, TcpListener),
+}
+
+/// Live traffic of one app, for the health report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traffic {
+    pub listen: SocketAddr,
+    pub release: String,
+    pub stats: StatsSnapshot,
+}
+
+/// Every app proxy of this agent.
+#[derive(Default)]
+pub struct Apps {
+    served: Mutex<HashMap<String, Served>>,
+}
+
+impl std::fmt::Debug for Apps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Apps").finish_non_exhaustive()
+    }
+}
+
+impl Apps {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
+        self.served.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The app's proxy, if it serves.
+    pub fn proxy(&self, app: &str) -> Option<Proxy> {
+        self.lock().get(app).map(|s| s.proxy.clone())
+    }
+
+    /// Makes sure `app` can serve on `listen`: its running proxy if it is already there,
+    /// otherwise a listener bound now. Another app on that address, or a port taken by another
+    /// program, is an error that says so.
+    pub async fn reserve(&self, app: &str, listen: SocketAddr) -> Result<Reserved, String> {
+        {
+            let served = self.lock();
+            if let Some(s) = served.get(app)
+                && s.listen == listen
+            {
+                return Ok(Reserved::Serving(Box::new(s.proxy.clone())));
+            }
+            if let Some((other, _)) = served.iter().find(|(a, s)| *a != app && s.listen == listen) {
+                return Err(format!(
+                    "{listen} is already the public address of app {other} on this host"
+                ));
+            }
+        }
+        let listener = TcpListener::bind(listen).await.map_err(|e| {
+            format!("cannot listen on {listen}: {e} (is another program using that port?)")
+        })?;
+        Ok(Reserved::Bound(listen, listener))
+    }
+
+    /// Turns a reservation into the app's serving proxy. A new address replaces the app's old
+    /// proxy, which stops accepting (connections it holds finish).
+    pub fn install(&self, app: &str, reserved: Reserved, shutdown: &CancellationToken) -> Proxy {
+        match reserved {
+            Reserved::Serving(proxy) => *proxy,
+            Reserved::Bound(listen, listener) => {
+                let proxy = Proxy::new();
+                let stop = shutdown.child_token();
+                tokio::spawn(proxy.clone().serve(listener, stop.clone()));
+                let old = self.lock().insert(
+                    app.to_string(),
+                    Served {
+                        listen,
+                        proxy: proxy.clone(),
+                        stop,
+                    },
+                );
+                if let Some(old) = old {
+                    old.stop.cancel();
+                }
+                proxy
+            }
+        }
+    }
+
+    /// Every serving app's address and the live upstream's counters.
+    pub fn traffic(&self) -> HashMap<String, Traffic> {
+        self.lock()
+            .iter()
+            .filter_map(|(app, s)| {
+                let upstream = s.proxy.upstream()?;
+                Some((
+                    app.clone(),
+                    Traffic {
+                        listen: s.listen,
+                        release: upstream.release.clone(),
+                        stats: upstream.stats.snapshot(),
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn addresses_are_reserved_once_and_conflicts_are_named() {
+        let apps = Apps::default();
+        let shutdown = CancellationToken::new();
+        let Reserved::Bound(addr, listener) = apps
+            .reserve("api", "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+        else {
+            panic!("a new app binds");
+        };
+        let listen = listener.local_addr().unwrap();
+        assert_eq!(addr.ip(), listen.ip());
+        apps.install("api", Reserved::Bound(listen, listener), &shutdown);
+        assert!(matches!(
+            apps.reserve("api", listen).await.unwrap(),
+            Reserved::Serving(_)
+        ));
+        let err = apps.reserve("web", listen).await.unwrap_err();
+        assert!(err.contains("public address of app api"), "{err}");
+        // A port another program holds.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = apps
+            .reserve("web", taken.local_addr().unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("cannot listen on"), "{err}");
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,163 @@
+//! HTTP checks against an app's container: the health check a deploy waits for and the smoke
+//! checks it runs before traffic moves. One request per call, on its own connection, bounded by
+//! a timeout. The only module that speaks HTTP *to* apps as a client (the proxy forwards).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Request;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// At most this much of a body is read (smoke checks look for a string in it).
+const MAX_BODY: usize = 64 * 1024;
+
+/// An answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+/// Why a check got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// Nothing listens yet, or the connection closed before an answer: an app still starting.
+    #[error("no answer ({0})")]
+    NotListening(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// `GET path` on `addr`, within `timeout`.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answer, CheckError> {
+    match tokio::time::timeout(timeout, request(addr, path)).await {
+        Ok(result) => result,
+        Err(_) => Err(CheckError::Timeout(timeout)),
+    }
+}
+
+async fn request(addr: SocketAddr, path: &str) -> Result<Answer, CheckError> {
+    let not_listening = |e: &dyn std::fmt::Display| CheckError::NotListening(e.to_string());
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| not_listening(&e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| not_listening(&e))?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::USER_AGENT, "drover-agent")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| CheckError::Protocol(e.to_string()))?;
+    let response = sender.send_request(req).await.map_err(|e| {
+        // A connection that closes before the head is what a port with nothing behind it
+        // does (Docker's userland proxy accepts, then finds no listener).
+        if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+            not_listening(&e)
+        } else {
+            CheckError::Protocol(e.to_string())
+        }
+    })?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Ok(Answer { status, body })
+}
+
+/// Whether an answer counts as healthy: 2xx or 3xx.
+pub fn healthy(answer: &Answer) -> bool {
+    (200..400).contains(&answer.status)
+}
+
+/// Checks an answer against a smoke check's expectation; the error says what differed.
+pub fn smoke_verdict(
+    answer: &Answer,
+    want_status: u16,
+    body_contains: Option<&str>,
+) -> Result<(), String> {
+    if answer.status != want_status {
+        return Err(format!(
+            "answered {} (expected {want_status}): {}",
+            answer.status,
+            first_line(&answer.body)
+        ));
+    }
+    if let Some(needle) = body_contains
+        && !answer.body.contains(needle)
+    {
+        return Err(format!(
+            "the body does not contain {needle:?}: {}",
+            first_line(&answer.body)
+        ));
+    }
+    Ok(())
+}
+
+fn first_line(body: &str) -> String {
+    let line = body.lines().next().unwrap_or("").trim();
+    let mut out: String = line.chars().take(120).collect();
+    if line.chars().count() > 120 {
+        out.push('…');
+    }
+    if out.is_empty() {
+        "(empty body)".into()
+    } else {
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoke_verdicts_name_what_differed() {
+        let a = Answer {
+            status: 200,
+            body: "smoke ok version=v1\n".into(),
+        };
+        assert!(smoke_verdict(&a, 200, Some("ok")).is_ok());
+        assert!(smoke_verdict(&a, 200, None).is_ok());
+        let e = smoke_verdict(&a, 204, None).unwrap_err();
+        assert!(e.contains("answered 200 (expected 204)"), "{e}");
+        let e = smoke_verdict(&a, 200, Some("v2")).unwrap_err();
+        assert!(e.contains("does not contain \"v2\""), "{e}");
+        let empty = Answer {
+            status: 500,
+            body: String::new(),
+        };
+        assert!(
+            smoke_verdict(&empty, 200, None)
+                .unwrap_err()
+                .contains("(empty body)")
+        );
+        assert!(healthy(&a) && !healthy(&empty));
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_told_apart_from_a_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = get(addr, "/", Duration::from_secs(2)).await.unwrap_err();
+        assert!(matches!(err, CheckError::NotListening(_)), "{err}");
+
+        // Accepts and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let err = get(addr, "/", Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert_eq!(err, CheckError::Timeout(Duration::from_millis(200)));
+        drop(silent);
+    }
+}

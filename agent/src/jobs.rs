@@ -1,0 +1,399 @@
+//! The agent's job runner: takes deploy and rollback commands from the session, stores each
+//! (flushed) before it says `job.started`, runs it (`deploy`), and reports every step through
+//! the durable outbox. On start it first converges whatever a crash interrupted (`recovery`) and
+//! brings the app proxies back, then takes commands. Jobs of different apps run at once; one
+//! app's jobs are serialised by its deploy lock.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::apps::Apps;
+use crate::docker::DockerClient;
+use crate::health::AppFacts;
+use crate::jobevent::{self, JobResult, field, status};
+use crate::store::{JobRecord, NewEvent, Store};
+use crate::{Outbox, deploy, recovery, unix_ms};
+
+/// Everything a job touches.
+#[derive(Debug)]
+pub struct JobCtx {
+    pub store: Arc<Store>,
+    pub outbox: Outbox,
+    pub docker: DockerClient,
+    pub apps: Apps,
+    pub secrets_dir: PathBuf,
+    /// The agent's shutdown: proxies live until it fires.
+    pub shutdown: CancellationToken,
+    /// How long a deploy lock lives without renewal (renewed at a third of it while held).
+    pub lock_lease: Duration,
+}
+
+/// Where the session hands commands to the runner.
+#[derive(Debug, Clone)]
+pub struct JobQueue {
+    tx: mpsc::UnboundedSender<JobRecord>,
+}
+
+impl JobQueue {
+    pub fn new() -> (JobQueue, mpsc::UnboundedReceiver<JobRecord>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (JobQueue { tx }, rx)
+    }
+
+    /// Hands a job to the runner. Never blocks the session.
+    pub fn submit(&self, job: JobRecord) {
+        if self.tx.send(job).is_err() {
+            warn!("the job runner has stopped; command dropped (the controller sends it again)");
+        }
+    }
+}
+
+/// Runs until `shutdown`: recovery first (retried until the Docker Engine answers), then every
+/// submitted job. On shutdown, running jobs are dropped where they are: the next start's
+/// recovery converges them, exactly as after a crash.
+pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<JobRecord>) {
+    let mut attempt = 0u32;
+    loop {
+        match recovery::recover(&ctx).await {
+            Ok(()) => break,
+            Err(err) => {
+                attempt += 1;
+                if attempt == 1 || attempt.is_multiple_of(12) {
+                    error!(error = %err, "cannot converge this host's apps yet; retrying every 5s");
+                }
+            }
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+    let mut running = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if let Err(err) = done {
+                    error!(error = %err, "a job task ended abnormally");
+                }
+            }
+            job = rx.recv() => {
+                let Some(job) = job else { break };
+                match ctx.store.accept_job(&job).await {
+                    Ok(true) => {
+                        let ctx = ctx.clone();
+                        running.spawn(async move { run_job(&ctx, job).await });
+                    }
+                    Ok(false) => {
+                        info!(job = %job.id, "job already known; command ignored");
+                    }
+                    Err(err) => error!(job = %job.id, error = %err, "cannot store the job; the controller will send it again"),
+                }
+            }
+        }
+    }
+    running.abort_all();
+}
+
+/// How a job ended, for `job.finished`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub result: JobResult,
+    /// The step that failed (or was running when interrupted).
+    pub step: String,
+    pub error: String,
+    pub logs: String,
+    pub code: String,
+    pub live_version: String,
+    pub previous_version: String,
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Outcome {
+    pub fn succeeded(live: &str, previous: &str) -> Outcome {
+        Outcome {
+            result: JobResult::Succeeded,
+            step: String::new(),
+            error: String::new(),
+            logs: String::new(),
+            code: String::new(),
+            live_version: live.to_string(),
+            previous_version: previous.to_string(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    pub fn failed(step: &str, error: impl Into<String>) -> Outcome {
+        Outcome {
+            result: JobResult::Failed,
+            step: step.to_string(),
+            error: error.into(),
+            ..Outcome::succeeded("", "")
+        }
+    }
+}
+
+async fn run_job(ctx: &JobCtx, mut job: JobRecord) {
+    let started = Instant::now();
+    let report = Report::new(&ctx.outbox, &job.id);
+    info!(job = %job.id, kind = job.kind.as_str(), app = %job.app, version = %job.version, by = %job.requested_by, "job started");
+    report
+        .event(
+            jobevent::STARTED,
+            format!(
+                "{} {} {} asked by {}",
+                job.kind.as_str(),
+                job.app,
+                if job.version.is_empty() {
+                    "(previous release)"
+                } else {
+                    &job.version
+                },
+                job.requested_by
+            ),
+            BTreeMap::from([
+                (field::JOB_KIND.into(), job.kind.as_str().into()),
+                (field::APP.into(), job.app.clone()),
+                (field::VERSION.into(), job.version.clone()),
+                (field::REQUESTED_BY.into(), job.requested_by.clone()),
+            ]),
+        )
+        .await;
+    let outcome = deploy::run(ctx, &mut job, &report).await;
+    finish(ctx, &mut job, &report, outcome, started.elapsed()).await;
+}
+
+/// Ends a job: marks it finished, releases its lock, reports `job.finished` and the app's
+/// release table. Used by the runner and by recovery.
+pub async fn finish(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+    outcome: Outcome,
+    took: Duration,
+) {
+    job.finished = true;
+    if let Err(err) = ctx.store.put_job(job).await {
+        error!(job = %job.id, error = %err, "cannot record the job as finished");
+    }
+    if let Err(err) = ctx.store.unlock(&job.app, &job.id).await {
+        warn!(job = %job.id, error = %err, "cannot release the deploy lock (it expires by lease)");
+    }
+    let mut fields = outcome.extra.clone();
+    for (key, value) in [
+        (field::RESULT, outcome.result.as_str().to_string()),
+        (field::STEP, outcome.step.clone()),
+        (field::ERROR, outcome.error.clone()),
+        (field::LOGS, outcome.logs.clone()),
+        (field::CODE, outcome.code.clone()),
+        (field::LIVE_VERSION, outcome.live_version.clone()),
+        (field::PREVIOUS_VERSION, outcome.previous_version.clone()),
+        (field::DURATION_MS, took.as_millis().to_string()),
+    ] {
+        if !value.is_empty() {
+            fields.insert(key.to_string(), value);
+        }
+    }
+    let message = match outcome.result {
+        JobResult::Succeeded => format!(
+            "{} {}: {} is live",
+            job.kind.as_str(),
+            job.app,
+            outcome.live_version
+        ),
+        JobResult::RolledBack => format!(
+            "rolled back automatically: {}; {} is live",
+            outcome.error, outcome.live_version
+        ),
+        _ => format!(
+            "{} failed at {}: {}",
+            job.kind.as_str(),
+            outcome.step,
+            outcome.error
+        ),
+    };
+    info!(job = %job.id, result = outcome.result.as_str(), took_ms = took.as_millis() as u64, "{message}");
+    report.event(jobevent::FINISHED, message, fields).await;
+    report_releases(ctx, &job.app, &job.id).await;
+}
+
+/// Sends an app's release table as `app.releases` (under `job_id`).
+pub async fn report_releases(ctx: &JobCtx, app: &str, job_id: &str) {
+    match ctx.store.releases(app) {
+        Ok(releases) => {
+            Report::new(&ctx.outbox, job_id)
+                .event(
+                    jobevent::RELEASES,
+                    format!("{} release(s) of {app}", releases.len()),
+                    jobevent::releases_fields(app, &releases),
+                )
+                .await
+        }
+        Err(err) => error!(app, error = %err, "cannot read the release table"),
+    }
+}
+
+/// Writes one job's events into the outbox.
+#[derive(Debug)]
+pub struct Report<'a> {
+    outbox: &'a Outbox,
+    job_id: String,
+}
+
+impl<'a> Report<'a> {
+    pub fn new(outbox: &'a Outbox, job_id: &str) -> Report<'a> {
+        Report {
+            outbox,
+            job_id: job_id.to_string(),
+        }
+    }
+
+    /// Records an event. The outbox is the agent's own disk: if it fails, the job goes on
+    /// and the failure is logged (the job's state is in the store either way).
+    pub async fn event(&self, kind: &str, message: String, fields: BTreeMap<String, String>) {
+        let event = NewEvent {
+            job_id: self.job_id.clone(),
+            kind: kind.to_string(),
+            message,
+            fields,
+        };
+        if let Err(err) = self.outbox.record(event).await {
+            error!(job = %self.job_id, kind, error = %err, "cannot record a job event");
+        }
+    }
+
+    fn step_fields(step: &str, state: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (field::STEP.to_string(), step.to_string()),
+            (field::STATUS.to_string(), state.to_string()),
+        ])
+    }
+
+    pub async fn step_started(&self, step: &str, message: impl Into<String>) {
+        self.event(
+            jobevent::STEP,
+            message.into(),
+            Self::step_fields(step, status::STARTED),
+        )
+        .await;
+    }
+
+    /// A step ended well; `extra` adds fields.
+    pub async fn step_done(
+        &self,
+        step: &str,
+        since: Instant,
+        message: impl Into<String>,
+        extra: BTreeMap<String, String>,
+    ) {
+        let mut fields = Self::step_fields(step, status::DONE);
+        fields.insert(
+            field::DURATION_MS.into(),
+            since.elapsed().as_millis().to_string(),
+        );
+        fields.extend(extra);
+        self.event(jobevent::STEP, message.into(), fields).await;
+    }
+
+    pub async fn step_failed(&self, step: &str, since: Instant, message: impl Into<String>) {
+        let mut fields = Self::step_fields(step, status::FAILED);
+        fields.insert(
+            field::DURATION_MS.into(),
+            since.elapsed().as_millis().to_string(),
+        );
+        self.event(jobevent::STEP, message.into(), fields).await;
+    }
+
+    pub async fn step_skipped(&self, step: &str, why: impl Into<String>) {
+        self.event(
+            jobevent::STEP,
+            why.into(),
+            Self::step_fields(step, status::SKIPPED),
+        )
+        .await;
+    }
+
+    pub async fn progress(&self, step: &str, message: impl Into<String>) {
+        self.event(
+            jobevent::PROGRESS,
+            message.into(),
+            BTreeMap::from([(field::STEP.to_string(), step.to_string())]),
+        )
+        .await;
+    }
+}
+
+/// Apps with a live release, whether their containers run, and their proxy's counters: for
+/// the health report.
+pub async fn app_facts(ctx: &JobCtx) -> Vec<AppFacts> {
+    let traffic = ctx.apps.traffic();
+    let mut out = Vec::new();
+    for app in ctx.store.release_apps().unwrap_or_default() {
+        let Ok(table) = ctx.store.releases(&app) else {
+            continue;
+        };
+        let Some(live) = crate::releases::live(&table) else {
+            continue;
+        };
+        let mut running = true;
+        for name in live.containers.values() {
+            running &= matches!(ctx.docker.inspect(name).await, Ok(Some(info)) if info.running);
+        }
+        let mut facts = AppFacts {
+            app: app.clone(),
+            version: live.version.clone(),
+            running,
+            ..AppFacts::default()
+        };
+        if let Some(t) = traffic.get(&app) {
+            facts.listen = t.listen.to_string();
+            facts.requests = t.stats.requests;
+            facts.status_5xx = t.stats.status_5xx;
+            facts.p95_ms = t.stats.p95_ms;
+        }
+        out.push(facts);
+    }
+    out
+}
+
+/// Renews a held deploy lock until dropped.
+#[derive(Debug)]
+pub struct LockKeeper {
+    stop: CancellationToken,
+}
+
+impl LockKeeper {
+    pub fn start(store: Arc<Store>, app: &str, holder: &str, lease: Duration) -> LockKeeper {
+        let stop = CancellationToken::new();
+        let (app, holder, token) = (app.to_string(), holder.to_string(), stop.clone());
+        tokio::spawn(async move {
+            let every = lease / 3;
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                if let Err(err) = store
+                    .lock(&app, &holder, unix_ms(), lease.as_millis() as i64)
+                    .await
+                {
+                    warn!(app, error = %err, "cannot renew the deploy lock");
+                }
+            }
+        });
+        LockKeeper { stop }
+    }
+}
+
+impl Drop for LockKeeper {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,321 @@
+//! What the agent does on start before it takes new jobs: converge every job a crash (or a
+//! kill) interrupted to exactly one serving release, remove orphan containers, make sure every
+//! live release runs, and bring the app proxies back.
+//!
+//! The rule for an interrupted job: if traffic had not moved (`switched` is false), the old
+//! release keeps serving and whatever the job created is removed; if it had, the new release
+//! stays if it passes its health check, else traffic goes back to the old one. The job is then
+//! reported `interrupted`, with what was done.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::apps::Reserved;
+use crate::appspec::AppSpec;
+use crate::deploy::{self, LABEL_RELEASE, WEB, container_spec};
+use crate::docker::ContainerInfo;
+use crate::jobevent::{JobResult, Release, ReleaseState};
+use crate::jobs::{JobCtx, Outcome, Report, finish, report_releases};
+use crate::proxy::Upstream;
+use crate::releases;
+use crate::secrets;
+use crate::store::{JobKind, JobRecord};
+
+/// Converges interrupted jobs, sweeps every app, restores the proxies. Fails (to be retried)
+/// only when the store or the Docker Engine cannot be used.
+pub async fn recover(ctx: &JobCtx) -> Result<(), String> {
+    // The Engine must answer before anything is judged from what it shows.
+    ctx.docker
+        .list_labelled(deploy::LABEL_APP, "-")
+        .await
+        .map_err(|e| e.to_string())?;
+    let jobs = ctx.store.unfinished_jobs().map_err(|e| e.to_string())?;
+    for job in jobs {
+        converge(ctx, job).await?;
+    }
+    for app in ctx.store.release_apps().map_err(|e| e.to_string())? {
+        sweep(ctx, &app).await?;
+        restore_proxy(ctx, &app).await;
+    }
+    Ok(())
+}
+
+fn find(table: &[Release], id: &str) -> Option<Release> {
+    table.iter().find(|r| r.id == id).cloned()
+}
+
+fn set(table: &mut [Release], id: &str, state: ReleaseState, result: Option<JobResult>) {
+    if let Some(r) = table.iter_mut().find(|r| r.id == id) {
+        r.state = state;
+        if result.is_some() {
+            r.result = result;
+            if r.finished_unix_ms == 0 {
+                r.finished_unix_ms = crate::unix_ms();
+            }
+        }
+    }
+}
+
+async fn remove_all(ctx: &JobCtx, release: &Release) {
+    for name in release.containers.values() {
+        if let Err(e) = ctx.docker.remove(name).await {
+            warn!(container = %name, error = %e, "cannot remove container");
+        }
+    }
+}
+
+async fn stop_all(ctx: &JobCtx, release: &Release) {
+    let timeout = AppSpec::from_toml(&release.spec_toml, "release")
+        .map(|s| s.stop_timeout)
+        .unwrap_or(Duration::from_secs(10));
+    for name in release.containers.values() {
+        if let Ok(Some(info)) = ctx.docker.inspect(name).await
+            && info.running
+            && let Err(e) = ctx.docker.stop(name, timeout).await
+        {
+            warn!(container = %name, error = %e, "cannot stop container");
+        }
+    }
+}
+
+/// Makes every container of `release` run: starts stopped ones, recreates missing ones from
+/// the release's image ID. Returns the web container, if any.
+async fn ensure_running(ctx: &JobCtx, release: &Release) -> Result<Option<ContainerInfo>, String> {
+    let spec = AppSpec::from_toml(&release.spec_toml, &format!("release {}", release.version))
+        .map_err(|e| e.to_string())?;
+    let mut web = None;
+    for (role, name) in &release.containers {
+        let info = match ctx.docker.inspect(name).await.map_err(|e| e.to_string())? {
+            Some(info) if info.running => info,
+            Some(_) => {
+                ctx.docker.start(name).await.map_err(|e| e.to_string())?;
+                info!(container = %name, "started a stopped container of a live release");
+                ctx.docker
+                    .inspect(name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("container {name} vanished"))?
+            }
+            None => {
+                let mut env = spec.env.clone();
+                env.extend(secrets::load(&ctx.secrets_dir, &spec)?);
+                let info = ctx
+                    .docker
+                    .create_and_start(&container_spec(
+                        &spec,
+                        release,
+                        role,
+                        &release.image_id,
+                        &env,
+                    ))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = ctx.docker.set_restart(name, true).await;
+                info!(container = %name, "recreated a missing container of a live release");
+                info
+            }
+        };
+        if role == WEB {
+            web = Some(info);
+        }
+    }
+    Ok(web)
+}
+
+/// Whether a release serves: its containers run and its web role passes its health check.
+async fn healthy(ctx: &JobCtx, report: &Report<'_>, release: &Release) -> Result<(), String> {
+    let spec = AppSpec::from_toml(&release.spec_toml, "release").map_err(|e| e.to_string())?;
+    let web = ensure_running(ctx, release).await?;
+    if let Some(info) = web {
+        let addr = info
+            .host_port
+            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+            .ok_or("the web container has no published port")?;
+        deploy::wait_healthy(ctx, report, "recover", &info.name, addr, &spec.health)
+            .await
+            .map_err(|f| f.error)?;
+    }
+    Ok(())
+}
+
+async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
+    let report = Report::new(&ctx.outbox, &job.id);
+    let mut table = ctx.store.releases(&job.app).map_err(|e| e.to_string())?;
+    let target = find(&table, &job.release);
+    let previous = find(&table, &job.previous);
+    let step = if job.step.is_empty() {
+        "start".to_string()
+    } else {
+        job.step.clone()
+    };
+    let mut did = Vec::new();
+    match (&target, job.switched) {
+        (Some(t), true) => match healthy(ctx, &report, t).await {
+            Ok(()) => {
+                if let Some(p) = &previous {
+                    stop_all(ctx, p).await;
+                    set(&mut table, &p.id, ReleaseState::Kept, None);
+                }
+                let result = t.result.or(Some(JobResult::Succeeded));
+                set(&mut table, &t.id, ReleaseState::Live, result);
+                did.push(format!(
+                    "traffic had moved to {}, which is healthy and keeps serving",
+                    t.version
+                ));
+            }
+            Err(why) => match &previous {
+                Some(p) => {
+                    ensure_running(ctx, p).await?;
+                    set(&mut table, &p.id, ReleaseState::Live, None);
+                    if job.kind == JobKind::Deploy {
+                        remove_all(ctx, t).await;
+                        set(
+                            &mut table,
+                            &t.id,
+                            ReleaseState::Failed,
+                            Some(JobResult::Interrupted),
+                        );
+                    } else {
+                        stop_all(ctx, t).await;
+                        set(&mut table, &t.id, ReleaseState::Kept, None);
+                    }
+                    did.push(format!(
+                        "traffic had moved to {}, which is not healthy ({why}); back to {}",
+                        t.version, p.version
+                    ));
+                }
+                None => did.push(format!(
+                    "traffic had moved to {}, which is not healthy ({why}), and there is nothing else to serve",
+                    t.version
+                )),
+            },
+        },
+        (Some(t), false) => {
+            if job.kind == JobKind::Deploy || t.state == ReleaseState::Removed {
+                remove_all(ctx, t).await;
+                did.push(format!("removed the containers of {}", t.version));
+            } else {
+                stop_all(ctx, t).await;
+                did.push(format!("stopped {} again", t.version));
+            }
+            if job.kind == JobKind::Deploy {
+                set(
+                    &mut table,
+                    &t.id,
+                    ReleaseState::Failed,
+                    Some(JobResult::Interrupted),
+                );
+            }
+        }
+        (None, _) => {}
+    }
+    if !job.switched || target.is_none() {
+        match releases::live(&table).cloned() {
+            Some(live) => {
+                ensure_running(ctx, &live).await?;
+                did.push(format!("{} keeps serving", live.version));
+            }
+            None => did.push("no release of the app was live".to_string()),
+        }
+    }
+    job.switched = false;
+    ctx.store
+        .commit(&job, &table)
+        .await
+        .map_err(|e| e.to_string())?;
+    let live = releases::live(&table)
+        .map(|r| r.version.clone())
+        .unwrap_or_default();
+    let message = format!(
+        "the agent stopped during step {step}; on restart it {}",
+        did.join("; ")
+    );
+    info!(job = %job.id, "{message}");
+    let outcome = Outcome {
+        result: JobResult::Interrupted,
+        step,
+        error: message,
+        live_version: live,
+        ..Outcome::failed("", "")
+    };
+    finish(ctx, &mut job, &report, outcome, Duration::ZERO).await;
+    Ok(())
+}
+
+/// Removes the app's orphan containers, stops kept releases left running, and makes sure the
+/// live release runs.
+async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), String> {
+    let table = ctx.store.releases(app).map_err(|e| e.to_string())?;
+    let found = ctx
+        .docker
+        .list_labelled(deploy::LABEL_APP, app)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pairs: Vec<(String, String)> = found
+        .iter()
+        .map(|c| {
+            (
+                c.name.clone(),
+                c.labels.get(LABEL_RELEASE).cloned().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let orphans = releases::orphans(&pairs, &table);
+    for name in &orphans {
+        match ctx.docker.remove(name).await {
+            Ok(()) => info!(app, container = %name, "removed an orphan container"),
+            Err(e) => warn!(app, container = %name, error = %e, "cannot remove an orphan"),
+        }
+    }
+    for kept in table.iter().filter(|r| r.state == ReleaseState::Kept) {
+        stop_all(ctx, kept).await;
+    }
+    if let Some(live) = releases::live(&table)
+        && let Err(e) = ensure_running(ctx, live).await
+    {
+        warn!(app, release = %live.version, error = %e, "the live release cannot be started");
+    }
+    if !orphans.is_empty() {
+        report_releases(ctx, app, "recovery").await;
+    }
+    Ok(())
+}
+
+/// Serves the app's live web release on its public address again.
+async fn restore_proxy(ctx: &JobCtx, app: &str) {
+    let Ok(table) = ctx.store.releases(app) else {
+        return;
+    };
+    let Some(live) = releases::live(&table) else {
+        return;
+    };
+    let Some(name) = live.containers.get(WEB) else {
+        return;
+    };
+    let Ok(spec) = AppSpec::from_toml(&live.spec_toml, "release") else {
+        return;
+    };
+    let Some(web) = spec.web else { return };
+    let addr = match ctx.docker.inspect(name).await {
+        Ok(Some(info)) => info
+            .host_port
+            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))),
+        _ => None,
+    };
+    let Some(addr) = addr else {
+        warn!(app, container = %name, "the live web container has no published port; not serving");
+        return;
+    };
+    match ctx.apps.reserve(app, web.listen).await {
+        Ok(reserved) => {
+            let serving = matches!(reserved, Reserved::Serving(_));
+            let proxy = ctx.apps.install(app, reserved, &ctx.shutdown);
+            if !serving || proxy.upstream().is_none() {
+                proxy.switch(Upstream::new(addr, &live.version));
+            }
+            info!(app, listen = %web.listen, release = %live.version, "serving");
+        }
+        Err(e) => warn!(app, error = %e, "cannot serve the live release"),
+    }
+}
