@@ -502,14 +502,6 @@ async fn deploy_steps(
         AppSpec::from_toml(&job.spec_toml, &source).map_err(|e| fail("validate", e.to_string()))?;
     check_version(&spec, &job.version).map_err(|e| fail("validate", e))?;
     let env = app_env(ctx, &spec).map_err(|e| fail("validate", e))?;
-    if let Some(web) = &spec.web {
-        made.reserved = Some(
-            ctx.apps
-                .reserve(&spec.name, web.listen)
-                .await
-                .map_err(|e| fail("validate", e))?,
-        );
-    }
     report
         .step_done(
             "validate",
@@ -683,6 +675,15 @@ async fn deploy_steps(
         format!("starting {}", roles.join(", ")),
     )
     .await?;
+    // The public address is taken under the app's lock, before anything is created.
+    if let Some(web) = &spec.web {
+        made.reserved = Some(
+            ctx.apps
+                .reserve(&spec.name, web.listen)
+                .await
+                .map_err(|e| fail("start", e))?,
+        );
+    }
     let mut addr = None;
     for role in &roles {
         let info = ctx

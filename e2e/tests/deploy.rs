@@ -14,8 +14,8 @@ use drover_e2e::deploys::{
     AppGuard, Load, app_containers, deploy_job, rollback_job, spec, test_repo,
 };
 use drover_e2e::{
-    TestAgent, TestController, assert_ws_echo, docker_available, fast_controller_config, free_port,
-    http, init,
+    TestAgent, TestController, assert_ws_echo, docker_available, eventually,
+    fast_controller_config, free_port, http, init,
 };
 
 struct Fixture {
@@ -365,5 +365,221 @@ async fn a_watch_window_breach_switches_back_within_a_second() {
         app_containers(app),
         before,
         "the bad release's containers are gone"
+    );
+}
+
+#[tokio::test]
+async fn one_deploy_per_app_at_a_time_and_wait_takes_the_lock_when_free() {
+    if !docker_available("one_deploy_per_app_at_a_time_and_wait_takes_the_lock_when_free") {
+        return;
+    }
+    let app = "locked";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let f = fixture("lock-host").await;
+    // A deploy whose watch window holds the lock for 4 s.
+    let slow = spec(app, &repo, listen, "").replace("window = \"1s\"", "window = \"4s\"");
+    f.agent
+        .jobs
+        .submit(deploy_job("deploy-1-hold", app, "v1.0.0", &slow));
+    eventually(
+        "the first deploy holds the lock",
+        Duration::from_secs(30),
+        || async {
+            f.controller
+                .job_events(&f.agent.host, "deploy-1-hold")
+                .iter()
+                .any(|e| get(e, field::STEP) == "lock" && get(e, field::STATUS) == "done")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A second deploy of the same app is told who holds it since when, at once.
+    let (done, _) = f
+        .run(deploy_job(
+            "deploy-2-busy",
+            app,
+            "v1.1.0",
+            &spec(app, &repo, listen, ""),
+        ))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "failed", "{done:?}");
+    assert_eq!(get(&done, field::CODE), jobevent::CODE_LOCKED);
+    let error = get(&done, field::ERROR);
+    assert!(
+        error.contains(
+            "locked is locked by job deploy-1-hold (deploy v1.0.0 asked by tester) since 20"
+        ),
+        "{error}"
+    );
+    assert!(error.contains("--wait"), "{error}");
+
+    // With --wait it waits its turn, then deploys.
+    let mut waiting = deploy_job(
+        "deploy-3-wait",
+        app,
+        "v1.1.0",
+        &spec(app, &repo, listen, ""),
+    );
+    waiting.wait_lock = true;
+    let (done, events) = f.run(waiting).await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == jobevent::PROGRESS && e.message.starts_with("waiting: ")),
+        "it said it was waiting"
+    );
+    let first = f
+        .controller
+        .wait_job(&f.agent.host, "deploy-1-hold", Duration::from_secs(5))
+        .await;
+    assert_eq!(get(&first, field::RESULT), "succeeded");
+    assert!(first.at_unix_ms <= done.at_unix_ms);
+    assert_eq!(version_at(listen).await, "v1.1.0");
+}
+
+#[tokio::test]
+async fn worker_roles_are_swapped_and_a_dying_worker_fails_the_deploy() {
+    if !docker_available("worker_roles_are_swapped_and_a_dying_worker_fails_the_deploy") {
+        return;
+    }
+    let app = "workers";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let with_bot = |extra: &str| {
+        spec(
+            app,
+            &repo,
+            listen,
+            &format!("[[workers]]\nname = \"bot\"\ncommand = [\"worker\"]\n{extra}"),
+        )
+    };
+    let f = fixture("worker-host").await;
+    let (done, _) = f
+        .run(deploy_job("deploy-1-w100", app, "v1.0.0", &with_bot("")))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    let (done, _) = f
+        .run(deploy_job("deploy-2-w110", app, "v1.1.0", &with_bot("")))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    let states: BTreeMap<String, String> = app_containers(app).into_iter().collect();
+    assert_eq!(
+        states,
+        BTreeMap::from([
+            ("drover-workers-bot-v1.0.0-w100".into(), "exited".into()),
+            ("drover-workers-bot-v1.1.0-w110".into(), "running".into()),
+            ("drover-workers-web-v1.0.0-w100".into(), "exited".into()),
+            ("drover-workers-web-v1.1.0-w110".into(), "running".into()),
+        ])
+    );
+
+    // A worker that dies right after starting fails the deploy; the running worker stays.
+    let dying = with_bot("[env]\nWORKER_EXIT_AFTER_MS = \"100\"\n");
+    let (done, _) = f
+        .run(deploy_job("deploy-3-wdie", app, "v1.0.0", &dying))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "failed", "{done:?}");
+    assert_eq!(get(&done, field::STEP), "health");
+    assert!(
+        get(&done, field::ERROR)
+            .contains("worker container drover-workers-bot-v1.0.0-wdie exited with code 4"),
+        "{done:?}"
+    );
+    assert!(
+        get(&done, field::LOGS).contains("WORKER_EXIT_AFTER_MS"),
+        "{done:?}"
+    );
+    let after: BTreeMap<String, String> = app_containers(app).into_iter().collect();
+    assert_eq!(after, states, "the failed release left nothing behind");
+
+    // A worker-only app: no proxy, workers swapped.
+    let bots = "bots";
+    let _guard2 = AppGuard(bots.into());
+    let repo = test_repo(bots, &["v1.0.0", "v1.1.0"]);
+    let only = format!(
+        "name = \"{bots}\"\nimage = \"{repo}\"\nstop_timeout = \"1s\"\n\
+         [[workers]]\nname = \"bot\"\ncommand = [\"worker\"]\n[watch]\nwindow = \"1s\"\n"
+    );
+    for (n, v) in ["v1.0.0", "v1.1.0"].into_iter().enumerate() {
+        let (done, _) = f
+            .run(deploy_job(&format!("deploy-{n}-b{n:03}"), bots, v, &only))
+            .await;
+        assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    }
+    assert_eq!(
+        app_containers(bots),
+        [
+            (
+                "drover-bots-bot-v1.0.0-b000".to_string(),
+                "exited".to_string()
+            ),
+            (
+                "drover-bots-bot-v1.1.0-b001".to_string(),
+                "running".to_string()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn pruning_keeps_the_rollback_target_and_a_pruned_release_is_recreated_from_its_image() {
+    if !docker_available(
+        "pruning_keeps_the_rollback_target_and_a_pruned_release_is_recreated_from_its_image",
+    ) {
+        return;
+    }
+    let app = "prune";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0", "v2.0.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let spec = spec(app, &repo, listen, "keep_releases = 2");
+    let f = fixture("prune-host").await;
+    for (n, v) in ["v1.0.0", "v1.1.0", "v2.0.0"].into_iter().enumerate() {
+        let (done, _) = f
+            .run(deploy_job(&format!("deploy-{n}-p{n:03}"), app, v, &spec))
+            .await;
+        assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    }
+    // v2.0.0 live, v1.1.0 kept (the rollback target), v1.0.0 pruned and its tag removed.
+    assert_eq!(
+        app_containers(app),
+        [
+            (
+                "drover-prune-web-v1.1.0-p001".to_string(),
+                "exited".to_string()
+            ),
+            (
+                "drover-prune-web-v2.0.0-p002".to_string(),
+                "running".to_string()
+            ),
+        ]
+    );
+    let tag = std::process::Command::new("docker")
+        .args(["image", "inspect", &format!("{repo}:v1.0.0")])
+        .output()
+        .unwrap();
+    assert!(!tag.status.success(), "the pruned release's tag is removed");
+
+    // Rolling back to the pruned v1.0.0 recreates it from the recorded image ID.
+    let (done, events) = f.run(rollback_job("rollback-3-p003", app, "v1.0.0")).await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    assert!(
+        events.iter().any(|e| get(e, field::STEP) == "start"
+            && e.message
+                .contains("recreated drover-prune-web-v1.0.0-p000 from")),
+        "{events:?}"
+    );
+    assert_eq!(version_at(listen).await, "v1.0.0");
+    // A version never deployed here is refused.
+    let (done, _) = f.run(rollback_job("rollback-4-p004", app, "v0.1.0")).await;
+    assert_eq!(get(&done, field::STEP), "locate");
+    assert!(
+        get(&done, field::ERROR).contains("no release of prune with version v0.1.0"),
+        "{done:?}"
     );
 }
