@@ -298,6 +298,19 @@ do_install() {
     done_ "installed $conf_target (mode 0640; edit it, it is never overwritten)"
   fi
 
+  # App secrets (<app>.env, mode 0600) for deploys: private to the service user.
+  if [ "$role" = agent ]; then
+    local secrets=$conf_dir/secrets
+    if [ -d "$secrets" ]; then
+      say "kept secrets dir $secrets"
+    else
+      ensure_dir 0755 "$conf_dir"
+      act install -d -m 0700 "$secrets"
+      done_ "created $secrets (mode 0700: put each app's secrets in <app>.env there, mode 0600)"
+    fi
+    [ "$host_install" = 0 ] || act chown drover:drover "$secrets"
+  fi
+
   # Holds the identity or CA key: private to the service user whatever was there before.
   if [ -d "$data_dir" ]; then
     if [ "$(stat -c %a "$data_dir")" != 700 ]; then

@@ -133,6 +133,19 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
     }
 }
 
+/// Crash-test hook: with `DROVER_AGENT_PAUSE_AT=<point>` in its environment, the agent stops
+/// at that point of every job and waits there forever, so a test can kill the process at a
+/// known place. Points: each step's name (just after the step is recorded as started, before
+/// it acts) and `switch:committed` (traffic committed in the store, proxy not yet swapped).
+async fn pause_point(point: &str) {
+    static PAUSE_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let pause = PAUSE_AT.get_or_init(|| std::env::var("DROVER_AGENT_PAUSE_AT").ok());
+    if pause.as_deref() == Some(point) {
+        warn!(point, "paused by DROVER_AGENT_PAUSE_AT (a crash-test hook)");
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Records the step as started in the job (flushed first: a crash knows how far it got) and as
 /// an event.
 async fn begin(
@@ -148,6 +161,7 @@ async fn begin(
         .await
         .map_err(|e| fail(step, format!("cannot record progress: {e}")))?;
     report.step_started(step, message).await;
+    pause_point(step).await;
     Ok(Instant::now())
 }
 
@@ -779,6 +793,7 @@ async fn deploy_steps(
         .await
         .map_err(|e| fail("switch", e.to_string()))?;
     made.release = None;
+    pause_point("switch:committed").await;
     for name in release.containers.values() {
         if let Err(e) = ctx.docker.set_restart(name, true).await {
             warn!(container = %name, error = %e, "cannot set the restart policy");

@@ -122,6 +122,7 @@ pub async fn run(
     let agent = Agent::open(AgentConfig {
         controller: addr.to_string(),
         data_dir: agent_dir.clone(),
+        secrets_dir: agent_dir.join("secrets"),
         source: "drover-controller dev".into(),
         ..AgentConfig::default()
     })?;
