@@ -20,6 +20,8 @@ const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_LAST_SEQ: &[u8] = b"last_seq";
 const KEY_ACKED: &[u8] = b"acked_seq";
 const KEY_LAST_COMMAND: &[u8] = b"last_command_id";
+/// Job records kept; older finished ones are forgotten.
+const KEEP_JOBS: usize = 500;
 
 /// Errors of the agent store.
 #[derive(Debug, thiserror::Error)]
@@ -320,6 +322,28 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets the oldest finished jobs beyond [`KEEP_JOBS`] (their events went to the
+    /// controller long ago; only ids of recent jobs are needed to recognise a resent command).
+    fn trim_jobs(&self) -> Result<(), StoreError> {
+        if self.jobs.len() <= KEEP_JOBS {
+            return Ok(());
+        }
+        let mut finished: Vec<(i64, sled::IVec)> = Vec::new();
+        for item in self.jobs.iter() {
+            let (key, value) = item?;
+            let job: JobRecord = from_json(&value)?;
+            if job.finished {
+                finished.push((job.accepted_unix_ms, key));
+            }
+        }
+        finished.sort_by_key(|(at, _)| *at);
+        let excess = self.jobs.len().saturating_sub(KEEP_JOBS);
+        for (_, key) in finished.into_iter().take(excess) {
+            self.jobs.remove(key)?;
+        }
+        Ok(())
+    }
+
     /// Stores a newly received job (flushed) unless its id is already known. Returns whether
     /// it was new: a command sent again after a reconnect is recognised and ignored.
     pub async fn accept_job(&self, job: &JobRecord) -> Result<bool, StoreError> {
@@ -329,6 +353,7 @@ impl Store {
             .compare_and_swap(job.id.as_bytes(), None::<&[u8]>, Some(bytes))?
             .is_ok();
         if inserted {
+            self.trim_jobs()?;
             self.flush_durable().await?;
         }
         Ok(inserted)
@@ -520,6 +545,52 @@ mod tests {
             store.lock("api", "job-3", 61_003, 60_000).await.unwrap(),
             Decision::Grant(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn jobs_are_taken_once_and_old_finished_ones_are_forgotten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let job = |n: usize| JobRecord {
+            id: format!("job-{n}"),
+            kind: JobKind::Deploy,
+            app: "api".into(),
+            version: "v1.0.0".into(),
+            spec_toml: String::new(),
+            spec_revision: 1,
+            skip_backup: false,
+            wait_lock: false,
+            requested_by: "alice".into(),
+            accepted_unix_ms: n as i64,
+            step: String::new(),
+            finished: n != 0,
+            release: String::new(),
+            previous: String::new(),
+            switched: false,
+        };
+        assert!(store.accept_job(&job(0)).await.unwrap());
+        assert!(
+            !store.accept_job(&job(0)).await.unwrap(),
+            "a resent command is recognised"
+        );
+        for n in 1..=KEEP_JOBS + 10 {
+            assert!(store.accept_job(&job(n)).await.unwrap());
+        }
+        assert!(
+            store.job("job-0").unwrap().is_some(),
+            "an unfinished job is never forgotten"
+        );
+        assert!(
+            store.job("job-1").unwrap().is_none(),
+            "the oldest finished ones go"
+        );
+        assert_eq!(store.unfinished_jobs().unwrap().len(), 1);
+        assert!(
+            store
+                .job(&format!("job-{}", KEEP_JOBS + 10))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

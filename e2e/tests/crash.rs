@@ -106,10 +106,14 @@ impl Setup {
     async fn agent(&self, pause_at: Option<&str>) -> AgentProcess {
         let since = drover_agent::unix_ms();
         let agent = AgentProcess::start(&self.config, &self.data, pause_at, &self.log);
-        eventually("the agent's new session", Duration::from_secs(30), || async {
-            let h = self.controller.host(&self.host).await?;
-            (h.session_open && h.last_seen_unix_ms > since).then_some(())
-        })
+        eventually(
+            "the agent's new session",
+            Duration::from_secs(30),
+            || async {
+                let h = self.controller.host(&self.host).await?;
+                (h.session_open && h.last_seen_unix_ms > since).then_some(())
+            },
+        )
         .await;
         agent
     }
@@ -131,12 +135,21 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
     let data = dir.path().join("agent");
     let token = controller.token(&host).await;
     let out = Command::new(bin("drover-agent"))
-        .args(["enroll", "--controller", &controller.addr.to_string(), "--data-dir"])
+        .args([
+            "enroll",
+            "--controller",
+            &controller.addr.to_string(),
+            "--data-dir",
+        ])
         .arg(&data)
         .env("DROVER_TOKEN", &token)
         .output()
         .unwrap();
-    assert!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
@@ -211,10 +224,15 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
 
         let agent = setup.agent(None).await;
         let done = setup.finished(&job).await;
-        assert_eq!(done.fields[field::RESULT], "interrupted", "{point}: {done:?}");
+        assert_eq!(
+            done.fields[field::RESULT],
+            "interrupted",
+            "{point}: {done:?}"
+        );
         assert_eq!(done.fields[field::STEP], step, "{point}: {done:?}");
         assert!(
-            done.message.contains(&format!("the agent stopped during step {step}")),
+            done.message
+                .contains(&format!("the agent stopped during step {step}")),
             "{point}: {}",
             done.message
         );
@@ -233,7 +251,10 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
             containers.iter().filter(|(_, s)| s == "running").collect();
         assert_eq!(running.len(), 1, "{point}: {containers:?}");
         assert!(running[0].0.contains(&want), "{point}: {containers:?}");
-        assert!(containers.len() <= 2, "{point}: orphans left: {containers:?}");
+        assert!(
+            containers.len() <= 2,
+            "{point}: orphans left: {containers:?}"
+        );
         agent.kill9();
         live = want;
     }

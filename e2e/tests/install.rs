@@ -202,7 +202,11 @@ fn installs_the_agent_with_the_right_modes() {
         fs::read(repo_root().join("systemd/agent.toml")).unwrap()
     );
     assert_eq!(mode(&f.path("var/lib/drover-agent")), 0o700);
-    assert_eq!(mode(&f.path("etc/drover/secrets")), 0o700, "app secrets are private");
+    assert_eq!(
+        mode(&f.path("etc/drover/secrets")),
+        0o700,
+        "app secrets are private"
+    );
     // No token: nothing is enrolled, nothing run.
     assert!(f.calls().is_empty(), "{:?}", f.calls());
 }
@@ -308,7 +312,10 @@ fn installs_the_controller_role() {
     assert!(!f.path("etc/systemd/system/drover-agent.service").exists());
     assert_eq!(mode(&f.path("etc/drover/controller.toml")), 0o640);
     assert_eq!(mode(&f.path("var/lib/drover-controller")), 0o700);
-    assert!(!f.path("etc/drover/secrets").exists(), "only agents hold app secrets");
+    assert!(
+        !f.path("etc/drover/secrets").exists(),
+        "only agents hold app secrets"
+    );
 
     f.ok(&["--role", "controller", "--uninstall"]);
     assert!(!f.path("usr/local/bin/drover").exists());
