@@ -781,7 +781,11 @@ mod tests {
         let mut table = event("a", 2);
         table.job_id = "x".into();
         let stored = store
-            .ingest_event(&table, Some(("api", &[release.clone()])), |_| true)
+            .ingest_event(
+                &table,
+                Some(("api", std::slice::from_ref(&release))),
+                |_| true,
+            )
             .unwrap();
         assert_eq!(stored, Ingested::Stored { job: None });
         assert_eq!(store.releases("api", "a").unwrap(), vec![release.clone()]);
