@@ -1,9 +1,14 @@
 //! Conversions between `drover.v1` wire messages and the controller's stored records. Nothing
 //! outside the RPC handlers and the CLI sees prost types.
 
+use drover_agent::jobevent::Release;
 use drover_proto::v1;
 
-use crate::store::{CheckRecord, DiskRecord, EventRecord, HealthSnapshot, HostRecord, TokenRecord};
+use crate::jobs::{JobCommand, JobRecord};
+
+use crate::store::{
+    AppStatusRecord, CheckRecord, DiskRecord, EventRecord, HealthSnapshot, HostRecord, TokenRecord,
+};
 
 pub fn status_name(status: i32) -> &'static str {
     match v1::CheckStatus::try_from(status) {
@@ -58,6 +63,19 @@ pub fn health_from_proto(r: &v1::HealthReport) -> HealthSnapshot {
         cert_not_after_unix: r.cert_not_after_unix,
         clock_offset_ms: r.clock_offset_ms,
         collected_unix_ms: r.collected_unix_ms,
+        apps: r
+            .apps
+            .iter()
+            .map(|a| AppStatusRecord {
+                app: a.app.clone(),
+                version: a.version.clone(),
+                running: a.running,
+                listen: a.listen.clone(),
+                requests: a.requests,
+                status_5xx: a.status_5xx,
+                p95_ms: a.p95_ms,
+            })
+            .collect(),
     }
 }
 
@@ -96,7 +114,19 @@ pub fn health_to_proto(h: &HealthSnapshot) -> v1::HealthReport {
         cert_not_after_unix: h.cert_not_after_unix,
         clock_offset_ms: h.clock_offset_ms,
         collected_unix_ms: h.collected_unix_ms,
-        apps: Vec::new(),
+        apps: h
+            .apps
+            .iter()
+            .map(|a| v1::AppStatus {
+                app: a.app.clone(),
+                version: a.version.clone(),
+                running: a.running,
+                listen: a.listen.clone(),
+                requests: a.requests,
+                status_5xx: a.status_5xx,
+                p95_ms: a.p95_ms,
+            })
+            .collect(),
     }
 }
 
@@ -169,5 +199,98 @@ pub fn host_to_proto(
         enrolled_unix_ms: h.enrolled_unix_ms,
         acked_seq,
         session_open,
+    }
+}
+
+pub fn job_to_proto(j: &JobRecord) -> v1::JobInfo {
+    v1::JobInfo {
+        id: j.id.clone(),
+        kind: j.kind.as_str().to_string(),
+        app: j.app.clone(),
+        version: j.version.clone(),
+        requested_by: j.requested_by.clone(),
+        created_unix_ms: j.created_unix_ms,
+        finished_unix_ms: j.finished_unix_ms,
+        state: j.state().as_str().to_string(),
+        targets: j
+            .targets
+            .iter()
+            .map(|t| v1::JobTarget {
+                host: t.host.clone(),
+                state: t.state.as_str().to_string(),
+                step: t.step.clone(),
+                message: t.message.clone(),
+                started_unix_ms: t.started_unix_ms,
+                finished_unix_ms: t.finished_unix_ms,
+                logs: t.logs.clone(),
+                code: t.code.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The `Command` that asks an agent to run its part of `j`.
+pub fn command_to_proto(j: &JobRecord) -> v1::Command {
+    use v1::command::Job;
+    let job = match &j.command {
+        JobCommand::Deploy {
+            app,
+            version,
+            spec_toml,
+            spec_revision,
+            skip_backup,
+            wait_lock,
+            requested_by,
+        } => Job::Deploy(v1::DeployCommand {
+            app: app.clone(),
+            version: version.clone(),
+            spec_toml: spec_toml.clone(),
+            spec_revision: *spec_revision,
+            skip_backup: *skip_backup,
+            wait_lock: *wait_lock,
+            requested_by: requested_by.clone(),
+        }),
+        JobCommand::Rollback {
+            app,
+            to_version,
+            wait_lock,
+            requested_by,
+        } => Job::Rollback(v1::RollbackCommand {
+            app: app.clone(),
+            to_version: to_version.clone(),
+            wait_lock: *wait_lock,
+            requested_by: requested_by.clone(),
+        }),
+    };
+    v1::Command {
+        job_id: j.id.clone(),
+        kind: j.kind.as_str().to_string(),
+        spec: Vec::new(),
+        job: Some(job),
+    }
+}
+
+/// One release of `host`'s table, with the flags the controller computes.
+pub fn release_to_proto(
+    host: &str,
+    r: &Release,
+    live: bool,
+    rollback_target: bool,
+) -> v1::ReleaseInfo {
+    v1::ReleaseInfo {
+        app: r.app.clone(),
+        host: host.to_string(),
+        id: r.id.clone(),
+        version: r.version.clone(),
+        image: r.image.clone(),
+        digest: r.image_id.clone(),
+        deployed_by: r.requested_by.clone(),
+        job_id: r.job_id.clone(),
+        started_unix_ms: r.started_unix_ms,
+        finished_unix_ms: r.finished_unix_ms,
+        result: r.result.map_or("running", |r| r.as_str()).to_string(),
+        state: r.state.as_str().to_string(),
+        live,
+        rollback_target,
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! `server` opens the data dir and serves `enrollment`, `sessions` (AgentService) and
 //! `operator` (OperatorService) over mTLS; `auth` decides who may call what; `store` is the
-//! only module that touches sled; `cli` is the `drover` command. See ARCHITECTURE.md.
+//! only module that touches sled; `jobs` and `selection` are the pure rules of deploy and
+//! rollback jobs; `cli` is the `drover` command. See ARCHITECTURE.md.
 
 pub mod auth;
 pub mod cli;
@@ -12,7 +13,9 @@ pub mod dev;
 pub mod enrollment;
 pub mod error;
 pub mod hoststate;
+pub mod jobs;
 pub mod operator;
+pub mod selection;
 pub mod server;
 pub mod sessions;
 pub mod store;

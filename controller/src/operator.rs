@@ -1,14 +1,17 @@
 //! OperatorService: what the `drover` CLI calls. Reads need any operator certificate; changes
-//! need the admin role.
+//! (deploys and rollbacks among them) need the admin role.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_agent::appspec::AppSpec;
+use drover_agent::appspec::{AppSpec, check_version};
+use drover_agent::releases;
 use drover_identity::token::{EnrollToken, token_id};
 use drover_identity::{Identity, Role, validate_name};
 use drover_proto::v1;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -16,8 +19,11 @@ use crate::auth::{Need, authorize, operator_name};
 use crate::config::MAX_TOKEN_TTL;
 use crate::convert;
 use crate::hoststate::host_state;
+use crate::jobs::{self, JobCommand, JobKind, JobRecord, JobUpdate, job_id};
+use crate::selection::{Candidate, SelectError, require_connected, select_hosts};
 use crate::server::{Shared, now_ms};
-use crate::store::{HostRecord, TokenRecord};
+use crate::sessions::send_command;
+use crate::store::{AppRecord, EventRecord, HostRecord, TokenRecord};
 
 #[derive(Debug, Clone)]
 pub struct OperatorApi {
@@ -50,6 +56,217 @@ impl OperatorApi {
             acked,
         ))
     }
+
+    fn known_app(&self, name: &str) -> Result<AppRecord, Status> {
+        self.shared
+            .store
+            .app(name)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown app {name}; `drover app list` shows the applied ones, `drover app apply FILE` adds one"
+                ))
+            })
+    }
+
+    fn known_job(&self, id: &str) -> Result<JobRecord, Status> {
+        self.shared.store.job(id).map_err(internal)?.ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown job {id}; `drover jobs` lists the recent ones"
+            ))
+        })
+    }
+
+    /// The hosts a job on `app` runs on (see `selection`), each with its agent connected now.
+    fn choose_hosts(
+        &self,
+        app: &str,
+        names: &[String],
+        labels: &BTreeMap<String, String>,
+        what: &'static str,
+    ) -> Result<Vec<String>, Status> {
+        let store = &self.shared.store;
+        let mut inventory = Vec::new();
+        for h in store.hosts().map_err(internal)? {
+            let info = self.host_info(&h)?;
+            inventory.push(Candidate {
+                name: h.name.clone(),
+                labels: h.labels.clone(),
+                revoked: h.revoked_unix_ms.is_some(),
+                session_open: info.session_open,
+                state: info.state,
+                last_seen_unix_ms: info.last_seen_unix_ms,
+            });
+        }
+        let live_on: Vec<String> = store
+            .app_releases(app)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|(_, table)| releases::live(table).is_some())
+            .map(|(host, _)| host)
+            .collect();
+        let hosts =
+            select_hosts(&inventory, app, names, labels, &live_on).map_err(selection_status)?;
+        require_connected(&inventory, &hosts, what, now_ms()).map_err(selection_status)?;
+        Ok(hosts)
+    }
+}
+
+fn selection_status(err: SelectError) -> Status {
+    let message = err.to_string();
+    match err {
+        SelectError::UnknownHost(_) => Status::not_found(message),
+        SelectError::Revoked(_) | SelectError::NotConnected { .. } | SelectError::NoHosts => {
+            Status::failed_precondition(message)
+        }
+        SelectError::Both | SelectError::NoLabelMatch(_) | SelectError::NameThem { .. } => {
+            Status::invalid_argument(message)
+        }
+    }
+}
+
+/// Creates the job (durable), then sends its first target's command. Runs in its own task so
+/// a caller that goes away half-way leaves no job stored but never sent.
+async fn start_job(
+    shared: Arc<Shared>,
+    kind: JobKind,
+    command: JobCommand,
+    hosts: Vec<String>,
+) -> Result<JobRecord, Status> {
+    tokio::spawn(async move {
+        let now = now_ms();
+        let mut job = None;
+        for _ in 0..8 {
+            let candidate = JobRecord::new(job_id(kind, now, rand::random()), now, command.clone(), &hosts);
+            if shared.store.create_job(&candidate).map_err(internal)? {
+                job = Some(candidate);
+                break;
+            }
+        }
+        let job = job.ok_or_else(|| Status::internal("could not find a free job id"))?;
+        shared.store.flush().await.map_err(internal)?;
+        let first = &job.targets[0].host;
+        let sent = send_command(&shared, &job, first);
+        info!(job = %job.id, app = %job.app, version = %job.version, by = %job.requested_by, hosts = ?hosts, sent, "job created");
+        Ok(job)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("job task failed: {e}")))?
+}
+
+/// Streams a job to one `WatchJob` caller: the job, its stored events, then live events and
+/// state changes, and the finished job last; then the stream ends.
+async fn watch(
+    shared: Arc<Shared>,
+    job: JobRecord,
+    mut updates: broadcast::Receiver<JobUpdate>,
+    tx: mpsc::Sender<Result<v1::WatchJobResponse, Status>>,
+) {
+    let id = job.id.clone();
+    if send_job(&tx, &job).await.is_err() {
+        return;
+    }
+    let mut last_sent = job;
+    // Events already sent: the stored ones and the broadcast ones overlap.
+    let mut seen: HashSet<(String, u64)> = HashSet::new();
+    let mut pending = catch_up(&shared, &id, &mut seen, &tx).await;
+    loop {
+        match pending {
+            Ok(Some(latest)) => {
+                if latest.state().is_finished() {
+                    let _ = send_job(&tx, &latest).await;
+                    return;
+                }
+                if latest != last_sent {
+                    if send_job(&tx, &latest).await.is_err() {
+                        return;
+                    }
+                    last_sent = latest;
+                }
+            }
+            Ok(None) => {}
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+        pending = Ok(None);
+        let update = tokio::select! {
+            _ = shared.shutdown.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable(format!(
+                    "the controller is shutting down; the job goes on: `drover watch {id}`"
+                )))).await;
+                return;
+            }
+            _ = tx.closed() => return,
+            update = updates.recv() => update,
+        };
+        match update {
+            Ok(JobUpdate::Event(event)) if event.job_id == id => {
+                if seen.insert((event.host.clone(), event.seq))
+                    && send_event(&tx, &event).await.is_err()
+                {
+                    return;
+                }
+            }
+            // The store's copy, not the broadcast one: an update sent before this watcher read
+            // the store may arrive after it, and must not take the job back in time. Its
+            // events first, so the finished job never comes before its last events.
+            Ok(JobUpdate::Job(changed)) if changed.id == id => {
+                pending = catch_up(&shared, &id, &mut seen, &tx).await;
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // Fell behind: what was missed is in the store.
+                tracing::debug!(job = %id, missed, "watcher lagged; reading the store");
+                pending = catch_up(&shared, &id, &mut seen, &tx).await;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Sends the job's stored events not sent yet, in order; returns the job as stored now.
+async fn catch_up(
+    shared: &Shared,
+    id: &str,
+    seen: &mut HashSet<(String, u64)>,
+    tx: &mpsc::Sender<Result<v1::WatchJobResponse, Status>>,
+) -> Result<Option<JobRecord>, Status> {
+    let Some(job) = shared.store.job(id).map_err(internal)? else {
+        return Ok(None);
+    };
+    let events = shared.store.job_events(id).map_err(internal)?;
+    for event in jobs::replay_order(&job, events) {
+        if seen.insert((event.host.clone(), event.seq)) && send_event(tx, &event).await.is_err() {
+            return Err(Status::cancelled("the watcher went away"));
+        }
+    }
+    Ok(Some(job))
+}
+
+async fn send_job(
+    tx: &mpsc::Sender<Result<v1::WatchJobResponse, Status>>,
+    job: &JobRecord,
+) -> Result<(), ()> {
+    tx.send(Ok(v1::WatchJobResponse {
+        event: None,
+        job: Some(convert::job_to_proto(job)),
+    }))
+    .await
+    .map_err(|_| ())
+}
+
+async fn send_event(
+    tx: &mpsc::Sender<Result<v1::WatchJobResponse, Status>>,
+    event: &EventRecord,
+) -> Result<(), ()> {
+    tx.send(Ok(v1::WatchJobResponse {
+        event: Some(convert::event_to_proto(event)),
+        job: None,
+    }))
+    .await
+    .map_err(|_| ())
 }
 
 fn app_info(record: &crate::store::AppRecord) -> v1::AppInfo {
@@ -76,44 +293,165 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
 
     async fn deploy(
         &self,
-        _request: Request<v1::DeployRequest>,
+        request: Request<v1::DeployRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        Err(Status::unimplemented("deploy: work in progress"))
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let req = request.into_inner();
+        let app = self.known_app(&req.app)?;
+        let source = format!("app {} revision {}", app.name, app.revision);
+        let spec = AppSpec::from_toml(&app.spec_toml, &source).map_err(|e| {
+            Status::failed_precondition(format!(
+                "the stored spec no longer validates: {e}; apply a fixed one (`drover app apply FILE`)"
+            ))
+        })?;
+        check_version(&spec, &req.version)
+            .map_err(|e| Status::invalid_argument(format!("{}: {e}", app.name)))?;
+        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
+        let hosts = self.choose_hosts(&app.name, &req.hosts, &labels, "deploy")?;
+        let command = JobCommand::Deploy {
+            app: app.name.clone(),
+            version: req.version.clone(),
+            spec_toml: app.spec_toml.clone(),
+            spec_revision: app.revision,
+            skip_backup: req.skip_backup,
+            wait_lock: req.wait_lock,
+            requested_by: operator_name(&caller),
+        };
+        let job = start_job(self.shared.clone(), JobKind::Deploy, command, hosts).await?;
+        Ok(Response::new(convert::job_to_proto(&job)))
     }
 
     async fn rollback(
         &self,
-        _request: Request<v1::RollbackRequest>,
+        request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        Err(Status::unimplemented("rollback: work in progress"))
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let req = request.into_inner();
+        let app = self.known_app(&req.app)?;
+        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
+        let hosts = self.choose_hosts(&app.name, &req.hosts, &labels, "rollback")?;
+        let to = (!req.to_version.is_empty()).then_some(req.to_version.as_str());
+        for host in &hosts {
+            let table = self
+                .shared
+                .store
+                .releases(&app.name, host)
+                .map_err(internal)?;
+            if releases::rollback_target(&table, to).is_none() {
+                let name = &app.name;
+                return Err(Status::failed_precondition(match to {
+                    None => format!(
+                        "no earlier release of {name} on {host} to roll back to (drover releases {name})"
+                    ),
+                    Some(v) => format!(
+                        "no kept release of version {v} of {name} on {host} to roll back to (drover releases {name})"
+                    ),
+                }));
+            }
+        }
+        let command = JobCommand::Rollback {
+            app: app.name.clone(),
+            to_version: req.to_version.clone(),
+            wait_lock: req.wait_lock,
+            requested_by: operator_name(&caller),
+        };
+        let job = start_job(self.shared.clone(), JobKind::Rollback, command, hosts).await?;
+        Ok(Response::new(convert::job_to_proto(&job)))
     }
 
     async fn list_jobs(
         &self,
-        _request: Request<v1::ListJobsRequest>,
+        request: Request<v1::ListJobsRequest>,
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
-        Err(Status::unimplemented("jobs: work in progress"))
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let req = request.get_ref();
+        let limit = match req.limit {
+            0 => 50,
+            n => n.min(1000),
+        } as usize;
+        let app = (!req.app.is_empty()).then_some(req.app.as_str());
+        let jobs = self
+            .shared
+            .store
+            .jobs(app, limit)
+            .map_err(internal)?
+            .iter()
+            .map(convert::job_to_proto)
+            .collect();
+        Ok(Response::new(v1::ListJobsResponse { jobs }))
     }
 
     async fn get_job(
         &self,
-        _request: Request<v1::GetJobRequest>,
+        request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        Err(Status::unimplemented("jobs: work in progress"))
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let job = self.known_job(&request.get_ref().id)?;
+        Ok(Response::new(convert::job_to_proto(&job)))
     }
 
     async fn watch_job(
         &self,
-        _request: Request<v1::WatchJobRequest>,
+        request: Request<v1::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        Err(Status::unimplemented("watch: work in progress"))
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        // Subscribed before anything is read, so no update falls between the stored state
+        // and the live one (the overlap is de-duplicated).
+        let updates = self.shared.job_updates.subscribe();
+        let job = self.known_job(&request.get_ref().id)?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(watch(self.shared.clone(), job, updates, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn list_releases(
         &self,
-        _request: Request<v1::ListReleasesRequest>,
+        request: Request<v1::ListReleasesRequest>,
     ) -> Result<Response<v1::ListReleasesResponse>, Status> {
-        Err(Status::unimplemented("releases: work in progress"))
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let req = request.get_ref();
+        let app = self.known_app(&req.app)?;
+        if !req.host.is_empty()
+            && self
+                .shared
+                .store
+                .host(&req.host)
+                .map_err(internal)?
+                .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "unknown host {}; `drover hosts` lists the enrolled ones",
+                req.host
+            )));
+        }
+        let mut out = Vec::new();
+        // By host name (the store's order), each host's newest first.
+        for (host, table) in self
+            .shared
+            .store
+            .app_releases(&app.name)
+            .map_err(internal)?
+        {
+            if !req.host.is_empty() && host != req.host {
+                continue;
+            }
+            let live = releases::live(&table).map(|r| r.id.clone());
+            let target = releases::rollback_target(&table, None).map(|r| r.id.clone());
+            let mut rows: Vec<v1::ReleaseInfo> = table
+                .iter()
+                .map(|r| {
+                    convert::release_to_proto(
+                        &host,
+                        r,
+                        live.as_ref() == Some(&r.id),
+                        target.as_ref() == Some(&r.id),
+                    )
+                })
+                .collect();
+            rows.sort_by_key(|r| std::cmp::Reverse(r.started_unix_ms));
+            out.extend(rows);
+        }
+        Ok(Response::new(v1::ListReleasesResponse { releases: out }))
     }
 
     async fn apply_app(

@@ -10,6 +10,7 @@ use drover_identity::pki::Ca;
 use drover_identity::{Identity, Role};
 use drover_proto::v1;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
@@ -18,6 +19,7 @@ use tracing::info;
 use crate::ControllerError;
 use crate::config::ControllerConfig;
 use crate::enrollment::EnrollmentApi;
+use crate::jobs::JobUpdate;
 use crate::operator::OperatorApi;
 use crate::sessions::{AgentApi, Registry};
 use crate::store::Store;
@@ -39,8 +41,13 @@ pub struct Shared {
     pub store: Store,
     pub ca: Ca,
     pub registry: Registry,
+    /// Every change to a job, after it is stored, for `WatchJob` streams.
+    pub job_updates: broadcast::Sender<JobUpdate>,
     pub shutdown: CancellationToken,
 }
+
+/// How many job updates a slow `WatchJob` stream may fall behind before it re-reads the store.
+const JOB_UPDATES_BUFFER: usize = 1024;
 
 /// An opened controller: its state, ready to serve.
 #[derive(Debug)]
@@ -90,6 +97,7 @@ impl Controller {
                 store,
                 ca,
                 registry: Registry::default(),
+                job_updates: broadcast::channel(JOB_UPDATES_BUFFER).0,
                 shutdown: CancellationToken::new(),
             }),
             server_chain_pem,

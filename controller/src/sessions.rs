@@ -1,14 +1,18 @@
 //! AgentService: one long-lived stream per agent. Heartbeats, health reports and job events
-//! come in; Welcome, acks, heartbeat replies and renewed certificates go out.
+//! come in; Welcome, acks, heartbeat replies, commands and renewed certificates go out.
 //!
 //! Events are persisted (flushed) before they are acknowledged, and de-duplicated by
-//! (host, seq), so an agent that replays after a reconnect never produces a second copy.
+//! (host, seq), so an agent that replays after a reconnect never produces a second copy. A new
+//! event moves its job on (`jobs::apply_event`, in the same store transaction); once the batch
+//! is flushed, watchers hear of it and the next target's command is sent. A new session is
+//! first sent every command due on its host that its agent has not started.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use drover_agent::jobevent;
 use drover_identity::Identity;
 use drover_proto::v1;
 use drover_proto::v1::agent_message::Msg as In;
@@ -22,21 +26,33 @@ use tracing::{info, warn};
 
 use crate::auth::{Need, authorize};
 use crate::convert;
+use crate::jobs::{self, JobRecord, JobUpdate};
 use crate::server::{Shared, now_ms};
-use crate::store::Appended;
+use crate::store::{EventRecord, Ingested, JobChange};
 
 /// How long an agent has to say Hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events taken in one persist-then-ack round.
 const MAX_BATCH: usize = 256;
 
+/// What the controller sends an agent through its session.
+pub type Outbound = mpsc::Sender<Result<v1::ControllerMessage, Status>>;
+
+#[derive(Debug)]
+struct Live {
+    id: u64,
+    cancel: CancellationToken,
+    tx: Outbound,
+}
+
 #[derive(Debug, Default)]
 struct Entry {
-    session: Option<(u64, CancellationToken)>,
+    session: Option<Live>,
     last_seen_ms: i64,
 }
 
-/// Live sessions and last-seen times, by host.
+/// Live sessions (with their outbound channel, so commands reach the host) and last-seen
+/// times, by host.
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<HashMap<String, Entry>>,
@@ -48,20 +64,34 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a new session for `host`, closing any older one (the newest connection wins).
-    pub fn register(&self, host: &str, now_ms: i64) -> (u64, CancellationToken) {
+    /// Registers a new session for `host` sending through `tx`, closing any older one (the
+    /// newest connection wins).
+    pub fn register(&self, host: &str, now_ms: i64, tx: Outbound) -> (u64, CancellationToken) {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
-        let token = CancellationToken::new();
+        let cancel = CancellationToken::new();
         let mut map = self.lock();
         let entry = map.entry(host.to_string()).or_default();
-        if let Some((_, old)) = entry.session.replace((id, token.clone())) {
-            old.cancel();
+        let live = Live {
+            id,
+            cancel: cancel.clone(),
+            tx,
+        };
+        if let Some(old) = entry.session.replace(live) {
+            old.cancel.cancel();
         }
         entry.last_seen_ms = now_ms;
-        (id, token)
+        (id, cancel)
+    }
+
+    /// The outbound channel of `host`'s open session.
+    pub fn sender(&self, host: &str) -> Option<Outbound> {
+        self.lock()
+            .get(host)
+            .and_then(|e| e.session.as_ref())
+            .map(|live| live.tx.clone())
     }
 
     pub fn touch(&self, host: &str, now_ms: i64) {
@@ -72,7 +102,7 @@ impl Registry {
 
     pub fn unregister(&self, host: &str, id: u64) {
         if let Some(entry) = self.lock().get_mut(host)
-            && entry.session.as_ref().is_some_and(|(sid, _)| *sid == id)
+            && entry.session.as_ref().is_some_and(|live| live.id == id)
         {
             entry.session = None;
         }
@@ -81,8 +111,8 @@ impl Registry {
     /// Closes the host's session, if any. Returns whether one was open.
     pub fn close(&self, host: &str) -> bool {
         match self.lock().get_mut(host).and_then(|e| e.session.take()) {
-            Some((_, token)) => {
-                token.cancel();
+            Some(live) => {
+                live.cancel.cancel();
                 true
             }
             None => false,
@@ -91,8 +121,8 @@ impl Registry {
 
     pub fn close_all(&self) {
         for entry in self.lock().values_mut() {
-            if let Some((_, token)) = entry.session.take() {
-                token.cancel();
+            if let Some(live) = entry.session.take() {
+                live.cancel.cancel();
             }
         }
     }
@@ -159,7 +189,6 @@ impl v1::agent_service_server::AgentService for AgentApi {
             )));
         }
         let now = now_ms();
-        let (session_id, cancel) = shared.registry.register(&host, now);
         shared
             .store
             .update_host(&host, |h| {
@@ -181,6 +210,8 @@ impl v1::agent_service_server::AgentService for AgentApi {
         })))
         .await
         .map_err(|_| Status::cancelled("agent went away"))?;
+        // Registered once Welcome is queued, so a command sent to this host comes after it.
+        let (session_id, cancel) = shared.registry.register(&host, now, tx.clone());
         // The drive loop runs in its own task so the handler returns the response stream now.
         tokio::spawn(drive(shared, host, session_id, cancel, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -197,8 +228,11 @@ async fn drive(
     session_id: u64,
     cancel: CancellationToken,
     mut inbound: Streaming<v1::AgentMessage>,
-    tx: mpsc::Sender<Result<v1::ControllerMessage, Status>>,
+    tx: Outbound,
 ) {
+    if let Err(err) = resend_commands(&shared, &host, &tx).await {
+        warn!(host = %host, error = %err, "could not send the host its pending commands");
+    }
     let end = loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => break closing_status(&shared, &host),
@@ -258,12 +292,15 @@ async fn handle_batch(
     shared: &Shared,
     host: &str,
     batch: Vec<v1::AgentMessage>,
-    tx: &mpsc::Sender<Result<v1::ControllerMessage, Status>>,
+    tx: &Outbound,
 ) -> Result<(), Status> {
     let now = now_ms();
     shared.registry.touch(host, now);
     let mut highest_event: Option<u64> = None;
     let mut replies = Vec::new();
+    // Told to watchers and agents only once the batch is durable.
+    let mut updates: Vec<JobUpdate> = Vec::new();
+    let mut dispatches: Vec<(JobRecord, String)> = Vec::new();
     for msg in batch {
         match msg.msg {
             Some(In::Heartbeat(hb)) => replies.push(Out::HeartbeatAck(v1::HeartbeatAck {
@@ -296,9 +333,7 @@ async fn handle_batch(
                     ));
                 }
                 let record = convert::event_from_proto(host, &event, now);
-                if shared.store.append_event(&record).map_err(internal)? == Appended::Duplicate {
-                    tracing::debug!(host = %host, seq = event.seq, "duplicate event ignored");
-                }
+                ingest(shared, record, &mut updates, &mut dispatches)?;
                 highest_event = Some(highest_event.unwrap_or(0).max(event.seq));
             }
             Some(In::Renew(renew)) => {
@@ -338,10 +373,102 @@ async fn handle_batch(
             .max(seq);
         replies.push(Out::Ack(v1::Ack { upto_seq: upto }));
     }
+    for update in updates {
+        // No watcher is no error.
+        let _ = shared.job_updates.send(update);
+    }
+    for (job, target) in dispatches {
+        let sent = send_command(shared, &job, &target);
+        info!(job = %job.id, host = %target, sent, "next target's turn");
+    }
     for reply in replies {
         if tx.send(out(reply)).await.is_err() {
             return Err(Status::cancelled("agent went away"));
         }
+    }
+    Ok(())
+}
+
+/// Stores one event with its effects (its job's new state, the release table it carries) and
+/// collects what to tell once the batch is flushed: watcher updates, commands now due.
+fn ingest(
+    shared: &Shared,
+    record: EventRecord,
+    updates: &mut Vec<JobUpdate>,
+    dispatches: &mut Vec<(JobRecord, String)>,
+) -> Result<(), Status> {
+    let host = record.host.clone();
+    let table = if record.kind == jobevent::RELEASES {
+        match jobevent::parse_releases(&record.fields) {
+            Ok(table) => record
+                .fields
+                .get(jobevent::field::APP)
+                .filter(|app| !app.is_empty())
+                .map(|app| (app.clone(), table)),
+            Err(err) => {
+                warn!(host = %host, seq = record.seq, error = %err, "release table not kept");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let releases = table.as_ref().map(|(app, t)| (app.as_str(), t.as_slice()));
+    let ingested = shared
+        .store
+        .ingest_event(&record, releases, |job| jobs::apply_event(job, &record))
+        .map_err(internal)?;
+    let JobChange { before, after } = match ingested {
+        Ingested::Duplicate => {
+            tracing::debug!(host = %host, seq = record.seq, "duplicate event ignored");
+            return Ok(());
+        }
+        Ingested::Stored { job: None } => return Ok(()),
+        Ingested::Stored { job: Some(change) } => *change,
+    };
+    updates.push(JobUpdate::Event(record));
+    if jobs::targets_changed(&before, &after) {
+        let state = after.state();
+        if state.is_finished() {
+            info!(job = %after.id, app = %after.app, state = state.as_str(), "job finished");
+        }
+        updates.push(JobUpdate::Job(after.clone()));
+    }
+    for next in jobs::newly_dispatched(&before, &after) {
+        dispatches.push((after.clone(), next));
+    }
+    Ok(())
+}
+
+/// Sends `job`'s command to `host` if its session is open. Returns whether it was handed to
+/// the session (it is sent again on the host's next session until the agent starts it).
+pub fn send_command(shared: &Shared, job: &JobRecord, host: &str) -> bool {
+    let Some(tx) = shared.registry.sender(host) else {
+        return false;
+    };
+    let msg = out(Out::Command(convert::command_to_proto(job)));
+    match tx.try_send(msg) {
+        Ok(()) => true,
+        // A busy session: hand it over without holding up the caller.
+        Err(mpsc::error::TrySendError::Full(msg)) => {
+            tokio::spawn(async move {
+                let _ = tx.send(msg).await;
+            });
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// On a new session: every command whose turn came on this host and that its agent has not
+/// started. The agent ignores a job id it already knows, so sending one twice is harmless.
+async fn resend_commands(shared: &Shared, host: &str, tx: &Outbound) -> Result<(), String> {
+    let open = shared.store.open_jobs().map_err(|e| e.to_string())?;
+    for job in open.iter().filter(|j| j.awaits_start_on(host)) {
+        info!(host = %host, job = %job.id, "sending the command of a job not started yet");
+        tx.send(out(Out::Command(convert::command_to_proto(job))))
+            .await
+            .map_err(|_| "the session closed".to_string())?;
     }
     Ok(())
 }
@@ -353,8 +480,9 @@ mod tests {
     #[test]
     fn a_new_session_closes_the_old_one() {
         let registry = Registry::default();
-        let (id1, t1) = registry.register("h", 1);
-        let (id2, t2) = registry.register("h", 2);
+        let (tx, _rx) = mpsc::channel(1);
+        let (id1, t1) = registry.register("h", 1, tx.clone());
+        let (id2, t2) = registry.register("h", 2, tx);
         assert!(t1.is_cancelled() && !t2.is_cancelled());
         registry.unregister("h", id1); // the old session's teardown must not drop the new one
         assert_eq!(registry.seen("h"), (Some(2), true));

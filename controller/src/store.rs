@@ -1,13 +1,20 @@
-//! The controller's durable state in sled: hosts, enrollment tokens, revoked certificates and
-//! every job event. The only module of the controller that knows it is sled.
+//! The controller's durable state in sled: hosts, enrollment tokens, revoked certificates,
+//! every job event, app specs, deploy and rollback jobs, and each host's release table per app.
+//! The only module of the controller that knows it is sled.
 //!
 //! Writes that a peer is told about (an ack, an issued certificate, a used token) are flushed
-//! first. Events are keyed by (host, seq) so a replayed event is recognised and dropped.
+//! first. Events are keyed by (host, seq) so a replayed event is recognised and dropped; a new
+//! event, its effect on its job and the release table it carries are stored in one transaction,
+//! so an event is never stored without its effect (nor the effect applied twice).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use drover_agent::jobevent::Release;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::jobs::JobRecord;
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &[u8] = b"schema_version";
@@ -67,6 +74,21 @@ pub struct HealthSnapshot {
     pub cert_not_after_unix: i64,
     pub clock_offset_ms: i64,
     pub collected_unix_ms: i64,
+    /// Apps live on the host, with their proxy's counters (absent in older records).
+    #[serde(default)]
+    pub apps: Vec<AppStatusRecord>,
+}
+
+/// An app live on a host, from its last health report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppStatusRecord {
+    pub app: String,
+    pub version: String,
+    pub running: bool,
+    pub listen: String,
+    pub requests: u64,
+    pub status_5xx: u64,
+    pub p95_ms: u64,
 }
 
 /// A host the controller knows.
@@ -128,6 +150,22 @@ pub enum Appended {
     Duplicate,
 }
 
+/// What happened to an event offered to [`Store::ingest_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// Already stored (a replay after a reconnect): nothing changed.
+    Duplicate,
+    /// Stored, with the change to its job when the job is known.
+    Stored { job: Option<Box<JobChange>> },
+}
+
+/// A job before and after an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobChange {
+    pub before: JobRecord,
+    pub after: JobRecord,
+}
+
 pub struct Store {
     db: sled::Db,
     hosts: sled::Tree,
@@ -136,6 +174,16 @@ pub struct Store {
     events: sled::Tree,
     event_seq: sled::Tree,
     apps: sled::Tree,
+    /// job id → JobRecord
+    jobs: sled::Tree,
+    /// created_unix_ms (big-endian) ++ job id → job id: jobs by creation time
+    job_order: sled::Tree,
+    /// job id → (): unfinished jobs, whose commands may need sending again
+    open_jobs: sled::Tree,
+    /// job id \0 host \0 seq (big-endian) → EventRecord: each job's events, for replay
+    job_events: sled::Tree,
+    /// app \0 host → Vec<Release>: the last `app.releases` table the host sent
+    releases: sled::Tree,
 }
 
 impl std::fmt::Debug for Store {
@@ -158,6 +206,48 @@ fn event_key(host: &str, seq: u64) -> Vec<u8> {
     key.push(0);
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+fn job_event_prefix(job_id: &str) -> Vec<u8> {
+    let mut key = job_id.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn job_event_key(job_id: &str, host: &str, seq: u64) -> Vec<u8> {
+    let mut key = job_event_prefix(job_id);
+    key.extend_from_slice(&event_key(host, seq));
+    key
+}
+
+fn job_order_key(job: &JobRecord) -> Vec<u8> {
+    let mut key = job.created_unix_ms.max(0).to_be_bytes().to_vec();
+    key.extend_from_slice(job.id.as_bytes());
+    key
+}
+
+fn releases_prefix(app: &str) -> Vec<u8> {
+    let mut key = app.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn releases_key(app: &str, host: &str) -> Vec<u8> {
+    let mut key = releases_prefix(app);
+    key.extend_from_slice(host.as_bytes());
+    key
+}
+
+/// Turns a failed sled transaction into a [`StoreError`].
+fn transaction_error(e: TransactionError<String>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => StoreError::Sled(e),
+        TransactionError::Abort(message) => StoreError::Corrupt(message),
+    }
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<String> {
+    ConflictableTransactionError::Abort(e.to_string())
 }
 
 impl Store {
@@ -204,6 +294,11 @@ impl Store {
             events: db.open_tree("events")?,
             event_seq: db.open_tree("event_seq")?,
             apps: db.open_tree("apps")?,
+            jobs: db.open_tree("jobs")?,
+            job_order: db.open_tree("job_order")?,
+            open_jobs: db.open_tree("open_jobs")?,
+            job_events: db.open_tree("job_events")?,
+            releases: db.open_tree("releases")?,
             db,
         })
     }
@@ -345,30 +440,79 @@ impl Store {
     /// Stores an event unless one with the same (host, seq) or a later seq is already stored.
     /// Not yet durable: call [`Store::flush`] before acknowledging.
     pub fn append_event(&self, event: &EventRecord) -> Result<Appended, StoreError> {
+        Ok(match self.ingest_event(event, None, |_| false)? {
+            Ingested::Duplicate => Appended::Duplicate,
+            Ingested::Stored { .. } => Appended::Stored,
+        })
+    }
+
+    /// Stores a new event with its effects, in one transaction: the event itself (unless one
+    /// with the same (host, seq) or a later seq is already stored), the release table it
+    /// carries (`releases`: app and table), and, when its job is known, the event in the job's
+    /// index and `apply`'s change to the job. `apply` must be pure: a transaction may run it
+    /// more than once. Not yet durable: call [`Store::flush`] before acknowledging.
+    pub fn ingest_event(
+        &self,
+        event: &EventRecord,
+        releases: Option<(&str, &[Release])>,
+        apply: impl Fn(&mut JobRecord) -> bool,
+    ) -> Result<Ingested, StoreError> {
         use sled::Transactional;
         let key = event_key(&event.host, event.seq);
         let value = encode(event)?;
-        // The check and the insert are one transaction, so two sessions of one host racing
+        let table = releases
+            .map(|(app, table)| {
+                Ok::<_, StoreError>((releases_key(app, &event.host), encode(&table)?))
+            })
+            .transpose()?;
+        // The check and the inserts are one transaction, so two sessions of one host racing
         // (an old one not yet torn down) cannot both store the same seq.
-        (&self.events, &self.event_seq)
-            .transaction(|(events, seqs)| {
-                let last = seqs
-                    .get(event.host.as_bytes())?
-                    .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-                    .unwrap_or(0);
-                if event.seq <= last {
-                    return Ok(Appended::Duplicate);
-                }
-                events.insert(key.as_slice(), value.as_slice())?;
-                seqs.insert(event.host.as_bytes(), &event.seq.to_be_bytes())?;
-                Ok(Appended::Stored)
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => {
-                    StoreError::Corrupt("transaction aborted".into())
-                }
-            })
+        (
+            &self.events,
+            &self.event_seq,
+            &self.jobs,
+            &self.job_events,
+            &self.open_jobs,
+            &self.releases,
+        )
+            .transaction(
+                |(events, seqs, jobs, job_events, open_jobs, release_tables)| {
+                    let last = seqs
+                        .get(event.host.as_bytes())?
+                        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                        .unwrap_or(0);
+                    if event.seq <= last {
+                        return Ok(Ingested::Duplicate);
+                    }
+                    events.insert(key.as_slice(), value.as_slice())?;
+                    seqs.insert(event.host.as_bytes(), &event.seq.to_be_bytes())?;
+                    if let Some((key, bytes)) = &table {
+                        release_tables.insert(key.as_slice(), bytes.as_slice())?;
+                    }
+                    if event.job_id.is_empty() {
+                        return Ok(Ingested::Stored { job: None });
+                    }
+                    let Some(bytes) = jobs.get(event.job_id.as_bytes())? else {
+                        return Ok(Ingested::Stored { job: None });
+                    };
+                    let before: JobRecord = decode(&bytes).map_err(abort)?;
+                    job_events.insert(
+                        job_event_key(&event.job_id, &event.host, event.seq),
+                        value.as_slice(),
+                    )?;
+                    let mut after = before.clone();
+                    if apply(&mut after) {
+                        jobs.insert(event.job_id.as_bytes(), encode(&after).map_err(abort)?)?;
+                        if after.state().is_finished() {
+                            open_jobs.remove(event.job_id.as_bytes())?;
+                        }
+                    }
+                    Ok(Ingested::Stored {
+                        job: Some(Box::new(JobChange { before, after })),
+                    })
+                },
+            )
+            .map_err(transaction_error)
     }
 
     /// Events of `host` after `after_seq`, oldest first.
@@ -383,6 +527,96 @@ impl Store {
         let mut out: Vec<EventRecord> = Vec::new();
         for item in self.events.range(start..=end).take(limit) {
             out.push(decode(&item?.1)?);
+        }
+        Ok(out)
+    }
+
+    // --- jobs --------------------------------------------------------------------------------
+
+    /// Stores a new job (and marks it open). Returns false, storing nothing, if its id is
+    /// taken. Not yet durable: flush before sending its command or answering.
+    pub fn create_job(&self, job: &JobRecord) -> Result<bool, StoreError> {
+        use sled::Transactional;
+        let value = encode(job)?;
+        let order = job_order_key(job);
+        (&self.jobs, &self.job_order, &self.open_jobs)
+            .transaction(|(jobs, job_order, open_jobs)| {
+                if jobs.get(job.id.as_bytes())?.is_some() {
+                    return Ok(false);
+                }
+                jobs.insert(job.id.as_bytes(), value.as_slice())?;
+                job_order.insert(order.as_slice(), job.id.as_bytes())?;
+                if !job.state().is_finished() {
+                    open_jobs.insert(job.id.as_bytes(), &[])?;
+                }
+                Ok(true)
+            })
+            .map_err(transaction_error)
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.jobs.get(id)?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Jobs newest first, only `app`'s when given, at most `limit`.
+    pub fn jobs(&self, app: Option<&str>, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.job_order.iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, id) = item?;
+            let Some(bytes) = self.jobs.get(&id)? else {
+                continue;
+            };
+            let job: JobRecord = decode(&bytes)?;
+            if app.is_none_or(|a| a == job.app) {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unfinished jobs.
+    pub fn open_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.open_jobs.iter() {
+            let (id, _) = item?;
+            if let Some(bytes) = self.jobs.get(&id)? {
+                out.push(decode(&bytes)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every stored event of a job, by host then seq (see `jobs::replay_order`).
+    pub fn job_events(&self, job_id: &str) -> Result<Vec<EventRecord>, StoreError> {
+        self.job_events
+            .scan_prefix(job_event_prefix(job_id))
+            .map(|item| decode(&item?.1))
+            .collect()
+    }
+
+    // --- releases ----------------------------------------------------------------------------
+
+    /// The last release table `host` sent for `app` (empty if none).
+    pub fn releases(&self, app: &str, host: &str) -> Result<Vec<Release>, StoreError> {
+        Ok(self
+            .releases
+            .get(releases_key(app, host))?
+            .map(|v| decode(&v))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Every host's release table for `app`, by host name.
+    pub fn app_releases(&self, app: &str) -> Result<Vec<(String, Vec<Release>)>, StoreError> {
+        let prefix = releases_prefix(app);
+        let mut out = Vec::new();
+        for item in self.releases.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let host = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            out.push((host, decode(&value)?));
         }
         Ok(out)
     }
@@ -465,6 +699,105 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(30), all)
             .await
             .expect("200 concurrent flushes finish within 30s");
+    }
+
+    fn job(id: &str, app: &str, created: i64) -> JobRecord {
+        JobRecord::new(
+            id.into(),
+            created,
+            crate::jobs::JobCommand::Rollback {
+                app: app.into(),
+                to_version: String::new(),
+                wait_lock: false,
+                requested_by: "alice".into(),
+            },
+            &["a".to_string()],
+        )
+    }
+
+    #[tokio::test]
+    async fn an_event_its_job_change_and_its_release_table_are_stored_together_once() {
+        use drover_agent::jobevent;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        assert!(store.create_job(&job("rollback-2", "api", 2)).unwrap());
+        assert!(store.create_job(&job("rollback-1", "web", 1)).unwrap());
+        assert!(store.create_job(&job("rollback-3", "api", 3)).unwrap());
+        assert!(
+            !store.create_job(&job("rollback-3", "api", 9)).unwrap(),
+            "id taken"
+        );
+        let ids = |jobs: Vec<JobRecord>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(store.jobs(None, 10).unwrap()),
+            vec!["rollback-3", "rollback-2", "rollback-1"]
+        );
+        assert_eq!(ids(store.jobs(Some("api"), 1).unwrap()), vec!["rollback-3"]);
+        assert_eq!(store.open_jobs().unwrap().len(), 3);
+
+        let mut finished = event("a", 1);
+        finished.job_id = "rollback-2".into();
+        finished.kind = jobevent::FINISHED.into();
+        finished
+            .fields
+            .insert(jobevent::field::RESULT.into(), "succeeded".into());
+        let apply = |j: &mut JobRecord| crate::jobs::apply_event(j, &finished);
+        let Ingested::Stored { job: Some(change) } =
+            store.ingest_event(&finished, None, apply).unwrap()
+        else {
+            panic!("the job is known");
+        };
+        assert_eq!(change.after.state().as_str(), "succeeded");
+        assert_eq!(
+            store.ingest_event(&finished, None, apply).unwrap(),
+            Ingested::Duplicate
+        );
+        assert_eq!(
+            ids(store.open_jobs().unwrap()),
+            vec!["rollback-1", "rollback-3"]
+        );
+        assert_eq!(
+            store.job_events("rollback-2").unwrap(),
+            vec![finished.clone()]
+        );
+        assert!(store.job_events("rollback-3").unwrap().is_empty());
+
+        // A release table, for an event of no known job.
+        let release = jobevent::Release {
+            id: "r1".into(),
+            app: "api".into(),
+            version: "v1.0.0".into(),
+            image: "acme/api:v1.0.0".into(),
+            image_id: "sha256:aa".into(),
+            job_id: "x".into(),
+            requested_by: "alice".into(),
+            started_unix_ms: 1,
+            finished_unix_ms: 2,
+            result: Some(jobevent::JobResult::Succeeded),
+            state: jobevent::ReleaseState::Live,
+            spec_toml: String::new(),
+            containers: BTreeMap::new(),
+        };
+        let mut table = event("a", 2);
+        table.job_id = "x".into();
+        let stored = store
+            .ingest_event(
+                &table,
+                Some(("api", std::slice::from_ref(&release))),
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(stored, Ingested::Stored { job: None });
+        assert_eq!(store.releases("api", "a").unwrap(), vec![release.clone()]);
+        assert!(store.releases("api", "b").unwrap().is_empty());
+        assert_eq!(
+            store.app_releases("api").unwrap(),
+            vec![("a".to_string(), vec![release])]
+        );
+        assert!(
+            store.app_releases("ap").unwrap().is_empty(),
+            "no prefix leak"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Test harness for end-to-end tests: a real controller and real agents in this process, over
 //! mTLS on 127.0.0.1 with certificates made at test time; a TCP proxy that can cut or freeze
-//! connections; paths to the built binaries for tests that run the real programs.
+//! connections; paths to the built binaries for tests that run the real programs; a scripted
+//! agent session for tests of the controller's side of jobs.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -586,4 +587,197 @@ pub async fn assert_ws_echo(addr: SocketAddr, text: &str) {
         .expect("a message")
         .expect("a good message");
     assert_eq!(echoed, Message::text(text));
+}
+
+/// An agent session driven by the test itself over real mTLS, with a real enrolled agent
+/// certificate: it says Hello, sends the job events the test scripts (numbered like the
+/// agent's outbox), and collects the commands the controller sends. A test of the controller,
+/// not of the agent.
+pub struct ScriptedAgent {
+    pub host: String,
+    /// The controller's `Welcome.acked_seq`: the highest event seq it holds for this host.
+    pub welcome_seq: u64,
+    seq: u64,
+    tx: tokio::sync::mpsc::Sender<v1::AgentMessage>,
+    rx: tonic::Streaming<v1::ControllerMessage>,
+    commands: std::collections::VecDeque<v1::Command>,
+    acked: u64,
+}
+
+/// How long a scripted agent waits for the controller.
+const SCRIPT_PATIENCE: Duration = Duration::from_secs(10);
+
+impl ScriptedAgent {
+    /// Enrolls `host` with `labels` (key made in `dir`, as `drover-agent enroll` does) and
+    /// returns its identity.
+    pub async fn enroll(
+        controller: &TestController,
+        host: &str,
+        labels: &[(&str, &str)],
+        dir: &Path,
+    ) -> Bundle {
+        let token = controller.token(host).await;
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        drover_agent::enroll::enroll(&controller.addr.to_string(), &token, dir, labels)
+            .await
+            .expect("enroll");
+        Bundle::load(&dir.join("identity")).expect("agent identity")
+    }
+
+    /// Opens a session as `host`: Hello, then waits for Welcome. Event numbering continues
+    /// after what the controller already holds.
+    pub async fn connect(addr: &str, bundle: &Bundle, host: &str) -> ScriptedAgent {
+        let config = client_config(
+            &Trust::Ca(bundle.ca_pem.clone()),
+            Some(&ClientCert {
+                cert_pem: bundle.cert_pem.clone(),
+                key_pem: bundle.key_pem.clone(),
+            }),
+        )
+        .expect("client config");
+        let mut client = v1::agent_service_client::AgentServiceClient::new(
+            channel(addr, config, Duration::from_secs(5)).expect("channel"),
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tx.send(v1::AgentMessage {
+            msg: Some(v1::agent_message::Msg::Hello(v1::Hello {
+                host: host.to_string(),
+                agent_version: "scripted".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("queue Hello");
+        let mut stream = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("open session")
+            .into_inner();
+        let first = tokio::time::timeout(SCRIPT_PATIENCE, stream.message())
+            .await
+            .expect("Welcome within 10s")
+            .expect("session stream");
+        let Some(v1::ControllerMessage {
+            msg: Some(v1::controller_message::Msg::Welcome(welcome)),
+        }) = first
+        else {
+            panic!("expected Welcome first, got {first:?}");
+        };
+        ScriptedAgent {
+            host: host.to_string(),
+            welcome_seq: welcome.acked_seq,
+            seq: welcome.acked_seq,
+            tx,
+            rx: stream,
+            commands: Default::default(),
+            acked: welcome.acked_seq,
+        }
+    }
+
+    /// Reads one message from the controller, keeping commands and acks.
+    async fn read(&mut self) -> v1::controller_message::Msg {
+        use v1::controller_message::Msg;
+        let msg = tokio::time::timeout(SCRIPT_PATIENCE, self.rx.message())
+            .await
+            .unwrap_or_else(|_| panic!("{}: the controller said nothing for 10s", self.host))
+            .unwrap_or_else(|s| panic!("{}: session broke: {s:?}", self.host))
+            .unwrap_or_else(|| panic!("{}: session ended", self.host))
+            .msg
+            .unwrap_or_else(|| panic!("{}: empty message", self.host));
+        match &msg {
+            Msg::Command(c) => self.commands.push_back(c.clone()),
+            Msg::Ack(a) => self.acked = self.acked.max(a.upto_seq),
+            _ => {}
+        }
+        msg
+    }
+
+    /// The next command the controller sends (or sent already).
+    pub async fn next_command(&mut self) -> v1::Command {
+        loop {
+            if let Some(c) = self.commands.pop_front() {
+                return c;
+            }
+            self.read().await;
+        }
+    }
+
+    /// Asserts that no command is waiting: a heartbeat's reply comes back with none before it
+    /// (the controller sends due commands before it reads anything from a new session, and
+    /// dispatches before it acknowledges the event that made a command due).
+    pub async fn assert_no_command(&mut self) {
+        use v1::controller_message::Msg;
+        self.send_msg(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
+            sent_unix_ms: drover_controller::server::now_ms(),
+        }))
+        .await;
+        loop {
+            if let Some(c) = self.commands.front() {
+                panic!("{}: unexpected command {c:?}", self.host);
+            }
+            if let Msg::HeartbeatAck(_) = self.read().await {
+                break;
+            }
+        }
+        if let Some(c) = self.commands.front() {
+            panic!("{}: unexpected command {c:?}", self.host);
+        }
+    }
+
+    async fn send_msg(&mut self, msg: v1::agent_message::Msg) {
+        self.tx
+            .send(v1::AgentMessage { msg: Some(msg) })
+            .await
+            .expect("session open");
+    }
+
+    /// Sends the next event (`kind` from `drover_agent::jobevent`) and waits until the
+    /// controller acknowledges it (stored and flushed). Returns its seq.
+    pub async fn event(
+        &mut self,
+        job_id: &str,
+        kind: &str,
+        message: &str,
+        fields: &[(&str, &str)],
+    ) -> u64 {
+        let fields = fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.event_with(job_id, kind, message, fields).await
+    }
+
+    /// [`ScriptedAgent::event`] with a ready field map.
+    pub async fn event_with(
+        &mut self,
+        job_id: &str,
+        kind: &str,
+        message: &str,
+        fields: BTreeMap<String, String>,
+    ) -> u64 {
+        self.seq += 1;
+        let seq = self.seq;
+        self.send_msg(v1::agent_message::Msg::Event(v1::JobEvent {
+            seq,
+            job_id: job_id.to_string(),
+            at_unix_ms: drover_controller::server::now_ms(),
+            kind: kind.to_string(),
+            message: message.to_string(),
+            fields: fields.into_iter().collect(),
+            host: String::new(),
+        }))
+        .await;
+        while self.acked < seq {
+            self.read().await;
+        }
+        seq
+    }
+
+    /// Ends the session (the agent goes away).
+    pub fn close(self) {
+        drop(self);
+    }
 }

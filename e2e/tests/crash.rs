@@ -119,7 +119,9 @@ impl Setup {
     }
 }
 
-#[tokio::test]
+// Multi-threaded: the in-process controller keeps serving while this thread waits on the
+// real programs it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_every_step_converges_to_one_serving_version() {
     if !docker_available("kill_9_at_every_step_converges_to_one_serving_version") {
         return;

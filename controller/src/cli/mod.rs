@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod output;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -19,9 +20,14 @@ use crate::server::now_ms;
 /// Exit codes (also in README.md). Following sysexits.h where one fits.
 pub mod exit {
     pub const OK: i32 = 0;
+    /// Also: the job failed.
     pub const FAILURE: i32 = 1;
     /// Bad command line (clap's own code).
     pub const USAGE: i32 = 2;
+    /// The job's watch window tripped and traffic went back to the old release.
+    pub const ROLLED_BACK: i32 = 3;
+    /// The agent stopped during the job; it converged to one serving release on restart.
+    pub const INTERRUPTED: i32 = 4;
     /// The controller refused the request as invalid (EX_DATAERR).
     pub const INVALID: i32 = 65;
     /// Unknown host, token or other named thing (EX_NOHOST).
@@ -30,6 +36,8 @@ pub mod exit {
     pub const UNREACHABLE: i32 = 69;
     /// Refused: not authenticated, wrong role, revoked or foreign certificate (EX_NOPERM).
     pub const PERMISSION_DENIED: i32 = 77;
+    /// Another job holds the app's lock on a host; try again or use --wait (EX_TEMPFAIL).
+    pub const LOCKED: i32 = 75;
     /// No usable identity bundle or config (EX_CONFIG).
     pub const NO_IDENTITY: i32 = 78;
 }
@@ -51,6 +59,9 @@ pub enum CliError {
     NoIdentity(String),
     #[error("{0}")]
     Other(String),
+    /// A job that did not succeed, with the exit code its ending maps to.
+    #[error("{message}")]
+    Job { code: i32, message: String },
 }
 
 impl CliError {
@@ -63,6 +74,7 @@ impl CliError {
             CliError::PermissionDenied(_) => exit::PERMISSION_DENIED,
             CliError::NoIdentity(_) => exit::NO_IDENTITY,
             CliError::Other(_) => exit::FAILURE,
+            CliError::Job { code, .. } => *code,
         }
     }
 }
@@ -71,7 +83,7 @@ impl CliError {
 #[command(
     name = "drover",
     version,
-    about = "Operate a Drover fleet: hosts, health, enrollment tokens, operators"
+    about = "Operate a Drover fleet: hosts, health, deploys and rollbacks, enrollment tokens, operators"
 )]
 pub struct Cli {
     /// Controller address (host:port).
@@ -109,6 +121,70 @@ pub enum Command {
     /// App specs (how each app is deployed).
     #[command(subcommand)]
     App(AppCommand),
+    /// Deploy VERSION of APP: one host after another, a failure stops the rest.
+    Deploy {
+        app: String,
+        version: String,
+        /// A host to deploy to (repeatable); default: where APP is live, or the only host.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Every host with this label, k=v (repeatable: all must match).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Do not take the spec's pre-deploy backup.
+        #[arg(long)]
+        skip_backup: bool,
+        /// Wait for another job's lock on the app instead of failing (exit 75).
+        #[arg(long)]
+        wait: bool,
+        /// Print the job id and return at once instead of following the job.
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go back to APP's previous release (or --to VERSION) where it is live.
+    Rollback {
+        app: String,
+        /// A kept release's version; default: the release live before the current one.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Wait for another job's lock on the app instead of failing (exit 75).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job until it ends (its events so far, then live); exit code as for deploy.
+    Watch {
+        job: String,
+        /// One JSON object per line: each event, then the finished job.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent deploy and rollback jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An app's releases on each host: which one is live, which one a rollback goes to.
+    Releases {
+        app: String,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Job events a host has reported, oldest first.
     Events {
         host: String,
@@ -208,6 +284,30 @@ fn print_json(value: &Value) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Other(e.to_string()))?;
     println!("{text}");
     Ok(())
+}
+
+/// After a deploy or rollback was accepted: print the job (`--detach`) or follow it.
+async fn attach(
+    api: &mut v1::operator_service_client::OperatorServiceClient<tonic::transport::Channel>,
+    addr: &str,
+    job: &v1::JobInfo,
+    detach: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    if detach {
+        if json {
+            return print_json(&output::job_json(job));
+        }
+        println!("{}", job.id);
+        let _ = writeln!(
+            std::io::stderr(),
+            "{}; follow it with `drover watch {}`",
+            watch::render_header(job),
+            job.id
+        );
+        return Ok(());
+    }
+    watch::follow(api, addr, &job.id, watch::Mode::pick(json)).await
 }
 
 /// Runs one `drover` command.
@@ -445,6 +545,91 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     app.updated_by
                 );
                 print!("{}", app.spec_toml);
+                Ok(())
+            }
+        }
+        Command::Deploy {
+            app,
+            version,
+            hosts,
+            labels,
+            skip_backup,
+            wait,
+            detach,
+            json,
+        } => {
+            let job = api
+                .deploy(v1::DeployRequest {
+                    app,
+                    version,
+                    hosts,
+                    labels: labels.into_iter().collect(),
+                    skip_backup,
+                    wait_lock: wait,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            attach(&mut api, &addr, &job, detach, json).await
+        }
+        Command::Rollback {
+            app,
+            to,
+            hosts,
+            labels,
+            wait,
+            detach,
+            json,
+        } => {
+            let job = api
+                .rollback(v1::RollbackRequest {
+                    app,
+                    to_version: to.unwrap_or_default(),
+                    hosts,
+                    labels: labels.into_iter().collect(),
+                    wait_lock: wait,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            attach(&mut api, &addr, &job, detach, json).await
+        }
+        Command::Watch { job, json } => {
+            watch::follow(&mut api, &addr, &job, watch::Mode::pick(json)).await
+        }
+        Command::Jobs { app, limit, json } => {
+            let jobs = api
+                .list_jobs(v1::ListJobsRequest {
+                    app: app.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .jobs;
+            if json {
+                print_json(&Value::Array(jobs.iter().map(output::job_json).collect()))
+            } else {
+                println!("{}", output::jobs_table(&jobs, now));
+                Ok(())
+            }
+        }
+        Command::Releases { app, host, json } => {
+            let releases = api
+                .list_releases(v1::ListReleasesRequest {
+                    app: app.clone(),
+                    host: host.unwrap_or_default(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .releases;
+            if json {
+                print_json(&Value::Array(
+                    releases.iter().map(output::release_json).collect(),
+                ))
+            } else {
+                println!("{}", output::releases_table(&releases, &app, now));
                 Ok(())
             }
         }

@@ -99,6 +99,15 @@ pub fn host_json(h: &v1::HostInfo) -> Value {
         "disks": report.map(|r| r.disks.iter().map(|d| json!({"mount": d.mount, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes})).collect::<Vec<_>>()),
         "uptime_secs": report.map(|r| r.uptime_secs),
         "clock_offset_ms": report.map(|r| r.clock_offset_ms),
+        "apps": report.map(|r| r.apps.iter().map(|a| json!({
+            "app": a.app,
+            "version": a.version,
+            "running": a.running,
+            "listen": a.listen,
+            "requests": a.requests,
+            "status_5xx": a.status_5xx,
+            "p95_ms": a.p95_ms,
+        })).collect::<Vec<_>>()).unwrap_or_default(),
     })
 }
 
@@ -205,6 +214,31 @@ pub fn host_detail(h: &v1::HostInfo, now_ms: i64) -> String {
             r.load1, r.load5, r.load15
         ));
         out.push_str(&format!("clock offset:  {} ms\n", r.clock_offset_ms));
+        if r.apps.is_empty() {
+            out.push_str("apps:          none live\n");
+        } else {
+            out.push_str("apps:\n");
+            let mut t = table(&[
+                "  APP", "VERSION", "RUNNING", "LISTEN", "REQUESTS", "5XX", "P95",
+            ]);
+            for a in &r.apps {
+                t.add_row(vec![
+                    format!("  {}", a.app),
+                    a.version.clone(),
+                    if a.running { "yes" } else { "NO" }.to_string(),
+                    if a.listen.is_empty() {
+                        "-".into()
+                    } else {
+                        a.listen.clone()
+                    },
+                    a.requests.to_string(),
+                    a.status_5xx.to_string(),
+                    format!("{} ms", a.p95_ms),
+                ]);
+            }
+            out.push_str(&t.to_string());
+            out.push('\n');
+        }
         out.push_str("checks:\n");
         let mut t = table(&["  CHECK", "STATUS", "REASON"]);
         for c in &r.checks {
@@ -299,6 +333,141 @@ pub fn event_json(e: &v1::JobEvent) -> Value {
     })
 }
 
+/// "850ms", "12.5s", "2m05s", "1h02m".
+pub fn duration_ms(ms: i64) -> String {
+    let ms = ms.max(0);
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1_000..=59_999 => format!("{}.{}s", ms / 1000, (ms % 1000) / 100),
+        60_000..=3_599_999 => format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000),
+        _ => format!("{}h{:02}m", ms / 3_600_000, (ms % 3_600_000) / 60_000),
+    }
+}
+
+fn job_duration_ms(j: &v1::JobInfo, now_ms: i64) -> i64 {
+    let end = if j.finished_unix_ms > 0 {
+        j.finished_unix_ms
+    } else {
+        now_ms
+    };
+    end - j.created_unix_ms
+}
+
+pub fn job_json(j: &v1::JobInfo) -> Value {
+    json!({
+        "id": j.id,
+        "kind": j.kind,
+        "app": j.app,
+        "version": j.version,
+        "requested_by": j.requested_by,
+        "created_at": rfc3339_ms(j.created_unix_ms),
+        "finished_at": rfc3339_ms(j.finished_unix_ms),
+        "duration_ms": (j.finished_unix_ms > 0).then(|| j.finished_unix_ms - j.created_unix_ms),
+        "state": j.state,
+        "targets": j.targets.iter().map(|t| json!({
+            "host": t.host,
+            "state": t.state,
+            "step": t.step,
+            "message": t.message,
+            "started_at": rfc3339_ms(t.started_unix_ms),
+            "finished_at": rfc3339_ms(t.finished_unix_ms),
+            "logs": t.logs,
+            "code": t.code,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn jobs_table(jobs: &[v1::JobInfo], now_ms: i64) -> String {
+    if jobs.is_empty() {
+        return "no jobs yet: `drover deploy APP VERSION` starts one".into();
+    }
+    let mut t = table(&[
+        "ID", "KIND", "APP", "VERSION", "BY", "CREATED", "DURATION", "STATE", "HOSTS",
+    ]);
+    for j in jobs {
+        t.add_row(vec![
+            j.id.clone(),
+            j.kind.clone(),
+            j.app.clone(),
+            if j.version.is_empty() {
+                "(previous)".into()
+            } else {
+                j.version.clone()
+            },
+            j.requested_by.clone(),
+            ago(j.created_unix_ms, now_ms),
+            duration_ms(job_duration_ms(j, now_ms)),
+            j.state.clone(),
+            j.targets
+                .iter()
+                .map(|t| t.host.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
+    }
+    t.to_string()
+}
+
+/// The image ID without its algorithm, cut to 12 hex digits, as `docker images` shows it.
+pub fn short_digest(digest: &str) -> String {
+    let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+    hex.chars().take(12).collect()
+}
+
+pub fn release_json(r: &v1::ReleaseInfo) -> Value {
+    json!({
+        "app": r.app,
+        "host": r.host,
+        "id": r.id,
+        "version": r.version,
+        "image": r.image,
+        "digest": r.digest,
+        "deployed_by": r.deployed_by,
+        "job_id": r.job_id,
+        "started_at": rfc3339_ms(r.started_unix_ms),
+        "finished_at": rfc3339_ms(r.finished_unix_ms),
+        "result": r.result,
+        "state": r.state,
+        "live": r.live,
+        "rollback_target": r.rollback_target,
+    })
+}
+
+pub fn releases_table(releases: &[v1::ReleaseInfo], app: &str, now_ms: i64) -> String {
+    if releases.is_empty() {
+        return format!("no releases of {app} reported yet: `drover deploy {app} VERSION`");
+    }
+    let mut t = table(&[
+        "HOST", "VERSION", "DIGEST", "BY", "DEPLOYED", "DURATION", "RESULT", "STATE", "",
+    ]);
+    for r in releases {
+        let mark = if r.live {
+            "LIVE"
+        } else if r.rollback_target {
+            "<- rollback target"
+        } else {
+            ""
+        };
+        let took = if r.finished_unix_ms > 0 {
+            duration_ms(r.finished_unix_ms - r.started_unix_ms)
+        } else {
+            "-".into()
+        };
+        t.add_row(vec![
+            r.host.clone(),
+            r.version.clone(),
+            short_digest(&r.digest),
+            r.deployed_by.clone(),
+            ago(r.started_unix_ms, now_ms),
+            took,
+            r.result.clone(),
+            r.state.clone(),
+            mark.to_string(),
+        ]);
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +480,11 @@ mod tests {
         assert_eq!(ago(now - 600_000, now), "10m ago");
         assert_eq!(expires_in(now / 1000 + 3600 * 23, now), "in 23h");
         assert_eq!(expires_in(now / 1000 - 10, now), "expired 10s ago");
+        assert_eq!(duration_ms(850), "850ms");
+        assert_eq!(duration_ms(12_540), "12.5s");
+        assert_eq!(duration_ms(125_000), "2m05s");
+        assert_eq!(duration_ms(3_720_000), "1h02m");
+        assert_eq!(short_digest("sha256:0123456789abcdef"), "0123456789ab");
     }
 
     #[test]
@@ -327,5 +501,115 @@ mod tests {
         assert_eq!(v["state"], "connected");
         assert_eq!(v["health"], "degraded");
         assert_eq!(v["last_seen"], "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn host_detail_and_json_show_live_apps() {
+        let h = v1::HostInfo {
+            name: "web-1".into(),
+            last_report: Some(v1::HealthReport {
+                apps: vec![v1::AppStatus {
+                    app: "api".into(),
+                    version: "v1.4.2".into(),
+                    running: true,
+                    listen: "0.0.0.0:8080".into(),
+                    requests: 1200,
+                    status_5xx: 3,
+                    p95_ms: 41,
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = host_detail(&h, 0);
+        let row = text.lines().find(|l| l.contains("api")).unwrap();
+        let words: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            words,
+            [
+                "api",
+                "v1.4.2",
+                "yes",
+                "0.0.0.0:8080",
+                "1200",
+                "3",
+                "41",
+                "ms"
+            ]
+        );
+        let v = host_json(&h);
+        assert_eq!(v["apps"][0]["p95_ms"], 41);
+        assert_eq!(v["apps"][0]["status_5xx"], 3);
+    }
+
+    #[test]
+    fn jobs_and_releases_tables() {
+        let job = v1::JobInfo {
+            id: "rollback-20261123-142233-3f2a".into(),
+            kind: "rollback".into(),
+            app: "api".into(),
+            requested_by: "alice".into(),
+            created_unix_ms: 1_000,
+            finished_unix_ms: 4_000,
+            state: "succeeded".into(),
+            targets: vec![
+                v1::JobTarget {
+                    host: "web-1".into(),
+                    ..Default::default()
+                },
+                v1::JobTarget {
+                    host: "web-2".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = jobs_table(&[job], 10_000);
+        let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "rollback-20261123-142233-3f2a",
+                "rollback",
+                "api",
+                "(previous)",
+                "alice",
+                "9s",
+                "ago",
+                "3.0s",
+                "succeeded",
+                "web-1,web-2"
+            ]
+        );
+        let release = v1::ReleaseInfo {
+            host: "web-1".into(),
+            version: "v1.4.2".into(),
+            digest: "sha256:0123456789abcdef".into(),
+            deployed_by: "alice".into(),
+            started_unix_ms: 1_000,
+            finished_unix_ms: 2_500,
+            result: "succeeded".into(),
+            state: "live".into(),
+            live: true,
+            ..Default::default()
+        };
+        let text = releases_table(&[release], "api", 10_000);
+        let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "web-1",
+                "v1.4.2",
+                "0123456789ab",
+                "alice",
+                "9s",
+                "ago",
+                "1.5s",
+                "succeeded",
+                "live",
+                "LIVE"
+            ]
+        );
+        assert!(releases_table(&[], "api", 0).contains("drover deploy api VERSION"));
     }
 }

@@ -1,0 +1,715 @@
+//! Deploy and rollback jobs as the controller tracks them, and how each event an agent reports
+//! changes one. Pure functions of the job and the event: no I/O, no clock, no wire types.
+//!
+//! A job has one target per host, done one after another. The first target is dispatched
+//! when the job is created; a target that succeeds dispatches the next one; a target that ends
+//! any other way skips the rest. The agent owns the truth: the controller only follows the
+//! events (`drover_agent::jobevent`) it is sent.
+
+use serde::{Deserialize, Serialize};
+
+use drover_agent::jobevent::{self, JobResult, field, status};
+
+use crate::store::EventRecord;
+
+/// deploy | rollback
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Deploy,
+    Rollback,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Deploy => "deploy",
+            JobKind::Rollback => "rollback",
+        }
+    }
+}
+
+/// Where one host's part of a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetState {
+    /// Not started by the agent (its command may have been sent: see `dispatched`).
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Interrupted,
+    /// An earlier target did not succeed, so this one never ran.
+    Skipped,
+}
+
+impl TargetState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetState::Queued => "queued",
+            TargetState::Running => "running",
+            TargetState::Succeeded => "succeeded",
+            TargetState::Failed => "failed",
+            TargetState::RolledBack => "rolled_back",
+            TargetState::Interrupted => "interrupted",
+            TargetState::Skipped => "skipped",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        !matches!(self, TargetState::Queued | TargetState::Running)
+    }
+
+    fn from_result(result: JobResult) -> TargetState {
+        match result {
+            JobResult::Succeeded => TargetState::Succeeded,
+            JobResult::Failed => TargetState::Failed,
+            JobResult::RolledBack => TargetState::RolledBack,
+            JobResult::Interrupted => TargetState::Interrupted,
+        }
+    }
+
+    /// How bad an ending is, for the job's overall state (higher is worse).
+    fn severity(self) -> u8 {
+        match self {
+            TargetState::Queued | TargetState::Running | TargetState::Succeeded => 0,
+            TargetState::Skipped => 1,
+            TargetState::RolledBack => 2,
+            TargetState::Failed => 3,
+            TargetState::Interrupted => 4,
+        }
+    }
+}
+
+/// A job's overall state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Interrupted,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::RolledBack => "rolled_back",
+            JobState::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// What the agent is asked to do, as sent in each target's `Command`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobCommand {
+    Deploy {
+        app: String,
+        version: String,
+        spec_toml: String,
+        spec_revision: u64,
+        skip_backup: bool,
+        wait_lock: bool,
+        requested_by: String,
+    },
+    Rollback {
+        app: String,
+        /// Empty: the release live before the current one.
+        to_version: String,
+        wait_lock: bool,
+        requested_by: String,
+    },
+}
+
+/// One host's part of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub host: String,
+    pub state: TargetState,
+    /// Its turn came: its command is (re)sent to the host until the agent reports
+    /// `job.started`.
+    pub dispatched: bool,
+    /// The step running now, or the one that failed.
+    pub step: String,
+    /// The last progress line, or why it failed.
+    pub message: String,
+    /// Agent clock.
+    pub started_unix_ms: i64,
+    pub finished_unix_ms: i64,
+    /// Tail of the container's logs, for a failure.
+    pub logs: String,
+    /// `locked` when another job holds the app's lock on the host.
+    pub code: String,
+}
+
+/// A deploy or rollback, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: JobKind,
+    pub app: String,
+    /// The version asked for; for a rollback, empty means "the previous release".
+    pub version: String,
+    pub requested_by: String,
+    /// Controller clock.
+    pub created_unix_ms: i64,
+    /// Controller clock, when the last event that finished the job was received; 0 before.
+    pub finished_unix_ms: i64,
+    pub command: JobCommand,
+    /// In the order they run.
+    pub targets: Vec<Target>,
+}
+
+/// What happened to a job, for `drover watch`: an event of it, or its new state.
+#[derive(Debug, Clone)]
+pub enum JobUpdate {
+    Event(EventRecord),
+    Job(JobRecord),
+}
+
+impl JobUpdate {
+    pub fn job_id(&self) -> &str {
+        match self {
+            JobUpdate::Event(e) => &e.job_id,
+            JobUpdate::Job(j) => &j.id,
+        }
+    }
+}
+
+/// A readable id that sorts by creation time: `deploy-20261123-142233-3f2a` (UTC).
+pub fn job_id(kind: JobKind, now_ms: i64, suffix: u16) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms.max(0) as u64);
+    // "2026-11-23T14:22:33Z" -> "20261123-142233"
+    let stamp: String = humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .map(|c| if c == 'T' { '-' } else { c })
+        .collect();
+    format!("{}-{stamp}-{suffix:04x}", kind.as_str())
+}
+
+impl JobRecord {
+    /// A new job on `hosts` (in that order), its first target dispatched.
+    pub fn new(
+        id: String,
+        created_unix_ms: i64,
+        command: JobCommand,
+        hosts: &[String],
+    ) -> JobRecord {
+        let (kind, app, version, requested_by) = match &command {
+            JobCommand::Deploy {
+                app,
+                version,
+                requested_by,
+                ..
+            } => (JobKind::Deploy, app, version, requested_by),
+            JobCommand::Rollback {
+                app,
+                to_version,
+                requested_by,
+                ..
+            } => (JobKind::Rollback, app, to_version, requested_by),
+        };
+        JobRecord {
+            id,
+            kind,
+            app: app.clone(),
+            version: version.clone(),
+            requested_by: requested_by.clone(),
+            created_unix_ms,
+            finished_unix_ms: 0,
+            targets: hosts
+                .iter()
+                .enumerate()
+                .map(|(i, host)| Target {
+                    host: host.clone(),
+                    state: TargetState::Queued,
+                    dispatched: i == 0,
+                    step: String::new(),
+                    message: String::new(),
+                    started_unix_ms: 0,
+                    finished_unix_ms: 0,
+                    logs: String::new(),
+                    code: String::new(),
+                })
+                .collect(),
+            command,
+        }
+    }
+
+    /// Still running while any target is queued or running (queued while none has started);
+    /// then the worst ending of its targets: interrupted, failed, rolled back, succeeded.
+    pub fn state(&self) -> JobState {
+        let unfinished = self.targets.iter().any(|t| !t.state.is_finished());
+        if unfinished {
+            let started = self.targets.iter().any(|t| t.state != TargetState::Queued);
+            return if started {
+                JobState::Running
+            } else {
+                JobState::Queued
+            };
+        }
+        let worst = self
+            .targets
+            .iter()
+            .map(|t| t.state)
+            .max_by_key(|s| s.severity())
+            .unwrap_or(TargetState::Failed);
+        match worst {
+            TargetState::Succeeded => JobState::Succeeded,
+            TargetState::RolledBack => JobState::RolledBack,
+            TargetState::Interrupted => JobState::Interrupted,
+            // Skipped alone cannot happen (the first target always runs); count it as failed.
+            _ => JobState::Failed,
+        }
+    }
+
+    /// Whether the command for `host` is due: its turn came and the agent has not started it.
+    pub fn awaits_start_on(&self, host: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t.host == host && t.dispatched && t.state == TargetState::Queued)
+    }
+
+    /// The target that decides how the job ended: the first that did not succeed.
+    pub fn failed_target(&self) -> Option<&Target> {
+        self.targets.iter().find(|t| {
+            t.state.is_finished()
+                && t.state != TargetState::Succeeded
+                && t.state != TargetState::Skipped
+        })
+    }
+}
+
+fn field<'a>(event: &'a EventRecord, name: &str) -> &'a str {
+    event.fields.get(name).map(String::as_str).unwrap_or("")
+}
+
+/// Applies one event of `job` (reported by `event.host`) to the job. Returns whether anything
+/// changed. Events for a host that is no target, for a finished or skipped target, and of
+/// kinds that are not job progress (`app.releases`, unknown kinds) change nothing.
+///
+/// - `job.started`: queued → running (`started` = the event's time).
+/// - `job.step`: `step`; a step that starts clears the progress message.
+/// - `job.progress`: the message (and `step`, when given).
+/// - `job.finished`: the target ends with `result` (an unknown result counts as failed);
+///   `step`, `error` (else the message), `logs`, `code`. Success dispatches the next queued
+///   target; any other ending skips every queued target after it.
+///
+/// A step, progress or finish for a still-queued target starts it first. When the last target
+/// ends, the job's `finished_unix_ms` is the event's receive time (controller clock).
+pub fn apply_event(job: &mut JobRecord, event: &EventRecord) -> bool {
+    let Some(index) = job.targets.iter().position(|t| t.host == event.host) else {
+        return false;
+    };
+    if job.targets[index].state.is_finished() {
+        return false;
+    }
+    let before = job.clone();
+    let kind = event.kind.as_str();
+    if !matches!(
+        kind,
+        jobevent::STARTED | jobevent::STEP | jobevent::PROGRESS | jobevent::FINISHED
+    ) {
+        return false;
+    }
+    let target = &mut job.targets[index];
+    // Whatever the agent says about a target means it holds the command.
+    target.dispatched = true;
+    if target.state == TargetState::Queued {
+        target.state = TargetState::Running;
+    }
+    if target.started_unix_ms == 0 {
+        target.started_unix_ms = event.at_unix_ms;
+    }
+    let step = field(event, field::STEP);
+    match kind {
+        jobevent::STEP => {
+            if !step.is_empty() {
+                target.step = step.to_string();
+            }
+            if field(event, field::STATUS) == status::STARTED {
+                target.message.clear();
+            }
+        }
+        jobevent::PROGRESS => {
+            if !step.is_empty() {
+                target.step = step.to_string();
+            }
+            target.message = event.message.clone();
+        }
+        jobevent::FINISHED => {
+            let result = field(event, field::RESULT);
+            let error = field(event, field::ERROR);
+            target.state = match JobResult::parse(result) {
+                Some(r) => TargetState::from_result(r),
+                None => TargetState::Failed,
+            };
+            if !step.is_empty() {
+                target.step = step.to_string();
+            }
+            target.message = if !error.is_empty() {
+                error.to_string()
+            } else if JobResult::parse(result).is_none() {
+                format!("the agent reported an unknown result {result:?}")
+            } else {
+                event.message.clone()
+            };
+            target.logs = field(event, field::LOGS).to_string();
+            target.code = field(event, field::CODE).to_string();
+            target.finished_unix_ms = event.at_unix_ms;
+            let succeeded = target.state == TargetState::Succeeded;
+            let mut rest = job.targets[index + 1..]
+                .iter_mut()
+                .filter(|t| t.state == TargetState::Queued);
+            if succeeded {
+                if let Some(next) = rest.next() {
+                    next.dispatched = true;
+                }
+            } else {
+                for t in rest {
+                    t.state = TargetState::Skipped;
+                }
+            }
+        }
+        _ => {} // job.started: done above
+    }
+    if job.finished_unix_ms == 0 && job.state().is_finished() {
+        job.finished_unix_ms = event.received_unix_ms;
+    }
+    *job != before
+}
+
+/// Hosts whose target became dispatched between `before` and `after`: their command is due.
+pub fn newly_dispatched(before: &JobRecord, after: &JobRecord) -> Vec<String> {
+    after
+        .targets
+        .iter()
+        .filter(|t| {
+            !before
+                .targets
+                .iter()
+                .any(|b| b.host == t.host && b.dispatched)
+        })
+        .filter(|t| t.dispatched && t.state == TargetState::Queued)
+        .map(|t| t.host.clone())
+        .collect()
+}
+
+/// Whether some target changed state (the moments `drover watch` is sent the job again).
+pub fn targets_changed(before: &JobRecord, after: &JobRecord) -> bool {
+    before.targets.len() != after.targets.len()
+        || before
+            .targets
+            .iter()
+            .zip(&after.targets)
+            .any(|(b, a)| b.state != a.state)
+}
+
+/// The job's events in the order they happened: target by target (they run one after
+/// another), each host's events by sequence number.
+pub fn replay_order(job: &JobRecord, mut events: Vec<EventRecord>) -> Vec<EventRecord> {
+    let rank = |host: &str| {
+        job.targets
+            .iter()
+            .position(|t| t.host == host)
+            .unwrap_or(usize::MAX)
+    };
+    events.sort_by_key(|e| (rank(&e.host), e.seq));
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn job(hosts: &[&str]) -> JobRecord {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        JobRecord::new(
+            "deploy-1".into(),
+            1_000,
+            JobCommand::Deploy {
+                app: "api".into(),
+                version: "v1.0.0".into(),
+                spec_toml: String::new(),
+                spec_revision: 1,
+                skip_backup: false,
+                wait_lock: false,
+                requested_by: "alice".into(),
+            },
+            &hosts,
+        )
+    }
+
+    fn ev(host: &str, seq: u64, kind: &str, message: &str, fields: &[(&str, &str)]) -> EventRecord {
+        EventRecord {
+            host: host.into(),
+            seq,
+            job_id: "deploy-1".into(),
+            at_unix_ms: 10_000 + seq as i64,
+            kind: kind.into(),
+            message: message.into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            received_unix_ms: 20_000 + seq as i64,
+        }
+    }
+
+    fn finished(host: &str, seq: u64, result: &str) -> EventRecord {
+        ev(
+            host,
+            seq,
+            jobevent::FINISHED,
+            "done",
+            &[(field::RESULT, result)],
+        )
+    }
+
+    fn states(job: &JobRecord) -> Vec<(&str, bool)> {
+        job.targets
+            .iter()
+            .map(|t| (t.state.as_str(), t.dispatched))
+            .collect()
+    }
+
+    #[test]
+    fn a_new_job_dispatches_only_its_first_target() {
+        let j = job(&["a", "b"]);
+        assert_eq!(states(&j), vec![("queued", true), ("queued", false)]);
+        assert_eq!(j.state(), JobState::Queued);
+        assert!(j.awaits_start_on("a") && !j.awaits_start_on("b"));
+    }
+
+    #[test]
+    fn the_event_table() {
+        // (kind, fields, message) applied to a fresh running target -> (state, step, message)
+        let mut j = job(&["a"]);
+        assert!(apply_event(
+            &mut j,
+            &ev("a", 1, jobevent::STARTED, "took it", &[])
+        ));
+        let t = &j.targets[0];
+        assert_eq!((t.state, t.started_unix_ms), (TargetState::Running, 10_001));
+        assert_eq!(j.state(), JobState::Running);
+        assert!(!j.awaits_start_on("a"), "started: no more resends");
+
+        apply_event(
+            &mut j,
+            &ev(
+                "a",
+                2,
+                jobevent::STEP,
+                "",
+                &[(field::STEP, "image"), (field::STATUS, status::STARTED)],
+            ),
+        );
+        assert_eq!(j.targets[0].step, "image");
+        apply_event(
+            &mut j,
+            &ev(
+                "a",
+                3,
+                jobevent::PROGRESS,
+                "pulled 3 layers",
+                &[(field::STEP, "image")],
+            ),
+        );
+        assert_eq!(j.targets[0].message, "pulled 3 layers");
+        apply_event(
+            &mut j,
+            &ev(
+                "a",
+                4,
+                jobevent::STEP,
+                "",
+                &[(field::STEP, "health"), (field::STATUS, status::STARTED)],
+            ),
+        );
+        assert_eq!(
+            (j.targets[0].step.as_str(), j.targets[0].message.as_str()),
+            ("health", ""),
+            "a new step clears the last step's progress line"
+        );
+        // Releases and unknown kinds change nothing.
+        assert!(!apply_event(
+            &mut j,
+            &ev("a", 5, jobevent::RELEASES, "", &[])
+        ));
+        assert!(!apply_event(&mut j, &ev("a", 6, "job.mystery", "", &[])));
+        // Another host's event is not this job's business.
+        assert!(!apply_event(
+            &mut j,
+            &ev("zz", 7, jobevent::STARTED, "", &[])
+        ));
+
+        let failed = ev(
+            "a",
+            8,
+            jobevent::FINISHED,
+            "deploy failed",
+            &[
+                (field::RESULT, "failed"),
+                (field::STEP, "health"),
+                (field::ERROR, "GET /healthz answered 500 five times"),
+                (field::LOGS, "panic: no database"),
+                (field::CODE, ""),
+            ],
+        );
+        assert!(apply_event(&mut j, &failed));
+        let t = &j.targets[0];
+        assert_eq!(t.state, TargetState::Failed);
+        assert_eq!(t.step, "health");
+        assert_eq!(t.message, "GET /healthz answered 500 five times");
+        assert_eq!(t.logs, "panic: no database");
+        assert_eq!(t.finished_unix_ms, 10_008);
+        assert_eq!(j.state(), JobState::Failed);
+        assert_eq!(j.finished_unix_ms, 20_008, "controller clock");
+        // A finished target does not move again.
+        assert!(!apply_event(&mut j, &finished("a", 9, "succeeded")));
+        assert_eq!(j.state(), JobState::Failed);
+    }
+
+    #[test]
+    fn results_map_to_target_states_and_codes_are_kept() {
+        for (result, state, job_state) in [
+            ("succeeded", TargetState::Succeeded, JobState::Succeeded),
+            ("failed", TargetState::Failed, JobState::Failed),
+            ("rolled_back", TargetState::RolledBack, JobState::RolledBack),
+            (
+                "interrupted",
+                TargetState::Interrupted,
+                JobState::Interrupted,
+            ),
+            ("exploded", TargetState::Failed, JobState::Failed),
+        ] {
+            let mut j = job(&["a"]);
+            apply_event(&mut j, &finished("a", 1, result));
+            assert_eq!(j.targets[0].state, state, "{result}");
+            assert_eq!(j.state(), job_state, "{result}");
+        }
+        let mut j = job(&["a"]);
+        apply_event(
+            &mut j,
+            &ev(
+                "a",
+                1,
+                jobevent::FINISHED,
+                "",
+                &[
+                    (field::RESULT, "failed"),
+                    (field::STEP, "lock"),
+                    (field::CODE, jobevent::CODE_LOCKED),
+                    (field::ERROR, "held by deploy-x since 14:00"),
+                ],
+            ),
+        );
+        assert_eq!(j.targets[0].code, "locked");
+        assert_eq!(j.targets[0].started_unix_ms, 10_001, "a finish starts it");
+        let mut j = job(&["a"]);
+        apply_event(&mut j, &finished("a", 1, "exploded"));
+        assert!(j.targets[0].message.contains("unknown result"));
+    }
+
+    #[test]
+    fn targets_run_in_turn_and_a_failure_skips_the_rest() {
+        let mut j = job(&["a", "b", "c"]);
+        let before = j.clone();
+        apply_event(&mut j, &ev("a", 1, jobevent::STARTED, "", &[]));
+        assert!(newly_dispatched(&before, &j).is_empty());
+        assert!(targets_changed(&before, &j));
+        let before = j.clone();
+        apply_event(&mut j, &finished("a", 2, "succeeded"));
+        assert_eq!(newly_dispatched(&before, &j), vec!["b"]);
+        assert_eq!(
+            states(&j),
+            vec![("succeeded", true), ("queued", true), ("queued", false)]
+        );
+        assert_eq!(j.state(), JobState::Running);
+        assert!(j.awaits_start_on("b"));
+        apply_event(&mut j, &ev("b", 1, jobevent::STARTED, "", &[]));
+        let before = j.clone();
+        apply_event(&mut j, &finished("b", 2, "rolled_back"));
+        assert!(newly_dispatched(&before, &j).is_empty());
+        assert_eq!(
+            states(&j),
+            vec![
+                ("succeeded", true),
+                ("rolled_back", true),
+                ("skipped", false)
+            ]
+        );
+        assert_eq!(j.state(), JobState::RolledBack);
+        assert_eq!(j.failed_target().unwrap().host, "b");
+        // A skipped target ignores whatever arrives for it.
+        assert!(!apply_event(
+            &mut j,
+            &ev("c", 1, jobevent::STARTED, "", &[])
+        ));
+    }
+
+    #[test]
+    fn the_worst_ending_wins() {
+        let mut j = job(&["a", "b"]);
+        j.targets[0].state = TargetState::Succeeded;
+        j.targets[1].state = TargetState::Running;
+        assert_eq!(j.state(), JobState::Running);
+        j.targets[1].state = TargetState::Succeeded;
+        assert_eq!(j.state(), JobState::Succeeded);
+        j.targets[0].state = TargetState::RolledBack;
+        j.targets[1].state = TargetState::Failed;
+        assert_eq!(j.state(), JobState::Failed);
+        j.targets[0].state = TargetState::Interrupted;
+        assert_eq!(j.state(), JobState::Interrupted);
+        j.targets[0].state = TargetState::Skipped;
+        j.targets[1].state = TargetState::Skipped;
+        assert_eq!(j.state(), JobState::Failed);
+    }
+
+    #[test]
+    fn replay_follows_the_target_order() {
+        let j = job(&["web-2", "web-1"]);
+        let events = vec![
+            ev("web-1", 7, jobevent::STARTED, "", &[]),
+            ev("web-2", 4, jobevent::FINISHED, "", &[]),
+            ev("web-2", 3, jobevent::STARTED, "", &[]),
+        ];
+        let order: Vec<(String, u64)> = replay_order(&j, events)
+            .into_iter()
+            .map(|e| (e.host, e.seq))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("web-2".into(), 3),
+                ("web-2".into(), 4),
+                ("web-1".into(), 7)
+            ]
+        );
+    }
+
+    #[test]
+    fn ids_sort_by_time_and_read_as_utc() {
+        // 2026-11-23T14:22:33Z
+        let id = job_id(JobKind::Deploy, 1_795_443_753_000, 0x3f2a);
+        assert_eq!(id, "deploy-20261123-142233-3f2a");
+        assert_eq!(
+            job_id(JobKind::Rollback, 1_795_443_753_000, 1),
+            "rollback-20261123-142233-0001"
+        );
+    }
+}
