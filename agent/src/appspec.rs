@@ -378,6 +378,16 @@ mod tests {
     }
 
     #[test]
+    fn the_demo_spec_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello.toml");
+        let spec = AppSpec::from_file(&path).unwrap();
+        assert_eq!(
+            (spec.name.as_str(), spec.image.as_str()),
+            ("hello", "drover-testapp")
+        );
+    }
+
+    #[test]
     fn defaults_are_five_health_tries_a_second_apart_and_three_releases() {
         let spec = AppSpec::from_toml(MINIMAL, "m.toml").unwrap();
         assert_eq!(

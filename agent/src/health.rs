@@ -395,10 +395,16 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
             .map(|a| format!("{} {}", a.app, a.version))
             .collect();
         checks.push(if down.is_empty() {
+            // Versions in the reason: a deploy changes the check, so a report goes out at once.
+            let live: Vec<String> = facts
+                .apps
+                .iter()
+                .map(|a| format!("{} {}", a.app, a.version))
+                .collect();
             check(
                 "apps",
                 Status::Healthy,
-                format!("{} app(s) live and running", facts.apps.len()),
+                format!("live and running: {}", live.join(", ")),
             )
         } else {
             check(
@@ -583,6 +589,49 @@ mod tests {
             .find(|c| c.name == name)
             .unwrap()
             .status
+    }
+
+    #[test]
+    fn apps_are_checked_only_where_deployed_and_a_stopped_live_release_is_unhealthy() {
+        let mut f = facts();
+        assert!(
+            evaluate(&f, &Thresholds::default())
+                .iter()
+                .all(|c| c.name != "apps")
+        );
+        f.apps = vec![
+            AppFacts {
+                app: "api".into(),
+                version: "v1.2.0".into(),
+                running: true,
+                ..AppFacts::default()
+            },
+            AppFacts {
+                app: "bot".into(),
+                version: "v3.0.0".into(),
+                running: true,
+                ..AppFacts::default()
+            },
+        ];
+        let c = evaluate(&f, &Thresholds::default()).pop().unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.status, c.reason.as_str()),
+            (
+                "apps",
+                Status::Healthy,
+                "live and running: api v1.2.0, bot v3.0.0"
+            )
+        );
+        f.apps[1].running = false;
+        let c = evaluate(&f, &Thresholds::default()).pop().unwrap();
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (Status::Unhealthy, "not running: bot v3.0.0")
+        );
+        assert_eq!(
+            overall(&evaluate(&f, &Thresholds::default())),
+            Status::Unhealthy
+        );
     }
 
     #[test]

@@ -55,15 +55,12 @@ async fn request(addr: SocketAddr, path: &str) -> Result<Answer, CheckError> {
         .header(hyper::header::USER_AGENT, "drover-agent")
         .body(Empty::<Bytes>::new())
         .map_err(|e| CheckError::Protocol(e.to_string()))?;
-    let response = sender.send_request(req).await.map_err(|e| {
-        // A connection that closes before the head is what a port with nothing behind it
-        // does (Docker's userland proxy accepts, then finds no listener).
-        if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-            not_listening(&e)
-        } else {
-            CheckError::Protocol(e.to_string())
-        }
-    })?;
+    // A connection that fails before an answer is what a port with nothing behind it yet does
+    // (Docker's userland proxy accepts, then finds no listener and resets).
+    let response = sender
+        .send_request(req)
+        .await
+        .map_err(|e| not_listening(&e))?;
     let status = response.status().as_u16();
     let body = Limited::new(response.into_body(), MAX_BODY)
         .collect()

@@ -148,7 +148,7 @@ pub async fn run(
          {drover} hosts --json\n  \
          {drover} token create --host web-2 --label role=web\n  \
          {drover} token list\n  \
-         {drover} operator create alice --role viewer --out ./alice\n",
+         {drover} operator create alice --role viewer --out ./alice\n\n         To try a zero-downtime deploy (demo images, built locally, no registry):\n           scripts/testapp-image.sh\n           {drover} app apply examples/hello.toml\n           {drover} deploy hello v1.0.0 && curl 127.0.0.1:8088/\n           {drover} deploy hello v1.1.0\n           {drover} rollback hello\n           {drover} releases hello\n",
         state = relative(&dir),
     );
     let _ = agent_task.await;

@@ -11,7 +11,7 @@
 //!   request headers it received
 //! - `POST /control/fail-health|heal|errors-on|errors-off|exit`
 //!
-//! With an argument it is not a server: `migrate` prints a line and exits with `MIGRATE_EXIT`
+//! It exits at once on SIGTERM. With an argument it is not a server: `migrate` prints a line and exits with `MIGRATE_EXIT`
 //! (default 0); `worker` prints a line a second until stopped, or exits with status 4 after
 //! `WORKER_EXIT_AFTER_MS`.
 
@@ -183,8 +183,23 @@ async fn one_off(mode: &str, version: &str) -> ! {
     }
 }
 
+/// Exits on SIGTERM, as a well-behaved app does (as PID 1 in a container, a process that does
+/// not handle SIGTERM ignores it, and `docker stop` waits out its whole grace period).
+fn exit_on_sigterm() {
+    tokio::spawn(async {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+            eprintln!("SIGTERM: exiting");
+            std::process::exit(0);
+        }
+    });
+}
+
 #[tokio::main]
 async fn main() {
+    exit_on_sigterm();
     if let Some(mode) = std::env::args().nth(1) {
         one_off(&mode, &env("APP_VERSION").unwrap_or_else(|| "dev".into())).await;
     }
