@@ -1,6 +1,9 @@
-//! `drover-bench-agents`: hand-run benchmarks recorded in BENCHMARKS.md. `fleet` runs the real
+//! `drover-bench`: hand-run benchmarks recorded in BENCHMARKS.md. `fleet` runs the real
 //! controller binary against N simulated agents (each its own mTLS connection and session, all in
-//! this one process); `agent-idle` watches a real idle agent's memory and CPU.
+//! this one process); `agent-idle` watches a real idle agent's memory and CPU; `deploys`
+//! (`deploys.rs`) deploys under load with the real programs, beside stop-then-start.
+
+mod deploys;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -23,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 #[derive(Debug, Parser)]
 #[command(
-    name = "drover-bench-agents",
+    name = "drover-bench",
     about = "Drover benchmarks, run by hand (see BENCHMARKS.md)"
 )]
 struct Args {
@@ -54,6 +57,24 @@ enum Cmd {
         patience: Duration,
         #[arg(long, default_value = "target/release/drover-controller")]
         controller_bin: PathBuf,
+    },
+    /// Zero-downtime deploys and rollbacks under a paced load, with the real controller, agent
+    /// and CLI, beside `docker stop; docker run` with the same app and load (needs Docker and
+    /// the test app images: scripts/testapp-image.sh).
+    Deploys {
+        #[arg(long, default_value_t = 50)]
+        deploys: usize,
+        #[arg(long, default_value_t = 10)]
+        rollbacks: usize,
+        /// Requests per second through the proxy (and to the baseline's published port).
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// The app's post-deploy watch window (0s: none; deploy time then excludes it).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        watch: Duration,
+        /// Where drover-controller, drover-agent and drover are.
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
     },
     /// A real, idle, enrolled agent with its default configuration: RSS and CPU over a window.
     AgentIdle {
@@ -115,6 +136,22 @@ fn main() {
                         controller_bin,
                         agent_bin,
                     } => agent_idle(duration, every, settle, &controller_bin, &agent_bin).await,
+                    Cmd::Deploys {
+                        deploys,
+                        rollbacks,
+                        rate,
+                        watch,
+                        bin_dir,
+                    } => {
+                        deploys::deploys(deploys::DeployOpts {
+                            deploys,
+                            rollbacks,
+                            rate,
+                            watch,
+                            bin_dir,
+                        })
+                        .await
+                    }
                 }
             })
         });
@@ -131,7 +168,7 @@ fn main() {
             }
         }
         Err(err) => {
-            eprintln!("drover-bench-agents: FAILED: {err:#}");
+            eprintln!("drover-bench: FAILED: {err:#}");
             std::process::exit(1);
         }
     }
