@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -20,7 +21,7 @@ use crate::httpcheck::{self, CheckError};
 use crate::jobevent::{CODE_LOCKED, JobResult, Release, ReleaseState, field};
 use crate::jobs::{JobCtx, LockKeeper, Outcome, Report};
 use crate::lock::Decision;
-use crate::proxy::{StatsSnapshot, Upstream};
+use crate::proxy::{Proxy, StatsSnapshot, Upstream};
 use crate::releases;
 use crate::store::{JobKind, JobRecord};
 use crate::{secrets, unix_ms};
@@ -355,6 +356,34 @@ pub(crate) async fn wait_healthy(
         format!("the health check failed {} times; last: {last}", h.retries),
     )
     .with_logs(logs_of(ctx, name).await))
+}
+
+/// The health step: the web container passes its health check, then every worker still runs a
+/// moment after starting. Returns when the web container first answered healthy (Unix ms).
+async fn health_step(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+    spec: &AppSpec,
+    release: &Release,
+    addr: Option<SocketAddr>,
+) -> Result<i64, Failure> {
+    let since = begin(
+        ctx,
+        job,
+        report,
+        "health",
+        format!("checking {}", spec.health.path),
+    )
+    .await?;
+    if let (Some(addr), Some(name)) = (addr, release.containers.get(WEB)) {
+        wait_healthy(ctx, report, "health", name, addr, &spec.health).await?;
+    }
+    let healthy_at = unix_ms();
+    workers_settled(ctx, "health", release).await?;
+    let at = BTreeMap::from([(field::HEALTHY_AT_MS.to_string(), healthy_at.to_string())]);
+    report.step_done("health", since, "healthy", at).await;
+    Ok(healthy_at)
 }
 
 /// Checks that every worker container still runs a moment after starting.
@@ -731,36 +760,7 @@ async fn deploy_steps(
         )
         .await;
 
-    // health
-    let since = begin(
-        ctx,
-        job,
-        report,
-        "health",
-        format!("checking {}", spec.health.path),
-    )
-    .await?;
-    if let Some(addr) = addr {
-        wait_healthy(
-            ctx,
-            report,
-            "health",
-            &release.containers[WEB],
-            addr,
-            &spec.health,
-        )
-        .await?;
-    }
-    workers_settled(ctx, "health", &release).await?;
-    let healthy_at = unix_ms();
-    report
-        .step_done(
-            "health",
-            since,
-            "healthy",
-            BTreeMap::from([(field::HEALTHY_AT_MS.to_string(), healthy_at.to_string())]),
-        )
-        .await;
+    let healthy_at = health_step(ctx, job, report, &spec, &release, addr).await?;
 
     // smoke
     match addr {
@@ -782,77 +782,27 @@ async fn deploy_steps(
     }
 
     // switch: from here on the new release serves; failures no longer remove it.
-    let since = begin(ctx, job, report, "switch", "moving traffic".into()).await?;
-    set_state(&mut table, &release.id, ReleaseState::Live, None);
-    if let Some(p) = &previous {
-        set_state(&mut table, &p.id, ReleaseState::Kept, None);
-    }
-    job.switched = true;
-    ctx.store
-        .commit(job, &table)
-        .await
-        .map_err(|e| fail("switch", e.to_string()))?;
+    let switched = switch_step(
+        ctx,
+        job,
+        report,
+        &mut table,
+        &release,
+        previous.as_ref(),
+        (addr, made.reserved.take()),
+        &spec,
+    )
+    .await?;
     made.release = None;
-    pause_point("switch:committed").await;
-    for name in release.containers.values() {
-        if let Err(e) = ctx.docker.set_restart(name, true).await {
-            warn!(container = %name, error = %e, "cannot set the restart policy");
-        }
-    }
-    let new_upstream = addr.map(|a| Upstream::new(a, &job.version));
-    let mut old_upstream = None;
-    let mut proxy = None;
-    if let (Some(up), Some(reserved)) = (&new_upstream, made.reserved.take()) {
-        let p = ctx.apps.install(&job.app, reserved, &ctx.shutdown);
-        old_upstream = p.switch(up.clone());
-        proxy = Some(p);
-    }
-    if let Some(p) = &previous {
-        stop_roles(ctx, p, false, spec.stop_timeout).await;
-    }
-    report
-        .step_done(
-            "switch",
-            since,
-            format!(
-                "{} serves {}",
-                job.version,
-                spec.web
-                    .as_ref()
-                    .map(|w| w.listen.to_string())
-                    .unwrap_or_else(|| "(workers)".into())
-            ),
-            BTreeMap::new(),
-        )
-        .await;
-
-    // drain
-    match &old_upstream {
-        Some(old) => {
-            let since = begin(
-                ctx,
-                job,
-                report,
-                "drain",
-                format!("letting {} finish its requests", old.release),
-            )
-            .await?;
-            let drained = old.drain(spec.drain_timeout).await;
-            let message = if drained {
-                "in-flight requests finished".to_string()
-            } else {
-                format!(
-                    "{} request(s) still in flight after {:?}",
-                    old.inflight(),
-                    spec.drain_timeout
-                )
-            };
-            report
-                .step_done("drain", since, message, BTreeMap::new())
-                .await;
-        }
-        None => report.step_skipped("drain", "nothing served before").await,
-    }
+    let (proxy, new_upstream, old_upstream) = (switched.proxy, switched.new, switched.old);
+    drain_step(
+        ctx,
+        job,
+        report,
+        old_upstream.as_deref(),
+        spec.drain_timeout,
+    )
+    .await?;
 
     // watch
     let since = begin(
@@ -924,33 +874,7 @@ async fn deploy_steps(
         .step_done("watch", since, "no breach", BTreeMap::new())
         .await;
 
-    // stop_old
-    match &previous {
-        Some(p) => {
-            let since = begin(
-                ctx,
-                job,
-                report,
-                "stop_old",
-                format!("stopping {} (kept for rollback)", p.version),
-            )
-            .await?;
-            stop_roles(ctx, p, true, spec.stop_timeout).await;
-            report
-                .step_done(
-                    "stop_old",
-                    since,
-                    format!("{} stopped", p.version),
-                    BTreeMap::new(),
-                )
-                .await;
-        }
-        None => {
-            report
-                .step_skipped("stop_old", "nothing served before")
-                .await
-        }
-    }
+    stop_old_step(ctx, job, report, previous.as_ref(), spec.stop_timeout).await?;
 
     // prune
     let since = begin(
@@ -999,6 +923,129 @@ async fn deploy_steps(
         );
     }
     Ok(outcome)
+}
+
+/// What moving traffic leaves behind: the app's proxy (to switch back), and the new and old
+/// upstreams. All `None` for a worker-only app.
+struct Switched {
+    proxy: Option<Proxy>,
+    new: Option<Arc<Upstream>>,
+    old: Option<Arc<Upstream>>,
+}
+
+/// The switch step: commits `release` live (and `previous` kept) together with the job in one
+/// transaction, makes the new containers restart with the host, swaps the app's proxy to the
+/// new web container in one atomic step, and stops the previous release's workers.
+#[allow(clippy::too_many_arguments)]
+async fn switch_step(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+    table: &mut [Release],
+    release: &Release,
+    previous: Option<&Release>,
+    (addr, reserved): (Option<SocketAddr>, Option<Reserved>),
+    spec: &AppSpec,
+) -> Result<Switched, Failure> {
+    let since = begin(ctx, job, report, "switch", "moving traffic".into()).await?;
+    set_state(table, &release.id, ReleaseState::Live, None);
+    if let Some(p) = previous {
+        set_state(table, &p.id, ReleaseState::Kept, None);
+    }
+    job.switched = true;
+    ctx.store
+        .commit(job, table)
+        .await
+        .map_err(|e| fail("switch", e.to_string()))?;
+    pause_point("switch:committed").await;
+    for name in release.containers.values() {
+        if let Err(e) = ctx.docker.set_restart(name, true).await {
+            warn!(container = %name, error = %e, "cannot set the restart policy");
+        }
+    }
+    let mut switched = Switched {
+        proxy: None,
+        new: addr.map(|a| Upstream::new(a, &release.version)),
+        old: None,
+    };
+    if let (Some(up), Some(reserved)) = (&switched.new, reserved) {
+        let proxy = ctx.apps.install(&job.app, reserved, &ctx.shutdown);
+        switched.old = proxy.switch(up.clone());
+        switched.proxy = Some(proxy);
+    }
+    if let Some(p) = previous {
+        stop_roles(ctx, p, false, spec.stop_timeout).await;
+    }
+    let serves = spec
+        .web
+        .as_ref()
+        .map(|w| w.listen.to_string())
+        .unwrap_or_else(|| "(workers)".into());
+    report
+        .step_done(
+            "switch",
+            since,
+            format!("{} serves {serves}", release.version),
+            BTreeMap::new(),
+        )
+        .await;
+    Ok(switched)
+}
+
+/// The drain step: in-flight requests on the old upstream finish (up to `timeout`).
+async fn drain_step(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+    old: Option<&Upstream>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let Some(old) = old else {
+        report.step_skipped("drain", "nothing served before").await;
+        return Ok(());
+    };
+    let message = format!("letting {} finish its requests", old.release);
+    let since = begin(ctx, job, report, "drain", message).await?;
+    let message = if old.drain(timeout).await {
+        "in-flight requests finished".to_string()
+    } else {
+        format!(
+            "{} request(s) still in flight after {timeout:?}",
+            old.inflight()
+        )
+    };
+    report
+        .step_done("drain", since, message, BTreeMap::new())
+        .await;
+    Ok(())
+}
+
+/// The stop_old step: the previous release's web container stops (kept for rollback).
+async fn stop_old_step(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+    previous: Option<&Release>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let Some(p) = previous else {
+        report
+            .step_skipped("stop_old", "nothing served before")
+            .await;
+        return Ok(());
+    };
+    let message = format!("stopping {} (kept for rollback)", p.version);
+    let since = begin(ctx, job, report, "stop_old", message).await?;
+    stop_roles(ctx, p, true, timeout).await;
+    report
+        .step_done(
+            "stop_old",
+            since,
+            format!("{} stopped", p.version),
+            BTreeMap::new(),
+        )
+        .await;
+    Ok(())
 }
 
 fn short_id(id: &str) -> &str {
@@ -1116,7 +1163,7 @@ async fn rollback(
     )
     .map_err(|e| fail("locate", e.to_string()))?;
     let env = app_env(ctx, &spec).map_err(|e| fail("locate", e))?;
-    let mut reserved = match &spec.web {
+    let reserved = match &spec.web {
         Some(web) => Some(
             ctx.apps
                 .reserve(&spec.name, web.listen)
@@ -1154,91 +1201,26 @@ async fn rollback(
         }
     };
 
-    // switch
-    let since = begin(ctx, job, report, "switch", "moving traffic".into()).await?;
-    set_state(&mut table, &target.id, ReleaseState::Live, None);
-    if let Some(l) = &live {
-        set_state(&mut table, &l.id, ReleaseState::Kept, None);
-    }
-    job.switched = true;
-    ctx.store
-        .commit(job, &table)
-        .await
-        .map_err(|e| fail("switch", e.to_string()))?;
-    for name in target.containers.values() {
-        if let Err(e) = ctx.docker.set_restart(name, true).await {
-            warn!(container = %name, error = %e, "cannot set the restart policy");
-        }
-    }
-    let mut old_upstream = None;
-    if let (Some(addr), Some(r)) = (addr, reserved.take()) {
-        let proxy = ctx.apps.install(&job.app, r, &ctx.shutdown);
-        old_upstream = proxy.switch(Upstream::new(addr, &target.version));
-    }
-    if let Some(l) = &live {
-        stop_roles(ctx, l, false, spec.stop_timeout).await;
-    }
-    report
-        .step_done(
-            "switch",
-            since,
-            format!("{} serves again", target.version),
-            BTreeMap::new(),
-        )
-        .await;
-
-    match &old_upstream {
-        Some(old) => {
-            let since = begin(
-                ctx,
-                job,
-                report,
-                "drain",
-                format!("letting {} finish its requests", old.release),
-            )
-            .await?;
-            let drained = old.drain(spec.drain_timeout).await;
-            report
-                .step_done(
-                    "drain",
-                    since,
-                    if drained {
-                        "in-flight requests finished".into()
-                    } else {
-                        format!("{} request(s) still in flight", old.inflight())
-                    },
-                    BTreeMap::new(),
-                )
-                .await;
-        }
-        None => report.step_skipped("drain", "nothing served before").await,
-    }
-    match &live {
-        Some(l) => {
-            let since = begin(
-                ctx,
-                job,
-                report,
-                "stop_old",
-                format!("stopping {} (kept)", l.version),
-            )
-            .await?;
-            stop_roles(ctx, l, true, spec.stop_timeout).await;
-            report
-                .step_done(
-                    "stop_old",
-                    since,
-                    format!("{} stopped", l.version),
-                    BTreeMap::new(),
-                )
-                .await;
-        }
-        None => {
-            report
-                .step_skipped("stop_old", "nothing served before")
-                .await
-        }
-    }
+    let switched = switch_step(
+        ctx,
+        job,
+        report,
+        &mut table,
+        &target,
+        live.as_ref(),
+        (addr, reserved),
+        &spec,
+    )
+    .await?;
+    drain_step(
+        ctx,
+        job,
+        report,
+        switched.old.as_deref(),
+        spec.drain_timeout,
+    )
+    .await?;
+    stop_old_step(ctx, job, report, live.as_ref(), spec.stop_timeout).await?;
     Ok(Outcome::succeeded(
         &target.version,
         live.as_ref().map(|l| l.version.as_str()).unwrap_or(""),
@@ -1329,21 +1311,7 @@ async fn rollback_bring_up(
     report
         .step_done("start", since, how.join(", "), BTreeMap::new())
         .await;
-    let since = begin(
-        ctx,
-        job,
-        report,
-        "health",
-        format!("checking {}", spec.health.path),
-    )
-    .await?;
-    if let (Some(addr), Some(name)) = (addr, target.containers.get(WEB)) {
-        wait_healthy(ctx, report, "health", name, addr, &spec.health).await?;
-    }
-    workers_settled(ctx, "health", target).await?;
-    report
-        .step_done("health", since, "healthy", BTreeMap::new())
-        .await;
+    health_step(ctx, job, report, spec, target, addr).await?;
     Ok(addr)
 }
 

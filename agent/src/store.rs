@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::jobevent::JobKind;
 use crate::jobevent::Release;
 use crate::lock::{Decision, Lease, decide};
 
@@ -60,23 +61,6 @@ pub struct NewEvent {
     pub kind: String,
     pub message: String,
     pub fields: BTreeMap<String, String>,
-}
-
-/// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    Deploy,
-    Rollback,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Deploy => "deploy",
-            JobKind::Rollback => "rollback",
-        }
-    }
 }
 
 /// A job as the agent keeps it: the command, then its progress, written before each step acts

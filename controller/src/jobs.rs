@@ -8,26 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use drover_agent::jobevent::JobKind;
 use drover_agent::jobevent::{self, JobResult, field, status};
 
 use crate::store::EventRecord;
-
-/// deploy | rollback
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    Deploy,
-    Rollback,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Deploy => "deploy",
-            JobKind::Rollback => "rollback",
-        }
-    }
-}
 
 /// Where one host's part of a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
