@@ -7,6 +7,7 @@
 pub mod apps;
 pub mod appspec;
 pub mod backoff;
+pub mod backup;
 pub mod config;
 pub mod convert;
 pub mod daemon;
@@ -19,6 +20,7 @@ pub mod httpcheck;
 pub mod jobevent;
 pub mod jobs;
 pub mod lock;
+pub mod objectstore;
 pub mod proxy;
 pub mod recovery;
 pub mod releases;
