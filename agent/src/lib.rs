@@ -19,6 +19,7 @@ pub mod httpcheck;
 pub mod jobevent;
 pub mod jobs;
 pub mod lock;
+pub mod postgres;
 pub mod proxy;
 pub mod recovery;
 pub mod releases;
