@@ -3,12 +3,15 @@
 //! The agent probes the Engine for its health report, and manages containers by name for
 //! deploys: image presence, pull and untag, create-and-start with labels, a published port and
 //! networks, start, stop, remove, restart policy, inspect, list by label, log tails and one-off
-//! runs (migrations). Tested against the real Engine.
+//! runs (migrations). Commands in running containers (`exec_read`, `exec_write`) carry the
+//! PostgreSQL tools of backups and restores. Tested against the real Engine.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummaryStateEnum, ContainerUpdateBody,
     HostConfig, NetworkConnectRequest, PortBinding, RestartPolicy, RestartPolicyNameEnum,
@@ -19,7 +22,8 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder,
 };
 use futures::StreamExt;
-use tokio::sync::Mutex;
+use tokio::io::{AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::sync::{Mutex, oneshot};
 
 use crate::health::DockerFacts;
 
@@ -470,12 +474,221 @@ impl DockerClient {
         }
     }
 
+    /// Runs `spec` in the running container `container` and streams its stdout: read it from
+    /// the returned reader (EOF when the command has closed its stdout), then `ExecDone::wait`
+    /// gives the exit code and the tail of stderr. Dropping the reader early stops the
+    /// transfer; the command then sees its stdout closed.
+    pub async fn exec_read(
+        &self,
+        container: &str,
+        spec: &ExecSpec,
+    ) -> Result<(DuplexStream, ExecDone), DockerError> {
+        let (docker, id, mut output, _input) = self.exec_start(container, spec, false).await?;
+        let (mut writer, reader) = tokio::io::duplex(EXEC_PIPE_BYTES);
+        let (tx, rx) = oneshot::channel();
+        let action = format!("exec in {container}");
+        tokio::spawn(async move {
+            let mut stderr = Tail::default();
+            while let Some(item) = output.next().await {
+                match item {
+                    Ok(LogOutput::StdOut { message }) => {
+                        if writer.write_all(&message).await.is_err() {
+                            let _ = tx.send(Err(DockerError::Engine {
+                                action,
+                                message: "the reader of its output went away".into(),
+                            }));
+                            return;
+                        }
+                    }
+                    Ok(LogOutput::StdErr { message }) => stderr.push(&message),
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(Self::engine_err(&action, e)));
+                        return;
+                    }
+                }
+            }
+            // EOF for the reader before the exit code is known: the reader decides when to wait.
+            drop(writer);
+            let _ = tx.send(exec_exit(&docker, &id, &action, stderr).await);
+        });
+        Ok((reader, ExecDone { rx }))
+    }
+
+    /// Runs `spec` in the running container `container` with a stdin to write to. Shut the
+    /// writer down (`AsyncWriteExt::shutdown`) to close the command's stdin; `ExecDone::wait`
+    /// then gives the exit code and the tail of its output (stdout and stderr together).
+    pub async fn exec_write(
+        &self,
+        container: &str,
+        spec: &ExecSpec,
+    ) -> Result<(ExecStdin, ExecDone), DockerError> {
+        let (docker, id, mut output, input) = self.exec_start(container, spec, true).await?;
+        let (tx, rx) = oneshot::channel();
+        let action = format!("exec in {container}");
+        tokio::spawn(async move {
+            let mut tail = Tail::default();
+            while let Some(item) = output.next().await {
+                match item {
+                    Ok(LogOutput::StdOut { message } | LogOutput::StdErr { message }) => {
+                        tail.push(&message)
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(Self::engine_err(&action, e)));
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(exec_exit(&docker, &id, &action, tail).await);
+        });
+        Ok((input, ExecDone { rx }))
+    }
+
+    /// Creates and starts an attached exec: the exec's ID, its output and its stdin.
+    async fn exec_start(
+        &self,
+        container: &str,
+        spec: &ExecSpec,
+        stdin: bool,
+    ) -> Result<(Docker, String, ExecOutput, ExecStdin), DockerError> {
+        let docker = self.client().await?;
+        let action = format!("exec in {container}");
+        let options = CreateExecOptions {
+            cmd: Some(spec.cmd.clone()),
+            user: (!spec.user.is_empty()).then(|| spec.user.clone()),
+            env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+            attach_stdin: Some(stdin),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            ..CreateExecOptions::default()
+        };
+        let created = match docker.create_exec(container, options).await {
+            Ok(created) => created,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Err(DockerError::NoSuchContainer(container.to_string())),
+            Err(e) => return Err(Self::engine_err(&action, e)),
+        };
+        let options = StartExecOptions {
+            detach: false,
+            tty: false,
+            output_capacity: Some(EXEC_PIPE_BYTES),
+        };
+        match docker.start_exec(&created.id, Some(options)).await {
+            Ok(StartExecResults::Attached { output, input }) => {
+                Ok((docker, created.id, output, input))
+            }
+            Ok(StartExecResults::Detached) => Err(DockerError::Engine {
+                action,
+                message: "the Engine started the command detached".into(),
+            }),
+            Err(e) => Err(Self::engine_err(&action, e)),
+        }
+    }
+
     fn unreachable(&self, err: &DockerError) -> DockerFacts {
         DockerFacts {
             reachable: false,
             error: format!("{err} (is dockerd running? may the agent's user use the socket?)"),
             ..DockerFacts::default()
         }
+    }
+}
+
+/// How much of a command's output an exec buffers between the Engine and its reader.
+const EXEC_PIPE_BYTES: usize = 64 * 1024;
+
+/// How much of the end of a command's stderr an exec keeps for error messages.
+const EXEC_TAIL_BYTES: usize = 8 * 1024;
+
+/// A command to run in a running container (`docker exec`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecSpec {
+    pub cmd: Vec<String>,
+    /// Who runs it (`name`, `uid` or `user:group`); empty: the container's user.
+    pub user: String,
+    /// `KEY=value` entries added to the container's environment.
+    pub env: Vec<String>,
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecExit {
+    /// The command's exit code; the Engine reports a command killed by signal N as 128 + N.
+    pub code: i64,
+    /// The last few KiB of its stderr (`exec_read`) or of all its output (`exec_write`).
+    pub tail: String,
+}
+
+/// The stdin of an exec started by `exec_write`.
+pub type ExecStdin = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
+
+type ExecOutput = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+>;
+
+/// The end of an exec: resolves once its output has ended and the Engine knows its exit code.
+#[derive(Debug)]
+pub struct ExecDone {
+    rx: oneshot::Receiver<Result<ExecExit, DockerError>>,
+}
+
+impl ExecDone {
+    pub async fn wait(self) -> Result<ExecExit, DockerError> {
+        self.rx.await.unwrap_or_else(|_| {
+            Err(DockerError::Engine {
+                action: "exec".into(),
+                message: "the task following the command ended without a result".into(),
+            })
+        })
+    }
+}
+
+/// The last `EXEC_TAIL_BYTES` bytes of a stream.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+        if self.0.len() > EXEC_TAIL_BYTES {
+            let cut = self.0.len() - EXEC_TAIL_BYTES;
+            self.0.drain(..cut);
+        }
+    }
+}
+
+/// The exit code of a finished exec. Its output ends when the command closes it, which is
+/// usually but not always after the Engine has recorded the exit: ask again briefly.
+async fn exec_exit(
+    docker: &Docker,
+    id: &str,
+    action: &str,
+    tail: Tail,
+) -> Result<ExecExit, DockerError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let inspect = docker
+            .inspect_exec(id)
+            .await
+            .map_err(|e| DockerClient::engine_err(action, e))?;
+        if inspect.running != Some(true) {
+            if let Some(code) = inspect.exit_code {
+                return Ok(ExecExit {
+                    code,
+                    tail: String::from_utf8_lossy(&tail.0).into_owned(),
+                });
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DockerError::Engine {
+                action: action.to_string(),
+                message: "the command closed its output but the Engine reports no exit code".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

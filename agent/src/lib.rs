@@ -21,6 +21,7 @@ pub mod jobevent;
 pub mod jobs;
 pub mod lock;
 pub mod objectstore;
+pub mod postgres;
 pub mod proxy;
 pub mod recovery;
 pub mod releases;
