@@ -941,7 +941,12 @@ mod tests {
     fn bad_recipients_are_named() {
         let (_, public) = keypair();
         assert_eq!(parse_recipients(&[]).unwrap().len(), 0);
-        assert_eq!(parse_recipients(std::slice::from_ref(&public)).unwrap().len(), 1);
+        assert_eq!(
+            parse_recipients(std::slice::from_ref(&public))
+                .unwrap()
+                .len(),
+            1
+        );
         let err = parse_recipients(&[public, "age1nope".into()]).unwrap_err();
         assert!(matches!(err, PipelineError::Recipient { .. }), "{err:?}");
         assert!(err.to_string().contains("\"age1nope\""), "{err}");
