@@ -70,6 +70,7 @@ pub enum PipelineError {
         "age recipient {entry:?} is not valid: {reason} (expected an x25519 public key, age1...)"
     )]
     Recipient { entry: String, reason: String },
+    /// ENOSPC or EDQUOT anywhere in the write path; `path` is the backup directory.
     #[error(
         "the disk holding {path} is full: free space there or move the backup directory to a larger disk"
     )]
@@ -154,7 +155,7 @@ pub fn write(
         .create(true)
         .truncate(true)
         .open(&partial)
-        .map_err(|e| write_error(&partial, e))?;
+        .map_err(|e| write_error(dir, &partial, e))?;
     let state = Rc::new(SinkState::default());
     let sink = Sink {
         file: BufWriter::with_capacity(CHUNK, file),
@@ -164,7 +165,7 @@ pub fn write(
     let fail = |err: io::Error, stage: fn(io::Error) -> PipelineError| {
         if is_disk_full(&err) {
             PipelineError::DiskFull {
-                path: partial.clone(),
+                path: dir.to_path_buf(),
             }
         } else if state.failed.get() {
             PipelineError::Write {
@@ -229,15 +230,15 @@ pub fn write(
             .finish()
             .map_err(|e| fail(e, |e| PipelineError::Encrypt(e.to_string())))?,
     };
-    let (size, sha256) = sink.finish().map_err(|e| write_error(&partial, e))?;
+    let (size, sha256) = sink.finish().map_err(|e| write_error(dir, &partial, e))?;
 
-    std::fs::rename(&partial, &path).map_err(|e| write_error(&path, e))?;
+    std::fs::rename(&partial, &path).map_err(|e| write_error(dir, &path, e))?;
     guard.0 = None;
     // The rename is durable only once the directory is synced; until then a crash may lose the
     // file, so a failure here is a failed backup (and the file goes).
     if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
         let _ = std::fs::remove_file(&path);
-        return Err(write_error(dir, e));
+        return Err(write_error(dir, dir, e));
     }
     progress(source_bytes, size);
     Ok(Written {
@@ -488,10 +489,11 @@ fn is_disk_full(err: &io::Error) -> bool {
         || err.kind() == io::ErrorKind::QuotaExceeded
 }
 
-fn write_error(path: &Path, err: io::Error) -> PipelineError {
+/// A failed write of `path` in `dir`; a full disk names the directory.
+fn write_error(dir: &Path, path: &Path, err: io::Error) -> PipelineError {
     if is_disk_full(&err) {
         PipelineError::DiskFull {
-            path: path.to_path_buf(),
+            path: dir.to_path_buf(),
         }
     } else {
         PipelineError::Write {
@@ -941,7 +943,12 @@ mod tests {
     fn bad_recipients_are_named() {
         let (_, public) = keypair();
         assert_eq!(parse_recipients(&[]).unwrap().len(), 0);
-        assert_eq!(parse_recipients(std::slice::from_ref(&public)).unwrap().len(), 1);
+        assert_eq!(
+            parse_recipients(std::slice::from_ref(&public))
+                .unwrap()
+                .len(),
+            1
+        );
         let err = parse_recipients(&[public, "age1nope".into()]).unwrap_err();
         assert!(matches!(err, PipelineError::Recipient { .. }), "{err:?}");
         assert!(err.to_string().contains("\"age1nope\""), "{err}");
@@ -1053,6 +1060,10 @@ mod tests {
             .unwrap_err();
             assert!(matches!(err, PipelineError::DiskFull { .. }), "{err:?}");
             assert!(err.to_string().contains("is full"), "{err}");
+            assert!(
+                matches!(&err, PipelineError::DiskFull { path } if path == tmpfs.dir.path()),
+                "{err:?}"
+            );
             assert!(files_in(tmpfs.dir.path()).is_empty());
         }
     }
