@@ -16,6 +16,8 @@ use tracing::warn;
 
 use crate::apps::Reserved;
 use crate::appspec::{AppSpec, HealthCheck, Watch, check_version};
+use crate::backup::catalog::Trigger;
+use crate::backup::target::TargetSpec;
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError};
 use crate::httpcheck::{self, CheckError};
 use crate::jobevent::{CODE_LOCKED, JobResult, Release, ReleaseState, field};
@@ -23,7 +25,7 @@ use crate::jobs::{JobCtx, LockKeeper, Outcome, Report};
 use crate::lock::Decision;
 use crate::proxy::{Proxy, StatsSnapshot, Upstream};
 use crate::releases;
-use crate::store::{JobKind, JobRecord};
+use crate::store::{BackupJob, JobKind, JobRecord};
 use crate::{secrets, unix_ms};
 
 /// Container labels: which app, release and role a container belongs to.
@@ -54,7 +56,7 @@ pub(crate) struct Failure {
     pub code: String,
 }
 
-fn fail(step: &'static str, error: impl Into<String>) -> Failure {
+pub(crate) fn fail(step: &'static str, error: impl Into<String>) -> Failure {
     Failure {
         step,
         error: error.into(),
@@ -123,7 +125,15 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
     let result = match job.kind {
         JobKind::Deploy => deploy(ctx, job, report).await,
         JobKind::Rollback => rollback(ctx, job, report).await,
+        JobKind::Backup | JobKind::Restore | JobKind::Prune => {
+            return crate::backup::run(ctx, job, report).await;
+        }
     };
+    outcome_of(result)
+}
+
+/// A step's failure as the job's outcome.
+pub(crate) fn outcome_of(result: Result<Outcome, Failure>) -> Outcome {
     match result {
         Ok(outcome) => outcome,
         Err(f) => Outcome {
@@ -149,7 +159,7 @@ async fn pause_point(point: &str) {
 
 /// Records the step as started in the job (flushed first: a crash knows how far it got) and as
 /// an event.
-async fn begin(
+pub(crate) async fn begin(
     ctx: &JobCtx,
     job: &mut JobRecord,
     report: &Report<'_>,
@@ -167,18 +177,25 @@ async fn begin(
 }
 
 /// Takes the app's deploy lock for this job, waiting for it if asked to.
-async fn take_lock(
+pub(crate) async fn take_lock(
     ctx: &JobCtx,
     job: &mut JobRecord,
     report: &Report<'_>,
 ) -> Result<LockKeeper, Failure> {
-    let since = begin(ctx, job, report, "lock", format!("locking {}", job.app)).await?;
+    let since = begin(
+        ctx,
+        job,
+        report,
+        "lock",
+        format!("locking {}", job.lock_key()),
+    )
+    .await?;
     let lease = ctx.lock_lease.as_millis() as i64;
     let mut last_said = None::<Instant>;
     loop {
         let decision = ctx
             .store
-            .lock(&job.app, &job.id, unix_ms(), lease)
+            .lock(&job.lock_key(), &job.id, unix_ms(), lease)
             .await
             .map_err(|e| fail("lock", e.to_string()))?;
         match decision {
@@ -188,7 +205,7 @@ async fn take_lock(
                     .await;
                 return Ok(LockKeeper::start(
                     ctx.store.clone(),
-                    &job.app,
+                    &job.lock_key(),
                     &job.id,
                     ctx.lock_lease,
                 ));
@@ -211,7 +228,7 @@ async fn take_lock(
                 let when = humantime::format_rfc3339_seconds(
                     std::time::UNIX_EPOCH + Duration::from_millis(held.since_unix_ms.max(0) as u64),
                 );
-                let text = format!("{} is locked by {holder} since {when}", job.app);
+                let text = format!("{} is locked by {holder} since {when}", job.lock_key());
                 if !job.wait_lock {
                     report.step_failed("lock", since, text.clone()).await;
                     return Err(Failure {
@@ -562,15 +579,62 @@ async fn deploy_steps(
             .step_skipped("backup", "skipped on request (--skip-backup)")
             .await;
     } else if let Some(target) = &spec.pre_deploy_backup {
-        report
-            .step_failed("backup", since, "backups are not available yet")
-            .await;
-        return Err(fail(
-            "backup",
-            format!(
-                "the spec asks for a pre-deploy backup of {target}, but this agent cannot take backups yet; deploy with --skip-backup"
-            ),
-        ));
+        let target_spec = job
+            .backup
+            .as_ref()
+            .map(|b| b.target_toml.clone())
+            .unwrap_or_default();
+        let target_spec = match TargetSpec::from_toml(
+            &target_spec,
+            &format!("backup target {target}"),
+        ) {
+            Ok(t) if t.name == *target => t,
+            Ok(t) => {
+                return Err(fail(
+                    "backup",
+                    format!(
+                        "the deploy carries backup target {} but the spec names {target}",
+                        t.name
+                    ),
+                ));
+            }
+            Err(e) => {
+                report.step_failed("backup", since, e.to_string()).await;
+                return Err(fail(
+                    "backup",
+                    format!(
+                        "the pre-deploy backup target {target} is not usable: {e} (drover backup-target apply FILE, or deploy with --skip-backup)"
+                    ),
+                ));
+            }
+        };
+        let taken = crate::backup::take(
+            ctx,
+            job,
+            report,
+            &target_spec,
+            Trigger::PreDeploy,
+            None,
+            Some("backup"),
+        )
+        .await;
+        match taken {
+            Ok(backup) => {
+                report
+                    .step_done(
+                        "backup",
+                        since,
+                        format!("backup {} of {target} taken", backup.id),
+                        BTreeMap::new(),
+                    )
+                    .await;
+                crate::backup::report_catalog(ctx, target, &job.id).await;
+            }
+            Err(f) => {
+                report.step_failed("backup", since, f.error.clone()).await;
+                return Err(f);
+            }
+        }
     } else {
         report
             .step_skipped("backup", "the spec names no pre_deploy_backup")
@@ -1334,12 +1398,18 @@ pub fn job_from_command(cmd: &drover_proto::v1::Command, now_ms: i64) -> Option<
         release: String::new(),
         previous: String::new(),
         switched: false,
+        backup: None,
     };
     match cmd.job.as_ref()? {
         Job::Deploy(d) => Some(JobRecord {
             spec_toml: d.spec_toml.clone(),
             spec_revision: d.spec_revision,
             skip_backup: d.skip_backup,
+            backup: (!d.backup_target_toml.is_empty()).then(|| BackupJob {
+                target_toml: d.backup_target_toml.clone(),
+                trigger: "pre_deploy".into(),
+                ..BackupJob::default()
+            }),
             ..base(
                 JobKind::Deploy,
                 &d.app,
@@ -1355,6 +1425,41 @@ pub fn job_from_command(cmd: &drover_proto::v1::Command, now_ms: i64) -> Option<
             &r.requested_by,
             r.wait_lock,
         )),
+        Job::Backup(b) => Some(JobRecord {
+            backup: Some(BackupJob {
+                target_toml: b.target_toml.clone(),
+                trigger: b.trigger.clone(),
+                ..BackupJob::default()
+            }),
+            ..base(JobKind::Backup, &b.target, "", &b.requested_by, false)
+        }),
+        Job::Restore(r) => Some(JobRecord {
+            backup: Some(BackupJob {
+                target_toml: r.target_toml.clone(),
+                backup_id: r.backup_id.clone(),
+                part: r.part.clone(),
+                to_database: r.to_database.clone(),
+                to_dir: r.to_dir.clone(),
+                confirmed: r.confirmed,
+                identity_file: r.identity_file.clone(),
+                ..BackupJob::default()
+            }),
+            ..base(
+                JobKind::Restore,
+                &r.target,
+                &r.backup_id,
+                &r.requested_by,
+                false,
+            )
+        }),
+        Job::Prune(p) => Some(JobRecord {
+            backup: Some(BackupJob {
+                target_toml: p.target_toml.clone(),
+                dry_run: p.dry_run,
+                ..BackupJob::default()
+            }),
+            ..base(JobKind::Prune, &p.target, "", &p.requested_by, false)
+        }),
     }
 }
 

@@ -349,6 +349,18 @@ impl DockerClient {
         }
     }
 
+    /// Where a named volume's files are on this host (its `Mountpoint`), if the volume exists.
+    pub async fn volume_mountpoint(&self, name: &str) -> Result<Option<String>, DockerError> {
+        let docker = self.client().await?;
+        match docker.inspect_volume(name).await {
+            Ok(volume) => Ok(Some(volume.mountpoint)),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(Self::engine_err(&format!("inspect volume {name}"), e)),
+        }
+    }
+
     /// Stops a container, giving it `timeout` after SIGTERM. Stopping a stopped one is fine.
     pub async fn stop(&self, name: &str, timeout: Duration) -> Result<(), DockerError> {
         let docker = self.client().await?;

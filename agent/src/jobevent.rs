@@ -60,6 +60,9 @@ pub const CODE_LOCKED: &str = "locked";
 pub enum JobKind {
     Deploy,
     Rollback,
+    Backup,
+    Restore,
+    Prune,
 }
 
 impl JobKind {
@@ -67,7 +70,15 @@ impl JobKind {
         match self {
             JobKind::Deploy => "deploy",
             JobKind::Rollback => "rollback",
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+            JobKind::Prune => "prune",
         }
+    }
+
+    /// Backup, restore and prune jobs work on a backup target (named in the job's `app`).
+    pub fn is_backup(self) -> bool {
+        matches!(self, JobKind::Backup | JobKind::Restore | JobKind::Prune)
     }
 }
 

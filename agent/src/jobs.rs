@@ -31,6 +31,8 @@ pub struct JobCtx {
     pub secrets_dir: PathBuf,
     /// The agent's shutdown: proxies live until it fires.
     pub shutdown: CancellationToken,
+    /// Where backups go when a target names no `storage.dir` (`<data dir>/backups`).
+    pub backups_dir: PathBuf,
     /// How long a deploy lock lives without renewal (renewed at a third of it while held).
     pub lock_lease: Duration,
 }
@@ -114,6 +116,8 @@ pub struct Outcome {
     pub live_version: String,
     pub previous_version: String,
     pub extra: BTreeMap<String, String>,
+    /// The `job.finished` line of a success, when the job kind's default does not fit.
+    pub summary: String,
 }
 
 impl Outcome {
@@ -127,6 +131,7 @@ impl Outcome {
             live_version: live.to_string(),
             previous_version: previous.to_string(),
             extra: BTreeMap::new(),
+            summary: String::new(),
         }
     }
 
@@ -183,7 +188,7 @@ pub async fn finish(
     if let Err(err) = ctx.store.put_job(job).await {
         error!(job = %job.id, error = %err, "cannot record the job as finished");
     }
-    if let Err(err) = ctx.store.unlock(&job.app, &job.id).await {
+    if let Err(err) = ctx.store.unlock(&job.lock_key(), &job.id).await {
         warn!(job = %job.id, error = %err, "cannot release the deploy lock (it expires by lease)");
     }
     let mut fields = outcome.extra.clone();
@@ -202,6 +207,7 @@ pub async fn finish(
         }
     }
     let message = match outcome.result {
+        JobResult::Succeeded if !outcome.summary.is_empty() => outcome.summary.clone(),
         JobResult::Succeeded => format!(
             "{} {}: {} is live",
             job.kind.as_str(),
@@ -221,7 +227,11 @@ pub async fn finish(
     };
     info!(job = %job.id, result = outcome.result.as_str(), took_ms = took.as_millis() as u64, "{message}");
     report.event(jobevent::FINISHED, message, fields).await;
-    report_releases(ctx, &job.app, &job.id).await;
+    if job.kind.is_backup() {
+        crate::backup::report_catalog(ctx, &job.app, &job.id).await;
+    } else {
+        report_releases(ctx, &job.app, &job.id).await;
+    }
 }
 
 /// Sends an app's release table as `app.releases` (under `job_id`).

@@ -174,6 +174,7 @@ impl Agent {
             docker: docker::connect(&self.config.docker_socket),
             apps: apps::Apps::default(),
             secrets_dir: self.config.secrets_dir.clone(),
+            backups_dir: self.config.data_dir.join("backups"),
             shutdown: shutdown.clone(),
             lock_lease: self.config.lock_lease,
         });

@@ -140,6 +140,10 @@ async fn healthy(ctx: &JobCtx, report: &Report<'_>, release: &Release) -> Result
 }
 
 async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
+    if job.kind.is_backup() {
+        crate::backup::converge(ctx, job).await;
+        return Ok(());
+    }
     let report = Report::new(&ctx.outbox, &job.id);
     let mut table = ctx.store.releases(&job.app).map_err(|e| e.to_string())?;
     let target = find(&table, &job.release);

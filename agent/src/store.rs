@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backup::catalog::Backup;
 pub use crate::jobevent::JobKind;
 use crate::jobevent::Release;
 use crate::lock::{Decision, Lease, decide};
@@ -88,6 +89,39 @@ pub struct JobRecord {
     pub previous: String,
     /// Whether traffic moved to `release` (committed together with the release table).
     pub switched: bool,
+    /// Backup, restore and prune jobs (and a deploy's pre-deploy backup): the target and what
+    /// to do with it.
+    #[serde(default)]
+    pub backup: Option<BackupJob>,
+}
+
+/// The backup part of a job. `app` of the job names the target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupJob {
+    /// The target's spec (TOML) as applied when the job was asked for.
+    pub target_toml: String,
+    /// manual | scheduled | pre_deploy
+    pub trigger: String,
+    /// Restore: which backup, which part, where to.
+    pub backup_id: String,
+    pub part: String,
+    pub to_database: String,
+    pub to_dir: String,
+    pub confirmed: bool,
+    pub identity_file: String,
+    /// Prune: only say what would go.
+    pub dry_run: bool,
+}
+
+impl JobRecord {
+    /// The lock the job holds: the app's deploy lock, or `backup:<target>`.
+    pub fn lock_key(&self) -> String {
+        if self.kind.is_backup() {
+            format!("backup:{}", self.app)
+        } else {
+            self.app.clone()
+        }
+    }
 }
 
 /// The agent's sled database.
@@ -98,6 +132,7 @@ pub struct Store {
     locks: sled::Tree,
     jobs: sled::Tree,
     releases: sled::Tree,
+    backups: sled::Tree,
     // Serialises sequence assignment so numbers stay consecutive.
     last_seq: Mutex<u64>,
 }
@@ -154,6 +189,7 @@ impl Store {
         let locks = db.open_tree("locks")?;
         let jobs = db.open_tree("jobs")?;
         let releases = db.open_tree("releases")?;
+        let backups = db.open_tree("backups")?;
         match u64_of(meta.get(KEY_SCHEMA)?)? {
             0 => {
                 meta.insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
@@ -170,6 +206,7 @@ impl Store {
             locks,
             jobs,
             releases,
+            backups,
             last_seq: Mutex::new(last_seq),
         })
     }
@@ -391,6 +428,43 @@ impl Store {
         self.flush_durable().await
     }
 
+    /// A target's backup catalog on this host, newest first.
+    pub fn backups(&self, target: &str) -> Result<Vec<Backup>, StoreError> {
+        let mut out: Vec<Backup> = Vec::new();
+        for item in self.backups.scan_prefix(format!("{target}\0")) {
+            out.push(from_json(&item?.1)?);
+        }
+        out.sort_by(|a, b| {
+            b.started_unix_ms
+                .cmp(&a.started_unix_ms)
+                .then(b.id.cmp(&a.id))
+        });
+        Ok(out)
+    }
+
+    /// The backup with this id, of any target.
+    pub fn backup(&self, target: &str, id: &str) -> Result<Option<Backup>, StoreError> {
+        self.backups
+            .get(format!("{target}\0{id}"))?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Records (or updates) a backup in the catalog, flushed.
+    pub async fn put_backup(&self, backup: &Backup) -> Result<(), StoreError> {
+        self.backups.insert(
+            format!("{}\0{}", backup.target, backup.id),
+            to_json(backup)?,
+        )?;
+        self.flush_durable().await
+    }
+
+    /// Forgets a backup (both its copies are gone), flushed.
+    pub async fn remove_backup(&self, target: &str, id: &str) -> Result<(), StoreError> {
+        self.backups.remove(format!("{target}\0{id}"))?;
+        self.flush_durable().await
+    }
+
     /// Writes a job's progress and its app's release table as one (a switch of traffic is
     /// both at once: a crash sees either neither or both), flushed.
     pub async fn commit(&self, job: &JobRecord, releases: &[Release]) -> Result<(), StoreError> {
@@ -551,6 +625,7 @@ mod tests {
             release: String::new(),
             previous: String::new(),
             switched: false,
+            backup: None,
         };
         assert!(store.accept_job(&job(0)).await.unwrap());
         assert!(

@@ -1,6 +1,7 @@
 //! Conversions between `drover.v1` wire messages and the controller's stored records. Nothing
 //! outside the RPC handlers and the CLI sees prost types.
 
+use drover_agent::backup::catalog::Backup;
 use drover_agent::jobevent::Release;
 use drover_proto::v1;
 
@@ -241,6 +242,7 @@ pub fn command_to_proto(j: &JobRecord) -> v1::Command {
             skip_backup,
             wait_lock,
             requested_by,
+            backup_target_toml,
         } => Job::Deploy(v1::DeployCommand {
             app: app.clone(),
             version: version.clone(),
@@ -249,6 +251,7 @@ pub fn command_to_proto(j: &JobRecord) -> v1::Command {
             skip_backup: *skip_backup,
             wait_lock: *wait_lock,
             requested_by: requested_by.clone(),
+            backup_target_toml: backup_target_toml.clone(),
         }),
         JobCommand::Rollback {
             app,
@@ -259,6 +262,49 @@ pub fn command_to_proto(j: &JobRecord) -> v1::Command {
             app: app.clone(),
             to_version: to_version.clone(),
             wait_lock: *wait_lock,
+            requested_by: requested_by.clone(),
+        }),
+        JobCommand::Backup {
+            target,
+            target_toml,
+            trigger,
+            requested_by,
+        } => Job::Backup(v1::BackupCommand {
+            target: target.clone(),
+            target_toml: target_toml.clone(),
+            trigger: trigger.clone(),
+            requested_by: requested_by.clone(),
+        }),
+        JobCommand::Restore {
+            target,
+            target_toml,
+            backup_id,
+            part,
+            to_database,
+            to_dir,
+            confirmed,
+            identity_file,
+            requested_by,
+        } => Job::Restore(v1::RestoreCommand {
+            target: target.clone(),
+            target_toml: target_toml.clone(),
+            backup_id: backup_id.clone(),
+            part: part.clone(),
+            to_database: to_database.clone(),
+            to_dir: to_dir.clone(),
+            confirmed: *confirmed,
+            identity_file: identity_file.clone(),
+            requested_by: requested_by.clone(),
+        }),
+        JobCommand::Prune {
+            target,
+            target_toml,
+            dry_run,
+            requested_by,
+        } => Job::Prune(v1::PruneCommand {
+            target: target.clone(),
+            target_toml: target_toml.clone(),
+            dry_run: *dry_run,
             requested_by: requested_by.clone(),
         }),
     };
@@ -292,5 +338,29 @@ pub fn release_to_proto(
         state: r.state.as_str().to_string(),
         live,
         rollback_target,
+    }
+}
+
+/// One backup of `host`'s catalog.
+pub fn backup_to_proto(host: &str, b: &Backup) -> v1::BackupInfo {
+    v1::BackupInfo {
+        id: b.id.clone(),
+        target: b.target.clone(),
+        host: host.to_string(),
+        kind: b.kind.clone(),
+        trigger: b.trigger.as_str().to_string(),
+        job_id: b.job_id.clone(),
+        requested_by: b.requested_by.clone(),
+        started_unix_ms: b.started_unix_ms,
+        finished_unix_ms: b.finished_unix_ms,
+        size_bytes: b.size(),
+        source_bytes: b.source_bytes(),
+        ratio: b.ratio(),
+        manifest_json: serde_json::to_string(b).unwrap_or_default(),
+        local_dir: b.local_dir.clone(),
+        remote: b.remote.clone(),
+        verified_unix_ms: b.verified_unix_ms,
+        encrypted: !b.recipients.is_empty(),
+        release: b.release.clone(),
     }
 }

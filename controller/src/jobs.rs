@@ -106,12 +106,38 @@ pub enum JobCommand {
         skip_backup: bool,
         wait_lock: bool,
         requested_by: String,
+        /// The spec's `pre_deploy_backup` target (TOML), when it names one.
+        #[serde(default)]
+        backup_target_toml: String,
     },
     Rollback {
         app: String,
         /// Empty: the release live before the current one.
         to_version: String,
         wait_lock: bool,
+        requested_by: String,
+    },
+    Backup {
+        target: String,
+        target_toml: String,
+        trigger: String,
+        requested_by: String,
+    },
+    Restore {
+        target: String,
+        target_toml: String,
+        backup_id: String,
+        part: String,
+        to_database: String,
+        to_dir: String,
+        confirmed: bool,
+        identity_file: String,
+        requested_by: String,
+    },
+    Prune {
+        target: String,
+        target_toml: String,
+        dry_run: bool,
         requested_by: String,
     },
 }
@@ -205,6 +231,22 @@ impl JobRecord {
                 requested_by,
                 ..
             } => (JobKind::Rollback, app, to_version, requested_by),
+            JobCommand::Backup {
+                target,
+                requested_by,
+                ..
+            } => (JobKind::Backup, target, &String::new(), requested_by),
+            JobCommand::Restore {
+                target,
+                backup_id,
+                requested_by,
+                ..
+            } => (JobKind::Restore, target, backup_id, requested_by),
+            JobCommand::Prune {
+                target,
+                requested_by,
+                ..
+            } => (JobKind::Prune, target, &String::new(), requested_by),
         };
         JobRecord {
             id,
@@ -433,6 +475,7 @@ mod tests {
                 skip_backup: false,
                 wait_lock: false,
                 requested_by: "alice".into(),
+                backup_target_toml: String::new(),
             },
             &hosts,
         )

@@ -24,6 +24,8 @@ use crate::selection::{Candidate, SelectError, require_connected, select_hosts};
 use crate::server::{Shared, now_ms};
 use crate::sessions::send_command;
 use crate::store::{AppRecord, EventRecord, HostRecord, TokenRecord};
+use drover_agent::backup::catalog::Backup;
+use drover_agent::backup::target::TargetSpec;
 
 #[derive(Debug, Clone)]
 pub struct OperatorApi {
@@ -69,6 +71,70 @@ impl OperatorApi {
             })
     }
 
+    fn known_target(&self, name: &str) -> Result<(AppRecord, TargetSpec), Status> {
+        let record = self
+            .shared
+            .store
+            .backup_target(name)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown backup target {name}; `drover backup-target list` shows the applied ones, `drover backup-target apply FILE` adds one"
+                ))
+            })?;
+        let source = format!("backup target {name} revision {}", record.revision);
+        let spec = TargetSpec::from_toml(&record.spec_toml, &source).map_err(|e| {
+            Status::failed_precondition(format!(
+                "the stored target no longer validates: {e}; apply a fixed one"
+            ))
+        })?;
+        Ok((record, spec))
+    }
+
+    /// Where a job on a backup target runs: `host` when given, else the target's `host` or
+    /// `labels`, else the hosts that hold backups of it, else the only host.
+    fn target_hosts(&self, spec: &TargetSpec, host: &str) -> Result<Vec<String>, Status> {
+        let names: Vec<String> = if !host.is_empty() {
+            vec![host.to_string()]
+        } else {
+            spec.host.iter().cloned().collect()
+        };
+        let labels = if names.is_empty() {
+            spec.labels.clone()
+        } else {
+            BTreeMap::new()
+        };
+        let holding: Vec<String> = self
+            .shared
+            .store
+            .target_backups(&spec.name)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(h, _)| h)
+            .collect();
+        self.choose_among(&spec.name, &names, &labels, &holding, "back up")
+    }
+
+    /// The backup with this id and the host that holds it.
+    fn known_backup(&self, id: &str) -> Result<(String, Backup), Status> {
+        for target in self.shared.store.backup_targets().map_err(internal)? {
+            for (host, table) in self
+                .shared
+                .store
+                .target_backups(&target.name)
+                .map_err(internal)?
+            {
+                if let Some(b) = table.into_iter().find(|b| b.id == id) {
+                    return Ok((host, b));
+                }
+            }
+        }
+        Err(Status::not_found(format!(
+            "unknown backup {id}; `drover backup list` shows them"
+        )))
+    }
+
     fn known_job(&self, id: &str) -> Result<JobRecord, Status> {
         self.shared.store.job(id).map_err(internal)?.ok_or_else(|| {
             Status::not_found(format!(
@@ -85,6 +151,28 @@ impl OperatorApi {
         labels: &BTreeMap<String, String>,
         what: &'static str,
     ) -> Result<Vec<String>, Status> {
+        let live_on: Vec<String> = self
+            .shared
+            .store
+            .app_releases(app)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|(_, table)| releases::live(table).is_some())
+            .map(|(host, _)| host)
+            .collect();
+        self.choose_among(app, names, labels, &live_on, what)
+    }
+
+    /// The hosts a job on `subject` runs on: by name, by labels, else those in `live_on`, else
+    /// the only host; each with its agent connected now.
+    fn choose_among(
+        &self,
+        subject: &str,
+        names: &[String],
+        labels: &BTreeMap<String, String>,
+        live_on: &[String],
+        what: &'static str,
+    ) -> Result<Vec<String>, Status> {
         let store = &self.shared.store;
         let mut inventory = Vec::new();
         for h in store.hosts().map_err(internal)? {
@@ -98,15 +186,8 @@ impl OperatorApi {
                 last_seen_unix_ms: info.last_seen_unix_ms,
             });
         }
-        let live_on: Vec<String> = store
-            .app_releases(app)
-            .map_err(internal)?
-            .into_iter()
-            .filter(|(_, table)| releases::live(table).is_some())
-            .map(|(host, _)| host)
-            .collect();
         let hosts =
-            select_hosts(&inventory, app, names, labels, &live_on).map_err(selection_status)?;
+            select_hosts(&inventory, subject, names, labels, live_on).map_err(selection_status)?;
         require_connected(&inventory, &hosts, what, now_ms()).map_err(selection_status)?;
         Ok(hosts)
     }
@@ -308,6 +389,21 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             .map_err(|e| Status::invalid_argument(format!("{}: {e}", app.name)))?;
         let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
         let hosts = self.choose_hosts(&app.name, &req.hosts, &labels, "deploy")?;
+        let backup_target_toml = match (&spec.pre_deploy_backup, req.skip_backup) {
+            (Some(target), false) => self
+                .shared
+                .store
+                .backup_target(target)
+                .map_err(internal)?
+                .map(|t| t.spec_toml)
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "{} asks for a pre-deploy backup of {target}, but no backup target {target} is applied; `drover backup-target apply FILE`, or deploy with --skip-backup",
+                        app.name
+                    ))
+                })?,
+            _ => String::new(),
+        };
         let command = JobCommand::Deploy {
             app: app.name.clone(),
             version: req.version.clone(),
@@ -316,6 +412,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             skip_backup: req.skip_backup,
             wait_lock: req.wait_lock,
             requested_by: operator_name(&caller),
+            backup_target_toml,
         };
         let job = start_job(self.shared.clone(), JobKind::Deploy, command, hosts).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
@@ -452,6 +549,204 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             out.extend(rows);
         }
         Ok(Response::new(v1::ListReleasesResponse { releases: out }))
+    }
+
+    async fn apply_backup_target(
+        &self,
+        request: Request<v1::ApplyBackupTargetRequest>,
+    ) -> Result<Response<v1::ApplyBackupTargetResponse>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let req = request.into_inner();
+        let source = if req.source.is_empty() {
+            "(backup target)".to_string()
+        } else {
+            req.source.clone()
+        };
+        let spec = TargetSpec::from_toml(&req.target_toml, &source)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let by = operator_name(&caller);
+        let (record, changed) = self
+            .shared
+            .store
+            .apply_backup_target(&spec.name, &req.target_toml, &by, now_ms())
+            .map_err(internal)?;
+        self.shared.store.flush().await.map_err(internal)?;
+        if changed {
+            info!(target = %record.name, revision = record.revision, by = %by, "backup target applied");
+        }
+        Ok(Response::new(v1::ApplyBackupTargetResponse {
+            name: record.name,
+            revision: record.revision,
+            changed,
+        }))
+    }
+
+    async fn list_backup_targets(
+        &self,
+        request: Request<v1::ListBackupTargetsRequest>,
+    ) -> Result<Response<v1::ListBackupTargetsResponse>, Status> {
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let mut targets = Vec::new();
+        for record in self.shared.store.backup_targets().map_err(internal)? {
+            let spec = TargetSpec::from_toml(&record.spec_toml, &record.name).ok();
+            targets.push(v1::BackupTargetInfo {
+                name: record.name.clone(),
+                revision: record.revision,
+                target_toml: record.spec_toml.clone(),
+                updated_unix_ms: record.updated_unix_ms,
+                updated_by: record.updated_by.clone(),
+                kind: spec
+                    .as_ref()
+                    .map(|s| s.kind().as_str().to_string())
+                    .unwrap_or_default(),
+                host: spec
+                    .as_ref()
+                    .and_then(|s| s.host.clone())
+                    .unwrap_or_default(),
+                remote: spec.as_ref().is_some_and(|s| s.storage.s3.is_some()),
+                encrypted: spec
+                    .as_ref()
+                    .is_some_and(|s| !s.encryption.recipients.is_empty()),
+            });
+        }
+        Ok(Response::new(v1::ListBackupTargetsResponse { targets }))
+    }
+
+    async fn run_backup(
+        &self,
+        request: Request<v1::RunBackupRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let req = request.into_inner();
+        let (record, spec) = self.known_target(&req.target)?;
+        let hosts = self.target_hosts(&spec, &req.host)?;
+        let command = JobCommand::Backup {
+            target: spec.name.clone(),
+            target_toml: record.spec_toml,
+            trigger: "manual".into(),
+            requested_by: operator_name(&caller),
+        };
+        let job = start_job(self.shared.clone(), JobKind::Backup, command, hosts).await?;
+        Ok(Response::new(convert::job_to_proto(&job)))
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<v1::ListBackupsRequest>,
+    ) -> Result<Response<v1::ListBackupsResponse>, Status> {
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let req = request.get_ref();
+        let targets: Vec<String> = if req.target.is_empty() {
+            self.shared
+                .store
+                .backup_targets()
+                .map_err(internal)?
+                .into_iter()
+                .map(|t| t.name)
+                .collect()
+        } else {
+            self.known_target(&req.target)?;
+            vec![req.target.clone()]
+        };
+        let mut backups = Vec::new();
+        for target in targets {
+            for (host, table) in self
+                .shared
+                .store
+                .target_backups(&target)
+                .map_err(internal)?
+            {
+                backups.extend(table.iter().map(|b| convert::backup_to_proto(&host, b)));
+            }
+        }
+        backups.sort_by_key(|b| std::cmp::Reverse(b.started_unix_ms));
+        Ok(Response::new(v1::ListBackupsResponse { backups }))
+    }
+
+    async fn get_backup(
+        &self,
+        request: Request<v1::GetBackupRequest>,
+    ) -> Result<Response<v1::BackupInfo>, Status> {
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let (host, backup) = self.known_backup(&request.get_ref().id)?;
+        Ok(Response::new(convert::backup_to_proto(&host, &backup)))
+    }
+
+    async fn prune_backups(
+        &self,
+        request: Request<v1::PruneBackupsRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let req = request.get_ref();
+        // A dry run changes nothing, so a viewer may ask for one.
+        let need = if req.dry_run {
+            Need::OperatorRead
+        } else {
+            Need::OperatorAdmin
+        };
+        let caller = authorize(&request, &self.shared.store, need)?;
+        let req = request.into_inner();
+        let (record, spec) = self.known_target(&req.target)?;
+        let hosts = self.target_hosts(&spec, &req.host)?;
+        let command = JobCommand::Prune {
+            target: spec.name.clone(),
+            target_toml: record.spec_toml,
+            dry_run: req.dry_run,
+            requested_by: operator_name(&caller),
+        };
+        let job = start_job(self.shared.clone(), JobKind::Prune, command, hosts).await?;
+        Ok(Response::new(convert::job_to_proto(&job)))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<v1::RestoreRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let req = request.into_inner();
+        let (record, spec) = self.known_target(&req.target)?;
+        let (host, backup) = self.known_backup(&req.backup_id)?;
+        if backup.target != spec.name {
+            return Err(Status::invalid_argument(format!(
+                "backup {} is of target {}, not {}",
+                backup.id, backup.target, spec.name
+            )));
+        }
+        match (req.to_database.is_empty(), req.to_dir.is_empty()) {
+            (true, true) | (false, false) => {
+                return Err(Status::invalid_argument(
+                    "say where to restore: --to DATABASE or --to-dir DIR (one of them)",
+                ));
+            }
+            (false, true) if spec.postgres.is_none() => {
+                return Err(Status::invalid_argument(format!(
+                    "{} backs up files; restore them with --to-dir DIR",
+                    spec.name
+                )));
+            }
+            (true, false) if !req.to_dir.starts_with('/') => {
+                return Err(Status::invalid_argument(
+                    "--to-dir must be an absolute path on the host",
+                ));
+            }
+            _ => {}
+        }
+        backup
+            .part((!req.part.is_empty()).then_some(req.part.as_str()))
+            .map_err(Status::invalid_argument)?;
+        let hosts = self.choose_among(&spec.name, &[host], &BTreeMap::new(), &[], "restore")?;
+        let command = JobCommand::Restore {
+            target: spec.name.clone(),
+            target_toml: record.spec_toml,
+            backup_id: backup.id.clone(),
+            part: req.part,
+            to_database: req.to_database,
+            to_dir: req.to_dir,
+            confirmed: req.confirmed,
+            identity_file: req.identity_file,
+            requested_by: operator_name(&caller),
+        };
+        let job = start_job(self.shared.clone(), JobKind::Restore, command, hosts).await?;
+        Ok(Response::new(convert::job_to_proto(&job)))
     }
 
     async fn apply_app(

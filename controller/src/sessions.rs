@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use drover_agent::backup::catalog;
 use drover_agent::jobevent;
 use drover_identity::Identity;
 use drover_proto::v1;
@@ -28,7 +29,7 @@ use crate::auth::{Need, authorize};
 use crate::convert;
 use crate::jobs::{self, JobRecord, JobUpdate};
 use crate::server::{Shared, now_ms};
-use crate::store::{EventRecord, Ingested, JobChange};
+use crate::store::{Carried, EventRecord, Ingested, JobChange};
 
 /// How long an agent has to say Hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -413,10 +414,29 @@ fn ingest(
     } else {
         None
     };
-    let releases = table.as_ref().map(|(app, t)| (app.as_str(), t.as_slice()));
+    let catalog = if record.kind == catalog::CATALOG {
+        match catalog::parse_catalog(&record.fields) {
+            Ok(backups) => record
+                .fields
+                .get(catalog::field::TARGET)
+                .filter(|t| !t.is_empty())
+                .map(|t| (t.clone(), backups)),
+            Err(err) => {
+                warn!(host = %host, seq = record.seq, error = %err, "backup catalog not kept");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let carried = match (&table, &catalog) {
+        (Some((app, t)), _) => Some(Carried::Releases(app, t)),
+        (None, Some((target, b))) => Some(Carried::Catalog(target, b)),
+        (None, None) => None,
+    };
     let ingested = shared
         .store
-        .ingest_event(&record, releases, |job| jobs::apply_event(job, &record))
+        .ingest_event(&record, carried, |job| jobs::apply_event(job, &record))
         .map_err(internal)?;
     let JobChange { before, after } = match ingested {
         Ingested::Duplicate => {

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use drover_agent::backup::catalog::Backup;
 use drover_agent::jobevent::Release;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -184,6 +185,19 @@ pub struct Store {
     job_events: sled::Tree,
     /// app \0 host → Vec<Release>: the last `app.releases` table the host sent
     releases: sled::Tree,
+    /// name → AppRecord of a backup target (same record shape as an app's spec)
+    backup_targets: sled::Tree,
+    /// target \0 host → Vec<Backup>: the last `backup.catalog` the host sent
+    backups: sled::Tree,
+}
+
+/// A table an event carries, stored with it in one transaction.
+#[derive(Debug, Clone, Copy)]
+pub enum Carried<'a> {
+    /// `app.releases`: the app and its release table on the event's host.
+    Releases(&'a str, &'a [Release]),
+    /// `backup.catalog`: the target and its backups on the event's host.
+    Catalog(&'a str, &'a [Backup]),
 }
 
 impl std::fmt::Debug for Store {
@@ -224,6 +238,38 @@ fn job_order_key(job: &JobRecord) -> Vec<u8> {
     let mut key = job.created_unix_ms.max(0).to_be_bytes().to_vec();
     key.extend_from_slice(job.id.as_bytes());
     key
+}
+
+/// Stores `spec_toml` under `name` in `tree` as a new revision, unless it equals the stored one.
+fn apply_spec(
+    tree: &sled::Tree,
+    name: &str,
+    spec_toml: &str,
+    by: &str,
+    now_ms: i64,
+) -> Result<(AppRecord, bool), StoreError> {
+    loop {
+        let old_bytes = tree.get(name)?;
+        let old: Option<AppRecord> = old_bytes.as_ref().map(|v| decode(v)).transpose()?;
+        if let Some(old) = &old
+            && old.spec_toml == spec_toml
+        {
+            return Ok((old.clone(), false));
+        }
+        let new = AppRecord {
+            name: name.to_string(),
+            revision: old.map(|o| o.revision + 1).unwrap_or(1),
+            spec_toml: spec_toml.to_string(),
+            updated_unix_ms: now_ms,
+            updated_by: by.to_string(),
+        };
+        if tree
+            .compare_and_swap(name, old_bytes, Some(encode(&new)?))?
+            .is_ok()
+        {
+            return Ok((new, true));
+        }
+    }
 }
 
 fn releases_prefix(app: &str) -> Vec<u8> {
@@ -299,6 +345,8 @@ impl Store {
             open_jobs: db.open_tree("open_jobs")?,
             job_events: db.open_tree("job_events")?,
             releases: db.open_tree("releases")?,
+            backup_targets: db.open_tree("backup_targets")?,
+            backups: db.open_tree("backups")?,
             db,
         })
     }
@@ -355,29 +403,54 @@ impl Store {
         by: &str,
         now_ms: i64,
     ) -> Result<(AppRecord, bool), StoreError> {
-        loop {
-            let old_bytes = self.apps.get(name)?;
-            let old: Option<AppRecord> = old_bytes.as_ref().map(|v| decode(v)).transpose()?;
-            if let Some(old) = &old
-                && old.spec_toml == spec_toml
-            {
-                return Ok((old.clone(), false));
-            }
-            let new = AppRecord {
-                name: name.to_string(),
-                revision: old.map(|o| o.revision + 1).unwrap_or(1),
-                spec_toml: spec_toml.to_string(),
-                updated_unix_ms: now_ms,
-                updated_by: by.to_string(),
-            };
-            if self
-                .apps
-                .compare_and_swap(name, old_bytes, Some(encode(&new)?))?
-                .is_ok()
-            {
-                return Ok((new, true));
-            }
+        apply_spec(&self.apps, name, spec_toml, by, now_ms)
+    }
+
+    /// Stores a backup target's spec as a new revision unless it is unchanged.
+    pub fn apply_backup_target(
+        &self,
+        name: &str,
+        spec_toml: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(AppRecord, bool), StoreError> {
+        apply_spec(&self.backup_targets, name, spec_toml, by, now_ms)
+    }
+
+    pub fn backup_target(&self, name: &str) -> Result<Option<AppRecord>, StoreError> {
+        self.backup_targets
+            .get(name)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn backup_targets(&self) -> Result<Vec<AppRecord>, StoreError> {
+        self.backup_targets
+            .iter()
+            .map(|item| decode(&item?.1))
+            .collect()
+    }
+
+    /// Every host's catalog of `target`, by host name.
+    pub fn target_backups(&self, target: &str) -> Result<Vec<(String, Vec<Backup>)>, StoreError> {
+        let prefix = releases_prefix(target);
+        let mut out = Vec::new();
+        for item in self.backups.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let host = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            out.push((host, decode(&value)?));
         }
+        Ok(out)
+    }
+
+    /// Every backup the controller knows of (all targets, all hosts).
+    pub fn all_backups(&self) -> Result<Vec<Backup>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.backups.iter() {
+            let table: Vec<Backup> = decode(&item?.1)?;
+            out.extend(table);
+        }
+        Ok(out)
     }
 
     // --- revocation --------------------------------------------------------------------------
@@ -454,17 +527,21 @@ impl Store {
     pub fn ingest_event(
         &self,
         event: &EventRecord,
-        releases: Option<(&str, &[Release])>,
+        carried: Option<Carried<'_>>,
         apply: impl Fn(&mut JobRecord) -> bool,
     ) -> Result<Ingested, StoreError> {
         use sled::Transactional;
         let key = event_key(&event.host, event.seq);
         let value = encode(event)?;
-        let table = releases
-            .map(|(app, table)| {
-                Ok::<_, StoreError>((releases_key(app, &event.host), encode(&table)?))
-            })
-            .transpose()?;
+        let (table, catalog) = match carried {
+            None => (None, None),
+            Some(Carried::Releases(app, t)) => {
+                (Some((releases_key(app, &event.host), encode(&t)?)), None)
+            }
+            Some(Carried::Catalog(target, b)) => {
+                (None, Some((releases_key(target, &event.host), encode(&b)?)))
+            }
+        };
         // The check and the inserts are one transaction, so two sessions of one host racing
         // (an old one not yet torn down) cannot both store the same seq.
         (
@@ -474,9 +551,10 @@ impl Store {
             &self.job_events,
             &self.open_jobs,
             &self.releases,
+            &self.backups,
         )
             .transaction(
-                |(events, seqs, jobs, job_events, open_jobs, release_tables)| {
+                |(events, seqs, jobs, job_events, open_jobs, release_tables, catalogs)| {
                     let last = seqs
                         .get(event.host.as_bytes())?
                         .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
@@ -488,6 +566,9 @@ impl Store {
                     seqs.insert(event.host.as_bytes(), &event.seq.to_be_bytes())?;
                     if let Some((key, bytes)) = &table {
                         release_tables.insert(key.as_slice(), bytes.as_slice())?;
+                    }
+                    if let Some((key, bytes)) = &catalog {
+                        catalogs.insert(key.as_slice(), bytes.as_slice())?;
                     }
                     if event.job_id.is_empty() {
                         return Ok(Ingested::Stored { job: None });
@@ -783,7 +864,7 @@ mod tests {
         let stored = store
             .ingest_event(
                 &table,
-                Some(("api", std::slice::from_ref(&release))),
+                Some(Carried::Releases("api", std::slice::from_ref(&release))),
                 |_| true,
             )
             .unwrap();

@@ -1,5 +1,1334 @@
-//! Backups on the agent: the streaming file pipeline (`pipeline`) and the pure retention rule
-//! (`retention`). Uploads go through `crate::objectstore`, the only module that talks S3.
+//! Backups, restores and retention of a target, run as jobs by the agent.
+//!
+//! Backup: validate → lock → check (free disk, credentials, the source answers) → dump (each
+//! part streamed source → zstd → age → sha256 → `.partial`, fsync, rename) → store (manifest,
+//! the backup's folder renamed into place) → upload (each part, read back and compared, the
+//! manifest last) → catalog → retention. A failure names its stage and leaves nothing
+//! half-written: the `.partial` folder is removed, uploaded objects of the failed backup are
+//! deleted. Restore: validate → lock → locate (hash checked, fetched from S3 when the local
+//! copy is gone) → emergency_backup (of a live database) → restore. Prune: validate → lock →
+//! retention.
+//!
+//! Submodules: `target` (the spec), `catalog` (the records), `pipeline` (the byte stream),
+//! `files` (tar of a directory), `retention` (the pure keep rule).
 
+pub mod catalog;
+pub mod files;
 pub mod pipeline;
 pub mod retention;
+pub mod target;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::deploy::{Failure, begin, fail, outcome_of, take_lock};
+use crate::jobevent::{JobResult, field};
+use crate::jobs::{JobCtx, Outcome, Report, finish};
+use crate::objectstore::{Remote, S3Config};
+use crate::postgres::{self, Conn, RestoreOpts};
+use crate::store::{JobKind, JobRecord};
+use crate::unix_ms;
+use catalog::{Backup, Part, PruneLine, Table, Trigger};
+use retention::{Candidate, Policy};
+use target::{SourceKind, TargetSpec};
+
+/// The manifest's name inside a backup's folder (and the last object uploaded).
+pub const MANIFEST: &str = "manifest.json";
+/// How often a running backup or restore reports its bytes.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs a backup, restore or prune job to its outcome.
+pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outcome {
+    let result = match job.kind {
+        JobKind::Backup => backup_job(ctx, job, report).await,
+        JobKind::Restore => restore_job(ctx, job, report).await,
+        JobKind::Prune => prune_job(ctx, job, report).await,
+        JobKind::Deploy | JobKind::Rollback => Err(fail("validate", "not a backup job")),
+    };
+    outcome_of(result)
+}
+
+/// The job's target spec, validated again on this host.
+fn spec_of(job: &JobRecord) -> Result<TargetSpec, String> {
+    let toml = job
+        .backup
+        .as_ref()
+        .map(|b| b.target_toml.as_str())
+        .unwrap_or("");
+    TargetSpec::from_toml(toml, &format!("backup target {}", job.app)).map_err(|e| e.to_string())
+}
+
+async fn validate(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+) -> Result<TargetSpec, Failure> {
+    let since = begin(
+        ctx,
+        job,
+        report,
+        "validate",
+        format!("checking target {}", job.app),
+    )
+    .await?;
+    match spec_of(job) {
+        Ok(spec) => {
+            report
+                .step_done("validate", since, "the target is valid", BTreeMap::new())
+                .await;
+            Ok(spec)
+        }
+        Err(e) => Err(step_failed(report, "validate", since, e).await),
+    }
+}
+
+/// Reports a failed step and returns the failure.
+async fn step_failed(
+    report: &Report<'_>,
+    step: &'static str,
+    since: Instant,
+    error: String,
+) -> Failure {
+    report.step_failed(step, since, error.clone()).await;
+    fail(step, error)
+}
+
+// --- where things are -------------------------------------------------------------------------
+
+/// The target's local folder: `<storage.dir or the agent's backups dir>/<target>`.
+pub fn target_dir(ctx: &JobCtx, spec: &TargetSpec) -> PathBuf {
+    spec.storage
+        .dir
+        .clone()
+        .unwrap_or_else(|| ctx.backups_dir.clone())
+        .join(&spec.name)
+}
+
+fn s3_config(spec: &TargetSpec) -> Option<S3Config> {
+    spec.storage.s3.as_ref().map(|s3| S3Config {
+        endpoint: s3.endpoint.clone(),
+        bucket: s3.bucket.clone(),
+        prefix: s3.prefix.clone(),
+        region: s3.region.clone(),
+        credentials_file: s3.credentials_file.clone(),
+    })
+}
+
+fn remote_of(spec: &TargetSpec) -> Result<Option<Remote>, String> {
+    match s3_config(spec) {
+        None => Ok(None),
+        Some(cfg) => Remote::open(&cfg).map(Some).map_err(|e| e.to_string()),
+    }
+}
+
+/// Object key of a file of a backup (under the storage's prefix).
+fn object_key(target: &str, id: &str, file: &str) -> String {
+    format!("{target}/{id}/{file}")
+}
+
+fn remote_url(spec: &TargetSpec, id: &str) -> String {
+    match &spec.storage.s3 {
+        Some(s3) => {
+            let prefix = s3.prefix.trim_matches('/');
+            let prefix = if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            };
+            format!("s3://{}/{prefix}{}/{id}/", s3.bucket, spec.name)
+        }
+        None => String::new(),
+    }
+}
+
+fn conn_of(pg: &target::PostgresSource) -> Conn {
+    match (&pg.container, &pg.url) {
+        (Some(container), _) => Conn::Container {
+            container: container.clone(),
+            user: pg.user.clone(),
+        },
+        (None, url) => Conn::Host {
+            url: url.clone().unwrap_or_default(),
+            password_file: pg.password_file.clone(),
+        },
+    }
+}
+
+/// Creates a directory (and parents) readable only by the agent's user.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Removes `<id>.partial` folders a crash or a failure left in the target's folder.
+fn sweep_partial_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "partial") {
+            let gone = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match gone {
+                Ok(()) => removed.push(path),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot remove a partial backup")
+                }
+            }
+        }
+    }
+    removed
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+// --- progress ---------------------------------------------------------------------------------
+
+/// Runs blocking byte-moving `work` on the blocking pool while reporting its bytes about once
+/// a second as `job.progress` lines of `step` (`label: 1.2 GiB read, 420 MiB stored, 95 MiB/s`).
+async fn with_progress<T: Send + 'static>(
+    report: &Report<'_>,
+    step: &'static str,
+    label: String,
+    work: impl FnOnce(&mut dyn FnMut(u64, u64)) -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, u64)>();
+    let handle = tokio::task::spawn_blocking(move || {
+        let mut last = Instant::now();
+        let mut tick = |source: u64, stored: u64| {
+            if last.elapsed() >= PROGRESS_EVERY {
+                last = Instant::now();
+                let _ = tx.send((source, stored));
+            }
+        };
+        work(&mut tick)
+    });
+    tokio::pin!(handle);
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            done = &mut handle => return done.map_err(|e| format!("the {step} task failed: {e}")),
+            Some((source, stored)) = rx.recv() => {
+                let rate = (source as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
+                let message = format!(
+                    "{label}: {} read, {} stored, {}/s",
+                    human_bytes(source),
+                    human_bytes(stored),
+                    human_bytes(rate)
+                );
+                report
+                    .event(
+                        crate::jobevent::PROGRESS,
+                        message,
+                        BTreeMap::from([
+                            (field::STEP.to_string(), step.to_string()),
+                            (catalog::field::SOURCE_BYTES.to_string(), source.to_string()),
+                            (catalog::field::STORED_BYTES.to_string(), stored.to_string()),
+                            (catalog::field::RATE.to_string(), rate.to_string()),
+                        ]),
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
+// --- backup -----------------------------------------------------------------------------------
+
+async fn backup_job(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+) -> Result<Outcome, Failure> {
+    let spec = validate(ctx, job, report).await?;
+    let _lock = take_lock(ctx, job, report).await?;
+    let trigger = Trigger::parse(
+        job.backup
+            .as_ref()
+            .map(|b| b.trigger.as_str())
+            .unwrap_or(""),
+    );
+    let backup = take(ctx, job, report, &spec, trigger, None, None).await?;
+    prune_step(ctx, job, report, &spec, false).await?;
+    let mut out = Outcome::succeeded("", "");
+    out.summary = format!(
+        "backup {} of {}: {} stored from {} ({:.1}×){}",
+        backup.id,
+        spec.name,
+        human_bytes(backup.size()),
+        human_bytes(backup.source_bytes()),
+        backup.ratio(),
+        if backup.is_remote() {
+            format!(", uploaded to {}", backup.remote)
+        } else {
+            String::new()
+        }
+    );
+    out.extra
+        .insert(catalog::field::BACKUP_ID.into(), backup.id.clone());
+    Ok(out)
+}
+
+/// How `take` reports its stages: as the job's own steps, or (inside a deploy's `backup` step
+/// or a restore's `emergency_backup`) as progress lines of that one step.
+struct Stages<'a, 'r> {
+    report: &'a Report<'r>,
+    outer: Option<&'static str>,
+}
+
+impl Stages<'_, '_> {
+    async fn start(
+        &self,
+        ctx: &JobCtx,
+        job: &mut JobRecord,
+        step: &'static str,
+        message: String,
+    ) -> Result<Instant, Failure> {
+        match self.outer {
+            None => begin(ctx, job, self.report, step, message).await,
+            Some(outer) => {
+                self.report.progress(outer, message).await;
+                Ok(Instant::now())
+            }
+        }
+    }
+
+    async fn done(&self, step: &'static str, since: Instant, message: String) {
+        match self.outer {
+            None => {
+                self.report
+                    .step_done(step, since, message, BTreeMap::new())
+                    .await
+            }
+            Some(outer) => self.report.progress(outer, message).await,
+        }
+    }
+
+    async fn failed(&self, step: &'static str, since: Instant, error: String) -> Failure {
+        match self.outer {
+            None => step_failed(self.report, step, since, error).await,
+            Some(outer) => fail(outer, format!("{step}: {error}")),
+        }
+    }
+
+    fn step(&self, step: &'static str) -> &'static str {
+        self.outer.unwrap_or(step)
+    }
+}
+
+/// What one part's source is.
+enum Source {
+    Postgres {
+        conn: Conn,
+        database: String,
+        options: Vec<String>,
+    },
+    Files {
+        dir: PathBuf,
+        exclude: Vec<String>,
+    },
+}
+
+/// Takes one backup of `spec` (all its parts, or only `database` for an emergency backup),
+/// stores it, uploads it when S3 is configured, and records it in the catalog. `outer`: the
+/// step it runs inside (pre-deploy, emergency), else its stages are steps of the job.
+pub(crate) async fn take(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+    spec: &TargetSpec,
+    trigger: Trigger,
+    database: Option<&str>,
+    outer: Option<&'static str>,
+) -> Result<Backup, Failure> {
+    let stages = Stages { report, outer };
+    let started_ms = unix_ms();
+    let id = catalog::backup_id(&spec.name, started_ms, rand::random());
+    let dir = target_dir(ctx, spec);
+    let partial = dir.join(format!("{id}.partial"));
+    let result = take_into(ctx, job, &stages, spec, trigger, database, &id, &partial).await;
+    if result.is_err() {
+        if partial.exists()
+            && let Err(e) = std::fs::remove_dir_all(&partial)
+        {
+            warn!(path = %partial.display(), error = %e, "cannot remove a failed backup's files");
+        }
+    } else {
+        info!(backup = %id, target = %spec.name, "backup stored");
+    }
+    let mut backup = result?;
+    backup.started_unix_ms = started_ms;
+    Ok(backup)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn take_into(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    stages: &Stages<'_, '_>,
+    spec: &TargetSpec,
+    trigger: Trigger,
+    database: Option<&str>,
+    id: &str,
+    partial: &Path,
+) -> Result<Backup, Failure> {
+    // check: where it goes, that there is room, that the source and the storage answer.
+    let since = stages
+        .start(
+            ctx,
+            job,
+            "check",
+            format!("checking disk space and the source of {}", spec.name),
+        )
+        .await?;
+    let dir = target_dir(ctx, spec);
+    let checked = check(ctx, spec, database, &dir).await;
+    let (sources, facts, remote, estimate) = match checked {
+        Ok(v) => v,
+        Err(e) => return Err(stages.failed("check", since, e).await),
+    };
+    stages
+        .done(
+            "check",
+            since,
+            format!(
+                "{} part(s), about {} to read; room on {}",
+                sources.len(),
+                human_bytes(estimate),
+                dir.display()
+            ),
+        )
+        .await;
+
+    // dump: every part through the pipeline into `<id>.partial/`.
+    let since = stages
+        .start(
+            ctx,
+            job,
+            "dump",
+            format!("streaming {} into {}", spec.name, partial.display()),
+        )
+        .await?;
+    if let Err(e) = private_dir(partial) {
+        return Err(stages
+            .failed("dump", since, format!("{}: {e}", partial.display()))
+            .await);
+    }
+    let encode = pipeline::Encode {
+        zstd_level: spec.compression.level,
+        zstd_threads: spec
+            .compression
+            .effective_threads(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        recipients: spec.encryption.recipients.clone(),
+    };
+    let suffix = if spec.encryption.recipients.is_empty() {
+        ".zst"
+    } else {
+        ".zst.age"
+    };
+    let mut parts = Vec::new();
+    for (name, source) in sources {
+        let file = match source {
+            Source::Postgres { .. } => format!("{name}.dump{suffix}"),
+            Source::Files { .. } => format!("{name}.tar{suffix}"),
+        };
+        let reader: Box<dyn Read + Send> = match open_source(ctx, &source).await {
+            Ok(r) => r,
+            Err(e) => return Err(stages.failed("dump", since, format!("{name}: {e}")).await),
+        };
+        let (dir_owned, file_owned, encode) = (partial.to_path_buf(), file.clone(), encode.clone());
+        let written = with_progress(
+            stages.report,
+            stages.step("dump"),
+            name.clone(),
+            move |tick| {
+                let mut reader = reader;
+                pipeline::write(&mut reader, &dir_owned, &file_owned, &encode, tick)
+            },
+        )
+        .await;
+        let written = match written {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => return Err(stages.failed("dump", since, format!("{name}: {e}")).await),
+            Err(e) => return Err(stages.failed("dump", since, e).await),
+        };
+        let pg = facts.get(&name);
+        parts.push(Part {
+            name: name.clone(),
+            file,
+            size: written.size,
+            sha256: written.sha256,
+            source_bytes: written.source_bytes,
+            pg_dump_version: pg.map(|f| f.pg_dump_version.clone()).unwrap_or_default(),
+            server_version: pg.map(|f| f.server_version.clone()).unwrap_or_default(),
+            tables: pg
+                .map(|f| {
+                    f.tables
+                        .iter()
+                        .map(|t| Table {
+                            schema: t.schema.clone(),
+                            name: t.name.clone(),
+                            rows: t.row_estimate,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
+    }
+    let stored: u64 = parts.iter().map(|p| p.size).sum();
+    let read: u64 = parts.iter().map(|p| p.source_bytes).sum();
+    stages
+        .done(
+            "dump",
+            since,
+            format!("{} read, {} stored", human_bytes(read), human_bytes(stored)),
+        )
+        .await;
+
+    // store: the manifest, then the folder renamed into place.
+    let since = stages
+        .start(ctx, job, "store", "writing the manifest".into())
+        .await?;
+    let final_dir = dir.join(id);
+    let mut backup = Backup {
+        id: id.to_string(),
+        target: spec.name.clone(),
+        host: String::new(),
+        kind: spec.kind().as_str().into(),
+        trigger,
+        job_id: job.id.clone(),
+        requested_by: job.requested_by.clone(),
+        started_unix_ms: 0,
+        finished_unix_ms: 0,
+        parts,
+        compression: format!("zstd-{}", spec.compression.level),
+        recipients: spec.encryption.recipients.clone(),
+        release: live_release(ctx, spec),
+        local_dir: final_dir.display().to_string(),
+        remote: String::new(),
+        verified_unix_ms: 0,
+        extra: BTreeMap::new(),
+    };
+    if let Err(e) = write_manifest(partial, &backup)
+        .and_then(|()| std::fs::rename(partial, &final_dir))
+        .and_then(|()| fsync_dir(&dir))
+    {
+        return Err(stages
+            .failed("store", since, format!("{}: {e}", final_dir.display()))
+            .await);
+    }
+    stages
+        .done("store", since, format!("stored in {}", final_dir.display()))
+        .await;
+
+    // upload: each part, read back and compared; the manifest last.
+    if let Some(remote) = &remote {
+        let since = stages
+            .start(
+                ctx,
+                job,
+                "upload",
+                format!("uploading to {}", remote_url(spec, id)),
+            )
+            .await?;
+        match upload(stages, remote, spec, &backup, &final_dir).await {
+            Ok(()) => {
+                backup.remote = remote_url(spec, id);
+                backup.verified_unix_ms = unix_ms();
+                stages
+                    .done(
+                        "upload",
+                        since,
+                        format!(
+                            "uploaded and read back: {} matches the manifest",
+                            backup.remote
+                        ),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                delete_remote(remote, &spec.name, id).await;
+                backup.finished_unix_ms = unix_ms();
+                // The local copy is good: it stays in the catalog, and the job still fails.
+                let _ = ctx.store.put_backup(&backup).await;
+                return Err(stages
+                    .failed("upload", since, format!("{e}; the local copy {id} is kept"))
+                    .await);
+            }
+        }
+    }
+
+    // catalog.
+    let since = stages
+        .start(ctx, job, "catalog", "recording the backup".into())
+        .await?;
+    backup.finished_unix_ms = unix_ms();
+    if let Err(e) = write_manifest(&final_dir, &backup).and_then(|()| fsync_dir(&final_dir)) {
+        return Err(stages
+            .failed("catalog", since, format!("{}: {e}", final_dir.display()))
+            .await);
+    }
+    if let Err(e) = ctx.store.put_backup(&backup).await {
+        return Err(stages.failed("catalog", since, e.to_string()).await);
+    }
+    stages
+        .done("catalog", since, format!("backup {id} recorded"))
+        .await;
+    Ok(backup)
+}
+
+type Checked = (
+    Vec<(String, Source)>,
+    BTreeMap<String, postgres::Facts>,
+    Option<Remote>,
+    u64,
+);
+
+/// The parts to read, what PostgreSQL says about each database, the remote storage, and the
+/// estimated bytes; fails when the disk is too full or a source or the storage is unusable.
+async fn check(
+    ctx: &JobCtx,
+    spec: &TargetSpec,
+    database: Option<&str>,
+    dir: &Path,
+) -> Result<Checked, String> {
+    private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for path in sweep_partial_dirs(dir) {
+        info!(path = %path.display(), "removed a partial backup left by an earlier run");
+    }
+    // Credentials are checked before anything is read.
+    let remote = remote_of(spec)?;
+    let mut sources = Vec::new();
+    let mut facts = BTreeMap::new();
+    let mut estimate = 0u64;
+    match spec.kind() {
+        SourceKind::Postgres => {
+            let pg = spec.postgres.as_ref().ok_or("no [postgres] source")?;
+            let conn = conn_of(pg);
+            let databases: Vec<String> = match database {
+                Some(db) => vec![db.to_string()],
+                None => pg.databases.clone(),
+            };
+            for db in databases {
+                let f = postgres::facts(&ctx.docker, &conn, &db)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                estimate += f.size_bytes;
+                facts.insert(db.clone(), f);
+                sources.push((
+                    db.clone(),
+                    Source::Postgres {
+                        conn: conn.clone(),
+                        database: db,
+                        options: pg.options.clone(),
+                    },
+                ));
+            }
+        }
+        SourceKind::Volume | SourceKind::Path => {
+            let (dir, exclude) = match (&spec.volume, &spec.path) {
+                (Some(v), _) => {
+                    let mount = ctx
+                        .docker
+                        .volume_mountpoint(&v.name)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| {
+                            format!(
+                                "Docker volume {} does not exist on this host (docker volume ls)",
+                                v.name
+                            )
+                        })?;
+                    (PathBuf::from(mount), Vec::new())
+                }
+                (None, Some(p)) => (p.dir.clone(), p.exclude.clone()),
+                (None, None) => return Err("no [volume] or [path] source".into()),
+            };
+            let excluded = files::excludes(&exclude)?;
+            let (d, ex) = (dir.clone(), excluded.clone());
+            estimate = tokio::task::spawn_blocking(move || files::tree_size(&d, &ex))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+            sources.push(("files".into(), Source::Files { dir, exclude }));
+        }
+    }
+    let free = pipeline::free_bytes(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    pipeline::disk_check(free, estimate)?;
+    Ok((sources, facts, remote, estimate))
+}
+
+async fn open_source(ctx: &JobCtx, source: &Source) -> Result<Box<dyn Read + Send>, String> {
+    match source {
+        Source::Postgres {
+            conn,
+            database,
+            options,
+        } => {
+            let dump = postgres::dump(&ctx.docker, conn, database, options)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Box::new(dump))
+        }
+        Source::Files { dir, exclude } => {
+            let excluded = files::excludes(exclude)?;
+            let tar = files::TarSource::start(dir.clone(), excluded)
+                .map_err(|e| format!("cannot archive {}: {e}", dir.display()))?;
+            Ok(Box::new(tar))
+        }
+    }
+}
+
+/// `app version` of the target's app, when it names one and it is live here.
+fn live_release(ctx: &JobCtx, spec: &TargetSpec) -> String {
+    let Some(app) = &spec.app else {
+        return String::new();
+    };
+    match ctx.store.releases(app) {
+        Ok(table) => crate::releases::live(&table)
+            .map(|r| format!("{app} {}", r.version))
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+fn write_manifest(dir: &Path, backup: &Backup) -> std::io::Result<()> {
+    use std::io::Write;
+    let text = serde_json::to_vec_pretty(backup).map_err(std::io::Error::other)?;
+    let tmp = dir.join(format!("{MANIFEST}.partial"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&text)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(MANIFEST))
+}
+
+async fn upload(
+    stages: &Stages<'_, '_>,
+    remote: &Remote,
+    spec: &TargetSpec,
+    backup: &Backup,
+    dir: &Path,
+) -> Result<(), String> {
+    for part in &backup.parts {
+        let key = object_key(&spec.name, &backup.id, &part.file);
+        let local = dir.join(&part.file);
+        let mut tick = |_sent: u64| {};
+        remote
+            .upload_file(&local, &key, &mut tick)
+            .await
+            .map_err(|e| format!("upload of {}: {e}", part.file))?;
+        let (size, sha) = remote
+            .read_back(&key)
+            .await
+            .map_err(|e| format!("read-back of {}: {e}", part.file))?;
+        if size != part.size || sha != part.sha256 {
+            return Err(format!(
+                "read-back mismatch for {key}: stored {size} bytes with sha256 {sha}, the manifest says {} bytes with sha256 {}",
+                part.size, part.sha256
+            ));
+        }
+        stages
+            .report
+            .progress(
+                stages.step("upload"),
+                format!(
+                    "{} uploaded and read back ({})",
+                    part.file,
+                    human_bytes(size)
+                ),
+            )
+            .await;
+    }
+    let mut manifest = backup.clone();
+    manifest.remote = remote_url(spec, &backup.id);
+    let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
+    remote
+        .put_bytes(&object_key(&spec.name, &backup.id, MANIFEST), bytes)
+        .await
+        .map_err(|e| format!("upload of the manifest: {e}"))
+}
+
+/// Deletes every object of a backup (best effort: a failure is logged).
+async fn delete_remote(remote: &Remote, target: &str, id: &str) {
+    let prefix = format!("{target}/{id}/");
+    match remote.list(&prefix).await {
+        Ok(keys) => {
+            for (key, _) in keys {
+                if let Err(e) = remote.delete(&key).await {
+                    warn!(key, error = %e, "cannot delete an object of a failed or pruned backup");
+                }
+            }
+        }
+        Err(e) => warn!(prefix, error = %e, "cannot list the objects of a backup"),
+    }
+}
+
+/// Sends a target's catalog as `backup.catalog` (under `job_id`).
+pub async fn report_catalog(ctx: &JobCtx, target: &str, job_id: &str) {
+    match ctx.store.backups(target) {
+        Ok(backups) => {
+            Report::new(&ctx.outbox, job_id)
+                .event(
+                    catalog::CATALOG,
+                    format!("{} backup(s) of {target}", backups.len()),
+                    catalog::catalog_fields(target, &backups),
+                )
+                .await
+        }
+        Err(err) => warn!(target, error = %err, "cannot read the backup catalog"),
+    }
+}
+
+// --- retention --------------------------------------------------------------------------------
+
+async fn prune_job(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+) -> Result<Outcome, Failure> {
+    let spec = validate(ctx, job, report).await?;
+    let _lock = take_lock(ctx, job, report).await?;
+    let dry_run = job.backup.as_ref().is_some_and(|b| b.dry_run);
+    let lines = prune_step(ctx, job, report, &spec, dry_run).await?;
+    let gone = lines.iter().filter(|l| !l.keep).count();
+    let mut out = Outcome::succeeded("", "");
+    out.summary = if dry_run {
+        format!("dry run: {gone} cop(ies) of {} would be deleted", spec.name)
+    } else {
+        format!("{gone} cop(ies) of {} deleted", spec.name)
+    };
+    out.extra.insert(
+        catalog::field::PRUNE.into(),
+        serde_json::to_string(&lines).unwrap_or_default(),
+    );
+    Ok(out)
+}
+
+/// Applies the target's retention (local and remote copies separately) and reports each
+/// decision.
+async fn prune_step(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+    spec: &TargetSpec,
+    dry_run: bool,
+) -> Result<Vec<PruneLine>, Failure> {
+    let since = begin(
+        ctx,
+        job,
+        report,
+        "retention",
+        format!(
+            "{} the retention of {}",
+            if dry_run { "evaluating" } else { "applying" },
+            spec.name
+        ),
+    )
+    .await?;
+    match apply_retention(ctx, spec, dry_run).await {
+        Ok(lines) => {
+            let gone: Vec<String> = lines
+                .iter()
+                .filter(|l| !l.keep)
+                .map(|l| format!("{} ({})", l.id, l.copy))
+                .collect();
+            let message = match (gone.is_empty(), dry_run) {
+                (true, _) => "nothing to delete".to_string(),
+                (false, true) => format!("would delete {}", gone.join(", ")),
+                (false, false) => format!("deleted {}", gone.join(", ")),
+            };
+            report
+                .step_done("retention", since, message, BTreeMap::new())
+                .await;
+            Ok(lines)
+        }
+        Err(e) => Err(step_failed(report, "retention", since, e).await),
+    }
+}
+
+fn candidates(backups: &[&Backup]) -> Vec<Candidate> {
+    backups
+        .iter()
+        .map(|b| Candidate {
+            id: b.id.clone(),
+            created_unix: b.started_unix_ms / 1000,
+            verified: b.verified_unix_ms > 0,
+        })
+        .collect()
+}
+
+fn lines(copy: &str, decisions: Vec<retention::Decision>) -> Vec<PruneLine> {
+    decisions
+        .into_iter()
+        .map(|d| PruneLine {
+            id: d.id,
+            copy: copy.into(),
+            keep: d.keep,
+            reasons: d.reasons.into_iter().map(String::from).collect(),
+        })
+        .collect()
+}
+
+async fn apply_retention(
+    ctx: &JobCtx,
+    spec: &TargetSpec,
+    dry_run: bool,
+) -> Result<Vec<PruneLine>, String> {
+    let mut all = ctx.store.backups(&spec.name).map_err(|e| e.to_string())?;
+    let local: Vec<&Backup> = all.iter().filter(|b| b.is_local()).collect();
+    let remote: Vec<&Backup> = all.iter().filter(|b| b.is_remote()).collect();
+    let mut out = lines(
+        "local",
+        retention::decide(&spec.retention.local(), &candidates(&local)),
+    );
+    out.extend(lines(
+        "remote",
+        retention::decide(&spec.retention.remote(), &candidates(&remote)),
+    ));
+    if dry_run {
+        return Ok(out);
+    }
+    let store = if out.iter().any(|l| !l.keep && l.copy == "remote") {
+        remote_of(spec)?
+    } else {
+        None
+    };
+    for line in out.iter().filter(|l| !l.keep) {
+        let Some(backup) = all.iter_mut().find(|b| b.id == line.id) else {
+            continue;
+        };
+        if line.copy == "local" {
+            let dir = PathBuf::from(&backup.local_dir);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| format!("cannot delete {}: {e}", dir.display()))?;
+            }
+            backup.local_dir.clear();
+        } else if let Some(remote) = &store {
+            delete_remote(remote, &spec.name, &backup.id).await;
+            backup.remote.clear();
+        }
+        if backup.is_local() || backup.is_remote() {
+            ctx.store
+                .put_backup(backup)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            ctx.store
+                .remove_backup(&spec.name, &backup.id)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(out)
+}
+
+/// The rule of a policy, for `drover backup-target` listings.
+pub fn describe(policy: &Policy) -> String {
+    format!(
+        "last {}, {} daily, {} weekly, {} monthly",
+        policy.keep_last, policy.daily, policy.weekly, policy.monthly
+    )
+}
+
+// --- restore ----------------------------------------------------------------------------------
+
+async fn restore_job(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+) -> Result<Outcome, Failure> {
+    let spec = validate(ctx, job, report).await?;
+    let request = job.backup.clone().unwrap_or_default();
+    let _lock = take_lock(ctx, job, report).await?;
+
+    // locate: the backup, its part, a copy whose hash matches the manifest.
+    let since = begin(
+        ctx,
+        job,
+        report,
+        "locate",
+        format!("finding backup {}", request.backup_id),
+    )
+    .await?;
+    let located = locate(ctx, &spec, &request).await;
+    let (backup, part, file, fetched) = match located {
+        Ok(v) => v,
+        Err(e) => return Err(step_failed(report, "locate", since, e).await),
+    };
+    // The fetched copy (from S3) is removed whatever happens next.
+    let _cleanup = Cleanup(fetched.clone());
+    let identity = if backup.recipients.is_empty() {
+        None
+    } else if request.identity_file.is_empty() {
+        return Err(step_failed(
+            report,
+            "locate",
+            since,
+            format!(
+                "backup {} is encrypted; pass --identity-file PATH (a file on this host holding the age identity)",
+                backup.id
+            ),
+        )
+        .await);
+    } else {
+        match std::fs::read_to_string(&request.identity_file) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                return Err(step_failed(
+                    report,
+                    "locate",
+                    since,
+                    format!(
+                        "cannot read the identity file {}: {e}",
+                        request.identity_file
+                    ),
+                )
+                .await);
+            }
+        }
+    };
+    report
+        .step_done(
+            "locate",
+            since,
+            format!(
+                "{} part {} ({}), hash matches the manifest",
+                backup.id,
+                part.name,
+                human_bytes(part.size)
+            ),
+            BTreeMap::new(),
+        )
+        .await;
+
+    let summary = if !request.to_dir.is_empty() {
+        restore_files(job, ctx, report, &part, &file, identity, &request.to_dir).await?
+    } else {
+        let pg = spec.postgres.as_ref().ok_or_else(|| {
+            fail(
+                "validate",
+                "only PostgreSQL targets restore into a database; use --to-dir",
+            )
+        })?;
+        restore_database(
+            ctx, job, report, &spec, pg, &backup, &part, &file, identity, &request,
+        )
+        .await?
+    };
+    let mut out = Outcome::succeeded("", "");
+    out.summary = summary;
+    out.extra
+        .insert(catalog::field::BACKUP_ID.into(), backup.id.clone());
+    Ok(out)
+}
+
+/// Removes a fetched copy when dropped.
+struct Cleanup(Option<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The backup, the part to restore, a local file with it (hash checked), and the folder of a
+/// copy fetched from S3 (to remove afterwards).
+async fn locate(
+    ctx: &JobCtx,
+    spec: &TargetSpec,
+    request: &crate::store::BackupJob,
+) -> Result<(Backup, Part, PathBuf, Option<PathBuf>), String> {
+    let backup = ctx
+        .store
+        .backup(&spec.name, &request.backup_id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "no backup {} of {} on this host (drover backup list {})",
+                request.backup_id, spec.name, spec.name
+            )
+        })?;
+    let part = backup
+        .part((!request.part.is_empty()).then_some(request.part.as_str()))?
+        .clone();
+    if backup.is_local() {
+        let file = Path::new(&backup.local_dir).join(&part.file);
+        let (f, sha) = (file.clone(), part.sha256.clone());
+        let checked = tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha))
+            .await
+            .map_err(|e| e.to_string())?;
+        match checked {
+            Ok(_) => return Ok((backup, part, file, None)),
+            Err(e) if backup.is_remote() => {
+                warn!(file = %file.display(), error = %e, "the local copy is unusable; fetching the remote copy");
+            }
+            Err(e) => return Err(format!("the local copy is unusable: {e}")),
+        }
+    }
+    if !backup.is_remote() {
+        return Err(format!("backup {} has no copy left", backup.id));
+    }
+    let remote = remote_of(spec)?.ok_or("the target no longer has [storage.s3]")?;
+    let dir = target_dir(ctx, spec).join(format!("{}.fetch.partial", backup.id));
+    private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let file = dir.join(&part.file);
+    remote
+        .download_to(&object_key(&spec.name, &backup.id, &part.file), &file)
+        .await
+        .map_err(|e| format!("download: {e}"))?;
+    let (f, sha) = (file.clone(), part.sha256.clone());
+    tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("the remote copy is unusable: {e}"))?;
+    Ok((backup, part, file, Some(dir)))
+}
+
+async fn restore_files(
+    job: &mut JobRecord,
+    ctx: &JobCtx,
+    report: &Report<'_>,
+    part: &Part,
+    file: &Path,
+    identity: Option<String>,
+    to_dir: &str,
+) -> Result<String, Failure> {
+    let since = begin(
+        ctx,
+        job,
+        report,
+        "restore",
+        format!("unpacking into {to_dir}"),
+    )
+    .await?;
+    let dest = PathBuf::from(to_dir);
+    let untar = match files::Untar::start(&dest) {
+        Ok(u) => u,
+        Err(e) => return Err(step_failed(report, "restore", since, e.to_string()).await),
+    };
+    let (file, sha) = (file.to_path_buf(), part.sha256.clone());
+    let done = with_progress(report, "restore", part.name.clone(), move |tick| {
+        let mut untar = untar;
+        let read = pipeline::read(&file, &sha, identity.as_deref(), &mut untar, tick)
+            .map_err(|e| e.to_string());
+        let finished = untar.finish().map_err(|e| format!("unpacking: {e}"));
+        read.and_then(|stats| finished.map(|()| stats))
+    })
+    .await
+    .and_then(|r| r);
+    match done {
+        Ok(stats) => {
+            let message = format!("{} unpacked into {to_dir}", human_bytes(stats.plain_bytes));
+            report
+                .step_done("restore", since, message.clone(), BTreeMap::new())
+                .await;
+            Ok(message)
+        }
+        Err(e) => Err(step_failed(report, "restore", since, e).await),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore_database(
+    ctx: &JobCtx,
+    job: &mut JobRecord,
+    report: &Report<'_>,
+    spec: &TargetSpec,
+    pg: &target::PostgresSource,
+    backup: &Backup,
+    part: &Part,
+    file: &Path,
+    identity: Option<String>,
+    request: &crate::store::BackupJob,
+) -> Result<String, Failure> {
+    let conn = conn_of(pg);
+    let database = request.to_database.clone();
+    let since = begin(
+        ctx,
+        job,
+        report,
+        "emergency_backup",
+        format!("checking whether {database} exists"),
+    )
+    .await?;
+    let exists = match postgres::database_exists(&ctx.docker, &conn, &database).await {
+        Ok(e) => e,
+        Err(e) => return Err(step_failed(report, "emergency_backup", since, e.to_string()).await),
+    };
+    let mut emergency = None;
+    if exists {
+        if !request.confirmed {
+            return Err(step_failed(
+                report,
+                "emergency_backup",
+                since,
+                format!(
+                    "database {database} exists; restoring replaces its contents. Confirm with --yes (its current state is backed up first)"
+                ),
+            )
+            .await);
+        }
+        let taken = take(
+            ctx,
+            job,
+            report,
+            spec,
+            Trigger::Emergency,
+            Some(&database),
+            Some("emergency_backup"),
+        )
+        .await?;
+        report
+            .step_done(
+                "emergency_backup",
+                since,
+                format!(
+                    "the current state of {database} is backup {} ({})",
+                    taken.id,
+                    human_bytes(taken.size())
+                ),
+                BTreeMap::new(),
+            )
+            .await;
+        emergency = Some(taken.id);
+    } else {
+        report
+            .step_skipped(
+                "emergency_backup",
+                format!("{database} does not exist yet; nothing to protect"),
+            )
+            .await;
+    }
+
+    let since = begin(
+        ctx,
+        job,
+        report,
+        "restore",
+        format!("restoring {} part {} into {database}", backup.id, part.name),
+    )
+    .await?;
+    if !exists && let Err(e) = postgres::create_database(&ctx.docker, &conn, &database).await {
+        return Err(step_failed(report, "restore", since, e.to_string()).await);
+    }
+    let opts = RestoreOpts {
+        clean: exists,
+        single_transaction: true,
+        no_owner: false,
+    };
+    let sink = match postgres::restore(&ctx.docker, &conn, &database, &opts).await {
+        Ok(s) => s,
+        Err(e) => return Err(step_failed(report, "restore", since, e.to_string()).await),
+    };
+    let (file, sha) = (file.to_path_buf(), part.sha256.clone());
+    let done = with_progress(report, "restore", database.clone(), move |tick| {
+        let mut sink = sink;
+        let read = pipeline::read(&file, &sha, identity.as_deref(), &mut sink, tick)
+            .map_err(|e| e.to_string());
+        let finished = sink.finish().map_err(|e| e.to_string());
+        match (read, finished) {
+            (Ok(stats), Ok(())) => Ok(stats),
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(e)) => Err(e),
+        }
+    })
+    .await
+    .and_then(|r| r);
+    match done {
+        Ok(stats) => {
+            let message = format!(
+                "{} restored into {database} ({} of archive){}",
+                backup.id,
+                human_bytes(stats.plain_bytes),
+                emergency
+                    .map(|id| format!("; its previous state is backup {id}"))
+                    .unwrap_or_default()
+            );
+            report
+                .step_done("restore", since, message.clone(), BTreeMap::new())
+                .await;
+            Ok(message)
+        }
+        Err(e) => {
+            let hint = if exists {
+                "; the restore ran in one transaction, so the database is unchanged"
+            } else {
+                ""
+            };
+            Err(step_failed(report, "restore", since, format!("{e}{hint}")).await)
+        }
+    }
+}
+
+// --- recovery ---------------------------------------------------------------------------------
+
+/// On start, for a backup job a crash interrupted: remove its partial files and report it
+/// `interrupted`.
+pub async fn converge(ctx: &JobCtx, mut job: JobRecord) {
+    let report = Report::new(&ctx.outbox, &job.id);
+    let mut did = Vec::new();
+    if let Ok(spec) = spec_of(&job) {
+        let removed = sweep_partial_dirs(&target_dir(ctx, &spec));
+        if !removed.is_empty() {
+            did.push(format!("removed {} partial backup file(s)", removed.len()));
+        }
+    }
+    if job.kind == JobKind::Restore && job.step == "restore" {
+        did.push("a restore that had not committed was rolled back by PostgreSQL".into());
+    }
+    let step = if job.step.is_empty() {
+        "validate".to_string()
+    } else {
+        job.step.clone()
+    };
+    let message = format!(
+        "the agent stopped during step {step}{}{}",
+        if did.is_empty() {
+            ""
+        } else {
+            "; on restart it "
+        },
+        did.join("; ")
+    );
+    let outcome = Outcome {
+        result: JobResult::Interrupted,
+        step,
+        error: message,
+        ..Outcome::failed("", "")
+    };
+    finish(ctx, &mut job, &report, outcome, Duration::ZERO).await;
+}

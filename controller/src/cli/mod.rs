@@ -185,6 +185,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Backup targets (what to back up, where to, how many to keep).
+    #[command(subcommand, name = "backup-target")]
+    BackupTarget(BackupTargetCommand),
+    /// Backups: take one now, list them, show one, apply retention.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Restore a backup into a database (after an emergency backup of it) or an empty directory.
+    Restore {
+        target: String,
+        /// The backup's id (`drover backup list TARGET`).
+        #[arg(long)]
+        backup: String,
+        /// Restore into this database (created if missing; replaced after confirmation).
+        #[arg(
+            long = "to",
+            conflicts_with = "to_dir",
+            required_unless_present = "to_dir"
+        )]
+        to: Option<String>,
+        /// Unpack files into this directory on the host (absent or empty).
+        #[arg(long)]
+        to_dir: Option<String>,
+        /// Which database of the backup, when it holds several.
+        #[arg(long)]
+        database: Option<String>,
+        /// Replace a live database without asking.
+        #[arg(long)]
+        yes: bool,
+        /// For an encrypted backup: a file on the host holding the age identity.
+        #[arg(long)]
+        identity_file: Option<String>,
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Job events a host has reported, oldest first.
     Events {
         host: String,
@@ -264,6 +300,60 @@ pub enum AppCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum BackupTargetCommand {
+    /// Validate a backup target (TOML) and store it as its new revision.
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List applied backup targets.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a target's current spec.
+    Show { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Back up TARGET now, with live bytes and rate.
+    Run {
+        target: String,
+        /// Where; default: the target's host or labels, or where its backups are, or the only host.
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Backups, newest first: time, size, ratio, hash, where stored, verified.
+    List {
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One backup's manifest.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply TARGET's retention now (--dry-run: only show what would go).
+    Prune {
+        target: String,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HostCommand {
     /// Close a host's session now and refuse its certificates from now on.
     Revoke {
@@ -308,6 +398,26 @@ async fn attach(
         return Ok(());
     }
     watch::follow(api, addr, &job.id, watch::Mode::pick(json)).await
+}
+
+/// Asks a yes/no question on the terminal. Without a terminal the answer is no: the agent
+/// then refuses to replace a live database (say --yes).
+fn confirm(question: &str) -> Result<bool, CliError> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    eprint!("{question}");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| CliError::Other(format!("cannot read the answer: {e}")))?;
+    let yes = matches!(answer.trim(), "y" | "Y" | "yes");
+    if !yes {
+        return Err(CliError::Usage("restore cancelled".into()));
+    }
+    Ok(true)
 }
 
 /// Runs one `drover` command.
@@ -632,6 +742,164 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 println!("{}", output::releases_table(&releases, &app, now));
                 Ok(())
             }
+        }
+        Command::BackupTarget(BackupTargetCommand::Apply { file, json }) => {
+            let target_toml = std::fs::read_to_string(&file)
+                .map_err(|e| CliError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+            let resp = api
+                .apply_backup_target(v1::ApplyBackupTargetRequest {
+                    target_toml,
+                    source: file.display().to_string(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(
+                    &serde_json::json!({"name": resp.name, "revision": resp.revision, "changed": resp.changed}),
+                )
+            } else {
+                let what = if resp.changed { "applied" } else { "unchanged" };
+                println!(
+                    "backup target {} {what}: revision {}",
+                    resp.name, resp.revision
+                );
+                Ok(())
+            }
+        }
+        Command::BackupTarget(BackupTargetCommand::List { json }) => {
+            let targets = api
+                .list_backup_targets(v1::ListBackupTargetsRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .targets;
+            if json {
+                print_json(&Value::Array(
+                    targets.iter().map(output::target_json).collect(),
+                ))
+            } else {
+                println!("{}", output::targets_table(&targets, now));
+                Ok(())
+            }
+        }
+        Command::BackupTarget(BackupTargetCommand::Show { name }) => {
+            let targets = api
+                .list_backup_targets(v1::ListBackupTargetsRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .targets;
+            let t = targets.iter().find(|t| t.name == name).ok_or_else(|| {
+                CliError::NotFound(format!(
+                    "unknown backup target {name}; `drover backup-target list` shows them"
+                ))
+            })?;
+            println!(
+                "# backup target {} revision {}, applied {} by {}",
+                t.name,
+                t.revision,
+                output::ago(t.updated_unix_ms, now),
+                t.updated_by
+            );
+            print!("{}", t.target_toml);
+            Ok(())
+        }
+        Command::Backup(BackupCommand::Run {
+            target,
+            host,
+            detach,
+            json,
+        }) => {
+            let job = api
+                .run_backup(v1::RunBackupRequest {
+                    target,
+                    host: host.unwrap_or_default(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            attach(&mut api, &addr, &job, detach, json).await
+        }
+        Command::Backup(BackupCommand::List { target, json }) => {
+            let backups = api
+                .list_backups(v1::ListBackupsRequest {
+                    target: target.unwrap_or_default(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .backups;
+            if json {
+                print_json(&Value::Array(
+                    backups.iter().map(output::backup_json).collect(),
+                ))
+            } else {
+                println!("{}", output::backups_table(&backups, now));
+                Ok(())
+            }
+        }
+        Command::Backup(BackupCommand::Show { id, json }) => {
+            let backup = api
+                .get_backup(v1::GetBackupRequest { id })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&output::backup_json(&backup))
+            } else {
+                println!("{}", output::backup_detail(&backup, now));
+                Ok(())
+            }
+        }
+        Command::Backup(BackupCommand::Prune {
+            target,
+            host,
+            dry_run,
+            json,
+        }) => {
+            let job = api
+                .prune_backups(v1::PruneBackupsRequest {
+                    target,
+                    host: host.unwrap_or_default(),
+                    dry_run,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            attach(&mut api, &addr, &job, false, json).await
+        }
+        Command::Restore {
+            target,
+            backup,
+            to,
+            to_dir,
+            database,
+            yes,
+            identity_file,
+            detach,
+            json,
+        } => {
+            let confirmed = match &to {
+                Some(db) if !yes => confirm(&format!(
+                    "Restore backup {backup} into database {db}? If {db} exists, its current state is backed up first and then replaced. [y/N] "
+                ))?,
+                _ => yes,
+            };
+            let job = api
+                .restore(v1::RestoreRequest {
+                    target,
+                    backup_id: backup,
+                    part: database.unwrap_or_default(),
+                    to_database: to.unwrap_or_default(),
+                    to_dir: to_dir.unwrap_or_default(),
+                    confirmed,
+                    identity_file: identity_file.unwrap_or_default(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            attach(&mut api, &addr, &job, detach, json).await
         }
         Command::Events {
             host,

@@ -613,3 +613,182 @@ mod tests {
         assert!(releases_table(&[], "api", 0).contains("drover deploy api VERSION"));
     }
 }
+
+pub fn target_json(t: &v1::BackupTargetInfo) -> Value {
+    json!({
+        "name": t.name,
+        "revision": t.revision,
+        "kind": t.kind,
+        "host": t.host,
+        "remote": t.remote,
+        "encrypted": t.encrypted,
+        "updated_at": rfc3339_ms(t.updated_unix_ms),
+        "updated_by": t.updated_by,
+        "target_toml": t.target_toml,
+    })
+}
+
+pub fn targets_table(targets: &[v1::BackupTargetInfo], now_ms: i64) -> String {
+    if targets.is_empty() {
+        return "no backup targets yet: `drover backup-target apply FILE` (see agent/examples/backup-postgres.toml)".into();
+    }
+    let mut t = table(&[
+        "NAME",
+        "KIND",
+        "HOST",
+        "S3",
+        "ENCRYPTED",
+        "REVISION",
+        "APPLIED",
+    ]);
+    for x in targets {
+        t.add_row(vec![
+            x.name.clone(),
+            x.kind.clone(),
+            or_dash(&x.host),
+            yes_no(x.remote),
+            yes_no(x.encrypted),
+            x.revision.to_string(),
+            ago(x.updated_unix_ms, now_ms),
+        ]);
+    }
+    t.to_string()
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.into() }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes".into() } else { "no".into() }
+}
+
+/// Bytes for a person: `512 B`, `3.4 MiB`.
+pub fn bytes(n: u64) -> String {
+    drover_agent::backup::human_bytes(n)
+}
+
+fn stored_where(b: &v1::BackupInfo) -> String {
+    match (b.local_dir.is_empty(), b.remote.is_empty()) {
+        (false, false) => "local+s3".into(),
+        (false, true) => "local".into(),
+        (true, false) => "s3".into(),
+        (true, true) => "-".into(),
+    }
+}
+
+/// The first part's hash, cut like a digest (the manifest has them all).
+fn first_hash(b: &v1::BackupInfo) -> String {
+    serde_json::from_str::<Value>(&b.manifest_json)
+        .ok()
+        .and_then(|m| {
+            m["parts"][0]["sha256"]
+                .as_str()
+                .map(|h| h.chars().take(12).collect())
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn backup_json(b: &v1::BackupInfo) -> Value {
+    json!({
+        "id": b.id,
+        "target": b.target,
+        "host": b.host,
+        "kind": b.kind,
+        "trigger": b.trigger,
+        "job_id": b.job_id,
+        "requested_by": b.requested_by,
+        "started_at": rfc3339_ms(b.started_unix_ms),
+        "finished_at": rfc3339_ms(b.finished_unix_ms),
+        "size_bytes": b.size_bytes,
+        "source_bytes": b.source_bytes,
+        "ratio": b.ratio,
+        "local_dir": b.local_dir,
+        "remote": b.remote,
+        "verified_at": if b.verified_unix_ms > 0 { rfc3339_ms(b.verified_unix_ms) } else { Value::Null },
+        "encrypted": b.encrypted,
+        "release": b.release,
+        "manifest": serde_json::from_str::<Value>(&b.manifest_json).unwrap_or(Value::Null),
+    })
+}
+
+pub fn backups_table(backups: &[v1::BackupInfo], now_ms: i64) -> String {
+    if backups.is_empty() {
+        return "no backups reported yet: `drover backup run TARGET`".into();
+    }
+    let mut t = table(&[
+        "ID", "HOST", "TAKEN", "SIZE", "RATIO", "SHA256", "STORED", "VERIFIED", "TRIGGER",
+    ]);
+    for b in backups {
+        t.add_row(vec![
+            b.id.clone(),
+            b.host.clone(),
+            ago(b.started_unix_ms, now_ms),
+            bytes(b.size_bytes),
+            format!("{:.1}x", b.ratio),
+            first_hash(b),
+            stored_where(b),
+            if b.verified_unix_ms > 0 {
+                ago(b.verified_unix_ms, now_ms)
+            } else {
+                "no".into()
+            },
+            b.trigger.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn backup_detail(b: &v1::BackupInfo, now_ms: i64) -> String {
+    let mut out = format!(
+        "backup {} of {} on {} ({} {}, by {})\ntaken {} in {}\nsize {} from {} ({:.1}x){}\nlocal {}\nremote {}\nverified {}\n",
+        b.id,
+        b.target,
+        b.host,
+        b.kind,
+        b.trigger,
+        or_dash(&b.requested_by),
+        ago(b.started_unix_ms, now_ms),
+        duration_ms(b.finished_unix_ms - b.started_unix_ms),
+        bytes(b.size_bytes),
+        bytes(b.source_bytes),
+        b.ratio,
+        if b.encrypted { ", encrypted" } else { "" },
+        or_dash(&b.local_dir),
+        or_dash(&b.remote),
+        if b.verified_unix_ms > 0 {
+            ago(b.verified_unix_ms, now_ms)
+        } else {
+            "never".into()
+        },
+    );
+    if !b.release.is_empty() {
+        out.push_str(&format!("release {}\n", b.release));
+    }
+    if let Ok(manifest) = serde_json::from_str::<Value>(&b.manifest_json) {
+        for part in manifest["parts"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "part {} {} {} sha256 {}\n",
+                part["name"].as_str().unwrap_or("-"),
+                part["file"].as_str().unwrap_or("-"),
+                bytes(part["size"].as_u64().unwrap_or(0)),
+                part["sha256"].as_str().unwrap_or("-"),
+            ));
+            if let Some(v) = part["server_version"].as_str().filter(|v| !v.is_empty()) {
+                out.push_str(&format!(
+                    "  server {v}, {}\n",
+                    part["pg_dump_version"].as_str().unwrap_or("-")
+                ));
+            }
+            for table in part["tables"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "  {}.{} ~{} rows\n",
+                    table["schema"].as_str().unwrap_or("-"),
+                    table["name"].as_str().unwrap_or("-"),
+                    table["rows"].as_i64().unwrap_or(0)
+                ));
+            }
+        }
+    }
+    out
+}

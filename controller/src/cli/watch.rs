@@ -148,10 +148,12 @@ pub fn render_header(job: &v1::JobInfo) -> String {
 }
 
 fn version_text(job: &v1::JobInfo) -> &str {
-    if job.version.is_empty() {
+    if !job.version.is_empty() {
+        &job.version
+    } else if job.kind == "rollback" {
         "to the previous release"
     } else {
-        &job.version
+        ""
     }
 }
 

@@ -1,0 +1,270 @@
+//! The backup catalog's records: one [`Backup`] per run of a target on a host, with its parts
+//! (a dumped database each, or the files), where the copies are, and whether they were read
+//! back. The agent keeps them in its store and reports a target's whole catalog to the
+//! controller as `backup.catalog` after every job that changed it; the manifest written next
+//! to the files is the same record. Shared by both sides, like `jobevent::Release`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A target's catalog on this host: `target`, `backups` (JSON array of [`Backup`]).
+pub const CATALOG: &str = "backup.catalog";
+/// Live bytes of a running backup or restore: `step`, `source_bytes`, `stored_bytes`,
+/// `rate_bytes_per_sec`.
+pub const BYTES: &str = "backup.bytes";
+
+pub mod field {
+    pub const TARGET: &str = "target";
+    pub const BACKUPS: &str = "backups";
+    pub const BACKUP_ID: &str = "backup_id";
+    pub const SOURCE_BYTES: &str = "source_bytes";
+    pub const STORED_BYTES: &str = "stored_bytes";
+    pub const RATE: &str = "rate_bytes_per_sec";
+    /// `job.finished` of a prune: JSON array of [`super::PruneLine`].
+    pub const PRUNE: &str = "prune";
+}
+
+/// Why a backup was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Manual,
+    PreDeploy,
+    /// Taken of a database right before a restore overwrote it.
+    Emergency,
+    Scheduled,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::PreDeploy => "pre_deploy",
+            Trigger::Emergency => "emergency",
+            Trigger::Scheduled => "scheduled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Trigger {
+        match s {
+            "pre_deploy" => Trigger::PreDeploy,
+            "emergency" => Trigger::Emergency,
+            "scheduled" => Trigger::Scheduled,
+            _ => Trigger::Manual,
+        }
+    }
+}
+
+/// A table in a dumped database, with the planner's row estimate when the dump ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Table {
+    pub schema: String,
+    pub name: String,
+    pub rows: i64,
+}
+
+/// One file of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// The database, or `files`.
+    pub name: String,
+    /// File name inside the backup's folder (and object key suffix).
+    pub file: String,
+    /// Bytes stored (compressed, encrypted).
+    pub size: u64,
+    /// SHA-256 of the stored bytes, hex.
+    pub sha256: String,
+    /// Bytes the source produced (the dump or the tar stream).
+    pub source_bytes: u64,
+    /// PostgreSQL only: `pg_dump --version`, the server's version, tables.
+    #[serde(default)]
+    pub pg_dump_version: String,
+    #[serde(default)]
+    pub server_version: String,
+    #[serde(default)]
+    pub tables: Vec<Table>,
+}
+
+/// One backup of a target on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    /// `<target>-<UTC stamp>-<4 hex>`: unique, sorts by time.
+    pub id: String,
+    pub target: String,
+    pub host: String,
+    /// `postgres`, `volume` or `path`.
+    pub kind: String,
+    pub trigger: Trigger,
+    pub job_id: String,
+    pub requested_by: String,
+    pub started_unix_ms: i64,
+    pub finished_unix_ms: i64,
+    pub parts: Vec<Part>,
+    /// `zstd-<level>`.
+    pub compression: String,
+    /// age recipients it is encrypted to; empty when not encrypted.
+    pub recipients: Vec<String>,
+    /// The app's release live when it was taken (`app version`), if the target names an app.
+    #[serde(default)]
+    pub release: String,
+    /// The local copy's folder, while it exists.
+    #[serde(default)]
+    pub local_dir: String,
+    /// `s3://bucket/prefix/target/id/`, while the remote copy exists.
+    #[serde(default)]
+    pub remote: String,
+    /// When the stored copies were last read back and matched the manifest (0: never).
+    #[serde(default)]
+    pub verified_unix_ms: i64,
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Backup {
+    pub fn size(&self) -> u64 {
+        self.parts.iter().map(|p| p.size).sum()
+    }
+
+    pub fn source_bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.source_bytes).sum()
+    }
+
+    /// Source bytes per stored byte (2.5 means the stored copy is 2.5× smaller).
+    pub fn ratio(&self) -> f64 {
+        let size = self.size();
+        if size == 0 {
+            0.0
+        } else {
+            self.source_bytes() as f64 / size as f64
+        }
+    }
+
+    pub fn is_local(&self) -> bool {
+        !self.local_dir.is_empty()
+    }
+
+    pub fn is_remote(&self) -> bool {
+        !self.remote.is_empty()
+    }
+
+    /// The part to restore: the named one, or the only one.
+    pub fn part(&self, name: Option<&str>) -> Result<&Part, String> {
+        match name {
+            Some(n) => self.parts.iter().find(|p| p.name == n).ok_or_else(|| {
+                format!(
+                    "backup {} has no part {n:?} (it has {})",
+                    self.id,
+                    self.part_names()
+                )
+            }),
+            None if self.parts.len() == 1 => Ok(&self.parts[0]),
+            None => Err(format!(
+                "backup {} has several parts ({}); say which with --database",
+                self.id,
+                self.part_names()
+            )),
+        }
+    }
+
+    fn part_names(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// What a prune did (or would do) to one backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneLine {
+    pub id: String,
+    /// `local` or `remote`.
+    pub copy: String,
+    pub keep: bool,
+    pub reasons: Vec<String>,
+}
+
+/// The fields of a `backup.catalog` event.
+pub fn catalog_fields(target: &str, backups: &[Backup]) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (field::TARGET.to_string(), target.to_string()),
+        (
+            field::BACKUPS.to_string(),
+            serde_json::to_string(backups).unwrap_or_else(|_| "[]".into()),
+        ),
+    ])
+}
+
+/// Reads the `backups` field of a `backup.catalog` event.
+pub fn parse_catalog(fields: &BTreeMap<String, String>) -> Result<Vec<Backup>, String> {
+    let text = fields
+        .get(field::BACKUPS)
+        .ok_or("backup.catalog event without a backups field")?;
+    serde_json::from_str(text).map_err(|e| format!("backup.catalog: {e}"))
+}
+
+/// A backup id: `<target>-YYYYMMDD-HHMMSS-<4 hex>` (UTC).
+pub fn backup_id(target: &str, now_ms: i64, suffix: u16) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms.max(0) as u64);
+    let stamp: String = humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .map(|c| if c == 'T' { '-' } else { c })
+        .collect();
+    format!("{target}-{stamp}-{suffix:04x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_by_time_and_carry_the_target() {
+        let a = backup_id("shop-db", 1_763_900_000_000, 0xffff);
+        let b = backup_id("shop-db", 1_763_900_001_000, 0);
+        assert!(a < b, "{a} {b}");
+        assert!(a.starts_with("shop-db-2025"), "{a}");
+    }
+
+    #[test]
+    fn the_part_to_restore_is_named_or_the_only_one() {
+        let part = |name: &str| Part {
+            name: name.into(),
+            file: format!("{name}.dump.zst"),
+            size: 10,
+            sha256: String::new(),
+            source_bytes: 25,
+            pg_dump_version: String::new(),
+            server_version: String::new(),
+            tables: vec![],
+        };
+        let mut b = Backup {
+            id: "x".into(),
+            target: "t".into(),
+            host: "h".into(),
+            kind: "postgres".into(),
+            trigger: Trigger::Manual,
+            job_id: String::new(),
+            requested_by: String::new(),
+            started_unix_ms: 0,
+            finished_unix_ms: 0,
+            parts: vec![part("shop")],
+            compression: "zstd-3".into(),
+            recipients: vec![],
+            release: String::new(),
+            local_dir: String::new(),
+            remote: String::new(),
+            verified_unix_ms: 0,
+            extra: BTreeMap::new(),
+        };
+        assert_eq!(b.part(None).unwrap().name, "shop");
+        assert!((b.ratio() - 2.5).abs() < 1e-9);
+        b.parts.push(part("crm"));
+        assert!(b.part(None).unwrap_err().contains("--database"));
+        assert_eq!(b.part(Some("crm")).unwrap().name, "crm");
+        assert!(b.part(Some("x")).unwrap_err().contains("shop, crm"));
+    }
+}

@@ -1,0 +1,549 @@
+//! Backup targets: the TOML that says what to back up (a PostgreSQL database, a Docker volume,
+//! a host directory), where the files go (a local directory, optionally S3-compatible storage),
+//! how they are compressed and encrypted, and how many are kept. Parsed and validated with
+//! errors that name the file, the key and what is wrong; pure, so the controller validates at
+//! `drover backup-target apply` and the agent again before each job.
+//!
+//! ```toml
+//! name = "shop-db"
+//! host = "web-1"                 # optional: where it runs (else --host, labels, or the only host)
+//! app = "shop"                   # optional: the app whose live release is recorded
+//! [postgres]
+//! container = "shop-db"          # pg_dump through the Docker exec API, or url = "postgresql://…"
+//! databases = ["shop"]
+//! [storage.s3]
+//! endpoint = "https://s3.example.net"
+//! bucket = "backups"
+//! credentials_file = "/etc/drover/s3.toml"
+//! [encryption]
+//! recipients = ["age1…"]
+//! [retention]
+//! keep_last = 7
+//! daily = 7
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::retention::Policy;
+use crate::daemon::{ConfigError, parse_toml, read_toml_file};
+
+/// A validated backup target.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub name: String,
+    /// The host it runs on, when fixed.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Hosts with all these labels (when `host` is not set).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The app whose live release is recorded in each manifest.
+    #[serde(default)]
+    pub app: Option<String>,
+    #[serde(default)]
+    pub postgres: Option<PostgresSource>,
+    #[serde(default)]
+    pub volume: Option<VolumeSource>,
+    #[serde(default)]
+    pub path: Option<PathSource>,
+    #[serde(default)]
+    pub storage: Storage,
+    #[serde(default)]
+    pub compression: Compression,
+    #[serde(default)]
+    pub encryption: Encryption,
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSource {
+    /// Run `pg_dump` inside this container (Docker exec API).
+    #[serde(default)]
+    pub container: Option<String>,
+    /// The OS user the tools run as inside the container.
+    #[serde(default = "default_pg_user")]
+    pub user: String,
+    /// Or run the host's `pg_dump` against this libpq URL (no password in it: use
+    /// `password_file`).
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    pub databases: Vec<String>,
+    /// Extra `pg_dump` options, e.g. `--exclude-table=audit_log`.
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+fn default_pg_user() -> String {
+    "postgres".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSource {
+    /// The Docker volume's name.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathSource {
+    pub dir: PathBuf,
+    /// Glob patterns relative to `dir` (`*.tmp`, `cache/**`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    /// Local directory; empty: `<agent data dir>/backups`. Each target gets a folder in it.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default)]
+    pub s3: Option<S3Storage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Storage {
+    pub endpoint: String,
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// A TOML file on the host with `access_key_id` and `secret_access_key`, mode 0600.
+    /// The keys never leave the host.
+    pub credentials_file: PathBuf,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Compression {
+    /// zstd level, 1-19.
+    pub level: i32,
+    /// zstd worker threads; 0 = one per core, up to 4.
+    pub threads: u32,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            level: 3,
+            threads: 0,
+        }
+    }
+}
+
+impl Compression {
+    /// The thread count to use on a machine with `cores` cores.
+    pub fn effective_threads(&self, cores: usize) -> u32 {
+        match self.threads {
+            0 => (cores.clamp(1, 4)) as u32,
+            n => n,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    /// age recipients (`age1…` public keys). No private key is needed on the host.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+}
+
+/// Retention, applied after each successful backup: local copies by `[retention]`, remote
+/// copies by `[retention.remote]` when given (else the same rule).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    pub keep_last: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+    pub remote: Option<Policy>,
+}
+
+impl Default for Retention {
+    /// The last 3, a week of dailies, 4 weeklies, 6 monthlies.
+    fn default() -> Self {
+        Retention {
+            keep_last: 3,
+            daily: 7,
+            weekly: 4,
+            monthly: 6,
+            remote: None,
+        }
+    }
+}
+
+impl Retention {
+    pub fn local(&self) -> Policy {
+        Policy {
+            keep_last: self.keep_last,
+            daily: self.daily,
+            weekly: self.weekly,
+            monthly: self.monthly,
+        }
+    }
+
+    pub fn remote(&self) -> Policy {
+        self.remote.unwrap_or_else(|| self.local())
+    }
+}
+
+/// What a target backs up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Postgres,
+    Volume,
+    Path,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Postgres => "postgres",
+            SourceKind::Volume => "volume",
+            SourceKind::Path => "path",
+        }
+    }
+}
+
+pub(crate) fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+}
+
+/// A PostgreSQL identifier we accept as a database name (no quoting games).
+fn valid_database(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+impl TargetSpec {
+    pub fn from_file(path: &Path) -> Result<TargetSpec, ConfigError> {
+        let spec: TargetSpec = read_toml_file(path)?;
+        spec.validate(&path.display().to_string())?;
+        Ok(spec)
+    }
+
+    pub fn from_toml(text: &str, source: &str) -> Result<TargetSpec, ConfigError> {
+        let spec: TargetSpec = parse_toml(text, source)?;
+        spec.validate(source)?;
+        Ok(spec)
+    }
+
+    pub fn kind(&self) -> SourceKind {
+        if self.postgres.is_some() {
+            SourceKind::Postgres
+        } else if self.volume.is_some() {
+            SourceKind::Volume
+        } else {
+            SourceKind::Path
+        }
+    }
+
+    /// The parts one backup of this target has: a database each, or `files`.
+    pub fn parts(&self) -> Vec<String> {
+        match &self.postgres {
+            Some(pg) => pg.databases.clone(),
+            None => vec!["files".into()],
+        }
+    }
+
+    /// Checks everything serde cannot; the error names `source` and the key.
+    pub fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, message: String| ConfigError::Invalid {
+            path: source.to_string(),
+            key,
+            message,
+        };
+        if !valid_name(&self.name) {
+            return Err(bad(
+                "name",
+                format!(
+                    "{:?}: use 1-63 of a-z, 0-9, '-', '_', starting with a letter",
+                    self.name
+                ),
+            ));
+        }
+        let sources = [
+            self.postgres.is_some(),
+            self.volume.is_some(),
+            self.path.is_some(),
+        ]
+        .iter()
+        .filter(|s| **s)
+        .count();
+        if sources != 1 {
+            return Err(bad(
+                "postgres",
+                "declare exactly one source: [postgres], [volume] or [path]".into(),
+            ));
+        }
+        if self.host.is_some() && !self.labels.is_empty() {
+            return Err(bad("labels", "give either host or labels, not both".into()));
+        }
+        if let Some(pg) = &self.postgres {
+            match (&pg.container, &pg.url) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(bad(
+                        "postgres.container",
+                        "give either container (pg_dump through docker exec) or url (the host's pg_dump)".into(),
+                    ));
+                }
+                (Some(c), None) if c.trim().is_empty() => {
+                    return Err(bad("postgres.container", "is empty".into()));
+                }
+                (None, Some(url)) => {
+                    if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+                        return Err(bad(
+                            "postgres.url",
+                            "must be a postgresql:// URL (without the database name)".into(),
+                        ));
+                    }
+                    if url_has_password(url) {
+                        return Err(bad(
+                            "postgres.url",
+                            "holds a password; put it in password_file (mode 0600) instead".into(),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+            if pg.password_file.is_some() && pg.url.is_none() {
+                return Err(bad(
+                    "postgres.password_file",
+                    "only applies with url (the container path runs as a local user)".into(),
+                ));
+            }
+            if pg.databases.is_empty() {
+                return Err(bad(
+                    "postgres.databases",
+                    "name at least one database".into(),
+                ));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for db in &pg.databases {
+                if !valid_database(db) || !seen.insert(db) {
+                    return Err(bad(
+                        "postgres.databases",
+                        format!("{db:?} is not a valid, unique database name"),
+                    ));
+                }
+            }
+            for option in &pg.options {
+                let forbidden = ["-f", "--file", "-F", "--format", "-d", "--dbname", "-Z"];
+                if forbidden
+                    .iter()
+                    .any(|f| option == f || option.starts_with(&format!("{f}=")))
+                {
+                    return Err(bad(
+                        "postgres.options",
+                        format!("{option:?} is chosen by Drover (custom format to a stream)"),
+                    ));
+                }
+            }
+        }
+        if let Some(v) = &self.volume
+            && (v.name.is_empty() || v.name.contains('/'))
+        {
+            return Err(bad(
+                "volume.name",
+                format!("{:?} is not a Docker volume name", v.name),
+            ));
+        }
+        if let Some(p) = &self.path {
+            if !p.dir.is_absolute() {
+                return Err(bad(
+                    "path.dir",
+                    format!("{} must be an absolute path", p.dir.display()),
+                ));
+            }
+            for pattern in &p.exclude {
+                globset::Glob::new(pattern)
+                    .map_err(|e| bad("path.exclude", format!("{pattern:?}: {e}")))?;
+            }
+        }
+        if let Some(dir) = &self.storage.dir
+            && !dir.is_absolute()
+        {
+            return Err(bad(
+                "storage.dir",
+                format!("{} must be an absolute path", dir.display()),
+            ));
+        }
+        if let Some(s3) = &self.storage.s3 {
+            if !(s3.endpoint.starts_with("https://") || s3.endpoint.starts_with("http://")) {
+                return Err(bad(
+                    "storage.s3.endpoint",
+                    format!("{:?} must be an https:// URL", s3.endpoint),
+                ));
+            }
+            if s3.bucket.is_empty() {
+                return Err(bad("storage.s3.bucket", "is empty".into()));
+            }
+            if !s3.credentials_file.is_absolute() {
+                return Err(bad(
+                    "storage.s3.credentials_file",
+                    "must be an absolute path to a file on the host".into(),
+                ));
+            }
+        }
+        if !(1..=19).contains(&self.compression.level) {
+            return Err(bad(
+                "compression.level",
+                format!("{} is not a zstd level (1-19)", self.compression.level),
+            ));
+        }
+        if self.compression.threads > 64 {
+            return Err(bad(
+                "compression.threads",
+                format!("{} threads is too many", self.compression.threads),
+            ));
+        }
+        for r in &self.encryption.recipients {
+            if r.starts_with("AGE-SECRET-KEY") {
+                return Err(bad(
+                    "encryption.recipients",
+                    "holds a private key; give the public key (age1…), and keep the private key off the host".into(),
+                ));
+            }
+            if r.parse::<age::x25519::Recipient>().is_err() {
+                return Err(bad(
+                    "encryption.recipients",
+                    format!("{r:?} is not an age public key (age1…)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a libpq URL carries a password (`user:secret@`).
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PG: &str = "name = \"shop-db\"\n[postgres]\ncontainer = \"db\"\ndatabases = [\"shop\"]\n";
+
+    #[test]
+    fn the_example_targets_parse() {
+        for file in [
+            "examples/backup-postgres.toml",
+            "examples/backup-files.toml",
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let spec = TargetSpec::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(!spec.parts().is_empty());
+        }
+    }
+
+    #[test]
+    fn defaults_are_zstd_3_and_a_week_of_dailies() {
+        let spec = TargetSpec::from_toml(PG, "t.toml").unwrap();
+        assert_eq!(spec.kind(), SourceKind::Postgres);
+        assert_eq!(spec.compression.level, 3);
+        assert_eq!(spec.compression.effective_threads(2), 2);
+        assert_eq!(spec.compression.effective_threads(32), 4);
+        assert_eq!(spec.retention.local().keep_last, 3);
+        assert_eq!(spec.retention.remote(), spec.retention.local());
+        assert_eq!(spec.parts(), vec!["shop".to_string()]);
+    }
+
+    #[test]
+    fn invalid_targets_name_the_file_and_key() {
+        let cases: &[(&str, &str)] = &[
+            ("name = \"Shop\"\n[path]\ndir = \"/srv\"\n", "`name`"),
+            ("name = \"s\"\n", "`postgres`"),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\n[volume]\nname = \"v\"\n",
+                "exactly one source",
+            ),
+            ("name = \"s\"\n[path]\ndir = \"srv\"\n", "`path.dir`"),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\nexclude = [\"a[\"]\n",
+                "`path.exclude`",
+            ),
+            (
+                "name = \"s\"\n[postgres]\ndatabases = [\"a\"]\n",
+                "either container",
+            ),
+            (
+                "name = \"s\"\n[postgres]\nurl = \"postgresql://u:hunter2@h/\"\ndatabases = [\"a\"]\n",
+                "password_file",
+            ),
+            (
+                "name = \"s\"\n[postgres]\ncontainer = \"db\"\ndatabases = []\n",
+                "`postgres.databases`",
+            ),
+            (
+                "name = \"s\"\n[postgres]\ncontainer = \"db\"\ndatabases = [\"a\"]\noptions = [\"--format=p\"]\n",
+                "`postgres.options`",
+            ),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\n[compression]\nlevel = 30\n",
+                "`compression.level`",
+            ),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\n[encryption]\nrecipients = [\"nope\"]\n",
+                "not an age public key",
+            ),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\n[storage.s3]\nendpoint = \"s3.example\"\nbucket = \"b\"\ncredentials_file = \"/etc/c\"\n",
+                "`storage.s3.endpoint`",
+            ),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\nsurprise = 1\n",
+                "surprise",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = TargetSpec::from_toml(text, "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("t.toml"), "{err}");
+            assert!(err.contains(expected), "{text}\n→ {err}\nwanted {expected}");
+        }
+        // The password itself is never echoed back.
+        let err = TargetSpec::from_toml(cases[6].0, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn urls_with_and_without_passwords() {
+        assert!(url_has_password("postgresql://u:p@h:5432/"));
+        assert!(!url_has_password("postgresql://u@h:5432/"));
+        assert!(!url_has_password("postgresql://h:5432/"));
+        assert!(!url_has_password("postgresql:///?host=/run/postgresql"));
+    }
+}
