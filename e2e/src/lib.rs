@@ -20,6 +20,7 @@ use drover_proto::v1;
 use tokio::io::AsyncWriteExt;
 
 pub mod deploys;
+pub mod pg;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
