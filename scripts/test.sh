@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Drover check on a fresh machine: installs what the tests need, then formatting,
-# lints and the whole test suite (unit, end-to-end over real mTLS, real programs, install.sh).
+# lints and the whole test suite (unit, end-to-end over real mTLS, real programs, install.sh,
+# real PostgreSQL on the host and in a container).
 # Under CI=true a missing prerequisite fails the run instead of being skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,11 @@ die() { printf 'test.sh: error: %s\n' "$*" >&2; exit 1; }
 # --- prerequisites ----------------------------------------------------------------------------
 need_apt=()
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+# PostgreSQL for the backup tests: a server the harness starts in a temp dir, the client tools
+# the agent runs, and debootstrap for the drover-postgres image.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
+command -v pg_dump >/dev/null 2>&1 || need_apt+=(postgresql-client)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_apt[*]}"
@@ -39,6 +45,8 @@ cargo build --workspace --bins --locked
 if docker version >/dev/null 2>&1; then
   log "building the test app images (static binary, docker import)"
   scripts/testapp-image.sh
+  log "building the PostgreSQL image (debootstrap, docker import; kept once built)"
+  scripts/postgres-image.sh
 fi
 log "cargo test --workspace"
 cargo test --workspace --locked -- --test-threads 2

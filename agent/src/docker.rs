@@ -686,13 +686,13 @@ async fn exec_exit(
             .inspect_exec(id)
             .await
             .map_err(|e| DockerClient::engine_err(action, e))?;
-        if inspect.running != Some(true) {
-            if let Some(code) = inspect.exit_code {
-                return Ok(ExecExit {
-                    code,
-                    tail: String::from_utf8_lossy(&tail.0).into_owned(),
-                });
-            }
+        if inspect.running != Some(true)
+            && let Some(code) = inspect.exit_code
+        {
+            return Ok(ExecExit {
+                code,
+                tail: String::from_utf8_lossy(&tail.0).into_owned(),
+            });
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(DockerError::Engine {

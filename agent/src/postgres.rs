@@ -258,7 +258,9 @@ pub async fn dump(
 }
 
 /// Starts `pg_restore` into `database` (which must exist), reading a custom-format archive
-/// from the returned sink; `RestoreSink::finish` says whether it worked.
+/// from the returned sink; `RestoreSink::finish` says whether it worked. The connection is
+/// tried first, so a missing database or a refused login fails here, before any archive bytes
+/// are fetched (pg_restore itself connects only after reading the archive's table of contents).
 pub async fn restore(
     docker: &DockerClient,
     conn: &Conn,
@@ -267,6 +269,14 @@ pub async fn restore(
 ) -> Result<RestoreSink, PgError> {
     check_name(database)?;
     let target = Target::resolve(conn)?;
+    target
+        .run(
+            docker,
+            "psql",
+            database,
+            psql_args(&target, database, "SELECT 1"),
+        )
+        .await?;
     let mut args = vec!["--exit-on-error".into(), "-w".into()];
     if opts.clean {
         args.extend(["--clean".into(), "--if-exists".into()]);
@@ -318,7 +328,9 @@ pub async fn restore(
 }
 
 /// The table of contents of a custom-format archive, by the host's `pg_restore --list`: one
-/// line per entry, comments left out. Blocking: call it on a blocking thread.
+/// line per entry, comments left out. It reads only the front of the archive (the table of
+/// contents), so it does not notice a cut-off data section: only a test restore does.
+/// Blocking: call it on a blocking thread.
 pub fn list_host(archive: &mut dyn Read) -> Result<Vec<String>, PgError> {
     let mut child = Command::new("pg_restore")
         .arg("--list")
@@ -349,11 +361,18 @@ pub fn list_host(archive: &mut dyn Read) -> Result<Vec<String>, PgError> {
             stderr: last_lines(&String::from_utf8_lossy(&stderr), STDERR_LINES),
         });
     }
-    // pg_restore read the whole archive and succeeded, so a copy error is ours (the reader).
-    copied.map_err(|e| PgError::Io {
-        tool: "pg_restore".into(),
-        message: format!("reading the archive: {e}"),
-    })?;
+    // pg_restore reads only the table of contents at the front of the archive and then
+    // closes its stdin: a broken pipe after it succeeded is expected. Anything else is the
+    // reader's failure.
+    match copied {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            return Err(PgError::Io {
+                tool: "pg_restore".into(),
+                message: format!("reading the archive: {e}"),
+            });
+        }
+        _ => {}
+    }
     let listing = listing.map_err(|e| PgError::Io {
         tool: "pg_restore".into(),
         message: format!("reading its output: {e}"),
@@ -559,13 +578,13 @@ impl Read for Dump {
 
 impl Drop for Dump {
     fn drop(&mut self) {
-        if let DumpSource::Host { child, stderr, .. } = &mut self.source {
-            if matches!(self.state, DumpState::Reading) {
-                let _ = child.kill();
-                let _ = child.wait();
-                if let Some(stderr) = stderr.take() {
-                    let _ = stderr.join();
-                }
+        if let DumpSource::Host { child, stderr, .. } = &mut self.source
+            && matches!(self.state, DumpState::Reading)
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some(stderr) = stderr.take() {
+                let _ = stderr.join();
             }
         }
     }
@@ -710,13 +729,13 @@ impl Write for RestoreSink {
 
 impl Drop for RestoreSink {
     fn drop(&mut self) {
-        if let SinkTarget::Host { child, stderr, .. } = &mut self.sink {
-            if !self.finished {
-                let _ = child.kill();
-                let _ = child.wait();
-                if let Some(stderr) = stderr.take() {
-                    let _ = stderr.join();
-                }
+        if let SinkTarget::Host { child, stderr, .. } = &mut self.sink
+            && !self.finished
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some(stderr) = stderr.take() {
+                let _ = stderr.join();
             }
         }
     }
@@ -1260,7 +1279,7 @@ fn parse_facts(out: &[u8]) -> Result<(String, u64, Vec<TableFact>), PgError> {
     };
     let text = String::from_utf8_lossy(out);
     let fields: Vec<&str> = text.trim_end_matches(['\0', '\n']).split('\0').collect();
-    if fields.len() % 4 != 0 {
+    if !fields.len().is_multiple_of(4) {
         return Err(bad(format!("{} fields, not rows of four", fields.len())));
     }
     let (mut version, mut size, mut tables) = (None, None, Vec::new());

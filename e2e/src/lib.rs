@@ -20,6 +20,7 @@ use drover_proto::v1;
 use tokio::io::AsyncWriteExt;
 
 pub mod deploys;
+pub mod pg;
 pub mod s3;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
