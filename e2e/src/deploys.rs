@@ -192,6 +192,7 @@ pub fn deploy_job(
         release: String::new(),
         previous: String::new(),
         switched: false,
+        backup: None,
     }
 }
 
