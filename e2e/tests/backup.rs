@@ -397,3 +397,72 @@ async fn volumes_and_paths_restore_to_a_directory_without_their_excluded_files()
     f.agent.stop().await;
     f.controller.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
+    use drover_e2e::deploys::{AppGuard, deploy_job, spec, test_repo};
+    if !docker_available("a_deploy_takes_its_pre_deploy_backup_first") {
+        return;
+    }
+    let app = "prebackup";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", drover_e2e::free_port())
+        .parse()
+        .unwrap();
+    let spec = spec(app, &repo, listen, "pre_deploy_backup = \"app-files\"");
+    let f = fixture().await;
+    let files = f.dir.path().join("app-files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("state.json"), b"{}").unwrap();
+    let target = format!(
+        "name = \"app-files\"\napp = \"{app}\"\n[path]\ndir = \"{}\"\n",
+        files.display()
+    );
+    f.apply(&target).await;
+    let job = |id: &str, version: &str, target: &str| {
+        let mut job = deploy_job(id, app, version, &spec);
+        job.backup = Some(drover_agent::store::BackupJob {
+            target_toml: target.to_string(),
+            trigger: "pre_deploy".into(),
+            ..Default::default()
+        });
+        job
+    };
+    let run = |job: drover_agent::store::JobRecord| async {
+        let id = job.id.clone();
+        f.agent.jobs.submit(job);
+        let done = f
+            .controller
+            .wait_job(&f.agent.host, &id, Duration::from_secs(90))
+            .await;
+        let steps: Vec<String> = f
+            .controller
+            .job_events(&f.agent.host, &id)
+            .iter()
+            .filter(|e| {
+                e.kind == drover_agent::jobevent::STEP && get(e, field::STATUS) != "started"
+            })
+            .map(|e| format!("{}:{}", get(e, field::STEP), get(e, field::STATUS)))
+            .collect();
+        (done, steps)
+    };
+    let (done, steps) = run(job("deploy-pre-1-aaaa", "v1.0.0", &target)).await;
+    assert_succeeded(&done);
+    assert_eq!(steps[2], "backup:done", "{steps:?}");
+    // The second deploy's backup records the release live when it was taken.
+    let (done, _) = run(job("deploy-pre-2-bbbb", "v1.1.0", &target)).await;
+    assert_succeeded(&done);
+    let list = f.backups("app-files").await;
+    assert_eq!(list.len(), 2, "{list:#?}");
+    assert!(list.iter().all(|b| b.trigger == "pre_deploy"), "{list:#?}");
+    assert_eq!(list[0].release, format!("{app} v1.0.0"), "{list:#?}");
+
+    // A backup that fails stops the deploy before anything changes.
+    std::fs::remove_dir_all(&files).unwrap();
+    let (done, steps) = run(job("deploy-pre-3-cccc", "v1.0.0", &target)).await;
+    assert_failed_at(&done, "backup", "check");
+    assert_eq!(steps.last().unwrap(), "backup:failed", "{steps:?}");
+    f.agent.stop().await;
+    f.controller.stop().await;
+}

@@ -468,152 +468,6 @@ pub fn releases_table(releases: &[v1::ReleaseInfo], app: &str, now_ms: i64) -> S
     t.to_string()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relative_times() {
-        let now = 1_000_000_000;
-        assert_eq!(ago(0, now), "never");
-        assert_eq!(ago(now - 5_000, now), "5s ago");
-        assert_eq!(ago(now - 600_000, now), "10m ago");
-        assert_eq!(expires_in(now / 1000 + 3600 * 23, now), "in 23h");
-        assert_eq!(expires_in(now / 1000 - 10, now), "expired 10s ago");
-        assert_eq!(duration_ms(850), "850ms");
-        assert_eq!(duration_ms(12_540), "12.5s");
-        assert_eq!(duration_ms(125_000), "2m05s");
-        assert_eq!(duration_ms(3_720_000), "1h02m");
-        assert_eq!(short_digest("sha256:0123456789abcdef"), "0123456789ab");
-    }
-
-    #[test]
-    fn host_json_has_the_documented_fields() {
-        let h = v1::HostInfo {
-            name: "web-1".into(),
-            state: "connected".into(),
-            health: "degraded".into(),
-            last_seen_unix_ms: 1_700_000_000_000,
-            ..Default::default()
-        };
-        let v = host_json(&h);
-        assert_eq!(v["name"], "web-1");
-        assert_eq!(v["state"], "connected");
-        assert_eq!(v["health"], "degraded");
-        assert_eq!(v["last_seen"], "2023-11-14T22:13:20Z");
-    }
-
-    #[test]
-    fn host_detail_and_json_show_live_apps() {
-        let h = v1::HostInfo {
-            name: "web-1".into(),
-            last_report: Some(v1::HealthReport {
-                apps: vec![v1::AppStatus {
-                    app: "api".into(),
-                    version: "v1.4.2".into(),
-                    running: true,
-                    listen: "0.0.0.0:8080".into(),
-                    requests: 1200,
-                    status_5xx: 3,
-                    p95_ms: 41,
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let text = host_detail(&h, 0);
-        let row = text.lines().find(|l| l.contains("api")).unwrap();
-        let words: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(
-            words,
-            [
-                "api",
-                "v1.4.2",
-                "yes",
-                "0.0.0.0:8080",
-                "1200",
-                "3",
-                "41",
-                "ms"
-            ]
-        );
-        let v = host_json(&h);
-        assert_eq!(v["apps"][0]["p95_ms"], 41);
-        assert_eq!(v["apps"][0]["status_5xx"], 3);
-    }
-
-    #[test]
-    fn jobs_and_releases_tables() {
-        let job = v1::JobInfo {
-            id: "rollback-20261123-142233-3f2a".into(),
-            kind: "rollback".into(),
-            app: "api".into(),
-            requested_by: "alice".into(),
-            created_unix_ms: 1_000,
-            finished_unix_ms: 4_000,
-            state: "succeeded".into(),
-            targets: vec![
-                v1::JobTarget {
-                    host: "web-1".into(),
-                    ..Default::default()
-                },
-                v1::JobTarget {
-                    host: "web-2".into(),
-                    ..Default::default()
-                },
-            ],
-            ..Default::default()
-        };
-        let text = jobs_table(&[job], 10_000);
-        let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(
-            row,
-            [
-                "rollback-20261123-142233-3f2a",
-                "rollback",
-                "api",
-                "(previous)",
-                "alice",
-                "9s",
-                "ago",
-                "3.0s",
-                "succeeded",
-                "web-1,web-2"
-            ]
-        );
-        let release = v1::ReleaseInfo {
-            host: "web-1".into(),
-            version: "v1.4.2".into(),
-            digest: "sha256:0123456789abcdef".into(),
-            deployed_by: "alice".into(),
-            started_unix_ms: 1_000,
-            finished_unix_ms: 2_500,
-            result: "succeeded".into(),
-            state: "live".into(),
-            live: true,
-            ..Default::default()
-        };
-        let text = releases_table(&[release], "api", 10_000);
-        let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(
-            row,
-            [
-                "web-1",
-                "v1.4.2",
-                "0123456789ab",
-                "alice",
-                "9s",
-                "ago",
-                "1.5s",
-                "succeeded",
-                "live",
-                "LIVE"
-            ]
-        );
-        assert!(releases_table(&[], "api", 0).contains("drover deploy api VERSION"));
-    }
-}
-
 pub fn target_json(t: &v1::BackupTargetInfo) -> Value {
     json!({
         "name": t.name,
@@ -791,4 +645,150 @@ pub fn backup_detail(b: &v1::BackupInfo, now_ms: i64) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times() {
+        let now = 1_000_000_000;
+        assert_eq!(ago(0, now), "never");
+        assert_eq!(ago(now - 5_000, now), "5s ago");
+        assert_eq!(ago(now - 600_000, now), "10m ago");
+        assert_eq!(expires_in(now / 1000 + 3600 * 23, now), "in 23h");
+        assert_eq!(expires_in(now / 1000 - 10, now), "expired 10s ago");
+        assert_eq!(duration_ms(850), "850ms");
+        assert_eq!(duration_ms(12_540), "12.5s");
+        assert_eq!(duration_ms(125_000), "2m05s");
+        assert_eq!(duration_ms(3_720_000), "1h02m");
+        assert_eq!(short_digest("sha256:0123456789abcdef"), "0123456789ab");
+    }
+
+    #[test]
+    fn host_json_has_the_documented_fields() {
+        let h = v1::HostInfo {
+            name: "web-1".into(),
+            state: "connected".into(),
+            health: "degraded".into(),
+            last_seen_unix_ms: 1_700_000_000_000,
+            ..Default::default()
+        };
+        let v = host_json(&h);
+        assert_eq!(v["name"], "web-1");
+        assert_eq!(v["state"], "connected");
+        assert_eq!(v["health"], "degraded");
+        assert_eq!(v["last_seen"], "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn host_detail_and_json_show_live_apps() {
+        let h = v1::HostInfo {
+            name: "web-1".into(),
+            last_report: Some(v1::HealthReport {
+                apps: vec![v1::AppStatus {
+                    app: "api".into(),
+                    version: "v1.4.2".into(),
+                    running: true,
+                    listen: "0.0.0.0:8080".into(),
+                    requests: 1200,
+                    status_5xx: 3,
+                    p95_ms: 41,
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = host_detail(&h, 0);
+        let row = text.lines().find(|l| l.contains("api")).unwrap();
+        let words: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            words,
+            [
+                "api",
+                "v1.4.2",
+                "yes",
+                "0.0.0.0:8080",
+                "1200",
+                "3",
+                "41",
+                "ms"
+            ]
+        );
+        let v = host_json(&h);
+        assert_eq!(v["apps"][0]["p95_ms"], 41);
+        assert_eq!(v["apps"][0]["status_5xx"], 3);
+    }
+
+    #[test]
+    fn jobs_and_releases_tables() {
+        let job = v1::JobInfo {
+            id: "rollback-20261123-142233-3f2a".into(),
+            kind: "rollback".into(),
+            app: "api".into(),
+            requested_by: "alice".into(),
+            created_unix_ms: 1_000,
+            finished_unix_ms: 4_000,
+            state: "succeeded".into(),
+            targets: vec![
+                v1::JobTarget {
+                    host: "web-1".into(),
+                    ..Default::default()
+                },
+                v1::JobTarget {
+                    host: "web-2".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = jobs_table(&[job], 10_000);
+        let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "rollback-20261123-142233-3f2a",
+                "rollback",
+                "api",
+                "(previous)",
+                "alice",
+                "9s",
+                "ago",
+                "3.0s",
+                "succeeded",
+                "web-1,web-2"
+            ]
+        );
+        let release = v1::ReleaseInfo {
+            host: "web-1".into(),
+            version: "v1.4.2".into(),
+            digest: "sha256:0123456789abcdef".into(),
+            deployed_by: "alice".into(),
+            started_unix_ms: 1_000,
+            finished_unix_ms: 2_500,
+            result: "succeeded".into(),
+            state: "live".into(),
+            live: true,
+            ..Default::default()
+        };
+        let text = releases_table(&[release], "api", 10_000);
+        let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "web-1",
+                "v1.4.2",
+                "0123456789ab",
+                "alice",
+                "9s",
+                "ago",
+                "1.5s",
+                "succeeded",
+                "live",
+                "LIVE"
+            ]
+        );
+        assert!(releases_table(&[], "api", 0).contains("drover deploy api VERSION"));
+    }
 }
