@@ -466,3 +466,55 @@ async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
     f.agent.stop().await;
     f.controller.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_in_a_container_is_dumped_and_restored_through_docker_exec() {
+    use drover_e2e::pg::PgContainer;
+    if !docker_available("a_database_in_a_container_is_dumped_and_restored") {
+        return;
+    }
+    let db = PgContainer::start();
+    db.create_db("crm");
+    db.psql(
+        "crm",
+        "CREATE TABLE contacts (id int PRIMARY KEY, email text, score int);
+         INSERT INTO contacts SELECT i, 'user' || i || '@example.net', i % 97 FROM generate_series(1, 4000) i;
+         ANALYZE;",
+    );
+    let f = fixture().await;
+    f.apply(&format!(
+        "name = \"crm-db\"\n[postgres]\ncontainer = \"{}\"\ndatabases = [\"crm\"]\n",
+        db.name
+    ))
+    .await;
+    assert_succeeded(&f.backup("crm-db").await);
+    let b = f.backups("crm-db").await.remove(0);
+    let manifest: serde_json::Value = serde_json::from_str(&b.manifest_json).unwrap();
+    assert_eq!(
+        manifest["parts"][0]["tables"][0]["rows"], 4000,
+        "{manifest}"
+    );
+    let req = |to: &str, confirmed: bool| v1::RestoreRequest {
+        target: "crm-db".into(),
+        backup_id: b.id.clone(),
+        part: String::new(),
+        to_database: to.into(),
+        to_dir: String::new(),
+        confirmed,
+        identity_file: String::new(),
+    };
+    assert_succeeded(&f.restore(req("crm_copy", false)).await);
+    assert_eq!(
+        db.table_contents("crm_copy", "contacts"),
+        db.table_contents("crm", "contacts")
+    );
+    // Over the live database, confirmed: the emergency backup comes first.
+    db.psql("crm", "UPDATE contacts SET score = -1");
+    assert_succeeded(&f.restore(req("crm", true)).await);
+    assert_eq!(
+        db.table_contents("crm", "contacts"),
+        db.table_contents("crm_copy", "contacts")
+    );
+    f.agent.stop().await;
+    f.controller.stop().await;
+}
