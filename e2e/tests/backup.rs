@@ -85,8 +85,15 @@ impl Fixture {
     }
 
     async fn backups(&self, target: &str) -> Vec<v1::BackupInfo> {
-        // The catalog follows job.finished in the outbox: wait until the controller has it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The catalog follows job.finished in the outbox: wait until the controller has
+        // acknowledged everything the agent recorded.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drover_e2e::eventually(
+            "the agent's outbox drained",
+            Duration::from_secs(30),
+            || async { (self.agent.outbox.pending() == 0).then_some(()) },
+        )
+        .await;
         self.controller
             .admin()
             .list_backups(v1::ListBackupsRequest {
