@@ -504,6 +504,19 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// Opens the store again after it was dropped: sled's background flusher may hold the
+    /// directory's lock a moment longer (a restarted process never sees this: the OS drops the
+    /// lock with the process).
+    fn reopen(path: &std::path::Path) -> Store {
+        for _ in 0..100 {
+            if let Ok(store) = Store::open(path) {
+                return store;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Store::open(path).unwrap()
+    }
+
     fn ev(n: u32) -> NewEvent {
         NewEvent {
             job_id: "job".into(),
@@ -523,7 +536,7 @@ mod tests {
             }
             store.ack(2).await.unwrap();
         }
-        let store = Store::open(tmp.path()).unwrap();
+        let store = reopen(tmp.path());
         assert_eq!(store.acked_seq().unwrap(), 2);
         assert_eq!(store.last_seq(), 5);
         let pending = store
@@ -575,7 +588,7 @@ mod tests {
             ));
         }
         // The agent "crashed"; after a restart the lock is still held...
-        let store = Store::open(tmp.path()).unwrap();
+        let store = reopen(tmp.path());
         match store.lock("api", "job-2", 2_000, 60_000).await.unwrap() {
             Decision::Held(lease) => assert_eq!(
                 (lease.holder.as_str(), lease.since_unix_ms),

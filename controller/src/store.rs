@@ -707,6 +707,19 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// Opens the store again after it was dropped: sled's background flusher may hold the
+    /// directory's lock a moment longer (a restarted process never sees this: the OS drops the
+    /// lock with the process).
+    fn reopen(path: &std::path::Path) -> Store {
+        for _ in 0..100 {
+            if let Ok(store) = Store::open(path) {
+                return store;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Store::open(path).unwrap()
+    }
+
     fn event(host: &str, seq: u64) -> EventRecord {
         EventRecord {
             host: host.into(),
@@ -743,7 +756,7 @@ mod tests {
             );
             store.flush().await.unwrap();
         }
-        let store = Store::open(tmp.path()).unwrap();
+        let store = reopen(tmp.path());
         assert_eq!(
             store.append_event(&event("a", 1)).unwrap(),
             Appended::Duplicate
