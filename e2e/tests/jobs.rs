@@ -48,6 +48,17 @@ impl Fleet {
             })
             .await
             .unwrap();
+        // The example spec's pre-deploy backup target (deploys are refused without it).
+        controller
+            .admin()
+            .apply_backup_target(v1::ApplyBackupTargetRequest {
+                target_toml:
+                    "name = \"api-db\"\n[postgres]\ncontainer = \"api-db\"\ndatabases = [\"api\"]\n"
+                        .into(),
+                source: "api-db.toml".into(),
+            })
+            .await
+            .unwrap();
         let mut bundles = Vec::new();
         for (host, labels) in hosts {
             let dir = tmp.path().join(host);
