@@ -476,3 +476,49 @@ async fn passwords_never_show_in_errors_or_arguments() {
         .unwrap_err();
     assert!(matches!(err, PgError::PasswordFile { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_pg_dump_in_a_container_fails_the_read() {
+    if !drover_e2e::docker_available("a_killed_pg_dump_in_a_container_fails_the_read") {
+        return;
+    }
+    let db = PgContainer::start();
+    let docker = docker::connect("");
+    let conn = Conn::container(&db.name);
+    db.create_db("big");
+    db.psql(
+        "big",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS pad \
+         FROM generate_series(1, 300000) g",
+    );
+    let mut dump = postgres::dump(&docker, &conn, "big", &[]).await.unwrap();
+    let name = db.name.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        let mut first = vec![0u8; 64 * 1024];
+        dump.read_exact(&mut first).expect("the first 64 KiB");
+        // Keep reading while the kill runs: the Engine reports an exec's end (the kill's too)
+        // only once the killed command's output has been taken.
+        let mut kill = std::process::Command::new("docker")
+            .args(["exec", &name, "sh", "-c", "kill -9 $(pidof pg_dump)"])
+            .spawn()
+            .unwrap();
+        let mut rest = Vec::new();
+        let err = dump.read_to_end(&mut rest).unwrap_err().to_string();
+        assert!(kill.wait().unwrap().success());
+        err
+    })
+    .await
+    .unwrap();
+    assert!(err.contains("pg_dump"), "{err}");
+    assert!(err.contains("killed by signal 9, SIGKILL"), "{err}");
+    assert!(err.contains(&db.name), "{err}");
+
+    // A container that is not there is named.
+    let gone = Conn::container("drover-no-such-container");
+    let err = postgres::facts(&docker, &gone, "big").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no container named drover-no-such-container"),
+        "{err}"
+    );
+}
