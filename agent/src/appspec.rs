@@ -48,6 +48,10 @@ pub struct AppSpec {
     pub migrate: Vec<String>,
     #[serde(default)]
     pub pre_deploy_backup: Option<String>,
+    /// Backup targets declared with the app (`[[backups]]`, same keys as a target file);
+    /// `drover app apply` stores each as a backup target.
+    #[serde(default)]
+    pub backups: Vec<crate::backup::target::TargetSpec>,
     pub web: Option<WebRole>,
     #[serde(default)]
     pub workers: Vec<WorkerRole>,
@@ -346,6 +350,16 @@ impl AppSpec {
                 ));
             }
         }
+        let mut names = std::collections::BTreeSet::new();
+        for target in &self.backups {
+            target.validate(&format!("{source} [[backups]] {}", target.name))?;
+            if !names.insert(&target.name) {
+                return Err(bad(
+                    "backups.name",
+                    format!("backup target {} is declared twice", target.name),
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.watch.max_5xx_ratio) {
             return Err(bad(
                 "watch.max_5xx_ratio",
@@ -375,6 +389,12 @@ mod tests {
         assert_eq!(spec.secrets["SECRET_KEY"].min_length, 32);
         assert_eq!(spec.watch.window, Duration::from_secs(120));
         assert_eq!(spec.smoke[0].body_contains.as_deref(), Some("ok"));
+        assert_eq!(spec.backups[0].name, "api-db");
+        assert_eq!(spec.backups[0].retention.monthly, 3);
+        // What the controller stores for it parses back to the same target.
+        let text = toml::to_string(&spec.backups[0]).unwrap();
+        let again = crate::backup::target::TargetSpec::from_toml(&text, "stored").unwrap();
+        assert_eq!(again, spec.backups[0]);
     }
 
     #[test]

@@ -579,11 +579,12 @@ async fn deploy_steps(
             .step_skipped("backup", "skipped on request (--skip-backup)")
             .await;
     } else if let Some(target) = &spec.pre_deploy_backup {
-        let target_spec = job
-            .backup
-            .as_ref()
-            .map(|b| b.target_toml.clone())
-            .unwrap_or_default();
+        // The target the controller sent, else the one declared in the spec itself.
+        let target_spec = match (&job.backup, spec.backups.iter().find(|b| b.name == *target)) {
+            (Some(b), _) => b.target_toml.clone(),
+            (None, Some(embedded)) => toml::to_string(embedded).unwrap_or_default(),
+            (None, None) => String::new(),
+        };
         let target_spec = match TargetSpec::from_toml(
             &target_spec,
             &format!("backup target {target}"),

@@ -8,7 +8,7 @@
 //! deploys are done as `docker stop old; docker rm old; docker run new` plus a health poll.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
-use crate::{Proc, Report, free_port, median, percentile, start_controller, wait_serving};
+use crate::realhost::{RealHost, drover};
+use crate::{Report, free_port, median, percentile};
 
 /// Options of `drover-bench deploys`.
 #[derive(Debug)]
@@ -132,38 +133,6 @@ fn docker(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Runs the real `drover` CLI; returns (wall time, exit code, stdout).
-async fn drover(
-    bin: &Path,
-    addr: &str,
-    identity: &Path,
-    args: &[&str],
-) -> Result<(Duration, i32, String)> {
-    let started = Instant::now();
-    let out = tokio::process::Command::new(bin)
-        .args(args)
-        .env("DROVER_CONTROLLER", addr)
-        .env("DROVER_IDENTITY", identity)
-        .output()
-        .await
-        .context("running drover")?;
-    let took = started.elapsed();
-    let code = out.status.code().unwrap_or(-1);
-    if code != 0 {
-        bail!(
-            "drover {} exited {code}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok((
-        took,
-        code,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    ))
-}
-
 /// The `job.finished` fields in a `drover deploy --json` output.
 fn finished_fields(ndjson: &str) -> Option<Value> {
     ndjson
@@ -203,50 +172,20 @@ pub async fn deploys(o: DeployOpts) -> Result<Report> {
         ])?;
     }
     let tmp = tempfile::tempdir()?;
-    let bin = |name: &str| o.bin_dir.join(name);
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let data = tmp.path().join("controller");
-    let mut controller = start_controller(
-        &bin("drover-controller"),
-        &data,
-        &addr,
-        &tmp.path().join("controller.log"),
-    )?;
-    let admin = data.join("operator/admin");
-    wait_serving(&mut controller, &addr, &admin).await?;
-    let drover_bin = bin("drover");
-
-    let (_, _, token) = drover(
-        &drover_bin,
-        &addr,
-        &admin,
-        &["token", "create", "--host", "bench"],
-    )
-    .await?;
-    let agent_dir = tmp.path().join("agent");
-    let enrolled = Command::new(bin("drover-agent"))
-        .args(["enroll", "--controller", &addr, "--data-dir"])
-        .arg(&agent_dir)
-        .env("DROVER_TOKEN", token.trim())
-        .output()?;
-    if !enrolled.status.success() {
-        bail!("enroll: {}", String::from_utf8_lossy(&enrolled.stderr));
-    }
-    let agent_config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &agent_config,
-        format!(
+    let host = RealHost::start(
+        &o.bin_dir,
+        tmp.path(),
+        &format!(
             "secrets_dir = \"{}\"\n",
             tmp.path().join("secrets").display()
         ),
-    )?;
-    let agent_dir_s = agent_dir.to_str().context("agent dir is not UTF-8")?;
-    let agent_config_s = agent_config.to_str().context("path is not UTF-8")?;
-    let _agent = Proc::spawn(
-        &bin("drover-agent"),
-        &["run", "--config", agent_config_s, "--data-dir", agent_dir_s],
-        &tmp.path().join("agent.log"),
-    )?;
+    )
+    .await?;
+    let (addr, admin, drover_bin) = (
+        host.addr.clone(),
+        host.admin.clone(),
+        host.drover_bin.clone(),
+    );
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let spec = tmp.path().join("bench.toml");
     std::fs::write(

@@ -3,7 +3,9 @@
 //! this one process); `agent-idle` watches a real idle agent's memory and CPU; `deploys`
 //! (`deploys.rs`) deploys under load with the real programs, beside stop-then-start.
 
+mod backups;
 mod deploys;
+mod realhost;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -76,6 +78,18 @@ enum Cmd {
         #[arg(long, default_value = "target/release")]
         bin_dir: PathBuf,
     },
+    /// A Drover backup of a generated database (realistic content, about 2-3x compressible)
+    /// beside pg_dump -Fc -Z0, pg_dump -Fc and pg_dump | gzip; pipeline throughput per core;
+    /// restore times (needs PostgreSQL on the host and root to run it as `postgres`).
+    Backups {
+        /// MiB of text to generate into the table (the database ends up larger).
+        #[arg(long, default_value_t = 1100)]
+        size_mib: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "target/release")]
+        bin_dir: PathBuf,
+    },
     /// A real, idle, enrolled agent with its default configuration: RSS and CPU over a window.
     AgentIdle {
         /// Measuring window (e.g. 600s, 10m; a bare number is seconds).
@@ -136,6 +150,18 @@ fn main() {
                         controller_bin,
                         agent_bin,
                     } => agent_idle(duration, every, settle, &controller_bin, &agent_bin).await,
+                    Cmd::Backups {
+                        size_mib,
+                        runs,
+                        bin_dir,
+                    } => {
+                        backups::backups(backups::BackupOpts {
+                            size_mib,
+                            runs,
+                            bin_dir,
+                        })
+                        .await
+                    }
                     Cmd::Deploys {
                         deploys,
                         rollbacks,

@@ -768,6 +768,18 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             .store
             .apply_app(&spec.name, &req.spec_toml, &by, now_ms())
             .map_err(internal)?;
+        // Backup targets declared in the app spec are stored like applied target files.
+        for target in &spec.backups {
+            let text = toml::to_string(target).map_err(internal)?;
+            let (t, changed) = self
+                .shared
+                .store
+                .apply_backup_target(&target.name, &text, &by, now_ms())
+                .map_err(internal)?;
+            if changed {
+                info!(target = %t.name, revision = t.revision, app = %spec.name, by = %by, "backup target applied with its app");
+            }
+        }
         self.shared.store.flush().await.map_err(internal)?;
         if changed {
             info!(app = %record.name, revision = record.revision, by = %by, "app spec applied");

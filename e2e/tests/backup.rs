@@ -525,3 +525,86 @@ async fn a_database_in_a_container_is_dumped_and_restored_through_docker_exec() 
     f.agent.stop().await;
     f.controller.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drover_binary_backs_up_lists_shows_prunes_and_restores() {
+    let f = fixture().await;
+    let addr = f.controller.addr.to_string();
+    let admin = f.controller.admin_dir();
+    let cli = |args: &[&str]| {
+        let out = drover_e2e::drover_cli(&addr, &admin, args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let src = f.dir.path().join("site");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("index.html"), b"<h1>hi</h1>").unwrap();
+    let file = f.dir.path().join("site.toml");
+    std::fs::write(
+        &file,
+        format!("name = \"site\"\n[path]\ndir = \"{}\"\n", src.display()),
+    )
+    .unwrap();
+    let bad = f.dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"site\"\n[path]\ndir = \"relative\"\n").unwrap();
+
+    let (code, out, err) = cli(&["backup-target", "apply", file.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["changed"],
+        true
+    );
+    let (code, _, err) = cli(&["backup-target", "apply", bad.to_str().unwrap()]);
+    assert_eq!(code, 65, "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("path.dir"),
+        "{err}"
+    );
+
+    let (code, out, err) = cli(&["backup", "run", "site", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("job.finished"), "{out}");
+    // The catalog event follows job.finished: wait until the controller has it.
+    assert_eq!(f.backups("site").await.len(), 1);
+    let (code, out, err) = cli(&["backup", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(list[0]["target"], "site");
+    assert!(list[0]["size_bytes"].as_u64().unwrap() > 0, "{list}");
+    assert_eq!(list[0]["manifest"]["parts"][0]["name"], "files", "{list}");
+    let (code, out, _) = cli(&["backup", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&id) && out.contains("local"), "{out}");
+    let (code, out, _) = cli(&["backup", "show", &id]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("part files") && out.contains("sha256"),
+        "{out}"
+    );
+    let (code, _, err) = cli(&["backup", "show", "site-nope"]);
+    assert_eq!(code, 68, "{err}");
+    let (code, out, err) = cli(&["backup", "prune", "site", "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("nothing to delete"), "{out}");
+
+    let dest = f.dir.path().join("site-restored");
+    let dest_s = dest.to_str().unwrap();
+    let (code, out, err) = cli(&["restore", "site", "--backup", &id, "--to-dir", dest_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        std::fs::read(dest.join("index.html")).unwrap(),
+        b"<h1>hi</h1>"
+    );
+    let (code, _, err) = cli(&["restore", "site", "--backup", &id, "--to-dir", dest_s]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not empty"), "{err}");
+    let (code, _, err) = cli(&["restore", "site", "--backup", &id, "--to", "db"]);
+    assert_eq!(code, 65, "{err}");
+    assert!(err.contains("--to-dir"), "{err}");
+    f.agent.stop().await;
+    f.controller.stop().await;
+}

@@ -752,12 +752,7 @@ async fn upload(
             .read_back(&key)
             .await
             .map_err(|e| format!("read-back of {}: {e}", part.file))?;
-        if size != part.size || sha != part.sha256 {
-            return Err(format!(
-                "read-back mismatch for {key}: stored {size} bytes with sha256 {sha}, the manifest says {} bytes with sha256 {}",
-                part.size, part.sha256
-            ));
-        }
+        check_read_back(&key, part, size, &sha)?;
         stages
             .report
             .progress(
@@ -777,6 +772,18 @@ async fn upload(
         .put_bytes(&object_key(&spec.name, &backup.id, MANIFEST), bytes)
         .await
         .map_err(|e| format!("upload of the manifest: {e}"))
+}
+
+/// Whether what S3 gave back is what was written: the same size and SHA-256 as the manifest.
+pub fn check_read_back(key: &str, part: &Part, size: u64, sha256: &str) -> Result<(), String> {
+    if size == part.size && sha256 == part.sha256 {
+        Ok(())
+    } else {
+        Err(format!(
+            "read-back mismatch for {key}: stored {size} bytes with sha256 {sha256}, the manifest says {} bytes with sha256 {}",
+            part.size, part.sha256
+        ))
+    }
 }
 
 /// Deletes every object of a backup (best effort: a failure is logged).
@@ -1331,4 +1338,39 @@ pub async fn converge(ctx: &JobCtx, mut job: JobRecord) {
         ..Outcome::failed("", "")
     };
     finish(ctx, &mut job, &report, outcome, Duration::ZERO).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part() -> Part {
+        Part {
+            name: "shop".into(),
+            file: "shop.dump.zst".into(),
+            size: 10,
+            sha256: "ab".repeat(32),
+            source_bytes: 30,
+            pg_dump_version: String::new(),
+            server_version: String::new(),
+            tables: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_read_back_must_match_the_manifest_in_size_and_hash() {
+        let p = part();
+        assert!(check_read_back("k", &p, 10, &p.sha256).is_ok());
+        let short = check_read_back("k", &p, 9, &p.sha256).unwrap_err();
+        assert!(short.contains("read-back mismatch for k"), "{short}");
+        let other = check_read_back("k", &p, 10, &"cd".repeat(32)).unwrap_err();
+        assert!(other.contains(&"cd".repeat(32)), "{other}");
+    }
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
 }
