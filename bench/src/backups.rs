@@ -30,6 +30,8 @@ pub struct BackupOpts {
     /// Text to generate into the table, in MiB (the database ends up somewhat larger).
     pub size_mib: u64,
     pub runs: usize,
+    /// zstd level of the Drover target (`[compression] level`).
+    pub level: i32,
     pub bin_dir: std::path::PathBuf,
 }
 
@@ -215,8 +217,9 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
         &target,
         format!(
             "name = \"bench-db\"\n[postgres]\nurl = \"{}\"\ndatabases = [\"bench\"]\n\
+             [compression]\nlevel = {}\n\
              [retention]\nkeep_last = 1\ndaily = 0\nweekly = 0\nmonthly = 0\n",
-            pg.url
+            pg.url, o.level
         ),
     )?;
     let target_s = target.to_str().context("path is not UTF-8")?;
@@ -235,6 +238,7 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
     let gz = dumps.join("bench.sql.gz");
     let mut runs: [Vec<Run>; 4] = Default::default();
     let mut backup_ids = Vec::new();
+    let mut step_ms: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for round in 0..o.runs {
         eprintln!("round {}/{}", round + 1, o.runs);
         runs[0].push(timed_shell(
@@ -259,6 +263,9 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let cpu = cpu_with_children(agent)? - cpu0;
         let id = finished_backup(&out)?;
+        for (step, ms) in step_durations(&out) {
+            step_ms.entry(step).or_insert_with(Vec::new).push(ms);
+        }
         let (_, _, shown) = host.drover(&["backup", "show", &id, "--json"]).await?;
         let size = serde_json::from_str::<Value>(&shown)?["size_bytes"]
             .as_u64()
@@ -271,28 +278,58 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
         });
     }
 
-    // Compression + hash on one core, in process, from the uncompressed dump.
+    // Compression + hash on one core, in process, from the uncompressed dump: the whole
+    // pipeline, then zstd alone and SHA-256 alone, each as MiB of input per CPU second.
+    let eff_level = drover_agent::backup::target::Compression {
+        level: o.level,
+        threads: 0,
+    }
+    .effective_level(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let tp_dir = tmp.path().join("tp");
     std::fs::create_dir_all(&tp_dir)?;
     let source_bytes = std::fs::metadata(&z0)?.len();
     let me = std::process::id();
-    let cpu0 = crate::cpu_secs(me)?;
-    let t0 = Instant::now();
-    let mut file = std::fs::File::open(&z0)?;
-    let written = pipeline::write(
-        &mut file,
-        &tp_dir,
-        "tp.zst",
-        &pipeline::Encode {
-            zstd_level: 3,
-            zstd_threads: 1,
-            recipients: Vec::new(),
-        },
-        &mut |_, _| {},
-    )?;
-    let tp_wall = t0.elapsed().as_secs_f64();
-    let tp_cpu = crate::cpu_secs(me)? - cpu0;
-    let per_core_mib_s = source_bytes as f64 / (1 << 20) as f64 / tp_cpu.max(0.001);
+    let per_cpu_s = |work: &mut dyn FnMut() -> Result<()>| -> Result<(f64, f64)> {
+        let cpu0 = crate::cpu_secs(me)?;
+        let t0 = Instant::now();
+        work()?;
+        let cpu = crate::cpu_secs(me)? - cpu0;
+        Ok((t0.elapsed().as_secs_f64(), cpu))
+    };
+    let mut written = None;
+    let (tp_wall, tp_cpu) = per_cpu_s(&mut || {
+        let mut file = std::fs::File::open(&z0)?;
+        written = Some(pipeline::write(
+            &mut file,
+            &tp_dir,
+            "tp.zst",
+            &pipeline::Encode {
+                zstd_level: eff_level,
+                zstd_threads: 1,
+                recipients: Vec::new(),
+            },
+            &mut |_, _| {},
+        )?);
+        Ok(())
+    })?;
+    let written = written.context("the pipeline wrote nothing")?;
+    let (_, zstd_cpu) = per_cpu_s(&mut || {
+        let file = std::fs::File::open(&z0)?;
+        zstd::stream::copy_encode(file, std::io::sink(), eff_level)?;
+        Ok(())
+    })?;
+    let (_, sha_cpu) = per_cpu_s(&mut || {
+        use sha2::Digest;
+        let mut file = std::fs::File::open(&z0)?;
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hasher)?;
+        let _ = hasher.finalize();
+        Ok(())
+    })?;
+    let src_mib = source_bytes as f64 / (1 << 20) as f64;
+    let per_core_mib_s = src_mib / tp_cpu.max(0.001);
+    let zstd_mib_s = src_mib / zstd_cpu.max(0.001);
+    let sha_mib_s = src_mib / sha_cpu.max(0.001);
 
     // Restores into new databases: pg_restore of the -Z0 archive alone, and drover restore.
     let restore_plain = {
@@ -325,15 +362,22 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
     let (z0_s, fc_s, gz_s, drover_s) = (med(0), med(1), med(2), med(3));
     let size = |i: usize| runs[i].last().map(|r| r.bytes).unwrap_or(0);
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let level = eff_level;
+    let steps: Vec<String> = step_ms
+        .iter()
+        .map(|(step, ms)| format!("{step} {:.2} s", median(ms) / 1000.0))
+        .collect();
     let summary = format!(
         "database {:.2} GiB ({} MiB of generated text), {} runs each, medians:\n\
          pg_dump -Fc -Z0 alone    {z0_s:>7.1} s  {:>8.0} MiB  {:>6.0} MiB/s of database\n\
          pg_dump -Fc              {fc_s:>7.1} s  {:>8.0} MiB\n\
          pg_dump | gzip           {gz_s:>7.1} s  {:>8.0} MiB\n\
-         drover backup run        {drover_s:>7.1} s  {:>8.0} MiB  (zstd-3, sha256, fsync, catalog)\n\
+         drover backup run        {drover_s:>7.1} s  {:>8.0} MiB  (zstd-{level}, sha256, fsync, catalog)\n\
+           its steps (medians): {}\n\
          drover / pg_dump -Z0     {:.2}x (goal <= 1.2)\n\
          pg_dump|gzip / drover    {:.2}x faster (goal >= 2)\n\
-         zstd-3 + sha256, one core: {per_core_mib_s:.0} MiB/s of dump ({:.0} MiB in {tp_wall:.1} s)\n\
+         pipeline (zstd-{level} + sha256 + file), one core: {per_core_mib_s:.0} MiB/s of dump ({:.0} MiB in {tp_wall:.1} s); \
+         zstd-{level} alone {zstd_mib_s:.0} MiB/s, sha256 alone {sha_mib_s:.0} MiB/s\n\
          restore into a new database: pg_restore alone {:.1} s, drover restore {:.1} s",
         db_size as f64 / (1u64 << 30) as f64,
         o.size_mib,
@@ -343,6 +387,7 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
         mib(size(1)),
         mib(size(2)),
         mib(size(3)),
+        steps.join(", "),
         drover_s / z0_s,
         gz_s / drover_s,
         mib(source_bytes),
@@ -357,6 +402,7 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
         "pg_dump_fc": summarize(&runs[1]),
         "pg_dump_gzip": summarize(&runs[2]),
         "drover": summarize(&runs[3]),
+        "drover_step_ms": step_ms,
         "drover_over_pg_dump_z0": drover_s / z0_s,
         "gzip_over_drover": gz_s / drover_s,
         "pipeline_one_core": {
@@ -365,11 +411,28 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
             "wall_s": tp_wall,
             "cpu_s": tp_cpu,
             "mib_per_cpu_s": per_core_mib_s,
+            "zstd_alone_mib_per_cpu_s": zstd_mib_s,
+            "sha256_alone_mib_per_cpu_s": sha_mib_s,
         },
+        "zstd_level": level,
         "restore_pg_restore_s": restore_plain.wall,
         "restore_drover_s": restore_drover.as_secs_f64(),
     });
     Ok(Report { summary, json })
+}
+
+/// (step, duration in ms) of each step that ended, from `drover ... --json` output.
+fn step_durations(ndjson: &str) -> Vec<(String, f64)> {
+    ndjson
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|v| v["kind"] == "job.step" && v["fields"]["status"] == "done")
+        .filter_map(|v| {
+            let step = v["fields"]["step"].as_str()?.to_string();
+            let ms = v["fields"]["duration_ms"].as_str()?.parse::<f64>().ok()?;
+            Some((step, ms))
+        })
+        .collect()
 }
 
 /// The backup id from `drover backup run --json` output.

@@ -87,6 +87,10 @@ enum Cmd {
         size_mib: u64,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// zstd level of the Drover backup (the target's `[compression] level`; 0: Drover's
+        /// default, by the host's cores).
+        #[arg(long, default_value_t = 0)]
+        level: i32,
         #[arg(long, default_value = "target/release")]
         bin_dir: PathBuf,
     },
@@ -153,11 +157,13 @@ fn main() {
                     Cmd::Backups {
                         size_mib,
                         runs,
+                        level,
                         bin_dir,
                     } => {
                         backups::backups(backups::BackupOpts {
                             size_mib,
                             runs,
+                            level,
                             bin_dir,
                         })
                         .await

@@ -445,11 +445,10 @@ async fn take_into(
             .failed("dump", since, format!("{}: {e}", partial.display()))
             .await);
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let encode = pipeline::Encode {
-        zstd_level: spec.compression.level,
-        zstd_threads: spec
-            .compression
-            .effective_threads(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        zstd_level: spec.compression.effective_level(cores),
+        zstd_threads: spec.compression.effective_threads(cores),
         recipients: spec.encryption.recipients.clone(),
     };
     let suffix = if spec.encryption.recipients.is_empty() {
@@ -532,7 +531,7 @@ async fn take_into(
         started_unix_ms: 0,
         finished_unix_ms: 0,
         parts,
-        compression: format!("zstd-{}", spec.compression.level),
+        compression: format!("zstd-{}", encode.zstd_level),
         recipients: spec.encryption.recipients.clone(),
         release: live_release(ctx, spec),
         local_dir: final_dir.display().to_string(),

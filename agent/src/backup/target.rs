@@ -132,7 +132,8 @@ fn default_region() -> String {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Compression {
-    /// zstd level, 1-19.
+    /// zstd level, 1-19; 0 (the default) picks by the host's cores: 1 on up to 2 cores, where
+    /// the dump competes with the database for CPU, else 3.
     pub level: i32,
     /// zstd worker threads; 0 = one per core, up to 4.
     pub threads: u32,
@@ -141,13 +142,22 @@ pub struct Compression {
 impl Default for Compression {
     fn default() -> Self {
         Compression {
-            level: 3,
+            level: 0,
             threads: 0,
         }
     }
 }
 
 impl Compression {
+    /// The zstd level to use on a machine with `cores` cores.
+    pub fn effective_level(&self, cores: usize) -> i32 {
+        match self.level {
+            0 if cores <= 2 => 1,
+            0 => 3,
+            n => n,
+        }
+    }
+
     /// The thread count to use on a machine with `cores` cores.
     pub fn effective_threads(&self, cores: usize) -> u32 {
         match self.threads {
@@ -409,10 +419,13 @@ impl TargetSpec {
                 ));
             }
         }
-        if !(1..=19).contains(&self.compression.level) {
+        if !(0..=19).contains(&self.compression.level) {
             return Err(bad(
                 "compression.level",
-                format!("{} is not a zstd level (1-19)", self.compression.level),
+                format!(
+                    "{} is not a zstd level (1-19, or 0 to pick by the host's cores)",
+                    self.compression.level
+                ),
             ));
         }
         if self.compression.threads > 64 {
@@ -467,10 +480,12 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_zstd_3_and_a_week_of_dailies() {
+    fn defaults_pick_the_zstd_level_by_cores_and_keep_a_week_of_dailies() {
         let spec = TargetSpec::from_toml(PG, "t.toml").unwrap();
         assert_eq!(spec.kind(), SourceKind::Postgres);
-        assert_eq!(spec.compression.level, 3);
+        assert_eq!(spec.compression.level, 0);
+        assert_eq!(spec.compression.effective_level(2), 1);
+        assert_eq!(spec.compression.effective_level(8), 3);
         assert_eq!(spec.compression.effective_threads(2), 2);
         assert_eq!(spec.compression.effective_threads(32), 4);
         assert_eq!(spec.retention.local().keep_last, 3);
