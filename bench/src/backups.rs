@@ -264,7 +264,7 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
         let cpu = cpu_with_children(agent)? - cpu0;
         let id = finished_backup(&out)?;
         for (step, ms) in step_durations(&out) {
-            step_ms.entry(step).or_insert_with(Vec::new).push(ms);
+            step_ms.entry(step).or_default().push(ms);
         }
         let (_, _, shown) = host.drover(&["backup", "show", &id, "--json"]).await?;
         let size = serde_json::from_str::<Value>(&shown)?["size_bytes"]

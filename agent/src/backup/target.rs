@@ -129,7 +129,7 @@ fn default_region() -> String {
     "us-east-1".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Compression {
     /// zstd level, 1-19; 0 (the default) picks by the host's cores: 1 on up to 2 cores, where
@@ -137,15 +137,6 @@ pub struct Compression {
     pub level: i32,
     /// zstd worker threads; 0 = one per core, up to 4.
     pub threads: u32,
-}
-
-impl Default for Compression {
-    fn default() -> Self {
-        Compression {
-            level: 0,
-            threads: 0,
-        }
-    }
 }
 
 impl Compression {
