@@ -125,7 +125,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
     let result = match job.kind {
         JobKind::Deploy => deploy(ctx, job, report).await,
         JobKind::Rollback => rollback(ctx, job, report).await,
-        JobKind::Backup | JobKind::Restore | JobKind::Prune => {
+        JobKind::Backup | JobKind::Restore | JobKind::Prune | JobKind::Verify => {
             return crate::backup::run(ctx, job, report).await;
         }
     };
@@ -1433,6 +1433,14 @@ pub fn job_from_command(cmd: &drover_proto::v1::Command, now_ms: i64) -> Option<
                 ..BackupJob::default()
             }),
             ..base(JobKind::Backup, &b.target, "", &b.requested_by, false)
+        }),
+        Job::Verify(v) => Some(JobRecord {
+            backup: Some(BackupJob {
+                target_toml: v.target_toml.clone(),
+                identity_file: v.identity_file.clone(),
+                ..BackupJob::default()
+            }),
+            ..base(JobKind::Verify, &v.target, "", &v.requested_by, false)
         }),
         Job::Restore(r) => Some(JobRecord {
             backup: Some(BackupJob {

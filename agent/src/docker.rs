@@ -349,6 +349,67 @@ impl DockerClient {
         }
     }
 
+    /// Creates and starts a throw-away container `name` from the image the running container
+    /// `source` was created from (its image ID, not its tag, so a re-tagged image cannot slip
+    /// in), with the source's command, entrypoint, environment and user, but none of its
+    /// mounts, ports or networks. Labelled with `labels` (a scratch carries `drover.scratch=1`
+    /// so recovery finds it). Remove it with [`DockerClient::remove_with_volumes`].
+    pub async fn run_scratch_like(
+        &self,
+        source: &str,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<ContainerInfo, DockerError> {
+        let docker = self.client().await?;
+        let inspect = match docker.inspect_container(source, None).await {
+            Ok(i) => i,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Err(DockerError::NoSuchContainer(source.to_string())),
+            Err(e) => return Err(Self::engine_err(&format!("inspect container {source}"), e)),
+        };
+        let image = inspect.image.clone().unwrap_or_default();
+        let config = inspect.config.unwrap_or_default();
+        let body = ContainerCreateBody {
+            image: Some(image),
+            cmd: config.cmd,
+            entrypoint: config.entrypoint,
+            env: config.env,
+            user: config.user,
+            working_dir: config.working_dir,
+            labels: Some(labels.clone().into_iter().collect()),
+            ..ContainerCreateBody::default()
+        };
+        let options = CreateContainerOptionsBuilder::new().name(name).build();
+        docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| Self::engine_err(&format!("create container {name}"), e))?;
+        if let Err(e) = docker.start_container(name, None).await {
+            let _ = self.remove_with_volumes(name).await;
+            return Err(Self::engine_err(&format!("start container {name}"), e));
+        }
+        self.inspect(name)
+            .await?
+            .ok_or_else(|| DockerError::NoSuchContainer(name.to_string()))
+    }
+
+    /// Removes a container (forced) and its anonymous volumes; a missing one is fine.
+    pub async fn remove_with_volumes(&self, name: &str) -> Result<(), DockerError> {
+        let docker = self.client().await?;
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        match docker.remove_container(name, Some(options)).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(Self::engine_err(&format!("remove container {name}"), e)),
+        }
+    }
+
     /// Where a named volume's files are on this host (its `Mountpoint`), if the volume exists.
     pub async fn volume_mountpoint(&self, name: &str) -> Result<Option<String>, DockerError> {
         let docker = self.client().await?;

@@ -63,6 +63,8 @@ pub enum JobKind {
     Backup,
     Restore,
     Prune,
+    /// Validation of a target's newest backup (`backup::verify`).
+    Verify,
 }
 
 impl JobKind {
@@ -73,12 +75,17 @@ impl JobKind {
             JobKind::Backup => "backup",
             JobKind::Restore => "restore",
             JobKind::Prune => "prune",
+            JobKind::Verify => "verify",
         }
     }
 
-    /// Backup, restore and prune jobs work on a backup target (named in the job's `app`).
+    /// Backup, restore, prune and verify jobs work on a backup target (named in the job's
+    /// `app`).
     pub fn is_backup(self) -> bool {
-        matches!(self, JobKind::Backup | JobKind::Restore | JobKind::Prune)
+        matches!(
+            self,
+            JobKind::Backup | JobKind::Restore | JobKind::Prune | JobKind::Verify
+        )
     }
 }
 

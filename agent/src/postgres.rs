@@ -453,6 +453,42 @@ pub async fn drop_database(
         .map(drop)
 }
 
+/// Every user table of `database` with its exact row count (`count(*)` of each), sorted by
+/// schema, then name: the sanity check after a test restore.
+pub async fn row_counts(
+    docker: &DockerClient,
+    conn: &Conn,
+    database: &str,
+) -> Result<Vec<TableFact>, PgError> {
+    check_name(database)?;
+    let target = Target::resolve(conn)?;
+    let out = target
+        .run(
+            docker,
+            "psql",
+            database,
+            psql_args(&target, database, COUNTS_SQL),
+        )
+        .await?;
+    parse_counts(&out)
+}
+
+/// Whether the server answers (`SELECT 1` on the maintenance database).
+pub async fn answers(docker: &DockerClient, conn: &Conn) -> bool {
+    let Ok(target) = Target::resolve(conn) else {
+        return false;
+    };
+    target
+        .run(
+            docker,
+            "psql",
+            MAINTENANCE_DB,
+            psql_args(&target, MAINTENANCE_DB, "SELECT 1"),
+        )
+        .await
+        .is_ok()
+}
+
 // ---- dump --------------------------------------------------------------------------------
 
 /// A running `pg_dump`, read as its custom-format archive. Read it on a blocking thread (the
@@ -1270,6 +1306,45 @@ UNION ALL (SELECT 'table', n.nspname, c.relname, c.reltuples::bigint::text \
   WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
     AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
   ORDER BY n.nspname, c.relname)";
+
+/// Exact row counts through `query_to_xml`, so one statement counts every table.
+const COUNTS_SQL: &str = "\
+SELECT n.nspname, c.relname, \
+  (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')))[1]::text \
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+  WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+    AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
+  ORDER BY n.nspname, c.relname";
+
+/// Parses `COUNTS_SQL`'s output (rows of schema, name, count) into tables whose `row_estimate`
+/// is the exact count.
+fn parse_counts(out: &[u8]) -> Result<Vec<TableFact>, PgError> {
+    let text = String::from_utf8_lossy(out);
+    let trimmed = text.trim_end_matches(['\0', '\n']);
+    if trimmed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fields: Vec<&str> = trimmed.split('\0').collect();
+    if !fields.len().is_multiple_of(3) {
+        return Err(PgError::Output {
+            tool: "psql".into(),
+            message: format!("{} fields, not rows of three", fields.len()),
+        });
+    }
+    fields
+        .chunks(3)
+        .map(|row| {
+            Ok(TableFact {
+                schema: row[0].to_string(),
+                name: row[1].to_string(),
+                row_estimate: row[2].parse().map_err(|_| PgError::Output {
+                    tool: "psql".into(),
+                    message: format!("row count {:?}", row[2]),
+                })?,
+            })
+        })
+        .collect()
+}
 
 /// Parses `FACTS_SQL`'s output: server version, database size, tables.
 fn parse_facts(out: &[u8]) -> Result<(String, u64, Vec<TableFact>), PgError> {

@@ -30,6 +30,7 @@ pub async fn recover(ctx: &JobCtx) -> Result<(), String> {
         .list_labelled(deploy::LABEL_APP, "-")
         .await
         .map_err(|e| e.to_string())?;
+    crate::backup::verify::sweep_scratch(ctx).await;
     let jobs = ctx.store.unfinished_jobs().map_err(|e| e.to_string())?;
     for job in jobs {
         converge(ctx, job).await?;

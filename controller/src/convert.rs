@@ -1,7 +1,7 @@
 //! Conversions between `drover.v1` wire messages and the controller's stored records. Nothing
 //! outside the RPC handlers and the CLI sees prost types.
 
-use drover_agent::backup::catalog::Backup;
+use drover_agent::backup::catalog::{Backup, Verification};
 use drover_agent::jobevent::Release;
 use drover_proto::v1;
 
@@ -307,6 +307,16 @@ pub fn command_to_proto(j: &JobRecord) -> v1::Command {
             dry_run: *dry_run,
             requested_by: requested_by.clone(),
         }),
+        JobCommand::Verify {
+            target,
+            target_toml,
+            requested_by,
+        } => Job::Verify(v1::VerifyCommand {
+            target: target.clone(),
+            target_toml: target_toml.clone(),
+            requested_by: requested_by.clone(),
+            identity_file: String::new(),
+        }),
     };
     v1::Command {
         job_id: j.id.clone(),
@@ -362,5 +372,29 @@ pub fn backup_to_proto(host: &str, b: &Backup) -> v1::BackupInfo {
         verified_unix_ms: b.verified_unix_ms,
         encrypted: !b.recipients.is_empty(),
         release: b.release.clone(),
+    }
+}
+
+/// One validation, as kept by the controller (`host` from the event that carried it).
+pub fn verification_to_proto(host: &str, v: &Verification) -> v1::VerificationInfo {
+    v1::VerificationInfo {
+        job_id: v.job_id.clone(),
+        target: v.target.clone(),
+        host: host.to_string(),
+        backup_id: v.backup_id.clone(),
+        started_unix_ms: v.started_unix_ms,
+        finished_unix_ms: v.finished_unix_ms,
+        passed: v.passed(),
+        checks: v
+            .checks
+            .iter()
+            .map(|c| v1::VerificationCheck {
+                name: c.name.clone(),
+                result: c.result.as_str().to_string(),
+                message: c.message.clone(),
+                duration_ms: c.duration_ms,
+                evidence: c.evidence.clone().into_iter().collect(),
+            })
+            .collect(),
     }
 }

@@ -140,6 +140,11 @@ pub enum JobCommand {
         dry_run: bool,
         requested_by: String,
     },
+    Verify {
+        target: String,
+        target_toml: String,
+        requested_by: String,
+    },
 }
 
 /// One host's part of a job.
@@ -247,6 +252,11 @@ impl JobRecord {
                 requested_by,
                 ..
             } => (JobKind::Prune, target, &String::new(), requested_by),
+            JobCommand::Verify {
+                target,
+                requested_by,
+                ..
+            } => (JobKind::Verify, target, &String::new(), requested_by),
         };
         JobRecord {
             id,

@@ -116,6 +116,24 @@ impl OperatorApi {
         self.choose_among(&spec.name, &names, &labels, &holding, "back up")
     }
 
+    /// Where a verify job runs: `host` when given, else the host holding the target's newest
+    /// backup, else where its backups run (the first such host).
+    fn verify_host(&self, spec: &TargetSpec, host: &str) -> Result<Vec<String>, Status> {
+        if host.is_empty() {
+            let catalogs = self
+                .shared
+                .store
+                .target_backups(&spec.name)
+                .map_err(internal)?;
+            if let Some(holder) = newest_holder(&catalogs) {
+                return self.choose_among(&spec.name, &[holder], &BTreeMap::new(), &[], "verify");
+            }
+        }
+        let mut hosts = self.target_hosts(spec, host)?;
+        hosts.truncate(1);
+        Ok(hosts)
+    }
+
     /// The backup with this id and the host that holds it.
     fn known_backup(&self, id: &str) -> Result<(String, Backup), Status> {
         for target in self.shared.store.backup_targets().map_err(internal)? {
@@ -191,6 +209,16 @@ impl OperatorApi {
         require_connected(&inventory, &hosts, what, now_ms()).map_err(selection_status)?;
         Ok(hosts)
     }
+}
+
+/// The host whose catalog holds the newest backup (with a copy left) of a target.
+pub fn newest_holder(catalogs: &[(String, Vec<Backup>)]) -> Option<String> {
+    catalogs
+        .iter()
+        .flat_map(|(host, table)| table.iter().map(move |b| (host, b)))
+        .filter(|(_, b)| b.is_local() || b.is_remote())
+        .max_by_key(|(_, b)| (b.started_unix_ms, b.id.clone()))
+        .map(|(host, _)| host.clone())
 }
 
 fn selection_status(err: SelectError) -> Status {
@@ -747,6 +775,83 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         };
         let job = start_job(self.shared.clone(), JobKind::Restore, command, hosts).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<v1::VerifyRequest>,
+    ) -> Result<Response<v1::VerifyResponse>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let req = request.into_inner();
+        let names: Vec<String> = match (req.all, req.target.is_empty()) {
+            (true, true) => self
+                .shared
+                .store
+                .backup_targets()
+                .map_err(internal)?
+                .into_iter()
+                .map(|t| t.name)
+                .collect(),
+            (false, false) => vec![req.target.clone()],
+            _ => {
+                return Err(Status::invalid_argument(
+                    "name a target or ask for --all (not both)",
+                ));
+            }
+        };
+        if names.is_empty() {
+            return Err(Status::failed_precondition(
+                "no backup targets; `drover backup-target apply FILE` adds one",
+            ));
+        }
+        // Every target is checked before any job starts, so a bad one starts none.
+        let mut planned = Vec::new();
+        for name in names {
+            let (record, spec) = self.known_target(&name)?;
+            let hosts = self.verify_host(&spec, &req.host)?;
+            planned.push((record, spec, hosts));
+        }
+        let mut jobs = Vec::new();
+        for (record, spec, hosts) in planned {
+            let command = JobCommand::Verify {
+                target: spec.name.clone(),
+                target_toml: record.spec_toml,
+                requested_by: operator_name(&caller),
+            };
+            let job = start_job(self.shared.clone(), JobKind::Verify, command, hosts).await?;
+            jobs.push(convert::job_to_proto(&job));
+        }
+        Ok(Response::new(v1::VerifyResponse { jobs }))
+    }
+
+    async fn list_verifications(
+        &self,
+        request: Request<v1::ListVerificationsRequest>,
+    ) -> Result<Response<v1::ListVerificationsResponse>, Status> {
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let req = request.into_inner();
+        if !req.target.is_empty() {
+            self.known_target(&req.target)?;
+        }
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit as usize
+        };
+        let found = self
+            .shared
+            .store
+            .verifications(
+                (!req.target.is_empty()).then_some(req.target.as_str()),
+                limit,
+            )
+            .map_err(internal)?;
+        Ok(Response::new(v1::ListVerificationsResponse {
+            verifications: found
+                .iter()
+                .map(|v| convert::verification_to_proto(&v.host, v))
+                .collect(),
+        }))
     }
 
     async fn apply_app(

@@ -429,10 +429,25 @@ fn ingest(
     } else {
         None
     };
-    let carried = match (&table, &catalog) {
-        (Some((app, t)), _) => Some(Carried::Releases(app, t)),
-        (None, Some((target, b))) => Some(Carried::Catalog(target, b)),
-        (None, None) => None,
+    let verification = if record.kind == catalog::VERIFICATION {
+        match catalog::parse_verification(&record.fields) {
+            Ok(mut v) => {
+                v.host = host.clone();
+                Some(v)
+            }
+            Err(err) => {
+                warn!(host = %host, seq = record.seq, error = %err, "verification not kept");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let carried = match (&table, &catalog, &verification) {
+        (Some((app, t)), _, _) => Some(Carried::Releases(app, t)),
+        (None, Some((target, b)), _) => Some(Carried::Catalog(target, b)),
+        (None, None, Some(v)) => Some(Carried::Verification(v)),
+        (None, None, None) => None,
     };
     let ingested = shared
         .store

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use drover_agent::backup::catalog::Backup;
+use drover_agent::backup::catalog::{Backup, Verification};
 use drover_agent::jobevent::Release;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -189,6 +189,9 @@ pub struct Store {
     backup_targets: sled::Tree,
     /// target \0 host → Vec<Backup>: the last `backup.catalog` the host sent
     backups: sled::Tree,
+    /// target \0 finished_unix_ms (big-endian) \0 job id → Verification: each target's
+    /// validation history, kept from the `backup.verification` events
+    verifications: sled::Tree,
 }
 
 /// A table an event carries, stored with it in one transaction.
@@ -198,6 +201,8 @@ pub enum Carried<'a> {
     Releases(&'a str, &'a [Release]),
     /// `backup.catalog`: the target and its backups on the event's host.
     Catalog(&'a str, &'a [Backup]),
+    /// `backup.verification`: one validation (its `host` is the event's host).
+    Verification(&'a Verification),
 }
 
 impl std::fmt::Debug for Store {
@@ -284,6 +289,14 @@ fn releases_key(app: &str, host: &str) -> Vec<u8> {
     key
 }
 
+fn verification_key(v: &Verification) -> Vec<u8> {
+    let mut key = releases_prefix(&v.target);
+    key.extend_from_slice(&v.finished_unix_ms.max(0).to_be_bytes());
+    key.push(0);
+    key.extend_from_slice(v.job_id.as_bytes());
+    key
+}
+
 /// Turns a failed sled transaction into a [`StoreError`].
 fn transaction_error(e: TransactionError<String>) -> StoreError {
     match e {
@@ -347,6 +360,7 @@ impl Store {
             releases: db.open_tree("releases")?,
             backup_targets: db.open_tree("backup_targets")?,
             backups: db.open_tree("backups")?,
+            verifications: db.open_tree("verifications")?,
             db,
         })
     }
@@ -443,6 +457,32 @@ impl Store {
         Ok(out)
     }
 
+    /// Validations, newest first: of `target` when given, else of every target; at most
+    /// `limit`.
+    pub fn verifications(
+        &self,
+        target: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Verification>, StoreError> {
+        let mut out: Vec<Verification> = match target {
+            Some(t) => self
+                .verifications
+                .scan_prefix(releases_prefix(t))
+                .rev()
+                .take(limit)
+                .map(|item| decode(&item?.1))
+                .collect::<Result<_, _>>()?,
+            None => self
+                .verifications
+                .iter()
+                .map(|item| decode(&item?.1))
+                .collect::<Result<_, _>>()?,
+        };
+        out.sort_by_key(|v| std::cmp::Reverse((v.finished_unix_ms, v.job_id.clone())));
+        out.truncate(limit);
+        Ok(out)
+    }
+
     /// Every backup the controller knows of (all targets, all hosts).
     pub fn all_backups(&self) -> Result<Vec<Backup>, StoreError> {
         let mut out = Vec::new();
@@ -533,15 +573,19 @@ impl Store {
         use sled::Transactional;
         let key = event_key(&event.host, event.seq);
         let value = encode(event)?;
-        let (table, catalog) = match carried {
-            None => (None, None),
+        let (mut table, mut catalog, mut verification) = (None, None, None);
+        match carried {
+            None => {}
             Some(Carried::Releases(app, t)) => {
-                (Some((releases_key(app, &event.host), encode(&t)?)), None)
+                table = Some((releases_key(app, &event.host), encode(&t)?));
             }
             Some(Carried::Catalog(target, b)) => {
-                (None, Some((releases_key(target, &event.host), encode(&b)?)))
+                catalog = Some((releases_key(target, &event.host), encode(&b)?));
             }
-        };
+            Some(Carried::Verification(v)) => {
+                verification = Some((verification_key(v), encode(v)?));
+            }
+        }
         // The check and the inserts are one transaction, so two sessions of one host racing
         // (an old one not yet torn down) cannot both store the same seq.
         (
@@ -552,9 +596,19 @@ impl Store {
             &self.open_jobs,
             &self.releases,
             &self.backups,
+            &self.verifications,
         )
             .transaction(
-                |(events, seqs, jobs, job_events, open_jobs, release_tables, catalogs)| {
+                |(
+                    events,
+                    seqs,
+                    jobs,
+                    job_events,
+                    open_jobs,
+                    release_tables,
+                    catalogs,
+                    verifications,
+                )| {
                     let last = seqs
                         .get(event.host.as_bytes())?
                         .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
@@ -569,6 +623,9 @@ impl Store {
                     }
                     if let Some((key, bytes)) = &catalog {
                         catalogs.insert(key.as_slice(), bytes.as_slice())?;
+                    }
+                    if let Some((key, bytes)) = &verification {
+                        verifications.insert(key.as_slice(), bytes.as_slice())?;
                     }
                     if event.job_id.is_empty() {
                         return Ok(Ingested::Stored { job: None });

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// A target's catalog on this host: `target`, `backups` (JSON array of [`Backup`]).
 pub const CATALOG: &str = "backup.catalog";
+/// The result of a validation of a target's newest backup: `target`, `verification` (JSON of
+/// [`Verification`]). The controller keeps each as the target's history.
+pub const VERIFICATION: &str = "backup.verification";
 /// Live bytes of a running backup or restore: `step`, `source_bytes`, `stored_bytes`,
 /// `rate_bytes_per_sec`.
 pub const BYTES: &str = "backup.bytes";
@@ -23,6 +26,8 @@ pub mod field {
     pub const RATE: &str = "rate_bytes_per_sec";
     /// `job.finished` of a prune: JSON array of [`super::PruneLine`].
     pub const PRUNE: &str = "prune";
+    /// `backup.verification`: JSON of [`super::Verification`].
+    pub const VERIFICATION: &str = "verification";
 }
 
 /// Why a backup was taken.
@@ -184,6 +189,90 @@ pub struct PruneLine {
     pub copy: String,
     pub keep: bool,
     pub reasons: Vec<String>,
+}
+
+/// How one check of a validation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckResult {
+    Passed,
+    Failed,
+    /// Does not apply (no remote copy, not a database) or could not run after an earlier
+    /// failure.
+    Skipped,
+}
+
+impl CheckResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckResult::Passed => "passed",
+            CheckResult::Failed => "failed",
+            CheckResult::Skipped => "skipped",
+        }
+    }
+}
+
+/// One check of a validation, with its evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// `exists`, `age`, `hash_local`, `hash_remote`, `decompress`, `pg_list`, `restore`,
+    /// `sanity`, `scratch_removed`, `disk`.
+    pub name: String,
+    pub result: CheckResult,
+    /// The evidence in words, or why it failed.
+    pub message: String,
+    pub duration_ms: i64,
+    /// The numbers behind the message (bytes, counts, ages).
+    #[serde(default)]
+    pub evidence: BTreeMap<String, String>,
+}
+
+/// One validation of a target's newest backup on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    /// The verify job's id.
+    pub job_id: String,
+    pub target: String,
+    pub host: String,
+    /// Empty when there was no backup to check.
+    pub backup_id: String,
+    pub started_unix_ms: i64,
+    pub finished_unix_ms: i64,
+    pub checks: Vec<Check>,
+}
+
+impl Verification {
+    /// A backup passes only when no check failed (and there was one to check).
+    pub fn passed(&self) -> bool {
+        !self.backup_id.is_empty() && self.checks.iter().all(|c| c.result != CheckResult::Failed)
+    }
+
+    pub fn failed_checks(&self) -> Vec<&str> {
+        self.checks
+            .iter()
+            .filter(|c| c.result == CheckResult::Failed)
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+}
+
+/// The fields of a `backup.verification` event.
+pub fn verification_fields(v: &Verification) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (field::TARGET.to_string(), v.target.clone()),
+        (
+            field::VERIFICATION.to_string(),
+            serde_json::to_string(v).unwrap_or_default(),
+        ),
+    ])
+}
+
+/// Reads the `verification` field of a `backup.verification` event.
+pub fn parse_verification(fields: &BTreeMap<String, String>) -> Result<Verification, String> {
+    let text = fields
+        .get(field::VERIFICATION)
+        .ok_or("backup.verification event without a verification field")?;
+    serde_json::from_str(text).map_err(|e| format!("backup.verification: {e}"))
 }
 
 /// The fields of a `backup.catalog` event.

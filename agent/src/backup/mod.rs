@@ -10,13 +10,15 @@
 //! retention.
 //!
 //! Submodules: `target` (the spec), `catalog` (the records), `pipeline` (the byte stream),
-//! `files` (tar of a directory), `retention` (the pure keep rule).
+//! `files` (tar of a directory), `retention` (the pure keep rule), `verify` (validation of
+//! the newest backup: hashes, decompression, a test restore into a scratch database).
 
 pub mod catalog;
 pub mod files;
 pub mod pipeline;
 pub mod retention;
 pub mod target;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -48,6 +50,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
         JobKind::Backup => backup_job(ctx, job, report).await,
         JobKind::Restore => restore_job(ctx, job, report).await,
         JobKind::Prune => prune_job(ctx, job, report).await,
+        JobKind::Verify => verify::verify_job(ctx, job, report).await,
         JobKind::Deploy | JobKind::Rollback => Err(fail("validate", "not a backup job")),
     };
     outcome_of(result)

@@ -58,6 +58,8 @@ pub struct TargetSpec {
     pub encryption: Encryption,
     #[serde(default)]
     pub retention: Retention,
+    #[serde(default)]
+    pub verify: VerifySpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -164,6 +166,47 @@ pub struct Encryption {
     /// age recipients (`age1…` public keys). No private key is needed on the host.
     #[serde(default)]
     pub recipients: Vec<String>,
+}
+
+/// How `drover verify` judges the target's newest backup (`[verify]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifySpec {
+    /// The oldest the newest backup may be (humantime: `2d`, `36h`).
+    pub max_age: String,
+    /// A file on the host with the age identity, for encrypted backups.
+    pub identity_file: Option<PathBuf>,
+    /// How far a restored table's row count may be from the manifest's estimate (0.1: 10 %).
+    pub row_tolerance: f64,
+    /// Test-restore into a scratch database `drover_verify_<random>` on the source's own server
+    /// instead of a throw-away container. Default: true for `url` sources, false for
+    /// `container` sources (which get a container from the same image).
+    pub scratch_database: Option<bool>,
+    /// Free space the backup directory must keep: at least this fraction of the disk …
+    pub min_free_fraction: f64,
+    /// … and at least this many bytes.
+    pub min_free_bytes: u64,
+}
+
+impl Default for VerifySpec {
+    fn default() -> Self {
+        VerifySpec {
+            max_age: "2d".into(),
+            identity_file: None,
+            row_tolerance: 0.1,
+            scratch_database: None,
+            min_free_fraction: 0.1,
+            min_free_bytes: 1 << 30,
+        }
+    }
+}
+
+impl VerifySpec {
+    /// `max_age` parsed (validated at load, so the default stands in only for a bad value).
+    pub fn max_age(&self) -> std::time::Duration {
+        humantime::parse_duration(self.max_age.trim())
+            .unwrap_or(std::time::Duration::from_secs(2 * 86_400))
+    }
 }
 
 /// Retention, applied after each successful backup: local copies by `[retention]`, remote
@@ -364,6 +407,27 @@ impl TargetSpec {
                     ));
                 }
             }
+        }
+        if humantime::parse_duration(self.verify.max_age.trim()).is_err() {
+            return Err(bad(
+                "verify.max_age",
+                format!(
+                    "{:?} is not a duration (e.g. \"2d\", \"36h\")",
+                    self.verify.max_age
+                ),
+            ));
+        }
+        if !(0.0..=10.0).contains(&self.verify.row_tolerance) {
+            return Err(bad(
+                "verify.row_tolerance",
+                "must be between 0 and 10 (0.1 means 10 %)".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.verify.min_free_fraction) {
+            return Err(bad(
+                "verify.min_free_fraction",
+                "must be at least 0 and below 1 (0.1 means 10 %)".into(),
+            ));
         }
         if let Some(v) = &self.volume
             && (v.name.is_empty() || v.name.contains('/'))

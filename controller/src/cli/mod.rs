@@ -191,6 +191,10 @@ pub enum Command {
     /// Backups: take one now, list them, show one, apply retention.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Validate TARGET's newest backup (or every target's with --all): hashes, decompression,
+    /// pg_restore --list, a test restore into a scratch, row counts; `verify history` lists
+    /// past validations.
+    Verify(VerifyArgs),
     /// Restore a backup into a database (after an emergency backup of it) or an empty directory.
     Restore {
         target: String,
@@ -314,6 +318,34 @@ pub enum BackupTargetCommand {
     },
     /// Print a target's current spec.
     Show { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct VerifyArgs {
+    #[command(subcommand)]
+    pub history: Option<VerifyCommand>,
+    /// The target whose newest backup to validate.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub target: Option<String>,
+    /// Every target, one job each, followed in turn.
+    #[arg(long)]
+    pub all: bool,
+    /// Where; default: the host holding the newest backup.
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VerifyCommand {
+    /// Past validations, newest first: time, target, backup, result, failed checks, durations.
+    History {
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -820,6 +852,56 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .map_err(err)?
                 .into_inner();
             attach(&mut api, &addr, &job, detach, json).await
+        }
+        Command::Verify(VerifyArgs {
+            history: Some(VerifyCommand::History { target, json }),
+            ..
+        }) => {
+            let found = api
+                .list_verifications(v1::ListVerificationsRequest {
+                    target: target.unwrap_or_default(),
+                    limit: 0,
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .verifications;
+            if json {
+                print_json(&Value::Array(
+                    found.iter().map(output::verification_json).collect(),
+                ))
+            } else {
+                println!("{}", output::verifications_table(&found, now));
+                Ok(())
+            }
+        }
+        Command::Verify(VerifyArgs {
+            history: None,
+            target,
+            all,
+            host,
+            json,
+        }) => {
+            let jobs = api
+                .verify(v1::VerifyRequest {
+                    target: target.unwrap_or_default(),
+                    all,
+                    host: host.unwrap_or_default(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .jobs;
+            // Each job followed to its end; the exit code is the first failure's.
+            let mut first_error = None;
+            for job in &jobs {
+                if let Err(e) = attach(&mut api, &addr, job, false, json).await
+                    && first_error.is_none()
+                {
+                    first_error = Some(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
         }
         Command::Backup(BackupCommand::List { target, json }) => {
             let backups = api
