@@ -380,7 +380,10 @@ pub(crate) async fn take(
     let id = catalog::backup_id(&spec.name, started_ms, rand::random());
     let dir = target_dir(ctx, spec);
     let partial = dir.join(format!("{id}.partial"));
-    let result = take_into(ctx, job, &stages, spec, trigger, database, &id, &partial).await;
+    let result = take_into(
+        ctx, job, &stages, spec, trigger, database, &id, &partial, started_ms,
+    )
+    .await;
     if result.is_err() {
         if partial.exists()
             && let Err(e) = std::fs::remove_dir_all(&partial)
@@ -405,6 +408,7 @@ async fn take_into(
     database: Option<&str>,
     id: &str,
     partial: &Path,
+    started_ms: i64,
 ) -> Result<Backup, Failure> {
     // check: where it goes, that there is room, that the source and the storage answer.
     let since = stages
@@ -531,7 +535,8 @@ async fn take_into(
         trigger,
         job_id: job.id.clone(),
         requested_by: job.requested_by.clone(),
-        started_unix_ms: 0,
+        // Recorded in the manifest and the catalog (retention and validation read it).
+        started_unix_ms: started_ms,
         finished_unix_ms: 0,
         parts,
         compression: format!("zstd-{}", encode.zstd_level),

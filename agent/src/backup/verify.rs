@@ -276,7 +276,13 @@ async fn run_checks(
         .start(ctx, job, "age", format!("age of {}", backup.id))
         .await;
     let max_age = spec.verify.max_age();
-    let result = age_check(unix_ms(), backup.started_unix_ms, max_age).map(|age| {
+    // Catalogs written before the start time was recorded have 0 there: use the end.
+    let taken = if backup.started_unix_ms > 0 {
+        backup.started_unix_ms
+    } else {
+        backup.finished_unix_ms
+    };
+    let result = age_check(unix_ms(), taken, max_age).map(|age| {
         evidence(
             format!(
                 "{} old, within {}",
