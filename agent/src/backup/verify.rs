@@ -678,7 +678,7 @@ async fn test_restore(
         files,
         identity,
         &mut made,
-        &checks.report,
+        checks.report,
         since,
     )
     .await;

@@ -647,6 +647,72 @@ pub fn backup_detail(b: &v1::BackupInfo, now_ms: i64) -> String {
     out
 }
 
+pub fn verification_json(v: &v1::VerificationInfo) -> Value {
+    json!({
+        "job_id": v.job_id,
+        "target": v.target,
+        "host": v.host,
+        "backup_id": v.backup_id,
+        "started_at": rfc3339_ms(v.started_unix_ms),
+        "finished_at": rfc3339_ms(v.finished_unix_ms),
+        "passed": v.passed,
+        "failed_checks": v.checks.iter().filter(|c| c.result == "failed").map(|c| c.name.clone()).collect::<Vec<_>>(),
+        "checks": v.checks.iter().map(|c| json!({
+            "name": c.name,
+            "result": c.result,
+            "message": c.message,
+            "duration_ms": c.duration_ms,
+            "evidence": c.evidence,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn verifications_table(found: &[v1::VerificationInfo], now_ms: i64) -> String {
+    if found.is_empty() {
+        return "no validations yet: `drover verify TARGET`".into();
+    }
+    let mut t = table(&[
+        "WHEN", "TARGET", "HOST", "BACKUP", "RESULT", "FAILED", "TOOK", "CHECKS",
+    ]);
+    for v in found {
+        let failed: Vec<&str> = v
+            .checks
+            .iter()
+            .filter(|c| c.result == "failed")
+            .map(|c| c.name.as_str())
+            .collect();
+        let durations: Vec<String> = v
+            .checks
+            .iter()
+            .filter(|c| c.result != "skipped")
+            .map(|c| format!("{} {}", c.name, duration_ms(c.duration_ms)))
+            .collect();
+        t.add_row(vec![
+            ago(v.finished_unix_ms, now_ms),
+            v.target.clone(),
+            v.host.clone(),
+            if v.backup_id.is_empty() {
+                "-".into()
+            } else {
+                v.backup_id.clone()
+            },
+            if v.passed {
+                "passed".into()
+            } else {
+                "FAILED".into()
+            },
+            if failed.is_empty() {
+                "-".into()
+            } else {
+                failed.join(", ")
+            },
+            duration_ms(v.finished_unix_ms - v.started_unix_ms),
+            durations.join(", "),
+        ]);
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -791,70 +857,4 @@ mod tests {
         );
         assert!(releases_table(&[], "api", 0).contains("drover deploy api VERSION"));
     }
-}
-
-pub fn verification_json(v: &v1::VerificationInfo) -> Value {
-    json!({
-        "job_id": v.job_id,
-        "target": v.target,
-        "host": v.host,
-        "backup_id": v.backup_id,
-        "started_at": rfc3339_ms(v.started_unix_ms),
-        "finished_at": rfc3339_ms(v.finished_unix_ms),
-        "passed": v.passed,
-        "failed_checks": v.checks.iter().filter(|c| c.result == "failed").map(|c| c.name.clone()).collect::<Vec<_>>(),
-        "checks": v.checks.iter().map(|c| json!({
-            "name": c.name,
-            "result": c.result,
-            "message": c.message,
-            "duration_ms": c.duration_ms,
-            "evidence": c.evidence,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-pub fn verifications_table(found: &[v1::VerificationInfo], now_ms: i64) -> String {
-    if found.is_empty() {
-        return "no validations yet: `drover verify TARGET`".into();
-    }
-    let mut t = table(&[
-        "WHEN", "TARGET", "HOST", "BACKUP", "RESULT", "FAILED", "TOOK", "CHECKS",
-    ]);
-    for v in found {
-        let failed: Vec<&str> = v
-            .checks
-            .iter()
-            .filter(|c| c.result == "failed")
-            .map(|c| c.name.as_str())
-            .collect();
-        let durations: Vec<String> = v
-            .checks
-            .iter()
-            .filter(|c| c.result != "skipped")
-            .map(|c| format!("{} {}", c.name, duration_ms(c.duration_ms)))
-            .collect();
-        t.add_row(vec![
-            ago(v.finished_unix_ms, now_ms),
-            v.target.clone(),
-            v.host.clone(),
-            if v.backup_id.is_empty() {
-                "-".into()
-            } else {
-                v.backup_id.clone()
-            },
-            if v.passed {
-                "passed".into()
-            } else {
-                "FAILED".into()
-            },
-            if failed.is_empty() {
-                "-".into()
-            } else {
-                failed.join(", ")
-            },
-            duration_ms(v.finished_unix_ms - v.started_unix_ms),
-            durations.join(", "),
-        ]);
-    }
-    t.to_string()
 }
