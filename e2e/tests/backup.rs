@@ -162,6 +162,10 @@ async fn postgres_backups_are_encrypted_uploaded_read_back_and_restore_to_equal_
     assert_eq!(list.len(), 1, "{list:#?}");
     let b = &list[0];
     assert!(b.encrypted && b.verified_unix_ms > 0, "{b:#?}");
+    assert!(
+        b.started_unix_ms > 1_700_000_000_000 && b.finished_unix_ms >= b.started_unix_ms,
+        "{b:#?}"
+    );
     assert!(b.remote.starts_with("s3://backups/prod/shop-db/"), "{b:#?}");
     assert!(b.size_bytes > 0 && b.source_bytes > b.size_bytes, "{b:#?}");
     let manifest: serde_json::Value = serde_json::from_str(&b.manifest_json).unwrap();
