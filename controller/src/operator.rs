@@ -588,6 +588,11 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let by = operator_name(&caller);
         if req.at_unix_ms != 0 {
             // A one-off scheduled deploy: checked now, stored, started by the scheduler.
+            if !req.labels.is_empty() || req.skip_backup || req.wait_lock {
+                return Err(Status::invalid_argument(
+                    "a scheduled deploy (--at) keeps only its hosts: name them with --host; --label, --skip-backup and --wait apply to deploys started now",
+                ));
+            }
             let record = ScheduleRecord {
                 kind: Some(ScheduleKind::Deploy),
                 target: req.app.clone(),

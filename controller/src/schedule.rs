@@ -41,7 +41,11 @@ pub enum ScheduleError {
 #[derive(Debug, Clone)]
 pub enum When {
     /// Every time the cron expression matches, in `tz`.
-    Cron { expr: String, cron: Cron, tz: Tz },
+    Cron {
+        expr: String,
+        cron: Box<Cron>,
+        tz: Tz,
+    },
     /// Once, at this time.
     Once { at_unix_ms: i64 },
 }
@@ -111,7 +115,7 @@ impl Schedule {
             id: id.to_string(),
             when: When::Cron {
                 expr: expr.to_string(),
-                cron: parse_cron(expr)?,
+                cron: Box::new(parse_cron(expr)?),
                 tz: parse_tz(tz)?,
             },
             jitter,

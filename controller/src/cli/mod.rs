@@ -1163,3 +1163,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_times() {
+        let now = 1_750_000_000_000;
+        assert_eq!(parse_at_from("+30m", now), Ok(now + 30 * 60 * 1000));
+        assert_eq!(
+            parse_at_from("2026-05-01T22:00:00Z", now),
+            Ok(1_777_672_800_000)
+        );
+        assert_eq!(
+            parse_at_from("2026-05-02T00:00:00+02:00", now),
+            Ok(1_777_672_800_000)
+        );
+        let err = parse_at_from("tomorrow", now).unwrap_err();
+        assert!(err.contains("tomorrow") && err.contains("+30m"), "{err}");
+        assert!(parse_at_from("+soon", now).is_err());
+    }
+}
