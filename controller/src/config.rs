@@ -27,6 +27,10 @@ pub struct ControllerConfig {
     #[serde(with = "duration_str")]
     pub down_after: Duration,
     pub log_format: LogFormat,
+    /// How often the scheduler looks for due schedules; `0s` turns it off (tests drive
+    /// `Scheduler::tick` themselves).
+    #[serde(with = "duration_str")]
+    pub scheduler_tick: Duration,
     #[serde(skip)]
     pub source: String,
 }
@@ -44,6 +48,7 @@ impl Default for ControllerConfig {
             suspect_after: Duration::from_secs(15),
             down_after: Duration::from_secs(30),
             log_format: LogFormat::Text,
+            scheduler_tick: Duration::from_secs(1),
             source: "(defaults)".into(),
         }
     }

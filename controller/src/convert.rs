@@ -213,6 +213,7 @@ pub fn job_to_proto(j: &JobRecord) -> v1::JobInfo {
         created_unix_ms: j.created_unix_ms,
         finished_unix_ms: j.finished_unix_ms,
         state: j.state().as_str().to_string(),
+        scheduled: None,
         targets: j
             .targets
             .iter()
@@ -396,5 +397,28 @@ pub fn verification_to_proto(host: &str, v: &Verification) -> v1::VerificationIn
                 evidence: c.evidence.clone().into_iter().collect(),
             })
             .collect(),
+    }
+}
+
+/// A stored schedule with its next fire times.
+pub fn schedule_to_proto(r: &crate::store::ScheduleRecord, next: Vec<i64>) -> v1::ScheduleInfo {
+    v1::ScheduleInfo {
+        id: r.id.clone(),
+        kind: r.kind.map(|k| k.as_str().to_string()).unwrap_or_default(),
+        target: r.target.clone(),
+        version: r.version.clone(),
+        hosts: r.hosts.clone(),
+        cron: r.cron.clone(),
+        at_unix_ms: r.at_unix_ms,
+        tz: r.tz.clone(),
+        jitter_secs: r.jitter_secs,
+        paused: r.paused,
+        created_by: r.created_by.clone(),
+        created_unix_ms: r.created_unix_ms,
+        last_fire_unix_ms: r.last_fire_unix_ms,
+        last_run_job_id: r.last_run_job_id.clone(),
+        last_result: r.last_result.clone(),
+        runs_missed: r.runs_missed,
+        next_runs_unix_ms: next,
     }
 }

@@ -3,7 +3,8 @@
 //! `server` opens the data dir and serves `enrollment`, `sessions` (AgentService) and
 //! `operator` (OperatorService) over mTLS; `auth` decides who may call what; `store` is the
 //! only module that touches sled; `jobs` and `selection` are the pure rules of deploy and
-//! rollback jobs; `cli` is the `drover` command. See ARCHITECTURE.md.
+//! rollback jobs; `schedule` the pure scheduling rules and `scheduler` the task that
+//! fires due schedules; `cli` is the `drover` command. See ARCHITECTURE.md.
 
 pub mod auth;
 pub mod cli;
@@ -15,6 +16,8 @@ pub mod error;
 pub mod hoststate;
 pub mod jobs;
 pub mod operator;
+pub mod schedule;
+pub mod scheduler;
 pub mod selection;
 pub mod server;
 pub mod sessions;

@@ -1,5 +1,7 @@
 //! OperatorService: what the `drover` CLI calls. Reads need any operator certificate; changes
-//! (deploys and rollbacks among them) need the admin role.
+//! (deploys, rollbacks and schedules among them) need the admin role. The job-starting helpers
+//! (`deploy_job`, `backup_job`) are shared with the scheduler, so a scheduled run goes through
+//! the same checks as an operator's.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -20,10 +22,12 @@ use crate::config::MAX_TOKEN_TTL;
 use crate::convert;
 use crate::hoststate::host_state;
 use crate::jobs::{self, JobCommand, JobKind, JobRecord, JobUpdate, job_id};
+use crate::schedule;
+use crate::scheduler;
 use crate::selection::{Candidate, SelectError, require_connected, select_hosts};
 use crate::server::{Shared, now_ms};
 use crate::sessions::send_command;
-use crate::store::{AppRecord, EventRecord, HostRecord, TokenRecord};
+use crate::store::{AppRecord, EventRecord, HostRecord, ScheduleKind, ScheduleRecord, TokenRecord};
 use drover_agent::backup::catalog::Backup;
 use drover_agent::backup::target::TargetSpec;
 
@@ -221,6 +225,222 @@ pub fn newest_holder(catalogs: &[(String, Vec<Backup>)]) -> Option<String> {
         .map(|(host, _)| host.clone())
 }
 
+impl OperatorApi {
+    /// The app and its spec, when `version` may be deployed.
+    fn deployable(&self, app: &str, version: &str) -> Result<(AppRecord, AppSpec), Status> {
+        let app = self.known_app(app)?;
+        let source = format!("app {} revision {}", app.name, app.revision);
+        let spec = AppSpec::from_toml(&app.spec_toml, &source).map_err(|e| {
+            Status::failed_precondition(format!(
+                "the stored spec no longer validates: {e}; apply a fixed one (`drover app apply FILE`)"
+            ))
+        })?;
+        check_version(&spec, version)
+            .map_err(|e| Status::invalid_argument(format!("{}: {e}", app.name)))?;
+        Ok((app, spec))
+    }
+
+    /// Starts a deploy job: the Deploy RPC and the scheduler's one-off deploys. `id` is the
+    /// scheduler's pre-recorded job id.
+    pub async fn deploy_job(
+        &self,
+        req: v1::DeployRequest,
+        by: &str,
+        id: Option<String>,
+    ) -> Result<JobRecord, Status> {
+        let (app, spec) = self.deployable(&req.app, &req.version)?;
+        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
+        let hosts = self.choose_hosts(&app.name, &req.hosts, &labels, "deploy")?;
+        let backup_target_toml = match (&spec.pre_deploy_backup, req.skip_backup) {
+            (Some(target), false) => self
+                .shared
+                .store
+                .backup_target(target)
+                .map_err(internal)?
+                .map(|t| t.spec_toml)
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "{} asks for a pre-deploy backup of {target}, but no backup target {target} is applied; `drover backup-target apply FILE`, or deploy with --skip-backup",
+                        app.name
+                    ))
+                })?,
+            _ => String::new(),
+        };
+        let command = JobCommand::Deploy {
+            app: app.name.clone(),
+            version: req.version.clone(),
+            spec_toml: app.spec_toml.clone(),
+            spec_revision: app.revision,
+            skip_backup: req.skip_backup,
+            wait_lock: req.wait_lock,
+            requested_by: by.to_string(),
+            backup_target_toml,
+        };
+        start_job(self.shared.clone(), JobKind::Deploy, command, hosts, id).await
+    }
+
+    /// Starts a backup job on `target` (on `host` when given): the RunBackup RPC (trigger
+    /// `manual`) and the scheduler (`scheduled`, with its pre-recorded job id).
+    pub async fn backup_job(
+        &self,
+        target: &str,
+        host: &str,
+        trigger: &str,
+        by: &str,
+        id: Option<String>,
+    ) -> Result<JobRecord, Status> {
+        let (record, spec) = self.known_target(target)?;
+        let hosts = self.target_hosts(&spec, host)?;
+        let command = JobCommand::Backup {
+            target: spec.name.clone(),
+            target_toml: record.spec_toml,
+            trigger: trigger.to_string(),
+            requested_by: by.to_string(),
+        };
+        start_job(self.shared.clone(), JobKind::Backup, command, hosts, id).await
+    }
+
+    /// Starts a verify job on `target` (on `host` when given, else where its newest backup
+    /// is): the scheduler's weekly validation, with its pre-recorded job id.
+    pub async fn verify_job(
+        &self,
+        target: &str,
+        host: &str,
+        by: &str,
+        id: Option<String>,
+    ) -> Result<JobRecord, Status> {
+        let (record, spec) = self.known_target(target)?;
+        let hosts = self.verify_host(&spec, host)?;
+        let command = JobCommand::Verify {
+            target: spec.name.clone(),
+            target_toml: record.spec_toml,
+            requested_by: by.to_string(),
+        };
+        start_job(self.shared.clone(), JobKind::Verify, command, hosts, id).await
+    }
+
+    /// Checks and stores (flushed) a new schedule; its id defaults to `<target>-<kind>` (a
+    /// deploy: `<app>-deploy-<version>`).
+    async fn add_schedule_record(
+        &self,
+        mut record: ScheduleRecord,
+        by: &str,
+    ) -> Result<v1::ScheduleInfo, Status> {
+        let now = now_ms();
+        let kind = record.kind.ok_or_else(|| {
+            Status::invalid_argument("a schedule's kind is backup, verify or deploy")
+        })?;
+        match kind {
+            ScheduleKind::Backup | ScheduleKind::Verify => {
+                self.known_target(&record.target)?;
+                if record.cron.is_empty() || record.at_unix_ms != 0 {
+                    return Err(Status::invalid_argument(format!(
+                        "a {} schedule needs a cron expression (--cron \"0 2 * * *\") and no --at",
+                        kind.as_str()
+                    )));
+                }
+                if record.hosts.len() > 1 {
+                    return Err(Status::invalid_argument(format!(
+                        "a {} schedule runs on at most one named host",
+                        kind.as_str()
+                    )));
+                }
+            }
+            ScheduleKind::Deploy => {
+                self.deployable(&record.target, &record.version)?;
+                if !record.cron.is_empty() || record.at_unix_ms == 0 {
+                    return Err(Status::invalid_argument(
+                        "a deploy schedule is one-off: give its time (--at) and no cron expression",
+                    ));
+                }
+                if record.at_unix_ms <= now {
+                    return Err(Status::invalid_argument(
+                        "the deploy time (--at) is in the past; deploy now without --at",
+                    ));
+                }
+            }
+        }
+        if record.id.is_empty() {
+            record.id = match kind {
+                ScheduleKind::Deploy => format!("{}-deploy-{}", record.target, record.version),
+                _ => format!("{}-{}", record.target, kind.as_str()),
+            };
+        }
+        if record.id.len() > 128
+            || !record
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(Status::invalid_argument(format!(
+                "schedule id {:?}: use up to 128 letters, digits, '-', '_' or '.'",
+                record.id
+            )));
+        }
+        record.created_by = by.to_string();
+        record.created_unix_ms = now;
+        record.paused = false;
+        record.last_fire_unix_ms = 0;
+        record.last_run_job_id.clear();
+        record.last_result.clear();
+        record.runs_missed = 0;
+        scheduler::schedule_of(&record).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !self.shared.store.add_schedule(&record).map_err(internal)? {
+            return Err(Status::already_exists(format!(
+                "schedule {} exists; `drover schedule rm {}` first, or choose another --id",
+                record.id, record.id
+            )));
+        }
+        self.shared.store.flush().await.map_err(internal)?;
+        info!(schedule = %record.id, kind = kind.as_str(), target = %record.target, by = %by, "schedule added");
+        Ok(schedule_info(&record, now))
+    }
+
+    fn known_schedule(&self, id: &str) -> Result<ScheduleRecord, Status> {
+        self.shared
+            .store
+            .schedule(id)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown schedule {id}; `drover schedule list` shows them"
+                ))
+            })
+    }
+
+    async fn set_paused(
+        &self,
+        id: &str,
+        paused: bool,
+        by: &str,
+    ) -> Result<v1::ScheduleInfo, Status> {
+        self.known_schedule(id)?;
+        let record = self
+            .shared
+            .store
+            .update_schedule(id, |r| r.paused = paused)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("unknown schedule {id}")))?;
+        self.shared.store.flush().await.map_err(internal)?;
+        info!(schedule = %id, paused, by = %by, "schedule paused or resumed");
+        Ok(schedule_info(&record, now_ms()))
+    }
+}
+
+/// A stored schedule for the wire, with its next 3 fire times after `now`.
+fn schedule_info(record: &ScheduleRecord, now: i64) -> v1::ScheduleInfo {
+    let next = scheduler::schedule_of(record)
+        .map(|s| schedule::next_runs(&s, now.max(record.last_fire_unix_ms), 3))
+        .unwrap_or_default();
+    // A one-off that fired has no next run.
+    let next = if record.cron.is_empty() && record.last_fire_unix_ms > 0 {
+        Vec::new()
+    } else {
+        next
+    };
+    convert::schedule_to_proto(record, next)
+}
+
 fn selection_status(err: SelectError) -> Status {
     let message = err.to_string();
     match err {
@@ -236,17 +456,23 @@ fn selection_status(err: SelectError) -> Status {
 
 /// Creates the job (durable), then sends its first target's command. Runs in its own task so
 /// a caller that goes away half-way leaves no job stored but never sent.
+/// With `id` (the scheduler's, recorded before), the job gets that id or is not created.
 async fn start_job(
     shared: Arc<Shared>,
     kind: JobKind,
     command: JobCommand,
     hosts: Vec<String>,
+    id: Option<String>,
 ) -> Result<JobRecord, Status> {
     tokio::spawn(async move {
         let now = now_ms();
         let mut job = None;
-        for _ in 0..8 {
-            let candidate = JobRecord::new(job_id(kind, now, rand::random()), now, command.clone(), &hosts);
+        let tries = if id.is_some() { 1 } else { 8 };
+        for _ in 0..tries {
+            let candidate_id = id
+                .clone()
+                .unwrap_or_else(|| job_id(kind, now, rand::random()));
+            let candidate = JobRecord::new(candidate_id, now, command.clone(), &hosts);
             if shared.store.create_job(&candidate).map_err(internal)? {
                 job = Some(candidate);
                 break;
@@ -406,43 +632,29 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::JobInfo>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
-        let app = self.known_app(&req.app)?;
-        let source = format!("app {} revision {}", app.name, app.revision);
-        let spec = AppSpec::from_toml(&app.spec_toml, &source).map_err(|e| {
-            Status::failed_precondition(format!(
-                "the stored spec no longer validates: {e}; apply a fixed one (`drover app apply FILE`)"
-            ))
-        })?;
-        check_version(&spec, &req.version)
-            .map_err(|e| Status::invalid_argument(format!("{}: {e}", app.name)))?;
-        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        let hosts = self.choose_hosts(&app.name, &req.hosts, &labels, "deploy")?;
-        let backup_target_toml = match (&spec.pre_deploy_backup, req.skip_backup) {
-            (Some(target), false) => self
-                .shared
-                .store
-                .backup_target(target)
-                .map_err(internal)?
-                .map(|t| t.spec_toml)
-                .ok_or_else(|| {
-                    Status::failed_precondition(format!(
-                        "{} asks for a pre-deploy backup of {target}, but no backup target {target} is applied; `drover backup-target apply FILE`, or deploy with --skip-backup",
-                        app.name
-                    ))
-                })?,
-            _ => String::new(),
-        };
-        let command = JobCommand::Deploy {
-            app: app.name.clone(),
-            version: req.version.clone(),
-            spec_toml: app.spec_toml.clone(),
-            spec_revision: app.revision,
-            skip_backup: req.skip_backup,
-            wait_lock: req.wait_lock,
-            requested_by: operator_name(&caller),
-            backup_target_toml,
-        };
-        let job = start_job(self.shared.clone(), JobKind::Deploy, command, hosts).await?;
+        let by = operator_name(&caller);
+        if req.at_unix_ms != 0 {
+            // A one-off scheduled deploy: checked now, stored, started by the scheduler.
+            if !req.labels.is_empty() || req.skip_backup || req.wait_lock {
+                return Err(Status::invalid_argument(
+                    "a scheduled deploy (--at) keeps only its hosts: name them with --host; --label, --skip-backup and --wait apply to deploys started now",
+                ));
+            }
+            let record = ScheduleRecord {
+                kind: Some(ScheduleKind::Deploy),
+                target: req.app.clone(),
+                version: req.version.clone(),
+                hosts: req.hosts.clone(),
+                at_unix_ms: req.at_unix_ms,
+                ..ScheduleRecord::default()
+            };
+            let info = self.add_schedule_record(record, &by).await?;
+            return Ok(Response::new(v1::JobInfo {
+                scheduled: Some(info),
+                ..Default::default()
+            }));
+        }
+        let job = self.deploy_job(req, &by, None).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -480,7 +692,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             wait_lock: req.wait_lock,
             requested_by: operator_name(&caller),
         };
-        let job = start_job(self.shared.clone(), JobKind::Rollback, command, hosts).await?;
+        let job = start_job(self.shared.clone(), JobKind::Rollback, command, hosts, None).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -598,6 +810,14 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             .store
             .apply_backup_target(&spec.name, &req.target_toml, &by, now_ms())
             .map_err(internal)?;
+        if changed && record.revision == 1 {
+            let created =
+                scheduler::add_default_schedules(&self.shared, &record.name, &by, now_ms())
+                    .map_err(internal)?;
+            if !created.is_empty() {
+                info!(target = %record.name, schedules = ?created, "default schedules added");
+            }
+        }
         self.shared.store.flush().await.map_err(internal)?;
         if changed {
             info!(target = %record.name, revision = record.revision, by = %by, "backup target applied");
@@ -646,15 +866,15 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::JobInfo>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
-        let (record, spec) = self.known_target(&req.target)?;
-        let hosts = self.target_hosts(&spec, &req.host)?;
-        let command = JobCommand::Backup {
-            target: spec.name.clone(),
-            target_toml: record.spec_toml,
-            trigger: "manual".into(),
-            requested_by: operator_name(&caller),
-        };
-        let job = start_job(self.shared.clone(), JobKind::Backup, command, hosts).await?;
+        let job = self
+            .backup_job(
+                &req.target,
+                &req.host,
+                "manual",
+                &operator_name(&caller),
+                None,
+            )
+            .await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -721,7 +941,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             dry_run: req.dry_run,
             requested_by: operator_name(&caller),
         };
-        let job = start_job(self.shared.clone(), JobKind::Prune, command, hosts).await?;
+        let job = start_job(self.shared.clone(), JobKind::Prune, command, hosts, None).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -773,7 +993,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             identity_file: req.identity_file,
             requested_by: operator_name(&caller),
         };
-        let job = start_job(self.shared.clone(), JobKind::Restore, command, hosts).await?;
+        let job = start_job(self.shared.clone(), JobKind::Restore, command, hosts, None).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -818,7 +1038,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
                 target_toml: record.spec_toml,
                 requested_by: operator_name(&caller),
             };
-            let job = start_job(self.shared.clone(), JobKind::Verify, command, hosts).await?;
+            let job = start_job(self.shared.clone(), JobKind::Verify, command, hosts, None).await?;
             jobs.push(convert::job_to_proto(&job));
         }
         Ok(Response::new(v1::VerifyResponse { jobs }))
@@ -881,6 +1101,10 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
                 .store
                 .apply_backup_target(&target.name, &text, &by, now_ms())
                 .map_err(internal)?;
+            if changed && t.revision == 1 {
+                scheduler::add_default_schedules(&self.shared, &t.name, &by, now_ms())
+                    .map_err(internal)?;
+            }
             if changed {
                 info!(target = %t.name, revision = t.revision, app = %spec.name, by = %by, "backup target applied with its app");
             }
@@ -1104,6 +1328,95 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             cert_pem: issued.cert_pem,
             ca_pem: self.shared.ca.cert_pem().to_string(),
         }))
+    }
+
+    async fn add_schedule(
+        &self,
+        request: Request<v1::AddScheduleRequest>,
+    ) -> Result<Response<v1::ScheduleInfo>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let req = request.into_inner();
+        let kind = ScheduleKind::parse(&req.kind).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown schedule kind {:?}: backup, verify or deploy",
+                req.kind
+            ))
+        })?;
+        let record = ScheduleRecord {
+            id: req.id,
+            kind: Some(kind),
+            target: req.target,
+            version: req.version,
+            hosts: req.hosts,
+            cron: req.cron.trim().to_string(),
+            at_unix_ms: req.at_unix_ms,
+            tz: req.tz,
+            jitter_secs: req.jitter_secs,
+            ..ScheduleRecord::default()
+        };
+        let info = self
+            .add_schedule_record(record, &operator_name(&caller))
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<v1::ListSchedulesRequest>,
+    ) -> Result<Response<v1::ListSchedulesResponse>, Status> {
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let now = now_ms();
+        let schedules = self
+            .shared
+            .store
+            .schedules()
+            .map_err(internal)?
+            .iter()
+            .map(|r| schedule_info(r, now))
+            .collect();
+        Ok(Response::new(v1::ListSchedulesResponse { schedules }))
+    }
+
+    async fn remove_schedule(
+        &self,
+        request: Request<v1::RemoveScheduleRequest>,
+    ) -> Result<Response<v1::RemoveScheduleResponse>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let id = &request.get_ref().id;
+        self.shared
+            .store
+            .remove_schedule(id)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown schedule {id}; `drover schedule list` shows them"
+                ))
+            })?;
+        self.shared.store.flush().await.map_err(internal)?;
+        info!(schedule = %id, by = %operator_name(&caller), "schedule removed");
+        Ok(Response::new(v1::RemoveScheduleResponse {}))
+    }
+
+    async fn pause_schedule(
+        &self,
+        request: Request<v1::PauseScheduleRequest>,
+    ) -> Result<Response<v1::ScheduleInfo>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let info = self
+            .set_paused(&request.get_ref().id, true, &operator_name(&caller))
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn resume_schedule(
+        &self,
+        request: Request<v1::ResumeScheduleRequest>,
+    ) -> Result<Response<v1::ScheduleInfo>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let info = self
+            .set_paused(&request.get_ref().id, false, &operator_name(&caller))
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn list_events(

@@ -21,6 +21,7 @@ use crate::config::ControllerConfig;
 use crate::enrollment::EnrollmentApi;
 use crate::jobs::JobUpdate;
 use crate::operator::OperatorApi;
+use crate::scheduler::Scheduler;
 use crate::sessions::{AgentApi, Registry};
 use crate::store::Store;
 
@@ -44,6 +45,8 @@ pub struct Shared {
     /// Every change to a job, after it is stored, for `WatchJob` streams.
     pub job_updates: broadcast::Sender<JobUpdate>,
     pub shutdown: CancellationToken,
+    /// Held by a scheduler tick, so two ticks (the task's and a test's) never race.
+    pub scheduler_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How many job updates a slow `WatchJob` stream may fall behind before it re-reads the store.
@@ -99,6 +102,7 @@ impl Controller {
                 registry: Registry::default(),
                 job_updates: broadcast::channel(JOB_UPDATES_BUFFER).0,
                 shutdown: CancellationToken::new(),
+                scheduler_lock: Arc::default(),
             }),
             server_chain_pem,
             server_key_pem,
@@ -150,6 +154,14 @@ impl Controller {
                 },
             ));
         info!(listen = %addr, "controller serving");
+        // The scheduler stops with everything else, on the same token.
+        if !shared.config.scheduler_tick.is_zero() {
+            tokio::spawn(Scheduler::new(shared.clone()).run(
+                now_ms,
+                shared.config.scheduler_tick,
+                shared.shutdown.clone(),
+            ));
+        }
         let signal_shared = shared.clone();
         let signal = async move {
             shutdown.cancelled().await;

@@ -1,5 +1,6 @@
 //! The controller's durable state in sled: hosts, enrollment tokens, revoked certificates,
-//! every job event, app specs, deploy and rollback jobs, and each host's release table per app.
+//! every job event, app specs, deploy and rollback jobs, each host's release table per app,
+//! and schedules.
 //! The only module of the controller that knows it is sled.
 //!
 //! Writes that a peer is told about (an ack, an issued certificate, a used token) are flushed
@@ -144,6 +145,66 @@ pub struct AppRecord {
     pub updated_by: String,
 }
 
+/// What a schedule starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Backup,
+    Verify,
+    Deploy,
+}
+
+impl ScheduleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScheduleKind::Backup => "backup",
+            ScheduleKind::Verify => "verify",
+            ScheduleKind::Deploy => "deploy",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ScheduleKind> {
+        match text {
+            "backup" => Some(ScheduleKind::Backup),
+            "verify" => Some(ScheduleKind::Verify),
+            "deploy" => Some(ScheduleKind::Deploy),
+            _ => None,
+        }
+    }
+}
+
+/// A schedule: recurring (`cron`) or one-off (`at_unix_ms`), and what it last did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ScheduleRecord {
+    pub id: String,
+    pub kind: Option<ScheduleKind>,
+    /// The backup target (backup, verify) or the app (deploy).
+    pub target: String,
+    /// The version a deploy installs.
+    pub version: String,
+    /// Where it runs; empty: as the operator RPC would choose.
+    pub hosts: Vec<String>,
+    /// 5-field cron expression; empty for a one-off.
+    pub cron: String,
+    /// A one-off's time; 0 for a recurring schedule.
+    pub at_unix_ms: i64,
+    /// IANA zone of `cron`; empty: UTC.
+    pub tz: String,
+    pub jitter_secs: u64,
+    pub paused: bool,
+    pub created_by: String,
+    pub created_unix_ms: i64,
+    /// When it last fired (controller clock); 0: never.
+    pub last_fire_unix_ms: i64,
+    /// The job its last fire started (or was about to start); empty if none was started.
+    pub last_run_job_id: String,
+    /// `started`, the job's final state, or `failed: <why it could not start>`.
+    pub last_result: String,
+    /// How many fire times the last run covered beyond its own (after downtime).
+    pub runs_missed: u64,
+}
+
 /// What happened to an event offered to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -192,6 +253,8 @@ pub struct Store {
     /// target \0 finished_unix_ms (big-endian) \0 job id → Verification: each target's
     /// validation history, kept from the `backup.verification` events
     verifications: sled::Tree,
+    /// schedule id → ScheduleRecord
+    schedules: sled::Tree,
 }
 
 /// A table an event carries, stored with it in one transaction.
@@ -361,6 +424,7 @@ impl Store {
             backup_targets: db.open_tree("backup_targets")?,
             backups: db.open_tree("backups")?,
             verifications: db.open_tree("verifications")?,
+            schedules: db.open_tree("schedules")?,
             db,
         })
     }
@@ -733,6 +797,48 @@ impl Store {
             .scan_prefix(job_event_prefix(job_id))
             .map(|item| decode(&item?.1))
             .collect()
+    }
+
+    // --- schedules ---------------------------------------------------------------------------
+
+    pub fn schedule(&self, id: &str) -> Result<Option<ScheduleRecord>, StoreError> {
+        self.schedules.get(id)?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Every schedule, by id.
+    pub fn schedules(&self) -> Result<Vec<ScheduleRecord>, StoreError> {
+        self.schedules.iter().map(|item| decode(&item?.1)).collect()
+    }
+
+    /// Stores a new schedule; false, storing nothing, if its id is taken. Not yet durable.
+    pub fn add_schedule(&self, record: &ScheduleRecord) -> Result<bool, StoreError> {
+        Ok(self
+            .schedules
+            .compare_and_swap(record.id.as_bytes(), None::<&[u8]>, Some(encode(record)?))?
+            .is_ok())
+    }
+
+    /// Reads, changes and writes a schedule; the new record, or None if unknown. Not yet
+    /// durable.
+    pub fn update_schedule(
+        &self,
+        id: &str,
+        change: impl Fn(&mut ScheduleRecord),
+    ) -> Result<Option<ScheduleRecord>, StoreError> {
+        let mut result = None;
+        self.schedules.fetch_and_update(id, |old| {
+            let mut record: ScheduleRecord = old.and_then(|v| decode(v).ok())?;
+            change(&mut record);
+            let bytes = encode(&record).ok();
+            result = Some(record);
+            bytes
+        })?;
+        Ok(result)
+    }
+
+    /// Removes a schedule; the removed record, if it existed. Not yet durable.
+    pub fn remove_schedule(&self, id: &str) -> Result<Option<ScheduleRecord>, StoreError> {
+        self.schedules.remove(id)?.map(|v| decode(&v)).transpose()
     }
 
     // --- releases ----------------------------------------------------------------------------

@@ -140,6 +140,10 @@ pub enum Command {
         /// Print the job id and return at once instead of following the job.
         #[arg(long)]
         detach: bool,
+        /// Deploy later, once: RFC 3339 (2026-05-01T22:00:00Z) or from now (+30m). Stores a
+        /// one-off schedule (`drover schedule list`) instead of starting a job.
+        #[arg(long, value_parser = parse_at)]
+        at: Option<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -241,8 +245,93 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Schedules: recurring backups and verifications, one-off deploys.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Add a schedule.
+    #[command(subcommand)]
+    Add(ScheduleAdd),
+    /// Every schedule with its next 3 run times and its last run.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a schedule (a running job goes on).
+    Rm { id: String },
+    /// Stop a schedule from firing until it is resumed.
+    Pause { id: String },
+    /// Let a paused schedule fire again (missed times: one catch-up run).
+    Resume { id: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RecurringArgs {
+    /// The backup target.
+    target: String,
+    /// 5-field cron expression: minute hour day-of-month month day-of-week.
+    #[arg(long)]
+    cron: String,
+    /// IANA time zone of the expression (Europe/Berlin); default UTC.
+    #[arg(long)]
+    tz: Option<String>,
+    /// Fire up to this much later (15m), the same offset every time.
+    #[arg(long, value_parser = drover_agent::daemon::parse_duration)]
+    jitter: Option<std::time::Duration>,
+    /// Run on this host; default: as `drover backup run` chooses.
+    #[arg(long)]
+    host: Option<String>,
+    /// The schedule's id; default TARGET-KIND.
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleAdd {
+    /// Back up TARGET on a cron schedule.
+    Backup(RecurringArgs),
+    /// Validate TARGET's newest backup on a cron schedule.
+    Verify(RecurringArgs),
+    /// Deploy VERSION of APP once, at a given time.
+    Deploy {
+        app: String,
+        version: String,
+        /// RFC 3339 (2026-05-01T22:00:00Z) or from now (+30m).
+        #[arg(long, value_parser = parse_at)]
+        at: i64,
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A time given as RFC 3339 or as `+DURATION` from now, in Unix ms.
+pub fn parse_at(text: &str) -> Result<i64, String> {
+    parse_at_from(text, now_ms())
+}
+
+/// [`parse_at`] with the current time passed in.
+pub fn parse_at_from(text: &str, now_ms: i64) -> Result<i64, String> {
+    let text = text.trim();
+    if let Some(rest) = text.strip_prefix('+') {
+        let d = drover_agent::daemon::parse_duration(rest)?;
+        return Ok(now_ms + d.as_millis() as i64);
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| {
+            format!("invalid time {text:?}: {e} (use RFC 3339, 2026-05-01T22:00:00Z, or +30m)")
+        })
 }
 
 #[derive(Debug, Subcommand)]
@@ -453,6 +542,46 @@ fn confirm(question: &str) -> Result<bool, CliError> {
 }
 
 /// Runs one `drover` command.
+/// An AddSchedule request for a recurring backup or verify schedule, checked here first so a
+/// bad expression or zone is reported without a round trip.
+fn recurring_request(
+    kind: &str,
+    a: RecurringArgs,
+) -> Result<(v1::AddScheduleRequest, bool), CliError> {
+    crate::schedule::parse_cron(&a.cron).map_err(|e| CliError::Invalid(e.to_string()))?;
+    let tz = a.tz.unwrap_or_default();
+    crate::schedule::parse_tz(&tz).map_err(|e| CliError::Invalid(e.to_string()))?;
+    Ok((
+        v1::AddScheduleRequest {
+            id: a.id.unwrap_or_default(),
+            kind: kind.into(),
+            target: a.target,
+            hosts: a.host.into_iter().collect(),
+            cron: a.cron,
+            tz,
+            jitter_secs: a.jitter.map(|d| d.as_secs()).unwrap_or(0),
+            ..Default::default()
+        },
+        a.json,
+    ))
+}
+
+fn print_schedule(s: &v1::ScheduleInfo, json: bool, now: i64) -> Result<(), CliError> {
+    if json {
+        return print_json(&output::schedule_json(s));
+    }
+    let next = s
+        .next_runs_unix_ms
+        .first()
+        .map(|t| output::when(*t, now))
+        .unwrap_or_else(|| "none".into());
+    println!(
+        "schedule {} ({} {}) stored; next run {next}",
+        s.id, s.kind, s.target
+    );
+    Ok(())
+}
+
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Completions { shell } = cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -698,6 +827,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             skip_backup,
             wait,
             detach,
+            at,
             json,
         } => {
             let job = api
@@ -708,11 +838,87 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     labels: labels.into_iter().collect(),
                     skip_backup,
                     wait_lock: wait,
+                    at_unix_ms: at.unwrap_or(0),
                 })
                 .await
                 .map_err(err)?
                 .into_inner();
+            if let Some(schedule) = &job.scheduled {
+                return print_schedule(schedule, json, now);
+            }
             attach(&mut api, &addr, &job, detach, json).await
+        }
+        Command::Schedule(ScheduleCommand::Add(add)) => {
+            let (req, json) = match add {
+                ScheduleAdd::Backup(a) => recurring_request("backup", a)?,
+                ScheduleAdd::Verify(a) => recurring_request("verify", a)?,
+                ScheduleAdd::Deploy {
+                    app,
+                    version,
+                    at,
+                    hosts,
+                    id,
+                    json,
+                } => (
+                    v1::AddScheduleRequest {
+                        id: id.unwrap_or_default(),
+                        kind: "deploy".into(),
+                        target: app,
+                        version,
+                        hosts,
+                        at_unix_ms: at,
+                        ..Default::default()
+                    },
+                    json,
+                ),
+            };
+            let schedule = api.add_schedule(req).await.map_err(err)?.into_inner();
+            print_schedule(&schedule, json, now)
+        }
+        Command::Schedule(ScheduleCommand::List { json }) => {
+            let schedules = api
+                .list_schedules(v1::ListSchedulesRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .schedules;
+            if json {
+                print_json(&Value::Array(
+                    schedules.iter().map(output::schedule_json).collect(),
+                ))
+            } else {
+                println!("{}", output::schedules_table(&schedules, now));
+                Ok(())
+            }
+        }
+        Command::Schedule(ScheduleCommand::Rm { id }) => {
+            api.remove_schedule(v1::RemoveScheduleRequest { id: id.clone() })
+                .await
+                .map_err(err)?;
+            println!("schedule {id} removed");
+            Ok(())
+        }
+        Command::Schedule(ScheduleCommand::Pause { id }) => {
+            api.pause_schedule(v1::PauseScheduleRequest { id: id.clone() })
+                .await
+                .map_err(err)?;
+            println!("schedule {id} paused");
+            Ok(())
+        }
+        Command::Schedule(ScheduleCommand::Resume { id }) => {
+            let s = api
+                .resume_schedule(v1::ResumeScheduleRequest { id: id.clone() })
+                .await
+                .map_err(err)?
+                .into_inner();
+            println!(
+                "schedule {id} resumed; next run {}",
+                s.next_runs_unix_ms
+                    .first()
+                    .map(|t| output::when(*t, now))
+                    .unwrap_or_else(|| "none".into())
+            );
+            Ok(())
         }
         Command::Rollback {
             app,
@@ -1037,5 +1243,27 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_times() {
+        let now = 1_750_000_000_000;
+        assert_eq!(parse_at_from("+30m", now), Ok(now + 30 * 60 * 1000));
+        assert_eq!(
+            parse_at_from("2026-05-01T22:00:00Z", now),
+            Ok(1_777_672_800_000)
+        );
+        assert_eq!(
+            parse_at_from("2026-05-02T00:00:00+02:00", now),
+            Ok(1_777_672_800_000)
+        );
+        let err = parse_at_from("tomorrow", now).unwrap_err();
+        assert!(err.contains("tomorrow") && err.contains("+30m"), "{err}");
+        assert!(parse_at_from("+soon", now).is_err());
     }
 }

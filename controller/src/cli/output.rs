@@ -713,6 +713,108 @@ pub fn verifications_table(found: &[v1::VerificationInfo], now_ms: i64) -> Strin
     t.to_string()
 }
 
+/// A future (or past) time as RFC 3339 UTC with "in 5h" (or "3m ago").
+pub fn when(ms: i64, now_ms: i64) -> String {
+    let at = rfc3339_ms(ms);
+    let at = at.as_str().unwrap_or("-");
+    if ms >= now_ms {
+        format!("{at} (in {})", duration_ms(ms - now_ms))
+    } else {
+        format!("{at} ({})", ago(ms, now_ms))
+    }
+}
+
+pub fn schedule_json(s: &v1::ScheduleInfo) -> Value {
+    json!({
+        "id": s.id,
+        "kind": s.kind,
+        "target": s.target,
+        "version": s.version,
+        "hosts": s.hosts,
+        "cron": s.cron,
+        "at": rfc3339_ms(s.at_unix_ms),
+        "tz": if s.tz.is_empty() { "UTC" } else { s.tz.as_str() },
+        "jitter_secs": s.jitter_secs,
+        "paused": s.paused,
+        "created_by": s.created_by,
+        "created_at": rfc3339_ms(s.created_unix_ms),
+        "next_runs": s.next_runs_unix_ms.iter().map(|t| rfc3339_ms(*t)).collect::<Vec<_>>(),
+        "last_fire": rfc3339_ms(s.last_fire_unix_ms),
+        "last_job": s.last_run_job_id,
+        "last_result": s.last_result,
+        "runs_missed": s.runs_missed,
+    })
+}
+
+pub fn schedules_table(schedules: &[v1::ScheduleInfo], now_ms: i64) -> String {
+    if schedules.is_empty() {
+        return "no schedules: `drover schedule add backup TARGET --cron \"0 2 * * *\"` adds one"
+            .into();
+    }
+    let mut t = table(&[
+        "ID",
+        "KIND",
+        "TARGET",
+        "WHEN",
+        "TZ",
+        "PAUSED",
+        "NEXT RUNS",
+        "LAST RUN",
+        "RESULT",
+    ]);
+    for s in schedules {
+        let target = if s.version.is_empty() {
+            s.target.clone()
+        } else {
+            format!("{} {}", s.target, s.version)
+        };
+        let when = if s.cron.is_empty() {
+            format!("at {}", rfc3339_ms(s.at_unix_ms).as_str().unwrap_or("-"))
+        } else if s.jitter_secs > 0 {
+            format!(
+                "{} (+{} jitter)",
+                s.cron,
+                duration_ms(s.jitter_secs as i64 * 1000)
+            )
+        } else {
+            s.cron.clone()
+        };
+        let next = s
+            .next_runs_unix_ms
+            .iter()
+            .map(|t| rfc3339_ms(*t).as_str().unwrap_or("-").to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let last = if s.last_fire_unix_ms == 0 {
+            "never".to_string()
+        } else if s.last_run_job_id.is_empty() {
+            ago(s.last_fire_unix_ms, now_ms)
+        } else {
+            format!("{} {}", ago(s.last_fire_unix_ms, now_ms), s.last_run_job_id)
+        };
+        let mut result = or_dash(&s.last_result);
+        if s.runs_missed > 0 {
+            result = format!("{result} (covered {} missed)", s.runs_missed);
+        }
+        t.add_row(vec![
+            s.id.clone(),
+            s.kind.clone(),
+            target,
+            when,
+            if s.tz.is_empty() {
+                "UTC".into()
+            } else {
+                s.tz.clone()
+            },
+            yes_no(s.paused),
+            if next.is_empty() { "-".into() } else { next },
+            last,
+            result,
+        ]);
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,332 @@
+//! The scheduler on the controller's side, with time driven by the test: a real controller
+//! (its own scheduler task off), a scripted agent session over real mTLS, and
+//! `Scheduler::tick(now)` called with chosen times. Proves default schedules, one dispatch per
+//! fire, no overlap while a run is unfinished, one catch-up run after a 3-day gap, pause and
+//! resume, schedules kept across a controller restart, a one-off deploy (`--at`) firing once,
+//! and a verify schedule recorded as a failed run until validation jobs exist.
+
+use std::path::Path;
+
+use drover_agent::jobevent::{self, field};
+use drover_controller::scheduler::{Fired, Scheduler};
+use drover_e2e::{ScriptedAgent, TestController, fast_controller_config, init};
+use drover_proto::v1;
+use tonic::Code;
+
+const DAY: i64 = 24 * 3600 * 1000;
+const HOST: &str = "db-1";
+
+fn target_toml(name: &str) -> String {
+    format!("name = \"{name}\"\n[postgres]\ncontainer = \"{name}\"\ndatabases = [\"app\"]\n")
+}
+
+async fn schedules(controller: &TestController) -> Vec<v1::ScheduleInfo> {
+    controller
+        .admin()
+        .list_schedules(v1::ListSchedulesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .schedules
+}
+
+async fn schedule(controller: &TestController, id: &str) -> v1::ScheduleInfo {
+    schedules(controller)
+        .await
+        .into_iter()
+        .find(|s| s.id == id)
+        .unwrap_or_else(|| panic!("no schedule {id}"))
+}
+
+fn only<'a>(fired: &'a [Fired], id: &str) -> Vec<&'a Fired> {
+    fired.iter().filter(|f| f.schedule == id).collect()
+}
+
+/// Finishes a job as the agent would.
+async fn finish(agent: &mut ScriptedAgent, job: &str) {
+    agent.event(job, jobevent::STARTED, "", &[]).await;
+    agent
+        .event(job, jobevent::FINISHED, "", &[(field::RESULT, "succeeded")])
+        .await;
+}
+
+fn backup_of(cmd: &v1::Command) -> &v1::BackupCommand {
+    match &cmd.job {
+        Some(v1::command::Job::Backup(b)) => b,
+        other => panic!("expected a backup command, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_fire_once_never_overlap_and_catch_up_once() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+    let bundle = ScriptedAgent::enroll(&controller, HOST, &[], &tmp.path().join(HOST)).await;
+    let mut agent = ScriptedAgent::connect(&controller.addr.to_string(), &bundle, HOST).await;
+    controller
+        .admin()
+        .apply_backup_target(v1::ApplyBackupTargetRequest {
+            target_toml: target_toml("shop-db"),
+            source: "shop-db.toml".into(),
+        })
+        .await
+        .unwrap();
+
+    // The defaults: nightly backup with jitter, weekly verify, both UTC, 3 next runs each.
+    let backup = schedule(&controller, "shop-db-backup").await;
+    assert_eq!(
+        (
+            backup.kind.as_str(),
+            backup.cron.as_str(),
+            backup.jitter_secs
+        ),
+        ("backup", "0 2 * * *", 900)
+    );
+    assert_eq!(backup.next_runs_unix_ms.len(), 3);
+    let verify = schedule(&controller, "shop-db-verify").await;
+    assert_eq!(
+        (verify.kind.as_str(), verify.cron.as_str()),
+        ("verify", "0 6 * * 0")
+    );
+    assert_eq!(verify.next_runs_unix_ms.len(), 3);
+    assert_eq!(
+        verify.next_runs_unix_ms[1] - verify.next_runs_unix_ms[0],
+        7 * DAY
+    );
+
+    let scheduler = Scheduler::new(controller.shared.clone());
+    let first = backup.next_runs_unix_ms[0];
+    assert!(only(&scheduler.tick(first - 1).await.unwrap(), "shop-db-backup").is_empty());
+
+    // Due: one backup command, trigger "scheduled", under the recorded job id.
+    let fired = scheduler.tick(first).await.unwrap();
+    let fired = only(&fired, "shop-db-backup");
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!((fired[0].result.as_str(), fired[0].covers), ("started", 1));
+    let job = fired[0].job_id.clone();
+    let cmd = agent.next_command().await;
+    assert_eq!(cmd.job_id, job);
+    let b = backup_of(&cmd);
+    assert_eq!(
+        (b.target.as_str(), b.trigger.as_str()),
+        ("shop-db", "scheduled")
+    );
+    assert_eq!(
+        schedule(&controller, "shop-db-backup")
+            .await
+            .last_run_job_id,
+        job
+    );
+
+    // The same tick again, and the next night while the run is unfinished: nothing.
+    assert!(only(&scheduler.tick(first).await.unwrap(), "shop-db-backup").is_empty());
+    assert!(
+        only(
+            &scheduler.tick(first + DAY + 1000).await.unwrap(),
+            "shop-db-backup"
+        )
+        .is_empty()
+    );
+    agent.assert_no_command().await;
+
+    // The run ends; three nights later (controller "down" meanwhile): one run covering 3.
+    finish(&mut agent, &job).await;
+    let later = first + 3 * DAY + 3_600_000;
+    let fired = scheduler.tick(later).await.unwrap();
+    let fired = only(&fired, "shop-db-backup");
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0].covers, 3);
+    let second = fired[0].job_id.clone();
+    assert_ne!(second, job);
+    assert_eq!(agent.next_command().await.job_id, second);
+    assert!(
+        only(
+            &scheduler.tick(later + 1000).await.unwrap(),
+            "shop-db-backup"
+        )
+        .is_empty()
+    );
+    agent.assert_no_command().await;
+    let s = schedule(&controller, "shop-db-backup").await;
+    assert_eq!((s.runs_missed, s.last_result.as_str()), (2, "started"));
+    finish(&mut agent, &second).await;
+    scheduler.tick(later + 2000).await.unwrap();
+    assert_eq!(
+        schedule(&controller, "shop-db-backup").await.last_result,
+        "succeeded"
+    );
+
+    // The verify default fires on Sunday: a verify job goes to the host.
+    let sunday = verify.next_runs_unix_ms[0];
+    let fired = scheduler.tick(sunday).await.unwrap();
+    let v = only(&fired, "shop-db-verify");
+    assert_eq!(v.len(), 1, "{fired:?}");
+    assert_eq!(v[0].result, "started", "{fired:?}");
+    // (The nightly backup may be due at the same tick: its command can come first.)
+    let mut command = agent.next_command().await;
+    if command.kind != "verify" {
+        command = agent.next_command().await;
+    }
+    assert_eq!(command.kind, "verify");
+    assert_eq!(command.job_id, v[0].job_id);
+    let s = schedule(&controller, "shop-db-verify").await;
+    assert_eq!(s.last_run_job_id, v[0].job_id);
+    controller.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_restart_and_a_one_off_deploy() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = fast_controller_config(&tmp.path().join("ctl"));
+    let controller = TestController::start(config.clone()).await;
+    let bundle = ScriptedAgent::enroll(&controller, HOST, &[], &tmp.path().join(HOST)).await;
+    let mut admin = controller.admin();
+    let spec =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/api.toml"))
+            .unwrap();
+    admin
+        .apply_app(v1::ApplyAppRequest {
+            spec_toml: spec,
+            source: "api.toml".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .apply_backup_target(v1::ApplyBackupTargetRequest {
+            target_toml: target_toml("api-db"),
+            source: "api-db.toml".into(),
+        })
+        .await
+        .unwrap();
+    // Out of the way: the defaults would fire too in this test's far-apart ticks.
+    for id in ["api-db-backup", "api-db-verify"] {
+        admin
+            .remove_schedule(v1::RemoveScheduleRequest { id: id.into() })
+            .await
+            .unwrap();
+    }
+    let err = admin
+        .remove_schedule(v1::RemoveScheduleRequest {
+            id: "api-db-backup".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Refusals name what is wrong.
+    let add = |cron: &str, tz: &str, target: &str| v1::AddScheduleRequest {
+        kind: "backup".into(),
+        target: target.into(),
+        cron: cron.into(),
+        tz: tz.into(),
+        ..Default::default()
+    };
+    let err = admin
+        .add_schedule(add("0 25 * * *", "", "api-db"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("0 25 * * *"), "{}", err.message());
+    let err = admin
+        .add_schedule(add("0 2 * * *", "Mars/Base", "api-db"))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("Mars/Base"), "{}", err.message());
+    let err = admin
+        .add_schedule(add("0 2 * * *", "", "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // A custom backup schedule in a zone: every day at 03:30 Berlin time.
+    let s = admin
+        .add_schedule(v1::AddScheduleRequest {
+            id: "api-db-nightly".into(),
+            ..add("30 3 * * *", "Europe/Berlin", "api-db")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.next_runs_unix_ms[0];
+    let err = admin
+        .add_schedule(v1::AddScheduleRequest {
+            id: "api-db-nightly".into(),
+            ..add("30 3 * * *", "", "api-db")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    // A one-off deploy in 30 minutes: stored, not started.
+    let at = drover_controller::server::now_ms() + 30 * 60 * 1000;
+    let reply = admin
+        .deploy(v1::DeployRequest {
+            app: "api".into(),
+            version: "v1.4.2".into(),
+            at_unix_ms: at,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.id.is_empty());
+    let once = reply.scheduled.expect("the one-off schedule");
+    assert_eq!(once.id, "api-deploy-v1.4.2");
+    assert_eq!(once.next_runs_unix_ms, vec![at]);
+
+    // Restart on the same data dir: the schedules are still there.
+    controller.stop().await;
+    let controller = TestController::start(config).await;
+    let mut admin = controller.admin();
+    let ids: Vec<String> = schedules(&controller)
+        .await
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, ["api-db-nightly", "api-deploy-v1.4.2"]);
+    let mut agent = ScriptedAgent::connect(&controller.addr.to_string(), &bundle, HOST).await;
+    let scheduler = Scheduler::new(controller.shared.clone());
+
+    // The deploy fires once, at its time.
+    assert!(scheduler.tick(at - 1).await.unwrap().is_empty());
+    let fired = scheduler.tick(at).await.unwrap();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0].schedule, "api-deploy-v1.4.2");
+    let cmd = agent.next_command().await;
+    assert_eq!(cmd.job_id, fired[0].job_id);
+    match &cmd.job {
+        Some(v1::command::Job::Deploy(d)) => assert_eq!(d.version, "v1.4.2"),
+        other => panic!("expected a deploy, got {other:?}"),
+    }
+    finish(&mut agent, &fired[0].job_id).await;
+    assert!(scheduler.tick(at + 1000).await.unwrap().is_empty());
+    let once = schedule(&controller, "api-deploy-v1.4.2").await;
+    assert!(once.next_runs_unix_ms.is_empty());
+
+    // Paused: not due at its time; resumed: one run for what it missed.
+    admin
+        .pause_schedule(v1::PauseScheduleRequest {
+            id: "api-db-nightly".into(),
+        })
+        .await
+        .unwrap();
+    assert!(schedule(&controller, "api-db-nightly").await.paused);
+    assert!(scheduler.tick(first + 2 * DAY).await.unwrap().is_empty());
+    agent.assert_no_command().await;
+    admin
+        .resume_schedule(v1::ResumeScheduleRequest {
+            id: "api-db-nightly".into(),
+        })
+        .await
+        .unwrap();
+    let fired = scheduler.tick(first + 2 * DAY).await.unwrap();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(
+        (fired[0].schedule.as_str(), fired[0].covers),
+        ("api-db-nightly", 3)
+    );
+    assert_eq!(agent.next_command().await.job_id, fired[0].job_id);
+    controller.stop().await;
+}
