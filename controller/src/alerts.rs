@@ -322,7 +322,10 @@ mod tests {
     }
 
     fn keys(snapshot: &Snapshot, now: i64) -> Vec<String> {
-        conditions(snapshot, now).into_iter().map(|c| c.key).collect()
+        conditions(snapshot, now)
+            .into_iter()
+            .map(|c| c.key)
+            .collect()
     }
 
     #[test]
@@ -452,7 +455,13 @@ mod tests {
                         job("b2", JobKind::Backup, "db", JobState::Succeeded, now),
                         job("b3", JobKind::Backup, "other", JobState::Failed, now - H),
                         job("v1", JobKind::Verify, "other", JobState::Failed, now - H),
-                        job("v0", JobKind::Verify, "other", JobState::Succeeded, now - DAY),
+                        job(
+                            "v0",
+                            JobKind::Verify,
+                            "other",
+                            JobState::Succeeded,
+                            now - DAY,
+                        ),
                     ],
                     ..Snapshot::default()
                 },
@@ -464,7 +473,13 @@ mod tests {
                 Snapshot {
                     hosts: vec![host("db-1", HostState::Down, now + 20 * H)],
                     targets: vec![target("db", 0, Some(now - 3 * DAY), Some(now - 3 * DAY))],
-                    jobs: vec![job("b1", JobKind::Backup, "db", JobState::Succeeded, now - 3 * DAY)],
+                    jobs: vec![job(
+                        "b1",
+                        JobKind::Backup,
+                        "db",
+                        JobState::Succeeded,
+                        now - 3 * DAY,
+                    )],
                 },
                 vec!["backup_stale:db", "host_down:db-1"],
             ),

@@ -143,7 +143,11 @@ impl Notifier {
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| fail(e.to_string()))?;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| e.to_string())?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
             let code = response.status();
             // Read the body so the connection can be reused.
             let _ = response.into_body().collect().await;
@@ -167,7 +171,11 @@ mod tests {
     #[test]
     fn urls() {
         assert!(check_url("http://127.0.0.1:8080/hook").is_ok());
-        assert!(check_url("https://hooks.slack.com/x").unwrap_err().contains("https"));
+        assert!(
+            check_url("https://hooks.slack.com/x")
+                .unwrap_err()
+                .contains("https")
+        );
         assert!(check_url("ftp://x/y").is_err());
         assert!(check_url("not a url").is_err());
     }
@@ -187,6 +195,11 @@ mod tests {
         assert_eq!(j["status"], "open");
         assert_eq!(j["opened_at"], "1970-01-01T00:00:00Z");
         let s = slack_body(&alert, Status::Resolved);
-        assert!(s["text"].as_str().unwrap().contains("resolved: backup_stale:db"));
+        assert!(
+            s["text"]
+                .as_str()
+                .unwrap()
+                .contains("resolved: backup_stale:db")
+        );
     }
 }

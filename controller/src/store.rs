@@ -345,10 +345,7 @@ fn apply_spec(
         let new = AppRecord {
             name: name.to_string(),
             revision: old.as_ref().map(|o| o.revision + 1).unwrap_or(1),
-            created_unix_ms: old
-                .as_ref()
-                .map(|o| o.created_since())
-                .unwrap_or(now_ms),
+            created_unix_ms: old.as_ref().map(|o| o.created_since()).unwrap_or(now_ms),
             spec_toml: spec_toml.to_string(),
             updated_unix_ms: now_ms,
             updated_by: by.to_string(),

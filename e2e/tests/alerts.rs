@@ -37,16 +37,21 @@ async fn webhook_receiver() -> (SocketAddr, Received) {
             };
             let bodies = bodies.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    let bodies = bodies.clone();
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let bytes = req.into_body().collect().await?.to_bytes();
-                        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                        bodies.lock().unwrap().push((path, value));
-                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from("ok"))))
-                    }
-                });
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let bodies = bodies.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let bytes = req.into_body().collect().await?.to_bytes();
+                            let value: Value =
+                                serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                            bodies.lock().unwrap().push((path, value));
+                            Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from(
+                                "ok",
+                            ))))
+                        }
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -157,8 +162,14 @@ async fn a_stale_backup_alerts_once_resends_and_resolves_without_any_failed_job(
     );
     let open = alerts(&controller, false).await;
     let a = open.iter().find(|a| a.key == key).expect("listed");
-    assert_eq!((a.kind.as_str(), a.subject.as_str()), ("backup_stale", "shop-db"));
-    assert_eq!((a.opened_unix_ms, a.last_sent_unix_ms, a.sends), (t1, t1, 1));
+    assert_eq!(
+        (a.kind.as_str(), a.subject.as_str()),
+        ("backup_stale", "shop-db")
+    );
+    assert_eq!(
+        (a.opened_unix_ms, a.last_sent_unix_ms, a.sends),
+        (t1, t1, 1)
+    );
 
     // De-duplicated: the next ticks send nothing until alert_resend has passed.
     alerting.tick(t1 + 10 * 60 * 1000).await.unwrap();
@@ -180,7 +191,12 @@ async fn a_stale_backup_alerts_once_resends_and_resolves_without_any_failed_job(
     assert!(report.resolved.contains(&key.to_string()), "{report:?}");
     alerting.tick(t1 + 2 * HOUR + 1000).await.unwrap();
     assert_eq!(sent(&received, "/json", key), ["open", "open", "resolved"]);
-    assert!(alerts(&controller, false).await.iter().all(|a| a.key != key));
+    assert!(
+        alerts(&controller, false)
+            .await
+            .iter()
+            .all(|a| a.key != key)
+    );
     let all = alerts(&controller, true).await;
     let a = all.iter().find(|a| a.key == key).expect("kept as resolved");
     assert_eq!(a.resolved_unix_ms, t1 + 2 * HOUR);

@@ -891,7 +891,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .into_inner()
                 .alerts;
             if json {
-                print_json(&Value::Array(alerts.iter().map(output::alert_json).collect()))
+                print_json(&Value::Array(
+                    alerts.iter().map(output::alert_json).collect(),
+                ))
             } else {
                 println!("{}", output::alerts_table(&alerts, now));
                 Ok(())

@@ -815,6 +815,48 @@ pub fn schedules_table(schedules: &[v1::ScheduleInfo], now_ms: i64) -> String {
     t.to_string()
 }
 
+pub fn alert_json(a: &v1::AlertInfo) -> Value {
+    json!({
+        "key": a.key,
+        "kind": a.kind,
+        "subject": a.subject,
+        "message": a.message,
+        "status": if a.resolved_unix_ms == 0 { "open" } else { "resolved" },
+        "opened_at": rfc3339_ms(a.opened_unix_ms),
+        "last_sent": rfc3339_ms(a.last_sent_unix_ms),
+        "resolved_at": rfc3339_ms(a.resolved_unix_ms),
+        "sends": a.sends,
+    })
+}
+
+pub fn alerts_table(alerts: &[v1::AlertInfo], now_ms: i64) -> String {
+    if alerts.is_empty() {
+        return "no open alerts".into();
+    }
+    let mut t = table(&["KEY", "KIND", "SUBJECT", "SINCE", "LAST SENT", "MESSAGE"]);
+    for a in alerts {
+        let since = if a.resolved_unix_ms == 0 {
+            when(a.opened_unix_ms, now_ms)
+        } else {
+            format!("resolved {}", when(a.resolved_unix_ms, now_ms))
+        };
+        let sent = if a.last_sent_unix_ms == 0 {
+            "not yet".to_string()
+        } else {
+            format!("{} ({}×)", when(a.last_sent_unix_ms, now_ms), a.sends)
+        };
+        t.add_row(vec![
+            a.key.clone(),
+            a.kind.clone(),
+            a.subject.clone(),
+            since,
+            sent,
+            a.message.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -959,46 +1001,4 @@ mod tests {
         );
         assert!(releases_table(&[], "api", 0).contains("drover deploy api VERSION"));
     }
-}
-
-pub fn alert_json(a: &v1::AlertInfo) -> Value {
-    json!({
-        "key": a.key,
-        "kind": a.kind,
-        "subject": a.subject,
-        "message": a.message,
-        "status": if a.resolved_unix_ms == 0 { "open" } else { "resolved" },
-        "opened_at": rfc3339_ms(a.opened_unix_ms),
-        "last_sent": rfc3339_ms(a.last_sent_unix_ms),
-        "resolved_at": rfc3339_ms(a.resolved_unix_ms),
-        "sends": a.sends,
-    })
-}
-
-pub fn alerts_table(alerts: &[v1::AlertInfo], now_ms: i64) -> String {
-    if alerts.is_empty() {
-        return "no open alerts".into();
-    }
-    let mut t = table(&["KEY", "KIND", "SUBJECT", "SINCE", "LAST SENT", "MESSAGE"]);
-    for a in alerts {
-        let since = if a.resolved_unix_ms == 0 {
-            when(a.opened_unix_ms, now_ms)
-        } else {
-            format!("resolved {}", when(a.resolved_unix_ms, now_ms))
-        };
-        let sent = if a.last_sent_unix_ms == 0 {
-            "not yet".to_string()
-        } else {
-            format!("{} ({}×)", when(a.last_sent_unix_ms, now_ms), a.sends)
-        };
-        t.add_row(vec![
-            a.key.clone(),
-            a.kind.clone(),
-            a.subject.clone(),
-            since,
-            sent,
-            a.message.clone(),
-        ]);
-    }
-    t.to_string()
 }
