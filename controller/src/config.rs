@@ -70,6 +70,32 @@ impl Default for ControllerConfig {
 pub struct NotifyConfig {
     /// `[[notify.webhook]]`
     pub webhook: Vec<WebhookConfig>,
+    /// `[notify.email]`
+    pub email: Option<EmailConfig>,
+}
+
+/// SMTP e-mail: STARTTLS by default; plain SMTP only to a loopback server (a local relay).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    pub server: String,
+    /// Default 587 with STARTTLS, 25 without.
+    #[serde(default)]
+    pub port: Option<u16>,
+    pub from: String,
+    pub to: Vec<String>,
+    #[serde(default = "yes")]
+    pub starttls: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl EmailConfig {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.starttls { 587 } else { 25 })
+    }
 }
 
 /// One webhook: `url` (http:// only for now) and `format` (`json` or `slack`).
@@ -144,6 +170,11 @@ impl ControllerConfig {
                 return Err(invalid("notify.webhook.url", &message));
             }
         }
+        if let Some(email) = &self.notify.email
+            && let Err((key, message)) = crate::notify::check_email(email)
+        {
+            return Err(invalid(key, &message));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
@@ -191,6 +222,19 @@ mod tests {
         .to_string();
         assert!(err.contains("notify.webhook.url"), "{err}");
         assert!(err.contains("https"), "{err}");
+        let email = "[notify.email]\nserver = \"mail.example\"\nfrom = \"drover@example.org\"\nto = [\"ops@example.org\"]\nstarttls = false";
+        let err = ControllerConfig::from_toml(email, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify.email.starttls"), "{err}");
+        let ok = email.replace("mail.example", "127.0.0.1");
+        let config = ControllerConfig::from_toml(&ok, "c.toml").unwrap();
+        assert_eq!(config.notify.email.unwrap().port(), 25);
+        let bad = ok.replace("ops@example.org", "not an address");
+        let err = ControllerConfig::from_toml(&bad, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify.email.to"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Notifications: the only module of the controller that sends anything about alerts to the
 //! outside. Webhooks over HTTP/1.1 (hyper-util's client), as generic JSON or Slack-compatible
-//! `{"text": ...}`. Plain `http://` only for now: an `https://` URL is refused when the config
-//! is validated (no TLS client for webhooks yet), and e-mail is not built yet.
+//! `{"text": ...}`, and SMTP e-mail (lettre). Plain `http://` only for webhooks: an `https://`
+//! URL is refused when the config is validated (no TLS client for webhooks yet). E-mail uses
+//! STARTTLS, or plain SMTP to a loopback relay only.
 //!
 //! Every request has a timeout, so a hung receiver cannot hold the alert tick.
 
@@ -15,7 +16,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::alerts::AlertRecord;
-use crate::config::{NotifyConfig, WebhookConfig, WebhookFormat};
+use crate::config::{EmailConfig, NotifyConfig, WebhookConfig, WebhookFormat};
+use lettre::message::Mailbox;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 /// How long one webhook request may take, connection included.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +42,61 @@ impl Status {
 pub enum NotifyError {
     #[error("webhook {url}: {message}")]
     Webhook { url: String, message: String },
+    #[error("e-mail via {server}: {message}")]
+    Email { server: String, message: String },
+}
+
+/// Whether an `[notify.email]` section can be used: (key, message) when not.
+pub fn check_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
+    if email.server.trim().is_empty() {
+        return Err(("notify.email.server", "must not be empty".into()));
+    }
+    if !email.starttls && !is_loopback(&email.server) {
+        return Err((
+            "notify.email.starttls",
+            format!(
+                "plain SMTP (starttls = false) is only allowed to a loopback server, not `{}`",
+                email.server
+            ),
+        ));
+    }
+    email
+        .from
+        .parse::<Mailbox>()
+        .map_err(|e| ("notify.email.from", format!("`{}`: {e}", email.from)))?;
+    if email.to.is_empty() {
+        return Err(("notify.email.to", "needs at least one address".into()));
+    }
+    for to in &email.to {
+        to.parse::<Mailbox>()
+            .map_err(|e| ("notify.email.to", format!("`{to}`: {e}")))?;
+    }
+    Ok(())
+}
+
+fn is_loopback(server: &str) -> bool {
+    server == "localhost"
+        || server
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The e-mail's subject and text.
+pub fn email_text(alert: &AlertRecord, status: Status) -> (String, String) {
+    let subject = match status {
+        Status::Open => format!("[drover] OPEN {}", alert.key),
+        Status::Resolved => format!("[drover] RESOLVED {}", alert.key),
+    };
+    let body = format!(
+        "{}\n\nalert: {}\nstatus: {}\nkind: {}\nsubject: {}\nopened at: {}\n",
+        alert.message,
+        alert.key,
+        status.as_str(),
+        alert.kind,
+        alert.subject,
+        rfc3339(alert.opened_unix_ms)
+    );
+    (subject, body)
 }
 
 /// Whether a webhook URL can be used: `http://host[:port]/path`.
@@ -98,6 +156,7 @@ fn rfc3339(ms: i64) -> String {
 pub struct Notifier {
     webhooks: Vec<WebhookConfig>,
     client: Client<HttpConnector, Full<Bytes>>,
+    email: Option<EmailConfig>,
 }
 
 impl Notifier {
@@ -107,6 +166,7 @@ impl Notifier {
         Notifier {
             webhooks: config.webhook.clone(),
             client: Client::builder(TokioExecutor::new()).build(connector),
+            email: config.email.clone(),
         }
     }
 
@@ -118,6 +178,11 @@ impl Notifier {
             if let Err(e) = self.post(hook, alert, status).await {
                 first_error.get_or_insert(e);
             }
+        }
+        if let Some(email) = &self.email
+            && let Err(e) = send_email(email, alert, status).await
+        {
+            first_error.get_or_insert(e);
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -161,6 +226,44 @@ impl Notifier {
             Ok(result) => result.map_err(fail),
             Err(_) => Err(fail(format!("no answer within {SEND_TIMEOUT:?}"))),
         }
+    }
+}
+
+async fn send_email(
+    email: &EmailConfig,
+    alert: &AlertRecord,
+    status: Status,
+) -> Result<(), NotifyError> {
+    let fail = |message: String| NotifyError::Email {
+        server: format!("{}:{}", email.server, email.port()),
+        message,
+    };
+    let (subject, body) = email_text(alert, status);
+    let mut builder = lettre::Message::builder()
+        .from(
+            email
+                .from
+                .parse::<Mailbox>()
+                .map_err(|e| fail(e.to_string()))?,
+        )
+        .subject(subject);
+    for to in &email.to {
+        builder = builder.to(to.parse::<Mailbox>().map_err(|e| fail(e.to_string()))?);
+    }
+    let message = builder.body(body).map_err(|e| fail(e.to_string()))?;
+    let transport = if email.starttls {
+        AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&email.server)
+            .map_err(|e| fail(e.to_string()))?
+    } else {
+        // Plain SMTP: only to a loopback relay (checked by the config).
+        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&email.server)
+    }
+    .port(email.port())
+    .timeout(Some(SEND_TIMEOUT))
+    .build();
+    match tokio::time::timeout(SEND_TIMEOUT * 2, transport.send(message)).await {
+        Ok(result) => result.map(|_| ()).map_err(|e| fail(e.to_string())),
+        Err(_) => Err(fail(format!("no answer within {:?}", SEND_TIMEOUT * 2))),
     }
 }
 

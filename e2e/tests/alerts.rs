@@ -238,3 +238,92 @@ async fn a_silent_host_goes_down_and_recovers() {
     assert_eq!(sent(&received, "/json", key), ["open", "resolved"]);
     controller.stop().await;
 }
+
+/// A minimal SMTP sink on 127.0.0.1:0: 220, EHLO/HELO 250, MAIL/RCPT 250, DATA 354, `.` 250,
+/// QUIT 221. Keeps each message's DATA.
+async fn smtp_sink() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let messages: Arc<Mutex<Vec<String>>> = Arc::default();
+    let kept = messages.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 sink ESMTP\r\n").await.unwrap();
+                let mut data: Option<String> = None;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(body) = data.as_mut() {
+                        if line == "." {
+                            kept.lock().unwrap().push(data.take().unwrap());
+                            write.write_all(b"250 queued\r\n").await.unwrap();
+                        } else {
+                            body.push_str(&line);
+                            body.push('\n');
+                        }
+                        continue;
+                    }
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 sink\r\n",
+                        "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 ok\r\n",
+                        "DATA" => {
+                            data = Some(String::new());
+                            b"354 go ahead\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = write.write_all(b"221 bye\r\n").await;
+                            return;
+                        }
+                        _ => b"502 not here\r\n",
+                    };
+                    write.write_all(reply).await.unwrap();
+                }
+            });
+        }
+    });
+    (addr, messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_is_mailed_to_a_local_smtp_sink() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let (smtp, messages) = smtp_sink().await;
+    let mut config = fast_controller_config(&tmp.path().join("ctl"));
+    config.notify.email = Some(drover_controller::config::EmailConfig {
+        server: "127.0.0.1".into(),
+        port: Some(smtp.port()),
+        from: "drover@example.org".into(),
+        to: vec!["ops@example.org".into()],
+        starttls: false,
+    });
+    let controller = TestController::start(config).await;
+    controller
+        .admin()
+        .apply_backup_target(v1::ApplyBackupTargetRequest {
+            target_toml: target_toml("shop-db"),
+            source: "shop-db.toml".into(),
+        })
+        .await
+        .unwrap();
+    let alerting = Alerting::new(controller.shared.clone());
+    let report = alerting.tick(now_ms() + 3 * DAY).await.unwrap();
+    assert_eq!(report.opened, ["backup_stale:shop-db"], "{report:?}");
+    assert_eq!(report.failed_sends, 0);
+    let mail = messages.lock().unwrap().clone();
+    assert_eq!(mail.len(), 1, "{mail:?}");
+    assert!(
+        mail[0].contains("Subject: [drover] OPEN backup_stale:shop-db"),
+        "{}",
+        mail[0]
+    );
+    assert!(mail[0].contains("To: ops@example.org"), "{}", mail[0]);
+    controller.stop().await;
+}
