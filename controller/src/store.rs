@@ -1114,4 +1114,37 @@ mod tests {
         assert!(!store.consume_token(&token, 6).unwrap());
         assert_eq!(store.token("hash").unwrap().unwrap().used_unix_ms, Some(5));
     }
+
+    #[tokio::test]
+    async fn alerts_are_kept_by_key_across_a_restart_and_targets_remember_their_creation() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let open = AlertRecord {
+                key: "backup_stale:db".into(),
+                kind: "backup_stale".into(),
+                subject: "db".into(),
+                opened_unix_ms: 10,
+                ..AlertRecord::default()
+            };
+            store.put_alert(&open).unwrap();
+            store
+                .put_alert(&AlertRecord {
+                    last_sent_unix_ms: 11,
+                    sends: 1,
+                    ..open.clone()
+                })
+                .unwrap();
+            store.apply_backup_target("db", "a", "admin", 100).unwrap();
+            store.apply_backup_target("db", "b", "admin", 200).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = reopen(tmp.path());
+        let alerts = store.alerts().unwrap();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!((alerts[0].sends, alerts[0].last_sent_unix_ms), (1, 11));
+        assert!(alerts[0].is_open());
+        let target = store.backup_target("db").unwrap().unwrap();
+        assert_eq!((target.revision, target.created_since()), (2, 100));
+    }
 }

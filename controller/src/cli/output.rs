@@ -862,6 +862,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn alerts_table_and_json() {
+        let now = 10_000_000;
+        assert_eq!(alerts_table(&[], now), "no open alerts");
+        let a = v1::AlertInfo {
+            key: "host_down:web-1".into(),
+            kind: "host_down".into(),
+            subject: "web-1".into(),
+            message: "host web-1 is down (no heartbeat)".into(),
+            opened_unix_ms: now - 60_000,
+            last_sent_unix_ms: 0,
+            resolved_unix_ms: 0,
+            sends: 0,
+        };
+        let table = alerts_table(std::slice::from_ref(&a), now);
+        assert!(table.contains("host_down:web-1"), "{table}");
+        assert!(table.contains("not yet"), "{table}");
+        let j = alert_json(&a);
+        assert_eq!(j["status"], "open");
+        assert_eq!(j["last_sent"], Value::Null);
+    }
+
+    #[test]
     fn relative_times() {
         let now = 1_000_000_000;
         assert_eq!(ago(0, now), "never");
