@@ -31,6 +31,13 @@ pub struct ControllerConfig {
     /// `Scheduler::tick` themselves).
     #[serde(with = "duration_str")]
     pub scheduler_tick: Duration,
+    /// How often alerts are evaluated; `0s` turns it off (tests drive `Alerting::tick`).
+    #[serde(with = "duration_str")]
+    pub alerts_every: Duration,
+    /// How often an open alert is sent again.
+    #[serde(with = "duration_str")]
+    pub alert_resend: Duration,
+    pub notify: NotifyConfig,
     #[serde(skip)]
     pub source: String,
 }
@@ -49,9 +56,65 @@ impl Default for ControllerConfig {
             down_after: Duration::from_secs(30),
             log_format: LogFormat::Text,
             scheduler_tick: Duration::from_secs(1),
+            alerts_every: Duration::from_secs(30),
+            alert_resend: crate::alerts::DEFAULT_RESEND,
+            notify: NotifyConfig::default(),
             source: "(defaults)".into(),
         }
     }
+}
+
+/// Where alerts go (`[notify]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// `[[notify.webhook]]`
+    pub webhook: Vec<WebhookConfig>,
+    /// `[notify.email]`
+    pub email: Option<EmailConfig>,
+}
+
+/// SMTP e-mail: STARTTLS by default; plain SMTP only to a loopback server (a local relay).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    pub server: String,
+    /// Default 587 with STARTTLS, 25 without.
+    #[serde(default)]
+    pub port: Option<u16>,
+    pub from: String,
+    pub to: Vec<String>,
+    #[serde(default = "yes")]
+    pub starttls: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl EmailConfig {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.starttls { 587 } else { 25 })
+    }
+}
+
+/// One webhook: `url` (http:// only for now) and `format` (`json` or `slack`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    #[serde(default)]
+    pub format: WebhookFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// `{"alert", "status", "kind", "subject", "message", "opened_at"}`
+    #[default]
+    Json,
+    /// `{"text": "..."}` (Slack incoming webhooks and compatible chat servers)
+    Slack,
 }
 
 /// The longest an enrollment token may live.
@@ -99,6 +162,19 @@ impl ControllerConfig {
         if self.down_after <= self.suspect_after {
             return Err(invalid("down_after", "must be longer than suspect_after"));
         }
+        if self.alert_resend.is_zero() {
+            return Err(invalid("alert_resend", "must be more than 0s"));
+        }
+        for hook in &self.notify.webhook {
+            if let Err(message) = crate::notify::check_url(&hook.url) {
+                return Err(invalid("notify.webhook.url", &message));
+            }
+        }
+        if let Some(email) = &self.notify.email
+            && let Err((key, message)) = crate::notify::check_email(email)
+        {
+            return Err(invalid(key, &message));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
@@ -119,6 +195,46 @@ mod tests {
         assert_eq!(config.agent_cert_ttl, defaults.agent_cert_ttl);
         assert_eq!(config.suspect_after, Duration::from_secs(15));
         assert_eq!(config.down_after, Duration::from_secs(30));
+        assert_eq!(config.alerts_every, Duration::from_secs(30));
+        assert_eq!(config.alert_resend, Duration::from_secs(4 * 3600));
+        assert!(config.notify.webhook.is_empty());
+    }
+
+    #[test]
+    fn notify_config_parses_and_refuses_https() {
+        let text = r#"
+            alert_resend = "1h"
+            [[notify.webhook]]
+            url = "http://127.0.0.1:9000/hook"
+            [[notify.webhook]]
+            url = "http://chat.example/hooks/x"
+            format = "slack"
+        "#;
+        let config = ControllerConfig::from_toml(text, "c.toml").unwrap();
+        assert_eq!(config.notify.webhook.len(), 2);
+        assert_eq!(config.notify.webhook[0].format, WebhookFormat::Json);
+        assert_eq!(config.notify.webhook[1].format, WebhookFormat::Slack);
+        let err = ControllerConfig::from_toml(
+            "[[notify.webhook]]\nurl = \"https://hooks.example/x\"",
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("notify.webhook.url"), "{err}");
+        assert!(err.contains("https"), "{err}");
+        let email = "[notify.email]\nserver = \"mail.example\"\nfrom = \"drover@example.org\"\nto = [\"ops@example.org\"]\nstarttls = false";
+        let err = ControllerConfig::from_toml(email, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify.email.starttls"), "{err}");
+        let ok = email.replace("mail.example", "127.0.0.1");
+        let config = ControllerConfig::from_toml(&ok, "c.toml").unwrap();
+        assert_eq!(config.notify.email.unwrap().port(), 25);
+        let bad = ok.replace("ops@example.org", "not an address");
+        let err = ControllerConfig::from_toml(&bad, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify.email.to"), "{err}");
     }
 
     #[test]

@@ -422,3 +422,16 @@ pub fn schedule_to_proto(r: &crate::store::ScheduleRecord, next: Vec<i64>) -> v1
         next_runs_unix_ms: next,
     }
 }
+
+pub fn alert_to_proto(a: &crate::alerts::AlertRecord) -> v1::AlertInfo {
+    v1::AlertInfo {
+        key: a.key.clone(),
+        kind: a.kind.clone(),
+        subject: a.subject.clone(),
+        message: a.message.clone(),
+        opened_unix_ms: a.opened_unix_ms,
+        last_sent_unix_ms: a.last_sent_unix_ms,
+        resolved_unix_ms: a.resolved_unix_ms,
+        sends: a.sends,
+    }
+}

@@ -4,8 +4,11 @@
 //! `operator` (OperatorService) over mTLS; `auth` decides who may call what; `store` is the
 //! only module that touches sled; `jobs` and `selection` are the pure rules of deploy and
 //! rollback jobs; `schedule` the pure scheduling rules and `scheduler` the task that
-//! fires due schedules; `cli` is the `drover` command. See ARCHITECTURE.md.
+//! fires due schedules; `alerts` the pure alert rules, `alerting` the task that
+//! raises and resolves alerts and `notify` the only module that sends notifications; `cli` is the `drover` command. See ARCHITECTURE.md.
 
+pub mod alerting;
+pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -15,6 +18,7 @@ pub mod enrollment;
 pub mod error;
 pub mod hoststate;
 pub mod jobs;
+pub mod notify;
 pub mod operator;
 pub mod schedule;
 pub mod scheduler;

@@ -1377,6 +1377,27 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(v1::ListSchedulesResponse { schedules }))
     }
 
+    async fn list_alerts(
+        &self,
+        request: Request<v1::ListAlertsRequest>,
+    ) -> Result<Response<v1::ListAlertsResponse>, Status> {
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let all = request.get_ref().all;
+        let mut alerts: Vec<_> = self
+            .shared
+            .store
+            .alerts()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|a| all || a.is_open())
+            .collect();
+        // Open first, then newest first.
+        alerts.sort_by_key(|a| (!a.is_open(), std::cmp::Reverse(a.opened_unix_ms)));
+        Ok(Response::new(v1::ListAlertsResponse {
+            alerts: alerts.iter().map(crate::convert::alert_to_proto).collect(),
+        }))
+    }
+
     async fn remove_schedule(
         &self,
         request: Request<v1::RemoveScheduleRequest>,

@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsCo
 use tracing::info;
 
 use crate::ControllerError;
+use crate::alerting::Alerting;
 use crate::config::ControllerConfig;
 use crate::enrollment::EnrollmentApi;
 use crate::jobs::JobUpdate;
@@ -47,6 +48,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Held by a scheduler tick, so two ticks (the task's and a test's) never race.
     pub scheduler_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held by an alert tick, likewise.
+    pub alerting_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How many job updates a slow `WatchJob` stream may fall behind before it re-reads the store.
@@ -103,6 +106,7 @@ impl Controller {
                 job_updates: broadcast::channel(JOB_UPDATES_BUFFER).0,
                 shutdown: CancellationToken::new(),
                 scheduler_lock: Arc::default(),
+                alerting_lock: Arc::default(),
             }),
             server_chain_pem,
             server_key_pem,
@@ -159,6 +163,14 @@ impl Controller {
             tokio::spawn(Scheduler::new(shared.clone()).run(
                 now_ms,
                 shared.config.scheduler_tick,
+                shared.shutdown.clone(),
+            ));
+        }
+        // So does the alert task.
+        if !shared.config.alerts_every.is_zero() {
+            tokio::spawn(Alerting::new(shared.clone()).run(
+                now_ms,
+                shared.config.alerts_every,
                 shared.shutdown.clone(),
             ));
         }

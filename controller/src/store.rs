@@ -1,6 +1,6 @@
 //! The controller's durable state in sled: hosts, enrollment tokens, revoked certificates,
 //! every job event, app specs, deploy and rollback jobs, each host's release table per app,
-//! and schedules.
+//! schedules and alerts.
 //! The only module of the controller that knows it is sled.
 //!
 //! Writes that a peer is told about (an ack, an issued certificate, a used token) are flushed
@@ -16,6 +16,7 @@ use drover_agent::jobevent::Release;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use crate::alerts::AlertRecord;
 use crate::jobs::JobRecord;
 
 const SCHEMA_VERSION: u64 = 1;
@@ -143,6 +144,21 @@ pub struct AppRecord {
     pub spec_toml: String,
     pub updated_unix_ms: i64,
     pub updated_by: String,
+    /// When revision 1 was applied (0 in records from before it was kept: use
+    /// `updated_unix_ms`).
+    #[serde(default)]
+    pub created_unix_ms: i64,
+}
+
+impl AppRecord {
+    /// When it was first applied, as well as the record knows.
+    pub fn created_since(&self) -> i64 {
+        if self.created_unix_ms > 0 {
+            self.created_unix_ms
+        } else {
+            self.updated_unix_ms
+        }
+    }
 }
 
 /// What a schedule starts.
@@ -255,6 +271,8 @@ pub struct Store {
     verifications: sled::Tree,
     /// schedule id → ScheduleRecord
     schedules: sled::Tree,
+    /// alert key → AlertRecord (open and resolved)
+    alerts: sled::Tree,
 }
 
 /// A table an event carries, stored with it in one transaction.
@@ -326,7 +344,8 @@ fn apply_spec(
         }
         let new = AppRecord {
             name: name.to_string(),
-            revision: old.map(|o| o.revision + 1).unwrap_or(1),
+            revision: old.as_ref().map(|o| o.revision + 1).unwrap_or(1),
+            created_unix_ms: old.as_ref().map(|o| o.created_since()).unwrap_or(now_ms),
             spec_toml: spec_toml.to_string(),
             updated_unix_ms: now_ms,
             updated_by: by.to_string(),
@@ -425,6 +444,7 @@ impl Store {
             backups: db.open_tree("backups")?,
             verifications: db.open_tree("verifications")?,
             schedules: db.open_tree("schedules")?,
+            alerts: db.open_tree("alerts")?,
             db,
         })
     }
@@ -801,6 +821,23 @@ impl Store {
 
     // --- schedules ---------------------------------------------------------------------------
 
+    // --- alerts ------------------------------------------------------------------------------
+
+    pub fn alert(&self, key: &str) -> Result<Option<AlertRecord>, StoreError> {
+        self.alerts.get(key)?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Every stored alert (open and resolved), by key.
+    pub fn alerts(&self) -> Result<Vec<AlertRecord>, StoreError> {
+        self.alerts.iter().map(|item| decode(&item?.1)).collect()
+    }
+
+    /// Stores an alert under its key, replacing what was there (not flushed).
+    pub fn put_alert(&self, alert: &AlertRecord) -> Result<(), StoreError> {
+        self.alerts.insert(alert.key.as_bytes(), encode(alert)?)?;
+        Ok(())
+    }
+
     pub fn schedule(&self, id: &str) -> Result<Option<ScheduleRecord>, StoreError> {
         self.schedules.get(id)?.map(|v| decode(&v)).transpose()
     }
@@ -1076,5 +1113,38 @@ mod tests {
         assert!(store.consume_token(&token, 5).unwrap());
         assert!(!store.consume_token(&token, 6).unwrap());
         assert_eq!(store.token("hash").unwrap().unwrap().used_unix_ms, Some(5));
+    }
+
+    #[tokio::test]
+    async fn alerts_are_kept_by_key_across_a_restart_and_targets_remember_their_creation() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let open = AlertRecord {
+                key: "backup_stale:db".into(),
+                kind: "backup_stale".into(),
+                subject: "db".into(),
+                opened_unix_ms: 10,
+                ..AlertRecord::default()
+            };
+            store.put_alert(&open).unwrap();
+            store
+                .put_alert(&AlertRecord {
+                    last_sent_unix_ms: 11,
+                    sends: 1,
+                    ..open.clone()
+                })
+                .unwrap();
+            store.apply_backup_target("db", "a", "admin", 100).unwrap();
+            store.apply_backup_target("db", "b", "admin", 200).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = reopen(tmp.path());
+        let alerts = store.alerts().unwrap();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!((alerts[0].sends, alerts[0].last_sent_unix_ms), (1, 11));
+        assert!(alerts[0].is_open());
+        let target = store.backup_target("db").unwrap().unwrap();
+        assert_eq!((target.revision, target.created_since()), (2, 100));
     }
 }

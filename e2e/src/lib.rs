@@ -76,8 +76,10 @@ pub fn fast_controller_config(data_dir: &Path) -> ControllerConfig {
         heartbeat_interval: Duration::from_secs(1),
         suspect_after: Duration::from_secs(3),
         down_after: Duration::from_secs(6),
-        // Tests fire schedules with explicit times (`Scheduler::tick`), never the wall clock.
+        // Tests fire schedules and evaluate alerts with explicit times (`Scheduler::tick`,
+        // `Alerting::tick`), never the wall clock.
         scheduler_tick: Duration::ZERO,
+        alerts_every: Duration::ZERO,
         source: "test".into(),
         ..ControllerConfig::default()
     }

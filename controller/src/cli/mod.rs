@@ -248,6 +248,14 @@ pub enum Command {
     /// Schedules: recurring backups and verifications, one-off deploys.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Open alerts (stale backups and validations, hosts down, expiring certificates, failed
+    /// jobs); resolved ones too with --all.
+    Alerts {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -874,6 +882,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             };
             let schedule = api.add_schedule(req).await.map_err(err)?.into_inner();
             print_schedule(&schedule, json, now)
+        }
+        Command::Alerts { all, json } => {
+            let alerts = api
+                .list_alerts(v1::ListAlertsRequest { all })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .alerts;
+            if json {
+                print_json(&Value::Array(
+                    alerts.iter().map(output::alert_json).collect(),
+                ))
+            } else {
+                println!("{}", output::alerts_table(&alerts, now));
+                Ok(())
+            }
         }
         Command::Schedule(ScheduleCommand::List { json }) => {
             let schedules = api

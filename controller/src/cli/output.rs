@@ -815,9 +815,73 @@ pub fn schedules_table(schedules: &[v1::ScheduleInfo], now_ms: i64) -> String {
     t.to_string()
 }
 
+pub fn alert_json(a: &v1::AlertInfo) -> Value {
+    json!({
+        "key": a.key,
+        "kind": a.kind,
+        "subject": a.subject,
+        "message": a.message,
+        "status": if a.resolved_unix_ms == 0 { "open" } else { "resolved" },
+        "opened_at": rfc3339_ms(a.opened_unix_ms),
+        "last_sent": rfc3339_ms(a.last_sent_unix_ms),
+        "resolved_at": rfc3339_ms(a.resolved_unix_ms),
+        "sends": a.sends,
+    })
+}
+
+pub fn alerts_table(alerts: &[v1::AlertInfo], now_ms: i64) -> String {
+    if alerts.is_empty() {
+        return "no open alerts".into();
+    }
+    let mut t = table(&["KEY", "KIND", "SUBJECT", "SINCE", "LAST SENT", "MESSAGE"]);
+    for a in alerts {
+        let since = if a.resolved_unix_ms == 0 {
+            when(a.opened_unix_ms, now_ms)
+        } else {
+            format!("resolved {}", when(a.resolved_unix_ms, now_ms))
+        };
+        let sent = if a.last_sent_unix_ms == 0 {
+            "not yet".to_string()
+        } else {
+            format!("{} ({}×)", when(a.last_sent_unix_ms, now_ms), a.sends)
+        };
+        t.add_row(vec![
+            a.key.clone(),
+            a.kind.clone(),
+            a.subject.clone(),
+            since,
+            sent,
+            a.message.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alerts_table_and_json() {
+        let now = 10_000_000;
+        assert_eq!(alerts_table(&[], now), "no open alerts");
+        let a = v1::AlertInfo {
+            key: "host_down:web-1".into(),
+            kind: "host_down".into(),
+            subject: "web-1".into(),
+            message: "host web-1 is down (no heartbeat)".into(),
+            opened_unix_ms: now - 60_000,
+            last_sent_unix_ms: 0,
+            resolved_unix_ms: 0,
+            sends: 0,
+        };
+        let table = alerts_table(std::slice::from_ref(&a), now);
+        assert!(table.contains("host_down:web-1"), "{table}");
+        assert!(table.contains("not yet"), "{table}");
+        let j = alert_json(&a);
+        assert_eq!(j["status"], "open");
+        assert_eq!(j["last_sent"], Value::Null);
+    }
 
     #[test]
     fn relative_times() {

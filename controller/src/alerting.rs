@@ -1,0 +1,239 @@
+//! The alert task: every tick it reads a snapshot from the store, asks the pure rules in
+//! `alerts` which conditions hold and what changed, stores the changes (flushed) and only
+//! then sends notifications through `notify`. Time comes in as an argument: production ticks
+//! with the wall clock every `alerts_every`, tests call [`Alerting::tick`] with chosen times.
+//!
+//! A notification that fails is logged and tried again at the next tick: an open alert that
+//! was never sent has `last_sent_unix_ms` 0, a resolved one `resolve_sent_unix_ms` 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_agent::backup::target::TargetSpec;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::alerts::{self, AlertRecord, HostFacts, JobFacts, Snapshot, TargetFacts};
+use crate::hoststate::host_state;
+use crate::notify::{Notifier, Status};
+use crate::server::Shared;
+use crate::store::StoreError;
+
+/// How many of the newest jobs the rules look at.
+pub const RECENT_JOBS: usize = 500;
+/// How many validations per target are read for the newest passed one.
+const RECENT_VALIDATIONS: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlertingError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one tick did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TickReport {
+    pub opened: Vec<String>,
+    pub resent: Vec<String>,
+    pub resolved: Vec<String>,
+    /// Notifications that could not be delivered (retried next tick).
+    pub failed_sends: usize,
+}
+
+/// Raises and resolves alerts. Cheap to clone; clones share one lock, so ticks never race.
+#[derive(Debug, Clone)]
+pub struct Alerting {
+    shared: Arc<Shared>,
+    notifier: Notifier,
+    lock: Arc<Mutex<()>>,
+}
+
+impl Alerting {
+    pub fn new(shared: Arc<Shared>) -> Alerting {
+        let notifier = Notifier::new(&shared.config.notify);
+        let lock = shared.alerting_lock.clone();
+        Alerting {
+            shared,
+            notifier,
+            lock,
+        }
+    }
+
+    /// What the rules see at `now_ms`.
+    pub fn snapshot(&self, now_ms: i64) -> Result<Snapshot, StoreError> {
+        let shared = &self.shared;
+        let config = &shared.config;
+        let mut snapshot = Snapshot::default();
+        for h in shared.store.hosts()? {
+            let (seen, _) = shared.registry.seen(&h.name);
+            let last_seen = seen.unwrap_or(0).max(h.last_seen_unix_ms);
+            let silence =
+                (last_seen > 0).then(|| Duration::from_millis((now_ms - last_seen).max(0) as u64));
+            snapshot.hosts.push(HostFacts {
+                state: host_state(
+                    h.revoked_unix_ms.is_some(),
+                    silence,
+                    config.suspect_after,
+                    config.down_after,
+                ),
+                cert_not_after_unix_ms: h.cert_not_after_unix.saturating_mul(1000),
+                name: h.name,
+            });
+        }
+        for t in shared.store.backup_targets()? {
+            let max_age = TargetSpec::from_toml(&t.spec_toml, &t.name)
+                .map(|s| s.verify.max_age())
+                .unwrap_or(alerts::DEFAULT_BACKUP_SLA);
+            let newest_backup_unix_ms = shared
+                .store
+                .target_backups(&t.name)?
+                .into_iter()
+                .flat_map(|(_, table)| table)
+                .filter(|b| !b.local_dir.is_empty() || !b.remote.is_empty())
+                .map(|b| b.finished_unix_ms)
+                .max();
+            let newest_passed_validation_unix_ms = shared
+                .store
+                .verifications(Some(&t.name), RECENT_VALIDATIONS)?
+                .into_iter()
+                .filter(|v| v.passed())
+                .map(|v| v.finished_unix_ms)
+                .max();
+            snapshot.targets.push(TargetFacts {
+                applied_unix_ms: t.created_since(),
+                max_age,
+                newest_backup_unix_ms,
+                newest_passed_validation_unix_ms,
+                name: t.name,
+            });
+        }
+        for j in shared.store.jobs(None, RECENT_JOBS)? {
+            let state = j.state();
+            if state.is_finished() {
+                snapshot.jobs.push(JobFacts {
+                    state,
+                    kind: j.kind,
+                    subject: j.app,
+                    finished_unix_ms: j.finished_unix_ms,
+                    id: j.id,
+                });
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// One evaluation at `now_ms`.
+    pub async fn tick(&self, now_ms: i64) -> Result<TickReport, AlertingError> {
+        let _one_at_a_time = self.lock.lock().await;
+        let store = &self.shared.store;
+        let conditions = alerts::conditions(&self.snapshot(now_ms)?, now_ms);
+        let stored = store.alerts()?;
+        let changes = alerts::reconcile(
+            &stored,
+            &conditions,
+            now_ms,
+            self.shared.config.alert_resend,
+        );
+        let mut report = TickReport::default();
+
+        // Stored and flushed before anything is sent.
+        for c in &changes.to_open {
+            store.put_alert(&AlertRecord {
+                key: c.key.clone(),
+                kind: c.kind.as_str().to_string(),
+                subject: c.subject.clone(),
+                message: c.message.clone(),
+                opened_unix_ms: now_ms,
+                ..AlertRecord::default()
+            })?;
+            info!(alert = %c.key, message = %c.message, "alert opened");
+            report.opened.push(c.key.clone());
+        }
+        for key in &changes.to_resolve {
+            if let Some(mut a) = store.alert(key)? {
+                a.resolved_unix_ms = now_ms;
+                store.put_alert(&a)?;
+                info!(alert = %key, "alert resolved");
+                report.resolved.push(key.clone());
+            }
+        }
+        // A condition's message may change while it holds (the backup grows older).
+        for c in &conditions {
+            if let Some(mut a) = store.alert(&c.key)?
+                && a.is_open()
+                && a.message != c.message
+            {
+                a.message = c.message.clone();
+                store.put_alert(&a)?;
+            }
+        }
+        store.flush().await?;
+
+        let mut to_send: Vec<String> = changes.to_open.iter().map(|c| c.key.clone()).collect();
+        to_send.extend(changes.to_resend.iter().cloned());
+        for key in &to_send {
+            let Some(mut a) = store.alert(key)? else {
+                continue;
+            };
+            match self.notifier.send(&a, Status::Open).await {
+                Ok(()) => {
+                    if a.sends > 0 {
+                        report.resent.push(key.clone());
+                    }
+                    a.last_sent_unix_ms = now_ms;
+                    a.sends += 1;
+                    store.put_alert(&a)?;
+                }
+                Err(e) => {
+                    warn!(alert = %key, error = %e, "alert notification failed; retried next tick");
+                    report.failed_sends += 1;
+                }
+            }
+        }
+        // Resolutions not yet delivered, including earlier ticks' failures.
+        for mut a in store.alerts()? {
+            if a.is_open() || a.resolve_sent_unix_ms != 0 {
+                continue;
+            }
+            match self.notifier.send(&a, Status::Resolved).await {
+                Ok(()) => {
+                    a.resolve_sent_unix_ms = now_ms;
+                    store.put_alert(&a)?;
+                }
+                Err(e) => {
+                    warn!(alert = %a.key, error = %e, "resolution notification failed; retried next tick");
+                    report.failed_sends += 1;
+                }
+            }
+        }
+        store.flush().await?;
+        Ok(report)
+    }
+
+    /// Ticks every `every` with `clock()` until `shutdown` fires.
+    pub async fn run(
+        self,
+        clock: impl Fn() -> i64 + Send + 'static,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            // The shutdown token also cuts a tick short (its sends have timeouts anyway).
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = self.tick(clock()) => {
+                    if let Err(e) = result {
+                        warn!(error = %e, "alert tick failed");
+                    }
+                }
+            }
+        }
+    }
+}
