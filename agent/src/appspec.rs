@@ -213,7 +213,8 @@ pub fn check_version(spec: &AppSpec, version: &str) -> Result<(), String> {
     }
 }
 
-fn valid_name(s: &str) -> bool {
+/// A name for an app or a backup target: 1-63 of a-z, 0-9, '-', '_', starting with a letter.
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.chars()

@@ -54,6 +54,19 @@ pub mod status {
 /// `code` of a job refused because another job holds the app's lock on the host.
 pub const CODE_LOCKED: &str = "locked";
 
+/// The UTC time of `now_ms` as it appears in job and backup ids: `20261123-142233`, so ids
+/// sort by time.
+pub fn id_stamp(now_ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms.max(0) as u64);
+    // "2026-11-23T14:22:33Z" -> "20261123-142233"
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .map(|c| if c == 'T' { '-' } else { c })
+        .collect()
+}
+
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

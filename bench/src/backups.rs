@@ -20,9 +20,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use crate::Report;
-use crate::median;
 use crate::realhost::RealHost;
+use crate::{Report, cpu_with_children, median};
 
 /// Options of `drover-bench backups`.
 #[derive(Debug)]
@@ -33,17 +32,6 @@ pub struct BackupOpts {
     /// zstd level of the Drover target (`[compression] level`).
     pub level: i32,
     pub bin_dir: std::path::PathBuf,
-}
-
-/// utime + stime (and those of waited-for children) of a process, in seconds.
-fn cpu_with_children(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("bad /proc/PID/stat")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // After ')': utime, stime, cutime, cstime are indexes 11-14.
-    let ticks: f64 = (11..=14).map(|i| f[i].parse::<f64>().unwrap_or(0.0)).sum();
-    Ok(ticks / crate::clock_ticks())
 }
 
 /// One measured run: wall seconds, CPU seconds, bytes written.

@@ -239,15 +239,29 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_secs(pid: u32) -> Result<f64> {
+/// The sum of fields `from..=to` of /proc/<pid>/stat counted after the ')' (the state,
+/// field 3, is index 0), converted from clock ticks to seconds.
+fn stat_secs(pid: u32, from: usize, to: usize) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let after = stat.rsplit_once(')').context("bad /proc/PID/stat")?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    // After the ')' the state (field 3) is index 0: utime (14) is index 11, stime (15) index 12.
-    let ticks = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let mut ticks = 0.0;
+    for field in fields.get(from..=to).context("short /proc/PID/stat")? {
+        ticks += field.parse::<f64>()?;
+    }
     Ok(ticks / clock_ticks())
+}
+
+/// utime + stime of a process (fields 14 and 15), in seconds.
+fn cpu_secs(pid: u32) -> Result<f64> {
+    stat_secs(pid, 11, 12)
+}
+
+/// utime + stime + cutime + cstime (fields 14-17: the process and its waited-for children), in
+/// seconds.
+fn cpu_with_children(pid: u32) -> Result<f64> {
+    stat_secs(pid, 11, 14)
 }
 
 /// A child process, killed if still running when dropped.

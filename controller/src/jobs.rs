@@ -204,15 +204,11 @@ impl JobUpdate {
 
 /// A readable id that sorts by creation time: `deploy-20261123-142233-3f2a` (UTC).
 pub fn job_id(kind: JobKind, now_ms: i64, suffix: u16) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms.max(0) as u64);
-    // "2026-11-23T14:22:33Z" -> "20261123-142233"
-    let stamp: String = humantime::format_rfc3339_seconds(t)
-        .to_string()
-        .chars()
-        .filter(|c| c.is_ascii_digit() || *c == 'T')
-        .map(|c| if c == 'T' { '-' } else { c })
-        .collect();
-    format!("{}-{stamp}-{suffix:04x}", kind.as_str())
+    format!(
+        "{}-{}-{suffix:04x}",
+        kind.as_str(),
+        jobevent::id_stamp(now_ms)
+    )
 }
 
 impl JobRecord {

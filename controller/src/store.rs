@@ -326,6 +326,38 @@ fn job_order_key(job: &JobRecord) -> Vec<u8> {
     key
 }
 
+/// Reads, changes and writes the record under `key`; the new record, or None if unknown.
+fn update_record<T: Serialize + DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &str,
+    change: impl Fn(&mut T),
+) -> Result<Option<T>, StoreError> {
+    let mut result = None;
+    tree.fetch_and_update(key, |old| {
+        let mut record: T = old.and_then(|v| decode(v).ok())?;
+        change(&mut record);
+        let bytes = encode(&record).ok();
+        result = Some(record);
+        bytes
+    })?;
+    Ok(result)
+}
+
+/// The per-host tables (`<name> \0 <host>` keys) of `name` in `tree`, by host name.
+fn per_host<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &str,
+) -> Result<Vec<(String, T)>, StoreError> {
+    let prefix = releases_prefix(name);
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(&prefix) {
+        let (key, value) = item?;
+        let host = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+        out.push((host, decode(&value)?));
+    }
+    Ok(out)
+}
+
 /// Stores `spec_toml` under `name` in `tree` as a new revision, unless it equals the stored one.
 fn apply_spec(
     tree: &sled::Tree,
@@ -470,15 +502,7 @@ impl Store {
         name: &str,
         change: impl Fn(&mut HostRecord),
     ) -> Result<Option<HostRecord>, StoreError> {
-        let mut result = None;
-        self.hosts.fetch_and_update(name, |old| {
-            let mut host: HostRecord = old.and_then(|v| decode(v).ok())?;
-            change(&mut host);
-            let bytes = encode(&host).ok();
-            result = Some(host);
-            bytes
-        })?;
-        Ok(result)
+        update_record(&self.hosts, name, change)
     }
 
     // --- apps --------------------------------------------------------------------------------
@@ -531,14 +555,7 @@ impl Store {
 
     /// Every host's catalog of `target`, by host name.
     pub fn target_backups(&self, target: &str) -> Result<Vec<(String, Vec<Backup>)>, StoreError> {
-        let prefix = releases_prefix(target);
-        let mut out = Vec::new();
-        for item in self.backups.scan_prefix(&prefix) {
-            let (key, value) = item?;
-            let host = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            out.push((host, decode(&value)?));
-        }
-        Ok(out)
+        per_host(&self.backups, target)
     }
 
     /// Validations, newest first: of `target` when given, else of every target; at most
@@ -862,15 +879,7 @@ impl Store {
         id: &str,
         change: impl Fn(&mut ScheduleRecord),
     ) -> Result<Option<ScheduleRecord>, StoreError> {
-        let mut result = None;
-        self.schedules.fetch_and_update(id, |old| {
-            let mut record: ScheduleRecord = old.and_then(|v| decode(v).ok())?;
-            change(&mut record);
-            let bytes = encode(&record).ok();
-            result = Some(record);
-            bytes
-        })?;
-        Ok(result)
+        update_record(&self.schedules, id, change)
     }
 
     /// Removes a schedule; the removed record, if it existed. Not yet durable.
@@ -892,14 +901,7 @@ impl Store {
 
     /// Every host's release table for `app`, by host name.
     pub fn app_releases(&self, app: &str) -> Result<Vec<(String, Vec<Release>)>, StoreError> {
-        let prefix = releases_prefix(app);
-        let mut out = Vec::new();
-        for item in self.releases.scan_prefix(&prefix) {
-            let (key, value) = item?;
-            let host = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            out.push((host, decode(&value)?));
-        }
-        Ok(out)
+        per_host(&self.releases, app)
     }
 }
 

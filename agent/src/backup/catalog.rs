@@ -296,14 +296,10 @@ pub fn parse_catalog(fields: &BTreeMap<String, String>) -> Result<Vec<Backup>, S
 
 /// A backup id: `<target>-YYYYMMDD-HHMMSS-<4 hex>` (UTC).
 pub fn backup_id(target: &str, now_ms: i64, suffix: u16) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms.max(0) as u64);
-    let stamp: String = humantime::format_rfc3339_seconds(t)
-        .to_string()
-        .chars()
-        .filter(|c| c.is_ascii_digit() || *c == 'T')
-        .map(|c| if c == 'T' { '-' } else { c })
-        .collect();
-    format!("{target}-{stamp}-{suffix:04x}")
+    format!(
+        "{target}-{}-{suffix:04x}",
+        crate::jobevent::id_stamp(now_ms)
+    )
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::appspec::valid_name;
 use crate::backup::retention::Policy;
 use crate::daemon::{ConfigError, parse_toml, read_toml_file};
 
@@ -265,14 +266,6 @@ impl SourceKind {
             SourceKind::Path => "path",
         }
     }
-}
-
-pub(crate) fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
 }
 
 /// A PostgreSQL identifier we accept as a database name (no quoting games).

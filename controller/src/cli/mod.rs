@@ -529,6 +529,12 @@ async fn attach(
     watch::follow(api, addr, &job.id, watch::Mode::pick(json)).await
 }
 
+/// A spec file's text; a file that cannot be read is an invalid request (exit 65).
+fn read_file(file: &std::path::Path) -> Result<String, CliError> {
+    std::fs::read_to_string(file)
+        .map_err(|e| CliError::Invalid(format!("cannot read {}: {e}", file.display())))
+}
+
 /// Asks a yes/no question on the terminal. Without a terminal the answer is no: the agent
 /// then refuses to replace a live database (say --yes).
 fn confirm(question: &str) -> Result<bool, CliError> {
@@ -770,8 +776,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::App(AppCommand::Apply { file, json }) => {
-            let spec_toml = std::fs::read_to_string(&file)
-                .map_err(|e| CliError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+            let spec_toml = read_file(&file)?;
             let resp = api
                 .apply_app(v1::ApplyAppRequest {
                     spec_toml,
@@ -1006,8 +1011,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::BackupTarget(BackupTargetCommand::Apply { file, json }) => {
-            let target_toml = std::fs::read_to_string(&file)
-                .map_err(|e| CliError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+            let target_toml = read_file(&file)?;
             let resp = api
                 .apply_backup_target(v1::ApplyBackupTargetRequest {
                     target_toml,
