@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::alerts::{self, AlertRecord, HostFacts, JobFacts, Snapshot, TargetFacts};
+use crate::alerts::{self, AlertKind, AlertRecord, HostFacts, JobFacts, Snapshot, TargetFacts};
 use crate::hoststate::host_state;
 use crate::notify::{Notifier, Status};
 use crate::server::Shared;
@@ -108,7 +108,21 @@ impl Alerting {
                 name: t.name,
             });
         }
-        for j in shared.store.jobs(None, RECENT_JOBS)? {
+        // The newest jobs, and the failed job of every open `job_failed` alert however old:
+        // a failure pushed out of the window by newer jobs stays open until a later success
+        // of its kind and subject.
+        let mut jobs = shared.store.jobs(None, RECENT_JOBS)?;
+        let seen: std::collections::BTreeSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        for a in shared.store.alerts()? {
+            if a.is_open()
+                && a.kind == AlertKind::JobFailed.as_str()
+                && !seen.contains(&a.subject)
+                && let Some(job) = shared.store.job(&a.subject)?
+            {
+                jobs.push(job);
+            }
+        }
+        for j in jobs {
             let state = j.state();
             if state.is_finished() {
                 snapshot.jobs.push(JobFacts {

@@ -420,6 +420,7 @@ pub fn schedule_to_proto(r: &crate::store::ScheduleRecord, next: Vec<i64>) -> v1
         last_result: r.last_result.clone(),
         runs_missed: r.runs_missed,
         next_runs_unix_ms: next,
+        managed: r.managed,
     }
 }
 

@@ -386,6 +386,13 @@ impl OperatorApi {
         record.runs_missed = 0;
         scheduler::schedule_of(&record).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !self.shared.store.add_schedule(&record).map_err(internal)? {
+            if self.known_schedule(&record.id)?.managed {
+                return Err(Status::already_exists(format!(
+                    "schedule {} is kept by backup target {}'s [schedule]: change it there and \
+                     apply the target, or add another with --id",
+                    record.id, record.target
+                )));
+            }
             return Err(Status::already_exists(format!(
                 "schedule {} exists; `drover schedule rm {}` first, or choose another --id",
                 record.id, record.id
@@ -394,6 +401,20 @@ impl OperatorApi {
         self.shared.store.flush().await.map_err(internal)?;
         info!(schedule = %record.id, kind = kind.as_str(), target = %record.target, by = %by, "schedule added");
         Ok(schedule_info(&record, now))
+    }
+
+    /// Makes the schedules `spec`'s `[schedule]` keeps match it (not flushed); the changes.
+    fn sync_schedules(&self, spec: &TargetSpec, by: &str) -> Result<Vec<String>, Status> {
+        let changes = scheduler::sync_target_schedules(&self.shared, spec, by, now_ms()).map_err(
+            |e| match e {
+                scheduler::SyncError::Spec { .. } => Status::invalid_argument(e.to_string()),
+                scheduler::SyncError::Store(e) => internal(e),
+            },
+        )?;
+        if !changes.is_empty() {
+            info!(target = %spec.name, changes = ?changes, by = %by, "target schedules synced");
+        }
+        Ok(changes)
     }
 
     fn known_schedule(&self, id: &str) -> Result<ScheduleRecord, Status> {
@@ -425,6 +446,13 @@ impl OperatorApi {
         info!(schedule = %id, paused, by = %by, "schedule paused or resumed");
         Ok(schedule_info(&record, now_ms()))
     }
+}
+
+/// Refuses a target whose `[schedule]` has a bad cron expression or zone.
+fn check_target_schedules(spec: &TargetSpec, source: &str) -> Result<(), Status> {
+    scheduler::target_schedules(spec, "", 0)
+        .map(|_| ())
+        .map_err(|(key, e)| Status::invalid_argument(format!("{source}: `{key}`: {e}")))
 }
 
 /// A stored schedule for the wire, with its next 3 fire times after `now`.
@@ -805,19 +833,13 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let spec = TargetSpec::from_toml(&req.target_toml, &source)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let by = operator_name(&caller);
+        check_target_schedules(&spec, &source)?;
         let (record, changed) = self
             .shared
             .store
             .apply_backup_target(&spec.name, &req.target_toml, &by, now_ms())
             .map_err(internal)?;
-        if changed && record.revision == 1 {
-            let created =
-                scheduler::add_default_schedules(&self.shared, &record.name, &by, now_ms())
-                    .map_err(internal)?;
-            if !created.is_empty() {
-                info!(target = %record.name, schedules = ?created, "default schedules added");
-            }
-        }
+        let schedule_changes = self.sync_schedules(&spec, &by)?;
         self.shared.store.flush().await.map_err(internal)?;
         if changed {
             info!(target = %record.name, revision = record.revision, by = %by, "backup target applied");
@@ -826,6 +848,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             name: record.name,
             revision: record.revision,
             changed,
+            schedule_changes,
         }))
     }
 
@@ -1088,6 +1111,9 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let spec = AppSpec::from_toml(&req.spec_toml, &source)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let by = operator_name(&caller);
+        for target in &spec.backups {
+            check_target_schedules(target, &source)?;
+        }
         let (record, changed) = self
             .shared
             .store
@@ -1101,10 +1127,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
                 .store
                 .apply_backup_target(&target.name, &text, &by, now_ms())
                 .map_err(internal)?;
-            if changed && t.revision == 1 {
-                scheduler::add_default_schedules(&self.shared, &t.name, &by, now_ms())
-                    .map_err(internal)?;
-            }
+            self.sync_schedules(target, &by)?;
             if changed {
                 info!(target = %t.name, revision = t.revision, app = %spec.name, by = %by, "backup target applied with its app");
             }
@@ -1404,15 +1427,16 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::RemoveScheduleResponse>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let id = &request.get_ref().id;
-        self.shared
-            .store
-            .remove_schedule(id)
-            .map_err(internal)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "unknown schedule {id}; `drover schedule list` shows them"
-                ))
-            })?;
+        let record = self.known_schedule(id)?;
+        if record.managed {
+            return Err(Status::failed_precondition(format!(
+                "schedule {id} is kept by backup target {}'s [schedule]: set `{} = \"off\"` there \
+                 and apply the target, or `drover schedule pause {id}`",
+                record.target,
+                record.kind.map_or("backup", |k| k.as_str()),
+            )));
+        }
+        self.shared.store.remove_schedule(id).map_err(internal)?;
         self.shared.store.flush().await.map_err(internal)?;
         info!(schedule = %id, by = %operator_name(&caller), "schedule removed");
         Ok(Response::new(v1::RemoveScheduleResponse {}))

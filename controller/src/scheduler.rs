@@ -15,6 +15,8 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use drover_agent::backup::target::TargetSpec;
+
 use crate::jobs::{JobKind, job_id};
 use crate::operator::OperatorApi;
 use crate::schedule::{self, Schedule, ScheduleError};
@@ -49,47 +51,217 @@ pub fn schedule_of(record: &ScheduleRecord) -> Result<Schedule, ScheduleError> {
     }
 }
 
-/// The two default schedules of a backup target applied for the first time:
-/// `<target>-backup` (nightly) and `<target>-verify` (weekly).
-pub fn default_schedules(target: &str, by: &str, now_ms: i64) -> [ScheduleRecord; 2] {
-    let base = ScheduleRecord {
-        target: target.to_string(),
-        created_by: by.to_string(),
-        created_unix_ms: now_ms,
-        ..ScheduleRecord::default()
-    };
-    [
-        ScheduleRecord {
-            id: format!("{target}-backup"),
-            kind: Some(ScheduleKind::Backup),
-            cron: DEFAULT_BACKUP_CRON.into(),
-            jitter_secs: DEFAULT_BACKUP_JITTER.as_secs(),
-            ..base.clone()
-        },
-        ScheduleRecord {
-            id: format!("{target}-verify"),
-            kind: Some(ScheduleKind::Verify),
-            cron: DEFAULT_VERIFY_CRON.into(),
-            ..base
-        },
-    ]
+/// The id of the `kind` schedule a target's `[schedule]` keeps: `<target>-backup`,
+/// `<target>-verify`.
+pub fn target_schedule_id(target: &str, kind: ScheduleKind) -> String {
+    format!("{target}-{}", kind.as_str())
 }
 
-/// Stores the default schedules of `target` that do not exist yet (not flushed). Returns the
-/// ids created.
-pub fn add_default_schedules(
-    shared: &Shared,
-    target: &str,
+/// Per kind, the schedule a target wants (`None`: turned off).
+pub type Wanted = Vec<(ScheduleKind, Option<ScheduleRecord>)>;
+
+/// The schedules a target's `[schedule]` asks for, with the defaults for keys left out:
+/// `(kind, None)` where it says `"off"`. Pure; an error names the bad key.
+pub fn target_schedules(
+    spec: &TargetSpec,
     by: &str,
     now_ms: i64,
-) -> Result<Vec<String>, StoreError> {
-    let mut created = Vec::new();
-    for record in default_schedules(target, by, now_ms) {
-        if shared.store.add_schedule(&record)? {
-            created.push(record.id);
+) -> Result<Wanted, (&'static str, ScheduleError)> {
+    let wanted = &spec.schedule;
+    let tz = wanted.timezone.clone().unwrap_or_default();
+    schedule::parse_tz(&tz).map_err(|e| ("schedule.timezone", e))?;
+    let mut out = Vec::new();
+    for (kind, key, expr, default, jitter) in [
+        (
+            ScheduleKind::Backup,
+            "schedule.backup",
+            &wanted.backup,
+            DEFAULT_BACKUP_CRON,
+            wanted.jitter().unwrap_or(DEFAULT_BACKUP_JITTER),
+        ),
+        (
+            ScheduleKind::Verify,
+            "schedule.verify",
+            &wanted.verify,
+            DEFAULT_VERIFY_CRON,
+            Duration::ZERO,
+        ),
+    ] {
+        let cron = expr.as_deref().map(str::trim).unwrap_or(default);
+        if cron == "off" {
+            out.push((kind, None));
+            continue;
+        }
+        let record = ScheduleRecord {
+            id: target_schedule_id(&spec.name, kind),
+            kind: Some(kind),
+            target: spec.name.clone(),
+            cron: cron.to_string(),
+            tz: tz.clone(),
+            jitter_secs: jitter.as_secs(),
+            created_by: by.to_string(),
+            created_unix_ms: now_ms,
+            managed: true,
+            ..ScheduleRecord::default()
+        };
+        schedule_of(&record).map_err(|e| (key, e))?;
+        out.push((kind, Some(record)));
+    }
+    Ok(out)
+}
+
+/// Whether a stored schedule is the one a target's `[schedule]` keeps: marked so, or made
+/// before the mark existed with exactly the old defaults.
+fn kept_by_target(existing: &ScheduleRecord, target: &str, kind: ScheduleKind) -> bool {
+    existing.target == target
+        && existing.kind == Some(kind)
+        && (existing.managed
+            || (existing.tz.is_empty()
+                && existing.at_unix_ms == 0
+                && match kind {
+                    ScheduleKind::Backup => {
+                        existing.cron == DEFAULT_BACKUP_CRON
+                            && existing.jitter_secs == DEFAULT_BACKUP_JITTER.as_secs()
+                    }
+                    ScheduleKind::Verify => {
+                        existing.cron == DEFAULT_VERIFY_CRON && existing.jitter_secs == 0
+                    }
+                    ScheduleKind::Deploy => false,
+                }))
+}
+
+/// What syncing one kept schedule does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncAction {
+    Nothing,
+    Add(ScheduleRecord),
+    /// New cron, zone or jitter; pause state and history are kept.
+    Update(ScheduleRecord),
+    Remove(String),
+    /// A schedule with that id exists but the operator made it: left alone.
+    LeaveOperators(String),
+}
+
+/// The pure decision for one kind: the stored record (if any) against the wanted one.
+pub fn sync_action(
+    existing: Option<&ScheduleRecord>,
+    target: &str,
+    kind: ScheduleKind,
+    wanted: Option<&ScheduleRecord>,
+    now_ms: i64,
+) -> SyncAction {
+    match (existing, wanted) {
+        (None, None) => SyncAction::Nothing,
+        (None, Some(w)) => SyncAction::Add(w.clone()),
+        (Some(e), _) if !kept_by_target(e, target, kind) => {
+            SyncAction::LeaveOperators(e.id.clone())
+        }
+        (Some(e), None) => SyncAction::Remove(e.id.clone()),
+        (Some(e), Some(w)) => {
+            if e.managed && e.cron == w.cron && e.tz == w.tz && e.jitter_secs == w.jitter_secs {
+                return SyncAction::Nothing;
+            }
+            let mut updated = e.clone();
+            updated.managed = true;
+            if (e.cron.as_str(), e.tz.as_str(), e.jitter_secs)
+                != (w.cron.as_str(), w.tz.as_str(), w.jitter_secs)
+            {
+                updated.cron = w.cron.clone();
+                updated.tz = w.tz.clone();
+                updated.jitter_secs = w.jitter_secs;
+                // Fire times of the new expression before now are not caught up on.
+                updated.created_unix_ms = now_ms;
+            }
+            SyncAction::Update(updated)
         }
     }
-    Ok(created)
+}
+
+/// Makes the stored schedules of `spec`'s target match its `[schedule]` (not flushed).
+/// Returns a line per change, for the log and the operator.
+pub fn sync_target_schedules(
+    shared: &Shared,
+    spec: &TargetSpec,
+    by: &str,
+    now_ms: i64,
+) -> Result<Vec<String>, SyncError> {
+    let wanted = target_schedules(spec, by, now_ms).map_err(|(key, error)| SyncError::Spec {
+        target: spec.name.clone(),
+        key,
+        error,
+    })?;
+    let store = &shared.store;
+    let mut changes = Vec::new();
+    for (kind, wanted) in wanted {
+        let id = target_schedule_id(&spec.name, kind);
+        let existing = store.schedule(&id)?;
+        match sync_action(existing.as_ref(), &spec.name, kind, wanted.as_ref(), now_ms) {
+            SyncAction::Nothing => {}
+            SyncAction::Add(record) => {
+                if store.add_schedule(&record)? {
+                    changes.push(format!("added {id} ({})", describe(&record)));
+                }
+            }
+            SyncAction::Update(record) => {
+                store.update_schedule(&id, |r| *r = record.clone())?;
+                changes.push(format!("updated {id} ({})", describe(&record)));
+            }
+            SyncAction::Remove(id) => {
+                store.remove_schedule(&id)?;
+                changes.push(format!("removed {id} (turned off)"));
+            }
+            SyncAction::LeaveOperators(id) => {
+                warn!(schedule = %id, target = %spec.name, "a schedule the operator added has the id the target's [schedule] would use; left as it is");
+            }
+        }
+    }
+    Ok(changes)
+}
+
+/// Syncs every stored target's schedules (at controller start: targets applied before
+/// `[schedule]` existed get theirs). A target that cannot be read is logged and skipped.
+pub fn sync_all_targets(shared: &Shared, now_ms: i64) -> Result<Vec<String>, StoreError> {
+    let mut changes = Vec::new();
+    for t in shared.store.backup_targets()? {
+        let spec = match TargetSpec::from_toml(&t.spec_toml, &t.name) {
+            Ok(spec) => spec,
+            Err(e) => {
+                warn!(target = %t.name, error = %e, "stored backup target unreadable; its schedules are left as they are");
+                continue;
+            }
+        };
+        match sync_target_schedules(shared, &spec, &t.updated_by, now_ms) {
+            Ok(mut c) => changes.append(&mut c),
+            Err(SyncError::Store(e)) => return Err(e),
+            Err(e) => warn!(target = %t.name, error = %e, "schedules of the target not synced"),
+        }
+    }
+    Ok(changes)
+}
+
+fn describe(record: &ScheduleRecord) -> String {
+    let tz = if record.tz.is_empty() {
+        "UTC"
+    } else {
+        &record.tz
+    };
+    if record.jitter_secs > 0 {
+        format!("\"{}\" {tz}, jitter {}s", record.cron, record.jitter_secs)
+    } else {
+        format!("\"{}\" {tz}", record.cron)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("backup target {target}: `{key}`: {error}")]
+    Spec {
+        target: String,
+        key: &'static str,
+        error: ScheduleError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What one tick did with one schedule.
@@ -255,18 +427,140 @@ impl Scheduler {
 mod tests {
     use super::*;
 
+    const PG: &str = "name = \"shop-db\"\n[postgres]\ncontainer = \"db\"\ndatabases = [\"shop\"]\n";
+
+    fn spec(schedule: &str) -> TargetSpec {
+        TargetSpec::from_toml(&format!("{PG}{schedule}"), "t.toml").unwrap()
+    }
+
+    fn wanted(schedule: &str) -> Wanted {
+        target_schedules(&spec(schedule), "admin", 1_000).unwrap()
+    }
+
     #[test]
-    fn default_schedules_are_valid() {
-        let [backup, verify] = default_schedules("shop-db", "admin", 1_000);
+    fn default_schedules_are_nightly_and_sundays_in_utc() {
+        let got = wanted("");
+        let (ScheduleKind::Backup, Some(backup)) = &got[0] else {
+            panic!("{got:?}")
+        };
+        let (ScheduleKind::Verify, Some(verify)) = &got[1] else {
+            panic!("{got:?}")
+        };
         assert_eq!(backup.id, "shop-db-backup");
         assert_eq!(verify.id, "shop-db-verify");
-        assert_eq!(backup.kind, Some(ScheduleKind::Backup));
-        assert_eq!(verify.kind, Some(ScheduleKind::Verify));
-        assert_eq!(backup.jitter_secs, 900);
-        assert_eq!(verify.jitter_secs, 0);
-        for r in [&backup, &verify] {
-            assert!(schedule_of(r).is_ok(), "{r:?}");
+        assert_eq!(
+            (backup.cron.as_str(), backup.jitter_secs),
+            ("0 2 * * *", 900)
+        );
+        assert_eq!((verify.cron.as_str(), verify.jitter_secs), ("0 6 * * 0", 0));
+        for r in [backup, verify] {
+            assert!(r.managed);
             assert_eq!(r.tz, "");
+            assert!(schedule_of(r).is_ok(), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_schedule_table_overrides_and_turns_off() {
+        let got = wanted(
+            "[schedule]\nbackup = \"30 1 * * *\"\nverify = \"off\"\ntimezone = \"Europe/Berlin\"\njitter = \"0s\"\n",
+        );
+        let (_, Some(backup)) = &got[0] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(backup.cron, "30 1 * * *");
+        assert_eq!(backup.tz, "Europe/Berlin");
+        assert_eq!(backup.jitter_secs, 0);
+        assert_eq!(got[1], (ScheduleKind::Verify, None));
+    }
+
+    #[test]
+    fn bad_expressions_and_zones_name_their_key() {
+        for (table, key) in [
+            ("[schedule]\nbackup = \"0 2 * *\"\n", "schedule.backup"),
+            ("[schedule]\nverify = \"61 6 * * 0\"\n", "schedule.verify"),
+            (
+                "[schedule]\ntimezone = \"Mars/Olympus\"\n",
+                "schedule.timezone",
+            ),
+        ] {
+            let (got, _) = target_schedules(&spec(table), "admin", 0).unwrap_err();
+            assert_eq!(got, key, "{table}");
+        }
+    }
+
+    #[test]
+    fn sync_decisions() {
+        let backup = |cron: &str, managed: bool| ScheduleRecord {
+            id: "shop-db-backup".into(),
+            kind: Some(ScheduleKind::Backup),
+            target: "shop-db".into(),
+            cron: cron.into(),
+            jitter_secs: 900,
+            managed,
+            paused: true,
+            last_fire_unix_ms: 500,
+            created_unix_ms: 100,
+            ..ScheduleRecord::default()
+        };
+        let want = backup("0 2 * * *", true);
+        let b = ScheduleKind::Backup;
+        assert_eq!(
+            sync_action(None, "shop-db", b, None, 9),
+            SyncAction::Nothing
+        );
+        assert_eq!(
+            sync_action(None, "shop-db", b, Some(&want), 9),
+            SyncAction::Add(want.clone())
+        );
+        // Unchanged: nothing.
+        assert_eq!(
+            sync_action(Some(&want), "shop-db", b, Some(&want), 9),
+            SyncAction::Nothing
+        );
+        // A record from before the mark with the old defaults is adopted, history kept.
+        let SyncAction::Update(adopted) = sync_action(
+            Some(&backup("0 2 * * *", false)),
+            "shop-db",
+            b,
+            Some(&want),
+            9,
+        ) else {
+            panic!()
+        };
+        assert!(adopted.managed && adopted.paused);
+        assert_eq!(
+            (adopted.created_unix_ms, adopted.last_fire_unix_ms),
+            (100, 500)
+        );
+        // A new expression: kept pause and history, no catch-up on the past.
+        let SyncAction::Update(changed) = sync_action(
+            Some(&want),
+            "shop-db",
+            b,
+            Some(&backup("0 4 * * *", true)),
+            9,
+        ) else {
+            panic!()
+        };
+        assert_eq!(changed.cron, "0 4 * * *");
+        assert!(changed.paused);
+        assert_eq!(
+            (changed.created_unix_ms, changed.last_fire_unix_ms),
+            (9, 500)
+        );
+        // Turned off.
+        assert_eq!(
+            sync_action(Some(&want), "shop-db", b, None, 9),
+            SyncAction::Remove("shop-db-backup".into())
+        );
+        // The operator's own schedule under that id is never touched.
+        let operators = backup("15 3 * * *", false);
+        for w in [None, Some(&want)] {
+            assert_eq!(
+                sync_action(Some(&operators), "shop-db", b, w, 9),
+                SyncAction::LeaveOperators("shop-db-backup".into())
+            );
         }
     }
 }

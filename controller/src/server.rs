@@ -157,6 +157,13 @@ impl Controller {
                     shared: shared.clone(),
                 },
             ));
+        // Targets applied before their `[schedule]` was read (or before an upgrade) get the
+        // schedules it asks for.
+        let synced = crate::scheduler::sync_all_targets(&shared, now_ms())?;
+        if !synced.is_empty() {
+            shared.store.flush().await?;
+            info!(changes = ?synced, "target schedules synced at start");
+        }
         info!(listen = %addr, "controller serving");
         // The scheduler stops with everything else, on the same token.
         if !shared.config.scheduler_tick.is_zero() {

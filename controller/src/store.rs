@@ -219,6 +219,9 @@ pub struct ScheduleRecord {
     pub last_result: String,
     /// How many fire times the last run covered beyond its own (after downtime).
     pub runs_missed: u64,
+    /// Kept by its backup target's `[schedule]` (changed by applying the target, not by
+    /// `drover schedule add|rm`).
+    pub managed: bool,
 }
 
 /// What happened to an event offered to the store.

@@ -3,14 +3,18 @@
 //! `Scheduler::tick(now)` called with chosen times. Proves default schedules, one dispatch per
 //! fire, no overlap while a run is unfinished, one catch-up run after a 3-day gap, pause and
 //! resume, schedules kept across a controller restart, a one-off deploy (`--at`) firing once,
-//! and a verify schedule recorded as a failed run until validation jobs exist.
+//! a verify schedule dispatching a verify job, and a target's `[schedule]` table kept in step
+//! through the `drover` binary (override, turn off, pause kept, refusals, schedules of targets
+//! stored before the table existed filled in at start).
 
 use std::path::Path;
 
 use drover_agent::jobevent::{self, field};
 use drover_controller::scheduler::{Fired, Scheduler};
-use drover_e2e::{ScriptedAgent, TestController, fast_controller_config, init};
+use drover_controller::store::{ScheduleKind, ScheduleRecord, Store};
+use drover_e2e::{ScriptedAgent, TestController, drover_cli, fast_controller_config, init};
 use drover_proto::v1;
+use serde_json::Value;
 use tonic::Code;
 
 const DAY: i64 = 24 * 3600 * 1000;
@@ -193,20 +197,27 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
         })
         .await
         .unwrap();
-    admin
+    // Out of the way: the defaults would fire too in this test's far-apart ticks.
+    let reply = admin
         .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml: target_toml("api-db"),
+            target_toml: format!(
+                "{}[schedule]\nbackup = \"off\"\nverify = \"off\"\n",
+                target_toml("api-db")
+            ),
             source: "api-db.toml".into(),
         })
         .await
-        .unwrap();
-    // Out of the way: the defaults would fire too in this test's far-apart ticks.
-    for id in ["api-db-backup", "api-db-verify"] {
-        admin
-            .remove_schedule(v1::RemoveScheduleRequest { id: id.into() })
-            .await
-            .unwrap();
-    }
+        .unwrap()
+        .into_inner();
+    // (The app spec declared api-db already, with the default schedules.)
+    assert_eq!(
+        reply.schedule_changes,
+        [
+            "removed api-db-backup (turned off)",
+            "removed api-db-verify (turned off)"
+        ],
+        "{reply:?}"
+    );
     let err = admin
         .remove_schedule(v1::RemoveScheduleRequest {
             id: "api-db-backup".into(),
@@ -328,5 +339,173 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
         ("api-db-nightly", 3)
     );
     assert_eq!(agent.next_command().await.job_id, fired[0].job_id);
+    controller.stop().await;
+}
+
+/// Runs `drover ARGS` as the admin; (exit code, stdout, stderr).
+fn cli(controller: &TestController, args: &[&str]) -> (i32, String, String) {
+    let out = drover_cli(&controller.addr.to_string(), &controller.admin_dir(), args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_json(controller: &TestController, args: &[&str]) -> Value {
+    let (code, out, err) = cli(controller, args);
+    assert_eq!(code, 0, "drover {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("drover {args:?}: {e}: {out}"))
+}
+
+fn listed(controller: &TestController) -> Vec<Value> {
+    cli_json(controller, &["schedule", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn listed_one(controller: &TestController, id: &str) -> Option<Value> {
+    listed(controller).into_iter().find(|s| s["id"] == id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = fast_controller_config(&tmp.path().join("ctl"));
+    let controller = TestController::start(config.clone()).await;
+    let file = tmp.path().join("shop-db.toml");
+    let write = |schedule: &str| {
+        std::fs::write(&file, format!("{}{schedule}", target_toml("shop-db"))).unwrap();
+    };
+    let apply = |controller: &TestController| {
+        cli_json(
+            controller,
+            &["backup-target", "apply", file.to_str().unwrap(), "--json"],
+        )
+    };
+
+    // Overridden backup in a zone, validation turned off.
+    write(
+        "[schedule]\nbackup = \"30 1 * * *\"\ntimezone = \"Europe/Berlin\"\njitter = \"0s\"\nverify = \"off\"\n",
+    );
+    let reply = apply(&controller);
+    assert_eq!(
+        reply["schedule_changes"],
+        serde_json::json!(["added shop-db-backup (\"30 1 * * *\" Europe/Berlin)"])
+    );
+    let backup = listed_one(&controller, "shop-db-backup").expect("the backup schedule");
+    assert_eq!(backup["cron"], "30 1 * * *");
+    assert_eq!(backup["tz"], "Europe/Berlin");
+    assert_eq!(backup["jitter_secs"], 0);
+    assert_eq!(backup["kept_by_target"], true);
+    assert_eq!(backup["next_runs"].as_array().unwrap().len(), 3);
+    assert!(listed_one(&controller, "shop-db-verify").is_none());
+    let (code, table, _) = cli(&controller, &["schedule", "list"]);
+    assert_eq!(code, 0);
+    assert!(table.contains("[target's schedule]"), "{table}");
+
+    // Kept by the target: not removed by `schedule rm`, nor shadowed by `schedule add`.
+    let (code, _, err) = cli(&controller, &["schedule", "rm", "shop-db-backup"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("[schedule]") && err.contains("off"), "{err}");
+    let (code, _, err) = cli(
+        &controller,
+        &[
+            "schedule",
+            "add",
+            "backup",
+            "shop-db",
+            "--cron",
+            "0 5 * * *",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("kept by backup target shop-db"), "{err}");
+    let extra = cli_json(
+        &controller,
+        &[
+            "schedule",
+            "add",
+            "backup",
+            "shop-db",
+            "--cron",
+            "0 5 * * *",
+            "--id",
+            "shop-db-extra",
+            "--json",
+        ],
+    );
+    assert_eq!(extra["kept_by_target"], false);
+    let (code, _, err) = cli(&controller, &["schedule", "rm", "shop-db-extra"]);
+    assert_eq!(code, 0, "{err}");
+
+    // Paused by the operator, then the table changes: the pause and history stay.
+    let (code, _, err) = cli(&controller, &["schedule", "pause", "shop-db-backup"]);
+    assert_eq!(code, 0, "{err}");
+    write("[schedule]\nbackup = \"0 4 * * *\"\n");
+    let reply = apply(&controller);
+    assert_eq!(
+        reply["schedule_changes"],
+        serde_json::json!([
+            "updated shop-db-backup (\"0 4 * * *\" UTC, jitter 900s)",
+            "added shop-db-verify (\"0 6 * * 0\" UTC)"
+        ])
+    );
+    let backup = listed_one(&controller, "shop-db-backup").unwrap();
+    assert_eq!(
+        (backup["cron"].as_str(), backup["paused"].as_bool()),
+        (Some("0 4 * * *"), Some(true))
+    );
+    assert_eq!(backup["tz"], "UTC");
+
+    // A bad expression is refused before anything is stored, naming the key.
+    write("[schedule]\nbackup = \"0 4 * *\"\n");
+    let (code, _, err) = cli(
+        &controller,
+        &["backup-target", "apply", file.to_str().unwrap()],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("schedule.backup") && err.contains("0 4 * *"),
+        "{err}"
+    );
+    assert_eq!(
+        listed_one(&controller, "shop-db-backup").unwrap()["cron"],
+        "0 4 * * *"
+    );
+
+    // A store from before `[schedule]`: the defaults as an older controller made them (no
+    // mark) and a missing verify schedule. At start the backup one is adopted, history kept,
+    // and the verify one is added.
+    controller.stop().await;
+    {
+        let store = Store::open(&config.data_dir.join("store")).unwrap();
+        store.remove_schedule("shop-db-verify").unwrap();
+        let old = ScheduleRecord {
+            id: "shop-db-backup".into(),
+            kind: Some(ScheduleKind::Backup),
+            target: "shop-db".into(),
+            cron: "0 2 * * *".into(),
+            jitter_secs: 900,
+            created_by: "admin".into(),
+            created_unix_ms: 1_000,
+            last_fire_unix_ms: 2_000,
+            last_result: "succeeded".into(),
+            ..ScheduleRecord::default()
+        };
+        store.remove_schedule("shop-db-backup").unwrap();
+        assert!(store.add_schedule(&old).unwrap());
+        store.flush().await.unwrap();
+    }
+    let controller = TestController::start(config).await;
+    let backup = listed_one(&controller, "shop-db-backup").unwrap();
+    assert_eq!(backup["cron"], "0 4 * * *");
+    assert_eq!(backup["kept_by_target"], true);
+    assert_eq!(backup["last_result"], "succeeded");
+    assert_eq!(backup["last_fire"], "1970-01-01T00:00:02Z");
+    let verify = listed_one(&controller, "shop-db-verify").expect("verify schedule filled in");
+    assert_eq!(verify["kept_by_target"], true);
     controller.stop().await;
 }

@@ -61,6 +61,8 @@ pub struct TargetSpec {
     pub retention: Retention,
     #[serde(default)]
     pub verify: VerifySpec,
+    #[serde(default, skip_serializing_if = "ScheduleSpec::is_default")]
+    pub schedule: ScheduleSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -207,6 +209,40 @@ impl VerifySpec {
     pub fn max_age(&self) -> std::time::Duration {
         humantime::parse_duration(self.max_age.trim())
             .unwrap_or(std::time::Duration::from_secs(2 * 86_400))
+    }
+}
+
+/// When the controller runs this target's backups and validations (`[schedule]`). Each key
+/// left out keeps the controller's default (nightly backup at 02:00 with up to 15 minutes of
+/// jitter, validation on Sundays at 06:00, in UTC); `"off"` means no such schedule. The cron
+/// expressions and the zone are checked by the controller, which owns the scheduler.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSpec {
+    /// 5-field cron expression of the backup, or `"off"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// 5-field cron expression of the validation, or `"off"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
+    /// IANA zone both expressions are read in (default UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The backup's spread (humantime, `"15m"`; `"0s"` for none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<String>,
+}
+
+impl ScheduleSpec {
+    pub fn is_default(&self) -> bool {
+        *self == ScheduleSpec::default()
+    }
+
+    /// `jitter` parsed (validated at load).
+    pub fn jitter(&self) -> Option<std::time::Duration> {
+        self.jitter
+            .as_deref()
+            .and_then(|j| humantime::parse_duration(j.trim()).ok())
     }
 }
 
@@ -401,6 +437,26 @@ impl TargetSpec {
                 }
             }
         }
+        for (key, expr) in [
+            ("schedule.backup", &self.schedule.backup),
+            ("schedule.verify", &self.schedule.verify),
+        ] {
+            if expr.as_deref().is_some_and(|e| e.trim().is_empty()) {
+                return Err(bad(
+                    key,
+                    "is empty: give a cron expression (\"0 2 * * *\") or \"off\"".into(),
+                ));
+            }
+        }
+        if let Some(jitter) = &self.schedule.jitter
+            && humantime::parse_duration(jitter.trim())
+                .map_or(true, |j| j >= std::time::Duration::from_secs(86_400))
+        {
+            return Err(bad(
+                "schedule.jitter",
+                format!("{jitter:?} is not a duration below one day (e.g. \"15m\", \"0s\")"),
+            ));
+        }
         if humantime::parse_duration(self.verify.max_age.trim()).is_err() {
             return Err(bad(
                 "verify.max_age",
@@ -587,6 +643,18 @@ mod tests {
                 "name = \"s\"\n[path]\ndir = \"/srv\"\nsurprise = 1\n",
                 "surprise",
             ),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\n[schedule]\nbackup = \" \"\n",
+                "`schedule.backup`",
+            ),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\n[schedule]\njitter = \"2d\"\n",
+                "`schedule.jitter`",
+            ),
+            (
+                "name = \"s\"\n[path]\ndir = \"/srv\"\n[schedule]\nevery = \"1h\"\n",
+                "every",
+            ),
         ];
         for (text, expected) in cases {
             let err = TargetSpec::from_toml(text, "t.toml")
@@ -600,6 +668,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_schedule_table_is_kept_and_left_out_when_default() {
+        let text = format!(
+            "{PG}[schedule]\nbackup = \"30 3 * * *\"\nverify = \"off\"\ntimezone = \"Europe/Berlin\"\njitter = \"5m\"\n"
+        );
+        let spec = TargetSpec::from_toml(&text, "t.toml").unwrap();
+        assert_eq!(spec.schedule.backup.as_deref(), Some("30 3 * * *"));
+        assert_eq!(spec.schedule.verify.as_deref(), Some("off"));
+        assert_eq!(
+            spec.schedule.jitter(),
+            Some(std::time::Duration::from_secs(300))
+        );
+        // Round trip (an app spec's [[backups]] are stored as TOML written back).
+        let again = TargetSpec::from_toml(&toml::to_string(&spec).unwrap(), "t.toml").unwrap();
+        assert_eq!(again, spec);
+        let plain = TargetSpec::from_toml(PG, "t.toml").unwrap();
+        assert!(!toml::to_string(&plain).unwrap().contains("schedule"));
     }
 
     #[test]

@@ -1021,15 +1021,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .map_err(err)?
                 .into_inner();
             if json {
-                print_json(
-                    &serde_json::json!({"name": resp.name, "revision": resp.revision, "changed": resp.changed}),
-                )
+                print_json(&serde_json::json!({
+                    "name": resp.name,
+                    "revision": resp.revision,
+                    "changed": resp.changed,
+                    "schedule_changes": resp.schedule_changes,
+                }))
             } else {
                 let what = if resp.changed { "applied" } else { "unchanged" };
                 println!(
                     "backup target {} {what}: revision {}",
                     resp.name, resp.revision
                 );
+                for change in &resp.schedule_changes {
+                    println!("  schedule {change}");
+                }
                 Ok(())
             }
         }

@@ -743,6 +743,7 @@ pub fn schedule_json(s: &v1::ScheduleInfo) -> Value {
         "last_job": s.last_run_job_id,
         "last_result": s.last_result,
         "runs_missed": s.runs_missed,
+        "kept_by_target": s.managed,
     })
 }
 
@@ -778,6 +779,12 @@ pub fn schedules_table(schedules: &[v1::ScheduleInfo], now_ms: i64) -> String {
             )
         } else {
             s.cron.clone()
+        };
+        // Kept by the target's [schedule]: changed by applying the target.
+        let when = if s.managed {
+            format!("{when}\n[target's schedule]")
+        } else {
+            when
         };
         let next = s
             .next_runs_unix_ms
