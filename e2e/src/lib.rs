@@ -19,6 +19,7 @@ use drover_identity::tls::{ClientCert, Trust, channel, client_config};
 use drover_proto::v1;
 use tokio::io::AsyncWriteExt;
 
+pub mod backups;
 pub mod deploys;
 pub mod pg;
 pub mod s3;

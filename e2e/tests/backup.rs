@@ -9,115 +9,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use drover_agent::jobevent::field;
-use drover_controller::store::EventRecord;
+use drover_e2e::backups::{
+    assert_job_failed_at, assert_job_succeeded, backup_fixture, event_field,
+};
+use drover_e2e::docker_available;
 use drover_e2e::pg::HostPg;
 use drover_e2e::s3::{S3Server, write_credentials};
-use drover_e2e::{TestAgent, TestController, docker_available, fast_controller_config, init};
 use drover_proto::v1;
-
-struct Fixture {
-    controller: TestController,
-    agent: TestAgent,
-    dir: tempfile::TempDir,
-}
-
-async fn fixture() -> Fixture {
-    init();
-    let dir = tempfile::tempdir().unwrap();
-    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
-    let addr = controller.addr.to_string();
-    let mut agent =
-        TestAgent::enroll_and_start(&controller, "db-1", &dir.path().join("a"), &addr).await;
-    agent.wait_connected().await;
-    Fixture {
-        controller,
-        agent,
-        dir,
-    }
-}
-
-fn get<'a>(e: &'a EventRecord, key: &str) -> &'a str {
-    e.fields.get(key).map(String::as_str).unwrap_or("")
-}
-
-impl Fixture {
-    async fn apply(&self, toml: &str) {
-        self.controller
-            .admin()
-            .apply_backup_target(v1::ApplyBackupTargetRequest {
-                target_toml: toml.to_string(),
-                source: "test.toml".into(),
-            })
-            .await
-            .expect("apply target");
-    }
-
-    /// Waits for a job and returns its `job.finished` event.
-    async fn finish(&self, job: v1::JobInfo) -> EventRecord {
-        self.controller
-            .wait_job(&self.agent.host, &job.id, Duration::from_secs(120))
-            .await
-    }
-
-    async fn backup(&self, target: &str) -> EventRecord {
-        let job = self
-            .controller
-            .admin()
-            .run_backup(v1::RunBackupRequest {
-                target: target.into(),
-                host: String::new(),
-            })
-            .await
-            .expect("run backup")
-            .into_inner();
-        self.finish(job).await
-    }
-
-    async fn restore(&self, req: v1::RestoreRequest) -> EventRecord {
-        let job = self
-            .controller
-            .admin()
-            .restore(req)
-            .await
-            .expect("restore")
-            .into_inner();
-        self.finish(job).await
-    }
-
-    async fn backups(&self, target: &str) -> Vec<v1::BackupInfo> {
-        // The catalog follows job.finished in the outbox: wait until the controller has
-        // acknowledged everything the agent recorded.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        drover_e2e::eventually(
-            "the agent's outbox drained",
-            Duration::from_secs(30),
-            || async { (self.agent.outbox.pending() == 0).then_some(()) },
-        )
-        .await;
-        self.controller
-            .admin()
-            .list_backups(v1::ListBackupsRequest {
-                target: target.into(),
-            })
-            .await
-            .expect("list backups")
-            .into_inner()
-            .backups
-    }
-}
-
-fn assert_succeeded(e: &EventRecord) {
-    assert_eq!(get(e, field::RESULT), "succeeded", "{e:#?}");
-}
-
-fn assert_failed_at(e: &EventRecord, step: &str, wanted: &str) {
-    assert_eq!(get(e, field::RESULT), "failed", "{e:#?}");
-    assert_eq!(get(e, field::STEP), step, "{e:#?}");
-    assert!(
-        get(e, field::ERROR).contains(wanted),
-        "{e:#?}\nwanted {wanted}"
-    );
-}
 
 fn shop(pg: &HostPg, db: &str) {
     pg.create_db(db);
@@ -134,7 +32,7 @@ fn shop(pg: &HostPg, db: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_backups_are_encrypted_uploaded_read_back_and_restore_to_equal_tables() {
     let Some(pg) = HostPg::start() else { return };
-    let f = fixture().await;
+    let f = backup_fixture().await;
     shop(&pg, "shop");
     let s3 = S3Server::start("AKTEST", "s3cr3t-key-0123456789", "backups").await;
     let creds = write_credentials(f.dir.path(), "s3.toml", "AKTEST", "s3cr3t-key-0123456789");
@@ -157,7 +55,7 @@ async fn postgres_backups_are_encrypted_uploaded_read_back_and_restore_to_equal_
     f.apply(&target).await;
 
     let done = f.backup("shop-db").await;
-    assert_succeeded(&done);
+    assert_job_succeeded(&done);
     let list = f.backups("shop-db").await;
     assert_eq!(list.len(), 1, "{list:#?}");
     let b = &list[0];
@@ -205,7 +103,7 @@ async fn postgres_backups_are_encrypted_uploaded_read_back_and_restore_to_equal_
         confirmed,
         identity_file: identity_file.display().to_string(),
     };
-    assert_succeeded(&f.restore(restore("shop_copy", false)).await);
+    assert_job_succeeded(&f.restore(restore("shop_copy", false)).await);
     assert_eq!(
         pg.table_contents("shop_copy", "items"),
         pg.table_contents("shop", "items")
@@ -218,20 +116,20 @@ async fn postgres_backups_are_encrypted_uploaded_read_back_and_restore_to_equal_
     // Without the key: refused before anything is touched.
     let mut no_key = restore("shop_nokey", false);
     no_key.identity_file.clear();
-    assert_failed_at(&f.restore(no_key).await, "locate", "--identity-file");
+    assert_job_failed_at(&f.restore(no_key).await, "locate", "--identity-file");
 
     // Over a live database: only when confirmed, and after an emergency backup of it.
     pg.psql(
         "shop",
         "DELETE FROM orders; DELETE FROM items WHERE id > 10;",
     );
-    assert_failed_at(
+    assert_job_failed_at(
         &f.restore(restore("shop", false)).await,
         "emergency_backup",
         "--yes",
     );
     assert_eq!(pg.table_contents("shop", "items").len(), 10, "untouched");
-    assert_succeeded(&f.restore(restore("shop", true)).await);
+    assert_job_succeeded(&f.restore(restore("shop", true)).await);
     assert_eq!(pg.table_contents("shop", "items").len(), 5000);
     let list = f.backups("shop-db").await;
     let emergency: Vec<_> = list.iter().filter(|b| b.trigger == "emergency").collect();
@@ -243,34 +141,33 @@ async fn postgres_backups_are_encrypted_uploaded_read_back_and_restore_to_equal_
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&local, &bytes).unwrap();
-    assert_succeeded(&f.restore(restore("shop_from_s3", false)).await);
+    assert_job_succeeded(&f.restore(restore("shop_from_s3", false)).await);
     assert_eq!(pg.table_contents("shop_from_s3", "items").len(), 5000);
     // Both copies corrupted: never restored.
     let mut remote = std::fs::read(&object).unwrap();
     remote[middle] ^= 0x01;
     std::fs::write(&object, &remote).unwrap();
-    assert_failed_at(
+    assert_job_failed_at(
         &f.restore(restore("shop_bad", false)).await,
         "locate",
         "corrupt",
     );
 
     // Retention: keep_last = 2 (the emergency backup counts), local and remote alike.
-    assert_succeeded(&f.backup("shop-db").await);
-    assert_succeeded(&f.backup("shop-db").await);
+    assert_job_succeeded(&f.backup("shop-db").await);
+    assert_job_succeeded(&f.backup("shop-db").await);
     let list = f.backups("shop-db").await;
     assert_eq!(list.len(), 2, "{list:#?}");
     assert!(list.iter().all(|x| x.id != b.id), "the oldest went first");
     assert!(!Path::new(&b.local_dir).exists());
     assert!(!object.exists());
-    f.agent.stop().await;
-    f.controller.stop().await;
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_failure_names_its_stage_and_leaves_nothing_half_written() {
     let Some(pg) = HostPg::start() else { return };
-    let f = fixture().await;
+    let f = backup_fixture().await;
     shop(&pg, "shop");
 
     // A database that does not exist: the check says so.
@@ -279,7 +176,7 @@ async fn each_failure_names_its_stage_and_leaves_nothing_half_written() {
         pg.url
     ))
     .await;
-    assert_failed_at(&f.backup("ghost").await, "check", "nope");
+    assert_job_failed_at(&f.backup("ghost").await, "check", "nope");
 
     // A wrong S3 secret: the upload fails naming the credentials file, never the secret;
     // the good local copy is kept and nothing stays in the bucket.
@@ -294,8 +191,8 @@ async fn each_failure_names_its_stage_and_leaves_nothing_half_written() {
     ))
     .await;
     let failed = f.backup("shop-db").await;
-    assert_failed_at(&failed, "upload", "credentials");
-    assert!(!get(&failed, field::ERROR).contains("a-wrong-secret-1111"));
+    assert_job_failed_at(&failed, "upload", "credentials");
+    assert!(!event_field(&failed, field::ERROR).contains("a-wrong-secret-1111"));
     let list = f.backups("shop-db").await;
     assert_eq!(list.len(), 1, "{list:#?}");
     assert!(list[0].remote.is_empty() && !list[0].local_dir.is_empty());
@@ -325,15 +222,14 @@ async fn each_failure_names_its_stage_and_leaves_nothing_half_written() {
             tmpfs.display()
         ))
         .await;
-        assert_failed_at(&f.backup("tight").await, "check", "free");
+        assert_job_failed_at(&f.backup("tight").await, "check", "free");
         let _ = std::process::Command::new("umount").arg(&tmpfs).status();
     } else if std::env::var("CI").as_deref() == Ok("true") {
         panic!("cannot mount a tmpfs, and CI needs the full-disk check");
     } else {
         eprintln!("skipping the full-disk part: cannot mount a tmpfs (not root?)");
     }
-    f.agent.stop().await;
-    f.controller.stop().await;
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,7 +237,7 @@ async fn volumes_and_paths_restore_to_a_directory_without_their_excluded_files()
     if !docker_available("volumes_and_paths_restore_to_a_directory") {
         return;
     }
-    let f = fixture().await;
+    let f = backup_fixture().await;
     // A host path with excludes.
     let src = f.dir.path().join("uploads");
     std::fs::create_dir_all(src.join("cache")).unwrap();
@@ -354,7 +250,7 @@ async fn volumes_and_paths_restore_to_a_directory_without_their_excluded_files()
         src.display()
     ))
     .await;
-    assert_succeeded(&f.backup("uploads").await);
+    assert_job_succeeded(&f.backup("uploads").await);
     let b = f.backups("uploads").await.remove(0);
     let out = f.dir.path().join("restored");
     let req = |dir: &Path| v1::RestoreRequest {
@@ -366,7 +262,7 @@ async fn volumes_and_paths_restore_to_a_directory_without_their_excluded_files()
         confirmed: false,
         identity_file: String::new(),
     };
-    assert_succeeded(&f.restore(req(&out)).await);
+    assert_job_succeeded(&f.restore(req(&out)).await);
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"keep me");
     assert_eq!(
         std::fs::read(out.join("img/logo.png")).unwrap().len(),
@@ -374,7 +270,7 @@ async fn volumes_and_paths_restore_to_a_directory_without_their_excluded_files()
     );
     assert!(!out.join("cache").exists());
     // Never into a directory with files in it.
-    assert_failed_at(&f.restore(req(&src)).await, "restore", "not empty");
+    assert_job_failed_at(&f.restore(req(&src)).await, "restore", "not empty");
 
     // A Docker volume, read from its mountpoint.
     let volume = format!("drover-t-vol-{}", std::process::id());
@@ -394,19 +290,18 @@ async fn volumes_and_paths_restore_to_a_directory_without_their_excluded_files()
     std::fs::write(Path::new(mount.trim()).join("data.db"), b"volume bytes").unwrap();
     f.apply(&format!("name = \"vol\"\n[volume]\nname = \"{volume}\"\n"))
         .await;
-    assert_succeeded(&f.backup("vol").await);
+    assert_job_succeeded(&f.backup("vol").await);
     let vb = f.backups("vol").await.remove(0);
     let out = f.dir.path().join("vol-restored");
     let mut r = req(&out);
     r.target = "vol".into();
     r.backup_id = vb.id.clone();
-    assert_succeeded(&f.restore(r).await);
+    assert_job_succeeded(&f.restore(r).await);
     assert_eq!(std::fs::read(out.join("data.db")).unwrap(), b"volume bytes");
     let _ = std::process::Command::new("docker")
         .args(["volume", "rm", "-f", &volume])
         .output();
-    f.agent.stop().await;
-    f.controller.stop().await;
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +317,7 @@ async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
         .parse()
         .unwrap();
     let spec = spec(app, &repo, listen, "pre_deploy_backup = \"app-files\"");
-    let f = fixture().await;
+    let f = backup_fixture().await;
     let files = f.dir.path().join("app-files");
     std::fs::create_dir_all(&files).unwrap();
     std::fs::write(files.join("state.json"), b"{}").unwrap();
@@ -442,28 +337,34 @@ async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
     };
     let run = |job: drover_agent::store::JobRecord| async {
         let id = job.id.clone();
-        f.agent.jobs.submit(job);
+        f.agent().jobs.submit(job);
         let done = f
             .controller
-            .wait_job(&f.agent.host, &id, Duration::from_secs(90))
+            .wait_job(&f.agent().host, &id, Duration::from_secs(90))
             .await;
         let steps: Vec<String> = f
             .controller
-            .job_events(&f.agent.host, &id)
+            .job_events(&f.agent().host, &id)
             .iter()
             .filter(|e| {
-                e.kind == drover_agent::jobevent::STEP && get(e, field::STATUS) != "started"
+                e.kind == drover_agent::jobevent::STEP && event_field(e, field::STATUS) != "started"
             })
-            .map(|e| format!("{}:{}", get(e, field::STEP), get(e, field::STATUS)))
+            .map(|e| {
+                format!(
+                    "{}:{}",
+                    event_field(e, field::STEP),
+                    event_field(e, field::STATUS)
+                )
+            })
             .collect();
         (done, steps)
     };
     let (done, steps) = run(job("deploy-pre-1-aaaa", "v1.0.0", &target)).await;
-    assert_succeeded(&done);
+    assert_job_succeeded(&done);
     assert_eq!(steps[2], "backup:done", "{steps:?}");
     // The second deploy's backup records the release live when it was taken.
     let (done, _) = run(job("deploy-pre-2-bbbb", "v1.1.0", &target)).await;
-    assert_succeeded(&done);
+    assert_job_succeeded(&done);
     let list = f.backups("app-files").await;
     assert_eq!(list.len(), 2, "{list:#?}");
     assert!(list.iter().all(|b| b.trigger == "pre_deploy"), "{list:#?}");
@@ -472,10 +373,9 @@ async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
     // A backup that fails stops the deploy before anything changes.
     std::fs::remove_dir_all(&files).unwrap();
     let (done, steps) = run(job("deploy-pre-3-cccc", "v1.0.0", &target)).await;
-    assert_failed_at(&done, "backup", "check");
+    assert_job_failed_at(&done, "backup", "check");
     assert_eq!(steps.last().unwrap(), "backup:failed", "{steps:?}");
-    f.agent.stop().await;
-    f.controller.stop().await;
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,13 +392,13 @@ async fn a_database_in_a_container_is_dumped_and_restored_through_docker_exec() 
          INSERT INTO contacts SELECT i, 'user' || i || '@example.net', i % 97 FROM generate_series(1, 4000) i;
          ANALYZE;",
     );
-    let f = fixture().await;
+    let f = backup_fixture().await;
     f.apply(&format!(
         "name = \"crm-db\"\n[postgres]\ncontainer = \"{}\"\ndatabases = [\"crm\"]\n",
         db.name
     ))
     .await;
-    assert_succeeded(&f.backup("crm-db").await);
+    assert_job_succeeded(&f.backup("crm-db").await);
     let b = f.backups("crm-db").await.remove(0);
     let manifest: serde_json::Value = serde_json::from_str(&b.manifest_json).unwrap();
     assert_eq!(
@@ -514,25 +414,24 @@ async fn a_database_in_a_container_is_dumped_and_restored_through_docker_exec() 
         confirmed,
         identity_file: String::new(),
     };
-    assert_succeeded(&f.restore(req("crm_copy", false)).await);
+    assert_job_succeeded(&f.restore(req("crm_copy", false)).await);
     assert_eq!(
         db.table_contents("crm_copy", "contacts"),
         db.table_contents("crm", "contacts")
     );
     // Over the live database, confirmed: the emergency backup comes first.
     db.psql("crm", "UPDATE contacts SET score = -1");
-    assert_succeeded(&f.restore(req("crm", true)).await);
+    assert_job_succeeded(&f.restore(req("crm", true)).await);
     assert_eq!(
         db.table_contents("crm", "contacts"),
         db.table_contents("crm_copy", "contacts")
     );
-    f.agent.stop().await;
-    f.controller.stop().await;
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drover_binary_backs_up_lists_shows_prunes_and_restores() {
-    let f = fixture().await;
+    let f = backup_fixture().await;
     let addr = f.controller.addr.to_string();
     let admin = f.controller.admin_dir();
     let cli = |args: &[&str]| {
@@ -609,6 +508,5 @@ async fn the_drover_binary_backs_up_lists_shows_prunes_and_restores() {
     let (code, _, err) = cli(&["restore", "site", "--backup", &id, "--to", "db"]);
     assert_eq!(code, 65, "{err}");
     assert!(err.contains("--to-dir"), "{err}");
-    f.agent.stop().await;
-    f.controller.stop().await;
+    f.stop().await;
 }

@@ -9,159 +9,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use drover_agent::backup::catalog::Backup;
-use drover_agent::jobevent::field;
-use drover_controller::store::EventRecord;
+use drover_e2e::backups::{assert_job_failed_at, assert_job_succeeded, backup_fixture};
 use drover_e2e::pg::HostPg;
-use drover_e2e::{
-    TestAgent, TestController, docker_available, fast_agent_config, fast_controller_config, init,
-};
+use drover_e2e::{TestAgent, docker_available, fast_agent_config};
 use drover_proto::v1;
-
-struct Fixture {
-    controller: TestController,
-    agent: Option<TestAgent>,
-    dir: tempfile::TempDir,
-}
-
-async fn fixture() -> Fixture {
-    init();
-    let dir = tempfile::tempdir().unwrap();
-    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
-    let addr = controller.addr.to_string();
-    let mut agent =
-        TestAgent::enroll_and_start(&controller, "db-1", &dir.path().join("a"), &addr).await;
-    agent.wait_connected().await;
-    Fixture {
-        controller,
-        agent: Some(agent),
-        dir,
-    }
-}
-
-fn get<'a>(e: &'a EventRecord, key: &str) -> &'a str {
-    e.fields.get(key).map(String::as_str).unwrap_or("")
-}
-
-impl Fixture {
-    fn agent(&self) -> &TestAgent {
-        self.agent.as_ref().unwrap()
-    }
-
-    async fn apply(&self, toml: &str) {
-        self.controller
-            .admin()
-            .apply_backup_target(v1::ApplyBackupTargetRequest {
-                target_toml: toml.to_string(),
-                source: "test.toml".into(),
-            })
-            .await
-            .expect("apply target");
-    }
-
-    async fn finish(&self, job: &v1::JobInfo) -> EventRecord {
-        self.controller
-            .wait_job(&self.agent().host, &job.id, Duration::from_secs(240))
-            .await
-    }
-
-    async fn backup(&self, target: &str) -> EventRecord {
-        let job = self
-            .controller
-            .admin()
-            .run_backup(v1::RunBackupRequest {
-                target: target.into(),
-                host: String::new(),
-            })
-            .await
-            .expect("run backup")
-            .into_inner();
-        let done = self.finish(&job).await;
-        assert_eq!(get(&done, field::RESULT), "succeeded", "{done:#?}");
-        self.drained().await;
-        done
-    }
-
-    async fn verify(&self, target: &str) -> EventRecord {
-        let jobs = self
-            .controller
-            .admin()
-            .verify(v1::VerifyRequest {
-                target: target.into(),
-                all: false,
-                host: String::new(),
-            })
-            .await
-            .expect("verify")
-            .into_inner()
-            .jobs;
-        assert_eq!(jobs.len(), 1);
-        let done = self.finish(&jobs[0]).await;
-        self.drained().await;
-        done
-    }
-
-    async fn drained(&self) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        drover_e2e::eventually(
-            "the agent's outbox drained",
-            Duration::from_secs(30),
-            || async { (self.agent().outbox.pending() == 0).then_some(()) },
-        )
-        .await;
-    }
-
-    async fn history(&self, target: &str) -> Vec<v1::VerificationInfo> {
-        self.controller
-            .admin()
-            .list_verifications(v1::ListVerificationsRequest {
-                target: target.into(),
-                limit: 0,
-            })
-            .await
-            .expect("list verifications")
-            .into_inner()
-            .verifications
-    }
-
-    async fn newest(&self, target: &str) -> v1::BackupInfo {
-        let backups = self
-            .controller
-            .admin()
-            .list_backups(v1::ListBackupsRequest {
-                target: target.into(),
-            })
-            .await
-            .expect("list backups")
-            .into_inner()
-            .backups;
-        backups.into_iter().next().expect("a backup")
-    }
-
-    async fn stop(mut self) {
-        if let Some(agent) = self.agent.take() {
-            agent.stop().await;
-        }
-        self.controller.stop().await;
-    }
-}
 
 /// The first part file of a backup.
 fn part_file(b: &v1::BackupInfo) -> PathBuf {
     let manifest: Backup = serde_json::from_str(&b.manifest_json).unwrap();
     PathBuf::from(&b.local_dir).join(&manifest.parts[0].file)
-}
-
-fn assert_passed(e: &EventRecord) {
-    assert_eq!(get(e, field::RESULT), "succeeded", "{e:#?}");
-}
-
-fn assert_caught(e: &EventRecord, check: &str, wanted: &str) {
-    assert_eq!(get(e, field::RESULT), "failed", "{e:#?}");
-    assert_eq!(get(e, field::STEP), check, "{e:#?}");
-    assert!(
-        get(e, field::ERROR).contains(wanted),
-        "{e:#?}\nwanted {wanted}"
-    );
 }
 
 fn shop(pg: &HostPg, db: &str) {
@@ -186,7 +42,7 @@ fn check<'a>(v: &'a v1::VerificationInfo, name: &str) -> &'a v1::VerificationChe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_backup_passes_with_evidence_and_each_broken_one_names_its_check() {
     let Some(pg) = HostPg::start() else { return };
-    let mut f = fixture().await;
+    let mut f = backup_fixture().await;
     shop(&pg, "shop");
     let target = format!(
         "name = \"shop-db\"\n[postgres]\nurl = \"{}\"\ndatabases = [\"shop\"]\n[verify]\nmin_free_bytes = 0\nmin_free_fraction = 0.0\n",
@@ -195,11 +51,11 @@ async fn a_good_backup_passes_with_evidence_and_each_broken_one_names_its_check(
     f.apply(&target).await;
 
     // No backup yet: `exists` fails.
-    assert_caught(&f.verify("shop-db").await, "exists", "no backup of shop-db");
+    assert_job_failed_at(&f.verify("shop-db").await, "exists", "no backup of shop-db");
 
     // A good backup passes every check, with evidence, and is marked verified.
-    f.backup("shop-db").await;
-    assert_passed(&f.verify("shop-db").await);
+    assert_job_succeeded(&f.backup("shop-db").await);
+    assert_job_succeeded(&f.verify("shop-db").await);
     let history = f.history("shop-db").await;
     let v = &history[0];
     assert!(v.passed, "{v:#?}");
@@ -235,16 +91,16 @@ async fn a_good_backup_passes_with_evidence_and_each_broken_one_names_its_check(
     assert_eq!(left.trim(), "0");
 
     // One flipped byte.
-    f.backup("shop-db").await;
+    assert_job_succeeded(&f.backup("shop-db").await);
     let file = part_file(&f.newest("shop-db").await);
     let mut bytes = std::fs::read(&file).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&file, &bytes).unwrap();
-    assert_caught(&f.verify("shop-db").await, "hash_local", "SHA-256");
+    assert_job_failed_at(&f.verify("shop-db").await, "hash_local", "SHA-256");
 
     // A truncated file.
-    f.backup("shop-db").await;
+    assert_job_succeeded(&f.backup("shop-db").await);
     let file = part_file(&f.newest("shop-db").await);
     let len = std::fs::metadata(&file).unwrap().len();
     std::fs::OpenOptions::new()
@@ -253,11 +109,11 @@ async fn a_good_backup_passes_with_evidence_and_each_broken_one_names_its_check(
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    assert_caught(&f.verify("shop-db").await, "hash_local", "");
+    assert_job_failed_at(&f.verify("shop-db").await, "hash_local", "");
 
     // A valid zstd stream (its hash in the catalog, so every integrity check passes) of
     // something that is not an archive: only pg_restore notices.
-    f.backup("shop-db").await;
+    assert_job_succeeded(&f.backup("shop-db").await);
     let b = f.newest("shop-db").await;
     let file = part_file(&b);
     let agent = f.agent.take().unwrap();
@@ -279,16 +135,16 @@ async fn a_good_backup_passes_with_evidence_and_each_broken_one_names_its_check(
         TestAgent::start(fast_agent_config(&data_dir, &f.controller.addr.to_string())).await;
     agent.wait_connected().await;
     f.agent = Some(agent);
-    assert_caught(&f.verify("shop-db").await, "pg_list", "");
+    assert_job_failed_at(&f.verify("shop-db").await, "pg_list", "");
     let v = &f.history("shop-db").await[0];
     assert_eq!(check(v, "hash_local").result, "passed", "{v:#?}");
     assert_eq!(check(v, "decompress").result, "passed", "{v:#?}");
 
     // An old backup: max_age exceeded.
-    f.backup("shop-db").await;
+    assert_job_succeeded(&f.backup("shop-db").await);
     f.apply(&format!("{target}max_age = \"1s\"\n")).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_caught(
+    assert_job_failed_at(
         &f.verify("shop-db").await,
         "age",
         "older than [verify] max_age",
@@ -316,10 +172,10 @@ async fn a_good_backup_passes_with_evidence_and_each_broken_one_names_its_check(
         )
     };
     f.apply(&encrypted(&right_file)).await;
-    f.backup("shop-db").await;
-    assert_passed(&f.verify("shop-db").await);
+    assert_job_succeeded(&f.backup("shop-db").await);
+    assert_job_succeeded(&f.verify("shop-db").await);
     f.apply(&encrypted(&wrong_file)).await;
-    assert_caught(&f.verify("shop-db").await, "decompress", "");
+    assert_job_failed_at(&f.verify("shop-db").await, "decompress", "");
 
     // The history keeps every run, newest first.
     let history = f.history("shop-db").await;
@@ -359,14 +215,14 @@ async fn a_container_backup_restores_into_a_scratch_from_the_same_image_and_a_mi
          INSERT INTO contacts SELECT i, 'user' || i || '@example.net' FROM generate_series(1, 4000) i;
          ANALYZE;",
     );
-    let f = fixture().await;
+    let f = backup_fixture().await;
     f.apply(&format!(
         "name = \"crm-db\"\n[postgres]\ncontainer = \"{}\"\ndatabases = [\"crm\"]\n[verify]\nmin_free_bytes = 0\nmin_free_fraction = 0.0\n",
         db.name
     ))
     .await;
-    f.backup("crm-db").await;
-    assert_passed(&f.verify("crm-db").await);
+    assert_job_succeeded(&f.backup("crm-db").await);
+    assert_job_succeeded(&f.verify("crm-db").await);
     let v = &f.history("crm-db").await[0];
     assert!(
         check(v, "restore")
@@ -382,8 +238,8 @@ async fn a_container_backup_restores_into_a_scratch_from_the_same_image_and_a_mi
         "crm",
         "CREATE ROLE app_owner; ALTER TABLE contacts OWNER TO app_owner;",
     );
-    f.backup("crm-db").await;
-    assert_caught(&f.verify("crm-db").await, "restore", "app_owner");
+    assert_job_succeeded(&f.backup("crm-db").await);
+    assert_job_failed_at(&f.verify("crm-db").await, "restore", "app_owner");
     let v = &f.history("crm-db").await[0];
     assert_eq!(check(v, "scratch_removed").result, "passed", "{v:#?}");
     // No scratch container is left.
