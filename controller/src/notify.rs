@@ -328,13 +328,16 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// Cuts `uri`'s path and query out of `message`, in case a lower layer quoted them.
 fn redact(message: &str, uri: &Uri) -> String {
     let mut text = message.to_string();
-    for secret in [
-        uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(""),
-        uri.path(),
-        uri.query().unwrap_or(""),
+    for (secret, shown) in [
+        (
+            uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(""),
+            "/…",
+        ),
+        (uri.path(), "/…"),
+        (uri.query().unwrap_or(""), "…"),
     ] {
         if secret.len() > 1 {
-            text = text.replace(secret, "/…");
+            text = text.replace(secret, shown);
         }
     }
     text
