@@ -3,8 +3,12 @@
 //! then sends notifications through `notify`. Time comes in as an argument: production ticks
 //! with the wall clock every `alerts_every`, tests call [`Alerting::tick`] with chosen times.
 //!
-//! A notification that fails is logged and tried again at the next tick: an open alert that
-//! was never sent has `last_sent_unix_ms` 0, a resolved one `resolve_sent_unix_ms` 0.
+//! Delivery is per channel (`webhook:<name>`, `email`): a round (the open message, a re-send,
+//! the resolution) owes every configured channel the message; each tick tries only the
+//! channels still in the alert's `pending` list, a success removes one, and the round is
+//! complete when none is left. A channel that failed is logged and tried again at the next
+//! tick, and the channels that already took the message do not get it twice. Which channels to
+//! try is decided by the pure `alerts::delivery`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +18,9 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::alerts::{self, AlertKind, AlertRecord, HostFacts, JobFacts, Snapshot, TargetFacts};
+use crate::alerts::{
+    self, AlertKind, AlertRecord, HostFacts, JobFacts, Round, Snapshot, TargetFacts,
+};
 use crate::hoststate::host_state;
 use crate::notify::{Notifier, Status};
 use crate::server::Shared;
@@ -37,7 +43,7 @@ pub struct TickReport {
     pub opened: Vec<String>,
     pub resent: Vec<String>,
     pub resolved: Vec<String>,
-    /// Notifications that could not be delivered (retried next tick).
+    /// Channel deliveries that failed (retried next tick).
     pub failed_sends: usize,
 }
 
@@ -166,7 +172,7 @@ impl Alerting {
         }
         for key in &changes.to_resolve {
             if let Some(mut a) = store.alert(key)? {
-                a.resolved_unix_ms = now_ms;
+                a.resolve(now_ms);
                 store.put_alert(&a)?;
                 info!(alert = %key, "alert resolved");
                 report.resolved.push(key.clone());
@@ -184,42 +190,45 @@ impl Alerting {
         }
         store.flush().await?;
 
-        let mut to_send: Vec<String> = changes.to_open.iter().map(|c| c.key.clone()).collect();
-        to_send.extend(changes.to_resend.iter().cloned());
-        for key in &to_send {
-            let Some(mut a) = store.alert(key)? else {
+        // Opened now or re-send due; rounds under way and undelivered resolutions go on too.
+        let due: std::collections::BTreeSet<&str> = changes
+            .to_open
+            .iter()
+            .map(|c| c.key.as_str())
+            .chain(changes.to_resend.iter().map(String::as_str))
+            .collect();
+        let channels = self.notifier.channels();
+        for mut a in store.alerts()? {
+            let Some(delivery) = alerts::delivery(&a, due.contains(a.key.as_str()), &channels)
+            else {
                 continue;
             };
-            match self.notifier.send(&a, Status::Open).await {
-                Ok(()) => {
-                    if a.sends > 0 {
-                        report.resent.push(key.clone());
+            let status = match delivery.round {
+                Round::Open => Status::Open,
+                Round::Resolution => Status::Resolved,
+            };
+            a.pending = delivery.channels.clone();
+            for channel in &delivery.channels {
+                match self.notifier.send_to(channel, &a, status).await {
+                    Ok(()) => {
+                        alerts::mark_delivered(&mut a, channel);
+                        store.put_alert(&a)?;
                     }
-                    a.last_sent_unix_ms = now_ms;
-                    a.sends += 1;
-                    store.put_alert(&a)?;
-                }
-                Err(e) => {
-                    warn!(alert = %key, error = %e, "alert notification failed; retried next tick");
-                    report.failed_sends += 1;
+                    Err(e) => {
+                        warn!(alert = %a.key, channel = %channel, status = status.as_str(), error = %e,
+                            "alert notification failed; retried next tick");
+                        report.failed_sends += 1;
+                    }
                 }
             }
-        }
-        // Resolutions not yet delivered, including earlier ticks' failures.
-        for mut a in store.alerts()? {
-            if a.is_open() || a.resolve_sent_unix_ms != 0 {
-                continue;
+            let resend = a.sends > 0;
+            if alerts::complete_round(&mut a, delivery.round, now_ms)
+                && delivery.round == Round::Open
+                && resend
+            {
+                report.resent.push(a.key.clone());
             }
-            match self.notifier.send(&a, Status::Resolved).await {
-                Ok(()) => {
-                    a.resolve_sent_unix_ms = now_ms;
-                    store.put_alert(&a)?;
-                }
-                Err(e) => {
-                    warn!(alert = %a.key, error = %e, "resolution notification failed; retried next tick");
-                    report.failed_sends += 1;
-                }
-            }
+            store.put_alert(&a)?;
         }
         store.flush().await?;
         Ok(report)

@@ -112,12 +112,95 @@ pub struct AlertRecord {
     /// When its resolution went out; 0 while open or not yet delivered.
     #[serde(default)]
     pub resolve_sent_unix_ms: i64,
+    /// The channels (`webhook:<name>`, `email`) still owed the current round's message: the
+    /// open notification (or its re-send) while open, the resolution once resolved. Empty
+    /// when no round is under way.
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
 
 impl AlertRecord {
     pub fn is_open(&self) -> bool {
         self.resolved_unix_ms == 0
     }
+
+    /// Marks it resolved at `now_ms`: whatever open round was under way is dropped, and the
+    /// resolution round starts at the next delivery.
+    pub fn resolve(&mut self, now_ms: i64) {
+        self.resolved_unix_ms = now_ms;
+        self.pending.clear();
+    }
+}
+
+/// Which message a delivery round carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// The alert is open: first notification or a re-send.
+    Open,
+    /// The alert resolved.
+    Resolution,
+}
+
+/// What an alert owes at one tick: the round's message and the channels to try now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub round: Round,
+    /// In configured order. Empty when no configured channel is owed it any more: the round
+    /// is then complete without a send.
+    pub channels: Vec<String>,
+}
+
+/// Which channels `alert` must be sent to now, given the `configured` channel ids.
+/// `due`: `reconcile` opened it or found its re-send due.
+///
+/// A round under way (`pending` not empty) goes on with the pending channels that are still
+/// configured, whatever `due` says, so a channel that already took the message never gets
+/// it twice. Otherwise a round starts, with every configured channel: for an open alert when
+/// `due`, for a resolved one while its resolution has not gone out.
+pub fn delivery(alert: &AlertRecord, due: bool, configured: &[String]) -> Option<Delivery> {
+    let round = if alert.is_open() {
+        Round::Open
+    } else {
+        Round::Resolution
+    };
+    let channels: Vec<String> = if !alert.pending.is_empty() {
+        configured
+            .iter()
+            .filter(|c| alert.pending.contains(c))
+            .cloned()
+            .collect()
+    } else {
+        let starts = match round {
+            Round::Open => due,
+            Round::Resolution => alert.resolve_sent_unix_ms == 0,
+        };
+        if !starts {
+            return None;
+        }
+        configured.to_vec()
+    };
+    Some(Delivery { round, channels })
+}
+
+/// Records that `channel` took the round's message: it is owed nothing more.
+pub fn mark_delivered(alert: &mut AlertRecord, channel: &str) {
+    alert.pending.retain(|c| c != channel);
+}
+
+/// Completes `round` when no channel is owed its message any more (open: `last_sent_unix_ms`
+/// and `sends`; resolution: `resolve_sent_unix_ms`). True when it did.
+pub fn complete_round(alert: &mut AlertRecord, round: Round, now_ms: i64) -> bool {
+    if !alert.pending.is_empty() {
+        return false;
+    }
+    match round {
+        Round::Open => {
+            alert.last_sent_unix_ms = now_ms;
+            alert.sends += 1;
+        }
+        Round::Resolution => alert.resolve_sent_unix_ms = now_ms,
+    }
+    true
 }
 
 fn ms(d: Duration) -> i64 {
@@ -240,8 +323,8 @@ pub fn conditions(snapshot: &Snapshot, now_ms: i64) -> Vec<Condition> {
 pub struct Changes {
     /// New conditions without an open alert.
     pub to_open: Vec<Condition>,
-    /// Keys of open alerts whose condition holds and whose last send is `resend_every` old
-    /// (or that were never sent).
+    /// Keys of open alerts whose condition holds and whose last completed round is
+    /// `resend_every` old (or that never completed one).
     pub to_resend: Vec<String>,
     /// Keys of open alerts whose condition cleared.
     pub to_resolve: Vec<String>,
@@ -570,5 +653,159 @@ mod tests {
         for (name, open, conds, want) in cases {
             assert_eq!(reconcile(&open, &conds, now, every), want, "{name}");
         }
+    }
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn delivery_table() {
+        let all = ids(&["webhook:a", "webhook:b", "email"]);
+        let open = |pending: &[&str]| AlertRecord {
+            pending: ids(pending),
+            ..rec("k", 0, 0)
+        };
+        let resolved = |pending: &[&str], sent: i64| AlertRecord {
+            pending: ids(pending),
+            resolve_sent_unix_ms: sent,
+            ..rec("k", 5, 7)
+        };
+        let some = |round, channels: &[&str]| {
+            Some(Delivery {
+                round,
+                channels: ids(channels),
+            })
+        };
+        // (name, alert, due, configured channels, what to deliver)
+        type Case = (
+            &'static str,
+            AlertRecord,
+            bool,
+            Vec<String>,
+            Option<Delivery>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "opened or re-send due: every channel",
+                open(&[]),
+                true,
+                all.clone(),
+                some(Round::Open, &["webhook:a", "webhook:b", "email"]),
+            ),
+            (
+                "open, not due, nothing pending",
+                open(&[]),
+                false,
+                all.clone(),
+                None,
+            ),
+            (
+                "a round under way: only the pending channels, due or not",
+                open(&["webhook:b"]),
+                false,
+                all.clone(),
+                some(Round::Open, &["webhook:b"]),
+            ),
+            (
+                "a re-send falling due while a round is under way does not restart it",
+                open(&["email"]),
+                true,
+                all.clone(),
+                some(Round::Open, &["email"]),
+            ),
+            (
+                "pending channels no longer configured are dropped, in configured order",
+                open(&["email", "webhook:gone", "webhook:a"]),
+                false,
+                all.clone(),
+                some(Round::Open, &["webhook:a", "email"]),
+            ),
+            (
+                "only removed channels pending: the round completes without a send",
+                open(&["webhook:gone"]),
+                false,
+                all.clone(),
+                some(Round::Open, &[]),
+            ),
+            (
+                "no channel at all: the round completes at once",
+                open(&[]),
+                true,
+                vec![],
+                some(Round::Open, &[]),
+            ),
+            (
+                "resolved, resolution not sent: every channel",
+                resolved(&[], 0),
+                false,
+                all.clone(),
+                some(Round::Resolution, &["webhook:a", "webhook:b", "email"]),
+            ),
+            (
+                "resolution under way: the pending ones",
+                resolved(&["webhook:a"], 0),
+                false,
+                all.clone(),
+                some(Round::Resolution, &["webhook:a"]),
+            ),
+            (
+                "resolution delivered: nothing",
+                resolved(&[], 9),
+                true,
+                all.clone(),
+                None,
+            ),
+        ];
+        for (name, alert, due, configured, want) in cases {
+            assert_eq!(delivery(&alert, due, &configured), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn rounds_complete_when_no_channel_is_owed() {
+        let now = 10 * DAY;
+        // First round: one of two channels fails.
+        let mut a = rec("k", 0, 0);
+        a.sends = 0;
+        let d = delivery(&a, true, &ids(&["webhook:a", "webhook:b"])).unwrap();
+        a.pending = d.channels.clone();
+        mark_delivered(&mut a, "webhook:a");
+        assert!(!complete_round(&mut a, d.round, now));
+        assert_eq!(
+            (a.pending.clone(), a.last_sent_unix_ms, a.sends),
+            (ids(&["webhook:b"]), 0, 0)
+        );
+        // Next tick: only the failed one is tried, and the round completes.
+        let d = delivery(&a, true, &ids(&["webhook:a", "webhook:b"])).unwrap();
+        assert_eq!(d.channels, ids(&["webhook:b"]));
+        mark_delivered(&mut a, "webhook:b");
+        assert!(complete_round(&mut a, d.round, now + 1));
+        assert_eq!((a.last_sent_unix_ms, a.sends), (now + 1, 1));
+        assert_eq!(delivery(&a, false, &ids(&["webhook:a", "webhook:b"])), None);
+        // Resolving drops an open round under way and owes every channel the resolution.
+        a.pending = ids(&["webhook:b"]);
+        a.resolve(now + 2);
+        let d = delivery(&a, false, &ids(&["webhook:a", "webhook:b"])).unwrap();
+        assert_eq!(d.round, Round::Resolution);
+        assert_eq!(d.channels, ids(&["webhook:a", "webhook:b"]));
+        a.pending = d.channels;
+        mark_delivered(&mut a, "webhook:a");
+        mark_delivered(&mut a, "webhook:b");
+        assert!(complete_round(&mut a, Round::Resolution, now + 3));
+        assert_eq!((a.resolve_sent_unix_ms, a.sends), (now + 3, 1));
+    }
+
+    #[test]
+    fn records_without_pending_still_load() {
+        let old = r#"{"key":"k","kind":"host_down","subject":"x","message":"m",
+            "opened_unix_ms":1,"last_sent_unix_ms":0,"resolved_unix_ms":0,"sends":0}"#;
+        let a: AlertRecord = serde_json::from_str(old).unwrap();
+        assert!(a.pending.is_empty());
+        // Never delivered before the upgrade: reconcile finds it due, every channel gets it.
+        assert_eq!(
+            delivery(&a, true, &ids(&["email"])).unwrap().channels,
+            ids(&["email"])
+        );
     }
 }

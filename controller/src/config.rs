@@ -86,10 +86,35 @@ pub struct EmailConfig {
     pub to: Vec<String>,
     #[serde(default = "yes")]
     pub starttls: bool,
+    /// SMTP AUTH user (PLAIN or LOGIN, whichever the server offers); needs `password_file`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The file holding the SMTP password (its first line), mode 0600 or stricter. The
+    /// password itself never appears in the config, a log or an error.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates trusted for the server's STARTTLS certificate, besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn yes() -> bool {
     true
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        EmailConfig {
+            server: String::new(),
+            port: None,
+            from: String::new(),
+            to: Vec::new(),
+            starttls: true,
+            username: None,
+            password_file: None,
+            ca_file: None,
+        }
+    }
 }
 
 impl EmailConfig {
@@ -98,13 +123,34 @@ impl EmailConfig {
     }
 }
 
-/// One webhook: `url` (http:// only for now) and `format` (`json` or `slack`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// One webhook: `url` (`https://`, or `http://` to a loopback host), `format` (`json` or
+/// `slack`), an optional `name` and an optional `ca_file`.
+///
+/// The URL's path can be a secret (a Slack hook's is): `Debug` shows only scheme://host[:port].
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
+    /// Names the channel in logs, errors and the alert's delivery state; default `webhook-N`,
+    /// N its position from 1. Give one so the id survives reordering the list.
+    #[serde(default)]
+    pub name: Option<String>,
     pub url: String,
     #[serde(default)]
     pub format: WebhookFormat,
+    /// PEM certificates trusted for this webhook's server, besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("name", &self.name)
+            .field("url", &crate::notify::url_origin(&self.url))
+            .field("format", &self.format)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -165,10 +211,8 @@ impl ControllerConfig {
         if self.alert_resend.is_zero() {
             return Err(invalid("alert_resend", "must be more than 0s"));
         }
-        for hook in &self.notify.webhook {
-            if let Err(message) = crate::notify::check_url(&hook.url) {
-                return Err(invalid("notify.webhook.url", &message));
-            }
+        if let Err((key, message)) = crate::notify::check_webhooks(&self.notify.webhook) {
+            return Err(invalid(key, &message));
         }
         if let Some(email) = &self.notify.email
             && let Err((key, message)) = crate::notify::check_email(email)
@@ -201,27 +245,46 @@ mod tests {
     }
 
     #[test]
-    fn notify_config_parses_and_refuses_https() {
+    fn notify_config_parses_and_refuses_plain_http_off_this_machine() {
         let text = r#"
             alert_resend = "1h"
             [[notify.webhook]]
             url = "http://127.0.0.1:9000/hook"
             [[notify.webhook]]
-            url = "http://chat.example/hooks/x"
+            name = "ops-slack"
+            url = "https://hooks.example.org/services/T000/B000/SECRET"
             format = "slack"
         "#;
         let config = ControllerConfig::from_toml(text, "c.toml").unwrap();
         assert_eq!(config.notify.webhook.len(), 2);
         assert_eq!(config.notify.webhook[0].format, WebhookFormat::Json);
         assert_eq!(config.notify.webhook[1].format, WebhookFormat::Slack);
+        assert_eq!(
+            crate::notify::Notifier::new(&config.notify).channels(),
+            ["webhook:webhook-1", "webhook:ops-slack"]
+        );
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("SECRET"), "{debug}");
         let err = ControllerConfig::from_toml(
-            "[[notify.webhook]]\nurl = \"https://hooks.example/x\"",
+            "[[notify.webhook]]\nurl = \"http://hooks.example.org/services/T000/B000/SECRET\"",
             "c.toml",
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("notify.webhook.url"), "{err}");
-        assert!(err.contains("https"), "{err}");
+        assert!(
+            err.contains("loopback") && err.contains("https://"),
+            "{err}"
+        );
+        assert!(!err.contains("SECRET"), "{err}");
+        let err = ControllerConfig::from_toml(
+            "[[notify.webhook]]\nurl = \"https://hooks.example.org/x\"\nca_file = \"/nonexistent/ca.pem\"",
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("notify.webhook.ca_file"), "{err}");
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
         let email = "[notify.email]\nserver = \"mail.example\"\nfrom = \"drover@example.org\"\nto = [\"ops@example.org\"]\nstarttls = false";
         let err = ControllerConfig::from_toml(email, "c.toml")
             .unwrap_err()
@@ -235,6 +298,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("notify.email.to"), "{err}");
+    }
+
+    #[test]
+    fn smtp_password_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("smtp-password");
+        std::fs::write(&pw, "hunter2\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            "[notify.email]\nserver = \"smtp.example.org\"\nfrom = \"drover@example.org\"\n\
+             to = [\"ops@example.org\"]\nusername = \"drover\"\npassword_file = \"{}\"",
+            pw.display()
+        );
+        let err = ControllerConfig::from_toml(&text, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify.email.password_file"), "{err}");
+        assert!(
+            err.contains("chmod 600") && err.contains("smtp-password"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = ControllerConfig::from_toml(&text, "c.toml").unwrap();
+        let email = config.notify.email.unwrap();
+        assert_eq!(email.username.as_deref(), Some("drover"));
+        assert!(!format!("{email:?}").contains("hunter2"));
+        let err = ControllerConfig::from_toml(
+            &format!("{text}\nca_file = \"{}\"", pw.display()),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("notify.email.ca_file"), "{err}");
     }
 
     #[test]

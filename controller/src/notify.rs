@@ -1,27 +1,46 @@
 //! Notifications: the only module of the controller that sends anything about alerts to the
-//! outside. Webhooks over HTTP/1.1 (hyper-util's client), as generic JSON or Slack-compatible
-//! `{"text": ...}`, and SMTP e-mail (lettre). Plain `http://` only for webhooks: an `https://`
-//! URL is refused when the config is validated (no TLS client for webhooks yet). E-mail uses
-//! STARTTLS, or plain SMTP to a loopback relay only.
+//! outside. Each configured destination is a channel with a stable id (`webhook:<name>`,
+//! `email`), sent to one at a time by [`Notifier::send_to`], so the alert task can retry only
+//! the channels that failed.
 //!
-//! Every request has a timeout, so a hung receiver cannot hold the alert tick.
+//! Webhooks: HTTP/1.1 over hyper-util's client and hyper-rustls, as generic JSON or
+//! Slack-compatible `{"text": ...}`. `https://` to any host, trusting the system's roots plus
+//! the webhook's optional `ca_file`; plain `http://` only to a loopback host. E-mail: SMTP
+//! through lettre, STARTTLS by default (the system's roots plus an optional `ca_file`), plain
+//! SMTP to a loopback relay only; SMTP AUTH (PLAIN or LOGIN) with the password read from a
+//! file that must be private to its owner.
+//!
+//! A webhook URL's path is a secret (a Slack hook's path is its key): errors, logs and `Debug`
+//! show only scheme://host[:port] and the webhook's name. The SMTP password is read at each
+//! send and never shown. Every request has a timeout, so a hung receiver cannot hold the tick.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Uri;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use lettre::message::Mailbox;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use tracing::warn;
 
 use crate::alerts::AlertRecord;
 use crate::config::{EmailConfig, NotifyConfig, WebhookConfig, WebhookFormat};
-use lettre::message::Mailbox;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 /// How long one webhook request may take, connection included.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The channel id of `[notify.email]`.
+pub const EMAIL_CHANNEL: &str = "email";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -40,10 +59,70 @@ impl Status {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
-    #[error("webhook {url}: {message}")]
-    Webhook { url: String, message: String },
+    /// `origin` is scheme://host[:port], never the path (it may be the hook's secret).
+    #[error("webhook `{name}` ({origin}): {message}")]
+    Webhook {
+        name: String,
+        origin: String,
+        message: String,
+    },
     #[error("e-mail via {server}: {message}")]
     Email { server: String, message: String },
+    #[error("no notification channel `{0}` is configured")]
+    UnknownChannel(String),
+}
+
+/// The name of the `index`th webhook (from 0): its `name`, else `webhook-<index + 1>`.
+pub fn webhook_name(hook: &WebhookConfig, index: usize) -> String {
+    match &hook.name {
+        Some(name) => name.clone(),
+        None => format!("webhook-{}", index + 1),
+    }
+}
+
+/// The channel id of a webhook called `name`.
+pub fn webhook_channel(name: &str) -> String {
+    format!("webhook:{name}")
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// Whether the `[[notify.webhook]]` list can be used: (key, message) when not. Messages name
+/// the webhook and its scheme://host[:port], never the URL's path or query.
+pub fn check_webhooks(hooks: &[WebhookConfig]) -> Result<(), (&'static str, String)> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, hook) in hooks.iter().enumerate() {
+        let name = webhook_name(hook, i);
+        if !valid_name(&name) {
+            return Err((
+                "notify.webhook.name",
+                format!("`{name}`: use 1 to 63 letters, digits, `-`, `_` or `.`"),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err((
+                "notify.webhook.name",
+                format!("`{name}` names two webhooks: give each its own name"),
+            ));
+        }
+        check_url(&hook.url)
+            .map_err(|message| ("notify.webhook.url", format!("webhook `{name}`: {message}")))?;
+        if let Some(path) = &hook.ca_file {
+            root_store(Vec::new(), Some(path)).map_err(|message| {
+                (
+                    "notify.webhook.ca_file",
+                    format!("webhook `{name}`: {message}"),
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether an `[notify.email]` section can be used: (key, message) when not.
@@ -51,6 +130,8 @@ pub fn check_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
     if email.server.trim().is_empty() {
         return Err(("notify.email.server", "must not be empty".into()));
     }
+    // This also keeps credentials off the wire in the clear: they go over STARTTLS or to a
+    // loopback relay only.
     if !email.starttls && !is_loopback(&email.server) {
         return Err((
             "notify.email.starttls",
@@ -71,14 +152,195 @@ pub fn check_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
         to.parse::<Mailbox>()
             .map_err(|e| ("notify.email.to", format!("`{to}`: {e}")))?;
     }
+    match (&email.username, &email.password_file) {
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err((
+                "notify.email.password_file",
+                "`username` needs `password_file` (a file holding the password, mode 0600)".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "notify.email.username",
+                "`password_file` needs `username`".into(),
+            ));
+        }
+        (Some(user), Some(path)) => {
+            if user.trim().is_empty() {
+                return Err(("notify.email.username", "must not be empty".into()));
+            }
+            read_password_file(path).map_err(|m| ("notify.email.password_file", m))?;
+        }
+    }
+    if let Some(path) = &email.ca_file {
+        root_store(Vec::new(), Some(path)).map_err(|m| ("notify.email.ca_file", m))?;
+    }
     Ok(())
 }
 
-fn is_loopback(server: &str) -> bool {
-    server == "localhost"
-        || server
+/// Whether `host` (a name, an IP address, or `[v6]` as in a URL) is this machine.
+fn is_loopback(host: &str) -> bool {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Reads an SMTP password file: its first line. Refused unless private to its owner (no
+/// access for group or others), like the other secret files Drover reads.
+pub fn read_password_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("{shown} does not exist")
+        } else {
+            format!("cannot read {shown}: {e}")
+        }
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{shown} is open to group or others (mode {mode:o}): run `chmod 600 {shown}`"
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    match text.lines().next() {
+        Some(line) if !line.is_empty() => Ok(line.to_string()),
+        _ => Err(format!(
+            "{shown} is empty: the password goes on its first line"
+        )),
+    }
+}
+
+/// The PEM certificates of a `ca_file`, each checked to be usable as a trust anchor.
+fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{shown} is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{shown} holds no PEM certificate (want -----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    Ok(certs)
+}
+
+/// `native` roots plus those of `ca_file`.
+fn root_store(
+    native: Vec<CertificateDer<'static>>,
+    ca_file: Option<&Path>,
+) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    // A system store may hold a certificate rustls cannot use; the others still count.
+    roots.add_parsable_certificates(native);
+    if let Some(path) = ca_file {
+        for (i, cert) in read_ca_file(path)?.into_iter().enumerate() {
+            roots.add(cert).map_err(|e| {
+                format!(
+                    "{}: certificate {} is not a usable CA certificate: {e}",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        }
+    }
+    Ok(roots)
+}
+
+/// The system's root certificates (read once per [`Notifier`]).
+fn native_roots() -> Vec<CertificateDer<'static>> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        warn!(
+            errors = found.errors.len(),
+            "no system root certificates found: https webhooks trust only their ca_file"
+        );
+    }
+    found.certs
+}
+
+/// scheme://host[:port] of a webhook URL: what errors and logs may show of it.
+pub fn url_origin(url: &str) -> String {
+    match url.parse::<Uri>() {
+        Ok(uri) => origin(&uri),
+        Err(_) => "(not a URL)".to_string(),
+    }
+}
+
+fn origin(uri: &Uri) -> String {
+    let scheme = uri.scheme_str().unwrap_or("?");
+    let host = uri.host().unwrap_or("");
+    match uri.port_u16() {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    }
+}
+
+/// Whether a webhook URL can be used: `https://host[:port]/path`, or `http://` to a loopback
+/// host. Messages show scheme://host[:port] at most.
+pub fn check_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("the URL has no host".to_string());
+    }
+    let shown = origin(&uri);
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "{shown}: user:password@ in the URL is not supported"
+        ));
+    }
+    match uri.scheme_str() {
+        Some("https") => Ok(uri),
+        Some("http") if uri.host().is_some_and(is_loopback) => Ok(uri),
+        Some("http") => Err(format!(
+            "{shown}: plain http:// is only allowed to a loopback host (127.0.0.0/8, ::1, \
+             localhost); use https:// (with `ca_file` for a private CA)"
+        )),
+        _ => Err(format!(
+            "{shown}: must start with https:// (or http:// to a loopback host)"
+        )),
+    }
+}
+
+/// The message of `error` and its sources, each once.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// Cuts `uri`'s path and query out of `message`, in case a lower layer quoted them.
+fn redact(message: &str, uri: &Uri) -> String {
+    let mut text = message.to_string();
+    for (secret, shown) in [
+        (
+            uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(""),
+            "/…",
+        ),
+        (uri.path(), "/…"),
+        (uri.query().unwrap_or(""), "…"),
+    ] {
+        if secret.len() > 1 {
+            text = text.replace(secret, shown);
+        }
+    }
+    text
 }
 
 /// The e-mail's subject and text.
@@ -97,27 +359,6 @@ pub fn email_text(alert: &AlertRecord, status: Status) -> (String, String) {
         rfc3339(alert.opened_unix_ms)
     );
     (subject, body)
-}
-
-/// Whether a webhook URL can be used: `http://host[:port]/path`.
-pub fn check_url(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "`{url}`: https webhooks are not supported yet (no TLS client is built in); \
-                 use http:// to a local relay"
-            ));
-        }
-        _ => return Err(format!("`{url}`: must start with http://")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("`{url}`: has no host"));
-    }
-    Ok(uri)
 }
 
 /// The generic JSON body.
@@ -151,81 +392,152 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// Sends alerts to every configured webhook.
-#[derive(Debug, Clone)]
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// One webhook, ready to post to.
+#[derive(Clone)]
+struct Webhook {
+    id: String,
+    name: String,
+    origin: String,
+    format: WebhookFormat,
+    /// The parsed URL and its client, or why there is none (the config is validated before,
+    /// so this is a `ca_file` that went away in between, or a test that skipped validation).
+    ready: Result<(Uri, HttpsClient), String>,
+}
+
+impl Webhook {
+    fn new(
+        hook: &WebhookConfig,
+        index: usize,
+        native: &mut Option<Vec<CertificateDer<'static>>>,
+    ) -> Webhook {
+        let name = webhook_name(hook, index);
+        let ready = check_url(&hook.url).and_then(|uri| {
+            let roots = if uri.scheme_str() == Some("https") {
+                native.get_or_insert_with(native_roots).clone()
+            } else {
+                Vec::new()
+            };
+            let roots = root_store(roots, hook.ca_file.as_deref())?;
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_connect_timeout(Some(SEND_TIMEOUT));
+            let connector = HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            Ok((uri, Client::builder(TokioExecutor::new()).build(connector)))
+        });
+        Webhook {
+            id: webhook_channel(&name),
+            origin: url_origin(&hook.url),
+            name,
+            format: hook.format,
+            ready,
+        }
+    }
+}
+
+/// Sends alerts to the configured channels, one channel at a time.
+#[derive(Clone)]
 pub struct Notifier {
-    webhooks: Vec<WebhookConfig>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    webhooks: Vec<Webhook>,
     email: Option<EmailConfig>,
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifier")
+            .field("channels", &self.channels())
+            .finish()
+    }
 }
 
 impl Notifier {
     pub fn new(config: &NotifyConfig) -> Notifier {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(SEND_TIMEOUT));
+        let mut native = None;
         Notifier {
-            webhooks: config.webhook.clone(),
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            webhooks: config
+                .webhook
+                .iter()
+                .enumerate()
+                .map(|(i, hook)| Webhook::new(hook, i, &mut native))
+                .collect(),
             email: config.email.clone(),
         }
     }
 
-    /// Sends `alert` with `status` to every webhook; an error names the first that failed
-    /// (the others were still tried).
-    pub async fn send(&self, alert: &AlertRecord, status: Status) -> Result<(), NotifyError> {
-        let mut first_error = None;
-        for hook in &self.webhooks {
-            if let Err(e) = self.post(hook, alert, status).await {
-                first_error.get_or_insert(e);
-            }
+    /// The channel ids, in the order they are tried: the webhooks in configured order, then
+    /// the e-mail.
+    pub fn channels(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.webhooks.iter().map(|h| h.id.clone()).collect();
+        if self.email.is_some() {
+            ids.push(EMAIL_CHANNEL.to_string());
         }
-        if let Some(email) = &self.email
-            && let Err(e) = send_email(email, alert, status).await
-        {
-            first_error.get_or_insert(e);
-        }
-        first_error.map_or(Ok(()), Err)
+        ids
     }
 
-    async fn post(
+    /// Sends `alert` with `status` to the one channel `channel`.
+    pub async fn send_to(
         &self,
-        hook: &WebhookConfig,
+        channel: &str,
         alert: &AlertRecord,
         status: Status,
     ) -> Result<(), NotifyError> {
-        let fail = |message: String| NotifyError::Webhook {
-            url: hook.url.clone(),
-            message,
-        };
-        let uri = check_url(&hook.url).map_err(fail)?;
-        let body = match hook.format {
-            WebhookFormat::Json => json_body(alert, status),
-            WebhookFormat::Slack => slack_body(alert, status),
-        };
-        let request = hyper::Request::post(uri)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::USER_AGENT, "drover-controller")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| fail(e.to_string()))?;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let code = response.status();
-            // Read the body so the connection can be reused.
-            let _ = response.into_body().collect().await;
-            if code.is_success() {
-                Ok(())
-            } else {
-                Err(format!("answered {code}"))
-            }
-        };
-        match tokio::time::timeout(SEND_TIMEOUT, exchange).await {
-            Ok(result) => result.map_err(fail),
-            Err(_) => Err(fail(format!("no answer within {SEND_TIMEOUT:?}"))),
+        if channel == EMAIL_CHANNEL
+            && let Some(email) = &self.email
+        {
+            return send_email(email, alert, status).await;
         }
+        match self.webhooks.iter().find(|h| h.id == channel) {
+            Some(hook) => post(hook, alert, status).await,
+            None => Err(NotifyError::UnknownChannel(channel.to_string())),
+        }
+    }
+}
+
+async fn post(hook: &Webhook, alert: &AlertRecord, status: Status) -> Result<(), NotifyError> {
+    let fail = |message: String| NotifyError::Webhook {
+        name: hook.name.clone(),
+        origin: hook.origin.clone(),
+        message,
+    };
+    let (uri, client) = hook.ready.as_ref().map_err(|e| fail(e.clone()))?;
+    let body = match hook.format {
+        WebhookFormat::Json => json_body(alert, status),
+        WebhookFormat::Slack => slack_body(alert, status),
+    };
+    let request = hyper::Request::post(uri.clone())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::USER_AGENT, "drover-controller")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| fail(redact(&error_chain(&e), uri)))?;
+    let exchange = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| redact(&error_chain(&e), uri))?;
+        let code = response.status();
+        // Read the body so the connection can be reused.
+        let _ = response.into_body().collect().await;
+        if code.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {code}"))
+        }
+    };
+    match tokio::time::timeout(SEND_TIMEOUT, exchange).await {
+        Ok(result) => result.map_err(fail),
+        Err(_) => Err(fail(format!("no answer within {SEND_TIMEOUT:?}"))),
     }
 }
 
@@ -251,18 +563,31 @@ async fn send_email(
         builder = builder.to(to.parse::<Mailbox>().map_err(|e| fail(e.to_string()))?);
     }
     let message = builder.body(body).map_err(|e| fail(e.to_string()))?;
-    let transport = if email.starttls {
-        AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&email.server)
-            .map_err(|e| fail(e.to_string()))?
-    } else {
-        // Plain SMTP: only to a loopback relay (checked by the config).
-        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&email.server)
+    // Plain SMTP only to a loopback relay (checked by the config).
+    let mut transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&email.server)
+        .port(email.port())
+        .timeout(Some(SEND_TIMEOUT));
+    if email.starttls {
+        let mut tls = TlsParameters::builder(email.server.clone());
+        if let Some(path) = &email.ca_file {
+            for der in read_ca_file(path).map_err(&fail)? {
+                let cert = Certificate::from_der(der.to_vec())
+                    .map_err(|e| fail(format!("{}: {}", path.display(), error_chain(&e))))?;
+                tls = tls.add_root_certificate(cert);
+            }
+        }
+        let tls = tls
+            .build_rustls()
+            .map_err(|e| fail(format!("TLS setup: {}", error_chain(&e))))?;
+        transport = transport.tls(Tls::Required(tls));
     }
-    .port(email.port())
-    .timeout(Some(SEND_TIMEOUT))
-    .build();
+    if let (Some(user), Some(path)) = (&email.username, &email.password_file) {
+        let password = read_password_file(path).map_err(&fail)?;
+        transport = transport.credentials(Credentials::new(user.clone(), password));
+    }
+    let transport = transport.build();
     match tokio::time::timeout(SEND_TIMEOUT * 2, transport.send(message)).await {
-        Ok(result) => result.map(|_| ()).map_err(|e| fail(e.to_string())),
+        Ok(result) => result.map(|_| ()).map_err(|e| fail(error_chain(&e))),
         Err(_) => Err(fail(format!("no answer within {:?}", SEND_TIMEOUT * 2))),
     }
 }
@@ -270,17 +595,238 @@ async fn send_email(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const SECRET_URL: &str = "https://hooks.example.org/services/T000/B000/SECRET?token=SECRET";
 
     #[test]
     fn urls() {
         assert!(check_url("http://127.0.0.1:8080/hook").is_ok());
+        assert!(check_url("http://127.1.2.3/hook").is_ok());
+        assert!(check_url("http://[::1]:8080/hook").is_ok());
+        assert!(check_url("http://LocalHost:8080/hook").is_ok());
+        assert!(check_url("https://hooks.example.org/x").is_ok());
+        assert!(check_url("https://127.0.0.1:8443/x").is_ok());
+        let err = check_url("http://chat.example.org/hooks/x").unwrap_err();
         assert!(
-            check_url("https://hooks.slack.com/x")
-                .unwrap_err()
-                .contains("https")
+            err.contains("loopback") && err.contains("https://"),
+            "{err}"
         );
-        assert!(check_url("ftp://x/y").is_err());
+        assert!(err.contains("http://chat.example.org"), "{err}");
+        assert!(!err.contains("/hooks/x"), "{err}");
+        assert!(check_url("ftp://example.org/y").is_err());
         assert!(check_url("not a url").is_err());
+        assert!(check_url("/just/a/path").is_err());
+        let err = check_url("https://user:SECRET@hooks.example.org/x").unwrap_err();
+        assert!(!err.contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in ["127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in ["10.0.0.1", "example.org", "localhost.example.org", "[::2]"] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn origins_never_show_the_path() {
+        assert_eq!(url_origin(SECRET_URL), "https://hooks.example.org");
+        assert_eq!(
+            url_origin("http://127.0.0.1:9000/a/b"),
+            "http://127.0.0.1:9000"
+        );
+        let hook = WebhookConfig {
+            url: SECRET_URL.into(),
+            ..WebhookConfig::default()
+        };
+        let debug = format!("{hook:?}");
+        assert!(!debug.contains("SECRET"), "{debug}");
+        let uri: Uri = SECRET_URL.parse().unwrap();
+        let quoted = format!("error at {SECRET_URL} and {}", uri.path());
+        let text = redact(&quoted, &uri);
+        assert!(!text.contains("SECRET"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_webhook_error_does_not_show_the_url_path() {
+        // A real request to a closed port on this machine: the error is the real one.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let url = format!("https://127.0.0.1:{port}/services/T000/B000/SECRET");
+        let notifier = Notifier::new(&NotifyConfig {
+            webhook: vec![WebhookConfig {
+                name: Some("slack".into()),
+                url,
+                ..WebhookConfig::default()
+            }],
+            email: None,
+        });
+        assert_eq!(notifier.channels(), ["webhook:slack"]);
+        let err = notifier
+            .send_to("webhook:slack", &AlertRecord::default(), Status::Open)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("webhook `slack` (https://127.0.0.1:{port}): ")),
+            "{err}"
+        );
+        assert!(
+            !err.contains("SECRET") && !err.contains("/services"),
+            "{err}"
+        );
+        let debug = format!("{notifier:?}");
+        assert!(!debug.contains("SECRET"), "{debug}");
+        // Built directly, the error type shows only what it was given.
+        let err = NotifyError::Webhook {
+            name: "slack".into(),
+            origin: url_origin(SECRET_URL),
+            message: redact(
+                &format!("failed: {SECRET_URL}"),
+                &SECRET_URL.parse().unwrap(),
+            ),
+        }
+        .to_string();
+        assert!(!err.contains("SECRET"), "{err}");
+        assert!(
+            notifier
+                .send_to("email", &AlertRecord::default(), Status::Open)
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn webhook_names_and_channels() {
+        let hook = |name: Option<&str>, url: &str| WebhookConfig {
+            name: name.map(str::to_string),
+            url: url.into(),
+            ..WebhookConfig::default()
+        };
+        let hooks = vec![
+            hook(None, "http://127.0.0.1/a"),
+            hook(Some("ops"), "https://hooks.example.org/b"),
+        ];
+        assert!(check_webhooks(&hooks).is_ok());
+        let notifier = Notifier::new(&NotifyConfig {
+            webhook: hooks.clone(),
+            email: Some(EmailConfig::default()),
+        });
+        assert_eq!(
+            notifier.channels(),
+            ["webhook:webhook-1", "webhook:ops", "email"]
+        );
+        let twice = vec![
+            hook(Some("a"), "http://127.0.0.1/"),
+            hook(Some("a"), "http://127.0.0.1/"),
+        ];
+        let (key, message) = check_webhooks(&twice).unwrap_err();
+        assert_eq!(key, "notify.webhook.name");
+        assert!(message.contains("two webhooks"), "{message}");
+        let (key, _) = check_webhooks(&[hook(Some("a b"), "http://127.0.0.1/")]).unwrap_err();
+        assert_eq!(key, "notify.webhook.name");
+        let (key, message) = check_webhooks(&[hook(
+            Some("slack"),
+            "http://hooks.example.org/services/T000/B000/SECRET",
+        )])
+        .unwrap_err();
+        assert_eq!(key, "notify.webhook.url");
+        assert!(
+            message.starts_with("webhook `slack`: http://hooks.example.org:"),
+            "{message}"
+        );
+        assert!(!message.contains("SECRET"), "{message}");
+    }
+
+    #[test]
+    fn ca_files_must_hold_pem_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = |path: &Path| WebhookConfig {
+            url: "https://hooks.example.org/x".into(),
+            ca_file: Some(path.to_path_buf()),
+            ..WebhookConfig::default()
+        };
+        let missing = dir.path().join("missing.pem");
+        let (key, message) = check_webhooks(&[hook(&missing)]).unwrap_err();
+        assert_eq!(key, "notify.webhook.ca_file");
+        assert!(message.contains("missing.pem"), "{message}");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let (key, message) = check_webhooks(&[hook(&junk)]).unwrap_err();
+        assert_eq!(key, "notify.webhook.ca_file");
+        assert!(message.contains("no PEM certificate"), "{message}");
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(
+            &bad,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let (key, message) = check_webhooks(&[hook(&bad)]).unwrap_err();
+        assert_eq!(key, "notify.webhook.ca_file");
+        assert!(message.contains("bad.pem"), "{message}");
+    }
+
+    #[test]
+    fn password_files_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smtp-password");
+        std::fs::write(&path, "hunter2\nignored\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_password_file(&path).unwrap_err();
+        assert!(
+            err.contains("chmod 600") && err.contains("smtp-password"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_password_file(&path).unwrap(), "hunter2");
+        std::fs::write(&path, "").unwrap();
+        assert!(read_password_file(&path).unwrap_err().contains("empty"));
+        let err = read_password_file(&dir.path().join("nope")).unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn email_credentials_need_both_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "hunter2\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let base = EmailConfig {
+            server: "smtp.example.org".into(),
+            from: "drover@example.org".into(),
+            to: vec!["ops@example.org".into()],
+            ..EmailConfig::default()
+        };
+        let with = |user: Option<&str>, file: Option<&Path>| EmailConfig {
+            username: user.map(str::to_string),
+            password_file: file.map(Path::to_path_buf),
+            ..base.clone()
+        };
+        assert!(check_email(&with(Some("drover"), Some(&path))).is_ok());
+        assert_eq!(
+            check_email(&with(Some("drover"), None)).unwrap_err().0,
+            "notify.email.password_file"
+        );
+        assert_eq!(
+            check_email(&with(None, Some(&path))).unwrap_err().0,
+            "notify.email.username"
+        );
+        // Credentials never go in the clear to another machine: plain SMTP is loopback only.
+        let plain = EmailConfig {
+            starttls: false,
+            ..with(Some("drover"), Some(&path))
+        };
+        assert_eq!(check_email(&plain).unwrap_err().0, "notify.email.starttls");
+        let local = EmailConfig {
+            server: "127.0.0.1".into(),
+            ..plain
+        };
+        assert!(check_email(&local).is_ok());
     }
 
     #[test]

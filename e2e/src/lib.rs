@@ -1,7 +1,8 @@
 //! Test harness for end-to-end tests: a real controller and real agents in this process, over
 //! mTLS on 127.0.0.1 with certificates made at test time; a TCP proxy that can cut or freeze
 //! connections; paths to the built binaries for tests that run the real programs; a scripted
-//! agent session for tests of the controller's side of jobs.
+//! agent session for tests of the controller's side of jobs; local webhook and SMTP receivers
+//! (`notify.rs`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -21,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 pub mod backups;
 pub mod deploys;
+pub mod notify;
 pub mod pg;
 pub mod s3;
 use tokio::net::{TcpListener, TcpStream};
