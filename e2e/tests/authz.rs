@@ -1,4 +1,5 @@
-//! Authorization over real mTLS: who may call what. Every refusal must be clear.
+//! Authorization over real mTLS: who may call what. Every refusal must be clear, and every
+//! OperatorService RPC the proto declares is checked against a viewer and an agent certificate.
 
 use std::time::Duration;
 
@@ -326,6 +327,143 @@ async fn revoking_a_host_closes_its_session_and_survives_a_restart() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
     assert!(status.message().contains("unknown host nope"));
+    agent.stop().await;
+    controller.stop().await;
+}
+
+/// The RPCs `service OperatorService` declares in the proto, in snake_case.
+fn operator_rpcs() -> Vec<String> {
+    let proto = include_str!("../../proto/proto/drover/v1/drover.proto");
+    let service = proto
+        .split("service OperatorService {")
+        .nth(1)
+        .and_then(|rest| rest.split("\n}").next())
+        .expect("service OperatorService in the proto");
+    service
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .filter_map(|l| l.split('(').next())
+        .map(|name| {
+            let mut snake = String::new();
+            for (i, c) in name.chars().enumerate() {
+                if c.is_ascii_uppercase() && i > 0 {
+                    snake.push('_');
+                }
+                snake.push(c.to_ascii_lowercase());
+            }
+            snake
+        })
+        .collect()
+}
+
+/// Calls every OperatorService RPC with `client` (default requests: authorization comes
+/// before any check of the arguments); (name, is a write, the error if any).
+async fn call_every_rpc(
+    client: &drover_e2e::OperatorServiceClient<drover_e2e::Channel>,
+) -> Vec<(&'static str, bool, Option<tonic::Status>)> {
+    macro_rules! call {
+        ($out:ident, $method:ident, $request:ident, $write:expr) => {
+            let result = client.clone().$method(v1::$request::default()).await;
+            $out.push((stringify!($method), $write, result.err()));
+        };
+    }
+    let mut out = Vec::new();
+    // Reads.
+    call!(out, who_am_i, WhoAmIRequest, false);
+    call!(out, list_hosts, ListHostsRequest, false);
+    call!(out, get_host, GetHostRequest, false);
+    call!(out, list_tokens, ListTokensRequest, false);
+    call!(out, list_events, ListEventsRequest, false);
+    call!(out, list_apps, ListAppsRequest, false);
+    call!(out, get_app, GetAppRequest, false);
+    call!(out, list_jobs, ListJobsRequest, false);
+    call!(out, get_job, GetJobRequest, false);
+    call!(out, watch_job, WatchJobRequest, false);
+    call!(out, list_releases, ListReleasesRequest, false);
+    call!(out, list_backup_targets, ListBackupTargetsRequest, false);
+    call!(out, list_backups, ListBackupsRequest, false);
+    call!(out, get_backup, GetBackupRequest, false);
+    call!(out, list_verifications, ListVerificationsRequest, false);
+    call!(out, list_schedules, ListSchedulesRequest, false);
+    call!(out, list_alerts, ListAlertsRequest, false);
+    // Writes.
+    call!(out, revoke_host, RevokeHostRequest, true);
+    call!(out, create_token, CreateTokenRequest, true);
+    call!(out, revoke_token, RevokeTokenRequest, true);
+    call!(out, create_operator, CreateOperatorRequest, true);
+    call!(out, apply_app, ApplyAppRequest, true);
+    call!(out, deploy, DeployRequest, true);
+    call!(out, rollback, RollbackRequest, true);
+    call!(out, apply_backup_target, ApplyBackupTargetRequest, true);
+    call!(out, run_backup, RunBackupRequest, true);
+    call!(out, prune_backups, PruneBackupsRequest, true);
+    call!(out, restore, RestoreRequest, true);
+    call!(out, verify, VerifyRequest, true);
+    call!(out, add_schedule, AddScheduleRequest, true);
+    call!(out, remove_schedule, RemoveScheduleRequest, true);
+    call!(out, pause_schedule, PauseScheduleRequest, true);
+    call!(out, resume_schedule, ResumeScheduleRequest, true);
+    out
+}
+
+#[tokio::test]
+async fn every_operator_rpc_checks_the_callers_certificate() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+    let addr = controller.addr.to_string();
+    let mut agent =
+        TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &addr).await;
+    agent.wait_connected().await;
+    let agent_bundle = Bundle::load(&tmp.path().join("agent/identity")).unwrap();
+
+    // A viewer: every read is let through (it may then fail on the empty request), every
+    // write is refused as read-only.
+    let viewer = operator_client(&addr, &controller.viewer("vic").await);
+    let calls = call_every_rpc(&viewer).await;
+    let called: Vec<String> = calls.iter().map(|(name, _, _)| name.to_string()).collect();
+    let mut declared = operator_rpcs();
+    declared.sort();
+    let mut sorted = called.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted, declared,
+        "every OperatorService RPC of the proto, no other"
+    );
+    for (name, write, error) in &calls {
+        let code = error.as_ref().map(|e| e.code());
+        if *write {
+            let e = error
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: a viewer wrote"));
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{name}: {e:?}");
+            assert!(e.message().contains("read-only"), "{name}: {}", e.message());
+        } else {
+            assert!(
+                !matches!(
+                    code,
+                    Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)
+                ),
+                "{name}: a viewer could not read: {error:?}"
+            );
+        }
+    }
+
+    // An agent's certificate reaches none of them.
+    for (name, _, error) in call_every_rpc(&operator_client(&addr, &agent_bundle)).await {
+        let e = error.unwrap_or_else(|| panic!("{name}: an agent called the operator API"));
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{name}: {e:?}");
+        assert!(
+            e.message().contains("may not call the operator API"),
+            "{name}: {}",
+            e.message()
+        );
+    }
+    // Nothing was changed by any of it.
+    assert!(controller.shared.store.schedules().unwrap().is_empty());
+    assert!(controller.shared.store.backup_targets().unwrap().is_empty());
+    assert!(controller.shared.store.jobs(None, 10).unwrap().is_empty());
+
     agent.stop().await;
     controller.stop().await;
 }
