@@ -147,8 +147,9 @@ pub(crate) fn outcome_of(result: Result<Outcome, Failure>) -> Outcome {
 /// Crash-test hook: with `DROVER_AGENT_PAUSE_AT=<point>` in its environment, the agent stops
 /// at that point of every job and waits there forever, so a test can kill the process at a
 /// known place. Points: each step's name (just after the step is recorded as started, before
-/// it acts) and `switch:committed` (traffic committed in the store, proxy not yet swapped).
-async fn pause_point(point: &str) {
+/// it acts), `switch:committed` (traffic committed in the store, proxy not yet swapped) and
+/// `verify:scratch_made` (a validation's scratch database created, nothing restored yet).
+pub(crate) async fn pause_point(point: &str) {
     static PAUSE_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let pause = PAUSE_AT.get_or_init(|| std::env::var("DROVER_AGENT_PAUSE_AT").ok());
     if pause.as_deref() == Some(point) {

@@ -380,6 +380,36 @@ pub fn list_host(archive: &mut dyn Read) -> Result<Vec<String>, PgError> {
     Ok(toc_entries(&listing))
 }
 
+/// The databases on the server whose names start with `prefix` (letters, digits and `_`),
+/// sorted.
+pub async fn databases_with_prefix(
+    docker: &DockerClient,
+    conn: &Conn,
+    prefix: &str,
+) -> Result<Vec<String>, PgError> {
+    check_name(prefix)?;
+    let target = Target::resolve(conn)?;
+    // left() rather than LIKE: `_` is a LIKE wildcard.
+    let sql = format!(
+        "SELECT datname FROM pg_database WHERE left(datname, {}) = {} ORDER BY 1",
+        prefix.len(),
+        quote_literal(prefix)
+    );
+    let out = target
+        .run(
+            docker,
+            "psql",
+            MAINTENANCE_DB,
+            psql_args(&target, MAINTENANCE_DB, &sql),
+        )
+        .await?;
+    Ok(String::from_utf8_lossy(&out)
+        .lines()
+        .map(|l| l.trim_matches(['\0', ' ']).to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
 /// Whether `database` exists on the server.
 pub async fn database_exists(
     docker: &DockerClient,

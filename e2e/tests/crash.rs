@@ -1,7 +1,9 @@
 //! kill -9 of a real `drover-agent` process at every step of a deploy: after a restart the
 //! agent converges to exactly one serving version (the old one, or the new one once traffic had
 //! moved and it is healthy), removes the job's orphan containers, releases the lock and
-//! reports the job `interrupted` with what it did.
+//! reports the job `interrupted` with what it did. And kill -9 in the middle of a validation's
+//! test restore into a scratch database on a real PostgreSQL server: the restarted agent drops
+//! that database and reports what it did.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use drover_agent::jobevent::{self, field};
 use drover_e2e::deploys::{AppGuard, app_containers, spec, test_repo};
+use drover_e2e::pg::HostPg;
 use drover_e2e::{
     TestController, bin, docker_available, eventually, fast_controller_config, free_port, http,
     init,
@@ -55,6 +58,40 @@ impl Drop for AgentProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Enrolls a `drover-agent` for `host` into `dir/agent` with the real binary and writes its
+/// config with test timings; (config file, data dir).
+async fn enroll_process(controller: &TestController, host: &str, dir: &Path) -> (PathBuf, PathBuf) {
+    let data = dir.join("agent");
+    let token = controller.token(host).await;
+    let out = Command::new(bin("drover-agent"))
+        .args([
+            "enroll",
+            "--controller",
+            &controller.addr.to_string(),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("DROVER_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "enroll: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "heartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n\
+             reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n",
+            dir.join("secrets").display()
+        ),
+    )
+    .unwrap();
+    (config, data)
 }
 
 async fn version_at(addr: SocketAddr) -> Option<String> {
@@ -134,34 +171,7 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
     let dir = tempfile::tempdir().unwrap();
     let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
     let host = "crash-host".to_string();
-    let data = dir.path().join("agent");
-    let token = controller.token(&host).await;
-    let out = Command::new(bin("drover-agent"))
-        .args([
-            "enroll",
-            "--controller",
-            &controller.addr.to_string(),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .env("DROVER_TOKEN", &token)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "enroll: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "heartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n\
-             reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n",
-            dir.path().join("secrets").display()
-        ),
-    )
-    .unwrap();
+    let (config, data) = enroll_process(&controller, &host, dir.path()).await;
     let the_spec = spec(
         app,
         &repo,
@@ -286,4 +296,103 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
     let job = setup.deploy(next).await;
     let done = setup.finished(&job).await;
     assert_eq!(done.fields[field::RESULT], "succeeded", "{done:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_test_restore_leaves_no_scratch_database() {
+    let Some(pg) = HostPg::start() else { return };
+    init();
+    pg.create_db("shop");
+    pg.psql(
+        "shop",
+        "CREATE TABLE items (id int PRIMARY KEY, name text);
+         INSERT INTO items SELECT i, md5(i::text) FROM generate_series(1, 20000) i;
+         ANALYZE;",
+    );
+    let scratch_dbs = || {
+        pg.psql(
+            "postgres",
+            "SELECT datname FROM pg_database WHERE datname LIKE 'drover\\_verify\\_%' ORDER BY 1",
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
+    let host = "db-host".to_string();
+    let (config, data) = enroll_process(&controller, &host, dir.path()).await;
+    controller
+        .admin()
+        .apply_backup_target(v1::ApplyBackupTargetRequest {
+            target_toml: format!(
+                "name = \"shop-db\"\n[postgres]\nurl = \"{}\"\ndatabases = [\"shop\"]\n\
+                 [verify]\nmin_free_bytes = 0\nmin_free_fraction = 0.0\n",
+                pg.url
+            ),
+            source: "shop-db.toml".into(),
+        })
+        .await
+        .expect("apply the target");
+    let setup = Setup {
+        controller,
+        host,
+        config,
+        data,
+        log: dir.path().join("agent.log"),
+    };
+    let agent = setup.agent(None).await;
+    let backup = setup
+        .controller
+        .admin()
+        .run_backup(v1::RunBackupRequest {
+            target: "shop-db".into(),
+            host: String::new(),
+        })
+        .await
+        .expect("backup accepted")
+        .into_inner();
+    let done = setup.finished(&backup.id).await;
+    assert_eq!(done.fields[field::RESULT], "succeeded", "{done:?}");
+    agent.kill9();
+
+    // Killed right after the scratch database was made.
+    let paused = setup.agent(Some("verify:scratch_made")).await;
+    let jobs = setup
+        .controller
+        .admin()
+        .verify(v1::VerifyRequest {
+            target: "shop-db".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("verify accepted")
+        .into_inner()
+        .jobs;
+    let job = jobs[0].id.clone();
+    let prefix = drover_agent::backup::verify::scratch_prefix(&job);
+    let left = eventually(
+        "the scratch database exists",
+        Duration::from_secs(60),
+        || async { Some(scratch_dbs()).filter(|dbs| !dbs.is_empty()) },
+    )
+    .await;
+    assert_eq!(left, format!("{prefix}0"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    paused.kill9();
+    assert_eq!(
+        scratch_dbs(),
+        format!("{prefix}0"),
+        "still there after the kill"
+    );
+
+    // The restarted agent drops it and says so.
+    let _agent = setup.agent(None).await;
+    let done = setup.finished(&job).await;
+    assert_eq!(done.fields[field::RESULT], "interrupted", "{done:?}");
+    assert_eq!(done.fields[field::STEP], "restore", "{done:?}");
+    assert!(
+        done.message
+            .contains(&format!("dropped scratch database(s) {prefix}0")),
+        "{}",
+        done.message
+    );
+    assert_eq!(scratch_dbs(), "", "no scratch database left");
 }

@@ -57,7 +57,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 }
 
 /// The job's target spec, validated again on this host.
-fn spec_of(job: &JobRecord) -> Result<TargetSpec, String> {
+pub(crate) fn spec_of(job: &JobRecord) -> Result<TargetSpec, String> {
     let toml = job
         .backup
         .as_ref()
@@ -1320,6 +1320,11 @@ pub async fn converge(ctx: &JobCtx, mut job: JobRecord) {
         if !removed.is_empty() {
             did.push(format!("removed {} partial backup file(s)", removed.len()));
         }
+    }
+    if job.kind == JobKind::Verify
+        && let Some(swept) = verify::sweep_scratch_databases(ctx, &job).await
+    {
+        did.push(swept);
     }
     if job.kind == JobKind::Restore && job.step == "restore" {
         did.push("a restore that had not committed was rolled back by PostgreSQL".into());

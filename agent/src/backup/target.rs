@@ -181,7 +181,7 @@ pub struct VerifySpec {
     pub identity_file: Option<PathBuf>,
     /// How far a restored table's row count may be from the manifest's estimate (0.1: 10 %).
     pub row_tolerance: f64,
-    /// Test-restore into a scratch database `drover_verify_<random>` on the source's own server
+    /// Test-restore into a scratch database `drover_verify_<job>_<n>` on the source's own server
     /// instead of a throw-away container. Default: true for `url` sources, false for
     /// `container` sources (which get a container from the same image).
     pub scratch_database: Option<bool>,

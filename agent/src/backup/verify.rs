@@ -7,7 +7,7 @@
 //! (the whole stream decrypts and decompresses to as many bytes as the dump produced),
 //! `pg_list` (`pg_restore --list` reads the table of contents), `restore` (a real restore into
 //! a scratch: a throw-away container from the source container's image, or a scratch database
-//! `drover_verify_<random>` on the source's server), `sanity` (every table of the manifest is
+//! `drover_verify_<job>_<n>` on the source's server), `sanity` (every table of the manifest is
 //! there, row counts within `row_tolerance`), `scratch_removed`, `disk` (free space on the
 //! backup directory). A check that cannot apply is skipped; the backup passes only when no
 //! check failed, and then its `verified_unix_ms` is set in the catalog.
@@ -623,8 +623,8 @@ enum Scratch {
     /// A throw-away container from the source's image; each part restored into a database of
     /// its own name.
     Container { name: String, conn: Conn },
-    /// Scratch databases on the source's own server.
-    Databases { conn: Conn },
+    /// Scratch databases on the source's own server, named `<prefix><part index>`.
+    Databases { conn: Conn, prefix: String },
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -668,7 +668,10 @@ async fn test_restore(
                 }
             }
         }
-        _ => Scratch::Databases { conn: source },
+        _ => Scratch::Databases {
+            conn: source,
+            prefix: scratch_prefix(&job.id),
+        },
     };
     let mut made: Vec<String> = Vec::new();
     let restored = restore_parts(
@@ -750,18 +753,19 @@ async fn restore_parts(
 ) -> Result<Evidence, String> {
     let (conn, place) = match scratch {
         Scratch::Container { name, conn } => (conn, format!("container {name}")),
-        Scratch::Databases { conn } => (conn, "the source's server".to_string()),
+        Scratch::Databases { conn, .. } => (conn, "the source's server".to_string()),
     };
     let mut bytes = 0u64;
-    for (part, file) in backup.parts.iter().zip(files) {
+    for (index, (part, file)) in backup.parts.iter().zip(files).enumerate() {
         let database = match scratch {
             Scratch::Container { .. } => part.name.clone(),
-            Scratch::Databases { .. } => format!("drover_verify_{:08x}", rand::random::<u32>()),
+            Scratch::Databases { prefix, .. } => format!("{prefix}{index}"),
         };
         postgres::create_database(&ctx.docker, conn, &database)
             .await
             .map_err(|e| e.to_string())?;
         made.push(database.clone());
+        crate::deploy::pause_point("verify:scratch_made").await;
         report
             .progress(
                 "restore",
@@ -816,7 +820,7 @@ async fn sanity(
     tolerance: f64,
 ) -> Result<Evidence, String> {
     let conn = match scratch {
-        Scratch::Container { conn, .. } | Scratch::Databases { conn } => conn,
+        Scratch::Container { conn, .. } | Scratch::Databases { conn, .. } => conn,
     };
     let (mut tables, mut rows) = (0usize, 0i64);
     for (part, database) in backup.parts.iter().zip(made) {
@@ -857,7 +861,7 @@ async fn remove_scratch(
                 Err(e) => Err(e.to_string()),
             }
         }
-        Scratch::Databases { conn } => {
+        Scratch::Databases { conn, .. } => {
             let mut errors = Vec::new();
             for db in made {
                 match postgres::drop_database(&ctx.docker, conn, db).await {
@@ -919,6 +923,50 @@ fn disk_space(dir: &Path) -> Result<(u64, u64), String> {
         stat.f_bavail.saturating_mul(stat.f_frsize),
         stat.f_blocks.saturating_mul(stat.f_frsize),
     ))
+}
+
+/// The name prefix of a validation job's scratch databases: `drover_verify_` and 10 hex
+/// digits of the job id's SHA-256, so recovery can find exactly that job's databases.
+pub fn scratch_prefix(job_id: &str) -> String {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(job_id.as_bytes()));
+    format!("drover_verify_{}_", &digest[..10])
+}
+
+/// Drops the scratch databases an interrupted validation job left on its URL target's server
+/// (on start); what it did, for the job's final report.
+pub async fn sweep_scratch_databases(ctx: &JobCtx, job: &JobRecord) -> Option<String> {
+    let spec = super::spec_of(job).ok()?;
+    let pg = spec.postgres.as_ref()?;
+    let conn = conn_of(pg);
+    let prefix = scratch_prefix(&job.id);
+    let found = match postgres::databases_with_prefix(&ctx.docker, &conn, &prefix).await {
+        Ok(found) => found,
+        Err(e) => {
+            warn!(job = %job.id, error = %e, "cannot list scratch databases left by a crash");
+            return Some(format!("could not look for its scratch databases: {e}"));
+        }
+    };
+    if found.is_empty() {
+        return None;
+    }
+    let mut dropped = Vec::new();
+    for db in &found {
+        match postgres::drop_database(&ctx.docker, &conn, db).await {
+            Ok(()) => dropped.push(db.clone()),
+            Err(e) => warn!(database = %db, error = %e, "cannot drop a scratch database"),
+        }
+    }
+    tracing::info!(job = %job.id, databases = ?dropped, "dropped scratch databases left by a crash");
+    Some(if dropped.len() == found.len() {
+        format!("dropped scratch database(s) {}", dropped.join(", "))
+    } else {
+        format!(
+            "dropped {} of the scratch databases {}; drop the rest by hand",
+            dropped.len(),
+            found.join(", ")
+        )
+    })
 }
 
 /// Removes scratch containers of this agent a crash left behind (on start).
@@ -1033,6 +1081,19 @@ pub fn disk_ok(free: u64, total: u64, min_fraction: f64, min_bytes: u64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_prefixes_are_per_job_and_valid_names() {
+        let a = scratch_prefix("verify-20261123-201338-87a6");
+        assert_eq!(a, scratch_prefix("verify-20261123-201338-87a6"));
+        assert_ne!(a, scratch_prefix("verify-20261123-201338-87a7"));
+        assert!(a.starts_with("drover_verify_") && a.ends_with('_'), "{a}");
+        assert_eq!(a.len(), "drover_verify_".len() + 11);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        );
+    }
 
     fn table(name: &str, rows: i64) -> Table {
         Table {
