@@ -130,8 +130,9 @@ impl EmailConfig {
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// Names the channel in logs, errors and the alert's delivery state; default `webhook-N`,
-    /// N its position from 1. Give one so the id survives reordering the list.
+    /// Names the channel in logs, errors and the alert's delivery state; default `webhook-`
+    /// and 8 hex digits of the URL's SHA-256 (so it does not change when the list is
+    /// reordered).
     #[serde(default)]
     pub name: Option<String>,
     pub url: String,
@@ -261,7 +262,7 @@ mod tests {
         assert_eq!(config.notify.webhook[1].format, WebhookFormat::Slack);
         assert_eq!(
             crate::notify::Notifier::new(&config.notify).channels(),
-            ["webhook:webhook-1", "webhook:ops-slack"]
+            ["webhook:webhook-e26ff300", "webhook:ops-slack"]
         );
         let debug = format!("{config:?}");
         assert!(!debug.contains("SECRET"), "{debug}");

@@ -434,5 +434,6 @@ pub fn alert_to_proto(a: &crate::alerts::AlertRecord) -> v1::AlertInfo {
         last_sent_unix_ms: a.last_sent_unix_ms,
         resolved_unix_ms: a.resolved_unix_ms,
         sends: a.sends,
+        pending: a.pending.clone(),
     }
 }

@@ -72,11 +72,16 @@ pub enum NotifyError {
     UnknownChannel(String),
 }
 
-/// The name of the `index`th webhook (from 0): its `name`, else `webhook-<index + 1>`.
-pub fn webhook_name(hook: &WebhookConfig, index: usize) -> String {
+/// A webhook's name: its `name`, else `webhook-` and 8 hex digits of its URL's SHA-256 (stable
+/// when the list is reordered; the URL itself, which may hold a secret, is never shown).
+pub fn webhook_name(hook: &WebhookConfig) -> String {
+    use sha2::Digest;
     match &hook.name {
         Some(name) => name.clone(),
-        None => format!("webhook-{}", index + 1),
+        None => {
+            let digest = hex::encode(sha2::Sha256::digest(hook.url.as_bytes()));
+            format!("webhook-{}", &digest[..8])
+        }
     }
 }
 
@@ -97,8 +102,8 @@ fn valid_name(name: &str) -> bool {
 /// the webhook and its scheme://host[:port], never the URL's path or query.
 pub fn check_webhooks(hooks: &[WebhookConfig]) -> Result<(), (&'static str, String)> {
     let mut names = std::collections::BTreeSet::new();
-    for (i, hook) in hooks.iter().enumerate() {
-        let name = webhook_name(hook, i);
+    for hook in hooks {
+        let name = webhook_name(hook);
         if !valid_name(&name) {
             return Err((
                 "notify.webhook.name",
@@ -113,6 +118,12 @@ pub fn check_webhooks(hooks: &[WebhookConfig]) -> Result<(), (&'static str, Stri
         }
         check_url(&hook.url)
             .map_err(|message| ("notify.webhook.url", format!("webhook `{name}`: {message}")))?;
+        if hook.ca_file.is_some() && !hook.url.trim_start().starts_with("https://") {
+            return Err((
+                "notify.webhook.ca_file",
+                format!("webhook `{name}`: ca_file applies to https:// webhooks only; remove it"),
+            ));
+        }
         if let Some(path) = &hook.ca_file {
             root_store(Vec::new(), Some(path)).map_err(|message| {
                 (
@@ -174,6 +185,12 @@ pub fn check_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
         }
     }
     if let Some(path) = &email.ca_file {
+        if !email.starttls {
+            return Err((
+                "notify.email.ca_file",
+                "applies to STARTTLS only (starttls = false sends plain SMTP); remove it".into(),
+            ));
+        }
         root_store(Vec::new(), Some(path)).map_err(|m| ("notify.email.ca_file", m))?;
     }
     Ok(())
@@ -407,12 +424,8 @@ struct Webhook {
 }
 
 impl Webhook {
-    fn new(
-        hook: &WebhookConfig,
-        index: usize,
-        native: &mut Option<Vec<CertificateDer<'static>>>,
-    ) -> Webhook {
-        let name = webhook_name(hook, index);
+    fn new(hook: &WebhookConfig, native: &mut Option<Vec<CertificateDer<'static>>>) -> Webhook {
+        let name = webhook_name(hook);
         let ready = check_url(&hook.url).and_then(|uri| {
             let roots = if uri.scheme_str() == Some("https") {
                 native.get_or_insert_with(native_roots).clone()
@@ -469,8 +482,7 @@ impl Notifier {
             webhooks: config
                 .webhook
                 .iter()
-                .enumerate()
-                .map(|(i, hook)| Webhook::new(hook, i, &mut native))
+                .map(|hook| Webhook::new(hook, &mut native))
                 .collect(),
             email: config.email.clone(),
         }
@@ -718,8 +730,24 @@ mod tests {
         });
         assert_eq!(
             notifier.channels(),
-            ["webhook:webhook-1", "webhook:ops", "email"]
+            ["webhook:webhook-531148f0", "webhook:ops", "email"]
         );
+        // Unnamed: the id follows the URL, not the position.
+        let reordered = Notifier::new(&NotifyConfig {
+            webhook: vec![hooks[1].clone(), hooks[0].clone()],
+            email: None,
+        });
+        assert_eq!(
+            reordered.channels(),
+            ["webhook:ops", "webhook:webhook-531148f0"]
+        );
+        // A ca_file with plain http is a mistake, not silently ignored.
+        let (key, _) = check_webhooks(&[WebhookConfig {
+            ca_file: Some("/etc/ssl/ca.pem".into()),
+            ..hook(None, "http://127.0.0.1/a")
+        }])
+        .unwrap_err();
+        assert_eq!(key, "notify.webhook.ca_file");
         let twice = vec![
             hook(Some("a"), "http://127.0.0.1/"),
             hook(Some("a"), "http://127.0.0.1/"),

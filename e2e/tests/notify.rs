@@ -248,6 +248,15 @@ async fn a_channel_that_failed_is_retried_alone() {
     let a = stored(&controller);
     assert_eq!(a.pending, ["webhook:flaky"]);
     assert_eq!((a.last_sent_unix_ms, a.sends), (0, 0), "round not complete");
+    // The operator sees which channel is still owed the message.
+    let out = drover_e2e::drover_cli(
+        &controller.addr.to_string(),
+        &controller.admin_dir(),
+        &["alerts", "--json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown[0]["pending"], serde_json::json!(["webhook:flaky"]));
 
     // Next tick: only the channel that failed is tried; the round completes.
     let t2 = t1 + 30_000;

@@ -3,7 +3,8 @@
 //! container (a throw-away scratch container from the same image). A good backup passes with
 //! evidence and is marked verified; each broken one is caught and the job names the failing
 //! check: a flipped byte, a truncated file, a valid zstd stream of something that is not an
-//! archive, a wrong age key, an old backup, a restore that needs a role the scratch lacks.
+//! archive or of an empty dump, a wrong age key, an old backup, a restore that needs a role the
+//! scratch lacks.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -112,33 +113,36 @@ async fn a_good_backup_passes_with_evidence_and_each_broken_one_names_its_check(
     assert_job_failed_at(&f.verify("shop-db").await, "hash_local", "");
 
     // A valid zstd stream (its hash in the catalog, so every integrity check passes) of
-    // something that is not an archive: only pg_restore notices.
-    assert_job_succeeded(&f.backup("shop-db").await);
-    let b = f.newest("shop-db").await;
-    let file = part_file(&b);
-    let agent = f.agent.take().unwrap();
-    let data_dir = agent.data_dir.clone();
-    agent.stop().await;
+    // something that is not an archive, and of nothing at all (an empty dump that `gunzip -t`
+    // or `zstd -t` would pass): only pg_restore notices.
     let junk = b"SELECT 1;\n".repeat(1000);
-    let packed = zstd::encode_all(&junk[..], 3).unwrap();
-    std::fs::write(&file, &packed).unwrap();
-    {
-        use sha2::Digest;
-        let store = drover_agent::store::Store::open(&data_dir.join("store")).unwrap();
-        let mut backup = store.backup("shop-db", &b.id).unwrap().unwrap();
-        backup.parts[0].size = packed.len() as u64;
-        backup.parts[0].sha256 = hex::encode(sha2::Sha256::digest(&packed));
-        backup.parts[0].source_bytes = junk.len() as u64;
-        store.put_backup(&backup).await.unwrap();
+    for plain in [&junk[..], &[][..]] {
+        assert_job_succeeded(&f.backup("shop-db").await);
+        let b = f.newest("shop-db").await;
+        let file = part_file(&b);
+        let agent = f.agent.take().unwrap();
+        let data_dir = agent.data_dir.clone();
+        agent.stop().await;
+        let packed = zstd::encode_all(plain, 3).unwrap();
+        std::fs::write(&file, &packed).unwrap();
+        {
+            use sha2::Digest;
+            let store = drover_agent::store::Store::open(&data_dir.join("store")).unwrap();
+            let mut backup = store.backup("shop-db", &b.id).unwrap().unwrap();
+            backup.parts[0].size = packed.len() as u64;
+            backup.parts[0].sha256 = hex::encode(sha2::Sha256::digest(&packed));
+            backup.parts[0].source_bytes = plain.len() as u64;
+            store.put_backup(&backup).await.unwrap();
+        }
+        let mut agent =
+            TestAgent::start(fast_agent_config(&data_dir, &f.controller.addr.to_string())).await;
+        agent.wait_connected().await;
+        f.agent = Some(agent);
+        assert_job_failed_at(&f.verify("shop-db").await, "pg_list", "");
+        let v = &f.history("shop-db").await[0];
+        assert_eq!(check(v, "hash_local").result, "passed", "{v:#?}");
+        assert_eq!(check(v, "decompress").result, "passed", "{v:#?}");
     }
-    let mut agent =
-        TestAgent::start(fast_agent_config(&data_dir, &f.controller.addr.to_string())).await;
-    agent.wait_connected().await;
-    f.agent = Some(agent);
-    assert_job_failed_at(&f.verify("shop-db").await, "pg_list", "");
-    let v = &f.history("shop-db").await[0];
-    assert_eq!(check(v, "hash_local").result, "passed", "{v:#?}");
-    assert_eq!(check(v, "decompress").result, "passed", "{v:#?}");
 
     // An old backup: max_age exceeded.
     assert_job_succeeded(&f.backup("shop-db").await);
@@ -192,7 +196,7 @@ async fn a_good_backup_passes_with_evidence_and_each_broken_one_names_its_check(
             )
         })
         .collect();
-    assert_eq!(results.len(), 8, "{results:?}");
+    assert_eq!(results.len(), 9, "{results:?}");
     assert!(
         !results[0].0 && results[0].1[0] == "decompress",
         "{results:?}"

@@ -833,6 +833,7 @@ pub fn alert_json(a: &v1::AlertInfo) -> Value {
         "last_sent": rfc3339_ms(a.last_sent_unix_ms),
         "resolved_at": rfc3339_ms(a.resolved_unix_ms),
         "sends": a.sends,
+        "pending": a.pending,
     })
 }
 
@@ -851,6 +852,12 @@ pub fn alerts_table(alerts: &[v1::AlertInfo], now_ms: i64) -> String {
             "not yet".to_string()
         } else {
             format!("{} ({}×)", when(a.last_sent_unix_ms, now_ms), a.sends)
+        };
+        // Channels that have not taken the current message yet (retried every tick).
+        let sent = if a.pending.is_empty() {
+            sent
+        } else {
+            format!("{sent}\nowed: {}", a.pending.join(", "))
         };
         t.add_row(vec![
             a.key.clone(),
@@ -881,13 +888,16 @@ mod tests {
             last_sent_unix_ms: 0,
             resolved_unix_ms: 0,
             sends: 0,
+            pending: vec!["webhook:ops".into()],
         };
         let table = alerts_table(std::slice::from_ref(&a), now);
         assert!(table.contains("host_down:web-1"), "{table}");
         assert!(table.contains("not yet"), "{table}");
+        assert!(table.contains("owed: webhook:ops"), "{table}");
         let j = alert_json(&a);
         assert_eq!(j["status"], "open");
         assert_eq!(j["last_sent"], Value::Null);
+        assert_eq!(j["pending"], serde_json::json!(["webhook:ops"]));
     }
 
     #[test]
