@@ -2,8 +2,9 @@
 //! over mTLS) backing up a directory, with `Alerting::tick(now)` driven by the test and the
 //! alerts read back through the real `drover` binary: a failed backup opens `job_failed` and
 //! a later good one resolves it, even when more than the newest 500 jobs came in between; a
-//! target without a passed validation for 8 days raises `validation_stale` until
-//! `drover verify` passes; an agent certificate near its end raises `cert_expiring`.
+//! failed validation (a flipped byte) likewise; a target without a passed validation for 8
+//! days raises `validation_stale` until `drover verify` passes; an agent certificate near its
+//! end raises `cert_expiring`.
 
 use drover_agent::jobevent::field;
 use drover_controller::alerting::{Alerting, RECENT_JOBS};
@@ -110,6 +111,38 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
     assert!(report.resolved.contains(&failed_key), "{report:?}");
     assert!(open_keys(&f).is_empty(), "{:?}", open_keys(&f));
 
+    // A byte of the backup flipped: `drover verify` fails (exit 1) and opens a job_failed
+    // alert for the validation; a new backup that passes resolves it.
+    let newest = f.newest("files").await;
+    let manifest: drover_agent::backup::catalog::Backup =
+        serde_json::from_str(&newest.manifest_json).unwrap();
+    let part = std::path::Path::new(&newest.local_dir).join(&manifest.parts[0].file);
+    let mut bytes = std::fs::read(&part).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&part, bytes).unwrap();
+    let (code, _, _) = cli(&f, &["verify", "files"]);
+    assert_eq!(code, 1, "a failed validation exits 1");
+    f.drained().await;
+    let report = alerting.tick(now_ms()).await.unwrap();
+    assert_eq!(report.opened.len(), 1, "{report:?}");
+    let verify_key = report.opened[0].clone();
+    let shown = cli_json(&f, &["alerts", "--json"]);
+    assert_eq!(shown[0]["key"], verify_key.as_str());
+    assert!(
+        shown[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("validation failed: files"),
+        "{shown}"
+    );
+    assert_job_succeeded(&f.backup("files").await);
+    let (code, out, err) = cli(&f, &["verify", "files"]);
+    assert_eq!(code, 0, "drover verify: {out}{err}");
+    f.drained().await;
+    let report = alerting.tick(now_ms()).await.unwrap();
+    assert_eq!(report.resolved, [verify_key], "{report:?}");
+
     // Eight days and an hour on, with no passed validation: validation_stale (and the backup
     // is stale, the silent agent down, its certificate ended). `drover verify` passes; at the
     // real time they all clear.
@@ -122,7 +155,9 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
     assert_eq!(code, 0, "drover verify: {out}{err}");
     f.drained().await;
     let history = cli_json(&f, &["verify", "history", "files", "--json"]);
-    assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
+    assert_eq!(history.as_array().unwrap().len(), 3, "{history}");
+    assert_eq!(history[1]["passed"], true, "{history}");
+    assert_eq!(history[2]["passed"], false, "{history}");
     assert_eq!(history[0]["passed"], true, "{history}");
     let report = alerting.tick(now_ms()).await.unwrap();
     for key in ["backup_stale:files", "validation_stale:files"] {

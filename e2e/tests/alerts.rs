@@ -2,7 +2,9 @@
 //! scripted agent over real mTLS, a local webhook receiver, and `Alerting::tick(now)` called
 //! with chosen times. Proves a stale backup raises exactly one alert although no job failed,
 //! that it is re-sent after `alert_resend` and resolved once a fresh backup is in the catalog;
-//! that a silent host raises `host_down` and recovers; and the Slack-format body.
+//! that a silent host raises `host_down` and recovers; the Slack-format body; delivery to a
+//! local SMTP sink; and a failed and a rolled-back deploy each raising `job_failed` until a
+//! deploy of the app succeeds.
 
 use std::time::Duration;
 
@@ -221,5 +223,94 @@ async fn an_alert_is_mailed_to_a_local_smtp_sink() {
         mail[0]
     );
     assert!(mail[0].contains("To: ops@example.org"), "{}", mail[0]);
+    controller.stop().await;
+}
+
+/// Finishes job `id` as the agent would, with `result`.
+async fn finish_job(agent: &mut ScriptedAgent, id: &str, result: &str) {
+    use drover_agent::jobevent::{self, field};
+    agent.event(id, jobevent::STARTED, "", &[]).await;
+    agent
+        .event(id, jobevent::FINISHED, "", &[(field::RESULT, result)])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_rolled_back_deploys_alert_until_a_deploy_of_the_app_succeeds() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let hook = WebhookReceiver::start_ok().await;
+    let mut config = fast_controller_config(&tmp.path().join("ctl"));
+    config.notify.webhook = vec![WebhookConfig {
+        url: format!("http://{}/json", hook.addr),
+        ..WebhookConfig::default()
+    }];
+    let controller = TestController::start(config).await;
+    let bundle = ScriptedAgent::enroll(&controller, "web-1", &[], &tmp.path().join("web-1")).await;
+    let mut agent = ScriptedAgent::connect(&controller.addr.to_string(), &bundle, "web-1").await;
+    let spec = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/api.toml"),
+    )
+    .unwrap();
+    let mut admin = controller.admin();
+    admin
+        .apply_app(v1::ApplyAppRequest {
+            spec_toml: spec,
+            source: "api.toml".into(),
+        })
+        .await
+        .unwrap();
+    let alerting = Alerting::new(controller.shared.clone());
+    let mut deploy = async |result: &str| {
+        let id = admin
+            .deploy(v1::DeployRequest {
+                app: "api".into(),
+                version: "v1.4.2".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id;
+        assert_eq!(agent.next_command().await.job_id, id);
+        finish_job(&mut agent, &id, result).await;
+        id
+    };
+
+    // A failed deploy, then one that rolled back: two alerts, each sent once.
+    let failed = deploy("failed").await;
+    let rolled_back = deploy("rolled_back").await;
+    let report = alerting.tick(now_ms()).await.unwrap();
+    let (failed_key, rolled_key) = (
+        format!("job_failed:{failed}"),
+        format!("job_failed:{rolled_back}"),
+    );
+    assert!(report.opened.contains(&failed_key), "{report:?}");
+    assert!(report.opened.contains(&rolled_key), "{report:?}");
+    let messages: Vec<String> = hook
+        .received()
+        .iter()
+        .map(|r| r.body["message"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.starts_with("deploy failed: api")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("deploy rolled back: api")),
+        "{messages:?}"
+    );
+
+    // A deploy of the app that succeeds clears both.
+    deploy("succeeded").await;
+    let report = alerting.tick(now_ms()).await.unwrap();
+    let mut resolved = report.resolved.clone();
+    resolved.sort();
+    let mut wanted = vec![failed_key.clone(), rolled_key.clone()];
+    wanted.sort();
+    assert_eq!(resolved, wanted, "{report:?}");
+    assert_eq!(hook.delivered("/json", &failed_key), ["open", "resolved"]);
     controller.stop().await;
 }
