@@ -6,10 +6,13 @@
 //! Delivery is per channel (`webhook:<name>`, `email`): a round (the open message, a re-send,
 //! the resolution) owes every configured channel the message; each tick tries only the
 //! channels still in the alert's `pending` list, a success removes one, and the round is
-//! complete when none is left. A channel that failed is logged and tried again at the next
-//! tick, and the channels that already took the message do not get it twice. Which channels to
+//! complete when none is left. A channel that failed is logged and skipped, for every alert,
+//! until its wait is over (30 s, doubling with each failure in a row, at most 15 min:
+//! `alerts::after_failure`), and the channels that already took the message do not get it
+//! twice. Which channels to
 //! try is decided by the pure `alerts::delivery`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::alerts::{
-    self, AlertKind, AlertRecord, HostFacts, JobFacts, Round, Snapshot, TargetFacts,
+    self, AlertKind, AlertRecord, ChannelHealth, HostFacts, JobFacts, Round, Snapshot, TargetFacts,
 };
 use crate::hoststate::host_state;
 use crate::notify::{Notifier, Status};
@@ -43,8 +46,10 @@ pub struct TickReport {
     pub opened: Vec<String>,
     pub resent: Vec<String>,
     pub resolved: Vec<String>,
-    /// Channel deliveries that failed (retried next tick).
+    /// Channel deliveries that failed (retried once the channel's wait is over).
     pub failed_sends: usize,
+    /// Channel deliveries not tried because the channel is waiting after failures.
+    pub deferred_sends: usize,
 }
 
 /// Raises and resolves alerts. Cheap to clone; clones share one lock, so ticks never race.
@@ -53,6 +58,8 @@ pub struct Alerting {
     shared: Arc<Shared>,
     notifier: Notifier,
     lock: Arc<Mutex<()>>,
+    /// Channels that failed lately, by id (see `alerts::after_failure`).
+    health: Arc<std::sync::Mutex<BTreeMap<String, ChannelHealth>>>,
 }
 
 impl Alerting {
@@ -63,7 +70,21 @@ impl Alerting {
             shared,
             notifier,
             lock,
+            health: Arc::default(),
         }
+    }
+
+    fn health(&self, channel: &str) -> Option<ChannelHealth> {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health.get(channel).copied()
+    }
+
+    fn set_health(&self, channel: &str, value: Option<ChannelHealth>) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match value {
+            Some(h) => health.insert(channel.to_string(), h),
+            None => health.remove(channel),
+        };
     }
 
     /// What the rules see at `now_ms`.
@@ -209,14 +230,24 @@ impl Alerting {
             };
             a.pending = delivery.channels.clone();
             for channel in &delivery.channels {
+                if !alerts::channel_ready(self.health(channel).as_ref(), now_ms) {
+                    report.deferred_sends += 1;
+                    continue;
+                }
                 match self.notifier.send_to(channel, &a, status).await {
                     Ok(()) => {
+                        self.set_health(channel, None);
                         alerts::mark_delivered(&mut a, channel);
                         store.put_alert(&a)?;
                     }
                     Err(e) => {
+                        let health = alerts::after_failure(self.health(channel), now_ms);
+                        self.set_health(channel, Some(health));
+                        let wait =
+                            Duration::from_millis((health.next_try_unix_ms - now_ms).max(0) as u64);
                         warn!(alert = %a.key, channel = %channel, status = status.as_str(), error = %e,
-                            "alert notification failed; retried next tick");
+                            failures = health.failures, retry_in = %humantime::format_duration(wait),
+                            "alert notification failed; the channel is tried again later");
                         report.failed_sends += 1;
                     }
                 }

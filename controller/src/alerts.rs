@@ -203,6 +203,39 @@ pub fn complete_round(alert: &mut AlertRecord, round: Round, now_ms: i64) -> boo
     true
 }
 
+/// The first wait before a channel that failed is tried again; it doubles with each failure
+/// in a row, up to [`RETRY_MAX`].
+pub const RETRY_BASE: Duration = Duration::from_secs(30);
+/// The longest wait between tries of a channel that keeps failing.
+pub const RETRY_MAX: Duration = Duration::from_secs(15 * 60);
+
+/// A channel's failures in a row and when it may be tried again (kept in memory: a restarted
+/// controller tries every channel at once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelHealth {
+    pub failures: u32,
+    pub next_try_unix_ms: i64,
+}
+
+/// Whether a channel with `health` may be tried at `now_ms`.
+pub fn channel_ready(health: Option<&ChannelHealth>, now_ms: i64) -> bool {
+    health.is_none_or(|h| now_ms >= h.next_try_unix_ms)
+}
+
+/// `health` after one more failure at `now_ms`: the wait doubles from [`RETRY_BASE`] to at
+/// most [`RETRY_MAX`]. Until then the channel is skipped, for every alert (a dead or hung
+/// receiver costs one timeout per wait, not one per alert and tick).
+pub fn after_failure(health: Option<ChannelHealth>, now_ms: i64) -> ChannelHealth {
+    let failures = health.map_or(0, |h| h.failures).saturating_add(1);
+    let wait = RETRY_BASE
+        .saturating_mul(1u32 << (failures - 1).min(16))
+        .min(RETRY_MAX);
+    ChannelHealth {
+        failures,
+        next_try_unix_ms: now_ms.saturating_add(ms(wait)),
+    }
+}
+
 fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
@@ -807,5 +840,25 @@ mod tests {
             delivery(&a, true, &ids(&["email"])).unwrap().channels,
             ids(&["email"])
         );
+    }
+
+    #[test]
+    fn a_failing_channel_waits_longer_each_time_up_to_fifteen_minutes() {
+        assert!(channel_ready(None, 0));
+        let mut health = None;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let h = after_failure(health, 1_000);
+            assert!(!channel_ready(Some(&h), 1_000));
+            assert!(channel_ready(Some(&h), h.next_try_unix_ms));
+            waits.push((h.next_try_unix_ms - 1_000) / 1000);
+            health = Some(h);
+        }
+        assert_eq!(waits, [30, 60, 120, 240, 480, 900, 900, 900]);
+        let many = ChannelHealth {
+            failures: u32::MAX,
+            next_try_unix_ms: 0,
+        };
+        assert_eq!(after_failure(Some(many), 0).next_try_unix_ms, 900_000);
     }
 }

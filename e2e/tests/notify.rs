@@ -277,3 +277,62 @@ async fn a_channel_that_failed_is_retried_alone() {
     assert_eq!(hook.received().len(), 3);
     controller.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_channel_waits_longer_each_time_and_does_not_hold_up_the_others() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    // `/dead` always answers 500; `/good` 200.
+    let hook =
+        WebhookReceiver::start(None, |path, _| if path == "/dead" { 500 } else { 200 }).await;
+    let mut config = fast_controller_config(&tmp.path().join("ctl"));
+    config.notify.webhook = ["dead", "good"]
+        .into_iter()
+        .map(|name| WebhookConfig {
+            name: Some(name.into()),
+            url: format!("http://{}/{name}", hook.addr),
+            ..WebhookConfig::default()
+        })
+        .collect();
+    let controller = controller_with_a_target(config).await;
+    controller
+        .admin()
+        .apply_backup_target(v1::ApplyBackupTargetRequest {
+            target_toml:
+                "name = \"crm-db\"\n[postgres]\ncontainer = \"crm-db\"\ndatabases = [\"app\"]\n"
+                    .into(),
+            source: "crm-db.toml".into(),
+        })
+        .await
+        .unwrap();
+    let alerting = Alerting::new(controller.shared.clone());
+
+    // Two alerts open: the good channel gets both, the dead one is tried once (not per alert).
+    let t1 = now_ms() + 3 * DAY;
+    let report = alerting.tick(t1).await.unwrap();
+    assert_eq!(report.opened.len(), 2, "{report:?}");
+    assert_eq!(
+        (report.failed_sends, report.deferred_sends),
+        (1, 1),
+        "{report:?}"
+    );
+    assert_eq!(hook.attempts("/good"), 2);
+    assert_eq!(hook.attempts("/dead"), 1);
+
+    // Tried again after 30 s, then 60 s, then 120 s: not at every tick.
+    let mut tries = Vec::new();
+    for secs in (10..=240).step_by(10) {
+        let before = hook.attempts("/dead");
+        alerting.tick(t1 + secs * 1000).await.unwrap();
+        if hook.attempts("/dead") > before {
+            tries.push(secs);
+        }
+    }
+    assert_eq!(tries, [30, 90, 210], "seconds after the first failure");
+    assert_eq!(
+        hook.attempts("/good"),
+        2,
+        "the good channel got each alert once"
+    );
+    controller.stop().await;
+}
