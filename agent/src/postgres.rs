@@ -388,26 +388,37 @@ pub async fn databases_with_prefix(
     prefix: &str,
 ) -> Result<Vec<String>, PgError> {
     check_name(prefix)?;
-    let target = Target::resolve(conn)?;
     // left() rather than LIKE: `_` is a LIKE wildcard.
     let sql = format!(
         "SELECT datname FROM pg_database WHERE left(datname, {}) = {} ORDER BY 1",
         prefix.len(),
         quote_literal(prefix)
     );
-    let out = target
-        .run(
-            docker,
-            "psql",
-            MAINTENANCE_DB,
-            psql_args(&target, MAINTENANCE_DB, &sql),
-        )
-        .await?;
+    let out = maintenance_psql(docker, conn, MAINTENANCE_DB, &sql).await?;
     Ok(String::from_utf8_lossy(&out)
         .lines()
         .map(|l| l.trim_matches(['\0', ' ']).to_string())
         .filter(|l| !l.is_empty())
         .collect())
+}
+
+/// Runs `sql` with psql in the maintenance database; `database` names what it is about (for
+/// errors).
+async fn maintenance_psql(
+    docker: &DockerClient,
+    conn: &Conn,
+    database: &str,
+    sql: &str,
+) -> Result<Vec<u8>, PgError> {
+    let target = Target::resolve(conn)?;
+    target
+        .run(
+            docker,
+            "psql",
+            database,
+            psql_args(&target, MAINTENANCE_DB, sql),
+        )
+        .await
 }
 
 /// Whether `database` exists on the server.
@@ -417,19 +428,11 @@ pub async fn database_exists(
     database: &str,
 ) -> Result<bool, PgError> {
     check_name(database)?;
-    let target = Target::resolve(conn)?;
     let sql = format!(
         "SELECT count(*) FROM pg_database WHERE datname = {}",
         quote_literal(database)
     );
-    let out = target
-        .run(
-            docker,
-            "psql",
-            database,
-            psql_args(&target, MAINTENANCE_DB, &sql),
-        )
-        .await?;
+    let out = maintenance_psql(docker, conn, database, &sql).await?;
     match String::from_utf8_lossy(&out).trim_matches(['\0', '\n', ' ']) {
         "0" => Ok(false),
         "1" => Ok(true),
@@ -447,15 +450,8 @@ pub async fn create_database(
     database: &str,
 ) -> Result<(), PgError> {
     check_name(database)?;
-    let target = Target::resolve(conn)?;
     let sql = format!("CREATE DATABASE {}", quote_ident(database));
-    target
-        .run(
-            docker,
-            "psql",
-            database,
-            psql_args(&target, MAINTENANCE_DB, &sql),
-        )
+    maintenance_psql(docker, conn, database, &sql)
         .await
         .map(drop)
 }
@@ -467,18 +463,11 @@ pub async fn drop_database(
     database: &str,
 ) -> Result<(), PgError> {
     check_name(database)?;
-    let target = Target::resolve(conn)?;
     let sql = format!(
         "DROP DATABASE IF EXISTS {} WITH (FORCE)",
         quote_ident(database)
     );
-    target
-        .run(
-            docker,
-            "psql",
-            database,
-            psql_args(&target, MAINTENANCE_DB, &sql),
-        )
+    maintenance_psql(docker, conn, database, &sql)
         .await
         .map(drop)
 }
