@@ -639,10 +639,7 @@ async fn test_restore(
     identity: Option<String>,
 ) {
     let source = conn_of(pg);
-    let on_server = spec
-        .verify
-        .scratch_database
-        .unwrap_or(pg.container.is_none());
+    let on_server = scratch_on_server(spec, pg);
     let since = checks
         .start(
             ctx,
@@ -925,6 +922,14 @@ fn disk_space(dir: &Path) -> Result<(u64, u64), String> {
     ))
 }
 
+/// Whether the test restore goes into scratch databases on the source's own server (the
+/// default for `url` sources) rather than a throw-away container.
+fn scratch_on_server(spec: &TargetSpec, pg: &PostgresSource) -> bool {
+    spec.verify
+        .scratch_database
+        .unwrap_or(pg.container.is_none())
+}
+
 /// The name prefix of a validation job's scratch databases: `drover_verify_` and 10 hex
 /// digits of the job id's SHA-256, so recovery can find exactly that job's databases.
 pub fn scratch_prefix(job_id: &str) -> String {
@@ -938,6 +943,10 @@ pub fn scratch_prefix(job_id: &str) -> String {
 pub async fn sweep_scratch_databases(ctx: &JobCtx, job: &JobRecord) -> Option<String> {
     let spec = super::spec_of(job).ok()?;
     let pg = spec.postgres.as_ref()?;
+    if !scratch_on_server(&spec, pg) {
+        // A scratch container: `sweep_scratch` removes it.
+        return None;
+    }
     let conn = conn_of(pg);
     let prefix = scratch_prefix(&job.id);
     let found = match postgres::databases_with_prefix(&ctx.docker, &conn, &prefix).await {
