@@ -329,7 +329,14 @@ pub fn conditions(snapshot: &Snapshot, now_ms: i64) -> Vec<Condition> {
             *e = (*e).max(j.finished_unix_ms);
         }
     }
+    // A removed target's failures are retired with it.
+    let targets: BTreeSet<&str> = snapshot.targets.iter().map(|t| t.name.as_str()).collect();
     for j in &snapshot.jobs {
+        if matches!(j.kind, JobKind::Backup | JobKind::Verify)
+            && !targets.contains(j.subject.as_str())
+        {
+            continue;
+        }
         let what = match (j.kind, j.state) {
             (JobKind::Deploy, JobState::Failed) => "deploy failed",
             (JobKind::Deploy, JobState::RolledBack) => "deploy rolled back",
@@ -554,6 +561,7 @@ mod tests {
                         job("i1", JobKind::Backup, "db", JobState::Interrupted, now),
                         job("x1", JobKind::Deploy, "api", JobState::Running, 0),
                     ],
+                    targets: vec![target("db", now - H, Some(now), Some(now))],
                     ..Snapshot::default()
                 },
                 vec![
@@ -579,9 +587,25 @@ mod tests {
                             now - DAY,
                         ),
                     ],
+                    targets: vec![
+                        target("db", now - H, Some(now), Some(now)),
+                        target("other", now - H, Some(now), Some(now)),
+                    ],
                     ..Snapshot::default()
                 },
                 vec!["job_failed:b3", "job_failed:v1"],
+            ),
+            (
+                "a removed target's failed backups and validations are retired with it",
+                Snapshot {
+                    jobs: vec![
+                        job("b1", JobKind::Backup, "gone", JobState::Failed, now),
+                        job("v1", JobKind::Verify, "gone", JobState::Failed, now),
+                        job("d1", JobKind::Deploy, "api", JobState::Failed, now),
+                    ],
+                    ..Snapshot::default()
+                },
+                vec!["job_failed:d1"],
             ),
             (
                 "an agent that went silent: no job ever failed, yet the backup goes stale and \

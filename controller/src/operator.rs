@@ -852,6 +852,68 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         }))
     }
 
+    async fn remove_backup_target(
+        &self,
+        request: Request<v1::RemoveBackupTargetRequest>,
+    ) -> Result<Response<v1::RemoveBackupTargetResponse>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let name = request.into_inner().name;
+        let store = &self.shared.store;
+        self.known_target(&name)?;
+        // An app spec that declares it would bring it back at its next apply.
+        for app in store.apps().map_err(internal)? {
+            let declares = AppSpec::from_toml(&app.spec_toml, &app.name)
+                .is_ok_and(|spec| spec.backups.iter().any(|t| t.name == name));
+            if declares {
+                return Err(Status::failed_precondition(format!(
+                    "backup target {name} is declared by app {}'s [[backups]]: remove it there, \
+                     `drover app apply` the app, then remove the target",
+                    app.name
+                )));
+            }
+        }
+        if let Some(job) = store
+            .open_jobs()
+            .map_err(internal)?
+            .into_iter()
+            .find(|j| j.app == name && j.kind.is_backup())
+        {
+            return Err(Status::failed_precondition(format!(
+                "job {} ({}) of {name} is not finished; wait for it (`drover watch {}`) and retry",
+                job.id,
+                job.kind.as_str(),
+                job.id
+            )));
+        }
+        let mut removed_schedules = Vec::new();
+        for schedule in store.schedules().map_err(internal)? {
+            if schedule.target == name
+                && matches!(
+                    schedule.kind,
+                    Some(ScheduleKind::Backup | ScheduleKind::Verify)
+                )
+            {
+                store.remove_schedule(&schedule.id).map_err(internal)?;
+                removed_schedules.push(schedule.id);
+            }
+        }
+        store.remove_backup_target(&name).map_err(internal)?;
+        store.flush().await.map_err(internal)?;
+        let backups_kept = store
+            .target_backups(&name)
+            .map_err(internal)?
+            .iter()
+            .map(|(_, table)| table.len() as u64)
+            .sum();
+        let by = operator_name(&caller);
+        info!(target = %name, schedules = ?removed_schedules, backups_kept, by = %by, "backup target removed");
+        Ok(Response::new(v1::RemoveBackupTargetResponse {
+            name,
+            removed_schedules,
+            backups_kept,
+        }))
+    }
+
     async fn list_backup_targets(
         &self,
         request: Request<v1::ListBackupTargetsRequest>,
@@ -916,7 +978,16 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
                 .map(|t| t.name)
                 .collect()
         } else {
-            self.known_target(&req.target)?;
+            // A removed target's backups are still listed (they stay where they are).
+            let cataloged = !self
+                .shared
+                .store
+                .target_backups(&req.target)
+                .map_err(internal)?
+                .is_empty();
+            if !cataloged {
+                self.known_target(&req.target)?;
+            }
             vec![req.target.clone()]
         };
         let mut backups = Vec::new();

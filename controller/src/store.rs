@@ -542,6 +542,15 @@ impl Store {
         apply_spec(&self.backup_targets, name, spec_toml, by, now_ms)
     }
 
+    /// Removes a backup target's record (its catalogs and verification history stay); the
+    /// removed record, if it existed. Not yet durable.
+    pub fn remove_backup_target(&self, name: &str) -> Result<Option<AppRecord>, StoreError> {
+        self.backup_targets
+            .remove(name)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
     pub fn backup_target(&self, name: &str) -> Result<Option<AppRecord>, StoreError> {
         self.backup_targets
             .get(name)?

@@ -4,7 +4,8 @@
 //! a later good one resolves it, even when more than the newest 500 jobs came in between; a
 //! failed validation (a flipped byte) likewise; a target without a passed validation for 8
 //! days raises `validation_stale` until `drover verify` passes; an agent certificate near its
-//! end raises `cert_expiring`.
+//! end raises `cert_expiring`; `drover backup-target rm` retires a target with its schedules
+//! and alerts, and keeps its backups listed.
 
 use drover_agent::jobevent::field;
 use drover_controller::alerting::{Alerting, RECENT_JOBS};
@@ -196,5 +197,41 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
             .any(|a| a["key"] == "cert_expiring:db-1" && a["status"] == "resolved"),
         "{all}"
     );
+
+    // A target retired with `drover backup-target rm`: its schedules go, its failed backup and
+    // stale alerts resolve, its backups stay listed.
+    let gone = f.dir.path().join("not-there");
+    f.apply(&format!(
+        "name = \"gone\"\n[path]\ndir = \"{}\"\n",
+        gone.display()
+    ))
+    .await;
+    let failed = f.backup("gone").await;
+    let gone_failed = format!("job_failed:{}", failed.job_id);
+    let report = alerting.tick(now_ms() + 3 * DAY).await.unwrap();
+    assert!(report.opened.contains(&gone_failed), "{report:?}");
+    assert!(
+        report.opened.contains(&"backup_stale:gone".to_string()),
+        "{report:?}"
+    );
+    let removed = cli_json(&f, &["backup-target", "rm", "gone", "--json"]);
+    assert_eq!(
+        removed["removed_schedules"],
+        serde_json::json!(["gone-backup", "gone-verify"])
+    );
+    assert_eq!(removed["backups_kept"], 0);
+    let report = alerting.tick(now_ms() + 3 * DAY + 1000).await.unwrap();
+    assert!(report.resolved.contains(&gone_failed), "{report:?}");
+    assert!(
+        report.resolved.contains(&"backup_stale:gone".to_string()),
+        "{report:?}"
+    );
+    let (code, _, err) = cli(&f, &["backup-target", "rm", "gone"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown backup target gone"), "{err}");
+    let kept = f.backups("files").await.len();
+    let removed = cli_json(&f, &["backup-target", "rm", "files", "--json"]);
+    assert_eq!(removed["backups_kept"], kept as u64);
+    assert_eq!(f.backups("files").await.len(), kept, "backups stay listed");
     f.stop().await;
 }

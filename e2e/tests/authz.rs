@@ -395,6 +395,7 @@ async fn call_every_rpc(
     call!(out, deploy, DeployRequest, true);
     call!(out, rollback, RollbackRequest, true);
     call!(out, apply_backup_target, ApplyBackupTargetRequest, true);
+    call!(out, remove_backup_target, RemoveBackupTargetRequest, true);
     call!(out, run_backup, RunBackupRequest, true);
     call!(out, prune_backups, PruneBackupsRequest, true);
     call!(out, restore, RestoreRequest, true);

@@ -218,6 +218,19 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
         ],
         "{reply:?}"
     );
+    // Declared by the app: removing the target alone is refused (the app would bring it back).
+    let err = admin
+        .remove_backup_target(v1::RemoveBackupTargetRequest {
+            name: "api-db".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("declared by app api"),
+        "{}",
+        err.message()
+    );
     let err = admin
         .remove_schedule(v1::RemoveScheduleRequest {
             id: "api-db-backup".into(),

@@ -415,6 +415,13 @@ pub enum BackupTargetCommand {
     },
     /// Print a target's current spec.
     Show { name: String },
+    /// Retire a target: it and its backup/verify schedules go; its backups stay where they
+    /// are (apply the target again to restore from them).
+    Rm {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -1035,6 +1042,33 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 );
                 for change in &resp.schedule_changes {
                     println!("  schedule {change}");
+                }
+                Ok(())
+            }
+        }
+        Command::BackupTarget(BackupTargetCommand::Rm { name, json }) => {
+            let resp = api
+                .remove_backup_target(v1::RemoveBackupTargetRequest { name })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({
+                    "name": resp.name,
+                    "removed_schedules": resp.removed_schedules,
+                    "backups_kept": resp.backups_kept,
+                }))
+            } else {
+                println!("backup target {} removed", resp.name);
+                if !resp.removed_schedules.is_empty() {
+                    println!("  schedules removed: {}", resp.removed_schedules.join(", "));
+                }
+                if resp.backups_kept > 0 {
+                    println!(
+                        "  its {} backup(s) stay on their hosts and in S3; `drover backup-target apply` \
+                         the same target again to restore from them",
+                        resp.backups_kept
+                    );
                 }
                 Ok(())
             }
