@@ -143,15 +143,20 @@ pub enum SyncAction {
 }
 
 /// The pure decision for one kind: the stored record (if any) against the wanted one.
+/// `default_covered`: the wanted one is only the default (the table does not name this kind)
+/// and an operator's schedule of this kind for the target exists under another id; then no
+/// default is added next to it.
 pub fn sync_action(
     existing: Option<&ScheduleRecord>,
     target: &str,
     kind: ScheduleKind,
     wanted: Option<&ScheduleRecord>,
+    default_covered: bool,
     now_ms: i64,
 ) -> SyncAction {
     match (existing, wanted) {
         (None, None) => SyncAction::Nothing,
+        (None, Some(_)) if default_covered => SyncAction::Nothing,
         (None, Some(w)) => SyncAction::Add(w.clone()),
         (Some(e), _) if !kept_by_target(e, target, kind) => {
             SyncAction::LeaveOperators(e.id.clone())
@@ -191,11 +196,27 @@ pub fn sync_target_schedules(
         error,
     })?;
     let store = &shared.store;
+    let all = store.schedules()?;
     let mut changes = Vec::new();
     for (kind, wanted) in wanted {
         let id = target_schedule_id(&spec.name, kind);
-        let existing = store.schedule(&id)?;
-        match sync_action(existing.as_ref(), &spec.name, kind, wanted.as_ref(), now_ms) {
+        let existing = all.iter().find(|s| s.id == id);
+        let named = match kind {
+            ScheduleKind::Backup => spec.schedule.backup.is_some(),
+            _ => spec.schedule.verify.is_some(),
+        };
+        let default_covered = !named
+            && all
+                .iter()
+                .any(|s| s.id != id && s.target == spec.name && s.kind == Some(kind));
+        match sync_action(
+            existing,
+            &spec.name,
+            kind,
+            wanted.as_ref(),
+            default_covered,
+            now_ms,
+        ) {
             SyncAction::Nothing => {}
             SyncAction::Add(record) => {
                 if store.add_schedule(&record)? {
@@ -506,16 +527,16 @@ mod tests {
         let want = backup("0 2 * * *", true);
         let b = ScheduleKind::Backup;
         assert_eq!(
-            sync_action(None, "shop-db", b, None, 9),
+            sync_action(None, "shop-db", b, None, false, 9),
             SyncAction::Nothing
         );
         assert_eq!(
-            sync_action(None, "shop-db", b, Some(&want), 9),
+            sync_action(None, "shop-db", b, Some(&want), false, 9),
             SyncAction::Add(want.clone())
         );
         // Unchanged: nothing.
         assert_eq!(
-            sync_action(Some(&want), "shop-db", b, Some(&want), 9),
+            sync_action(Some(&want), "shop-db", b, Some(&want), false, 9),
             SyncAction::Nothing
         );
         // A record from before the mark with the old defaults is adopted, history kept.
@@ -524,6 +545,7 @@ mod tests {
             "shop-db",
             b,
             Some(&want),
+            false,
             9,
         ) else {
             panic!()
@@ -539,6 +561,7 @@ mod tests {
             "shop-db",
             b,
             Some(&backup("0 4 * * *", true)),
+            false,
             9,
         ) else {
             panic!()
@@ -551,16 +574,22 @@ mod tests {
         );
         // Turned off.
         assert_eq!(
-            sync_action(Some(&want), "shop-db", b, None, 9),
+            sync_action(Some(&want), "shop-db", b, None, false, 9),
             SyncAction::Remove("shop-db-backup".into())
         );
         // The operator's own schedule under that id is never touched.
         let operators = backup("15 3 * * *", false);
         for w in [None, Some(&want)] {
             assert_eq!(
-                sync_action(Some(&operators), "shop-db", b, w, 9),
+                sync_action(Some(&operators), "shop-db", b, w, false, 9),
                 SyncAction::LeaveOperators("shop-db-backup".into())
             );
         }
+        // Only the default is wanted and the operator schedules this target's backups under
+        // another id: no default next to it.
+        assert_eq!(
+            sync_action(None, "shop-db", b, Some(&want), true, 9),
+            SyncAction::Nothing
+        );
     }
 }

@@ -491,7 +491,16 @@ async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
 
     // A store from before `[schedule]`: the defaults as an older controller made them (no
     // mark) and a missing verify schedule. At start the backup one is adopted, history kept,
-    // and the verify one is added.
+    // and the verify one is added. Target crm-db had its default backup replaced by the
+    // operator's own (`crm-db-nightly`): no default is added next to it, only the verify one.
+    controller
+        .admin()
+        .apply_backup_target(v1::ApplyBackupTargetRequest {
+            target_toml: target_toml("crm-db"),
+            source: "crm-db.toml".into(),
+        })
+        .await
+        .unwrap();
     controller.stop().await;
     {
         let store = Store::open(&config.data_dir.join("store")).unwrap();
@@ -510,6 +519,19 @@ async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
         };
         store.remove_schedule("shop-db-backup").unwrap();
         assert!(store.add_schedule(&old).unwrap());
+        for id in ["crm-db-backup", "crm-db-verify"] {
+            store.remove_schedule(id).unwrap();
+        }
+        let nightly = ScheduleRecord {
+            id: "crm-db-nightly".into(),
+            kind: Some(ScheduleKind::Backup),
+            target: "crm-db".into(),
+            cron: "0 3 * * *".into(),
+            created_by: "admin".into(),
+            created_unix_ms: 1_000,
+            ..ScheduleRecord::default()
+        };
+        assert!(store.add_schedule(&nightly).unwrap());
         store.flush().await.unwrap();
     }
     let controller = TestController::start(config).await;
@@ -520,5 +542,14 @@ async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
     assert_eq!(backup["last_fire"], "1970-01-01T00:00:02Z");
     let verify = listed_one(&controller, "shop-db-verify").expect("verify schedule filled in");
     assert_eq!(verify["kept_by_target"], true);
+    assert!(listed_one(&controller, "crm-db-backup").is_none());
+    assert_eq!(
+        listed_one(&controller, "crm-db-nightly").unwrap()["kept_by_target"],
+        false
+    );
+    assert_eq!(
+        listed_one(&controller, "crm-db-verify").unwrap()["kept_by_target"],
+        true
+    );
     controller.stop().await;
 }
