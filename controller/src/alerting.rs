@@ -87,8 +87,9 @@ impl Alerting {
         };
     }
 
-    /// What the rules see at `now_ms`.
-    pub fn snapshot(&self, now_ms: i64) -> Result<Snapshot, StoreError> {
+    /// What the rules see at `now_ms`, given the `stored` alerts (an open `job_failed`
+    /// alert's job is always included).
+    pub fn snapshot(&self, now_ms: i64, stored: &[AlertRecord]) -> Result<Snapshot, StoreError> {
         let shared = &self.shared;
         let config = &shared.config;
         let mut snapshot = Snapshot::default();
@@ -140,7 +141,7 @@ impl Alerting {
         // of its kind and subject.
         let mut jobs = shared.store.jobs(None, RECENT_JOBS)?;
         let seen: std::collections::BTreeSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
-        for a in shared.store.alerts()? {
+        for a in stored {
             if a.is_open()
                 && a.kind == AlertKind::JobFailed.as_str()
                 && !seen.contains(&a.subject)
@@ -168,8 +169,8 @@ impl Alerting {
     pub async fn tick(&self, now_ms: i64) -> Result<TickReport, AlertingError> {
         let _one_at_a_time = self.lock.lock().await;
         let store = &self.shared.store;
-        let conditions = alerts::conditions(&self.snapshot(now_ms)?, now_ms);
         let stored = store.alerts()?;
+        let conditions = alerts::conditions(&self.snapshot(now_ms, &stored)?, now_ms);
         let changes = alerts::reconcile(
             &stored,
             &conditions,
@@ -272,22 +273,18 @@ impl Alerting {
         every: Duration,
         shutdown: CancellationToken,
     ) {
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = interval.tick() => {}
-            }
+        let cut_short = shutdown.clone();
+        crate::server::every(every, shutdown, || async {
             // The shutdown token also cuts a tick short (its sends have timeouts anyway).
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = cut_short.cancelled() => {}
                 result = self.tick(clock()) => {
                     if let Err(e) = result {
                         warn!(error = %e, "alert tick failed");
                     }
                 }
             }
-        }
+        })
+        .await;
     }
 }

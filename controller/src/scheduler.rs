@@ -430,17 +430,12 @@ impl Scheduler {
         every: Duration,
         shutdown: CancellationToken,
     ) {
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = interval.tick() => {}
-            }
+        crate::server::every(every, shutdown, || async {
             if let Err(e) = self.tick(clock()).await {
                 warn!(error = %e, "scheduler tick failed");
             }
-        }
+        })
+        .await;
     }
 }
 

@@ -36,6 +36,24 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Runs `tick` every `every` (a late tick is skipped, not caught up) until `shutdown` fires:
+/// the loop of the scheduler and alert tasks.
+pub async fn every<F, Fut>(every: Duration, shutdown: CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        tick().await;
+    }
+}
+
 /// State shared by every RPC handler.
 #[derive(Debug)]
 pub struct Shared {
