@@ -37,6 +37,12 @@ pub async fn backup_fixture() -> BackupFixture {
     }
 }
 
+/// A PostgreSQL target `name` dumped through the Docker exec API of container `name`,
+/// database `app` (for tests of the controller's side: nothing runs it).
+pub fn container_target(name: &str) -> String {
+    format!("name = \"{name}\"\n[postgres]\ncontainer = \"{name}\"\ndatabases = [\"app\"]\n")
+}
+
 /// A field of an event ("" when absent).
 pub fn event_field<'a>(e: &'a EventRecord, key: &str) -> &'a str {
     e.fields.get(key).map(String::as_str).unwrap_or("")
@@ -63,14 +69,7 @@ impl BackupFixture {
     }
 
     pub async fn apply(&self, toml: &str) {
-        self.controller
-            .admin()
-            .apply_backup_target(v1::ApplyBackupTargetRequest {
-                target_toml: toml.to_string(),
-                source: "test.toml".into(),
-            })
-            .await
-            .expect("apply target");
+        self.controller.apply_target(toml).await;
     }
 
     /// Waits for job `id` and returns its `job.finished` event, once the agent's outbox has

@@ -214,6 +214,36 @@ impl TestController {
         self.operator(&self.admin_dir())
     }
 
+    /// Applies a backup target as the admin; panics when refused.
+    pub async fn apply_target(&self, target_toml: &str) -> v1::ApplyBackupTargetResponse {
+        self.admin()
+            .apply_backup_target(v1::ApplyBackupTargetRequest {
+                target_toml: target_toml.to_string(),
+                source: "test.toml".into(),
+            })
+            .await
+            .expect("apply the backup target")
+            .into_inner()
+    }
+
+    /// Runs the `drover` binary as the admin: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = drover_cli(&self.addr.to_string(), &self.admin_dir(), args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs `drover ARGS` (with `--json` among them) as the admin; panics unless it exits 0
+    /// with JSON.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "drover {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("drover {args:?}: {e}: {out}"))
+    }
+
     /// Host info as the operator API reports it.
     pub async fn host(&self, name: &str) -> Option<v1::HostInfo> {
         self.admin()
@@ -783,6 +813,15 @@ impl ScriptedAgent {
             self.read().await;
         }
         seq
+    }
+
+    /// Starts and finishes job `id` as the agent would, with `result` (`succeeded`,
+    /// `failed`, `rolled_back`, …).
+    pub async fn finish_job(&mut self, id: &str, result: &str) {
+        use drover_agent::jobevent::{self, field};
+        self.event(id, jobevent::STARTED, "", &[]).await;
+        self.event(id, jobevent::FINISHED, "", &[(field::RESULT, result)])
+            .await;
     }
 
     /// Ends the session (the agent goes away).

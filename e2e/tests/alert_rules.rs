@@ -12,35 +12,14 @@ use drover_controller::alerting::{Alerting, RECENT_JOBS};
 use drover_controller::jobs::TargetState;
 use drover_controller::server::now_ms;
 use drover_e2e::backups::{BackupFixture, assert_job_succeeded, backup_fixture, event_field};
-use drover_e2e::drover_cli;
-use serde_json::Value;
 
 const DAY: i64 = 24 * 3600 * 1000;
 const HOUR: i64 = 3600 * 1000;
 
-/// Runs `drover ARGS` as the admin; (exit code, stdout, stderr).
-fn cli(f: &BackupFixture, args: &[&str]) -> (i32, String, String) {
-    let out = drover_cli(
-        &f.controller.addr.to_string(),
-        &f.controller.admin_dir(),
-        args,
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn cli_json(f: &BackupFixture, args: &[&str]) -> Value {
-    let (code, out, err) = cli(f, args);
-    assert_eq!(code, 0, "drover {args:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("drover {args:?}: {e}: {out}"))
-}
-
 /// The open alerts' keys as `drover alerts --json` shows them.
 fn open_keys(f: &BackupFixture) -> Vec<String> {
-    cli_json(f, &["alerts", "--json"])
+    f.controller
+        .cli_json(&["alerts", "--json"])
         .as_array()
         .unwrap()
         .iter()
@@ -71,7 +50,7 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
         "{report:?}"
     );
     assert_eq!(open_keys(&f), std::slice::from_ref(&failed_key));
-    let shown = cli_json(&f, &["alerts", "--json"]);
+    let shown = f.controller.cli_json(&["alerts", "--json"]);
     assert_eq!(shown[0]["kind"], "job_failed");
     assert!(
         shown[0]["message"]
@@ -80,7 +59,7 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
             .contains("backup failed: files"),
         "{shown}"
     );
-    let (code, table, _) = cli(&f, &["alerts"]);
+    let (code, table, _) = f.controller.cli(&["alerts"]);
     assert_eq!(code, 0);
     assert!(table.contains(&failed_key), "{table}");
 
@@ -122,13 +101,13 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&part, bytes).unwrap();
-    let (code, _, _) = cli(&f, &["verify", "files"]);
+    let (code, _, _) = f.controller.cli(&["verify", "files"]);
     assert_eq!(code, 1, "a failed validation exits 1");
     f.drained().await;
     let report = alerting.tick(now_ms()).await.unwrap();
     assert_eq!(report.opened.len(), 1, "{report:?}");
     let verify_key = report.opened[0].clone();
-    let shown = cli_json(&f, &["alerts", "--json"]);
+    let shown = f.controller.cli_json(&["alerts", "--json"]);
     assert_eq!(shown[0]["key"], verify_key.as_str());
     assert!(
         shown[0]["message"]
@@ -138,7 +117,7 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
         "{shown}"
     );
     assert_job_succeeded(&f.backup("files").await);
-    let (code, out, err) = cli(&f, &["verify", "files"]);
+    let (code, out, err) = f.controller.cli(&["verify", "files"]);
     assert_eq!(code, 0, "drover verify: {out}{err}");
     f.drained().await;
     let report = alerting.tick(now_ms()).await.unwrap();
@@ -152,10 +131,12 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
     for key in ["backup_stale:files", "validation_stale:files"] {
         assert!(report.opened.contains(&key.to_string()), "{report:?}");
     }
-    let (code, out, err) = cli(&f, &["verify", "files"]);
+    let (code, out, err) = f.controller.cli(&["verify", "files"]);
     assert_eq!(code, 0, "drover verify: {out}{err}");
     f.drained().await;
-    let history = cli_json(&f, &["verify", "history", "files", "--json"]);
+    let history = f
+        .controller
+        .cli_json(&["verify", "history", "files", "--json"]);
     assert_eq!(history.as_array().unwrap().len(), 3, "{history}");
     assert_eq!(history[1]["passed"], true, "{history}");
     assert_eq!(history[2]["passed"], false, "{history}");
@@ -176,7 +157,7 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
         report.opened.contains(&"cert_expiring:db-1".to_string()),
         "{report:?}"
     );
-    let shown = cli_json(&f, &["alerts", "--json"]);
+    let shown = f.controller.cli_json(&["alerts", "--json"]);
     let cert = shown
         .as_array()
         .unwrap()
@@ -189,7 +170,7 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
         report.resolved.contains(&"cert_expiring:db-1".to_string()),
         "{report:?}"
     );
-    let all = cli_json(&f, &["alerts", "--all", "--json"]);
+    let all = f.controller.cli_json(&["alerts", "--all", "--json"]);
     assert!(
         all.as_array()
             .unwrap()
@@ -214,7 +195,9 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
         report.opened.contains(&"backup_stale:gone".to_string()),
         "{report:?}"
     );
-    let removed = cli_json(&f, &["backup-target", "rm", "gone", "--json"]);
+    let removed = f
+        .controller
+        .cli_json(&["backup-target", "rm", "gone", "--json"]);
     assert_eq!(
         removed["removed_schedules"],
         serde_json::json!(["gone-backup", "gone-verify"])
@@ -226,11 +209,13 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
         report.resolved.contains(&"backup_stale:gone".to_string()),
         "{report:?}"
     );
-    let (code, _, err) = cli(&f, &["backup-target", "rm", "gone"]);
+    let (code, _, err) = f.controller.cli(&["backup-target", "rm", "gone"]);
     assert_ne!(code, 0);
     assert!(err.contains("unknown backup target gone"), "{err}");
     let kept = f.backups("files").await.len();
-    let removed = cli_json(&f, &["backup-target", "rm", "files", "--json"]);
+    let removed = f
+        .controller
+        .cli_json(&["backup-target", "rm", "files", "--json"]);
     assert_eq!(removed["backups_kept"], kept as u64);
     assert_eq!(f.backups("files").await.len(), kept, "backups stay listed");
     f.stop().await;

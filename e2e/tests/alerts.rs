@@ -12,6 +12,7 @@ use drover_agent::backup::catalog;
 use drover_controller::alerting::Alerting;
 use drover_controller::config::{WebhookConfig, WebhookFormat};
 use drover_controller::server::now_ms;
+use drover_e2e::backups::container_target;
 use drover_e2e::notify::{SmtpSink, WebhookReceiver};
 use drover_e2e::{ScriptedAgent, TestController, fast_controller_config, init};
 use drover_proto::v1;
@@ -20,8 +21,12 @@ use serde_json::Value;
 const DAY: i64 = 24 * 3600 * 1000;
 const HOUR: i64 = 3600 * 1000;
 
-fn target_toml(name: &str) -> String {
-    format!("name = \"{name}\"\n[postgres]\ncontainer = \"{name}\"\ndatabases = [\"app\"]\n")
+/// The one generic-JSON webhook of a test, at `hook`'s `/json`.
+fn json_hook(hook: &WebhookReceiver) -> Vec<WebhookConfig> {
+    vec![WebhookConfig {
+        url: format!("http://{}/json", hook.addr),
+        ..WebhookConfig::default()
+    }]
 }
 
 fn backup(target: &str, host: &str, finished: i64) -> catalog::Backup {
@@ -75,14 +80,7 @@ async fn a_stale_backup_alerts_once_resends_and_resolves_without_any_failed_job(
     let controller = TestController::start(config).await;
     let bundle = ScriptedAgent::enroll(&controller, "db-1", &[], &tmp.path().join("db-1")).await;
     let mut agent = ScriptedAgent::connect(&controller.addr.to_string(), &bundle, "db-1").await;
-    controller
-        .admin()
-        .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml: target_toml("shop-db"),
-            source: "shop-db.toml".into(),
-        })
-        .await
-        .unwrap();
+    controller.apply_target(&container_target("shop-db")).await;
     let alerting = Alerting::new(controller.shared.clone());
     let key = "backup_stale:shop-db";
 
@@ -158,10 +156,7 @@ async fn a_silent_host_goes_down_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let hook = WebhookReceiver::start_ok().await;
     let mut config = fast_controller_config(&tmp.path().join("ctl"));
-    config.notify.webhook = vec![WebhookConfig {
-        url: format!("http://{}/json", hook.addr),
-        ..WebhookConfig::default()
-    }];
+    config.notify.webhook = json_hook(&hook);
     let controller = TestController::start(config).await;
     let bundle = ScriptedAgent::enroll(&controller, "web-1", &[], &tmp.path().join("web-1")).await;
     let mut agent = ScriptedAgent::connect(&controller.addr.to_string(), &bundle, "web-1").await;
@@ -203,14 +198,7 @@ async fn an_alert_is_mailed_to_a_local_smtp_sink() {
         ..Default::default()
     });
     let controller = TestController::start(config).await;
-    controller
-        .admin()
-        .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml: target_toml("shop-db"),
-            source: "shop-db.toml".into(),
-        })
-        .await
-        .unwrap();
+    controller.apply_target(&container_target("shop-db")).await;
     let alerting = Alerting::new(controller.shared.clone());
     let report = alerting.tick(now_ms() + 3 * DAY).await.unwrap();
     assert_eq!(report.opened, ["backup_stale:shop-db"], "{report:?}");
@@ -226,25 +214,13 @@ async fn an_alert_is_mailed_to_a_local_smtp_sink() {
     controller.stop().await;
 }
 
-/// Finishes job `id` as the agent would, with `result`.
-async fn finish_job(agent: &mut ScriptedAgent, id: &str, result: &str) {
-    use drover_agent::jobevent::{self, field};
-    agent.event(id, jobevent::STARTED, "", &[]).await;
-    agent
-        .event(id, jobevent::FINISHED, "", &[(field::RESULT, result)])
-        .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_and_rolled_back_deploys_alert_until_a_deploy_of_the_app_succeeds() {
     init();
     let tmp = tempfile::tempdir().unwrap();
     let hook = WebhookReceiver::start_ok().await;
     let mut config = fast_controller_config(&tmp.path().join("ctl"));
-    config.notify.webhook = vec![WebhookConfig {
-        url: format!("http://{}/json", hook.addr),
-        ..WebhookConfig::default()
-    }];
+    config.notify.webhook = json_hook(&hook);
     let controller = TestController::start(config).await;
     let bundle = ScriptedAgent::enroll(&controller, "web-1", &[], &tmp.path().join("web-1")).await;
     let mut agent = ScriptedAgent::connect(&controller.addr.to_string(), &bundle, "web-1").await;
@@ -273,7 +249,7 @@ async fn failed_and_rolled_back_deploys_alert_until_a_deploy_of_the_app_succeeds
             .into_inner()
             .id;
         assert_eq!(agent.next_command().await.job_id, id);
-        finish_job(&mut agent, &id, result).await;
+        agent.finish_job(&id, result).await;
         id
     };
 

@@ -154,16 +154,23 @@ async fn clients_without_a_valid_certificate_are_refused_clearly() {
     controller.stop().await;
 }
 
-#[tokio::test]
-async fn roles_and_services_are_enforced() {
+/// A controller and a connected agent `web-1`, with the agent's certificate bundle.
+async fn controller_and_agent(dir: &std::path::Path) -> (TestController, TestAgent, Bundle) {
     init();
-    let tmp = tempfile::tempdir().unwrap();
-    let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+    let controller = TestController::start(fast_controller_config(&dir.join("ctl"))).await;
     let addr = controller.addr.to_string();
     let mut agent =
-        TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &addr).await;
+        TestAgent::enroll_and_start(&controller, "web-1", &dir.join("agent"), &addr).await;
     agent.wait_connected().await;
-    let agent_bundle = Bundle::load(&tmp.path().join("agent/identity")).unwrap();
+    let agent_bundle = Bundle::load(&dir.join("agent/identity")).unwrap();
+    (controller, agent, agent_bundle)
+}
+
+#[tokio::test]
+async fn roles_and_services_are_enforced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (controller, agent, agent_bundle) = controller_and_agent(tmp.path()).await;
+    let addr = controller.addr.to_string();
 
     // An agent certificate calling the operator API.
     let status = operator_client(&addr, &agent_bundle)
@@ -409,14 +416,9 @@ async fn call_every_rpc(
 
 #[tokio::test]
 async fn every_operator_rpc_checks_the_callers_certificate() {
-    init();
     let tmp = tempfile::tempdir().unwrap();
-    let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+    let (controller, agent, agent_bundle) = controller_and_agent(tmp.path()).await;
     let addr = controller.addr.to_string();
-    let mut agent =
-        TestAgent::enroll_and_start(&controller, "web-1", &tmp.path().join("agent"), &addr).await;
-    agent.wait_connected().await;
-    let agent_bundle = Bundle::load(&tmp.path().join("agent/identity")).unwrap();
 
     // A viewer: every read is let through (it may then fail on the empty request), every
     // write is refused as read-only.

@@ -60,40 +60,6 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Enrolls a `drover-agent` for `host` into `dir/agent` with the real binary and writes its
-/// config with test timings; (config file, data dir).
-async fn enroll_process(controller: &TestController, host: &str, dir: &Path) -> (PathBuf, PathBuf) {
-    let data = dir.join("agent");
-    let token = controller.token(host).await;
-    let out = Command::new(bin("drover-agent"))
-        .args([
-            "enroll",
-            "--controller",
-            &controller.addr.to_string(),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .env("DROVER_TOKEN", &token)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "enroll: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "heartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n\
-             reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n",
-            dir.join("secrets").display()
-        ),
-    )
-    .unwrap();
-    (config, data)
-}
-
 async fn version_at(addr: SocketAddr) -> Option<String> {
     match http(addr, "GET", "/").await {
         Ok((200, body)) => Some(body.trim().trim_start_matches("version=").to_string()),
@@ -110,6 +76,47 @@ struct Setup {
 }
 
 impl Setup {
+    /// A controller and a `drover-agent` for `host` enrolled with the real binary into
+    /// `dir/agent`, its config written with test timings (not started yet).
+    async fn enroll(dir: &Path, host: &str) -> Setup {
+        let controller = TestController::start(fast_controller_config(&dir.join("c"))).await;
+        let data = dir.join("agent");
+        let token = controller.token(host).await;
+        let out = Command::new(bin("drover-agent"))
+            .args([
+                "enroll",
+                "--controller",
+                &controller.addr.to_string(),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .env("DROVER_TOKEN", &token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "enroll: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "heartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n\
+                 reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n",
+                dir.join("secrets").display()
+            ),
+        )
+        .unwrap();
+        Setup {
+            controller,
+            host: host.to_string(),
+            config,
+            data,
+            log: dir.join("agent.log"),
+        }
+    }
+
     async fn deploy(&self, version: &str) -> String {
         self.controller
             .admin()
@@ -169,9 +176,7 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
     let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
-    let host = "crash-host".to_string();
-    let (config, data) = enroll_process(&controller, &host, dir.path()).await;
+    let setup = Setup::enroll(dir.path(), "crash-host").await;
     let the_spec = spec(
         app,
         &repo,
@@ -179,7 +184,8 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
         "migrate = [\"migrate\"]\n[[smoke]]\npath = \"/smoke\"\nbody_contains = \"ok\"\n",
     )
     .replace("window = \"1s\"", "window = \"2s\"");
-    controller
+    setup
+        .controller
         .admin()
         .apply_app(v1::ApplyAppRequest {
             spec_toml: the_spec,
@@ -187,13 +193,6 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
         })
         .await
         .expect("apply the app");
-    let setup = Setup {
-        controller,
-        host,
-        config,
-        data,
-        log: dir.path().join("agent.log"),
-    };
 
     let agent = setup.agent(None).await;
     let job = setup.deploy("v1.0.0").await;
@@ -316,28 +315,15 @@ async fn kill_9_during_a_test_restore_leaves_no_scratch_database() {
         )
     };
     let dir = tempfile::tempdir().unwrap();
-    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
-    let host = "db-host".to_string();
-    let (config, data) = enroll_process(&controller, &host, dir.path()).await;
-    controller
-        .admin()
-        .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml: format!(
-                "name = \"shop-db\"\n[postgres]\nurl = \"{}\"\ndatabases = [\"shop\"]\n\
-                 [verify]\nmin_free_bytes = 0\nmin_free_fraction = 0.0\n",
-                pg.url
-            ),
-            source: "shop-db.toml".into(),
-        })
-        .await
-        .expect("apply the target");
-    let setup = Setup {
-        controller,
-        host,
-        config,
-        data,
-        log: dir.path().join("agent.log"),
-    };
+    let setup = Setup::enroll(dir.path(), "db-host").await;
+    setup
+        .controller
+        .apply_target(&format!(
+            "name = \"shop-db\"\n[postgres]\nurl = \"{}\"\ndatabases = [\"shop\"]\n\
+             [verify]\nmin_free_bytes = 0\nmin_free_fraction = 0.0\n",
+            pg.url
+        ))
+        .await;
     let agent = setup.agent(None).await;
     let backup = setup
         .controller

@@ -14,9 +14,9 @@ use drover_controller::alerts::AlertRecord;
 use drover_controller::config::{EmailConfig, NotifyConfig, WebhookConfig};
 use drover_controller::notify::{Notifier, Status};
 use drover_controller::server::now_ms;
+use drover_e2e::backups::container_target;
 use drover_e2e::notify::{SmtpLogin, SmtpSink, TestCa, WebhookReceiver};
 use drover_e2e::{TestController, fast_controller_config, init};
-use drover_proto::v1;
 
 const DAY: i64 = 24 * 3600 * 1000;
 const KEY: &str = "backup_stale:shop-db";
@@ -27,17 +27,20 @@ const SECRET_PATH: &str = "/services/T000/B000/SECRET";
 async fn controller_with_a_target(config: drover_controller::ControllerConfig) -> TestController {
     config.validate().expect("the test config is valid");
     let controller = TestController::start(config).await;
+    controller.apply_target(&container_target("shop-db")).await;
     controller
-        .admin()
-        .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml:
-                "name = \"shop-db\"\n[postgres]\ncontainer = \"shop-db\"\ndatabases = [\"app\"]\n"
-                    .into(),
-            source: "shop-db.toml".into(),
+}
+
+/// Plain-http webhooks at `hook`'s `/<name>`, one per name.
+fn named_hooks(hook: &WebhookReceiver, names: &[&str]) -> Vec<WebhookConfig> {
+    names
+        .iter()
+        .map(|name| WebhookConfig {
+            name: Some(name.to_string()),
+            url: format!("http://{}/{name}", hook.addr),
+            ..WebhookConfig::default()
         })
-        .await
-        .unwrap();
-    controller
+        .collect()
 }
 
 fn stored(controller: &TestController) -> AlertRecord {
@@ -225,14 +228,7 @@ async fn a_channel_that_failed_is_retried_alone() {
     )
     .await;
     let mut config = fast_controller_config(&tmp.path().join("ctl"));
-    config.notify.webhook = ["flaky", "good"]
-        .into_iter()
-        .map(|name| WebhookConfig {
-            name: Some(name.into()),
-            url: format!("http://{}/{name}", hook.addr),
-            ..WebhookConfig::default()
-        })
-        .collect();
+    config.notify.webhook = named_hooks(&hook, &["flaky", "good"]);
     let controller = controller_with_a_target(config).await;
     let alerting = Alerting::new(controller.shared.clone());
 
@@ -249,13 +245,7 @@ async fn a_channel_that_failed_is_retried_alone() {
     assert_eq!(a.pending, ["webhook:flaky"]);
     assert_eq!((a.last_sent_unix_ms, a.sends), (0, 0), "round not complete");
     // The operator sees which channel is still owed the message.
-    let out = drover_e2e::drover_cli(
-        &controller.addr.to_string(),
-        &controller.admin_dir(),
-        &["alerts", "--json"],
-    );
-    assert!(out.status.success(), "{out:?}");
-    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shown = controller.cli_json(&["alerts", "--json"]);
     assert_eq!(shown[0]["pending"], serde_json::json!(["webhook:flaky"]));
 
     // Next tick: only the channel that failed is tried; the round completes.
@@ -286,25 +276,9 @@ async fn a_dead_channel_waits_longer_each_time_and_does_not_hold_up_the_others()
     let hook =
         WebhookReceiver::start(None, |path, _| if path == "/dead" { 500 } else { 200 }).await;
     let mut config = fast_controller_config(&tmp.path().join("ctl"));
-    config.notify.webhook = ["dead", "good"]
-        .into_iter()
-        .map(|name| WebhookConfig {
-            name: Some(name.into()),
-            url: format!("http://{}/{name}", hook.addr),
-            ..WebhookConfig::default()
-        })
-        .collect();
+    config.notify.webhook = named_hooks(&hook, &["dead", "good"]);
     let controller = controller_with_a_target(config).await;
-    controller
-        .admin()
-        .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml:
-                "name = \"crm-db\"\n[postgres]\ncontainer = \"crm-db\"\ndatabases = [\"app\"]\n"
-                    .into(),
-            source: "crm-db.toml".into(),
-        })
-        .await
-        .unwrap();
+    controller.apply_target(&container_target("crm-db")).await;
     let alerting = Alerting::new(controller.shared.clone());
 
     // Two alerts open: the good channel gets both, the dead one is tried once (not per alert).

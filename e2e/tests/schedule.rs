@@ -9,20 +9,16 @@
 
 use std::path::Path;
 
-use drover_agent::jobevent::{self, field};
 use drover_controller::scheduler::{Fired, Scheduler};
 use drover_controller::store::{ScheduleKind, ScheduleRecord, Store};
-use drover_e2e::{ScriptedAgent, TestController, drover_cli, fast_controller_config, init};
+use drover_e2e::backups::container_target;
+use drover_e2e::{ScriptedAgent, TestController, fast_controller_config, init};
 use drover_proto::v1;
 use serde_json::Value;
 use tonic::Code;
 
 const DAY: i64 = 24 * 3600 * 1000;
 const HOST: &str = "db-1";
-
-fn target_toml(name: &str) -> String {
-    format!("name = \"{name}\"\n[postgres]\ncontainer = \"{name}\"\ndatabases = [\"app\"]\n")
-}
 
 async fn schedules(controller: &TestController) -> Vec<v1::ScheduleInfo> {
     controller
@@ -46,14 +42,6 @@ fn only<'a>(fired: &'a [Fired], id: &str) -> Vec<&'a Fired> {
     fired.iter().filter(|f| f.schedule == id).collect()
 }
 
-/// Finishes a job as the agent would.
-async fn finish(agent: &mut ScriptedAgent, job: &str) {
-    agent.event(job, jobevent::STARTED, "", &[]).await;
-    agent
-        .event(job, jobevent::FINISHED, "", &[(field::RESULT, "succeeded")])
-        .await;
-}
-
 fn backup_of(cmd: &v1::Command) -> &v1::BackupCommand {
     match &cmd.job {
         Some(v1::command::Job::Backup(b)) => b,
@@ -68,14 +56,7 @@ async fn scheduled_backups_fire_once_never_overlap_and_catch_up_once() {
     let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
     let bundle = ScriptedAgent::enroll(&controller, HOST, &[], &tmp.path().join(HOST)).await;
     let mut agent = ScriptedAgent::connect(&controller.addr.to_string(), &bundle, HOST).await;
-    controller
-        .admin()
-        .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml: target_toml("shop-db"),
-            source: "shop-db.toml".into(),
-        })
-        .await
-        .unwrap();
+    controller.apply_target(&container_target("shop-db")).await;
 
     // The defaults: nightly backup with jitter, weekly verify, both UTC, 3 next runs each.
     let backup = schedule(&controller, "shop-db-backup").await;
@@ -135,7 +116,7 @@ async fn scheduled_backups_fire_once_never_overlap_and_catch_up_once() {
     agent.assert_no_command().await;
 
     // The run ends; three nights later (controller "down" meanwhile): one run covering 3.
-    finish(&mut agent, &job).await;
+    agent.finish_job(&job, "succeeded").await;
     let later = first + 3 * DAY + 3_600_000;
     let fired = scheduler.tick(later).await.unwrap();
     let fired = only(&fired, "shop-db-backup");
@@ -154,7 +135,7 @@ async fn scheduled_backups_fire_once_never_overlap_and_catch_up_once() {
     agent.assert_no_command().await;
     let s = schedule(&controller, "shop-db-backup").await;
     assert_eq!((s.runs_missed, s.last_result.as_str()), (2, "started"));
-    finish(&mut agent, &second).await;
+    agent.finish_job(&second, "succeeded").await;
     scheduler.tick(later + 2000).await.unwrap();
     assert_eq!(
         schedule(&controller, "shop-db-backup").await.last_result,
@@ -198,17 +179,12 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
         .await
         .unwrap();
     // Out of the way: the defaults would fire too in this test's far-apart ticks.
-    let reply = admin
-        .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml: format!(
-                "{}[schedule]\nbackup = \"off\"\nverify = \"off\"\n",
-                target_toml("api-db")
-            ),
-            source: "api-db.toml".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = controller
+        .apply_target(&format!(
+            "{}[schedule]\nbackup = \"off\"\nverify = \"off\"\n",
+            container_target("api-db")
+        ))
+        .await;
     // (The app spec declared api-db already, with the default schedules.)
     assert_eq!(
         reply.schedule_changes,
@@ -324,7 +300,7 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
         Some(v1::command::Job::Deploy(d)) => assert_eq!(d.version, "v1.4.2"),
         other => panic!("expected a deploy, got {other:?}"),
     }
-    finish(&mut agent, &fired[0].job_id).await;
+    agent.finish_job(&fired[0].job_id, "succeeded").await;
     assert!(scheduler.tick(at + 1000).await.unwrap().is_empty());
     let once = schedule(&controller, "api-deploy-v1.4.2").await;
     assert!(once.next_runs_unix_ms.is_empty());
@@ -355,24 +331,9 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
     controller.stop().await;
 }
 
-/// Runs `drover ARGS` as the admin; (exit code, stdout, stderr).
-fn cli(controller: &TestController, args: &[&str]) -> (i32, String, String) {
-    let out = drover_cli(&controller.addr.to_string(), &controller.admin_dir(), args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn cli_json(controller: &TestController, args: &[&str]) -> Value {
-    let (code, out, err) = cli(controller, args);
-    assert_eq!(code, 0, "drover {args:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("drover {args:?}: {e}: {out}"))
-}
-
 fn listed(controller: &TestController) -> Vec<Value> {
-    cli_json(controller, &["schedule", "list", "--json"])
+    controller
+        .cli_json(&["schedule", "list", "--json"])
         .as_array()
         .unwrap()
         .clone()
@@ -390,13 +351,10 @@ async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
     let controller = TestController::start(config.clone()).await;
     let file = tmp.path().join("shop-db.toml");
     let write = |schedule: &str| {
-        std::fs::write(&file, format!("{}{schedule}", target_toml("shop-db"))).unwrap();
+        std::fs::write(&file, format!("{}{schedule}", container_target("shop-db"))).unwrap();
     };
     let apply = |controller: &TestController| {
-        cli_json(
-            controller,
-            &["backup-target", "apply", file.to_str().unwrap(), "--json"],
-        )
+        controller.cli_json(&["backup-target", "apply", file.to_str().unwrap(), "--json"])
     };
 
     // Overridden backup in a zone, validation turned off.
@@ -415,47 +373,41 @@ async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
     assert_eq!(backup["kept_by_target"], true);
     assert_eq!(backup["next_runs"].as_array().unwrap().len(), 3);
     assert!(listed_one(&controller, "shop-db-verify").is_none());
-    let (code, table, _) = cli(&controller, &["schedule", "list"]);
+    let (code, table, _) = controller.cli(&["schedule", "list"]);
     assert_eq!(code, 0);
     assert!(table.contains("[target's schedule]"), "{table}");
 
     // Kept by the target: not removed by `schedule rm`, nor shadowed by `schedule add`.
-    let (code, _, err) = cli(&controller, &["schedule", "rm", "shop-db-backup"]);
+    let (code, _, err) = controller.cli(&["schedule", "rm", "shop-db-backup"]);
     assert_ne!(code, 0);
     assert!(err.contains("[schedule]") && err.contains("off"), "{err}");
-    let (code, _, err) = cli(
-        &controller,
-        &[
-            "schedule",
-            "add",
-            "backup",
-            "shop-db",
-            "--cron",
-            "0 5 * * *",
-        ],
-    );
+    let (code, _, err) = controller.cli(&[
+        "schedule",
+        "add",
+        "backup",
+        "shop-db",
+        "--cron",
+        "0 5 * * *",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("kept by backup target shop-db"), "{err}");
-    let extra = cli_json(
-        &controller,
-        &[
-            "schedule",
-            "add",
-            "backup",
-            "shop-db",
-            "--cron",
-            "0 5 * * *",
-            "--id",
-            "shop-db-extra",
-            "--json",
-        ],
-    );
+    let extra = controller.cli_json(&[
+        "schedule",
+        "add",
+        "backup",
+        "shop-db",
+        "--cron",
+        "0 5 * * *",
+        "--id",
+        "shop-db-extra",
+        "--json",
+    ]);
     assert_eq!(extra["kept_by_target"], false);
-    let (code, _, err) = cli(&controller, &["schedule", "rm", "shop-db-extra"]);
+    let (code, _, err) = controller.cli(&["schedule", "rm", "shop-db-extra"]);
     assert_eq!(code, 0, "{err}");
 
     // Paused by the operator, then the table changes: the pause and history stay.
-    let (code, _, err) = cli(&controller, &["schedule", "pause", "shop-db-backup"]);
+    let (code, _, err) = controller.cli(&["schedule", "pause", "shop-db-backup"]);
     assert_eq!(code, 0, "{err}");
     write("[schedule]\nbackup = \"0 4 * * *\"\n");
     let reply = apply(&controller);
@@ -475,10 +427,7 @@ async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
 
     // A bad expression is refused before anything is stored, naming the key.
     write("[schedule]\nbackup = \"0 4 * *\"\n");
-    let (code, _, err) = cli(
-        &controller,
-        &["backup-target", "apply", file.to_str().unwrap()],
-    );
+    let (code, _, err) = controller.cli(&["backup-target", "apply", file.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(
         err.contains("schedule.backup") && err.contains("0 4 * *"),
@@ -493,14 +442,7 @@ async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
     // mark) and a missing verify schedule. At start the backup one is adopted, history kept,
     // and the verify one is added. Target crm-db had its default backup replaced by the
     // operator's own (`crm-db-nightly`): no default is added next to it, only the verify one.
-    controller
-        .admin()
-        .apply_backup_target(v1::ApplyBackupTargetRequest {
-            target_toml: target_toml("crm-db"),
-            source: "crm-db.toml".into(),
-        })
-        .await
-        .unwrap();
+    controller.apply_target(&container_target("crm-db")).await;
     controller.stop().await;
     {
         let store = Store::open(&config.data_dir.join("store")).unwrap();
