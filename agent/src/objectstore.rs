@@ -6,8 +6,6 @@
 //! secret key never appears in an error, a `Debug` output or a log line.
 
 use std::fmt;
-use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +16,8 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig, WriteMultipart};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::secrets::{PrivateFileError, read_private_file};
 
 /// Size of one multipart part (S3 wants at least 5 MiB for all but the last).
 const PART_SIZE: usize = 8 * 1024 * 1024;
@@ -161,13 +161,7 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
         return Err("the URL must start with https:// (or http:// for a loopback address)".into());
     };
     let host = host_of(rest);
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if loopback {
+    if drover_identity::tls::is_loopback_host(host) {
         Ok(())
     } else {
         Err(format!(
@@ -196,22 +190,14 @@ fn read_credentials(path: &Path) -> Result<Credentials, ObjectStoreError> {
         path: path.to_path_buf(),
         reason,
     };
-    let meta = std::fs::metadata(path).map_err(|e| {
-        file_error(if e.kind() == std::io::ErrorKind::NotFound {
-            "the file does not exist".to_string()
-        } else {
-            format!("cannot read it: {e}")
-        })
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(ObjectStoreError::CredentialsMode {
+    let text = read_private_file(path).map_err(|e| match e {
+        PrivateFileError::Missing => file_error("the file does not exist".to_string()),
+        PrivateFileError::Unreadable(e) => file_error(format!("cannot read it: {e}")),
+        PrivateFileError::Open { mode } => ObjectStoreError::CredentialsMode {
             path: path.to_path_buf(),
             mode,
-        });
-    }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| file_error(format!("cannot read it: {e}")))?;
+        },
+    })?;
     // toml's full error quotes the offending line, which may hold the secret: only its message.
     let creds: Credentials = toml::from_str(&text).map_err(|e| {
         file_error(format!(
@@ -237,21 +223,6 @@ fn join_key(prefix: &str, key: &str) -> String {
     } else {
         format!("{prefix}/{key}")
     }
-}
-
-/// The whole text of an error and its causes.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 impl Remote {
@@ -308,7 +279,7 @@ impl Remote {
 
     /// Translates a failure of `op` on `key` into a cause and a fix.
     fn error(&self, op: &'static str, key: &str, err: object_store::Error) -> ObjectStoreError {
-        let detail = chain(&err);
+        let detail = crate::error::chain(&err);
         let key = join_key(&self.prefix, key);
         let bucket = self.bucket.clone();
         let refused = [
@@ -578,6 +549,7 @@ fn is_unreachable(detail: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRET";
 

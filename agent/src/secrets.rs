@@ -9,6 +9,34 @@ use std::path::{Path, PathBuf};
 
 use crate::appspec::{AppSpec, check_secret};
 
+/// Why a file that holds a secret cannot be used.
+#[derive(Debug)]
+pub enum PrivateFileError {
+    Missing,
+    Unreadable(std::io::Error),
+    /// Group or others have some access: `mode` is its permission bits.
+    Open {
+        mode: u32,
+    },
+}
+
+/// Reads a file that holds a secret (app secrets, S3 credentials, an SMTP password), refused
+/// when its group or others have any access.
+pub fn read_private_file(path: &Path) -> Result<String, PrivateFileError> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            PrivateFileError::Missing
+        } else {
+            PrivateFileError::Unreadable(e)
+        }
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PrivateFileError::Open { mode });
+    }
+    std::fs::read_to_string(path).map_err(PrivateFileError::Unreadable)
+}
+
 /// The file holding `app`'s secrets.
 pub fn path(dir: &Path, app: &str) -> PathBuf {
     dir.join(format!("{app}.env"))
@@ -54,20 +82,15 @@ pub fn load(dir: &Path, spec: &AppSpec) -> Result<BTreeMap<String, String>, Stri
     }
     let file = path(dir, &spec.name);
     let shown = file.display();
-    let values = match std::fs::metadata(&file) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-        Err(e) => return Err(format!("cannot read {shown}: {e}")),
-        Ok(meta) => {
-            if meta.permissions().mode() & 0o077 != 0 {
-                return Err(format!(
-                    "{shown} is readable by other users (mode {:o}); run chmod 600 {shown}",
-                    meta.permissions().mode() & 0o777
-                ));
-            }
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("cannot read {shown}: {e}"))?;
-            parse(&text).map_err(|e| format!("{shown}: {e}"))?
+    let values = match read_private_file(&file) {
+        Err(PrivateFileError::Missing) => BTreeMap::new(),
+        Err(PrivateFileError::Unreadable(e)) => return Err(format!("cannot read {shown}: {e}")),
+        Err(PrivateFileError::Open { mode }) => {
+            return Err(format!(
+                "{shown} is readable by other users (mode {mode:o}); run chmod 600 {shown}"
+            ));
         }
+        Ok(text) => parse(&text).map_err(|e| format!("{shown}: {e}"))?,
     };
     let mut problems = Vec::new();
     let mut out = BTreeMap::new();

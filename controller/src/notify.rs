@@ -33,6 +33,10 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use tracing::warn;
 
+use drover_agent::error::chain as error_chain;
+use drover_agent::secrets::{PrivateFileError, read_private_file};
+use drover_identity::tls::is_loopback_host;
+
 use crate::alerts::AlertRecord;
 use crate::config::{EmailConfig, NotifyConfig, WebhookConfig, WebhookFormat};
 
@@ -143,7 +147,7 @@ pub fn check_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
     }
     // This also keeps credentials off the wire in the clear: they go over STARTTLS or to a
     // loopback relay only.
-    if !email.starttls && !is_loopback(&email.server) {
+    if !email.starttls && !is_loopback_host(&email.server) {
         return Err((
             "notify.email.starttls",
             format!(
@@ -196,37 +200,17 @@ pub fn check_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-/// Whether `host` (a name, an IP address, or `[v6]` as in a URL) is this machine.
-fn is_loopback(host: &str) -> bool {
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// Reads an SMTP password file: its first line. Refused unless private to its owner (no
 /// access for group or others), like the other secret files Drover reads.
 pub fn read_password_file(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            format!("{shown} does not exist")
-        } else {
-            format!("cannot read {shown}: {e}")
+    let text = read_private_file(path).map_err(|e| match e {
+        PrivateFileError::Missing => format!("{shown} does not exist"),
+        PrivateFileError::Unreadable(e) => format!("cannot read {shown}: {e}"),
+        PrivateFileError::Open { mode } => {
+            format!("{shown} is open to group or others (mode {mode:o}): run `chmod 600 {shown}`")
         }
     })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{shown} is open to group or others (mode {mode:o}): run `chmod 600 {shown}`"
-        ));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
     match text.lines().next() {
         Some(line) if !line.is_empty() => Ok(line.to_string()),
         _ => Err(format!(
@@ -316,7 +300,7 @@ pub fn check_url(url: &str) -> Result<Uri, String> {
     }
     match uri.scheme_str() {
         Some("https") => Ok(uri),
-        Some("http") if uri.host().is_some_and(is_loopback) => Ok(uri),
+        Some("http") if uri.host().is_some_and(is_loopback_host) => Ok(uri),
         Some("http") => Err(format!(
             "{shown}: plain http:// is only allowed to a loopback host (127.0.0.0/8, ::1, \
              localhost); use https:// (with `ca_file` for a private CA)"
@@ -325,21 +309,6 @@ pub fn check_url(url: &str) -> Result<Uri, String> {
             "{shown}: must start with https:// (or http:// to a loopback host)"
         )),
     }
-}
-
-/// The message of `error` and its sources, each once.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
 }
 
 /// Cuts `uri`'s path and query out of `message`, in case a lower layer quoted them.
@@ -631,16 +600,6 @@ mod tests {
         assert!(check_url("/just/a/path").is_err());
         let err = check_url("https://user:SECRET@hooks.example.org/x").unwrap_err();
         assert!(!err.contains("SECRET"), "{err}");
-    }
-
-    #[test]
-    fn loopback_hosts() {
-        for host in ["127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"] {
-            assert!(is_loopback(host), "{host}");
-        }
-        for host in ["10.0.0.1", "example.org", "localhost.example.org", "[::2]"] {
-            assert!(!is_loopback(host), "{host}");
-        }
     }
 
     #[test]

@@ -21,6 +21,19 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::pki::fingerprint_der;
 use crate::{CONTROLLER_SERVER_NAME, Error};
 
+/// Whether `host` (a name, an IP address, or `[v6]` as in a URL) is this machine: the only
+/// place Drover sends anything without TLS (a local relay, a test server).
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Installs ring as the process-wide rustls provider. Call once at start-up; later calls are
 /// harmless. (With more than one provider compiled in, rustls refuses to guess.)
 pub fn install_crypto_provider() {
@@ -228,6 +241,16 @@ impl ServerCertVerifier for PinnedCaVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for host in ["127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in ["10.0.0.1", "example.org", "localhost.example.org", "[::2]"] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn controller_addresses_normalise() {
