@@ -226,6 +226,22 @@ impl TestController {
             .into_inner()
     }
 
+    /// Applies the example app spec, `examples/api.toml` (app `api`, which declares backup
+    /// target `api-db`), as the admin.
+    pub async fn apply_example_app(&self) {
+        let spec = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/api.toml"),
+        )
+        .expect("read examples/api.toml");
+        self.admin()
+            .apply_app(v1::ApplyAppRequest {
+                spec_toml: spec,
+                source: "api.toml".into(),
+            })
+            .await
+            .expect("apply the example app");
+    }
+
     /// Runs the `drover` binary as the admin: (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let out = drover_cli(&self.addr.to_string(), &self.admin_dir(), args);

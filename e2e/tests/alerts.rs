@@ -224,18 +224,8 @@ async fn failed_and_rolled_back_deploys_alert_until_a_deploy_of_the_app_succeeds
     let controller = TestController::start(config).await;
     let bundle = ScriptedAgent::enroll(&controller, "web-1", &[], &tmp.path().join("web-1")).await;
     let mut agent = ScriptedAgent::connect(&controller.addr.to_string(), &bundle, "web-1").await;
-    let spec = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/api.toml"),
-    )
-    .unwrap();
+    controller.apply_example_app().await;
     let mut admin = controller.admin();
-    admin
-        .apply_app(v1::ApplyAppRequest {
-            spec_toml: spec,
-            source: "api.toml".into(),
-        })
-        .await
-        .unwrap();
     let alerting = Alerting::new(controller.shared.clone());
     let mut deploy = async |result: &str| {
         let id = admin

@@ -5,7 +5,7 @@
 //! a failure skipping the rest, WatchJob's replay + live + final job, release flags, the
 //! refusals, and the exit codes of the real `drover` binary.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use drover_agent::jobevent::{
@@ -36,18 +36,7 @@ impl Fleet {
         let controller =
             TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
         let addr = controller.addr.to_string();
-        let spec = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/api.toml"),
-        )
-        .unwrap();
-        controller
-            .admin()
-            .apply_app(v1::ApplyAppRequest {
-                spec_toml: spec,
-                source: "api.toml".into(),
-            })
-            .await
-            .unwrap();
+        controller.apply_example_app().await;
         // The example spec's pre-deploy backup target (deploys are refused without it).
         controller
             .admin()

@@ -7,8 +7,6 @@
 //! through the `drover` binary (override, turn off, pause kept, refusals, schedules of targets
 //! stored before the table existed filled in at start).
 
-use std::path::Path;
-
 use drover_controller::scheduler::{Fired, Scheduler};
 use drover_controller::store::{ScheduleKind, ScheduleRecord, Store};
 use drover_e2e::backups::container_target;
@@ -168,16 +166,7 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
     let controller = TestController::start(config.clone()).await;
     let bundle = ScriptedAgent::enroll(&controller, HOST, &[], &tmp.path().join(HOST)).await;
     let mut admin = controller.admin();
-    let spec =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/api.toml"))
-            .unwrap();
-    admin
-        .apply_app(v1::ApplyAppRequest {
-            spec_toml: spec,
-            source: "api.toml".into(),
-        })
-        .await
-        .unwrap();
+    controller.apply_example_app().await;
     // Out of the way: the defaults would fire too in this test's far-apart ticks.
     let reply = controller
         .apply_target(&format!(
