@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::daemon::{ConfigError, duration_str, parse_toml, read_toml_file};
+use crate::daemon::{
+    ConfigError, check_count, check_duration, duration_str, parse_toml, read_toml_file,
+};
 
 /// The default tag pattern: `vMAJOR.MINOR.PATCH`.
 pub const DEFAULT_VERSION_PATTERN: &str = r"^v\d+\.\d+\.\d+$";
@@ -42,8 +44,17 @@ pub struct AppSpec {
     pub stop_timeout: Duration,
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// Host directories in `volumes` (`/srv/data:/data`) give the container the host's files
+    /// (`/`, the Docker socket: the whole host). Refused unless this says yes.
+    #[serde(default)]
+    pub allow_host_mounts: bool,
     #[serde(default)]
     pub networks: Vec<String>,
+    /// `networks = ["host"]` puts the container in the host's network namespace (no isolation,
+    /// every host port). Refused unless this says yes, and never for a web role (the proxy
+    /// forwards to a published port, which host networking does not have).
+    #[serde(default)]
+    pub allow_host_network: bool,
     #[serde(default)]
     pub migrate: Vec<String>,
     #[serde(default)]
@@ -222,7 +233,151 @@ pub(crate) fn valid_name(s: &str) -> bool {
         && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
 }
 
+/// Bounds of an app spec's durations and counts: beyond them a value is a mistake (and a huge
+/// one would overflow a clock or hold the app's lock for days).
+pub mod limits {
+    use std::time::Duration;
+
+    pub const MAX_KEEP_RELEASES: u64 = 100;
+    pub const MAX_DRAIN: Duration = Duration::from_secs(3600);
+    pub const MAX_STOP: Duration = Duration::from_secs(600);
+    pub const MIN_HEALTH_STEP: Duration = Duration::from_millis(10);
+    pub const MAX_HEALTH_STEP: Duration = Duration::from_secs(300);
+    pub const MAX_HEALTH_RETRIES: u64 = 1000;
+    pub const MAX_START_PERIOD: Duration = Duration::from_secs(3600);
+    /// The longest the health step may take in all (start period plus every try).
+    pub const MAX_HEALTH_TOTAL: Duration = Duration::from_secs(3600);
+    pub const MAX_WATCH_WINDOW: Duration = Duration::from_secs(3600);
+    pub const MIN_P95: Duration = Duration::from_millis(1);
+    pub const MAX_P95: Duration = Duration::from_secs(600);
+    pub const MAX_WORKERS: u64 = 32;
+    pub const MAX_SMOKE: u64 = 32;
+    pub const MAX_LIST: u64 = 64;
+    pub const MAX_ENV: u64 = 1024;
+    pub const MAX_VALUE_BYTES: usize = 32 * 1024;
+    pub const MAX_ARG_BYTES: usize = 4096;
+}
+
+/// An environment variable name Docker and the app can use: not empty, no `=`, no NUL, no
+/// whitespace or control characters.
+fn env_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.contains('=') {
+        Some("contains '=' (it would split into another name and value)")
+    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("contains whitespace or a control character (NUL included)")
+    } else if name.len() > 256 {
+        Some("is longer than 256 bytes")
+    } else {
+        None
+    }
+}
+
+/// A Docker name (volume or network): 1-128 of letters, digits, `_`, `.`, `-`, not starting
+/// with a punctuation mark.
+fn docker_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// A clean absolute path: `/` itself, or `/` then components that are not empty, `.` or
+/// `..`; no NUL.
+fn clean_absolute(p: &str) -> bool {
+    p == "/"
+        || (p.starts_with('/')
+            && !p.contains('\0')
+            && p[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".."))
+}
+
+/// What a `volumes` entry mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mount {
+    Volume { name: String, target: String },
+    Host { path: String, target: String },
+}
+
+/// Parses `NAME:/path`, `/host/path:/path`, each with an optional `:ro` or `:rw`.
+pub fn parse_mount(v: &str) -> Result<Mount, String> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (source, target) = match parts.as_slice() {
+        [s, t] | [s, t, "ro"] | [s, t, "rw"] => (*s, *t),
+        [_, _, mode] => {
+            return Err(format!("{v:?}: mode {mode:?} is not ro or rw"));
+        }
+        _ => {
+            return Err(format!(
+                "{v:?} is not NAME:/path or /host/path:/path (with an optional :ro)"
+            ));
+        }
+    };
+    if !clean_absolute(target) || target == "/" {
+        return Err(format!(
+            "{v:?}: the container path {target:?} must be absolute, clean and not /"
+        ));
+    }
+    if source.starts_with('/') {
+        if !clean_absolute(source) {
+            return Err(format!(
+                "{v:?}: the host path {source:?} must be absolute and clean (no . or ..)"
+            ));
+        }
+        Ok(Mount::Host {
+            path: source.to_string(),
+            target: target.to_string(),
+        })
+    } else if docker_name(source) {
+        Ok(Mount::Volume {
+            name: source.to_string(),
+            target: target.to_string(),
+        })
+    } else {
+        Err(format!(
+            "{v:?}: {source:?} is neither a volume name nor an absolute host path"
+        ))
+    }
+}
+
+/// Why a host path is more dangerous than most: said in the refusal.
+fn host_mount_danger(path: &str) -> &'static str {
+    match path {
+        "/" => " (the host's whole file system)",
+        "/var/run/docker.sock" | "/run/docker.sock" | "/var/run" | "/run" => {
+            " (the Docker socket: root on the host)"
+        }
+        "/etc" | "/root" | "/home" | "/var/lib/drover-agent" | "/etc/drover" => {
+            " (host credentials)"
+        }
+        _ => "",
+    }
+}
+
 impl AppSpec {
+    /// What this spec is allowed beyond a plain container, for `drover app show`.
+    pub fn privileges(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.allow_host_mounts {
+            let hosts: Vec<String> = self
+                .volumes
+                .iter()
+                .filter_map(|v| match parse_mount(v) {
+                    Ok(Mount::Host { path, target }) => Some(format!("{path}:{target}")),
+                    _ => None,
+                })
+                .collect();
+            out.push(format!("host mounts ({})", hosts.join(", ")));
+        }
+        if self.allow_host_network {
+            out.push("host network".into());
+        }
+        out
+    }
+
     pub fn from_file(path: &Path) -> Result<AppSpec, ConfigError> {
         let spec: AppSpec = read_toml_file(path)?;
         spec.validate(&path.display().to_string())?;
@@ -273,8 +428,59 @@ impl AppSpec {
         }
         regex::Regex::new(&self.version_pattern)
             .map_err(|e| bad("version_pattern", e.to_string()))?;
-        if self.keep_releases == 0 {
-            return Err(bad("keep_releases", "must be at least 1".into()));
+        let duration = |key: &'static str, value, min, max| {
+            check_duration(value, min, max).map_err(|m| bad(key, m))
+        };
+        let count = |key: &'static str, value: u64, min, max| {
+            check_count(value, min, max).map_err(|m| bad(key, m))
+        };
+        count(
+            "keep_releases",
+            self.keep_releases.into(),
+            1,
+            limits::MAX_KEEP_RELEASES,
+        )?;
+        duration(
+            "drain_timeout",
+            self.drain_timeout,
+            Duration::ZERO,
+            limits::MAX_DRAIN,
+        )?;
+        duration(
+            "stop_timeout",
+            self.stop_timeout,
+            Duration::ZERO,
+            limits::MAX_STOP,
+        )?;
+        count("workers", self.workers.len() as u64, 0, limits::MAX_WORKERS)?;
+        count("smoke", self.smoke.len() as u64, 0, limits::MAX_SMOKE)?;
+        count("volumes", self.volumes.len() as u64, 0, limits::MAX_LIST)?;
+        count("networks", self.networks.len() as u64, 0, limits::MAX_LIST)?;
+        count("backups", self.backups.len() as u64, 0, limits::MAX_LIST)?;
+        count(
+            "env",
+            (self.env.len() + self.secrets.len()) as u64,
+            0,
+            limits::MAX_ENV,
+        )?;
+        let args = |key: &'static str, list: &[String]| -> Result<(), ConfigError> {
+            count(key, list.len() as u64, 0, limits::MAX_LIST)?;
+            for a in list {
+                if a.contains('\0') || a.len() > limits::MAX_ARG_BYTES {
+                    return Err(bad(
+                        key,
+                        format!(
+                            "an argument holds a NUL or is longer than {} bytes",
+                            limits::MAX_ARG_BYTES
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        args("migrate", &self.migrate)?;
+        for w in &self.workers {
+            args("workers.command", &w.command)?;
         }
         if self.web.is_none() && self.workers.is_empty() {
             return Err(bad(
@@ -286,6 +492,14 @@ impl AppSpec {
             && web.port == 0
         {
             return Err(bad("web.port", "must be a port number (1-65535)".into()));
+        }
+        if let Some(web) = &self.web
+            && web.listen.port() == 0
+        {
+            return Err(bad(
+                "web.listen",
+                "needs a port: 0 would pick a random one clients cannot know".into(),
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for w in &self.workers {
@@ -303,10 +517,22 @@ impl AppSpec {
             }
         }
         for (key, value) in &self.env {
+            if let Some(problem) = env_name_problem(key) {
+                return Err(bad("env", format!("the name {key:?} {problem}")));
+            }
             if self.secrets.contains_key(key) {
                 return Err(bad(
                     "env",
                     format!("{key} is declared both in [env] and [secrets]"),
+                ));
+            }
+            if value.contains('\0') || value.len() > limits::MAX_VALUE_BYTES {
+                return Err(bad(
+                    "env",
+                    format!(
+                        "{key} holds a NUL or is longer than {} bytes",
+                        limits::MAX_VALUE_BYTES
+                    ),
                 ));
             }
             if is_placeholder(value) && !value.is_empty() {
@@ -316,14 +542,61 @@ impl AppSpec {
                 ));
             }
         }
+        for name in self.secrets.keys() {
+            if let Some(problem) = env_name_problem(name) {
+                return Err(bad("secrets", format!("the name {name:?} {problem}")));
+            }
+        }
         for v in &self.volumes {
-            let ok = v
-                .split_once(':')
-                .is_some_and(|(src, dst)| !src.is_empty() && dst.starts_with('/'));
-            if !ok {
+            match parse_mount(v).map_err(|m| bad("volumes", m))? {
+                Mount::Host { path, .. } if !self.allow_host_mounts => {
+                    return Err(bad(
+                        "volumes",
+                        format!(
+                            "{v:?} mounts the host's {path}{} into the container; \
+                             set allow_host_mounts = true if that is meant, or use a named volume",
+                            host_mount_danger(&path)
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let mut networks = std::collections::BTreeSet::new();
+        for n in &self.networks {
+            if n.starts_with("container:") {
                 return Err(bad(
-                    "volumes",
-                    format!("{v:?} is not NAME:/path or /host/path:/path"),
+                    "networks",
+                    format!("{n:?}: sharing another container's network is not supported"),
+                ));
+            }
+            if !docker_name(n) || !networks.insert(n) {
+                return Err(bad(
+                    "networks",
+                    format!("{n:?} is not a valid, unique Docker network name"),
+                ));
+            }
+            let isolated = n == "host" || n == "none";
+            if isolated && self.networks.len() > 1 {
+                return Err(bad(
+                    "networks",
+                    format!("{n:?} cannot be combined with other networks"),
+                ));
+            }
+            if isolated && self.web.is_some() {
+                return Err(bad(
+                    "networks",
+                    format!(
+                        "{n:?} with a [web] role: the proxy forwards to the container's published port, which {n:?} networking does not have"
+                    ),
+                ));
+            }
+            if n == "host" && !self.allow_host_network {
+                return Err(bad(
+                    "networks",
+                    "\"host\" gives the containers the host's network (every port, no isolation); \
+                     set allow_host_network = true if that is meant"
+                        .into(),
                 ));
             }
         }
@@ -334,10 +607,39 @@ impl AppSpec {
                 format!("{:?} must start with /", h.path),
             ));
         }
-        if h.retries == 0 || h.interval.is_zero() || h.timeout.is_zero() {
+        duration(
+            "health.interval",
+            h.interval,
+            limits::MIN_HEALTH_STEP,
+            limits::MAX_HEALTH_STEP,
+        )?;
+        duration(
+            "health.timeout",
+            h.timeout,
+            limits::MIN_HEALTH_STEP,
+            limits::MAX_HEALTH_STEP,
+        )?;
+        count(
+            "health.retries",
+            h.retries.into(),
+            1,
+            limits::MAX_HEALTH_RETRIES,
+        )?;
+        duration(
+            "health.start_period",
+            h.start_period,
+            Duration::ZERO,
+            limits::MAX_START_PERIOD,
+        )?;
+        let total = h.start_period + (h.interval + h.timeout) * h.retries;
+        if total > limits::MAX_HEALTH_TOTAL {
             return Err(bad(
-                "health",
-                "retries, interval and timeout must be above zero".into(),
+                "health.retries",
+                format!(
+                    "start_period + retries x (interval + timeout) is {}; the health step may take at most {} (it holds the app's lock)",
+                    crate::daemon::human(total),
+                    crate::daemon::human(limits::MAX_HEALTH_TOTAL)
+                ),
             ));
         }
         for s in &self.smoke {
@@ -370,6 +672,18 @@ impl AppSpec {
                 ),
             ));
         }
+        duration(
+            "watch.window",
+            self.watch.window,
+            Duration::ZERO,
+            limits::MAX_WATCH_WINDOW,
+        )?;
+        duration(
+            "watch.max_p95_latency",
+            self.watch.max_p95_latency,
+            limits::MIN_P95,
+            limits::MAX_P95,
+        )?;
         Ok(())
     }
 }
@@ -474,6 +788,170 @@ mod tests {
             err.contains("app.toml") && err.contains("helth"),
             "unknown keys are refused: {err}"
         );
+    }
+
+    /// The values that once passed validation and then broke the agent (issue 11, item 8), and
+    /// the mounts, networks and names accepted without a word (item 10).
+    #[test]
+    fn every_duration_and_count_has_bounds_and_the_impossible_is_refused() {
+        let cases: &[(String, &str, &str)] = &[
+            (
+                format!("{MINIMAL}[watch]\nwindow = \"18446744073709551615s\"\n"),
+                "watch.window",
+                "out of range",
+            ),
+            (
+                format!("{MINIMAL}[health]\nretries = 4294967295\n"),
+                "health.retries",
+                "out of range",
+            ),
+            (
+                format!("{MINIMAL}[health]\nretries = 1000\ninterval = \"5m\"\n"),
+                "health.retries",
+                "holds the app's lock",
+            ),
+            (
+                format!("{MINIMAL}[health]\ninterval = \"0s\"\n"),
+                "health.interval",
+                "out of range",
+            ),
+            (
+                format!("{MINIMAL}[health]\nstart_period = \"3y\"\n"),
+                "health.start_period",
+                "out of range",
+            ),
+            (
+                format!("drain_timeout = \"100000000y\"\n{MINIMAL}"),
+                "drain_timeout",
+                "out of range",
+            ),
+            (
+                format!("stop_timeout = \"2h\"\n{MINIMAL}"),
+                "stop_timeout",
+                "out of range",
+            ),
+            (
+                format!("keep_releases = 4294967295\n{MINIMAL}"),
+                "keep_releases",
+                "out of range",
+            ),
+            (
+                format!("{MINIMAL}[watch]\nmax_p95_latency = \"0s\"\n"),
+                "watch.max_p95_latency",
+                "out of range",
+            ),
+            (
+                format!("volumes = [\"/:/host\"]\n{MINIMAL}"),
+                "volumes",
+                "whole file system",
+            ),
+            (
+                format!("volumes = [\"/var/run/docker.sock:/var/run/docker.sock\"]\n{MINIMAL}"),
+                "volumes",
+                "Docker socket",
+            ),
+            (
+                format!("volumes = [\"/srv/data:/data\"]\n{MINIMAL}"),
+                "volumes",
+                "allow_host_mounts = true",
+            ),
+            (
+                format!("volumes = [\"data:/\"]\n{MINIMAL}"),
+                "volumes",
+                "not /",
+            ),
+            (
+                format!("volumes = [\"data:/a/../b\"]\n{MINIMAL}"),
+                "volumes",
+                "clean",
+            ),
+            (
+                format!("volumes = [\"data:/data:rx\"]\n{MINIMAL}"),
+                "volumes",
+                "not ro or rw",
+            ),
+            (
+                format!("networks = [\"host\"]\n{MINIMAL}"),
+                "networks",
+                "published port",
+            ),
+            (
+                "name = \"bot\"\nimage = \"acme/bot\"\nnetworks = [\"host\"]\n[[workers]]\nname = \"bot\"\ncommand = [\"bot\"]\n".into(),
+                "networks",
+                "allow_host_network = true",
+            ),
+            (
+                format!("networks = [\"container:db\"]\n{MINIMAL}"),
+                "networks",
+                "not supported",
+            ),
+            (
+                format!("networks = [\"a b\"]\n{MINIMAL}"),
+                "networks",
+                "not a valid",
+            ),
+            (
+                format!("{MINIMAL}[env]\n\"A=B\" = \"x\"\n"),
+                "env",
+                "contains '='",
+            ),
+            (format!("{MINIMAL}[env]\n\"\" = \"x\"\n"), "env", "is empty"),
+            (
+                format!("{MINIMAL}[env]\n\"A\\u0000\" = \"x\"\n"),
+                "env",
+                "control character",
+            ),
+            (
+                format!("{MINIMAL}[env]\nA = \"x\\u0000y\"\n"),
+                "env",
+                "NUL",
+            ),
+            (
+                format!("{MINIMAL}[secrets.\"DB=URL\"]\nmin_length = 1\n"),
+                "secrets",
+                "contains '='",
+            ),
+            (
+                MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:0"),
+                "web.listen",
+                "needs a port",
+            ),
+        ];
+        for (text, key, why) in cases {
+            let err = AppSpec::from_toml(text, "app.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("invalid config app.toml: key `{key}`: ")),
+                "expected key {key}: {err}"
+            );
+            assert!(err.contains(why), "expected {why:?}: {err}");
+        }
+        // The dangerous but meant: said so in the spec, and shown by `drover app show`.
+        let spec = AppSpec::from_toml(
+            &format!(
+                "volumes = [\"/srv/data:/data:ro\", \"cache:/cache\"]\nallow_host_mounts = true\n{MINIMAL}"
+            ),
+            "app.toml",
+        )
+        .unwrap();
+        assert_eq!(spec.privileges(), ["host mounts (/srv/data:/data)"]);
+        let worker = "name = \"bot\"\nimage = \"acme/bot\"\nnetworks = [\"host\"]\nallow_host_network = true\n[[workers]]\nname = \"bot\"\ncommand = [\"bot\"]\n";
+        assert_eq!(
+            AppSpec::from_toml(worker, "app.toml").unwrap().privileges(),
+            ["host network"]
+        );
+        assert!(
+            AppSpec::from_toml(MINIMAL, "app.toml")
+                .unwrap()
+                .privileges()
+                .is_empty()
+        );
+        // The bounds themselves are accepted.
+        let edge = format!(
+            "keep_releases = 100\ndrain_timeout = \"1h\"\n{MINIMAL}[watch]\nwindow = \"1h\"\n[health]\nretries = 1000\ninterval = \"1s\"\ntimeout = \"2s\"\n"
+        );
+        AppSpec::from_toml(&edge, "app.toml").unwrap();
     }
 
     #[test]

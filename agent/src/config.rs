@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::daemon::{ConfigError, LogFormat, duration_str, parse_toml, read_toml_file};
+use crate::daemon::{
+    ConfigError, LogFormat, check_duration, duration_str, parse_toml, read_toml_file,
+};
 use crate::health::Thresholds;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,17 +94,40 @@ impl AgentConfig {
         if self.heartbeat_interval < Duration::from_millis(100) {
             return Err(invalid("heartbeat_interval", "must be at least 100ms"));
         }
-        if self.health_interval < self.heartbeat_interval {
-            return Err(invalid(
-                "health_interval",
-                "must not be shorter than heartbeat_interval",
-            ));
-        }
         if self.reconnect_max < Duration::from_secs(1) {
             return Err(invalid("reconnect_max", "must be at least 1s"));
         }
         if self.lock_lease < Duration::from_secs(3) {
             return Err(invalid("lock_lease", "must be at least 3s"));
+        }
+        // Every duration has both bounds: a zero interval would stop its task (a tokio
+        // interval of 0 panics), a huge one would overflow the clock.
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        for (key, value, min, max) in [
+            (
+                "heartbeat_interval",
+                self.heartbeat_interval,
+                ms(100),
+                secs(300),
+            ),
+            ("health_interval", self.health_interval, ms(100), secs(3600)),
+            (
+                "health_sample_interval",
+                self.health_sample_interval,
+                ms(100),
+                secs(3600),
+            ),
+            ("reconnect_max", self.reconnect_max, secs(1), secs(3600)),
+            ("lock_lease", self.lock_lease, secs(3), secs(3600)),
+        ] {
+            check_duration(value, min, max).map_err(|m| invalid(key, &m))?;
+        }
+        if self.health_interval < self.heartbeat_interval {
+            return Err(invalid(
+                "health_interval",
+                "must not be shorter than heartbeat_interval",
+            ));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
@@ -144,5 +169,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("invalid duration"), "{err}");
+    }
+
+    /// `health_sample_interval = "0s"` used to kill the health task silently (issue 11, 8).
+    #[test]
+    fn every_duration_is_bounded() {
+        for (text, key) in [
+            ("health_sample_interval = \"0s\"", "health_sample_interval"),
+            ("heartbeat_interval = \"100000000y\"", "heartbeat_interval"),
+            ("health_interval = \"100000000y\"", "health_interval"),
+            ("reconnect_max = \"18446744073709551615s\"", "reconnect_max"),
+            ("lock_lease = \"30d\"", "lock_lease"),
+            (
+                "[health]\ncert_degraded_before_expiry = \"100000000y\"",
+                "health.cert_degraded_before_expiry",
+            ),
+            (
+                "[health]\nclock_unhealthy_offset = \"100000000y\"",
+                "health.clock_unhealthy_offset",
+            ),
+        ] {
+            let err = AgentConfig::from_toml(text, "a.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("invalid config a.toml: key `{key}`: ")),
+                "{err}"
+            );
+            assert!(err.contains("out of range"), "{err}");
+        }
     }
 }

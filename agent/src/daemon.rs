@@ -95,8 +95,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: String, message: String },
+    /// The TOML does not parse into the expected shape; `at` is ", line N, key `k`" when
+    /// known (one line, no caret drawing).
+    #[error("invalid config file {path}{at}: {message}")]
+    Parse {
+        path: String,
+        at: String,
+        message: String,
+    },
     #[error("invalid config {path}: key `{key}`: {message}")]
     Invalid {
         path: String,
@@ -121,16 +127,114 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     text: &str,
     source: &str,
 ) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: source.to_string(),
-        message: e.to_string(),
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let (line, key) = locate(text, e.span(), e.message());
+        let mut at = String::new();
+        if let Some(line) = line {
+            at.push_str(&format!(", line {line}"));
+        }
+        if let Some(key) = key {
+            at.push_str(&format!(", key `{key}`"));
+        }
+        ConfigError::Parse {
+            path: source.to_string(),
+            at,
+            message: one_line(e.message()),
+        }
     })
+}
+
+/// toml's message without its trailing newline, on one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Where a TOML error is: the 1-based line its span starts on (unless that line is blank or a
+/// comment: an error about a whole document or table, such as a missing key, points there)
+/// and the dotted key, from the line (`key = …` under the last `[table]` header) or from a
+/// key the message names in backticks. A pure function of the text.
+pub fn locate(
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+    message: &str,
+) -> (Option<usize>, Option<String>) {
+    let named = message
+        .split('`')
+        .nth(1)
+        .filter(|k| !k.is_empty() && !k.contains(char::is_whitespace))
+        .map(str::to_string);
+    let Some(span) = span else {
+        return (None, named);
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    if line.is_empty() || line.starts_with('#') {
+        return (None, named);
+    }
+    let header = |l: &str| -> Option<String> {
+        let l = l.trim();
+        let inner = l
+            .strip_prefix("[[")
+            .and_then(|r| r.split("]]").next())
+            .or_else(|| l.strip_prefix('[').and_then(|r| r.split(']').next()))?;
+        Some(inner.trim().to_string())
+    };
+    if let Some(table) = header(line) {
+        return (
+            Some(line_no),
+            Some(named.map_or(table.clone(), |k| format!("{table}.{k}"))),
+        );
+    }
+    let table = text.lines().take(line_no - 1).filter_map(header).last();
+    let on_line = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty());
+    let key = on_line.or(named).map(|k| match &table {
+        Some(t) => format!("{t}.{k}"),
+        None => k,
+    });
+    (Some(line_no), key)
 }
 
 /// Parses durations such as `5s`, `15m`, `24h` for config files and flags.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 5s, 15m, 24h)"))
+}
+
+/// Checks that a duration from a spec or config lies in `[min, max]`: every one has bounds,
+/// so a value like `18446744073709551615s` is refused at validation instead of overflowing a
+/// clock later. The message gives the bounds (the caller names the key).
+pub fn check_duration(value: Duration, min: Duration, max: Duration) -> Result<(), String> {
+    if value < min || value > max {
+        return Err(format!(
+            "{} is out of range: give a duration from {} to {}",
+            human(value),
+            human(min),
+            human(max)
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a count from a spec or config lies in `[min, max]`.
+pub fn check_count(value: u64, min: u64, max: u64) -> Result<(), String> {
+    if value < min || value > max {
+        return Err(format!(
+            "{value} is out of range: give a number from {min} to {max}"
+        ));
+    }
+    Ok(())
+}
+
+/// A duration as people write it (`1h 30m`, `500ms`).
+pub fn human(d: Duration) -> String {
+    if d.is_zero() {
+        return "0s".into();
+    }
+    humantime::format_duration(d).to_string()
 }
 
 /// serde helper: a duration written as a string like `30s`.
@@ -142,5 +246,91 @@ pub mod duration_str {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Doc {
+        name: String,
+        #[serde(default)]
+        watch: Option<Watch>,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Watch {
+        #[serde(with = "duration_str")]
+        window: Duration,
+    }
+
+    fn err(text: &str) -> String {
+        parse_toml::<Doc>(text, "api.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bounds_name_both_ends() {
+        let s = Duration::from_secs;
+        assert!(check_duration(s(5), s(1), s(10)).is_ok());
+        assert_eq!(
+            check_duration(Duration::MAX, s(1), s(3600)).unwrap_err(),
+            format!(
+                "{} is out of range: give a duration from 1s to 1h",
+                humantime::format_duration(Duration::MAX)
+            )
+        );
+        assert_eq!(
+            check_duration(Duration::ZERO, s(1), s(60)).unwrap_err(),
+            "0s is out of range: give a duration from 1s to 1m"
+        );
+        assert_eq!(
+            check_count(4_294_967_295, 1, 1000).unwrap_err(),
+            "4294967295 is out of range: give a number from 1 to 1000"
+        );
+    }
+
+    #[test]
+    fn parse_errors_are_one_line_naming_file_line_and_key() {
+        let cases = [
+            (
+                "# an app\nname = \"api\"\n[watch]\nwindow = \"soon\"\n",
+                "invalid config file api.toml, line 4, key `watch.window`: invalid duration \"soon\"",
+            ),
+            (
+                "# an app\nname = \"api\"\nnope = 1\n",
+                "invalid config file api.toml, line 3, key `nope`: unknown field `nope`",
+            ),
+            // A missing key: toml points at the whole document, whose first line is a comment.
+            (
+                "# an app\n[watch]\nwindow = \"1s\"\n",
+                "invalid config file api.toml, key `name`: missing field `name`",
+            ),
+            (
+                "# an app\nname = \"api\"\n[watch]\n",
+                "invalid config file api.toml, line 3, key `watch.window`: missing field `window`",
+            ),
+            (
+                "# an app\nname = 3\n",
+                "invalid config file api.toml, line 2, key `name`: invalid type: integer `3`",
+            ),
+            (
+                "name = \"api\"\n[watch]\nwindow = \"1s\"\nextra = true\n",
+                "invalid config file api.toml, line 4, key `watch.extra`: unknown field `extra`",
+            ),
+            (
+                "# an app\nname = \"api\n",
+                "invalid config file api.toml, line 2, key `name`: invalid basic string",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(got.starts_with(want), "{got}\nwanted {want}");
+            assert!(!got.contains('\n') && !got.contains('^'), "{got:?}");
+        }
     }
 }

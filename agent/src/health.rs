@@ -105,6 +105,26 @@ impl Thresholds {
                 "must be at least clock_degraded_offset".into(),
             ));
         }
+        let day = Duration::from_secs(86_400);
+        for (key, value, max) in [
+            (
+                "health.cert_degraded_before_expiry",
+                self.cert_degraded_before_expiry,
+                365 * day,
+            ),
+            (
+                "health.clock_degraded_offset",
+                self.clock_degraded_offset,
+                day,
+            ),
+            (
+                "health.clock_unhealthy_offset",
+                self.clock_unhealthy_offset,
+                day,
+            ),
+        ] {
+            crate::daemon::check_duration(value, Duration::ZERO, max).map_err(|m| (key, m))?;
+        }
         Ok(())
     }
 }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drover_agent::daemon::{ConfigError, LogFormat, duration_str, parse_toml, read_toml_file};
+use drover_agent::daemon::{
+    ConfigError, LogFormat, check_duration, duration_str, parse_toml, read_toml_file,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +166,11 @@ pub enum WebhookFormat {
     Slack,
 }
 
+/// The longest an agent certificate may live (agents renew at 40 % of it).
+pub const MAX_AGENT_CERT_TTL: Duration = Duration::from_secs(90 * 86_400);
+/// The longest an operator certificate may live.
+pub const MAX_OPERATOR_CERT_TTL: Duration = Duration::from_secs(366 * 86_400);
+
 /// The longest an enrollment token may live.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -196,6 +203,57 @@ impl ControllerConfig {
         }
         if self.token_ttl.is_zero() || self.token_ttl > MAX_TOKEN_TTL {
             return Err(invalid("token_ttl", "must be between 1s and 7 days"));
+        }
+        // Every duration has an upper bound too: a certificate life of `100000000y` would
+        // overflow the clock when a certificate is signed.
+        let secs = Duration::from_secs;
+        let day = 86_400;
+        for (key, value, min, max) in [
+            (
+                "agent_cert_ttl",
+                self.agent_cert_ttl,
+                secs(10),
+                MAX_AGENT_CERT_TTL,
+            ),
+            (
+                "operator_cert_ttl",
+                self.operator_cert_ttl,
+                secs(60),
+                MAX_OPERATOR_CERT_TTL,
+            ),
+            (
+                "heartbeat_interval",
+                self.heartbeat_interval,
+                Duration::from_millis(1),
+                secs(300),
+            ),
+            (
+                "suspect_after",
+                self.suspect_after,
+                Duration::from_millis(1),
+                secs(3600),
+            ),
+            (
+                "down_after",
+                self.down_after,
+                Duration::from_millis(1),
+                secs(day),
+            ),
+            (
+                "scheduler_tick",
+                self.scheduler_tick,
+                Duration::ZERO,
+                secs(3600),
+            ),
+            (
+                "alerts_every",
+                self.alerts_every,
+                Duration::ZERO,
+                secs(3600),
+            ),
+            ("alert_resend", self.alert_resend, secs(1), secs(30 * day)),
+        ] {
+            check_duration(value, min, max).map_err(|m| invalid(key, &m))?;
         }
         if self.heartbeat_interval.is_zero() {
             return Err(invalid("heartbeat_interval", "must be more than 0s"));
@@ -334,6 +392,42 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("notify.email.ca_file"), "{err}");
+    }
+
+    /// `operator_cert_ttl = "100000000y"` panicked the controller and `agent_cert_ttl` every
+    /// enrollment (issue 11, item 8): refused at validation, naming the key.
+    #[test]
+    fn every_duration_is_bounded() {
+        for (text, key) in [
+            ("operator_cert_ttl = \"100000000y\"", "operator_cert_ttl"),
+            ("agent_cert_ttl = \"100000000y\"", "agent_cert_ttl"),
+            ("agent_cert_ttl = \"91d\"", "agent_cert_ttl"),
+            (
+                "heartbeat_interval = \"18446744073709551615s\"",
+                "heartbeat_interval",
+            ),
+            (
+                "suspect_after = \"100000000y\"\ndown_after = \"200000000y\"",
+                "suspect_after",
+            ),
+            ("scheduler_tick = \"100000000y\"", "scheduler_tick"),
+            ("alerts_every = \"100000000y\"", "alerts_every"),
+            ("alert_resend = \"100000000y\"", "alert_resend"),
+        ] {
+            let err = ControllerConfig::from_toml(text, "c.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("invalid config c.toml: key `{key}`: ")),
+                "{err}"
+            );
+            assert!(err.contains("out of range"), "{err}");
+        }
+        ControllerConfig::from_toml(
+            "agent_cert_ttl = \"90d\"\noperator_cert_ttl = \"366d\"",
+            "c.toml",
+        )
+        .unwrap();
     }
 
     #[test]

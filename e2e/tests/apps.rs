@@ -104,6 +104,100 @@ async fn apply_list_show_and_refusals() {
         2
     );
 
+    // A TOML mistake under a comment: one line naming the file, the line and the key (not
+    // toml's caret drawing), and out-of-range values are refused by name.
+    let commented = |body: &str| {
+        format!(
+            "# the api\n# deployed by drover\nname = \"api\"\nimage = \"acme/api\"\n[web]\nport = 8000\nlisten = \"0.0.0.0:80\"\n{body}"
+        )
+    };
+    for (body, want) in [
+        (
+            "[watch]\nwindow = \"soon\"\n",
+            "bad.toml, line 9, key `watch.window`: invalid duration",
+        ),
+        (
+            "[watch]\nwindow = \"18446744073709551615s\"\n",
+            "key `watch.window`: ",
+        ),
+        (
+            "[health]\nretries = 4294967295\n",
+            "key `health.retries`: 4294967295 is out of range",
+        ),
+        (
+            "[env]\n\"A=B\" = \"1\"\n",
+            "key `env`: the name \"A=B\" contains '='",
+        ),
+    ] {
+        std::fs::write(&bad, commented(body)).unwrap();
+        let out = run(vec![
+            "app".into(),
+            "apply".into(),
+            bad.display().to_string(),
+        ])
+        .await
+        .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(65), "{err}");
+        assert!(err.contains(want), "wanted {want:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // A host mount only with allow_host_mounts, and then `drover app show` says so.
+    std::fs::write(
+        &bad,
+        format!("volumes = [\"/srv/www:/www:ro\"]\n{}", commented("")),
+    )
+    .unwrap();
+    let out = run(vec![
+        "app".into(),
+        "apply".into(),
+        bad.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("allow_host_mounts = true"), "{err}");
+    let allowed = tmp.path().join("www.toml");
+    std::fs::write(
+        &allowed,
+        format!(
+            "allow_host_mounts = true\nvolumes = [\"/srv/www:/www:ro\"]\n{}",
+            commented("").replace("name = \"api\"", "name = \"www\"")
+        ),
+    )
+    .unwrap();
+    let out = run(vec![
+        "app".into(),
+        "apply".into(),
+        allowed.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(vec!["app".into(), "show".into(), "www".into()])
+        .await
+        .unwrap();
+    assert!(
+        text(&out.stdout)
+            .contains("# allowed beyond a plain container: host mounts (/srv/www:/www)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(vec![
+        "app".into(),
+        "show".into(),
+        "www".into(),
+        "--json".into(),
+    ])
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["privileges"],
+        serde_json::json!(["host mounts (/srv/www:/www)"])
+    );
+
     // A viewer reads but may not apply.
     let viewer = tmp.path().join("viewer");
     controller.viewer("vic").await.save(&viewer).unwrap();

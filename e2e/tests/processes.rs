@@ -280,6 +280,41 @@ fn bad_config_files_are_refused_with_the_file_and_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(stderr(&out).contains("not enrolled"), "{}", stderr(&out));
+
+    // Values that used to pass validation and then panic a daemon or kill its health task:
+    // exit 78, naming the key (issue 11, item 8).
+    for (daemon, text, key) in [
+        (
+            "drover-controller",
+            "operator_cert_ttl = \"100000000y\"\n",
+            "operator_cert_ttl",
+        ),
+        (
+            "drover-controller",
+            "agent_cert_ttl = \"100000000y\"\n",
+            "agent_cert_ttl",
+        ),
+        (
+            "drover-agent",
+            "health_sample_interval = \"0s\"\n",
+            "health_sample_interval",
+        ),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(bin(daemon))
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(78), "{daemon}: {err}");
+        assert!(
+            err.contains("c.toml")
+                && err.contains(&format!("`{key}`"))
+                && err.contains("out of range"),
+            "{daemon}: {err}"
+        );
+    }
 }
 
 /// A command that runs `program` with `WATCHDOG_PID` set to its own pid, as systemd does

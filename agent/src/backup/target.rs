@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::appspec::valid_name;
 use crate::backup::retention::Policy;
-use crate::daemon::{ConfigError, parse_toml, read_toml_file};
+use crate::daemon::{ConfigError, check_count, check_duration, parse_toml, read_toml_file};
 
 /// A validated backup target.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -424,18 +424,7 @@ impl TargetSpec {
                     ));
                 }
             }
-            for option in &pg.options {
-                let forbidden = ["-f", "--file", "-F", "--format", "-d", "--dbname", "-Z"];
-                if forbidden
-                    .iter()
-                    .any(|f| option == f || option.starts_with(&format!("{f}=")))
-                {
-                    return Err(bad(
-                        "postgres.options",
-                        format!("{option:?} is chosen by Drover (custom format to a stream)"),
-                    ));
-                }
-            }
+            check_pg_dump_options(&pg.options).map_err(|m| bad("postgres.options", m))?;
         }
         for (key, expr) in [
             ("schedule.backup", &self.schedule.backup),
@@ -457,14 +446,40 @@ impl TargetSpec {
                 format!("{jitter:?} is not a duration below one day (e.g. \"15m\", \"0s\")"),
             ));
         }
-        if humantime::parse_duration(self.verify.max_age.trim()).is_err() {
-            return Err(bad(
-                "verify.max_age",
-                format!(
-                    "{:?} is not a duration (e.g. \"2d\", \"36h\")",
-                    self.verify.max_age
-                ),
-            ));
+        match humantime::parse_duration(self.verify.max_age.trim()) {
+            Err(_) => {
+                return Err(bad(
+                    "verify.max_age",
+                    format!(
+                        "{:?} is not a duration (e.g. \"2d\", \"36h\")",
+                        self.verify.max_age
+                    ),
+                ));
+            }
+            Ok(age) => check_duration(
+                age,
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(366 * 86_400),
+            )
+            .map_err(|m| bad("verify.max_age", m))?,
+        }
+        for (key, value, max) in [
+            ("retention.keep_last", self.retention.keep_last, 10_000),
+            ("retention.daily", self.retention.daily, 3660),
+            ("retention.weekly", self.retention.weekly, 520),
+            ("retention.monthly", self.retention.monthly, 1200),
+        ] {
+            check_count(value.into(), 0, max).map_err(|m| bad(key, m))?;
+        }
+        if let Some(remote) = &self.retention.remote {
+            for (key, value, max) in [
+                ("retention.remote.keep_last", remote.keep_last, 10_000),
+                ("retention.remote.daily", remote.daily, 3660),
+                ("retention.remote.weekly", remote.weekly, 520),
+                ("retention.remote.monthly", remote.monthly, 1200),
+            ] {
+                check_count(value.into(), 0, max).map_err(|m| bad(key, m))?;
+            }
         }
         if !(0.0..=10.0).contains(&self.verify.row_tolerance) {
             return Err(bad(
@@ -554,6 +569,125 @@ impl TargetSpec {
         }
         Ok(())
     }
+}
+
+/// `pg_dump` options a target may add, by their exact long or short name, and whether each
+/// takes a value. An allow-list, not a deny-list: `getopt` accepts abbreviations
+/// (`--fil=` is `--file=`), attached values (`-f/tmp/x`) and grouped flags (`-Oxf x`), so
+/// anything not named here exactly is refused. The format, output, database and compression
+/// are Drover's (a custom-format archive on stdout, compressed by the pipeline).
+const PG_DUMP_OPTIONS: &[(&str, bool)] = &[
+    ("-a", false),
+    ("--data-only", false),
+    ("-s", false),
+    ("--schema-only", false),
+    ("-b", false),
+    ("--blobs", false),
+    ("--large-objects", false),
+    ("-B", false),
+    ("--no-blobs", false),
+    ("--no-large-objects", false),
+    ("-O", false),
+    ("--no-owner", false),
+    ("-x", false),
+    ("--no-privileges", false),
+    ("--no-acl", false),
+    ("--no-comments", false),
+    ("--no-publications", false),
+    ("--no-subscriptions", false),
+    ("--no-security-labels", false),
+    ("--no-tablespaces", false),
+    ("--no-toast-compression", false),
+    ("--no-table-access-method", false),
+    ("--no-unlogged-table-data", false),
+    ("--quote-all-identifiers", false),
+    ("--serializable-deferrable", false),
+    ("--strict-names", false),
+    ("--enable-row-security", false),
+    ("--load-via-partition-root", false),
+    ("--inserts", false),
+    ("--column-inserts", false),
+    ("--attribute-inserts", false),
+    ("-n", true),
+    ("--schema", true),
+    ("-N", true),
+    ("--exclude-schema", true),
+    ("-t", true),
+    ("--table", true),
+    ("-T", true),
+    ("--exclude-table", true),
+    ("--table-and-children", true),
+    ("--exclude-table-and-children", true),
+    ("--exclude-table-data", true),
+    ("--exclude-table-data-and-children", true),
+    ("-e", true),
+    ("--extension", true),
+    ("--exclude-extension", true),
+    ("--section", true),
+    ("--lock-wait-timeout", true),
+    ("--snapshot", true),
+    ("--role", true),
+    ("--rows-per-insert", true),
+    ("--extra-float-digits", true),
+];
+
+/// Checks a target's extra `pg_dump` options against [`PG_DUMP_OPTIONS`]: each element is
+/// one option (`--exclude-table=audit`, `--exclude-table`, `-n`, `-npublic`), and an option
+/// that takes a value may take it from the next element.
+pub fn check_pg_dump_options(options: &[String]) -> Result<(), String> {
+    if options.len() > 64 {
+        return Err(format!(
+            "{} options is too many (at most 64)",
+            options.len()
+        ));
+    }
+    let mut expect_value = false;
+    for option in options {
+        if option.contains('\0') || option.len() > 1024 {
+            return Err("an option holds a NUL or is longer than 1024 bytes".into());
+        }
+        if expect_value {
+            expect_value = false;
+            continue;
+        }
+        let (name, attached) = if option.starts_with("--") {
+            match option.split_once('=') {
+                Some((n, _)) => (n, true),
+                None => (option.as_str(), false),
+            }
+        } else if option.starts_with('-') && option.len() > 2 {
+            // A short option with its value attached (`-npublic`); grouped flags are refused
+            // below because the name is then not a value-taking option.
+            (&option[..2], true)
+        } else {
+            (option.as_str(), false)
+        };
+        let Some(&(_, takes_value)) = PG_DUMP_OPTIONS.iter().find(|(n, _)| *n == name) else {
+            return Err(format!(
+                "{option:?} is not an option Drover passes to pg_dump; the format, the output, the database and compression are Drover's, and abbreviations are refused (allowed: --no-owner, --exclude-table=NAME, -n SCHEMA, ...)"
+            ));
+        };
+        match (takes_value, attached) {
+            (false, true) if option.starts_with("--") => {
+                return Err(format!("{option:?}: {name} takes no value"));
+            }
+            (false, true) => {
+                return Err(format!(
+                    "{option:?}: give each short option on its own (grouped options are refused)"
+                ));
+            }
+            (true, false) => expect_value = true,
+            _ => {}
+        }
+    }
+    if expect_value {
+        return Err(format!(
+            "{:?} needs a value (the next element, or {}=VALUE)",
+            options.last().map(String::as_str).unwrap_or(""),
+            options.last().map(String::as_str).unwrap_or("")
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a libpq URL carries a password (`user:secret@`).
@@ -668,6 +802,66 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    /// The options that slipped past the old forbidden list (issue 11, item 10), and bounds.
+    #[test]
+    fn pg_dump_options_are_an_allow_list_and_counts_are_bounded() {
+        let opts = |list: &[&str]| {
+            check_pg_dump_options(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        for bad in [
+            &["-f/tmp/x"][..],
+            &["--fil=/tmp/x"],
+            &["-Fp"],
+            &["--dbn=other"],
+            &["--file", "/tmp/x"],
+            &["-Z9"],
+            &["-Ox"],
+            &["--no-owner=yes"],
+            &["--"],
+            &["-W"],
+            &["--exclude-table"],
+            &["--filter=/etc/shadow"],
+        ] {
+            assert!(opts(bad).is_err(), "{bad:?} was accepted");
+        }
+        for good in [
+            &["--no-owner", "-x"][..],
+            &["--exclude-table=audit_log"],
+            &["--exclude-table", "audit_log", "-n", "public"],
+            &["-npublic", "--lock-wait-timeout=5s"],
+        ] {
+            assert!(opts(good).is_ok(), "{good:?}: {:?}", opts(good));
+        }
+        let err = TargetSpec::from_toml(
+            "name = \"s\"\n[postgres]\ncontainer = \"db\"\ndatabases = [\"a\"]\noptions = [\"--fil=/tmp/x\"]\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`postgres.options`") && err.contains("abbreviations"),
+            "{err}"
+        );
+        let base = "name = \"s\"\n[path]\ndir = \"/srv\"\n";
+        for (extra, key) in [
+            (
+                "[retention]\nkeep_last = 4294967295\n",
+                "`retention.keep_last`",
+            ),
+            (
+                "[retention.remote]\ndaily = 100000\n",
+                "`retention.remote.daily`",
+            ),
+            ("[verify]\nmax_age = \"100000000y\"\n", "`verify.max_age`"),
+            ("[verify]\nmax_age = \"1s\"\n", "`verify.max_age`"),
+        ] {
+            let err = TargetSpec::from_toml(&format!("{base}{extra}"), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains("out of range"), "{err}");
+        }
     }
 
     #[test]

@@ -835,6 +835,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     output::ago(app.updated_unix_ms, now),
                     app.updated_by
                 );
+                let privileges = output::app_privileges(&app);
+                if !privileges.is_empty() {
+                    println!(
+                        "# allowed beyond a plain container: {}",
+                        privileges.join("; ")
+                    );
+                }
                 print!("{}", app.spec_toml);
                 Ok(())
             }

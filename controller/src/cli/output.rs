@@ -285,8 +285,17 @@ pub fn tokens_table(tokens: &[v1::TokenInfo], now_ms: i64) -> String {
     t.to_string()
 }
 
+/// What an app's spec allows beyond a plain container (host mounts, host network), from its
+/// stored TOML; empty for a spec that does not parse here.
+pub fn app_privileges(a: &v1::AppInfo) -> Vec<String> {
+    drover_agent::appspec::AppSpec::from_toml(&a.spec_toml, &a.name)
+        .map(|spec| spec.privileges())
+        .unwrap_or_default()
+}
+
 pub fn app_json(a: &v1::AppInfo) -> Value {
     json!({
+        "privileges": app_privileges(a),
         "name": a.name,
         "revision": a.revision,
         "image": a.image,
