@@ -92,7 +92,22 @@ impl TestController {
     /// Starts a controller on `config.listen` (port 0 picks a free one).
     pub async fn start(config: ControllerConfig) -> TestController {
         let data_dir = config.data_dir.clone();
-        let controller = Controller::open(config.clone()).expect("open controller");
+        // A controller stopped in this process may still have connection tasks winding down
+        // that hold its store's file lock for a moment: a restart on the same data dir waits
+        // for them (bounded) instead of failing with "could not acquire lock".
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let controller = loop {
+            match Controller::open(config.clone()) {
+                Ok(controller) => break controller,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("open controller: {e:?}"),
+            }
+        };
         let shared = controller.shared();
         let listener = TcpListener::bind(config.listen)
             .await
