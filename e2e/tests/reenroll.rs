@@ -202,6 +202,36 @@ fn past_the_grace_the_real_agent_says_in_one_line_to_enroll_again_and_exits_78()
                 .as_str()
         )
     );
+
+    // Doing what the line says works as it is written: `drover-agent enroll` replaces the
+    // expired identity (for the same host only), no file to remove first.
+    let enroll = |token: &str| {
+        Command::new(bin("drover-agent"))
+            .args(["enroll", "--controller", &controller.addr.to_string()])
+            .args(["--token", token, "--data-dir"])
+            .arg(&agent_dir)
+            .output()
+            .unwrap()
+    };
+    let other = runtime.block_on(controller.token("db-1"));
+    let out = enroll(&other);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("belongs to host web-1"), "{err}");
+    let token = runtime.block_on(controller.token("web-1"));
+    let out = enroll(&token);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let renewed = Bundle::load(&agent_dir.join("identity")).unwrap();
+    assert!(
+        CertInfo::from_pem(&renewed.cert_pem)
+            .unwrap()
+            .not_after_unix
+            > unix_now()
+    );
     runtime.block_on(controller.stop());
 }
 
