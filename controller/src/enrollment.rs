@@ -351,6 +351,8 @@ pub fn settle_labels(store: &Store) -> Result<(), StoreError> {
 const LOG_BURST: u32 = 20;
 /// The window of [`LOG_BURST`].
 const LOG_WINDOW_MS: i64 = 60_000;
+/// How much of a refusal's reason is logged.
+const MAX_REASON_CHARS: usize = 200;
 /// Source addresses kept for the summary of a window's unlogged refusals.
 const SUMMARY_SOURCES: usize = 8;
 
@@ -364,6 +366,8 @@ pub struct RefusalLog {
 
 impl RefusalLog {
     fn log(&self, now_ms: i64, source: &str, host: &str, token: &str, reason: &str) {
+        // A refusal can quote what the caller sent (a malformed host name): a bounded excerpt.
+        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         let verdict = match self.window.lock() {
             Ok(mut window) => window.admit(now_ms, source),
             Err(_) => return,
