@@ -33,7 +33,9 @@ pub struct AgentConfig {
     /// Docker Engine socket; empty means the default (`DOCKER_HOST` or /var/run/docker.sock).
     pub docker_socket: String,
     pub log_format: LogFormat,
-    /// Labels sent in Hello (merged over the ones given at enrollment).
+    /// Refused when not empty: a host's labels come from its enrollment token
+    /// (`drover token create --label k=v`), never from the host. Kept as a key so an old
+    /// config says why instead of "unknown key".
     pub labels: BTreeMap<String, String>,
     /// App secrets: `<secrets_dir>/<app>.env`, KEY=value lines, owned by the agent's user,
     /// mode 0600. Read at each deploy; never sent to the controller.
@@ -129,6 +131,12 @@ impl AgentConfig {
                 "must not be shorter than heartbeat_interval",
             ));
         }
+        if !self.labels.is_empty() {
+            return Err(invalid(
+                "labels",
+                "a host does not choose its own labels: they come from its enrollment token (`drover token create --host NAME --label k=v`); remove [labels] from this file",
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
@@ -165,6 +173,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("a.toml") && err.contains("nope"), "{err}");
+        // An empty [labels] table (the old example config) is fine; labels in it are not.
+        AgentConfig::from_toml("[labels]\n", "a.toml").unwrap();
+        let err = AgentConfig::from_toml("[labels]\nenv = \"prod\"", "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`labels`") && err.contains("drover token create --host NAME --label"),
+            "{err}"
+        );
         let err = AgentConfig::from_toml("heartbeat_interval = \"soon\"", "a.toml")
             .unwrap_err()
             .to_string();

@@ -23,6 +23,16 @@ pub enum AgentError {
     Unreachable { controller: String, message: String },
     #[error("the controller refused: {message}")]
     Refused { message: String },
+    /// The certificate expired and the controller will not renew it: past its grace, the host
+    /// revoked or enrolled again elsewhere. Only a new token helps (exit 78).
+    #[error(
+        "the controller at {controller} will not renew this host's expired certificate: {message}. Enroll again with a new token: `drover token create --host {host}`, then on this host `drover-agent enroll --controller {controller} --token TOKEN`"
+    )]
+    ReenrollRefused {
+        host: String,
+        controller: String,
+        message: String,
+    },
     #[error("the controller answered {code}: {message}")]
     Rpc { code: String, message: String },
     #[error("{0}")]

@@ -59,6 +59,8 @@ pub struct AgentStatus {
     pub sessions: u64,
     /// Certificates renewed over a live session since start.
     pub renewals: u64,
+    /// Expired certificates replaced by re-enrollment (the enrolled key) since start.
+    pub reenrollments: u64,
     pub cert_not_after_unix: i64,
     pub acked_seq: u64,
     pub clock_offset_ms: Option<i64>,
@@ -162,9 +164,12 @@ impl Agent {
 
     /// Runs until `shutdown` is cancelled: the job runner (which first converges what a crash
     /// interrupted and brings the app proxies back), the health sampler and the controller
-    /// session.
+    /// session. Ends early, with the error, when the session can never come back (an expired
+    /// certificate the controller will not renew): everything stops as on a shutdown.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         info!(host = %self.enrollment.host, version = env!("CARGO_PKG_VERSION"), "agent starting");
+        // One stop for every task: the caller's shutdown, or a session that cannot continue.
+        let shutdown = shutdown.child_token();
         let jobs_ctx = Arc::new(jobs::JobCtx {
             store: self.store.clone(),
             outbox: Outbox {
@@ -196,14 +201,15 @@ impl Agent {
             facts: facts_rx,
             jobs: self.queue,
         };
-        session::run(ctx, shutdown).await;
+        let result = session::run(ctx, shutdown.clone()).await;
+        shutdown.cancel();
         for (name, task) in [("health sampler", sampler), ("job runner", runner)] {
             if let Err(err) = task.await {
                 warn!(error = %err, "{name} ended abnormally");
             }
         }
         info!("agent stopped");
-        Ok(())
+        result
     }
 }
 

@@ -1,7 +1,6 @@
 //! `drover-agent`: enroll this host once, then run the daemon. Thin: configuration, logging,
 //! signals and systemd; the work is in the library.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -32,9 +31,9 @@ enum Command {
         token: String,
         #[arg(long, default_value = "/var/lib/drover-agent")]
         data_dir: PathBuf,
-        /// Label for this host, k=v (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
+        /// Refused: a host's labels come from its token (`drover token create --label k=v`).
+        #[arg(long = "label", value_parser = refuse_label, hide = true)]
+        labels: Vec<String>,
     },
     /// Run the agent daemon.
     Run {
@@ -50,11 +49,10 @@ enum Command {
     },
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("label {s:?} is not k=v")),
-    }
+/// A host does not choose its own labels: `--label` is refused (exit 2) saying where they
+/// come from, rather than being an unknown flag.
+fn refuse_label(_: &str) -> Result<String, String> {
+    Err("a host does not choose its own labels: they come from its enrollment token; create the token with them: `drover token create --host NAME --label k=v`".into())
 }
 
 fn main() {
@@ -72,6 +70,8 @@ fn main() {
         let code = match err.downcast_ref::<AgentError>() {
             Some(AgentError::Config(_)) => 78,
             Some(AgentError::NotEnrolled(_)) | Some(AgentError::AlreadyEnrolled { .. }) => 78,
+            // Restarting cannot help; the unit's RestartPreventExitStatus=78 keeps it stopped.
+            Some(AgentError::ReenrollRefused { .. }) => 78,
             Some(AgentError::Unreachable { .. }) => 69,
             Some(AgentError::Refused { .. }) => 77,
             _ => 1,
@@ -86,12 +86,10 @@ async fn run(args: Args) -> Result<()> {
             controller,
             token,
             data_dir,
-            labels,
+            labels: _,
         } => {
             daemon::init_logging(LogFormat::Text);
-            let labels: BTreeMap<String, String> = labels.into_iter().collect();
-            let enrollment =
-                drover_agent::enroll::enroll(&controller, &token, &data_dir, labels).await?;
+            let enrollment = drover_agent::enroll::enroll(&controller, &token, &data_dir).await?;
             println!(
                 "enrolled as host {} with the controller at {}; identity stored in {}",
                 enrollment.host,

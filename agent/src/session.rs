@@ -1,8 +1,9 @@
 //! The agent's one session with the controller: connect out over mTLS, say Hello, then
 //! heartbeat, report health, replay and stream outbox events, and renew the certificate, until
-//! the connection breaks (then reconnect with backoff) or the agent shuts down.
+//! the connection breaks (then reconnect with backoff) or the agent shuts down. A certificate
+//! that expired while no session could renew it is re-enrolled (the enrolled key proves who
+//! this is) before the next connect.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -57,16 +58,27 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Runs sessions until `shutdown`, reconnecting with jittered exponential backoff.
-pub(crate) async fn run(ctx: SessionCtx, shutdown: CancellationToken) {
+/// Runs sessions until `shutdown`, reconnecting with jittered exponential backoff. Returns an
+/// error only when no reconnect can help: the certificate expired and the controller will not
+/// renew it ([`AgentError::ReenrollRefused`]).
+pub(crate) async fn run(ctx: SessionCtx, shutdown: CancellationToken) -> Result<(), AgentError> {
     let mut attempt: u32 = 0;
+    // Set when the controller's TLS refused our certificate as expired although our clock
+    // says it is not: re-enroll anyway.
+    let mut refused_as_expired = false;
     while !shutdown.is_cancelled() {
         let started = tokio::time::Instant::now();
-        let result = session(&ctx, &shutdown, &mut attempt).await;
+        let result = session(&ctx, &shutdown, &mut attempt, &mut refused_as_expired).await;
         ctx.status.send_modify(|s| s.connected = false);
         match result {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
+            Err(err @ AgentError::ReenrollRefused { .. }) => {
+                // Said once, by the caller (the daemon's last line), not here as well.
+                ctx.status.send_modify(|s| s.last_error = err.to_string());
+                return Err(err);
+            }
             Err(err) => {
+                refused_as_expired = says_certificate_expired(&err);
                 warn!(controller = %ctx.controller(), error = %err, "session to the controller ended");
                 ctx.status.send_modify(|s| s.last_error = err.to_string());
             }
@@ -87,10 +99,23 @@ pub(crate) async fn run(ctx: SessionCtx, shutdown: CancellationToken) {
             attempt, "reconnecting after backoff"
         );
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
     }
+    Ok(())
+}
+
+fn rfc3339(unix: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Whether a failed session says the controller refused our certificate as expired (the TLS
+/// alert, under TLS 1.3 seen on the first call).
+fn says_certificate_expired(err: &AgentError) -> bool {
+    let text = err.to_string();
+    text.contains("CertificateExpired") || text.contains("certificate expired")
 }
 
 struct Live {
@@ -120,10 +145,30 @@ async fn session(
     ctx: &SessionCtx,
     shutdown: &CancellationToken,
     attempt: &mut u32,
+    refused_as_expired: &mut bool,
 ) -> Result<(), AgentError> {
     Bundle::recover(&ctx.paths.identity_dir)?;
-    let bundle = Bundle::load(&ctx.paths.identity_dir)?;
-    let cert = CertInfo::from_pem(&bundle.cert_pem)?;
+    let mut bundle = Bundle::load(&ctx.paths.identity_dir)?;
+    let mut cert = CertInfo::from_pem(&bundle.cert_pem)?;
+    let controller = ctx.controller().to_string();
+    if *refused_as_expired || cert.not_after_unix <= unix_now() {
+        // TLS refuses an expired certificate everywhere: a session cannot renew it. The
+        // enrolled key can, within the controller's grace.
+        info!(controller = %controller, not_after = %rfc3339(cert.not_after_unix),
+              "the agent certificate has expired; asking the controller for a new one with the enrolled key");
+        let renewed = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = crate::enroll::reenroll(&ctx.paths, &controller) => r?,
+        };
+        *refused_as_expired = false;
+        info!(
+            not_after = %rfc3339(renewed.not_after_unix),
+            "agent certificate re-issued after it expired"
+        );
+        ctx.status.send_modify(|s| s.reenrollments += 1);
+        bundle = Bundle::load(&ctx.paths.identity_dir)?;
+        cert = renewed;
+    }
     let tls = client_config(
         &Trust::Ca(bundle.ca_pem.clone()),
         Some(&ClientCert {
@@ -131,7 +176,6 @@ async fn session(
             key_pem: bundle.key_pem.clone(),
         }),
     )?;
-    let controller = ctx.controller().to_string();
     let mut client = v1::agent_service_client::AgentServiceClient::new(channel(
         &controller,
         tls,
@@ -139,15 +183,14 @@ async fn session(
     )?);
 
     let (out_tx, out_rx) = mpsc::channel::<v1::AgentMessage>(1024);
-    let mut labels: BTreeMap<String, String> = ctx.enrollment.labels.clone();
-    labels.extend(ctx.config.labels.clone());
+    // No labels in Hello: a host's labels come from its enrollment token.
     out_tx
         .send(v1::AgentMessage {
             msg: Some(Out::Hello(v1::Hello {
                 host: ctx.enrollment.host.clone(),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
                 last_command_id: ctx.store.last_command_id()?,
-                labels: labels.into_iter().collect(),
+                labels: Default::default(),
             })),
         })
         .await

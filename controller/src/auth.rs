@@ -37,15 +37,22 @@ pub fn caller<T>(request: &Request<T>, store: &Store) -> Result<Caller, Status> 
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
     let info = CertInfo::from_der(leaf)
         .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
-    let identity = info.identity.ok_or_else(|| {
+    let identity = info.identity.clone().ok_or_else(|| {
         Status::permission_denied("the client certificate carries no Drover identity")
     })?;
-    let revoked = store
-        .is_revoked(&info.serial)
-        .map_err(|e| Status::internal(e.to_string()))?;
+    let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
+    let mut revoked = store.is_revoked(&info.serial).map_err(internal)?;
+    if let Identity::Operator { name, .. } = &identity
+        && !revoked
+    {
+        // Operator certificates issued before serials were recorded are refused by name.
+        revoked = store
+            .operator_revoked_by_name(name, &info.serial, info.issued_unix())
+            .map_err(internal)?;
+    }
     if revoked {
         return Err(Status::permission_denied(format!(
-            "the certificate of {identity} was revoked; an agent must be enrolled again with a new token"
+            "the certificate of {identity} was revoked; an agent must be enrolled again with a new token, an operator needs a new identity from an admin (`drover operator create`)"
         )));
     }
     Ok(Caller {

@@ -20,6 +20,11 @@ pub struct ControllerConfig {
     pub agent_cert_ttl: Duration,
     #[serde(with = "duration_str")]
     pub operator_cert_ttl: Duration,
+    /// How long after its certificate expired an agent may still get a new one by proving it
+    /// holds the enrolled key (a controller outage, a host switched off); `0s`: never, such a
+    /// host needs a new token.
+    #[serde(with = "duration_str")]
+    pub reenroll_grace: Duration,
     #[serde(with = "duration_str")]
     pub token_ttl: Duration,
     #[serde(with = "duration_str")]
@@ -51,7 +56,8 @@ impl Default for ControllerConfig {
             data_dir: PathBuf::from("/var/lib/drover-controller"),
             tls_names: Vec::new(),
             agent_cert_ttl: Duration::from_secs(24 * 3600),
-            operator_cert_ttl: Duration::from_secs(365 * 24 * 3600),
+            operator_cert_ttl: DEFAULT_OPERATOR_CERT_TTL,
+            reenroll_grace: DEFAULT_REENROLL_GRACE,
             token_ttl: Duration::from_secs(15 * 60),
             heartbeat_interval: Duration::from_secs(5),
             suspect_after: Duration::from_secs(15),
@@ -173,6 +179,15 @@ pub const MAX_OPERATOR_CERT_TTL: Duration = Duration::from_secs(366 * 86_400);
 
 /// The longest an enrollment token may live.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The shortest life `drover token create --ttl` may ask for: less cannot be used in time.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Operator certificates live 30 days by default: a lost laptop's identity dies on its own
+/// soon, and the admin bundle on the controller host is renewed by the controller itself.
+pub const DEFAULT_OPERATOR_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// An agent whose certificate expired less than this ago re-enrolls by itself.
+pub const DEFAULT_REENROLL_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The longest `reenroll_grace`: beyond a year offline, enroll again with a token.
+pub const MAX_REENROLL_GRACE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl ControllerConfig {
     pub fn from_file(path: &Path) -> Result<ControllerConfig, ConfigError> {
@@ -200,6 +215,12 @@ impl ControllerConfig {
         }
         if self.operator_cert_ttl < Duration::from_secs(60) {
             return Err(invalid("operator_cert_ttl", "must be at least 60s"));
+        }
+        if self.reenroll_grace > MAX_REENROLL_GRACE {
+            return Err(invalid(
+                "reenroll_grace",
+                "must be at most 365 days (0s turns re-enrollment of expired agent certificates off)",
+            ));
         }
         if self.token_ttl.is_zero() || self.token_ttl > MAX_TOKEN_TTL {
             return Err(invalid("token_ttl", "must be between 1s and 7 days"));
@@ -296,6 +317,11 @@ mod tests {
         let defaults = ControllerConfig::default();
         assert_eq!(config.listen, defaults.listen);
         assert_eq!(config.agent_cert_ttl, defaults.agent_cert_ttl);
+        assert_eq!(
+            config.operator_cert_ttl,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert_eq!(config.reenroll_grace, Duration::from_secs(30 * 24 * 3600));
         assert_eq!(config.suspect_after, Duration::from_secs(15));
         assert_eq!(config.down_after, Duration::from_secs(30));
         assert_eq!(config.alerts_every, Duration::from_secs(30));
@@ -428,6 +454,19 @@ mod tests {
             "c.toml",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn reenroll_grace_is_bounded() {
+        let config = ControllerConfig::from_toml("reenroll_grace = \"0s\"", "c.toml").unwrap();
+        assert!(config.reenroll_grace.is_zero());
+        let err = ControllerConfig::from_toml("reenroll_grace = \"366d\"", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`reenroll_grace`") && err.contains("365 days"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@ use drover_proto::v1;
 use crate::jobs::{JobCommand, JobRecord};
 
 use crate::store::{
-    AppStatusRecord, CheckRecord, DiskRecord, EventRecord, HealthSnapshot, HostRecord, TokenRecord,
+    AppStatusRecord, CheckRecord, DiskRecord, EventRecord, HealthSnapshot, HostRecord,
+    OperatorCertRecord, TokenRecord,
 };
 
 pub fn status_name(status: i32) -> &'static str {
@@ -173,6 +174,26 @@ pub fn token_to_proto(t: &TokenRecord, now_ms: i64) -> v1::TokenInfo {
         created_unix_ms: t.created_unix_ms,
         expires_unix_ms: t.expires_unix_ms,
         created_by: t.created_by.clone(),
+        state: state.to_string(),
+    }
+}
+
+pub fn operator_to_proto(r: &OperatorCertRecord, now_ms: i64) -> v1::OperatorInfo {
+    let state = if r.revoked_unix_ms.is_some() {
+        "revoked"
+    } else if now_ms >= r.expires_unix_ms {
+        "expired"
+    } else {
+        "valid"
+    };
+    v1::OperatorInfo {
+        name: r.name.clone(),
+        role: r.role.clone(),
+        serial: r.serial.clone(),
+        issued_unix_ms: r.issued_unix_ms,
+        expires_unix_ms: r.expires_unix_ms,
+        created_by: r.created_by.clone(),
+        revoked_unix_ms: r.revoked_unix_ms.unwrap_or(0),
         state: state.to_string(),
     }
 }

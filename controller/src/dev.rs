@@ -112,11 +112,10 @@ pub async fn run(
     if !drover_identity::files::Bundle::exists(&agent_paths.identity_dir) {
         let mut labels = BTreeMap::new();
         labels.insert("env".to_string(), "dev".to_string());
-        let (token, _) = crate::operator::issue_token(&shared, &host, labels.clone(), None, "dev")
+        let (token, _) = crate::operator::issue_token(&shared, &host, labels, None, "dev")
             .await
             .map_err(|s| DevError::Token(s.message().to_string()))?;
-        drover_agent::enroll::enroll(&addr.to_string(), &token.encode(), &agent_dir, labels)
-            .await?;
+        drover_agent::enroll::enroll(&addr.to_string(), &token.encode(), &agent_dir).await?;
         info!(host = %host, "local agent enrolled");
     }
     let agent = Agent::open(AgentConfig {

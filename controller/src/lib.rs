@@ -1,7 +1,8 @@
 //! The Drover controller: the control plane agents connect out to, and the operator CLI.
 //!
 //! `server` opens the data dir and serves `enrollment`, `sessions` (AgentService) and
-//! `operator` (OperatorService) over mTLS; `auth` decides who may call what; `store` is the
+//! `operator` (OperatorService) over mTLS; `auth` decides who may call what; `operators` records operator certificates and keeps the
+//! admin bundle valid; `store` is the
 //! only module that touches sled; `jobs` and `selection` are the pure rules of deploy and
 //! rollback jobs; `schedule` the pure scheduling rules and `scheduler` the task that
 //! fires due schedules; `alerts` the pure alert rules, `alerting` the task that
@@ -20,6 +21,7 @@ pub mod hoststate;
 pub mod jobs;
 pub mod notify;
 pub mod operator;
+pub mod operators;
 pub mod schedule;
 pub mod scheduler;
 pub mod selection;

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::auth::{Need, authorize, operator_name};
-use crate::config::MAX_TOKEN_TTL;
+use crate::config::{MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::convert;
 use crate::hoststate::host_state;
 use crate::jobs::{self, JobCommand, JobKind, JobRecord, JobUpdate, job_id};
@@ -1417,10 +1417,64 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
                 self.shared.config.operator_cert_ttl,
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        info!(operator = %req.name, role = %role, serial = %issued.serial, by = %operator_name(&caller), "operator certificate issued");
+        let by = operator_name(&caller);
+        // Recorded (flushed) before it is handed out, so it can always be listed and revoked.
+        crate::operators::record(&self.shared.store, &req.name, role, &issued, &by, now_ms())
+            .map_err(internal)?;
+        self.shared.store.flush().await.map_err(internal)?;
+        info!(operator = %req.name, role = %role, serial = %issued.serial, by = %by, "operator certificate issued");
         Ok(Response::new(v1::CreateOperatorResponse {
             cert_pem: issued.cert_pem,
             ca_pem: self.shared.ca.cert_pem().to_string(),
+        }))
+    }
+
+    async fn list_operators(
+        &self,
+        request: Request<v1::ListOperatorsRequest>,
+    ) -> Result<Response<v1::ListOperatorsResponse>, Status> {
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let now = now_ms();
+        let operators = self
+            .shared
+            .store
+            .operator_certs()
+            .map_err(internal)?
+            .iter()
+            .map(|r| convert::operator_to_proto(r, now))
+            .collect();
+        Ok(Response::new(v1::ListOperatorsResponse { operators }))
+    }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<v1::RevokeOperatorRequest>,
+    ) -> Result<Response<v1::RevokeOperatorResponse>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let name = request.get_ref().name.clone();
+        validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let by = operator_name(&caller);
+        let store = &self.shared.store;
+        let revoked = store
+            .revoke_operator(&name, now_ms(), &by)
+            .map_err(internal)?;
+        // Durable before it is reported: a restart cannot bring the certificates back.
+        store.flush().await.map_err(internal)?;
+        info!(operator = %name, by = %by, certificates = revoked, "operator revoked");
+        if name == crate::operators::ADMIN {
+            // The controller's own admin bundle was among them: issue its successor now rather
+            // than at the next check.
+            if let Err(err) = crate::operators::renew_admin_bundle(
+                self.shared.clone(),
+                drover_identity::pki::unix_now(),
+            )
+            .await
+            {
+                tracing::warn!(error = %err, "could not renew the admin operator bundle after its revocation");
+            }
+        }
+        Ok(Response::new(v1::RevokeOperatorResponse {
+            certificates_revoked: revoked,
         }))
     }
 
@@ -1570,12 +1624,12 @@ pub async fn issue_token(
     for key in labels.keys() {
         validate_name(key).map_err(|e| Status::invalid_argument(format!("label key: {e}")))?;
     }
-    let ttl = ttl.unwrap_or(shared.config.token_ttl);
-    if ttl > MAX_TOKEN_TTL {
+    if ttl.is_some_and(|t| t < MIN_TOKEN_TTL || t > MAX_TOKEN_TTL) {
         return Err(Status::invalid_argument(
-            "a token may live at most 7 days (168h)",
+            "a token must live at least 1 minute (1m) and at most 7 days (168h)",
         ));
     }
+    let ttl = ttl.unwrap_or(shared.config.token_ttl);
     let token = EnrollToken::generate(host, &shared.ca.fingerprint())
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let now = now_ms();

@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drover_identity::files::Bundle;
 use drover_identity::pki::Ca;
-use drover_identity::{Identity, Role};
 use drover_proto::v1;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -87,8 +85,8 @@ pub fn admin_bundle_dir(data_dir: &std::path::Path) -> PathBuf {
 }
 
 impl Controller {
-    /// Opens the data dir. On first start this creates the CA (key 0600) and the admin
-    /// operator bundle in `<data-dir>/operator/admin/`.
+    /// Opens the data dir. On first start this creates the CA (key 0600); the admin operator
+    /// bundle in `<data-dir>/operator/admin/` is written when missing and renewed when due.
     pub fn open(config: ControllerConfig) -> Result<Controller, ControllerError> {
         config.validate()?;
         drover_identity::files::ensure_private_dir(&config.data_dir)?;
@@ -96,22 +94,18 @@ impl Controller {
         if created {
             info!(data_dir = %config.data_dir.display(), fingerprint = %ca.fingerprint(), "created a new Drover CA");
         }
-        let admin_dir = admin_bundle_dir(&config.data_dir);
-        if !Bundle::exists(&admin_dir) {
-            let identity = Identity::Operator {
-                name: "admin".into(),
-                role: Role::Admin,
-            };
-            let (issued, key_pem) = ca.issue(&identity, config.operator_cert_ttl)?;
-            Bundle {
-                ca_pem: ca.cert_pem().to_string(),
-                cert_pem: issued.cert_pem,
-                key_pem,
-            }
-            .save(&admin_dir)?;
-            info!(dir = %admin_dir.display(), "wrote the admin operator bundle");
-        }
         let store = Store::open(&config.data_dir.join("store"))?;
+        // The admin bundle is (re)issued when missing, revoked or due, and recorded first.
+        if let Some((serial, due)) = crate::operators::ensure_admin_bundle(
+            &config.data_dir,
+            &ca,
+            &store,
+            config.operator_cert_ttl,
+            drover_identity::pki::unix_now(),
+        )? {
+            info!(dir = %admin_bundle_dir(&config.data_dir).display(), serial = %serial, reason = due.as_str(), "wrote the admin operator bundle");
+        }
+        crate::enrollment::settle_labels(&store)?;
         // The server certificate is re-issued at every start and never written to disk.
         let (server_chain_pem, server_key_pem) =
             ca.issue_server(&config.tls_names, Duration::from_secs(365 * 24 * 3600))?;
@@ -161,9 +155,7 @@ impl Controller {
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(v1::enrollment_server::EnrollmentServer::new(
-                EnrollmentApi {
-                    shared: shared.clone(),
-                },
+                EnrollmentApi::new(shared.clone()),
             ))
             .add_service(v1::agent_service_server::AgentServiceServer::new(
                 AgentApi {
@@ -199,6 +191,8 @@ impl Controller {
                 shared.shutdown.clone(),
             ));
         }
+        // And the task that keeps the admin bundle valid.
+        tokio::spawn(crate::operators::keep_admin_bundle(shared.clone()));
         let signal_shared = shared.clone();
         let signal = async move {
             shutdown.cancelled().await;

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::{Need, authorize};
 use crate::convert;
@@ -190,14 +190,17 @@ impl v1::agent_service_server::AgentService for AgentApi {
             )));
         }
         let now = now_ms();
+        if !hello.labels.is_empty() {
+            // An older agent still sends its `[labels]`: a host never chooses its own.
+            debug!(host = %host, "ignoring the labels in Hello: a host's labels come from its enrollment token");
+        }
         shared
             .store
             .update_host(&host, |h| {
                 h.agent_version = hello.agent_version.clone();
                 h.last_seen_unix_ms = now;
-                for (k, v) in &hello.labels {
-                    h.labels.insert(k.clone(), v.clone());
-                }
+                // The certificate this host really uses, which re-enrollment also accepts.
+                h.session_serial = caller.serial.clone();
             })
             .map_err(internal)?;
         let acked_seq = shared.store.last_event_seq(&host).map_err(internal)?;

@@ -104,9 +104,37 @@ pub struct HostRecord {
     pub last_seen_unix_ms: i64,
     pub health: Option<HealthSnapshot>,
     pub revoked_unix_ms: Option<i64>,
-    /// Serial numbers of every certificate issued to this host.
+    /// Serial numbers of every certificate issued to this host, oldest first.
     pub serials: Vec<String>,
     pub cert_not_after_unix: i64,
+    /// The serial of the certificate that last opened a session: with the newest serial, the
+    /// only one re-enrollment accepts (a renewal whose answer was lost leaves the agent with
+    /// this one, not the newest).
+    #[serde(default)]
+    pub session_serial: String,
+}
+
+/// An operator certificate the controller issued (recorded since operator revocation exists).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorCertRecord {
+    pub name: String,
+    pub role: String,
+    pub serial: String,
+    pub issued_unix_ms: i64,
+    pub expires_unix_ms: i64,
+    /// The operator who asked for it; `controller` for the admin bundle it keeps itself.
+    pub created_by: String,
+    pub revoked_unix_ms: Option<i64>,
+}
+
+/// An operator revoked by name: every certificate of that name issued up to
+/// `revoked_unix_ms` is refused, recorded or not (certificates issued before serials were
+/// recorded are known only by their name and issue time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRevocation {
+    pub name: String,
+    pub revoked_unix_ms: i64,
+    pub by: String,
 }
 
 /// An enrollment token. Only the hash of its secret is kept.
@@ -251,7 +279,13 @@ pub struct Store {
     db: sled::Db,
     hosts: sled::Tree,
     tokens: sled::Tree,
+    /// serial → who it belonged to (`<host>` or `operator/<name>`): refused on every call
     revoked: sled::Tree,
+    /// serial → OperatorCertRecord
+    operator_certs: sled::Tree,
+    /// operator name → OperatorRevocation
+    revoked_operators: sled::Tree,
+    meta: sled::Tree,
     events: sled::Tree,
     event_seq: sled::Tree,
     apps: sled::Tree,
@@ -438,6 +472,12 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::flush`] for callers outside the runtime (start-up).
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
@@ -467,6 +507,9 @@ impl Store {
             hosts: db.open_tree("hosts")?,
             tokens: db.open_tree("tokens")?,
             revoked: db.open_tree("revoked_serials")?,
+            operator_certs: db.open_tree("operator_certs")?,
+            revoked_operators: db.open_tree("revoked_operators")?,
+            meta,
             events: db.open_tree("events")?,
             event_seq: db.open_tree("event_seq")?,
             apps: db.open_tree("apps")?,
@@ -617,6 +660,119 @@ impl Store {
 
     pub fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
         Ok(self.revoked.contains_key(serial.as_bytes())?)
+    }
+
+    // --- operator certificates -----------------------------------------------------------------
+
+    /// Records an operator certificate as issued. Not yet durable: flush before handing it out.
+    pub fn record_operator_cert(&self, record: &OperatorCertRecord) -> Result<(), StoreError> {
+        self.operator_certs
+            .insert(record.serial.as_bytes(), encode(record)?)?;
+        Ok(())
+    }
+
+    /// Every recorded operator certificate, oldest first.
+    pub fn operator_certs(&self) -> Result<Vec<OperatorCertRecord>, StoreError> {
+        let mut out: Vec<OperatorCertRecord> = self
+            .operator_certs
+            .iter()
+            .map(|item| decode(&item?.1))
+            .collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| (a.issued_unix_ms, &a.serial).cmp(&(b.issued_unix_ms, &b.serial)));
+        Ok(out)
+    }
+
+    /// Revokes operator `name`: each of its recorded certificates (their serials join the
+    /// revoked set) and, by name, any certificate of it issued up to `now_ms` that was never
+    /// recorded. Returns how many recorded certificates were newly revoked. Not yet durable.
+    pub fn revoke_operator(&self, name: &str, now_ms: i64, by: &str) -> Result<u32, StoreError> {
+        let mut count = 0;
+        for mut record in self.operator_certs()? {
+            if record.name != name || record.revoked_unix_ms.is_some() {
+                continue;
+            }
+            record.revoked_unix_ms = Some(now_ms);
+            self.record_operator_cert(&record)?;
+            self.revoked.insert(
+                record.serial.as_bytes(),
+                format!("operator/{name}").as_bytes(),
+            )?;
+            count += 1;
+        }
+        let revocation = OperatorRevocation {
+            name: name.to_string(),
+            revoked_unix_ms: now_ms,
+            by: by.to_string(),
+        };
+        self.revoked_operators
+            .insert(name.as_bytes(), encode(&revocation)?)?;
+        Ok(count)
+    }
+
+    pub fn operator_revocation(
+        &self,
+        name: &str,
+    ) -> Result<Option<OperatorRevocation>, StoreError> {
+        self.revoked_operators
+            .get(name)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Whether an operator certificate that is not in the revoked set must still be refused:
+    /// one that was never recorded, of a name revoked at or after it was issued.
+    pub fn operator_revoked_by_name(
+        &self,
+        name: &str,
+        serial: &str,
+        issued_unix: i64,
+    ) -> Result<bool, StoreError> {
+        if self.operator_certs.contains_key(serial.as_bytes())? {
+            return Ok(false);
+        }
+        Ok(self
+            .operator_revocation(name)?
+            .is_some_and(|r| issued_unix.saturating_mul(1000) <= r.revoked_unix_ms))
+    }
+
+    // --- labels --------------------------------------------------------------------------------
+
+    /// Once per store: sets each host's labels to those of the token it last enrolled with.
+    /// Before, a host's own `[labels]` were merged in at enrollment and at every Hello, so a
+    /// host could put itself into any selection; labels now come from tokens only. Returns the
+    /// hosts whose labels changed (durable when this returns).
+    pub fn labels_from_tokens(&self) -> Result<Vec<String>, StoreError> {
+        const MARK: &[u8] = b"host_labels_from_tokens";
+        if self.meta.contains_key(MARK)? {
+            return Ok(Vec::new());
+        }
+        let mut newest: BTreeMap<String, TokenRecord> = BTreeMap::new();
+        for token in self.tokens()? {
+            let Some(used) = token.used_unix_ms else {
+                continue;
+            };
+            let later = newest
+                .get(&token.host)
+                .is_none_or(|t| t.used_unix_ms.unwrap_or(0) < used);
+            if later {
+                newest.insert(token.host.clone(), token);
+            }
+        }
+        let mut changed = Vec::new();
+        for mut host in self.hosts()? {
+            let labels = newest
+                .get(&host.name)
+                .map(|t| t.labels.clone())
+                .unwrap_or_default();
+            if host.labels != labels {
+                host.labels = labels;
+                self.put_host(&host)?;
+                changed.push(host.name);
+            }
+        }
+        self.meta.insert(MARK, &[1u8])?;
+        self.db.flush()?;
+        Ok(changed)
     }
 
     // --- tokens ------------------------------------------------------------------------------

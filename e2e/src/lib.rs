@@ -140,15 +140,15 @@ impl TestController {
 
     /// A one-time enrollment token for `host`.
     pub async fn token(&self, host: &str) -> String {
-        let (token, _) = drover_controller::operator::issue_token(
-            &self.shared,
-            host,
-            BTreeMap::new(),
-            None,
-            "test",
-        )
-        .await
-        .expect("issue token");
+        self.token_with_labels(host, BTreeMap::new()).await
+    }
+
+    /// A one-time enrollment token for `host` that gives it `labels`.
+    pub async fn token_with_labels(&self, host: &str, labels: BTreeMap<String, String>) -> String {
+        let (token, _) =
+            drover_controller::operator::issue_token(&self.shared, host, labels, None, "test")
+                .await
+                .expect("issue token");
         token.encode()
     }
 
@@ -337,14 +337,9 @@ impl TestAgent {
         connect_to: &str,
     ) -> TestAgent {
         let token = controller.token(host).await;
-        drover_agent::enroll::enroll(
-            &controller.addr.to_string(),
-            &token,
-            data_dir,
-            BTreeMap::new(),
-        )
-        .await
-        .expect("enroll");
+        drover_agent::enroll::enroll(&controller.addr.to_string(), &token, data_dir)
+            .await
+            .expect("enroll");
         TestAgent::start(fast_agent_config(data_dir, connect_to)).await
     }
 
@@ -678,20 +673,20 @@ pub struct ScriptedAgent {
 const SCRIPT_PATIENCE: Duration = Duration::from_secs(10);
 
 impl ScriptedAgent {
-    /// Enrolls `host` with `labels` (key made in `dir`, as `drover-agent enroll` does) and
-    /// returns its identity.
+    /// Enrolls `host` with a token carrying `labels` (key made in `dir`, as `drover-agent
+    /// enroll` does) and returns its identity.
     pub async fn enroll(
         controller: &TestController,
         host: &str,
         labels: &[(&str, &str)],
         dir: &Path,
     ) -> Bundle {
-        let token = controller.token(host).await;
         let labels = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        drover_agent::enroll::enroll(&controller.addr.to_string(), &token, dir, labels)
+        let token = controller.token_with_labels(host, labels).await;
+        drover_agent::enroll::enroll(&controller.addr.to_string(), &token, dir)
             .await
             .expect("enroll");
         Bundle::load(&dir.join("identity")).expect("agent identity")

@@ -380,6 +380,7 @@ async fn call_every_rpc(
     call!(out, list_hosts, ListHostsRequest, false);
     call!(out, get_host, GetHostRequest, false);
     call!(out, list_tokens, ListTokensRequest, false);
+    call!(out, list_operators, ListOperatorsRequest, false);
     call!(out, list_events, ListEventsRequest, false);
     call!(out, list_apps, ListAppsRequest, false);
     call!(out, get_app, GetAppRequest, false);
@@ -398,6 +399,7 @@ async fn call_every_rpc(
     call!(out, create_token, CreateTokenRequest, true);
     call!(out, revoke_token, RevokeTokenRequest, true);
     call!(out, create_operator, CreateOperatorRequest, true);
+    call!(out, revoke_operator, RevokeOperatorRequest, true);
     call!(out, apply_app, ApplyAppRequest, true);
     call!(out, deploy, DeployRequest, true);
     call!(out, rollback, RollbackRequest, true);

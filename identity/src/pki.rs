@@ -119,6 +119,60 @@ impl Ca {
         issued(cert.pem())
     }
 
+    /// Signs a CSR for `identity` valid between two instants (tests of expired certificates
+    /// that must still belong to a key the test holds).
+    pub fn sign_csr_between(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        not_before_unix: i64,
+        not_after_unix: i64,
+    ) -> Result<Issued, Error> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Error::Cert(format!("invalid CSR: {e}")))?;
+        let mut params = leaf_params(identity, Duration::ZERO)?;
+        params.not_before = at_unix(not_before_unix)?;
+        params.not_after = at_unix(not_after_unix)?;
+        csr.params = params;
+        issued(csr.signed_by(&self.issuer)?.pem())
+    }
+
+    /// Checks that `cert_pem` is a client certificate this CA signed, whatever its validity
+    /// says about today: the signature, the chain to this CA and the client-auth usage are
+    /// verified at a moment inside the certificate's own validity. Whether an expired
+    /// certificate is still good for something is the caller's decision (re-enrollment's grace);
+    /// TLS itself refuses expired certificates everywhere else.
+    pub fn verify_issued(&self, cert_pem: &str) -> Result<CertInfo, Error> {
+        use rustls::server::WebPkiClientVerifier;
+        let der = crate::tls::certs_from_pem(cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Cert("no certificate found in PEM".into()))?;
+        let info = CertInfo::from_der(&der)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in crate::tls::certs_from_pem(&self.cert_pem)? {
+            roots
+                .add(ca)
+                .map_err(|e| Error::Cert(format!("bad CA certificate: {e}")))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+                .build()
+                .map_err(|e| Error::Cert(e.to_string()))?;
+        let within = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+            info.not_after_unix.max(0) as u64,
+        ));
+        verifier
+            .verify_client_cert(&der, &[], within)
+            .map_err(|e| {
+                Error::Cert(format!(
+                    "the certificate was not issued by this controller's CA: {e}"
+                ))
+            })?;
+        Ok(info)
+    }
+
     /// Issues a certificate and a fresh key for `identity` (the admin bundle, tests, benches).
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<(Issued, String), Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -135,10 +189,8 @@ impl Ca {
     ) -> Result<(Issued, String), Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = leaf_params(identity, Duration::ZERO)?;
-        let at =
-            |t: i64| OffsetDateTime::from_unix_timestamp(t).map_err(|e| Error::Cert(e.to_string()));
-        params.not_before = at(not_before_unix)?;
-        params.not_after = at(not_after_unix)?;
+        params.not_before = at_unix(not_before_unix)?;
+        params.not_after = at_unix(not_after_unix)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((issued(cert.pem())?, key.serialize_pem()))
     }
@@ -195,6 +247,10 @@ fn leaf_params(identity: &Identity, ttl: Duration) -> Result<CertificateParams, 
     Ok(params)
 }
 
+fn at_unix(t: i64) -> Result<OffsetDateTime, Error> {
+    OffsetDateTime::from_unix_timestamp(t).map_err(|e| Error::Cert(e.to_string()))
+}
+
 fn issued(cert_pem: String) -> Result<Issued, Error> {
     let info = CertInfo::from_pem(&cert_pem)?;
     Ok(Issued {
@@ -223,6 +279,32 @@ pub fn new_key_and_csr(common_name: &str) -> Result<(String, String), Error> {
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
+/// Makes a CSR signed with an existing key: re-enrollment proves that the agent still holds
+/// the key of its (expired) certificate this way.
+pub fn csr_for_key(key_pem: &str, common_name: &str) -> Result<String, Error> {
+    let key = KeyPair::from_pem(key_pem)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
+/// The public key (SubjectPublicKeyInfo, DER) a CSR asks to have certified, once the CSR's
+/// signature has been checked against it: proof that the requester holds the private key.
+pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, Error> {
+    use x509_parser::prelude::FromDer;
+    let bad = |why: String| Error::Cert(format!("invalid CSR: {why}"));
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|e| bad(e.to_string()))?;
+    csr.verify_signature()
+        .map_err(|e| bad(format!("its signature does not verify ({e})")))?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
 /// What a certificate says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
@@ -232,6 +314,8 @@ pub struct CertInfo {
     pub serial: String,
     pub not_before_unix: i64,
     pub not_after_unix: i64,
+    /// The certified public key (SubjectPublicKeyInfo, DER).
+    pub public_key: Vec<u8>,
 }
 
 impl CertInfo {
@@ -271,6 +355,7 @@ impl CertInfo {
             serial: hex::encode(cert.raw_serial()),
             not_before_unix: cert.validity().not_before.timestamp(),
             not_after_unix: cert.validity().not_after.timestamp(),
+            public_key: cert.public_key().raw.to_vec(),
         })
     }
 
@@ -278,9 +363,14 @@ impl CertInfo {
     /// counted from issuance, not from the backdated NotBefore, so a short-lived certificate is
     /// not renewed the moment it arrives.
     pub fn renew_at_unix(&self) -> i64 {
-        let issued =
-            (self.not_before_unix + CLOCK_SKEW_ALLOWANCE.as_secs() as i64).min(self.not_after_unix);
+        let issued = self.issued_unix();
         issued + (self.not_after_unix - issued) * 2 / 5
+    }
+
+    /// When the certificate was issued, for certificates of this CA: NotBefore is backdated by
+    /// [`CLOCK_SKEW_ALLOWANCE`].
+    pub fn issued_unix(&self) -> i64 {
+        (self.not_before_unix + CLOCK_SKEW_ALLOWANCE.as_secs() as i64).min(self.not_after_unix)
     }
 }
 
@@ -348,6 +438,44 @@ mod tests {
             CertInfo::from_pem(&issued.cert_pem).unwrap().identity,
             Some(id)
         );
+    }
+
+    #[test]
+    fn an_expired_certificate_is_recognised_as_ours_and_a_foreign_one_is_not() {
+        let ca = Ca::generate().unwrap();
+        let id = Identity::Agent {
+            host: "web-1".into(),
+        };
+        let now = unix_now();
+        let (expired, key) = ca.issue_between(&id, now - 7200, now - 3600).unwrap();
+        let info = ca.verify_issued(&expired.cert_pem).unwrap();
+        assert_eq!(info.identity, Some(id.clone()));
+        assert_eq!(info.serial, expired.serial);
+
+        let foreign = Ca::generate().unwrap();
+        let (theirs, _) = foreign.issue(&id, Duration::from_secs(60)).unwrap();
+        let err = ca.verify_issued(&theirs.cert_pem).unwrap_err().to_string();
+        assert!(err.contains("not issued by this controller's CA"), "{err}");
+        // A server certificate of this CA is no client certificate.
+        let (server_chain, _) = ca.issue_server(&[], Duration::from_secs(60)).unwrap();
+        assert!(ca.verify_issued(&server_chain).is_err());
+
+        // A CSR made with the certificate's own key carries that key; one with another key
+        // does not; a CSR whose signature was tampered with is refused.
+        let same = csr_for_key(&key, "web-1").unwrap();
+        assert_eq!(csr_public_key(&same).unwrap(), info.public_key);
+        let (_, other) = new_key_and_csr("web-1").unwrap();
+        assert_ne!(csr_public_key(&other).unwrap(), info.public_key);
+        let (_, pem) = x509_parser::pem::parse_x509_pem(same.as_bytes()).unwrap();
+        let mut der = pem.contents.clone();
+        let last = der.len() - 1;
+        der[last] ^= 0x01;
+        let tampered = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der)
+        );
+        let err = csr_public_key(&tampered).unwrap_err().to_string();
+        assert!(err.contains("invalid CSR"), "{err}");
     }
 
     #[test]

@@ -351,7 +351,8 @@ pub enum TokenCommand {
         /// Label for the host, k=v (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// Lifetime (e.g. 15m, 2h); default from the controller's config.
+        /// Lifetime (e.g. 15m, 2h; at least 1m, at most 168h); default from the controller's
+        /// config.
         #[arg(long, value_parser = drover_agent::daemon::parse_duration)]
         ttl: Option<std::time::Duration>,
         #[arg(long)]
@@ -376,6 +377,17 @@ pub enum OperatorCommand {
         /// Directory to write ca.pem, cert.pem and key.pem (0600) into.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// List every operator certificate issued: name, role, serial, issued, expires, state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse every certificate of operator NAME from now on, across restarts.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -678,12 +690,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             ttl,
             json,
         }) => {
+            // 0 on the wire means "the controller's default": a zero (or sub-second) --ttl
+            // would silently become that, so it is refused here; the controller checks the
+            // bounds of any other value.
+            if ttl.is_some_and(|d| d.as_secs() == 0) {
+                return Err(CliError::Invalid(
+                    "--ttl must be at least 1m (and at most 168h): a token that expires at once cannot be used".into(),
+                ));
+            }
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
             let resp = api
                 .create_token(v1::CreateTokenRequest {
                     host: host.clone(),
                     labels: labels.into_iter().collect(),
-                    ttl_secs: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
+                    ttl_secs: ttl.map(|d| d.as_secs()).unwrap_or(0),
                 })
                 .await
                 .map_err(err)?
@@ -747,6 +767,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .await
                 .map_err(err)?
                 .into_inner();
+            let expires = drover_identity::pki::CertInfo::from_pem(&resp.cert_pem)
+                .map(|c| output::expires_in(c.not_after_unix, now))
+                .unwrap_or_default();
             Bundle {
                 ca_pem: resp.ca_pem,
                 cert_pem: resp.cert_pem,
@@ -754,8 +777,52 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             .save(&out)
             .map_err(|e| CliError::Other(e.to_string()))?;
-            println!("operator {name} ({role}) written to {}", out.display());
+            println!(
+                "operator {name} ({role}) written to {}; the certificate expires {expires}",
+                out.display()
+            );
             Ok(())
+        }
+        Command::Operator(OperatorCommand::List { json }) => {
+            let operators = api
+                .list_operators(v1::ListOperatorsRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .operators;
+            if json {
+                print_json(&Value::Array(
+                    operators.iter().map(output::operator_json).collect(),
+                ))
+            } else {
+                println!("{}", output::operators_table(&operators, now));
+                Ok(())
+            }
+        }
+        Command::Operator(OperatorCommand::Revoke { name, json }) => {
+            let resp = api
+                .revoke_operator(v1::RevokeOperatorRequest { name: name.clone() })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({
+                    "operator": name,
+                    "certificates_revoked": resp.certificates_revoked,
+                }))
+            } else {
+                println!(
+                    "operator {name} revoked: {} recorded certificate(s), and any older one of that name, refused from now on",
+                    resp.certificates_revoked
+                );
+                if resp.certificates_revoked == 0 {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "no certificate was recorded for {name}: check the name with `drover operator list`"
+                    );
+                }
+                Ok(())
+            }
         }
         Command::Host(HostCommand::Revoke { name, json }) => {
             let resp = api

@@ -293,6 +293,38 @@ pub fn app_privileges(a: &v1::AppInfo) -> Vec<String> {
         .unwrap_or_default()
 }
 
+pub fn operator_json(o: &v1::OperatorInfo) -> Value {
+    json!({
+        "name": o.name,
+        "role": o.role,
+        "serial": o.serial,
+        "state": o.state,
+        "issued_at": rfc3339_ms(o.issued_unix_ms),
+        "expires_at": rfc3339_ms(o.expires_unix_ms),
+        "revoked_at": rfc3339_ms(o.revoked_unix_ms),
+        "created_by": o.created_by,
+    })
+}
+
+pub fn operators_table(operators: &[v1::OperatorInfo], now_ms: i64) -> String {
+    if operators.is_empty() {
+        return "no operator certificates recorded".into();
+    }
+    let mut t = table(&["NAME", "ROLE", "STATE", "SERIAL", "ISSUED", "EXPIRES", "BY"]);
+    for o in operators {
+        t.add_row(vec![
+            o.name.clone(),
+            o.role.clone(),
+            o.state.clone(),
+            o.serial.chars().take(16).collect(),
+            ago(o.issued_unix_ms, now_ms),
+            expires_in(o.expires_unix_ms / 1000, now_ms),
+            o.created_by.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
 pub fn app_json(a: &v1::AppInfo) -> Value {
     json!({
         "privileges": app_privileges(a),
