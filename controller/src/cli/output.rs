@@ -364,6 +364,8 @@ pub fn job_json(j: &v1::JobInfo) -> Value {
         "finished_at": rfc3339_ms(j.finished_unix_ms),
         "duration_ms": (j.finished_unix_ms > 0).then(|| j.finished_unix_ms - j.created_unix_ms),
         "state": j.state,
+        "cancel_requested_by": j.cancel_requested_by,
+        "cancel_requested_at": rfc3339_ms(j.cancel_requested_unix_ms),
         "targets": j.targets.iter().map(|t| json!({
             "host": t.host,
             "state": t.state,
@@ -375,6 +377,47 @@ pub fn job_json(j: &v1::JobInfo) -> Value {
             "code": t.code,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// `drover cancel --json`: the job as stored after the request, and whom it reached.
+pub fn cancel_json(c: &v1::CancelJobResponse) -> Value {
+    json!({
+        "job": c.job.as_ref().map(job_json),
+        "already_finished": c.already_finished,
+        "hosts_told": c.hosts_told,
+        "hosts_pending": c.hosts_pending,
+    })
+}
+
+/// `drover cancel`: one line saying what the request did.
+pub fn cancel_text(c: &v1::CancelJobResponse) -> String {
+    let (id, state) = c
+        .job
+        .as_ref()
+        .map(|j| (j.id.as_str(), j.state.as_str()))
+        .unwrap_or(("?", "?"));
+    if c.already_finished {
+        return format!("job {id} already finished ({state}); nothing to cancel");
+    }
+    let mut out = format!("cancel of job {id} requested");
+    if !c.hosts_told.is_empty() {
+        out.push_str(&format!(
+            "; {} stop(s) at the next safe point",
+            c.hosts_told.join(", ")
+        ));
+    }
+    if !c.hosts_pending.is_empty() {
+        out.push_str(&format!(
+            "; {} not connected: told when it reconnects",
+            c.hosts_pending.join(", ")
+        ));
+    }
+    if state == "cancelled" {
+        out.push_str("; the job is cancelled");
+    } else {
+        out.push_str(&format!("; `drover watch {id}` follows it to the end"));
+    }
+    out
 }
 
 pub fn jobs_table(jobs: &[v1::JobInfo], now_ms: i64) -> String {
