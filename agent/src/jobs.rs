@@ -636,3 +636,54 @@ impl<T: std::io::Write> std::io::Write for CancelIo<T> {
         self.inner.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancelled_job_ends_cancelled_unless_it_got_past_its_last_safe_point() {
+        let failed = Outcome {
+            code: "locked".into(),
+            ..Outcome::failed("health", "the health check failed 3 times")
+        };
+        let out = cancelled_outcome(failed, Some("bob".into()));
+        assert_eq!(out.result, JobResult::Cancelled);
+        assert_eq!(out.step, "health");
+        assert_eq!(
+            out.error,
+            "cancelled by bob (the health check failed 3 times)"
+        );
+        assert!(out.code.is_empty());
+        // The step that noticed the cancel says so already.
+        let noticed = Outcome::failed("image", "cancelled by bob at image");
+        assert_eq!(
+            cancelled_outcome(noticed, Some("bob".into())).error,
+            "cancelled by bob at image"
+        );
+        // A switch-back in the watch window is the cancel's doing.
+        let back = Outcome {
+            result: JobResult::RolledBack,
+            ..Outcome::failed("watch", "cancelled by bob at watch")
+        };
+        assert_eq!(cancelled_outcome(back, None).result, JobResult::Cancelled);
+        // Past the watch window: the deploy is done; it says the cancel came too late.
+        let done = cancelled_outcome(Outcome::succeeded("v2", "v1"), Some("bob".into()));
+        assert_eq!(done.result, JobResult::Succeeded);
+        assert!(done.extra["cancel"].contains("after the last safe point"));
+    }
+
+    #[test]
+    fn cancels_reach_only_running_jobs_and_remember_who() {
+        let cancels = Cancels::default();
+        assert!(!cancels.cancel("j1", "bob"), "nothing runs");
+        let token = cancels.register("j1");
+        assert_eq!(cancels.cancelled_by("j1"), None);
+        assert!(cancels.cancel("j1", "bob"));
+        assert!(cancels.cancel("j1", "carol"));
+        assert!(token.is_cancelled() && cancels.token("j1").is_cancelled());
+        assert_eq!(cancels.cancelled_by("j1").as_deref(), Some("bob"));
+        cancels.remove("j1");
+        assert!(!cancels.token("j1").is_cancelled());
+    }
+}
