@@ -78,6 +78,15 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// An outbox over `store` that redacts what `redactor` knows.
+    pub fn new(store: Arc<Store>, redactor: redact::Redactor) -> Outbox {
+        Outbox {
+            store,
+            notify: Arc::new(Notify::new()),
+            redactor,
+        }
+    }
+
     /// Records an event durably (its secrets cut out) and returns its sequence number.
     pub async fn record(&self, mut event: NewEvent) -> Result<u64, AgentError> {
         self.redactor

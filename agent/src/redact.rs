@@ -333,6 +333,102 @@ mod tests {
         assert_eq!(r.redact("pw"), "pw");
     }
 
+    fn private(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    fn job(kind: crate::store::JobKind, app: &str, spec_toml: &str) -> JobRecord {
+        JobRecord {
+            kind,
+            app: app.into(),
+            spec_toml: spec_toml.into(),
+            ..JobRecord::cancelled_unstarted("j1", "t", 0)
+        }
+    }
+
+    #[test]
+    fn a_job_teaches_every_secret_file_it_may_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        private(
+            &secrets.join("api.env"),
+            "DATABASE_URL=postgres://u:envpassword1@db/x\nAPI_KEY='key-0123456789'\n",
+        );
+        let creds = dir.path().join("s3.toml");
+        private(
+            &creds,
+            "access_key_id = \"AKIAEXAMPLE\"\nsecret_access_key = \"s3-secret-key-xyz\"\n",
+        );
+        let pw = dir.path().join("pg-password");
+        private(&pw, "pg-password-123\n");
+        let target = format!(
+            "name = \"db\"\n[postgres]\nurl = \"postgresql://app@127.0.0.1:5432/\"\n\
+             password_file = \"{}\"\ndatabases = [\"shop\"]\n\
+             [storage.s3]\nendpoint = \"https://s3.example.net\"\nbucket = \"b\"\n\
+             credentials_file = \"{}\"\n",
+            pw.display(),
+            creds.display()
+        );
+        // A backup job: its target's S3 key and password.
+        let r = Redactor::default();
+        let mut backup = job(crate::store::JobKind::Backup, "db", "");
+        backup.backup = Some(crate::store::BackupJob {
+            target_toml: target.clone(),
+            ..Default::default()
+        });
+        r.learn_job(&secrets, &backup);
+        assert_eq!(
+            r.redact("s3-secret-key-xyz pg-password-123 envpassword1"),
+            "[redacted:s3.secret_access_key] [redacted:postgres.password_file] envpassword1"
+        );
+        // A deploy: every value of its app's env file (the URL's password alone too), and
+        // its pre-deploy backup target's files.
+        let r = Redactor::default();
+        let mut deploy = job(crate::store::JobKind::Deploy, "api", "");
+        deploy.backup = backup.backup.clone();
+        r.learn_job(&secrets, &deploy);
+        assert_eq!(
+            r.redact("envpassword1 key-0123456789 s3-secret-key-xyz"),
+            "[redacted:DATABASE_URL] [redacted:API_KEY] [redacted:s3.secret_access_key]"
+        );
+        // Files that cannot be read teach nothing and fail nothing.
+        let r = Redactor::default();
+        r.learn_job(
+            &dir.path().join("none"),
+            &job(crate::store::JobKind::Deploy, "x", "?"),
+        );
+        assert_eq!(r.redact("anything"), "anything");
+    }
+
+    #[tokio::test]
+    async fn the_outbox_stores_events_with_their_secrets_cut_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(crate::store::Store::open(dir.path()).unwrap());
+        let r = redactor(&[("DATABASE_URL", "postgres://u:hunter2hunter2@db/x")]);
+        let outbox = crate::Outbox::new(store.clone(), r);
+        outbox
+            .record(crate::store::NewEvent {
+                job_id: "j".into(),
+                kind: "job.finished".into(),
+                message: "failed: postgres://u:hunter2hunter2@db/x".into(),
+                fields: BTreeMap::from([(
+                    "logs".to_string(),
+                    "cannot parse 'postgres%3A%2F%2Fu%3Ahunter2hunter2%40db%2Fx'".to_string(),
+                )]),
+            })
+            .await
+            .unwrap();
+        let stored = store.pending_after(0, 10).unwrap().remove(0);
+        assert_eq!(stored.message, "failed: [redacted:DATABASE_URL]");
+        assert_eq!(
+            stored.fields["logs"],
+            "cannot parse '[redacted:DATABASE_URL]'"
+        );
+    }
+
     #[test]
     fn events_are_redacted_in_message_and_fields() {
         let r = redactor(&[("KEY", "hunter2hunter2")]);
