@@ -164,12 +164,23 @@ pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<Work>) {
         }
     }
     let mut running = JoinSet::new();
+    // Which job each task runs, so a task that panicked still ends its job.
+    let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            Some(done) = running.join_next(), if !running.is_empty() => {
-                if let Err(err) = done {
-                    error!(error = %err, "a job task ended abnormally");
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                match done {
+                    Ok((id, ())) => {
+                        tasks.remove(&id);
+                    }
+                    Err(err) => {
+                        let job_id = tasks.remove(&err.id()).unwrap_or_default();
+                        error!(job = %job_id, error = %err, "a job task ended abnormally");
+                        if err.is_panic() && !job_id.is_empty() {
+                            end_after_panic(&ctx, &job_id, panic_text(err.into_panic())).await;
+                        }
+                    }
                 }
             }
             work = rx.recv() => {
@@ -187,9 +198,11 @@ pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<Work>) {
                         // Registered before the task runs, so a cancel right behind the
                         // command finds it.
                         let token = ctx.cancels.register(&job.id);
-                        running.spawn(async move {
+                        let job_id = job.id.clone();
+                        let task = running.spawn(async move {
                             run_job(&ctx, job, token).await;
                         });
+                        tasks.insert(task.id(), job_id);
                     }
                     Ok(false) => {
                         info!(job = %job.id, "job already known; command ignored");
@@ -200,6 +213,40 @@ pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<Work>) {
         }
     }
     running.abort_all();
+}
+
+/// The text of a panic's payload.
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Ends a job whose task panicked (a bug) the way the next start would after a crash
+/// (`recovery::converge`: one serving release, the job's containers gone, its lock released,
+/// reported `interrupted`), so it does not stay "running" with its app locked until the agent
+/// restarts.
+async fn end_after_panic(ctx: &JobCtx, job_id: &str, why: String) {
+    ctx.cancels.remove(job_id);
+    let job = match ctx.store.job(job_id) {
+        Ok(Some(job)) if !job.finished => job,
+        Ok(_) => return,
+        Err(err) => {
+            error!(job = %job_id, error = %err, "cannot read the job that panicked");
+            return;
+        }
+    };
+    Report::new(&ctx.outbox, job_id)
+        .progress(
+            &job.step,
+            format!("the agent hit a bug in this job ({why}); converging as after a crash"),
+        )
+        .await;
+    if let Err(err) = recovery::converge(ctx, job).await {
+        error!(job = %job_id, error = %err, "cannot converge the job that panicked; the next start will");
+    }
 }
 
 /// A cancel from the controller: a running job's token is cancelled; a finished one is left

@@ -141,7 +141,7 @@ async fn healthy(ctx: &JobCtx, report: &Report<'_>, release: &Release) -> Result
     Ok(())
 }
 
-async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
+pub(crate) async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
     if job.kind.is_backup() {
         crate::backup::converge(ctx, job).await;
         return Ok(());
