@@ -1014,6 +1014,38 @@ mod tests {
     }
 
     #[test]
+    fn cancel_says_what_it_did() {
+        let job = |state: &str| v1::JobInfo {
+            id: "deploy-1".into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let told = v1::CancelJobResponse {
+            job: Some(job("running")),
+            already_finished: false,
+            hosts_told: vec!["web-1".into()],
+            hosts_pending: vec!["web-2".into()],
+        };
+        assert_eq!(
+            cancel_text(&told),
+            "cancel of job deploy-1 requested; web-1 stop(s) at the next safe point; web-2 not connected: told when it reconnects; `drover watch deploy-1` follows it to the end"
+        );
+        let done = v1::CancelJobResponse {
+            job: Some(job("succeeded")),
+            already_finished: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            cancel_text(&done),
+            "job deploy-1 already finished (succeeded); nothing to cancel"
+        );
+        let v = cancel_json(&told);
+        assert_eq!(v["job"]["state"], "running");
+        assert_eq!(v["hosts_told"][0], "web-1");
+        assert_eq!(v["already_finished"], false);
+    }
+
+    #[test]
     fn jobs_and_releases_tables() {
         let job = v1::JobInfo {
             id: "rollback-20261123-142233-3f2a".into(),
