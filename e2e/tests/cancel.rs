@@ -280,14 +280,19 @@ async fn a_backup_cancelled_mid_stream_leaves_no_partial_file() {
     let addr = controller.addr.to_string();
     let mut agent = TestAgent::enroll_and_start(&controller, "bk-host", &agent_dir, &addr).await;
     agent.wait_connected().await;
-    // 2 GiB that take no disk (the check wants half of it free): long enough to stream
-    // (debug build) that the cancel lands mid-dump.
+    // 256 MiB that do not compress (a sparse file would be stored as a sparse tar entry):
+    // long enough to stream (debug build) that the cancel lands mid-dump.
     let src = dir.path().join("files");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::File::create(src.join("big.bin"))
-        .unwrap()
-        .set_len(2 << 30)
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 268435456 /dev/urandom > {}",
+            src.join("big.bin").display()
+        ))
+        .status()
         .unwrap();
+    assert!(made.success());
     controller
         .apply_target(&format!(
             "name = \"bigfiles\"\nhost = \"bk-host\"\n[path]\ndir = \"{}\"\n",
