@@ -19,12 +19,18 @@ pub enum LogFormat {
 /// Initialises tracing on stderr. `RUST_LOG` overrides the default `info` level.
 /// Safe to call more than once (later calls do nothing), which tests rely on.
 pub fn init_logging(format: LogFormat) {
+    init_logging_redacted(format, crate::redact::Redactor::default());
+}
+
+/// [`init_logging`], with every secret `redactor` knows cut out of each line (the agent
+/// shares it with its jobs).
+pub fn init_logging_redacted(format: LogFormat, redactor: crate::redact::Redactor) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::redact::RedactingStderr { redactor });
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder

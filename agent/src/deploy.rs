@@ -158,8 +158,31 @@ pub(crate) async fn pause_point(point: &str) {
     }
 }
 
+/// A cancel noticed at `step`: the job fails there and undoes what it made, and the runner
+/// reports it `cancelled` (`jobs::cancelled_outcome`).
+pub(crate) fn cancelled(ctx: &JobCtx, job: &JobRecord, step: &'static str) -> Failure {
+    let by = ctx.cancels.cancelled_by(&job.id).unwrap_or_default();
+    fail(step, format!("cancelled by {by} at {step}"))
+}
+
+/// Runs `work` unless the job is cancelled first: a wait that may be dropped half-way (HTTP
+/// checks, sleeps, waiting for a lock), never one that changes the host.
+pub(crate) async fn unless_cancelled<T>(
+    ctx: &JobCtx,
+    job: &JobRecord,
+    step: &'static str,
+    work: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let token = ctx.cancels.token(&job.id);
+    tokio::select! {
+        result = work => result,
+        _ = token.cancelled() => Err(cancelled(ctx, job, step)),
+    }
+}
+
 /// Records the step as started in the job (flushed first: a crash knows how far it got) and as
-/// an event.
+/// an event. The safe point of cancellation: before traffic moved (`switched`), a cancelled job
+/// stops here, before the step acts.
 pub(crate) async fn begin(
     ctx: &JobCtx,
     job: &mut JobRecord,
@@ -167,13 +190,24 @@ pub(crate) async fn begin(
     step: &'static str,
     message: String,
 ) -> Result<Instant, Failure> {
+    if !job.switched && ctx.cancels.token(&job.id).is_cancelled() {
+        return Err(cancelled(ctx, job, step));
+    }
     job.step = step.to_string();
     ctx.store
         .put_job(job)
         .await
         .map_err(|e| fail(step, format!("cannot record progress: {e}")))?;
     report.step_started(step, message).await;
-    pause_point(step).await;
+    if job.switched {
+        pause_point(step).await;
+    } else {
+        unless_cancelled(ctx, job, step, async {
+            pause_point(step).await;
+            Ok(())
+        })
+        .await?;
+    }
     Ok(Instant::now())
 }
 
@@ -191,6 +225,16 @@ pub(crate) async fn take_lock(
         format!("locking {}", job.lock_key()),
     )
     .await?;
+    unless_cancelled(ctx, job, "lock", wait_lock(ctx, job, report, since)).await
+}
+
+/// Takes the lock, or waits for it (`wait_lock`) until it is granted.
+async fn wait_lock(
+    ctx: &JobCtx,
+    job: &JobRecord,
+    report: &Report<'_>,
+    since: Instant,
+) -> Result<LockKeeper, Failure> {
     let lease = ctx.lock_lease.as_millis() as i64;
     let mut last_said = None::<Instant>;
     loop {
@@ -395,7 +439,8 @@ async fn health_step(
     )
     .await?;
     if let (Some(addr), Some(name)) = (addr, release.containers.get(WEB)) {
-        wait_healthy(ctx, report, "health", name, addr, &spec.health).await?;
+        let checks = wait_healthy(ctx, report, "health", name, addr, &spec.health);
+        unless_cancelled(ctx, job, "health", checks).await?;
     }
     let healthy_at = unix_ms();
     workers_settled(ctx, "health", release).await?;
@@ -879,7 +924,14 @@ async fn deploy_steps(
         format!("watching {} for {:?}", job.version, spec.watch.window),
     )
     .await?;
-    if let Some(breach) = watch(ctx, &spec, &release, new_upstream.as_deref()).await {
+    let token = ctx.cancels.token(&job.id);
+    let watched = tokio::select! {
+        breach = watch(ctx, &spec, &release, new_upstream.as_deref()) => breach,
+        // A cancel in the window is a breach the operator called: switch back the same way
+        // (the runner reports it `cancelled`).
+        _ = token.cancelled() => Some(cancelled(ctx, job, "watch").error),
+    };
+    if let Some(breach) = watched {
         let Some(prev) = &previous else {
             report.step_failed("watch", since, breach.clone()).await;
             return Err(fail(

@@ -17,7 +17,7 @@ pub const STARTED: &str = "job.started";
 pub const STEP: &str = "job.step";
 /// A line of progress within a step: `step`; the message says what happened.
 pub const PROGRESS: &str = "job.progress";
-/// The job ended: `result`, `step` (where it failed), `error`, `logs`, `code`, `duration_ms`,
+/// The job ended: `result` (`succeeded|failed|rolled_back|interrupted|cancelled`), `step` (where it failed), `error`, `logs`, `code`, `duration_ms`,
 /// `live_version`, `previous_version`.
 pub const FINISHED: &str = "job.finished";
 /// An app's release table on this host: `app`, `releases` (JSON array of [`Release`]).
@@ -114,6 +114,9 @@ pub enum JobResult {
     /// The agent stopped (crash, kill) during the job; on restart it converged to one serving
     /// release and reported what it did.
     Interrupted,
+    /// An operator cancelled it (`drover cancel`): it stopped at a safe point and undid what
+    /// it made (a deploy before the switch; in the watch window it switched back).
+    Cancelled,
 }
 
 impl JobResult {
@@ -123,6 +126,7 @@ impl JobResult {
             JobResult::Failed => "failed",
             JobResult::RolledBack => "rolled_back",
             JobResult::Interrupted => "interrupted",
+            JobResult::Cancelled => "cancelled",
         }
     }
 
@@ -132,6 +136,7 @@ impl JobResult {
             "failed" => JobResult::Failed,
             "rolled_back" => JobResult::RolledBack,
             "interrupted" => JobResult::Interrupted,
+            "cancelled" => JobResult::Cancelled,
             _ => return None,
         })
     }

@@ -3,10 +3,17 @@
 //! the durable outbox. On start it first converges whatever a crash interrupted (`recovery`) and
 //! brings the app proxies back, then takes commands. Jobs of different apps run at once; one
 //! app's jobs are serialised by its deploy lock.
+//!
+//! Cancellation: the controller's `Cancel{job_id}` cancels that job's token (`Cancels`). Each
+//! job kind stops at its next safe point (`deploy::begin` before the switch, the waits of the
+//! lock, health and smoke steps, the watch window, a backup's byte stream) and undoes what it
+//! made through its ordinary failure path; the runner reports such an ending `cancelled`.
+//! A cancel for a job this agent never received is recorded, so its command, should it come
+//! later, is ignored, and the job is reported `cancelled` at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -18,6 +25,7 @@ use crate::apps::Apps;
 use crate::docker::DockerClient;
 use crate::health::AppFacts;
 use crate::jobevent::{self, JobResult, field, status};
+use crate::redact::Redactor;
 use crate::store::{JobRecord, NewEvent, Store};
 use crate::{Outbox, deploy, recovery, unix_ms};
 
@@ -35,24 +43,102 @@ pub struct JobCtx {
     pub backups_dir: PathBuf,
     /// How long a deploy lock lives without renewal (renewed at a third of it while held).
     pub lock_lease: Duration,
+    /// The secrets the agent knows (the outbox's and the log writer's).
+    pub redactor: Redactor,
+    /// The running jobs' cancellation tokens.
+    pub cancels: Cancels,
+}
+
+/// Who asked to cancel a running job, by job id: a job checks its own at each safe point.
+/// Separate from the agent's shutdown, which leaves jobs for the next start's recovery.
+#[derive(Debug, Default)]
+pub struct Cancels {
+    running: Mutex<HashMap<String, (CancellationToken, String)>>,
+}
+
+impl Cancels {
+    fn register(&self, job_id: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        if let Ok(mut map) = self.running.lock() {
+            map.insert(job_id.to_string(), (token.clone(), String::new()));
+        }
+        token
+    }
+
+    fn remove(&self, job_id: &str) {
+        if let Ok(mut map) = self.running.lock() {
+            map.remove(job_id);
+        }
+    }
+
+    /// Cancels a running job; false when none by that id runs here.
+    fn cancel(&self, job_id: &str, by: &str) -> bool {
+        let Ok(mut map) = self.running.lock() else {
+            return false;
+        };
+        match map.get_mut(job_id) {
+            Some((token, who)) => {
+                if who.is_empty() {
+                    *who = by.to_string();
+                }
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The job's token (a never-cancelled one for a job not run by the runner, e.g. recovery).
+    pub fn token(&self, job_id: &str) -> CancellationToken {
+        self.running
+            .lock()
+            .ok()
+            .and_then(|map| map.get(job_id).map(|(t, _)| t.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Who cancelled the job, once it was.
+    pub fn cancelled_by(&self, job_id: &str) -> Option<String> {
+        let map = self.running.lock().ok()?;
+        let (token, who) = map.get(job_id)?;
+        token.is_cancelled().then(|| who.clone())
+    }
+}
+
+/// What the session hands the runner, in the order the controller sent it.
+#[derive(Debug)]
+pub enum Work {
+    Run(Box<JobRecord>),
+    Cancel { job_id: String, by: String },
 }
 
 /// Where the session hands commands to the runner.
 #[derive(Debug, Clone)]
 pub struct JobQueue {
-    tx: mpsc::UnboundedSender<JobRecord>,
+    tx: mpsc::UnboundedSender<Work>,
 }
 
 impl JobQueue {
-    pub fn new() -> (JobQueue, mpsc::UnboundedReceiver<JobRecord>) {
+    pub fn new() -> (JobQueue, mpsc::UnboundedReceiver<Work>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (JobQueue { tx }, rx)
     }
 
     /// Hands a job to the runner. Never blocks the session.
     pub fn submit(&self, job: JobRecord) {
-        if self.tx.send(job).is_err() {
+        if self.tx.send(Work::Run(Box::new(job))).is_err() {
             warn!("the job runner has stopped; command dropped (the controller sends it again)");
+        }
+    }
+
+    /// Asks the runner to cancel a job. Never blocks the session.
+    pub fn cancel(&self, job_id: &str, by: &str) {
+        let work = Work::Cancel {
+            job_id: job_id.to_string(),
+            by: by.to_string(),
+        };
+        if self.tx.send(work).is_err() {
+            warn!(job = %job_id, "the job runner has stopped; cancel dropped (the controller sends it again)");
         }
     }
 }
@@ -60,7 +146,7 @@ impl JobQueue {
 /// Runs until `shutdown`: recovery first (retried until the Docker Engine answers), then every
 /// submitted job. On shutdown, running jobs are dropped where they are: the next start's
 /// recovery converges them, exactly as after a crash.
-pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<JobRecord>) {
+pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<Work>) {
     let mut attempt = 0u32;
     loop {
         match recovery::recover(&ctx).await {
@@ -78,20 +164,45 @@ pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<JobRecord>) {
         }
     }
     let mut running = JoinSet::new();
+    // Which job each task runs, so a task that panicked still ends its job.
+    let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            Some(done) = running.join_next(), if !running.is_empty() => {
-                if let Err(err) = done {
-                    error!(error = %err, "a job task ended abnormally");
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                match done {
+                    Ok((id, ())) => {
+                        tasks.remove(&id);
+                    }
+                    Err(err) => {
+                        let job_id = tasks.remove(&err.id()).unwrap_or_default();
+                        error!(job = %job_id, error = %err, "a job task ended abnormally");
+                        if err.is_panic() && !job_id.is_empty() {
+                            end_after_panic(&ctx, &job_id, panic_text(err.into_panic())).await;
+                        }
+                    }
                 }
             }
-            job = rx.recv() => {
-                let Some(job) = job else { break };
+            work = rx.recv() => {
+                let job = match work {
+                    None => break,
+                    Some(Work::Run(job)) => *job,
+                    Some(Work::Cancel { job_id, by }) => {
+                        cancel(&ctx, &job_id, &by).await;
+                        continue;
+                    }
+                };
                 match ctx.store.accept_job(&job).await {
                     Ok(true) => {
                         let ctx = ctx.clone();
-                        running.spawn(async move { run_job(&ctx, job).await });
+                        // Registered before the task runs, so a cancel right behind the
+                        // command finds it.
+                        let token = ctx.cancels.register(&job.id);
+                        let job_id = job.id.clone();
+                        let task = running.spawn(async move {
+                            run_job(&ctx, job, token).await;
+                        });
+                        tasks.insert(task.id(), job_id);
                     }
                     Ok(false) => {
                         info!(job = %job.id, "job already known; command ignored");
@@ -102,6 +213,88 @@ pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<JobRecord>) {
         }
     }
     running.abort_all();
+}
+
+/// The text of a panic's payload.
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Ends a job whose task panicked (a bug) the way the next start would after a crash
+/// (`recovery::converge`: one serving release, the job's containers gone, its lock released,
+/// reported `interrupted`), so it does not stay "running" with its app locked until the agent
+/// restarts.
+async fn end_after_panic(ctx: &JobCtx, job_id: &str, why: String) {
+    ctx.cancels.remove(job_id);
+    let job = match ctx.store.job(job_id) {
+        Ok(Some(job)) if !job.finished => job,
+        Ok(_) => return,
+        Err(err) => {
+            error!(job = %job_id, error = %err, "cannot read the job that panicked");
+            return;
+        }
+    };
+    Report::new(&ctx.outbox, job_id)
+        .progress(
+            &job.step,
+            format!("the agent hit a bug in this job ({why}); converging as after a crash"),
+        )
+        .await;
+    if let Err(err) = recovery::converge(ctx, job).await {
+        error!(job = %job_id, error = %err, "cannot converge the job that panicked; the next start will");
+    }
+}
+
+/// A cancel from the controller: a running job's token is cancelled; a finished one is left
+/// as it ended (its `job.finished` is in the outbox); an unknown one is recorded as finished,
+/// so its command is ignored if it comes later, and reported `cancelled`.
+async fn cancel(ctx: &JobCtx, job_id: &str, by: &str) {
+    if ctx.cancels.cancel(job_id, by) {
+        info!(job = %job_id, by, "job cancelled; it stops at its next safe point");
+        return;
+    }
+    match ctx.store.job(job_id) {
+        Ok(Some(job)) if job.finished => {
+            info!(job = %job_id, "cancel of a job that already finished; nothing to do");
+        }
+        Ok(Some(_)) => {
+            // Known, unfinished, not running: recovery has it (it ends `interrupted`).
+            info!(job = %job_id, "cancel of a job being converged after a restart; it ends as recovery decides");
+        }
+        Ok(None) => {
+            let tombstone = JobRecord::cancelled_unstarted(job_id, by, unix_ms());
+            match ctx.store.accept_job(&tombstone).await {
+                Ok(_) => {
+                    info!(job = %job_id, by, "cancelled before its command arrived");
+                    let fields = BTreeMap::from([
+                        (
+                            field::RESULT.to_string(),
+                            JobResult::Cancelled.as_str().to_string(),
+                        ),
+                        (
+                            field::ERROR.to_string(),
+                            format!("cancelled by {by} before it started"),
+                        ),
+                    ]);
+                    Report::new(&ctx.outbox, job_id)
+                        .event(
+                            jobevent::FINISHED,
+                            format!("cancelled by {by} before it started on this host"),
+                            fields,
+                        )
+                        .await;
+                }
+                Err(err) => {
+                    error!(job = %job_id, error = %err, "cannot record the cancel; the controller sends it again")
+                }
+            }
+        }
+        Err(err) => error!(job = %job_id, error = %err, "cannot read the job to cancel"),
+    }
 }
 
 /// How a job ended, for `job.finished`.
@@ -145,8 +338,10 @@ impl Outcome {
     }
 }
 
-async fn run_job(ctx: &JobCtx, mut job: JobRecord) {
+async fn run_job(ctx: &JobCtx, mut job: JobRecord, token: CancellationToken) {
     let started = Instant::now();
+    // Before the first event: whatever the job prints from here on is redacted.
+    ctx.redactor.learn_job(&ctx.secrets_dir, &job);
     let report = Report::new(&ctx.outbox, &job.id);
     info!(job = %job.id, kind = job.kind.as_str(), app = %job.app, version = %job.version, by = %job.requested_by, "job started");
     report
@@ -171,8 +366,39 @@ async fn run_job(ctx: &JobCtx, mut job: JobRecord) {
             ]),
         )
         .await;
-    let outcome = deploy::run(ctx, &mut job, &report).await;
+    let mut outcome = deploy::run(ctx, &mut job, &report).await;
+    if token.is_cancelled() {
+        outcome = cancelled_outcome(outcome, ctx.cancels.cancelled_by(&job.id));
+    }
     finish(ctx, &mut job, &report, outcome, started.elapsed()).await;
+    ctx.cancels.remove(&job.id);
+}
+
+/// A job's outcome once it was cancelled: a failure (the step that noticed the cancel, or
+/// one that failed meanwhile, after which the job undid its work as usual) or a switch back
+/// in the watch window ends `cancelled`; a job that got past its last safe point keeps its
+/// result (success) and says the cancel came too late.
+pub fn cancelled_outcome(mut outcome: Outcome, by: Option<String>) -> Outcome {
+    let by = by
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "an operator".into());
+    match outcome.result {
+        JobResult::Failed | JobResult::RolledBack => {
+            outcome.result = JobResult::Cancelled;
+            if !outcome.error.contains("cancelled by") {
+                outcome.error = format!("cancelled by {by} ({})", outcome.error);
+            }
+            outcome.code.clear();
+        }
+        JobResult::Succeeded => {
+            outcome.extra.insert(
+                "cancel".into(),
+                format!("cancel by {by} came after the last safe point"),
+            );
+        }
+        JobResult::Cancelled | JobResult::Interrupted => {}
+    }
+    outcome
 }
 
 /// Ends a job: marks it finished, releases its lock, reports `job.finished` and the app's
@@ -218,6 +444,18 @@ pub async fn finish(
             "rolled back automatically: {}; {} is live",
             outcome.error, outcome.live_version
         ),
+        JobResult::Cancelled => format!(
+            "{} {} {} at {}: {}",
+            job.kind.as_str(),
+            job.app,
+            outcome.result.as_str(),
+            if outcome.step.is_empty() {
+                "start"
+            } else {
+                &outcome.step
+            },
+            outcome.error
+        ),
         _ => format!(
             "{} failed at {}: {}",
             job.kind.as_str(),
@@ -225,7 +463,9 @@ pub async fn finish(
             outcome.error
         ),
     };
-    info!(job = %job.id, result = outcome.result.as_str(), took_ms = took.as_millis() as u64, "{message}");
+    // The message may quote a failing app's output: the log line is redacted like the event.
+    let logged = ctx.redactor.redact(&message);
+    info!(job = %job.id, result = outcome.result.as_str(), took_ms = took.as_millis() as u64, "{logged}");
     report.event(jobevent::FINISHED, message, fields).await;
     if job.kind.is_backup() {
         crate::backup::report_catalog(ctx, &job.app, &job.id).await;
@@ -405,5 +645,92 @@ impl LockKeeper {
 impl Drop for LockKeeper {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// A byte source that fails once its job is cancelled, so a blocking pipeline (a backup's
+/// dump, a test restore) stops at its next read or write and cleans up through its failure
+/// path (`.partial` files removed, `pg_dump` killed on drop).
+pub struct CancelIo<T> {
+    pub inner: T,
+    pub token: CancellationToken,
+}
+
+impl<T> CancelIo<T> {
+    fn check(&self) -> std::io::Result<()> {
+        if self.token.is_cancelled() {
+            Err(std::io::Error::other("the job was cancelled"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<T: std::io::Read> std::io::Read for CancelIo<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.read(buf)
+    }
+}
+
+impl<T: std::io::Write> std::io::Write for CancelIo<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancelled_job_ends_cancelled_unless_it_got_past_its_last_safe_point() {
+        let failed = Outcome {
+            code: "locked".into(),
+            ..Outcome::failed("health", "the health check failed 3 times")
+        };
+        let out = cancelled_outcome(failed, Some("bob".into()));
+        assert_eq!(out.result, JobResult::Cancelled);
+        assert_eq!(out.step, "health");
+        assert_eq!(
+            out.error,
+            "cancelled by bob (the health check failed 3 times)"
+        );
+        assert!(out.code.is_empty());
+        // The step that noticed the cancel says so already.
+        let noticed = Outcome::failed("image", "cancelled by bob at image");
+        assert_eq!(
+            cancelled_outcome(noticed, Some("bob".into())).error,
+            "cancelled by bob at image"
+        );
+        // A switch-back in the watch window is the cancel's doing.
+        let back = Outcome {
+            result: JobResult::RolledBack,
+            ..Outcome::failed("watch", "cancelled by bob at watch")
+        };
+        assert_eq!(cancelled_outcome(back, None).result, JobResult::Cancelled);
+        // Past the watch window: the deploy is done; it says the cancel came too late.
+        let done = cancelled_outcome(Outcome::succeeded("v2", "v1"), Some("bob".into()));
+        assert_eq!(done.result, JobResult::Succeeded);
+        assert!(done.extra["cancel"].contains("after the last safe point"));
+    }
+
+    #[test]
+    fn cancels_reach_only_running_jobs_and_remember_who() {
+        let cancels = Cancels::default();
+        assert!(!cancels.cancel("j1", "bob"), "nothing runs");
+        let token = cancels.register("j1");
+        assert_eq!(cancels.cancelled_by("j1"), None);
+        assert!(cancels.cancel("j1", "bob"));
+        assert!(cancels.cancel("j1", "carol"));
+        assert!(token.is_cancelled() && cancels.token("j1").is_cancelled());
+        assert_eq!(cancels.cancelled_by("j1").as_deref(), Some("bob"));
+        cancels.remove("j1");
+        assert!(!cancels.token("j1").is_cancelled());
     }
 }

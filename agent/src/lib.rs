@@ -24,6 +24,7 @@ pub mod objectstore;
 pub mod postgres;
 pub mod proxy;
 pub mod recovery;
+pub mod redact;
 pub mod releases;
 pub mod secrets;
 mod session;
@@ -69,16 +70,29 @@ pub struct AgentStatus {
 }
 
 /// Where job code records events: stored and flushed first, sent after, deleted once the
-/// controller acknowledges them.
+/// controller acknowledges them. The one door through which job text leaves the host: every
+/// message and field is redacted here (`redact`), before it is stored.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     store: Arc<Store>,
     notify: Arc<Notify>,
+    redactor: redact::Redactor,
 }
 
 impl Outbox {
-    /// Records an event durably and returns its sequence number.
-    pub async fn record(&self, event: NewEvent) -> Result<u64, AgentError> {
+    /// An outbox over `store` that redacts what `redactor` knows.
+    pub fn new(store: Arc<Store>, redactor: redact::Redactor) -> Outbox {
+        Outbox {
+            store,
+            notify: Arc::new(Notify::new()),
+            redactor,
+        }
+    }
+
+    /// Records an event durably (its secrets cut out) and returns its sequence number.
+    pub async fn record(&self, mut event: NewEvent) -> Result<u64, AgentError> {
+        self.redactor
+            .redact_event(&mut event.message, &mut event.fields);
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -103,7 +117,8 @@ pub struct Agent {
     notify: Arc<Notify>,
     status: watch::Sender<AgentStatus>,
     queue: jobs::JobQueue,
-    commands: tokio::sync::mpsc::UnboundedReceiver<store::JobRecord>,
+    commands: tokio::sync::mpsc::UnboundedReceiver<jobs::Work>,
+    redactor: redact::Redactor,
 }
 
 impl std::fmt::Debug for Agent {
@@ -139,7 +154,15 @@ impl Agent {
             status,
             queue,
             commands,
+            redactor: redact::Redactor::default(),
         })
+    }
+
+    /// Shares `redactor` (the one the daemon's log writer uses) instead of a fresh one, so
+    /// the secrets jobs learn are cut out of log lines too.
+    pub fn with_redactor(mut self, redactor: redact::Redactor) -> Agent {
+        self.redactor = redactor;
+        self
     }
 
     pub fn host(&self) -> &str {
@@ -150,6 +173,7 @@ impl Agent {
         Outbox {
             store: self.store.clone(),
             notify: self.notify.clone(),
+            redactor: self.redactor.clone(),
         }
     }
 
@@ -172,10 +196,9 @@ impl Agent {
         let shutdown = shutdown.child_token();
         let jobs_ctx = Arc::new(jobs::JobCtx {
             store: self.store.clone(),
-            outbox: Outbox {
-                store: self.store.clone(),
-                notify: self.notify.clone(),
-            },
+            outbox: self.outbox(),
+            redactor: self.redactor.clone(),
+            cancels: jobs::Cancels::default(),
             docker: docker::connect(&self.config.docker_socket),
             apps: apps::Apps::default(),
             secrets_dir: self.config.secrets_dir.clone(),

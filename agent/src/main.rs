@@ -113,9 +113,11 @@ async fn run(args: Args) -> Result<()> {
             if let Some(format) = log_format {
                 cfg.log_format = format;
             }
-            daemon::init_logging(cfg.log_format);
+            // One set of known secrets for the jobs' events and the log lines.
+            let redactor = drover_agent::redact::Redactor::default();
+            daemon::init_logging_redacted(cfg.log_format, redactor.clone());
             let shutdown = daemon::shutdown_on_signals().context("installing signal handlers")?;
-            let agent = Agent::open(cfg)?;
+            let agent = Agent::open(cfg)?.with_redactor(redactor);
             daemon::notify_ready();
             daemon::spawn_watchdog(shutdown.clone(), || true);
             let result = agent.run(shutdown).await;

@@ -184,6 +184,11 @@ fn host_of(rest: &str) -> &str {
     authority.split(':').next().unwrap_or("")
 }
 
+/// The secret access key of a credentials file, for the agent's redactor (`redact`).
+pub fn secret_key_of(path: &Path) -> Result<String, ObjectStoreError> {
+    read_credentials(path).map(|c| c.secret_access_key)
+}
+
 /// Reads and checks the credentials file.
 fn read_credentials(path: &Path) -> Result<Credentials, ObjectStoreError> {
     let file_error = |reason: String| ObjectStoreError::CredentialsFile {

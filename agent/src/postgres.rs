@@ -955,7 +955,9 @@ fn psql_args(target: &Target, database: &str, sql: &str) -> Vec<String> {
     args
 }
 
-fn read_password_file(path: &std::path::Path) -> Result<String, PgError> {
+/// The password a `password_file` holds (its first line), as the tools get it; also read by
+/// the agent's redactor (`redact`).
+pub fn read_password_file(path: &std::path::Path) -> Result<String, PgError> {
     let text = std::fs::read_to_string(path).map_err(|e| PgError::PasswordFile {
         path: path.display().to_string(),
         message: e.to_string(),

@@ -33,6 +33,7 @@ pub async fn recover(ctx: &JobCtx) -> Result<(), String> {
     crate::backup::verify::sweep_scratch(ctx).await;
     let jobs = ctx.store.unfinished_jobs().map_err(|e| e.to_string())?;
     for job in jobs {
+        ctx.redactor.learn_job(&ctx.secrets_dir, &job);
         converge(ctx, job).await?;
     }
     for app in ctx.store.release_apps().map_err(|e| e.to_string())? {
@@ -140,7 +141,7 @@ async fn healthy(ctx: &JobCtx, report: &Report<'_>, release: &Release) -> Result
     Ok(())
 }
 
-async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
+pub(crate) async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
     if job.kind.is_backup() {
         crate::backup::converge(ctx, job).await;
         return Ok(());

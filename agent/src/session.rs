@@ -412,7 +412,7 @@ async fn handle_inbound(
                 warn!(job = %cmd.job_id, kind = %cmd.kind, "a command this agent does not understand; ignored (upgrade the agent)")
             }
         },
-        Some(In::Cancel(c)) => debug!(job = %c.job_id, "cancelling jobs is not supported; ignored"),
+        Some(In::Cancel(c)) => ctx.jobs.cancel(&c.job_id, &c.requested_by),
         Some(In::Welcome(_)) | None => {}
     }
     Ok(())

@@ -114,6 +114,29 @@ pub struct BackupJob {
 }
 
 impl JobRecord {
+    /// The record of a job cancelled before its command reached this agent: finished, so the
+    /// command, if it comes later, is ignored like any job id already known.
+    pub fn cancelled_unstarted(id: &str, by: &str, now_ms: i64) -> JobRecord {
+        JobRecord {
+            id: id.to_string(),
+            kind: JobKind::Deploy,
+            app: String::new(),
+            version: String::new(),
+            spec_toml: String::new(),
+            spec_revision: 0,
+            skip_backup: false,
+            wait_lock: false,
+            requested_by: by.to_string(),
+            accepted_unix_ms: now_ms,
+            step: String::new(),
+            finished: true,
+            release: String::new(),
+            previous: String::new(),
+            switched: false,
+            backup: None,
+        }
+    }
+
     /// The lock the job holds: the app's deploy lock, or `backup:<target>`.
     pub fn lock_key(&self) -> String {
         if self.kind.is_backup() {

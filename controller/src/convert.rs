@@ -235,6 +235,8 @@ pub fn job_to_proto(j: &JobRecord) -> v1::JobInfo {
         finished_unix_ms: j.finished_unix_ms,
         state: j.state().as_str().to_string(),
         scheduled: None,
+        cancel_requested_by: j.cancel.as_ref().map(|c| c.by.clone()).unwrap_or_default(),
+        cancel_requested_unix_ms: j.cancel.as_ref().map_or(0, |c| c.at_unix_ms),
         targets: j
             .targets
             .iter()
@@ -249,6 +251,14 @@ pub fn job_to_proto(j: &JobRecord) -> v1::JobInfo {
                 code: t.code.clone(),
             })
             .collect(),
+    }
+}
+
+/// The `Cancel` that asks an agent to stop its part of `j`.
+pub fn cancel_to_proto(j: &JobRecord) -> v1::Cancel {
+    v1::Cancel {
+        job_id: j.id.clone(),
+        requested_by: j.cancel.as_ref().map(|c| c.by.clone()).unwrap_or_default(),
     }
 }
 

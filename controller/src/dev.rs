@@ -74,11 +74,13 @@ fn drover_command() -> String {
         .unwrap_or_else(|| "drover".to_string())
 }
 
-/// Runs the dev environment until `shutdown`.
+/// Runs the dev environment until `shutdown`. `redactor`: the secrets the agent's jobs learn,
+/// shared with the process's log writer (`daemon::init_logging_redacted`).
 pub async fn run(
     dir: &Path,
     listen: SocketAddr,
     shutdown: CancellationToken,
+    redactor: drover_agent::redact::Redactor,
 ) -> Result<(), DevError> {
     let dir = if dir.is_absolute() {
         dir.to_path_buf()
@@ -124,7 +126,8 @@ pub async fn run(
         secrets_dir: agent_dir.join("secrets"),
         source: "drover-controller dev".into(),
         ..AgentConfig::default()
-    })?;
+    })?
+    .with_redactor(redactor);
     let agent_host = agent.host().to_string();
     let mut status = agent.status();
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));

@@ -24,6 +24,9 @@ pub enum TargetState {
     Failed,
     RolledBack,
     Interrupted,
+    /// An operator cancelled the job: the agent stopped this part at a safe point, or (not
+    /// dispatched yet) it never ran.
+    Cancelled,
     /// An earlier target did not succeed, so this one never ran.
     Skipped,
 }
@@ -37,6 +40,7 @@ impl TargetState {
             TargetState::Failed => "failed",
             TargetState::RolledBack => "rolled_back",
             TargetState::Interrupted => "interrupted",
+            TargetState::Cancelled => "cancelled",
             TargetState::Skipped => "skipped",
         }
     }
@@ -51,6 +55,7 @@ impl TargetState {
             JobResult::Failed => TargetState::Failed,
             JobResult::RolledBack => TargetState::RolledBack,
             JobResult::Interrupted => TargetState::Interrupted,
+            JobResult::Cancelled => TargetState::Cancelled,
         }
     }
 
@@ -60,8 +65,9 @@ impl TargetState {
             TargetState::Queued | TargetState::Running | TargetState::Succeeded => 0,
             TargetState::Skipped => 1,
             TargetState::RolledBack => 2,
-            TargetState::Failed => 3,
-            TargetState::Interrupted => 4,
+            TargetState::Cancelled => 3,
+            TargetState::Failed => 4,
+            TargetState::Interrupted => 5,
         }
     }
 }
@@ -75,6 +81,7 @@ pub enum JobState {
     Failed,
     RolledBack,
     Interrupted,
+    Cancelled,
 }
 
 impl JobState {
@@ -86,12 +93,21 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::RolledBack => "rolled_back",
             JobState::Interrupted => "interrupted",
+            JobState::Cancelled => "cancelled",
         }
     }
 
     pub fn is_finished(self) -> bool {
         !matches!(self, JobState::Queued | JobState::Running)
     }
+}
+
+/// An operator's request to cancel a job (`drover cancel`), kept with the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub by: String,
+    /// Controller clock.
+    pub at_unix_ms: i64,
 }
 
 /// What the agent is asked to do, as sent in each target's `Command`.
@@ -184,13 +200,17 @@ pub struct JobRecord {
     pub command: JobCommand,
     /// In the order they run.
     pub targets: Vec<Target>,
+    /// Set once an operator asked to cancel it: `Cancel` goes to every host whose part was
+    /// dispatched and is unfinished, on each new session too, until that part ends.
+    #[serde(default)]
+    pub cancel: Option<CancelRequest>,
 }
 
 /// What happened to a job, for `drover watch`: an event of it, or its new state.
 #[derive(Debug, Clone)]
 pub enum JobUpdate {
     Event(EventRecord),
-    Job(JobRecord),
+    Job(Box<JobRecord>),
 }
 
 impl JobUpdate {
@@ -278,6 +298,7 @@ impl JobRecord {
                 })
                 .collect(),
             command,
+            cancel: None,
         }
     }
 
@@ -303,16 +324,30 @@ impl JobRecord {
             TargetState::Succeeded => JobState::Succeeded,
             TargetState::RolledBack => JobState::RolledBack,
             TargetState::Interrupted => JobState::Interrupted,
+            TargetState::Cancelled => JobState::Cancelled,
             // Skipped alone cannot happen (the first target always runs); count it as failed.
             _ => JobState::Failed,
         }
     }
 
-    /// Whether the command for `host` is due: its turn came and the agent has not started it.
+    /// Whether the command for `host` is due: its turn came, the agent has not started it, and
+    /// nobody cancelled the job (then only `Cancel` is sent).
     pub fn awaits_start_on(&self, host: &str) -> bool {
-        self.targets
-            .iter()
-            .any(|t| t.host == host && t.dispatched && t.state == TargetState::Queued)
+        self.cancel.is_none()
+            && self
+                .targets
+                .iter()
+                .any(|t| t.host == host && t.dispatched && t.state == TargetState::Queued)
+    }
+
+    /// Whether `host` is owed a `Cancel`: the job was cancelled and the host's part was
+    /// dispatched and has not ended.
+    pub fn cancel_due_on(&self, host: &str) -> bool {
+        self.cancel.is_some()
+            && self
+                .targets
+                .iter()
+                .any(|t| t.host == host && t.dispatched && !t.state.is_finished())
     }
 
     /// The target that decides how the job ended: the first that did not succeed.
@@ -424,6 +459,52 @@ pub fn apply_event(job: &mut JobRecord, event: &EventRecord) -> bool {
     *job != before
 }
 
+/// What a cancel request did to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The job had already ended, in this state; nothing changed.
+    AlreadyFinished(JobState),
+    /// Recorded: targets not dispatched yet are cancelled (they never run); `tell` are the
+    /// hosts whose part runs (or was sent) and must be sent `Cancel`.
+    Requested { tell: Vec<String> },
+}
+
+/// Records a cancel of `job` by `by` at `now_ms` (controller clock). Pure. A second request
+/// keeps the first one's author and time, and tells the hosts again.
+pub fn request_cancel(job: &mut JobRecord, by: &str, now_ms: i64) -> Cancelled {
+    let state = job.state();
+    if state.is_finished() {
+        return Cancelled::AlreadyFinished(state);
+    }
+    if job.cancel.is_none() {
+        job.cancel = Some(CancelRequest {
+            by: by.to_string(),
+            at_unix_ms: now_ms,
+        });
+    }
+    let who = job
+        .cancel
+        .as_ref()
+        .map(|c| c.by.clone())
+        .unwrap_or_default();
+    let mut tell = Vec::new();
+    for t in &mut job.targets {
+        if t.state.is_finished() {
+            continue;
+        }
+        if t.dispatched {
+            tell.push(t.host.clone());
+        } else {
+            t.state = TargetState::Cancelled;
+            t.message = format!("cancelled by {who} before its turn");
+        }
+    }
+    if job.finished_unix_ms == 0 && job.state().is_finished() {
+        job.finished_unix_ms = now_ms;
+    }
+    Cancelled::Requested { tell }
+}
+
 /// Hosts whose target became dispatched between `before` and `after`: their command is due.
 pub fn newly_dispatched(before: &JobRecord, after: &JobRecord) -> Vec<String> {
     after
@@ -518,6 +599,73 @@ mod tests {
             .iter()
             .map(|t| (t.state.as_str(), t.dispatched))
             .collect()
+    }
+
+    #[test]
+    fn a_cancel_stops_the_running_host_and_the_rest_never_run() {
+        let mut j = job(&["a", "b", "c"]);
+        assert!(apply_event(&mut j, &ev("a", 1, jobevent::STARTED, "", &[])));
+        assert_eq!(
+            request_cancel(&mut j, "bob", 5_000),
+            Cancelled::Requested {
+                tell: vec!["a".into()]
+            }
+        );
+        assert_eq!(
+            states(&j),
+            [
+                ("running", true),
+                ("cancelled", false),
+                ("cancelled", false)
+            ]
+        );
+        assert_eq!(
+            j.state(),
+            JobState::Running,
+            "a still runs until its agent says so"
+        );
+        assert!(j.cancel_due_on("a") && !j.cancel_due_on("b"));
+        // A second request tells the host again and keeps the first author.
+        assert_eq!(
+            request_cancel(&mut j, "carol", 6_000),
+            Cancelled::Requested {
+                tell: vec!["a".into()]
+            }
+        );
+        assert_eq!(j.cancel.as_ref().unwrap().by, "bob");
+        // The agent reports the cancel: the job ends cancelled, nothing else is dispatched.
+        assert!(apply_event(&mut j, &finished("a", 2, "cancelled")));
+        assert_eq!(j.state(), JobState::Cancelled);
+        assert!(!j.cancel_due_on("a"));
+        assert_eq!(j.finished_unix_ms, 20_002);
+        assert_eq!(
+            request_cancel(&mut j, "bob", 7_000),
+            Cancelled::AlreadyFinished(JobState::Cancelled)
+        );
+    }
+
+    #[test]
+    fn a_cancel_after_the_last_safe_point_leaves_a_success_and_the_job_cancelled() {
+        // a succeeds anyway (the cancel came after its watch window); b never ran.
+        let mut j = job(&["a", "b"]);
+        request_cancel(&mut j, "bob", 5_000);
+        assert!(
+            !j.awaits_start_on("a"),
+            "a cancelled job's command is not sent again"
+        );
+        assert!(j.cancel_due_on("a"));
+        apply_event(&mut j, &finished("a", 1, "succeeded"));
+        assert_eq!(states(&j), [("succeeded", true), ("cancelled", false)]);
+        assert_eq!(j.state(), JobState::Cancelled);
+        // A failure is worse than a cancel; an older controller's jobs decode without one.
+        let mut j = job(&["a", "b"]);
+        request_cancel(&mut j, "bob", 5_000);
+        apply_event(&mut j, &finished("a", 1, "failed"));
+        assert_eq!(j.state(), JobState::Failed);
+        let mut value = serde_json::to_value(job(&["a"])).unwrap();
+        value.as_object_mut().unwrap().remove("cancel");
+        let old: JobRecord = serde_json::from_value(value).unwrap();
+        assert_eq!(old.cancel, None);
     }
 
     #[test]

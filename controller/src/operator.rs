@@ -26,7 +26,7 @@ use crate::schedule;
 use crate::scheduler;
 use crate::selection::{Candidate, SelectError, require_connected, select_hosts};
 use crate::server::{Shared, now_ms};
-use crate::sessions::send_command;
+use crate::sessions::{send_cancel, send_command};
 use crate::store::{AppRecord, EventRecord, HostRecord, ScheduleKind, ScheduleRecord, TokenRecord};
 use drover_agent::backup::catalog::Backup;
 use drover_agent::backup::target::TargetSpec;
@@ -517,6 +517,55 @@ async fn start_job(
     .map_err(|e| Status::internal(format!("job task failed: {e}")))?
 }
 
+/// Records a cancel (durable), tells the watchers, then sends `Cancel` to the hosts whose part
+/// runs; the rest of the job's hosts never get their command.
+async fn cancel_job(
+    shared: Arc<Shared>,
+    id: &str,
+    by: &str,
+) -> Result<v1::CancelJobResponse, Status> {
+    let now = now_ms();
+    let (job, outcome) = shared
+        .store
+        .update_job(id, |job| jobs::request_cancel(job, by, now))
+        .map_err(internal)?
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown job {id}; `drover jobs` lists the recent ones"
+            ))
+        })?;
+    let tell = match outcome {
+        jobs::Cancelled::AlreadyFinished(state) => {
+            info!(job = %id, by, state = state.as_str(), "cancel of a finished job: nothing to do");
+            return Ok(v1::CancelJobResponse {
+                job: Some(convert::job_to_proto(&job)),
+                already_finished: true,
+                ..Default::default()
+            });
+        }
+        jobs::Cancelled::Requested { tell } => tell,
+    };
+    shared.store.flush().await.map_err(internal)?;
+    let _ = shared
+        .job_updates
+        .send(JobUpdate::Job(Box::new(job.clone())));
+    let (mut told, mut pending) = (Vec::new(), Vec::new());
+    for host in tell {
+        if send_cancel(&shared, &job, &host) {
+            told.push(host);
+        } else {
+            pending.push(host);
+        }
+    }
+    info!(job = %id, by, told = ?told, pending = ?pending, "job cancel requested");
+    Ok(v1::CancelJobResponse {
+        job: Some(convert::job_to_proto(&job)),
+        already_finished: false,
+        hosts_told: told,
+        hosts_pending: pending,
+    })
+}
+
 /// Streams a job to one `WatchJob` caller: the job, its stored events, then live events and
 /// state changes, and the finished job last; then the stream ends.
 async fn watch(
@@ -753,6 +802,21 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let job = self.known_job(&request.get_ref().id)?;
         Ok(Response::new(convert::job_to_proto(&job)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::CancelJobResponse>, Status> {
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let id = request.get_ref().id.clone();
+        let by = operator_name(&caller);
+        let shared = self.shared.clone();
+        // In its own task: a caller that goes away leaves no cancel recorded but never sent.
+        tokio::spawn(async move { cancel_job(shared, &id, &by).await })
+            .await
+            .map_err(|e| Status::internal(format!("cancel task failed: {e}")))?
+            .map(Response::new)
     }
 
     async fn watch_job(

@@ -470,7 +470,7 @@ fn ingest(
         if state.is_finished() {
             info!(job = %after.id, app = %after.app, state = state.as_str(), "job finished");
         }
-        updates.push(JobUpdate::Job(after.clone()));
+        updates.push(JobUpdate::Job(Box::new(after.clone())));
     }
     for next in jobs::newly_dispatched(&before, &after) {
         dispatches.push((after.clone(), next));
@@ -498,13 +498,42 @@ pub fn send_command(shared: &Shared, job: &JobRecord, host: &str) -> bool {
     }
 }
 
+/// Sends `Cancel` for `job` to `host` if its session is open. Returns whether it was handed
+/// to the session (it is sent again on the host's next session until the host's part ends).
+pub fn send_cancel(shared: &Shared, job: &JobRecord, host: &str) -> bool {
+    let Some(tx) = shared.registry.sender(host) else {
+        return false;
+    };
+    let msg = out(Out::Cancel(convert::cancel_to_proto(job)));
+    match tx.try_send(msg) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(msg)) => {
+            tokio::spawn(async move {
+                let _ = tx.send(msg).await;
+            });
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
 /// On a new session: every command whose turn came on this host and that its agent has not
-/// started. The agent ignores a job id it already knows, so sending one twice is harmless.
+/// started, and a `Cancel` for every cancelled job whose part on this host has not ended. The
+/// agent ignores a job id it already knows, and a cancel of a job that ended, so sending
+/// either twice is harmless.
 async fn resend_commands(shared: &Shared, host: &str, tx: &Outbound) -> Result<(), String> {
     let open = shared.store.open_jobs().map_err(|e| e.to_string())?;
-    for job in open.iter().filter(|j| j.awaits_start_on(host)) {
-        info!(host = %host, job = %job.id, "sending the command of a job not started yet");
-        tx.send(out(Out::Command(convert::command_to_proto(job))))
+    for job in &open {
+        let msg = if job.awaits_start_on(host) {
+            info!(host = %host, job = %job.id, "sending the command of a job not started yet");
+            Out::Command(convert::command_to_proto(job))
+        } else if job.cancel_due_on(host) {
+            info!(host = %host, job = %job.id, "sending the cancel of a job not ended yet");
+            Out::Cancel(convert::cancel_to_proto(job))
+        } else {
+            continue;
+        };
+        tx.send(out(msg))
             .await
             .map_err(|_| "the session closed".to_string())?;
     }

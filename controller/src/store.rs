@@ -961,6 +961,34 @@ impl Store {
             .map_err(transaction_error)
     }
 
+    /// Changes a stored job with `change` (pure: a transaction may run it more than once) in
+    /// one transaction with its open mark, and returns its new state; None for an unknown id.
+    /// Not yet durable: flush before answering or telling an agent.
+    pub fn update_job<T>(
+        &self,
+        id: &str,
+        change: impl Fn(&mut JobRecord) -> T,
+    ) -> Result<Option<(JobRecord, T)>, StoreError> {
+        use sled::Transactional;
+        (&self.jobs, &self.open_jobs)
+            .transaction(|(jobs, open_jobs)| {
+                let Some(bytes) = jobs.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut job: JobRecord = decode(&bytes).map_err(abort)?;
+                let before = job.clone();
+                let out = change(&mut job);
+                if job != before {
+                    jobs.insert(id.as_bytes(), encode(&job).map_err(abort)?)?;
+                    if job.state().is_finished() {
+                        open_jobs.remove(id.as_bytes())?;
+                    }
+                }
+                Ok(Some((job, out)))
+            })
+            .map_err(transaction_error)
+    }
+
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         self.jobs.get(id)?.map(|v| decode(&v)).transpose()
     }

@@ -666,6 +666,7 @@ pub struct ScriptedAgent {
     tx: tokio::sync::mpsc::Sender<v1::AgentMessage>,
     rx: tonic::Streaming<v1::ControllerMessage>,
     commands: std::collections::VecDeque<v1::Command>,
+    cancels: std::collections::VecDeque<v1::Cancel>,
     acked: u64,
 }
 
@@ -738,6 +739,7 @@ impl ScriptedAgent {
             tx,
             rx: stream,
             commands: Default::default(),
+            cancels: Default::default(),
             acked: welcome.acked_seq,
         }
     }
@@ -754,6 +756,7 @@ impl ScriptedAgent {
             .unwrap_or_else(|| panic!("{}: empty message", self.host));
         match &msg {
             Msg::Command(c) => self.commands.push_back(c.clone()),
+            Msg::Cancel(c) => self.cancels.push_back(c.clone()),
             Msg::Ack(a) => self.acked = self.acked.max(a.upto_seq),
             _ => {}
         }
@@ -768,6 +771,21 @@ impl ScriptedAgent {
             }
             self.read().await;
         }
+    }
+
+    /// The next `Cancel` the controller sends (or sent already).
+    pub async fn next_cancel(&mut self) -> v1::Cancel {
+        loop {
+            if let Some(c) = self.cancels.pop_front() {
+                return c;
+            }
+            self.read().await;
+        }
+    }
+
+    /// How many `Cancel`s arrived and were not taken yet.
+    pub fn cancels_seen(&self) -> usize {
+        self.cancels.len()
     }
 
     /// Asserts that no command is waiting: a heartbeat's reply comes back with none before it

@@ -413,6 +413,7 @@ async fn call_every_rpc(
     call!(out, remove_schedule, RemoveScheduleRequest, true);
     call!(out, pause_schedule, PauseScheduleRequest, true);
     call!(out, resume_schedule, ResumeScheduleRequest, true);
+    call!(out, cancel_job, CancelJobRequest, true);
     out
 }
 

@@ -397,6 +397,109 @@ async fn targets_are_dispatched_in_turn_resent_until_started_and_a_failure_skips
     fleet.controller.stop().await;
 }
 
+/// `CancelJob` as the admin.
+async fn cancel(
+    controller: &TestController,
+    id: &str,
+) -> Result<v1::CancelJobResponse, tonic::Status> {
+    controller
+        .admin()
+        .cancel_job(v1::CancelJobRequest { id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_is_stored_sent_to_the_running_host_until_it_ends_and_the_rest_never_run() {
+    let web: &[(&str, &str)] = &[("role", "web")];
+    let fleet = Fleet::start(&[("web-1", web), ("web-2", web)]).await;
+    let mut web1 = fleet.connect("web-1").await;
+    let mut web2 = fleet.connect("web-2").await;
+    let job = fleet
+        .controller
+        .admin()
+        .deploy(v1::DeployRequest {
+            app: APP.into(),
+            version: "v1.4.2".into(),
+            labels: [("role".to_string(), "web".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(web1.next_command().await.job_id, job.id);
+    web1.event(&job.id, jobevent::STARTED, "", &[]).await;
+
+    let answer = cancel(&fleet.controller, &job.id).await.unwrap();
+    assert!(!answer.already_finished);
+    assert_eq!(answer.hosts_told, ["web-1"]);
+    let info = answer.job.unwrap();
+    assert_eq!(
+        target_states(&info),
+        vec![("web-1", "running"), ("web-2", "cancelled")],
+        "web-2's turn never comes"
+    );
+    assert_eq!(info.cancel_requested_by, "admin");
+    let sent = web1.next_cancel().await;
+    assert_eq!(
+        (sent.job_id.as_str(), sent.requested_by.as_str()),
+        (job.id.as_str(), "admin")
+    );
+    web2.assert_no_command().await;
+
+    // Durable: after a controller restart, web-1's new session gets the Cancel again (and not
+    // the command).
+    web1.close();
+    web2.close();
+    let Fleet {
+        controller,
+        addr,
+        bundles,
+        tmp,
+    } = fleet;
+    let config = drover_controller::ControllerConfig {
+        listen: addr.parse().unwrap(),
+        ..fast_controller_config(&tmp.path().join("ctl"))
+    };
+    controller.stop().await;
+    let controller = TestController::start(config).await;
+    let fleet = Fleet {
+        controller,
+        addr,
+        bundles,
+        tmp,
+    };
+    let mut web1 = fleet.connect("web-1").await;
+    assert_eq!(web1.next_cancel().await.job_id, job.id);
+    web1.assert_no_command().await;
+
+    // The agent stops and says so: the job is cancelled; no more Cancel after that.
+    web1.event(
+        &job.id,
+        jobevent::FINISHED,
+        "cancelled",
+        &[(field::RESULT, "cancelled"), (field::STEP, "health")],
+    )
+    .await;
+    let info = fleet.job(&job.id).await;
+    assert_eq!(info.state, "cancelled");
+    assert!(info.finished_unix_ms > 0);
+    web1.close();
+    let mut web1 = fleet.connect("web-1").await;
+    web1.assert_no_command().await;
+    assert!(web1.cancels_seen() == 0, "no Cancel once the part ended");
+
+    // A finished job is left alone; an unknown one is NotFound.
+    let again = cancel(&fleet.controller, &job.id).await.unwrap();
+    assert!(again.already_finished);
+    assert_eq!(again.job.unwrap().state, "cancelled");
+    let err = cancel(&fleet.controller, "deploy-20000101-000000-0000")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("unknown job"), "{}", err.message());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_replays_the_stored_events_then_follows_live_and_ends_with_the_finished_job() {
     let fleet = Fleet::start(&[("web-1", &[])]).await;

@@ -13,7 +13,9 @@
 //!
 //! It exits at once on SIGTERM. With an argument it is not a server: `migrate` prints a line and exits with `MIGRATE_EXIT`
 //! (default 0); `worker` prints a line a second until stopped, or exits with status 4 after
-//! `WORKER_EXIT_AFTER_MS`.
+//! `WORKER_EXIT_AFTER_MS`; `echo-env` prints each variable named in `ECHO_ENV` (comma-separated)
+//! the way a failing app leaks one (as is, like SQLAlchemy's "Could not parse URL", and
+//! percent-encoded) and exits with status 1: for the tests that secrets never leave the host.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -176,8 +178,28 @@ async fn one_off(mode: &str, version: &str) -> ! {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        "echo-env" => {
+            for name in env("ECHO_ENV").unwrap_or_default().split(',') {
+                let value = env(name.trim()).unwrap_or_default();
+                eprintln!(
+                    "sqlalchemy.exc.ArgumentError: Could not parse SQLAlchemy URL from string '{value}'"
+                );
+                let encoded: String = value
+                    .bytes()
+                    .map(|b| {
+                        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                            (b as char).to_string()
+                        } else {
+                            format!("%{b:02X}")
+                        }
+                    })
+                    .collect();
+                eprintln!("while connecting to {encoded}");
+            }
+            std::process::exit(1);
+        }
         other => {
-            eprintln!("unknown mode {other:?}: use migrate or worker");
+            eprintln!("unknown mode {other:?}: use migrate, worker or echo-env");
             std::process::exit(2);
         }
     }

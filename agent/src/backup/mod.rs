@@ -470,7 +470,11 @@ async fn take_into(
             Source::Files { .. } => format!("{name}.tar{suffix}"),
         };
         let reader: Box<dyn Read + Send> = match open_source(ctx, &source).await {
-            Ok(r) => r,
+            // A cancel stops the stream at its next read; the failure path removes `.partial`.
+            Ok(r) => Box::new(crate::jobs::CancelIo {
+                inner: r,
+                token: ctx.cancels.token(&job.id),
+            }),
             Err(e) => return Err(stages.failed("dump", since, format!("{name}: {e}")).await),
         };
         let (dir_owned, file_owned, encode) = (partial.to_path_buf(), file.clone(), encode.clone());

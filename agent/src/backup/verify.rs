@@ -53,6 +53,8 @@ pub(super) async fn verify_job(
         report,
         list: Vec::new(),
         first_failed: None,
+        cancels: &ctx.cancels,
+        job_id: job.id.clone(),
     };
     let newest = run_checks(ctx, job, &mut checks, &spec).await;
     let verification = Verification {
@@ -133,6 +135,9 @@ struct Checks<'a, 'r> {
     report: &'a Report<'r>,
     list: Vec<Check>,
     first_failed: Option<(&'static str, String)>,
+    /// Where a cancel of the job shows (`jobs::Cancels`), and its id.
+    cancels: &'a crate::jobs::Cancels,
+    job_id: String,
 }
 
 impl Checks<'_, '_> {
@@ -153,13 +158,22 @@ impl Checks<'_, '_> {
         Instant::now()
     }
 
-    /// Ends a check; returns whether it passed.
+    /// Ends a check; returns whether it passed. Once the job is cancelled, every check but
+    /// the scratch's removal fails, so the checks that depend on it are skipped and the job
+    /// ends `cancelled`.
     async fn end(
         &mut self,
         name: &'static str,
         since: Instant,
         result: Result<Evidence, String>,
     ) -> bool {
+        let result = match self.cancels.cancelled_by(&self.job_id) {
+            Some(by) if name != "scratch_removed" => Err(match result {
+                Ok(_) => format!("cancelled by {by}"),
+                Err(e) => format!("cancelled by {by} ({e})"),
+            }),
+            _ => result,
+        };
         let duration_ms = since.elapsed().as_millis() as i64;
         match result {
             Ok(ev) => {
@@ -673,6 +687,7 @@ async fn test_restore(
     let mut made: Vec<String> = Vec::new();
     let restored = restore_parts(
         ctx,
+        &job.id,
         &scratch,
         backup,
         files,
@@ -740,6 +755,7 @@ async fn start_scratch(ctx: &JobCtx, source: &str, name: &str, user: &str) -> Re
 #[allow(clippy::too_many_arguments)]
 async fn restore_parts(
     ctx: &JobCtx,
+    job_id: &str,
     scratch: &Scratch,
     backup: &Backup,
     files: &[PathBuf],
@@ -781,10 +797,22 @@ async fn restore_parts(
             .map_err(|e| e.to_string())?;
         let (file, sha, identity) = (file.clone(), part.sha256.clone(), identity.clone());
         let name = part.name.clone();
+        let token = ctx.cancels.token(job_id);
         let stats = tokio::task::spawn_blocking(move || {
             let mut sink = sink;
-            let read = pipeline::read(&file, &sha, identity.as_deref(), &mut sink, &mut |_, _| {})
-                .map_err(|e| e.to_string());
+            // A cancel stops the restore at its next write; the scratch is removed after.
+            let mut guarded = crate::jobs::CancelIo {
+                inner: &mut sink,
+                token,
+            };
+            let read = pipeline::read(
+                &file,
+                &sha,
+                identity.as_deref(),
+                &mut guarded,
+                &mut |_, _| {},
+            )
+            .map_err(|e| e.to_string());
             let finished = sink.finish().map_err(|e| e.to_string());
             match (read, finished) {
                 (Ok(stats), Ok(())) => Ok(stats),

@@ -110,9 +110,11 @@ async fn run(args: Args) -> Result<()> {
             listen,
             log_format,
         } => {
-            daemon::init_logging(log_format);
+            // The in-process agent's secrets are cut out of the log lines too.
+            let redactor = drover_agent::redact::Redactor::default();
+            daemon::init_logging_redacted(log_format, redactor.clone());
             let shutdown = daemon::shutdown_on_signals().context("installing signal handlers")?;
-            drover_controller::dev::run(&dir, listen, shutdown).await?;
+            drover_controller::dev::run(&dir, listen, shutdown, redactor).await?;
             Ok(())
         }
     }

@@ -28,6 +28,8 @@ pub mod exit {
     pub const ROLLED_BACK: i32 = 3;
     /// The agent stopped during the job; it converged to one serving release on restart.
     pub const INTERRUPTED: i32 = 4;
+    /// An operator cancelled the job (`drover cancel`); what it made was undone.
+    pub const CANCELLED: i32 = 5;
     /// The controller refused the request as invalid (EX_DATAERR).
     pub const INVALID: i32 = 65;
     /// Unknown host, token or other named thing (EX_NOHOST).
@@ -169,6 +171,14 @@ pub enum Command {
     Watch {
         job: String,
         /// One JSON object per line: each event, then the finished job.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a running job at its next safe point on each host (admin). A deploy before the
+    /// switch removes what it made; in the watch window it switches back. Hosts not reached
+    /// yet never run it. A finished job is left alone (exit 0).
+    Cancel {
+        job: String,
         #[arg(long)]
         json: bool,
     },
@@ -1054,6 +1064,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Watch { job, json } => {
             watch::follow(&mut api, &addr, &job, watch::Mode::pick(json)).await
+        }
+        Command::Cancel { job, json } => {
+            let answer = api
+                .cancel_job(v1::CancelJobRequest { id: job.clone() })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&output::cancel_json(&answer))
+            } else {
+                println!("{}", output::cancel_text(&answer));
+                Ok(())
+            }
         }
         Command::Jobs { app, limit, json } => {
             let jobs = api

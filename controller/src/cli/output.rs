@@ -405,6 +405,8 @@ pub fn job_json(j: &v1::JobInfo) -> Value {
         "finished_at": rfc3339_ms(j.finished_unix_ms),
         "duration_ms": (j.finished_unix_ms > 0).then(|| j.finished_unix_ms - j.created_unix_ms),
         "state": j.state,
+        "cancel_requested_by": j.cancel_requested_by,
+        "cancel_requested_at": rfc3339_ms(j.cancel_requested_unix_ms),
         "targets": j.targets.iter().map(|t| json!({
             "host": t.host,
             "state": t.state,
@@ -416,6 +418,47 @@ pub fn job_json(j: &v1::JobInfo) -> Value {
             "code": t.code,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// `drover cancel --json`: the job as stored after the request, and whom it reached.
+pub fn cancel_json(c: &v1::CancelJobResponse) -> Value {
+    json!({
+        "job": c.job.as_ref().map(job_json),
+        "already_finished": c.already_finished,
+        "hosts_told": c.hosts_told,
+        "hosts_pending": c.hosts_pending,
+    })
+}
+
+/// `drover cancel`: one line saying what the request did.
+pub fn cancel_text(c: &v1::CancelJobResponse) -> String {
+    let (id, state) = c
+        .job
+        .as_ref()
+        .map(|j| (j.id.as_str(), j.state.as_str()))
+        .unwrap_or(("?", "?"));
+    if c.already_finished {
+        return format!("job {id} already finished ({state}); nothing to cancel");
+    }
+    let mut out = format!("cancel of job {id} requested");
+    if !c.hosts_told.is_empty() {
+        out.push_str(&format!(
+            "; {} stop(s) at the next safe point",
+            c.hosts_told.join(", ")
+        ));
+    }
+    if !c.hosts_pending.is_empty() {
+        out.push_str(&format!(
+            "; {} not connected: told when it reconnects",
+            c.hosts_pending.join(", ")
+        ));
+    }
+    if state == "cancelled" {
+        out.push_str("; the job is cancelled");
+    } else {
+        out.push_str(&format!("; `drover watch {id}` follows it to the end"));
+    }
+    out
 }
 
 pub fn jobs_table(jobs: &[v1::JobInfo], now_ms: i64) -> String {
@@ -1009,6 +1052,38 @@ mod tests {
         let v = host_json(&h);
         assert_eq!(v["apps"][0]["p95_ms"], 41);
         assert_eq!(v["apps"][0]["status_5xx"], 3);
+    }
+
+    #[test]
+    fn cancel_says_what_it_did() {
+        let job = |state: &str| v1::JobInfo {
+            id: "deploy-1".into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let told = v1::CancelJobResponse {
+            job: Some(job("running")),
+            already_finished: false,
+            hosts_told: vec!["web-1".into()],
+            hosts_pending: vec!["web-2".into()],
+        };
+        assert_eq!(
+            cancel_text(&told),
+            "cancel of job deploy-1 requested; web-1 stop(s) at the next safe point; web-2 not connected: told when it reconnects; `drover watch deploy-1` follows it to the end"
+        );
+        let done = v1::CancelJobResponse {
+            job: Some(job("succeeded")),
+            already_finished: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            cancel_text(&done),
+            "job deploy-1 already finished (succeeded); nothing to cancel"
+        );
+        let v = cancel_json(&told);
+        assert_eq!(v["job"]["state"], "running");
+        assert_eq!(v["hosts_told"][0], "web-1");
+        assert_eq!(v["already_finished"], false);
     }
 
     #[test]

@@ -188,10 +188,12 @@ pub fn outcome(job: &v1::JobInfo) -> Result<(), CliError> {
         return Ok(());
     }
     let what = format!("{} of {} {}", job.kind, job.app, version_text(job));
-    let failed = job
-        .targets
-        .iter()
-        .find(|t| matches!(t.state.as_str(), "failed" | "rolled_back" | "interrupted"));
+    let failed = job.targets.iter().find(|t| {
+        matches!(
+            t.state.as_str(),
+            "failed" | "rolled_back" | "interrupted" | "cancelled"
+        )
+    });
     let Some(t) = failed else {
         return Err(CliError::Job {
             code: exit::FAILURE,
@@ -218,6 +220,18 @@ pub fn outcome(job: &v1::JobInfo) -> Result<(), CliError> {
                 exit::ROLLED_BACK,
                 format!(
                     "{what} was rolled back automatically on {host}{at}: {reason}; the previous release serves"
+                ),
+            ),
+            // A job cancelled on one host and not run on the next says so as a whole.
+            _ if job.state == "cancelled" => (
+                exit::CANCELLED,
+                format!(
+                    "{what} was cancelled{} on {host}{at}: {reason}",
+                    if job.cancel_requested_by.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by {}", job.cancel_requested_by)
+                    }
                 ),
             ),
             "interrupted" => (
@@ -418,6 +432,16 @@ mod tests {
             target("interrupted", "switch", "agent restarted", ""),
         );
         assert_eq!(code(&interrupted), 4);
+        let mut cancelled = job(
+            "cancelled",
+            target("cancelled", "health", "cancelled by admin at health", ""),
+        );
+        cancelled.cancel_requested_by = "admin".into();
+        assert_eq!(code(&cancelled), 5);
+        assert_eq!(
+            outcome(&cancelled).unwrap_err().to_string(),
+            "deploy of api v1.4.2 was cancelled by admin on web-1 at step health: cancelled by admin at health"
+        );
         let locked = job(
             "failed",
             target(
