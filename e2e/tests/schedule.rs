@@ -229,11 +229,15 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
-    // A custom backup schedule in a zone: every day at 03:30 Berlin time.
+    // A custom backup schedule in a zone: every day at half past an hour in Berlin that is
+    // 11 to 13 hours away (Berlin is UTC+1 or +2), so the one-off deploy 30 minutes from now
+    // below always comes first, whenever the test runs.
+    let utc_hour = drover_controller::server::now_ms() / 3_600_000 % 24;
+    let nightly = format!("30 {} * * *", (utc_hour + 13) % 24);
     let s = admin
         .add_schedule(v1::AddScheduleRequest {
             id: "api-db-nightly".into(),
-            ..add("30 3 * * *", "Europe/Berlin", "api-db")
+            ..add(&nightly, "Europe/Berlin", "api-db")
         })
         .await
         .unwrap()
@@ -242,7 +246,7 @@ async fn pause_resume_restart_and_a_one_off_deploy() {
     let err = admin
         .add_schedule(v1::AddScheduleRequest {
             id: "api-db-nightly".into(),
-            ..add("30 3 * * *", "", "api-db")
+            ..add(&nightly, "", "api-db")
         })
         .await
         .unwrap_err();
