@@ -458,7 +458,7 @@ impl TargetSpec {
             }
             Ok(age) => check_duration(
                 age,
-                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(1),
                 std::time::Duration::from_secs(366 * 86_400),
             )
             .map_err(|m| bad("verify.max_age", m))?,
@@ -855,7 +855,7 @@ mod tests {
                 "`retention.remote.daily`",
             ),
             ("[verify]\nmax_age = \"100000000y\"\n", "`verify.max_age`"),
-            ("[verify]\nmax_age = \"1s\"\n", "`verify.max_age`"),
+            ("[verify]\nmax_age = \"0s\"\n", "`verify.max_age`"),
         ] {
             let err = TargetSpec::from_toml(&format!("{base}{extra}"), "t.toml")
                 .unwrap_err()
