@@ -1584,7 +1584,10 @@ mod tests {
         // A database without tables: the output ends on the size row.
         let empty = b"version\x0015.13\x00-\x00-\x00size\x007000000\x00-\x00-\x00";
         let (version, size, tables) = parse_facts(empty).unwrap();
-        assert_eq!((version.as_str(), size, tables.len()), ("15.13", 7_000_000, 0));
+        assert_eq!(
+            (version.as_str(), size, tables.len()),
+            ("15.13", 7_000_000, 0)
+        );
     }
 
     #[test]

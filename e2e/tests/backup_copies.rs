@@ -195,7 +195,10 @@ async fn age_keygen_identity_files_decrypt_and_a_failed_restore_leaves_no_databa
         pg.table_contents("shop_copy", "items"),
         pg.table_contents("shop", "items")
     );
-    assert_job_succeeded(&f.restore(restore_req("shop-db", &b.id, "shop_two", &both)).await);
+    assert_job_succeeded(
+        &f.restore(restore_req("shop-db", &b.id, "shop_two", &both))
+            .await,
+    );
     assert_eq!(pg.table_contents("shop_two", "items").len(), 3000);
 
     // A valid key that is not a recipient: the restore fails after creating the database,
@@ -245,7 +248,10 @@ async fn a_corrupt_local_copy_is_reported_while_validation_and_restore_use_the_s
     .await;
     assert_job_succeeded(&f.backup("shop-db").await);
     let b = f.newest("shop-db").await;
-    assert!(b.verified_unix_ms > 0 && b.local_corrupt.is_empty(), "{b:#?}");
+    assert!(
+        b.verified_unix_ms > 0 && b.local_corrupt.is_empty(),
+        "{b:#?}"
+    );
     let manifest: Backup = serde_json::from_str(&b.manifest_json).unwrap();
     let local = Path::new(&b.local_dir).join(&manifest.parts[0].file);
     let target_dir = Path::new(&b.local_dir).parent().unwrap().to_path_buf();
@@ -264,7 +270,9 @@ async fn a_corrupt_local_copy_is_reported_while_validation_and_restore_use_the_s
     assert_eq!(code, 0, "{out}{err}");
     let said = format!("{out}{err}");
     assert!(
-        said.contains("local copy corrupt (sha256 mismatch), restored from S3 copy s3://backups/prod/shop-db/"),
+        said.contains(
+            "local copy corrupt (sha256 mismatch), restored from S3 copy s3://backups/prod/shop-db/"
+        ),
         "{said}"
     );
     assert_eq!(
@@ -273,7 +281,10 @@ async fn a_corrupt_local_copy_is_reported_while_validation_and_restore_use_the_s
     );
     assert!(fetch_partials(&target_dir).is_empty());
     let marked = f.newest("shop-db").await;
-    assert_eq!(marked.local_corrupt, "corrupt (sha256 mismatch)", "{marked:#?}");
+    assert_eq!(
+        marked.local_corrupt, "corrupt (sha256 mismatch)",
+        "{marked:#?}"
+    );
     assert_eq!(marked.verified_unix_ms, 0, "{marked:#?}");
     let (code, out, err) = cli(&f, &["backup", "list"]);
     assert_eq!(code, 0, "{err}");
@@ -317,7 +328,11 @@ async fn a_corrupt_local_copy_is_reported_while_validation_and_restore_use_the_s
         .restore(restore_req("shop-db", &b.id, "shop_bad", Path::new("")))
         .await;
     assert_job_failed_at(&refused, "locate", "remote copy is unusable");
-    assert!(fetch_partials(&target_dir).is_empty(), "{:?}", fetch_partials(&target_dir));
+    assert!(
+        fetch_partials(&target_dir).is_empty(),
+        "{:?}",
+        fetch_partials(&target_dir)
+    );
     assert!(!database_exists(&pg, "shop_bad"));
     f.stop().await;
 }
@@ -362,7 +377,10 @@ async fn a_path_backup_archives_symlinks_as_symlinks_never_their_targets() {
         })
         .await;
     assert_job_succeeded(&done);
-    assert_eq!(std::fs::read(out.join("img/logo.png")).unwrap(), b"png bytes");
+    assert_eq!(
+        std::fs::read(out.join("img/logo.png")).unwrap(),
+        b"png bytes"
+    );
     for (link, target) in [
         ("etc", secret.clone()),
         ("img/key", PathBuf::from("../../secrets/shadow")),

@@ -87,7 +87,8 @@ fn walk(
     while let Some((dir_fd, dir_rel)) = stack.pop() {
         let shown = root.join(&dir_rel);
         let mut names: Vec<std::ffi::CString> = Vec::new();
-        let mut listing = rustix::fs::Dir::read_from(&dir_fd).map_err(|e| with_path(e.into(), &shown))?;
+        let mut listing =
+            rustix::fs::Dir::read_from(&dir_fd).map_err(|e| with_path(e.into(), &shown))?;
         while let Some(entry) = listing.read() {
             let entry = entry.map_err(|e| with_path(e.into(), &shown))?;
             let name = entry.file_name();
@@ -137,9 +138,8 @@ fn open_entry(
         let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
         let kind = FileType::from_raw_mode(stat.st_mode);
         before_open(rel);
-        let changed = |e: rustix::io::Errno| {
-            e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR
-        };
+        let changed =
+            |e: rustix::io::Errno| e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR;
         match kind {
             FileType::Directory => {
                 let fd = match rustix::fs::openat(
@@ -453,8 +453,8 @@ mod tests {
                 std::os::unix::fs::symlink(&to, s.join(&name)).unwrap();
             }
         });
-        let mut tar = TarSource::start_with_hook(src.clone(), excludes(&[]).unwrap(), hook)
-            .unwrap();
+        let mut tar =
+            TarSource::start_with_hook(src.clone(), excludes(&[]).unwrap(), hook).unwrap();
         let mut bytes = Vec::new();
         tar.read_to_end(&mut bytes).unwrap();
 
@@ -469,7 +469,10 @@ mod tests {
         let sub = found.iter().find(|e| e.0 == "sub").expect("sub archived");
         assert_eq!(sub.1, tar::EntryType::Symlink, "{found:?}");
         assert_eq!(sub.2.as_deref(), Some(secret.as_path()));
-        let top = found.iter().find(|e| e.0 == "top.txt").expect("top archived");
+        let top = found
+            .iter()
+            .find(|e| e.0 == "top.txt")
+            .expect("top archived");
         assert_eq!(top.1, tar::EntryType::Symlink, "{found:?}");
         assert_eq!(top.2.as_deref(), Some(secret.join("shadow").as_path()));
     }
@@ -505,13 +508,23 @@ mod tests {
         untar.finish().unwrap();
         assert_eq!(std::fs::read(out.join("d/real.txt")).unwrap(), b"real");
         let rel = out.join("d/rel-link");
-        assert!(std::fs::symlink_metadata(&rel).unwrap().file_type().is_symlink());
+        assert!(
+            std::fs::symlink_metadata(&rel)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(
             std::fs::read_link(&rel).unwrap(),
             PathBuf::from("../../outside/key")
         );
         let abs = out.join("abs-dir-link");
-        assert!(std::fs::symlink_metadata(&abs).unwrap().file_type().is_symlink());
+        assert!(
+            std::fs::symlink_metadata(&abs)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(std::fs::read_link(&abs).unwrap(), outside);
     }
 

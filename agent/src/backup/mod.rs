@@ -1223,7 +1223,9 @@ async fn locate(
     tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("the local copy is {local_state}, and the remote copy is unusable: {e}"))?;
+        .map_err(|e| {
+            format!("the local copy is {local_state}, and the remote copy is unusable: {e}")
+        })?;
     guard.0 = None;
     let url = format!("{}{}", backup.remote, part.file);
     Ok(Located {
@@ -1424,7 +1426,9 @@ async fn undo_restore(ctx: &JobCtx, conn: &Conn, database: &str, existed: bool) 
         Ok(()) => format!("; the database {database} it had created was dropped"),
         Err(e) => {
             warn!(database, error = %e, "cannot drop the database a failed restore created");
-            format!("; the database {database} it had created could not be dropped ({e}): drop it by hand")
+            format!(
+                "; the database {database} it had created could not be dropped ({e}): drop it by hand"
+            )
         }
     }
 }

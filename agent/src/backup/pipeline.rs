@@ -833,7 +833,10 @@ mod tests {
         assert_eq!(read_all(&w, &w.sha256, Some(&two)).unwrap().0, b"some rows");
         assert_eq!(parse_identities(&two).unwrap().len(), 2);
         // Only comments: no key; a stray line is named by its number, not shown.
-        let err = parse_identities("# created: x\n\n").err().unwrap().to_string();
+        let err = parse_identities("# created: x\n\n")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("no AGE-SECRET-KEY-1"), "{err}");
         let bad = format!("{one}{}x\n", &secret[..20]);
         let err = parse_identities(&bad).err().unwrap().to_string();

@@ -73,6 +73,8 @@ pub(super) async fn verify_job(
     let passed = verification.passed();
     if passed && let Some(mut backup) = newest.clone() {
         backup.verified_unix_ms = verification.finished_unix_ms;
+        // Every copy matched the manifest: an earlier corrupt mark no longer holds.
+        backup.local_corrupt.clear();
         if let Err(e) = ctx.store.put_backup(&backup).await {
             warn!(backup = %backup.id, error = %e, "cannot mark the backup verified");
         }

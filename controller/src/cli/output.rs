@@ -1014,12 +1014,15 @@ mod tests {
             ..Default::default()
         };
         let table = backups_table(std::slice::from_ref(&b), now);
-        assert!(table.contains("local+s3") && table.contains("1m ago"), "{table}");
+        assert!(
+            table.contains("local+s3") && table.contains("60s ago"),
+            "{table}"
+        );
         b.local_corrupt = "corrupt (sha256 mismatch)".into();
         let table = backups_table(std::slice::from_ref(&b), now);
         assert!(table.contains("local (corrupt)+s3"), "{table}");
         assert!(table.contains("no (local corrupt)"), "{table}");
-        assert!(!table.contains("1m ago"), "{table}");
+        assert!(!table.contains("60s ago"), "{table}");
         let detail = backup_detail(&b, now);
         assert!(detail.contains("(corrupt (sha256 mismatch))"), "{detail}");
         assert!(detail.contains("verified no (local corrupt)"), "{detail}");
