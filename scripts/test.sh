@@ -17,6 +17,8 @@ command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
 command -v pg_dump >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+# age-keygen: the restore and validation tests read identity files it wrote.
+command -v age-keygen >/dev/null 2>&1 || need_apt+=(age)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_apt[*]}"

@@ -1319,9 +1319,11 @@ fn check_name(database: &str) -> Result<(), PgError> {
 }
 
 /// One query for `facts`: rows of four NUL-separated fields, the first saying what the row is.
+/// Unused fields hold `-`, never an empty string: the output's trailing NULs are trimmed, and
+/// an empty last field would go with them (a database without tables ends on the size row).
 const FACTS_SQL: &str = "\
-SELECT 'version', current_setting('server_version'), '', '' \
-UNION ALL SELECT 'size', pg_database_size(current_database())::text, '', '' \
+SELECT 'version', current_setting('server_version'), '-', '-' \
+UNION ALL SELECT 'size', pg_database_size(current_database())::text, '-', '-' \
 UNION ALL (SELECT 'table', n.nspname, c.relname, c.reltuples::bigint::text \
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
   WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
@@ -1559,7 +1561,7 @@ mod tests {
 
     #[test]
     fn facts_output_is_parsed() {
-        let out = b"version\x0015.13 (Debian)\x00\x00\x00size\x00123\x00\x00\x00table\x00public\x00a\x0042\x00table\x00s\x00b\x00-1\x00";
+        let out = b"version\x0015.13 (Debian)\x00-\x00-\x00size\x00123\x00-\x00-\x00table\x00public\x00a\x0042\x00table\x00s\x00b\x00-1\x00";
         let (version, size, tables) = parse_facts(out).unwrap();
         assert_eq!(version, "15.13 (Debian)");
         assert_eq!(size, 123);
@@ -1579,6 +1581,13 @@ mod tests {
             ]
         );
         assert!(parse_facts(b"version\x00x\x00").is_err());
+        // A database without tables: the output ends on the size row.
+        let empty = b"version\x0015.13\x00-\x00-\x00size\x007000000\x00-\x00-\x00";
+        let (version, size, tables) = parse_facts(empty).unwrap();
+        assert_eq!(
+            (version.as_str(), size, tables.len()),
+            ("15.13", 7_000_000, 0)
+        );
     }
 
     #[test]

@@ -404,6 +404,7 @@ pub fn backup_to_proto(host: &str, b: &Backup) -> v1::BackupInfo {
         verified_unix_ms: b.verified_unix_ms,
         encrypted: !b.recipients.is_empty(),
         release: b.release.clone(),
+        local_corrupt: b.local_corrupt.clone(),
     }
 }
 
@@ -428,6 +429,8 @@ pub fn verification_to_proto(host: &str, v: &Verification) -> v1::VerificationIn
                 evidence: c.evidence.clone().into_iter().collect(),
             })
             .collect(),
+        copy: v.copy.clone(),
+        local_corrupt: v.local_corrupt.clone(),
     }
 }
 

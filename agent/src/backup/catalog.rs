@@ -119,9 +119,15 @@ pub struct Backup {
     /// `s3://bucket/prefix/target/id/`, while the remote copy exists.
     #[serde(default)]
     pub remote: String,
-    /// When the stored copies were last read back and matched the manifest (0: never).
+    /// When the stored copies were last read back and matched the manifest (0: never, or a
+    /// copy was found corrupt since).
     #[serde(default)]
     pub verified_unix_ms: i64,
+    /// Why the local copy is known to be corrupt (`sha256 mismatch`), found by a restore or a
+    /// validation that then used the remote copy; empty while it is not known to be. Absent
+    /// in records written before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub local_corrupt: String,
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
 }
@@ -151,6 +157,13 @@ impl Backup {
 
     pub fn is_remote(&self) -> bool {
         !self.remote.is_empty()
+    }
+
+    /// Records that the local copy failed its hash check (`why`, e.g. `sha256 mismatch`): it
+    /// is no longer called verified until a validation passes again.
+    pub fn mark_local_corrupt(&mut self, why: &str) {
+        self.local_corrupt = why.to_string();
+        self.verified_unix_ms = 0;
     }
 
     /// The part to restore: the named one, or the only one.
@@ -239,6 +252,13 @@ pub struct Verification {
     pub started_unix_ms: i64,
     pub finished_unix_ms: i64,
     pub checks: Vec<Check>,
+    /// The copy the content checks (decompress, pg_list, restore, sanity) read: `local`,
+    /// `remote`, or empty when none matched the manifest. Absent in older records.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub copy: String,
+    /// Why the local copy failed its hash check (`corrupt (sha256 mismatch)`), if it did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub local_corrupt: String,
 }
 
 impl Verification {
@@ -307,6 +327,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn records_without_local_corrupt_parse_and_a_corrupt_mark_unverifies() {
+        let old = r#"{"id":"t-1","target":"t","host":"h","kind":"path","trigger":"manual","job_id":"j","requested_by":"","started_unix_ms":1,"finished_unix_ms":2,"parts":[],"compression":"zstd-3","recipients":[],"local_dir":"/x","verified_unix_ms":5}"#;
+        let mut b: Backup = serde_json::from_str(old).unwrap();
+        assert!(b.local_corrupt.is_empty());
+        assert!(!serde_json::to_string(&b).unwrap().contains("local_corrupt"));
+        b.mark_local_corrupt("sha256 mismatch");
+        assert_eq!(b.verified_unix_ms, 0);
+        let again: Backup = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        assert_eq!(again.local_corrupt, "sha256 mismatch");
+    }
+
+    #[test]
     fn ids_sort_by_time_and_carry_the_target() {
         let a = backup_id("shop-db", 1_763_900_000_000, 0xffff);
         let b = backup_id("shop-db", 1_763_900_001_000, 0);
@@ -343,6 +375,7 @@ mod tests {
             local_dir: String::new(),
             remote: String::new(),
             verified_unix_ms: 0,
+            local_corrupt: String::new(),
             extra: BTreeMap::new(),
         };
         assert_eq!(b.part(None).unwrap().name, "shop");

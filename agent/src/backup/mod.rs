@@ -549,6 +549,7 @@ async fn take_into(
         local_dir: final_dir.display().to_string(),
         remote: String::new(),
         verified_unix_ms: 0,
+        local_corrupt: String::new(),
         extra: BTreeMap::new(),
     };
     if let Err(e) = write_manifest(partial, &backup)
@@ -1001,7 +1002,13 @@ async fn restore_job(
     )
     .await?;
     let located = locate(ctx, &spec, &request).await;
-    let (backup, part, file, fetched) = match located {
+    let Located {
+        backup,
+        part,
+        file,
+        fetched,
+        copy,
+    } = match located {
         Ok(v) => v,
         Err(e) => return Err(step_failed(report, "locate", since, e).await),
     };
@@ -1021,20 +1028,9 @@ async fn restore_job(
         )
         .await);
     } else {
-        match std::fs::read_to_string(&request.identity_file) {
+        match read_identity_file(Path::new(&request.identity_file)) {
             Ok(text) => Some(text),
-            Err(e) => {
-                return Err(step_failed(
-                    report,
-                    "locate",
-                    since,
-                    format!(
-                        "cannot read the identity file {}: {e}",
-                        request.identity_file
-                    ),
-                )
-                .await);
-            }
+            Err(e) => return Err(step_failed(report, "locate", since, e).await),
         }
     };
     report
@@ -1042,10 +1038,11 @@ async fn restore_job(
             "locate",
             since,
             format!(
-                "{} part {} ({}), hash matches the manifest",
+                "{} part {} ({}): {}",
                 backup.id,
                 part.name,
-                human_bytes(part.size)
+                human_bytes(part.size),
+                copy.located()
             ),
             BTreeMap::new(),
         )
@@ -1066,10 +1063,74 @@ async fn restore_job(
         .await?
     };
     let mut out = Outcome::succeeded("", "");
-    out.summary = summary;
+    out.summary = format!("{summary}; {}", copy.restored_from());
     out.extra
         .insert(catalog::field::BACKUP_ID.into(), backup.id.clone());
     Ok(out)
+}
+
+/// Reads an age identity file (the format `age-keygen` writes) and checks that it holds at
+/// least one identity, before anything is touched.
+pub(crate) fn read_identity_file(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the identity file {}: {e}", path.display()))?;
+    pipeline::parse_identities(&text)
+        .map_err(|e| format!("the identity file {}: {e}", path.display()))?;
+    Ok(text)
+}
+
+/// Which stored copy a restore reads, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyUsed {
+    /// The local copy, its hash matching the manifest (`dir`: its folder).
+    Local { dir: String },
+    /// The S3 copy (`url` of the file), because the local copy is `local` (`corrupt (sha256
+    /// mismatch)`, `gone`, ...).
+    Remote { url: String, local: String },
+}
+
+impl CopyUsed {
+    /// The `locate` step's words.
+    pub fn located(&self) -> String {
+        match self {
+            CopyUsed::Local { dir } => {
+                format!("the local copy in {dir} matches the manifest (sha256)")
+            }
+            CopyUsed::Remote { url, local } => format!(
+                "local copy {local}; the S3 copy {url} matches the manifest (sha256) and is used"
+            ),
+        }
+    }
+
+    /// The restore's summary: which copy it came from and why.
+    pub fn restored_from(&self) -> String {
+        match self {
+            CopyUsed::Local { dir } => format!("restored from the local copy in {dir}"),
+            CopyUsed::Remote { url, local } => {
+                format!("local copy {local}, restored from S3 copy {url}")
+            }
+        }
+    }
+}
+
+/// What is wrong with a stored copy, in a few words: `corrupt (sha256 mismatch)`, `missing`.
+pub fn copy_fault(err: &pipeline::PipelineError) -> String {
+    match err {
+        pipeline::PipelineError::HashMismatch { .. } => "corrupt (sha256 mismatch)".into(),
+        pipeline::PipelineError::Missing { .. } => "missing".into(),
+        other => format!("unreadable ({other})"),
+    }
+}
+
+/// What `locate` found.
+struct Located {
+    backup: Backup,
+    part: Part,
+    /// A local file with the part, its hash checked.
+    file: PathBuf,
+    /// The folder of a copy fetched from S3, to remove afterwards.
+    fetched: Option<PathBuf>,
+    copy: CopyUsed,
 }
 
 /// Removes a fetched copy when dropped.
@@ -1083,14 +1144,16 @@ impl Drop for Cleanup {
     }
 }
 
-/// The backup, the part to restore, a local file with it (hash checked), and the folder of a
-/// copy fetched from S3 (to remove afterwards).
+/// The backup, the part to restore, a local file with it (hash checked), the folder of a
+/// copy fetched from S3 (to remove afterwards) and which copy it is. A local copy that fails
+/// its hash check is marked corrupt in the catalog; a fetched copy that fails its own is
+/// removed before the error returns.
 async fn locate(
     ctx: &JobCtx,
     spec: &TargetSpec,
     request: &crate::store::BackupJob,
-) -> Result<(Backup, Part, PathBuf, Option<PathBuf>), String> {
-    let backup = ctx
+) -> Result<Located, String> {
+    let mut backup = ctx
         .store
         .backup(&spec.name, &request.backup_id)
         .map_err(|e| e.to_string())?
@@ -1103,6 +1166,7 @@ async fn locate(
     let part = backup
         .part((!request.part.is_empty()).then_some(request.part.as_str()))?
         .clone();
+    let mut local_state = "gone".to_string();
     if backup.is_local() {
         let file = Path::new(&backup.local_dir).join(&part.file);
         let (f, sha) = (file.clone(), part.sha256.clone());
@@ -1110,11 +1174,36 @@ async fn locate(
             .await
             .map_err(|e| e.to_string())?;
         match checked {
-            Ok(_) => return Ok((backup, part, file, None)),
-            Err(e) if backup.is_remote() => {
-                warn!(file = %file.display(), error = %e, "the local copy is unusable; fetching the remote copy");
+            Ok(_) => {
+                let dir = backup.local_dir.clone();
+                return Ok(Located {
+                    backup,
+                    part,
+                    file,
+                    fetched: None,
+                    copy: CopyUsed::Local { dir },
+                });
             }
-            Err(e) => return Err(format!("the local copy is unusable: {e}")),
+            Err(e) => {
+                local_state = copy_fault(&e);
+                warn!(file = %file.display(), error = %e, "the local copy is unusable");
+                if matches!(
+                    e,
+                    pipeline::PipelineError::HashMismatch { .. }
+                        | pipeline::PipelineError::Missing { .. }
+                ) {
+                    backup.mark_local_corrupt(&local_state);
+                    if let Err(err) = ctx.store.put_backup(&backup).await {
+                        warn!(backup = %backup.id, error = %err, "cannot mark the local copy corrupt");
+                    }
+                }
+                if !backup.is_remote() {
+                    return Err(format!(
+                        "the local copy is unusable: {e}; backup {} has no S3 copy",
+                        backup.id
+                    ));
+                }
+            }
         }
     }
     if !backup.is_remote() {
@@ -1123,6 +1212,8 @@ async fn locate(
     let remote = remote_of(spec)?.ok_or("the target no longer has [storage.s3]")?;
     let dir = target_dir(ctx, spec).join(format!("{}.fetch.partial", backup.id));
     private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Removed on every way out but success.
+    let mut guard = Cleanup(Some(dir.clone()));
     let file = dir.join(&part.file);
     remote
         .download_to(&object_key(&spec.name, &backup.id, &part.file), &file)
@@ -1132,8 +1223,21 @@ async fn locate(
     tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha))
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("the remote copy is unusable: {e}"))?;
-    Ok((backup, part, file, Some(dir)))
+        .map_err(|e| {
+            format!("the local copy is {local_state}, and the remote copy is unusable: {e}")
+        })?;
+    guard.0 = None;
+    let url = format!("{}{}", backup.remote, part.file);
+    Ok(Located {
+        backup,
+        part,
+        file,
+        fetched: Some(dir),
+        copy: CopyUsed::Remote {
+            url,
+            local: local_state,
+        },
+    })
 }
 
 async fn restore_files(
@@ -1270,7 +1374,10 @@ async fn restore_database(
     };
     let sink = match postgres::restore(&ctx.docker, &conn, &database, &opts).await {
         Ok(s) => s,
-        Err(e) => return Err(step_failed(report, "restore", since, e.to_string()).await),
+        Err(e) => {
+            let hint = undo_restore(ctx, &conn, &database, exists).await;
+            return Err(step_failed(report, "restore", since, format!("{e}{hint}")).await);
+        }
     };
     let (file, sha) = (file.to_path_buf(), part.sha256.clone());
     let done = with_progress(report, "restore", database.clone(), move |tick| {
@@ -1302,12 +1409,26 @@ async fn restore_database(
             Ok(message)
         }
         Err(e) => {
-            let hint = if exists {
-                "; the restore ran in one transaction, so the database is unchanged"
-            } else {
-                ""
-            };
+            let hint = undo_restore(ctx, &conn, &database, exists).await;
             Err(step_failed(report, "restore", since, format!("{e}{hint}")).await)
+        }
+    }
+}
+
+/// After a failed restore, leaves the target as it was: a database that existed is unchanged
+/// (the restore ran in one transaction); one the restore created is dropped. Returns the
+/// words for the error.
+async fn undo_restore(ctx: &JobCtx, conn: &Conn, database: &str, existed: bool) -> String {
+    if existed {
+        return "; the restore ran in one transaction, so the database is unchanged".into();
+    }
+    match postgres::drop_database(&ctx.docker, conn, database).await {
+        Ok(()) => format!("; the database {database} it had created was dropped"),
+        Err(e) => {
+            warn!(database, error = %e, "cannot drop the database a failed restore created");
+            format!(
+                "; the database {database} it had created could not be dropped ({e}): drop it by hand"
+            )
         }
     }
 }

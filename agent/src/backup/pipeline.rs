@@ -328,16 +328,34 @@ fn decode(
         return copy_plain(decoder, out, progress, state);
     }
     let text = identity.ok_or(PipelineError::NeedsKey)?;
-    let identity =
-        age::x25519::Identity::from_str(text.trim()).map_err(|reason| PipelineError::Decrypt {
-            reason: format!("the identity is not a valid AGE-SECRET-KEY-1... key: {reason}"),
-        })?;
+    let identities = parse_identities(text)?;
     let decryptor = age::Decryptor::new_buffered(input).map_err(decrypt_error)?;
     let plain = decryptor
-        .decrypt(std::iter::once(&identity as &dyn age::Identity))
+        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
         .map_err(decrypt_error)?;
     let decoder = zstd::stream::read::Decoder::new(plain).map_err(PipelineError::Decompress)?;
     copy_plain(decoder, out, progress, state)
+}
+
+/// The identities of an age identity file, in the format `age-keygen` writes: `#` comment
+/// lines, blank lines and one or more `AGE-SECRET-KEY-1...` lines (surrounding whitespace and
+/// CRLF line ends are tolerated). An error names the line, never its content.
+pub fn parse_identities(text: &str) -> Result<Vec<Box<dyn age::Identity>>, PipelineError> {
+    let cleaned: String = text.lines().map(|l| format!("{}\n", l.trim())).collect();
+    let file = age::IdentityFile::from_buffer(cleaned.as_bytes()).map_err(|e| {
+        PipelineError::Decrypt {
+            reason: format!(
+                "the identity is not an age identity file (comment lines starting with #, blank lines, AGE-SECRET-KEY-1... lines): {e}"
+            ),
+        }
+    })?;
+    let identities = file.into_identities().map_err(decrypt_error)?;
+    if identities.is_empty() {
+        return Err(PipelineError::Decrypt {
+            reason: "the identity file holds no AGE-SECRET-KEY-1... line".into(),
+        });
+    }
+    Ok(identities)
 }
 
 fn copy_plain(
@@ -790,6 +808,40 @@ mod tests {
         let w = write_bytes(dir.path(), "big", &data, &encode);
         let (out, _) = read_all(&w, &w.sha256, None).unwrap();
         assert!(out == data);
+    }
+
+    /// An identity file exactly as `age-keygen -o key.txt` writes it.
+    fn keygen_file(secret: &str, public: &str) -> String {
+        format!("# created: 2026-12-02T03:00:00Z\n# public key: {public}\n{secret}\n")
+    }
+
+    #[test]
+    fn age_keygen_identity_files_with_comments_and_several_keys_decrypt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = keypair();
+        let (other_secret, other_public) = keypair();
+        let w = write_bytes(dir.path(), "f", b"some rows", &encrypted(&public));
+        let one = keygen_file(&secret, &public);
+        assert_eq!(read_all(&w, &w.sha256, Some(&one)).unwrap().0, b"some rows");
+        // Two keys (the right one second), blank lines, CRLF line ends.
+        let two = format!(
+            "{}\n\n{}",
+            keygen_file(&other_secret, &other_public),
+            keygen_file(&secret, &public)
+        )
+        .replace('\n', "\r\n");
+        assert_eq!(read_all(&w, &w.sha256, Some(&two)).unwrap().0, b"some rows");
+        assert_eq!(parse_identities(&two).unwrap().len(), 2);
+        // Only comments: no key; a stray line is named by its number, not shown.
+        let err = parse_identities("# created: x\n\n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("no AGE-SECRET-KEY-1"), "{err}");
+        let bad = format!("{one}{}x\n", &secret[..20]);
+        let err = parse_identities(&bad).err().unwrap().to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(!err.contains(&secret[..20]), "{err}");
     }
 
     #[test]

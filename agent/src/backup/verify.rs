@@ -55,6 +55,8 @@ pub(super) async fn verify_job(
         first_failed: None,
         cancels: &ctx.cancels,
         job_id: job.id.clone(),
+        copy: String::new(),
+        local_corrupt: String::new(),
     };
     let newest = run_checks(ctx, job, &mut checks, &spec).await;
     let verification = Verification {
@@ -65,10 +67,14 @@ pub(super) async fn verify_job(
         started_unix_ms: started,
         finished_unix_ms: unix_ms(),
         checks: checks.list.clone(),
+        copy: checks.copy.clone(),
+        local_corrupt: checks.local_corrupt.clone(),
     };
     let passed = verification.passed();
     if passed && let Some(mut backup) = newest.clone() {
         backup.verified_unix_ms = verification.finished_unix_ms;
+        // Every copy matched the manifest: an earlier corrupt mark no longer holds.
+        backup.local_corrupt.clear();
         if let Err(e) = ctx.store.put_backup(&backup).await {
             warn!(backup = %backup.id, error = %e, "cannot mark the backup verified");
         }
@@ -109,7 +115,28 @@ pub(super) async fn verify_job(
             } else {
                 format!(" (also failed: {})", others.join(", "))
             };
-            Err(fail(step, format!("{error}{also}")))
+            let content = if verification.copy == "remote" && !verification.local_corrupt.is_empty()
+            {
+                let passed: Vec<&str> = verification
+                    .checks
+                    .iter()
+                    .filter(|c| c.result == CheckResult::Passed)
+                    .map(|c| c.name.as_str())
+                    .filter(|n| ["decompress", "pg_list", "restore", "sanity"].contains(n))
+                    .collect();
+                format!(
+                    "; the local copy is {}: the checks ran on the S3 copy (passed: {})",
+                    verification.local_corrupt,
+                    if passed.is_empty() {
+                        "none".to_string()
+                    } else {
+                        passed.join(", ")
+                    }
+                )
+            } else {
+                String::new()
+            };
+            Err(fail(step, format!("{error}{also}{content}")))
         }
     }
 }
@@ -138,6 +165,10 @@ struct Checks<'a, 'r> {
     /// Where a cancel of the job shows (`jobs::Cancels`), and its id.
     cancels: &'a crate::jobs::Cancels,
     job_id: String,
+    /// The copy the content checks read: `local`, `remote`, or empty (none).
+    copy: String,
+    /// What is wrong with the local copy when it failed its hash check.
+    local_corrupt: String,
 }
 
 impl Checks<'_, '_> {
@@ -269,7 +300,7 @@ async fn run_checks(
             None
         }
     };
-    let Some(backup) = backup else {
+    let Some(mut backup) = backup else {
         for name in [
             "age",
             "hash_local",
@@ -313,6 +344,8 @@ async fn run_checks(
 
     // hash_local
     let mut files: Option<Vec<PathBuf>> = None;
+    // What is wrong with the local copy when its bytes are not the manifest's.
+    let mut local_fault: Option<String> = None;
     if backup.is_local() {
         let since = checks
             .start(
@@ -329,15 +362,26 @@ async fn run_checks(
             let mut paths = Vec::new();
             for part in &parts {
                 let path = dir.join(&part.file);
-                bytes += pipeline::verify_hash(&path, &part.sha256)
-                    .map_err(|e| format!("{}: {e}", part.file))?;
+                bytes += pipeline::verify_hash(&path, &part.sha256).map_err(|e| {
+                    let fault = matches!(
+                        e,
+                        pipeline::PipelineError::HashMismatch { .. }
+                            | pipeline::PipelineError::Missing { .. }
+                    )
+                    .then(|| super::copy_fault(&e));
+                    (format!("{}: {e}", part.file), fault)
+                })?;
                 paths.push(path);
             }
-            Ok::<_, String>((bytes, paths))
+            Ok::<_, (String, Option<String>)>((bytes, paths))
         })
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        .map_err(|e| (e.to_string(), None))
+        .and_then(|r| r)
+        .map_err(|(message, fault)| {
+            local_fault = fault;
+            message
+        });
         let result = hashed.map(|(bytes, paths)| {
             let rate = rate(bytes, since);
             files = Some(paths);
@@ -377,13 +421,29 @@ async fn run_checks(
         checks.skip("hash_remote", "no remote copy").await;
     }
 
-    // The copy the content checks read: the local one if it matched, else the remote one.
+    // A local copy whose bytes are not the manifest's is marked so in the catalog (the
+    // validation fails: `backup list` no longer calls it verified).
+    if let Some(fault) = &local_fault {
+        let mut marked = backup.clone();
+        marked.mark_local_corrupt(fault);
+        match ctx.store.put_backup(&marked).await {
+            Ok(()) => backup = marked,
+            Err(e) => warn!(backup = %backup.id, error = %e, "cannot mark the local copy corrupt"),
+        }
+        checks.local_corrupt = fault.clone();
+    }
+
+    // The copy the content checks read: the local one if it matched, else the remote one
+    // (whether the local copy is gone or corrupt).
     let mut _fetched = Cleanup(None);
-    if files.is_none() && remote_ok && !backup.is_local() {
+    if files.is_some() {
+        checks.copy = "local".into();
+    } else if remote_ok {
         match fetch(ctx, spec, &backup).await {
             Ok((dir, paths)) => {
                 _fetched = Cleanup(Some(dir));
                 files = Some(paths);
+                checks.copy = "remote".into();
             }
             Err(e) => warn!(backup = %backup.id, error = %e, "cannot fetch the remote copy"),
         }
@@ -397,14 +457,29 @@ async fn run_checks(
     };
 
     // decompress
+    let which = match (checks.copy.as_str(), &local_fault) {
+        ("local", _) => "the local copy".to_string(),
+        (_, Some(fault)) => format!("the S3 copy {} (the local copy is {fault})", backup.remote),
+        _ => format!("the S3 copy {} (no local copy)", backup.remote),
+    };
     let since = checks
-        .start(ctx, job, "decompress", "decompressing every part".into())
+        .start(
+            ctx,
+            job,
+            "decompress",
+            format!("decompressing every part of {which}"),
+        )
         .await;
     let identity = identity_of(job, spec, &backup);
     let result = match &identity {
         Err(e) => Err(e.clone()),
         Ok(identity) => decompress_all(&backup, &files, identity.clone(), since).await,
     };
+    let result = result.map(|mut ev| {
+        ev.message = format!("{which}: {}", ev.message);
+        ev.fields.insert("copy".into(), checks.copy.clone());
+        ev
+    });
     let decompressed = checks.end("decompress", since, result).await;
 
     let pg = spec.postgres.as_ref();
@@ -475,9 +550,7 @@ fn identity_of(
             backup.id
         ));
     };
-    std::fs::read_to_string(&file)
-        .map(Some)
-        .map_err(|e| format!("cannot read the identity file {}: {e}", file.display()))
+    super::read_identity_file(&file).map(Some)
 }
 
 async fn read_back_all(spec: &TargetSpec, backup: &Backup) -> Result<Evidence, String> {
@@ -511,6 +584,8 @@ async fn fetch(
     let remote = remote_of(spec)?.ok_or("the target no longer has [storage.s3]")?;
     let dir = target_dir(ctx, spec).join(format!("{}.fetch.partial", backup.id));
     private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Removed on every way out but success (then the caller removes it).
+    let mut guard = Cleanup(Some(dir.clone()));
     let mut paths = Vec::new();
     for part in &backup.parts {
         let file = dir.join(&part.file);
@@ -520,6 +595,7 @@ async fn fetch(
             .map_err(|e| format!("download: {e}"))?;
         paths.push(file);
     }
+    guard.0 = None;
     Ok((dir, paths))
 }
 
@@ -617,8 +693,14 @@ async fn list_all(
             drop(reader);
             let _ = feeder.join();
             let listed = listed.map_err(|e| format!("{}: {e}", part.file))?;
-            if listed.is_empty() {
-                return Err(format!("{}: the archive lists no entries", part.file));
+            // A database without tables dumps to an archive whose listing is empty (pg_restore
+            // read its header, so it is an archive); one with tables never does.
+            if listed.is_empty() && !part.tables.is_empty() {
+                return Err(format!(
+                    "{}: the archive lists no entries, and the manifest has {} table(s)",
+                    part.file,
+                    part.tables.len()
+                ));
             }
             entries += listed.len();
         }

@@ -606,12 +606,31 @@ pub fn bytes(n: u64) -> String {
     drover_agent::backup::human_bytes(n)
 }
 
+/// Where the copies are: `local+s3`, `local`, `s3`; a local copy known corrupt shows as
+/// `local (corrupt)`.
 fn stored_where(b: &v1::BackupInfo) -> String {
+    let local = if b.local_corrupt.is_empty() {
+        "local"
+    } else {
+        "local (corrupt)"
+    };
     match (b.local_dir.is_empty(), b.remote.is_empty()) {
-        (false, false) => "local+s3".into(),
-        (false, true) => "local".into(),
+        (false, false) => format!("{local}+s3"),
+        (false, true) => local.into(),
         (true, false) => "s3".into(),
         (true, true) => "-".into(),
+    }
+}
+
+/// The VERIFIED column: when the copies last matched the manifest, never for a backup whose
+/// local copy is known corrupt.
+fn verified_cell(b: &v1::BackupInfo, now_ms: i64, never: &str) -> String {
+    if !b.local_corrupt.is_empty() {
+        "no (local corrupt)".into()
+    } else if b.verified_unix_ms > 0 {
+        ago(b.verified_unix_ms, now_ms)
+    } else {
+        never.into()
     }
 }
 
@@ -643,7 +662,8 @@ pub fn backup_json(b: &v1::BackupInfo) -> Value {
         "ratio": b.ratio,
         "local_dir": b.local_dir,
         "remote": b.remote,
-        "verified_at": if b.verified_unix_ms > 0 { rfc3339_ms(b.verified_unix_ms) } else { Value::Null },
+        "verified_at": if b.verified_unix_ms > 0 && b.local_corrupt.is_empty() { rfc3339_ms(b.verified_unix_ms) } else { Value::Null },
+        "local_corrupt": if b.local_corrupt.is_empty() { Value::Null } else { Value::from(b.local_corrupt.clone()) },
         "encrypted": b.encrypted,
         "release": b.release,
         "manifest": serde_json::from_str::<Value>(&b.manifest_json).unwrap_or(Value::Null),
@@ -666,11 +686,7 @@ pub fn backups_table(backups: &[v1::BackupInfo], now_ms: i64) -> String {
             format!("{:.1}x", b.ratio),
             first_hash(b),
             stored_where(b),
-            if b.verified_unix_ms > 0 {
-                ago(b.verified_unix_ms, now_ms)
-            } else {
-                "no".into()
-            },
+            verified_cell(b, now_ms, "no"),
             b.trigger.clone(),
         ]);
     }
@@ -692,13 +708,13 @@ pub fn backup_detail(b: &v1::BackupInfo, now_ms: i64) -> String {
         bytes(b.source_bytes),
         b.ratio,
         if b.encrypted { ", encrypted" } else { "" },
-        or_dash(&b.local_dir),
-        or_dash(&b.remote),
-        if b.verified_unix_ms > 0 {
-            ago(b.verified_unix_ms, now_ms)
+        if b.local_corrupt.is_empty() {
+            or_dash(&b.local_dir)
         } else {
-            "never".into()
+            format!("{} ({})", b.local_dir, b.local_corrupt)
         },
+        or_dash(&b.remote),
+        verified_cell(b, now_ms, "never"),
     );
     if !b.release.is_empty() {
         out.push_str(&format!("release {}\n", b.release));
@@ -740,6 +756,8 @@ pub fn verification_json(v: &v1::VerificationInfo) -> Value {
         "started_at": rfc3339_ms(v.started_unix_ms),
         "finished_at": rfc3339_ms(v.finished_unix_ms),
         "passed": v.passed,
+        "copy": v.copy,
+        "local_corrupt": if v.local_corrupt.is_empty() { Value::Null } else { Value::from(v.local_corrupt.clone()) },
         "failed_checks": v.checks.iter().filter(|c| c.result == "failed").map(|c| c.name.clone()).collect::<Vec<_>>(),
         "checks": v.checks.iter().map(|c| json!({
             "name": c.name,
@@ -982,6 +1000,35 @@ mod tests {
         assert_eq!(j["status"], "open");
         assert_eq!(j["last_sent"], Value::Null);
         assert_eq!(j["pending"], serde_json::json!(["webhook:ops"]));
+    }
+
+    #[test]
+    fn a_backup_with_a_corrupt_local_copy_is_never_called_verified() {
+        let now = 10_000_000;
+        let mut b = v1::BackupInfo {
+            id: "shop-db-20261202-030000-0001".into(),
+            host: "db-1".into(),
+            local_dir: "/var/lib/drover/backups/shop-db/x".into(),
+            remote: "s3://backups/shop-db/x/".into(),
+            verified_unix_ms: now - 60_000,
+            ..Default::default()
+        };
+        let table = backups_table(std::slice::from_ref(&b), now);
+        assert!(
+            table.contains("local+s3") && table.contains("60s ago"),
+            "{table}"
+        );
+        b.local_corrupt = "corrupt (sha256 mismatch)".into();
+        let table = backups_table(std::slice::from_ref(&b), now);
+        assert!(table.contains("local (corrupt)+s3"), "{table}");
+        assert!(table.contains("no (local corrupt)"), "{table}");
+        assert!(!table.contains("60s ago"), "{table}");
+        let detail = backup_detail(&b, now);
+        assert!(detail.contains("(corrupt (sha256 mismatch))"), "{detail}");
+        assert!(detail.contains("verified no (local corrupt)"), "{detail}");
+        let j = backup_json(&b);
+        assert_eq!(j["verified_at"], Value::Null);
+        assert_eq!(j["local_corrupt"], "corrupt (sha256 mismatch)");
     }
 
     #[test]
