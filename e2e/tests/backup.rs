@@ -470,6 +470,9 @@ async fn the_drover_binary_backs_up_lists_shows_prunes_and_restores() {
     let (code, out, err) = cli(&["backup", "run", "site", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("job.finished"), "{out}");
+    // The job line names the target, and no release (a backup has none).
+    assert!(out.contains("\"backup site asked by "), "{out}");
+    assert!(!out.contains("previous release"), "{out}");
     // The catalog event follows job.finished: wait until the controller has it.
     assert_eq!(f.backups("site").await.len(), 1);
     let (code, out, err) = cli(&["backup", "list", "--json"]);
@@ -479,6 +482,14 @@ async fn the_drover_binary_backs_up_lists_shows_prunes_and_restores() {
     assert_eq!(list[0]["target"], "site");
     assert!(list[0]["size_bytes"].as_u64().unwrap() > 0, "{list}");
     assert_eq!(list[0]["manifest"]["parts"][0]["name"], "files", "{list}");
+    // The manifest names the host that took it, in the catalog and on disk.
+    assert_eq!(list[0]["manifest"]["host"], "db-1", "{list}");
+    let local_dir = list[0]["local_dir"].as_str().unwrap();
+    let on_disk: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(std::path::Path::new(local_dir).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(on_disk["host"], "db-1", "{on_disk}");
     let (code, out, _) = cli(&["backup", "list"]);
     assert_eq!(code, 0);
     assert!(out.contains(&id) && out.contains("local"), "{out}");
