@@ -8,11 +8,13 @@
 //!   command was dispatched to H);
 //! - J works on T: a backup, restore, prune or verify job of T, or a deploy whose spec's
 //!   `pre_deploy_backup` is T (a catalog only); a verification only from a verify job of T;
-//! - when the target as sent in J pins a `host`, it is H;
 //! - the records inside agree: every backup of a catalog is of T, a verification is of T and
-//!   of J.
+//!   of J. (The host a record names is not trusted: the controller records H.)
 //!
-//! `sessions.rs` applies it before storing; a refused record is logged and not kept, and its
+//! The hosts a job runs on are the controller's choice (the target's `host` or `labels`, an
+//! operator's `--host`, the host holding the backup for a restore or validation), so "the host
+//! the target runs on" is the host the job was dispatched to: a host cannot get a job sent to
+//! itself. `sessions.rs` applies it before storing; a refused record is logged and not kept, and its
 //! event is still acknowledged (the agent's outbox must not resend it forever).
 
 use std::fmt;
@@ -65,12 +67,6 @@ pub enum Refusal {
         job_target: String,
         claimed: String,
     },
-    /// The target is pinned to another host.
-    PinnedElsewhere {
-        target: String,
-        pinned: String,
-        host: String,
-    },
     /// A record inside disagrees with the event (a backup of another target, a verification
     /// of another job).
     Inconsistent { what: String },
@@ -101,11 +97,6 @@ impl fmt::Display for Refusal {
                 job_target,
                 claimed,
             } => write!(f, "job {job} works on target {job_target}, not {claimed}"),
-            Refusal::PinnedElsewhere {
-                target,
-                pinned,
-                host,
-            } => write!(f, "target {target} runs on host {pinned}, not {host}"),
             Refusal::Inconsistent { what } => write!(f, "{what}"),
         }
     }
@@ -121,9 +112,9 @@ pub fn excerpt(text: &str) -> String {
     format!("{cut:?}")
 }
 
-/// The target a job sent to its host works on, and the host that target is pinned to (if it
-/// is), read from the target TOML the job carries. `None` when the job carries no target.
-fn job_target(job: &JobRecord) -> Option<(String, Option<String>)> {
+/// The target a job works on: a backup job's own, a deploy's pre-deploy backup target (read
+/// from the TOML it carries, else its spec). `None` when the job works on no target.
+fn job_target(job: &JobRecord) -> Option<String> {
     let toml_text = match &job.command {
         JobCommand::Backup { target_toml, .. }
         | JobCommand::Restore { target_toml, .. }
@@ -141,21 +132,19 @@ fn job_target(job: &JobRecord) -> Option<(String, Option<String>)> {
             ..
         } if backup_target_toml.trim().is_empty() => {
             // No target attached (an older controller): the agent takes the spec's own
-            // `[[backups]]` entry named by `pre_deploy_backup`, which pins no host here.
-            let name = string_key(spec_toml, "pre_deploy_backup")?;
-            return Some((name, None));
+            // `[[backups]]` entry named by `pre_deploy_backup`.
+            return string_key(spec_toml, "pre_deploy_backup");
         }
         JobCommand::Deploy {
             backup_target_toml, ..
         } => backup_target_toml,
     };
-    let name = if job.kind.is_backup() {
+    if job.kind.is_backup() {
         // The job's own record of its target wins over what the TOML says.
-        job.app.clone()
+        Some(job.app.clone())
     } else {
-        string_key(toml_text, "name")?
-    };
-    Some((name, string_key(toml_text, "host")))
+        string_key(toml_text, "name")
+    }
 }
 
 /// A top-level string key of a TOML document, when set and not empty.
@@ -200,7 +189,7 @@ pub fn check_job(
         RecordKind::Verification => job.kind == JobKind::Verify,
     };
     let worked_on = job_target(job).filter(|_| fits);
-    let Some((job_target, pinned)) = worked_on else {
+    let Some(job_target) = worked_on else {
         return Err(Refusal::WrongKind {
             job: excerpt(job_id),
             kind: job.kind,
@@ -212,13 +201,6 @@ pub fn check_job(
             job: excerpt(job_id),
             job_target: excerpt(&job_target),
             claimed: excerpt(target),
-        });
-    }
-    if let Some(pinned) = pinned.filter(|p| p != host) {
-        return Err(Refusal::PinnedElsewhere {
-            target: excerpt(target),
-            pinned: excerpt(&pinned),
-            host: excerpt(host),
         });
     }
     Ok(())
@@ -240,19 +222,6 @@ pub fn check_catalog(
                 excerpt(target),
                 excerpt(&other.id),
                 excerpt(&other.target)
-            ),
-        });
-    }
-    if let Some(other) = backups
-        .iter()
-        .find(|b| !b.host.is_empty() && b.host != host)
-    {
-        return Err(Refusal::Inconsistent {
-            what: format!(
-                "host {} reported backup {} as taken on host {}",
-                excerpt(host),
-                excerpt(&other.id),
-                excerpt(&other.host)
             ),
         });
     }
@@ -428,9 +397,17 @@ mod tests {
             j
         };
         second_turn.targets[0].state = TargetState::Running;
-        type Want = Result<(), &'static str>;
-        let cases: Vec<(&str, RecordKind, &str, &str, &str, Option<JobRecord>, Want)> = vec![
-            // (case, record, host, job id, target, stored job, expected)
+        /// (case, record, host, job id, target, stored job, Ok or a piece of the refusal)
+        type Case = (
+            &'static str,
+            RecordKind,
+            &'static str,
+            &'static str,
+            &'static str,
+            Option<JobRecord>,
+            Result<(), &'static str>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "the genuine backup",
                 Catalog,
@@ -450,13 +427,13 @@ mod tests {
                 Err("not sent to host"),
             ),
             (
-                "a pinned target's job somehow on another host",
+                "a pinned target run elsewhere by the controller (--host): where it was sent",
                 Catalog,
                 "web-2",
                 "j1",
                 "shop-db",
                 Some(job(JobKind::Backup, PINNED, &["web-2"])),
-                Err("runs on host \"web-1\""),
+                Ok(()),
             ),
             (
                 "no job id",
@@ -642,17 +619,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("of target \"crm-db\""), "{err}");
-        let err = check_catalog(
-            "web-1",
-            "j1",
-            "shop-db",
-            &[backup("shop-db", "web-9")],
-            Some(&stored),
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("as taken on host \"web-9\""),
-            "{err}"
+        // The host a backup names is not trusted either way: the controller records the sender.
+        assert_eq!(
+            check_catalog(
+                "web-1",
+                "j1",
+                "shop-db",
+                &[backup("shop-db", "web-9")],
+                Some(&stored)
+            ),
+            Ok(())
         );
 
         let verify = job(JobKind::Verify, PINNED, &["web-1"]);
