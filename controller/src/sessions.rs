@@ -5,7 +5,10 @@
 //! (host, seq), so an agent that replays after a reconnect never produces a second copy. A new
 //! event moves its job on (`jobs::apply_event`, in the same store transaction); once the batch
 //! is flushed, watchers hear of it and the next target's command is sent. A new session is
-//! first sent every command due on its host that its agent has not started.
+//! first sent every command due on its host that its agent has not started. A backup catalog
+//! or validation an event carries is kept only when `provenance` allows it (the job was sent
+//! to this host and works on that target); a refused one is logged and its event stored
+//! stripped and acknowledged.
 
 use std::collections::HashMap;
 use std::pin::Pin;
