@@ -26,12 +26,14 @@ use crate::docker::DockerClient;
 use crate::health::AppFacts;
 use crate::jobevent::{self, JobResult, field, status};
 use crate::redact::Redactor;
-use crate::store::{JobRecord, NewEvent, Store};
+use crate::store::{JobKind, JobRecord, NewEvent, Store};
 use crate::{Outbox, deploy, recovery, unix_ms};
 
 /// Everything a job touches.
 #[derive(Debug)]
 pub struct JobCtx {
+    /// This host's name, as enrolled (recorded in each backup's manifest).
+    pub host: String,
     pub store: Arc<Store>,
     pub outbox: Outbox,
     pub docker: DockerClient,
@@ -347,17 +349,7 @@ async fn run_job(ctx: &JobCtx, mut job: JobRecord, token: CancellationToken) {
     report
         .event(
             jobevent::STARTED,
-            format!(
-                "{} {} {} asked by {}",
-                job.kind.as_str(),
-                job.app,
-                if job.version.is_empty() {
-                    "(previous release)"
-                } else {
-                    &job.version
-                },
-                job.requested_by
-            ),
+            started_message(job.kind, &job.app, &job.version, &job.requested_by),
             BTreeMap::from([
                 (field::JOB_KIND.into(), job.kind.as_str().into()),
                 (field::APP.into(), job.app.clone()),
@@ -372,6 +364,19 @@ async fn run_job(ctx: &JobCtx, mut job: JobRecord, token: CancellationToken) {
     }
     finish(ctx, &mut job, &report, outcome, started.elapsed()).await;
     ctx.cancels.remove(&job.id);
+}
+
+/// The `job.started` line: what runs on what, and who asked. Only a rollback without a version
+/// goes to "the previous release"; a backup job names no version at all.
+pub fn started_message(kind: JobKind, app: &str, version: &str, requested_by: &str) -> String {
+    let what = match (kind, version.is_empty()) {
+        (JobKind::Rollback, true) => format!("rollback {app} to the previous release"),
+        (JobKind::Rollback, false) => format!("rollback {app} to {version}"),
+        (JobKind::Restore, false) => format!("restore {app} from backup {version}"),
+        (kind, true) => format!("{} {app}", kind.as_str()),
+        (kind, false) => format!("{} {app} {version}", kind.as_str()),
+    };
+    format!("{what} asked by {requested_by}")
 }
 
 /// A job's outcome once it was cancelled: a failure (the step that noticed the cancel, or
@@ -687,6 +692,37 @@ impl<T: std::io::Write> std::io::Write for CancelIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_started_line_names_a_version_only_where_there_is_one() {
+        let cases = [
+            (JobKind::Deploy, "api", "v2", "deploy api v2 asked by ops"),
+            (
+                JobKind::Rollback,
+                "api",
+                "",
+                "rollback api to the previous release asked by ops",
+            ),
+            (
+                JobKind::Rollback,
+                "api",
+                "v1",
+                "rollback api to v1 asked by ops",
+            ),
+            (JobKind::Backup, "t1", "", "backup t1 asked by ops"),
+            (JobKind::Prune, "t1", "", "prune t1 asked by ops"),
+            (JobKind::Verify, "t1", "", "verify t1 asked by ops"),
+            (
+                JobKind::Restore,
+                "t1",
+                "t1-20261123-180102-3f2a",
+                "restore t1 from backup t1-20261123-180102-3f2a asked by ops",
+            ),
+        ];
+        for (kind, app, version, want) in cases {
+            assert_eq!(started_message(kind, app, version, "ops"), want);
+        }
+    }
 
     #[test]
     fn a_cancelled_job_ends_cancelled_unless_it_got_past_its_last_safe_point() {

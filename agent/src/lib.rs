@@ -195,6 +195,7 @@ impl Agent {
         // One stop for every task: the caller's shutdown, or a session that cannot continue.
         let shutdown = shutdown.child_token();
         let jobs_ctx = Arc::new(jobs::JobCtx {
+            host: self.enrollment.host.clone(),
             store: self.store.clone(),
             outbox: self.outbox(),
             redactor: self.redactor.clone(),

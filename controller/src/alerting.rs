@@ -142,10 +142,12 @@ impl Alerting {
         let mut jobs = shared.store.jobs(None, RECENT_JOBS)?;
         let seen: std::collections::BTreeSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
         for a in stored {
+            // The job id is in the key (older alerts also had it as their subject).
             if a.is_open()
                 && a.kind == AlertKind::JobFailed.as_str()
-                && !seen.contains(&a.subject)
-                && let Some(job) = shared.store.job(&a.subject)?
+                && let Some(id) = alerts::failed_job_id(&a.key)
+                && !seen.contains(id)
+                && let Some(job) = shared.store.job(id)?
             {
                 jobs.push(job);
             }
@@ -154,6 +156,10 @@ impl Alerting {
             let state = j.state();
             if state.is_finished() {
                 snapshot.jobs.push(JobFacts {
+                    host: j
+                        .failed_target()
+                        .map(|t| t.host.clone())
+                        .unwrap_or_default(),
                     state,
                     kind: j.kind,
                     subject: j.app,

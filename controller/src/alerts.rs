@@ -77,6 +77,14 @@ pub struct JobFacts {
     pub subject: String,
     pub state: JobState,
     pub finished_unix_ms: i64,
+    /// The host whose part decided the ending (the first that did not succeed); empty when
+    /// unknown.
+    pub host: String,
+}
+
+/// The job id of a `job_failed` alert, from its key (`job_failed:<job id>`).
+pub fn failed_job_id(key: &str) -> Option<&str> {
+    key.strip_prefix("job_failed:").filter(|id| !id.is_empty())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -247,14 +255,18 @@ fn age_text(ms: i64) -> String {
 /// The conditions that hold at `now_ms`, sorted by key, one per key.
 pub fn conditions(snapshot: &Snapshot, now_ms: i64) -> Vec<Condition> {
     let mut out: BTreeMap<String, Condition> = BTreeMap::new();
-    let mut add = |kind: AlertKind, subject: &str, message: String| {
-        let key = format!("{}:{subject}", kind.as_str());
+    // Keyed by kind and `id` (the subject, or a failed job's id), de-duplicated.
+    let mut add_keyed = |kind: AlertKind, id: &str, subject: &str, message: String| {
+        let key = format!("{}:{id}", kind.as_str());
         out.entry(key.clone()).or_insert(Condition {
             key,
             kind,
             subject: subject.to_string(),
             message,
         });
+    };
+    let mut add = |kind: AlertKind, subject: &str, message: String| {
+        add_keyed(kind, subject, subject, message)
     };
     for host in &snapshot.hosts {
         if host.state == HostState::Down {
@@ -348,10 +360,17 @@ pub fn conditions(snapshot: &Snapshot, now_ms: i64) -> Vec<Condition> {
             .get(&(j.kind.as_str(), j.subject.as_str()))
             .is_some_and(|&at| at > j.finished_unix_ms);
         if !cleared {
-            add(
+            // Keyed by the job (each failure is its own alert), named by what failed where.
+            let on = if j.host.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", j.host)
+            };
+            add_keyed(
                 AlertKind::JobFailed,
                 &j.id,
-                format!("{what}: {} (job {})", j.subject, j.id),
+                &j.subject,
+                format!("{what}: {}{on} (job {})", j.subject, j.id),
             );
         }
     }
@@ -441,6 +460,7 @@ mod tests {
             subject: subject.into(),
             state,
             finished_unix_ms: at,
+            host: "web-1".into(),
         }
     }
 
@@ -627,6 +647,52 @@ mod tests {
         for (name, snapshot, want) in cases {
             assert_eq!(keys(&snapshot, now), want, "{name}");
         }
+    }
+
+    #[test]
+    fn a_failed_job_alert_names_the_target_and_the_host() {
+        let now = 100 * DAY;
+        let snapshot = Snapshot {
+            jobs: vec![
+                job(
+                    "backup-1",
+                    JobKind::Backup,
+                    "shop-db",
+                    JobState::Failed,
+                    now,
+                ),
+                JobFacts {
+                    host: String::new(),
+                    ..job(
+                        "deploy-1",
+                        JobKind::Deploy,
+                        "api",
+                        JobState::RolledBack,
+                        now,
+                    )
+                },
+            ],
+            targets: vec![target("shop-db", now - H, Some(now), Some(now))],
+            ..Snapshot::default()
+        };
+        let found = conditions(&snapshot, now);
+        let backup = found
+            .iter()
+            .find(|c| c.key == "job_failed:backup-1")
+            .unwrap();
+        assert_eq!(backup.subject, "shop-db");
+        assert_eq!(
+            backup.message,
+            "backup failed: shop-db on web-1 (job backup-1)"
+        );
+        let deploy = found
+            .iter()
+            .find(|c| c.key == "job_failed:deploy-1")
+            .unwrap();
+        assert_eq!(deploy.subject, "api");
+        assert_eq!(deploy.message, "deploy rolled back: api (job deploy-1)");
+        assert_eq!(failed_job_id(&backup.key), Some("backup-1"));
+        assert_eq!(failed_job_id("host_down:web-1"), None);
     }
 
     fn rec(key: &str, sent: i64, resolved: i64) -> AlertRecord {

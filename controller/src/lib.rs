@@ -5,7 +5,7 @@
 //! admin bundle valid; `store` is the
 //! only module that touches sled; `jobs` and `selection` are the pure rules of deploy and
 //! rollback jobs; `schedule` the pure scheduling rules and `scheduler` the task that
-//! fires due schedules; `alerts` the pure alert rules, `alerting` the task that
+//! fires due schedules; `provenance` the pure rule of which host may report which backup records; `alerts` the pure alert rules, `alerting` the task that
 //! raises and resolves alerts and `notify` the only module that sends notifications; `cli` is the `drover` command. See ARCHITECTURE.md.
 
 pub mod alerting;
@@ -22,6 +22,7 @@ pub mod jobs;
 pub mod notify;
 pub mod operator;
 pub mod operators;
+pub mod provenance;
 pub mod schedule;
 pub mod scheduler;
 pub mod selection;

@@ -29,6 +29,8 @@ use crate::server::{Shared, now_ms};
 use crate::sessions::{send_cancel, send_command};
 use crate::store::{AppRecord, EventRecord, HostRecord, ScheduleKind, ScheduleRecord, TokenRecord};
 use drover_agent::backup::catalog::Backup;
+use drover_agent::backup::describe as describe_policy;
+use drover_agent::backup::retention;
 use drover_agent::backup::target::TargetSpec;
 
 #[derive(Debug, Clone)]
@@ -1082,14 +1084,9 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::PruneBackupsRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        let req = request.get_ref();
-        // A dry run changes nothing, so a viewer may ask for one.
-        let need = if req.dry_run {
-            Need::OperatorRead
-        } else {
-            Need::OperatorAdmin
-        };
-        let caller = authorize(&request, &self.shared.store, need)?;
+        // Even as a dry run this starts a job that takes the target's lock on the host: admin
+        // only. A viewer's dry run is PlanPrune.
+        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
         let (record, spec) = self.known_target(&req.target)?;
         let hosts = self.target_hosts(&spec, &req.host)?;
@@ -1101,6 +1098,45 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         };
         let job = start_job(self.shared.clone(), JobKind::Prune, command, hosts, None).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
+    }
+
+    async fn plan_prune(
+        &self,
+        request: Request<v1::PlanPruneRequest>,
+    ) -> Result<Response<v1::PlanPruneResponse>, Status> {
+        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let req = request.into_inner();
+        let (_, spec) = self.known_target(&req.target)?;
+        let (local, remote) = (spec.retention.local(), spec.retention.remote());
+        let mut lines = Vec::new();
+        for (host, table) in self
+            .shared
+            .store
+            .target_backups(&spec.name)
+            .map_err(internal)?
+        {
+            if !req.host.is_empty() && host != req.host {
+                continue;
+            }
+            for line in retention::plan(&local, &remote, &table) {
+                let backup = table.iter().find(|b| b.id == line.id);
+                lines.push(v1::PruneLineInfo {
+                    host: host.clone(),
+                    started_unix_ms: backup.map(|b| b.started_unix_ms).unwrap_or(0),
+                    size_bytes: backup.map(|b| b.size()).unwrap_or(0),
+                    id: line.id,
+                    copy: line.copy,
+                    keep: line.keep,
+                    reasons: line.reasons,
+                });
+            }
+        }
+        Ok(Response::new(v1::PlanPruneResponse {
+            target: spec.name.clone(),
+            local_policy: describe_policy(&local),
+            remote_policy: describe_policy(&remote),
+            lines,
+        }))
     }
 
     async fn restore(

@@ -5,7 +5,10 @@
 //! (host, seq), so an agent that replays after a reconnect never produces a second copy. A new
 //! event moves its job on (`jobs::apply_event`, in the same store transaction); once the batch
 //! is flushed, watchers hear of it and the next target's command is sent. A new session is
-//! first sent every command due on its host that its agent has not started.
+//! first sent every command due on its host that its agent has not started. A backup catalog
+//! or validation an event carries is kept only when `provenance` allows it (the job was sent
+//! to this host and works on that target); a refused one is logged and its event stored
+//! stripped and acknowledged.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -28,6 +31,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{Need, authorize};
 use crate::convert;
 use crate::jobs::{self, JobRecord, JobUpdate};
+use crate::provenance;
 use crate::server::{Shared, now_ms};
 use crate::store::{Carried, EventRecord, Ingested, JobChange};
 
@@ -419,13 +423,9 @@ fn ingest(
     };
     let catalog = if record.kind == catalog::CATALOG {
         match catalog::parse_catalog(&record.fields) {
-            Ok(backups) => record
-                .fields
-                .get(catalog::field::TARGET)
-                .filter(|t| !t.is_empty())
-                .map(|t| (t.clone(), backups)),
+            Ok(backups) => Some((field_of(&record, catalog::field::TARGET), backups)),
             Err(err) => {
-                warn!(host = %host, seq = record.seq, error = %err, "backup catalog not kept");
+                warn!(host = %host, seq = record.seq, error = %provenance::excerpt(&err), "backup catalog not kept");
                 None
             }
         }
@@ -439,13 +439,55 @@ fn ingest(
                 Some(v)
             }
             Err(err) => {
-                warn!(host = %host, seq = record.seq, error = %err, "verification not kept");
+                warn!(host = %host, seq = record.seq, error = %provenance::excerpt(&err), "verification not kept");
                 None
             }
         }
     } else {
         None
     };
+    // A backup record is kept only from the host its job was sent to (see `provenance`).
+    let refusal = if catalog.is_some() || verification.is_some() {
+        let job = if record.job_id.is_empty() {
+            None
+        } else {
+            shared.store.job(&record.job_id).map_err(internal)?
+        };
+        let target = field_of(&record, catalog::field::TARGET);
+        match (&catalog, &verification) {
+            (Some((_, backups)), _) => {
+                provenance::check_catalog(&host, &record.job_id, &target, backups, job.as_ref())
+            }
+            (None, Some(v)) => {
+                provenance::check_verification(&host, &record.job_id, &target, v, job.as_ref())
+            }
+            (None, None) => Ok(()),
+        }
+        .err()
+    } else {
+        None
+    };
+    let (record, catalog, verification) = match refusal {
+        None => (record, catalog, verification),
+        Some(refusal) => {
+            warn!(
+                host = %host,
+                seq = record.seq,
+                kind = %record.kind,
+                job = %provenance::excerpt(&record.job_id),
+                reason = %refusal,
+                "backup record refused: not kept"
+            );
+            (refused(record, &refusal), None, None)
+        }
+    };
+    // The host's own catalog: every backup in it is the reporting host's.
+    let catalog = catalog.map(|(target, mut backups)| {
+        for b in &mut backups {
+            b.host = host.clone();
+        }
+        (target, backups)
+    });
     let carried = match (&table, &catalog, &verification) {
         (Some((app, t)), _, _) => Some(Carried::Releases(app, t)),
         (None, Some((target, b)), _) => Some(Carried::Catalog(target, b)),
@@ -476,6 +518,31 @@ fn ingest(
         dispatches.push((after.clone(), next));
     }
     Ok(())
+}
+
+fn field_of(record: &EventRecord, name: &str) -> String {
+    record.fields.get(name).cloned().unwrap_or_default()
+}
+
+/// What is stored of an event whose backup record was refused: the event (so its seq is
+/// taken and acknowledged) without the record, outside any job, saying why.
+fn refused(mut record: EventRecord, refusal: &provenance::Refusal) -> EventRecord {
+    let claimed_job = std::mem::take(&mut record.job_id);
+    let target = record.fields.get(catalog::field::TARGET).cloned();
+    record.fields.clear();
+    record.fields.insert("refused".into(), refusal.to_string());
+    if !claimed_job.is_empty() {
+        record
+            .fields
+            .insert("claimed_job".into(), provenance::excerpt(&claimed_job));
+    }
+    if let Some(t) = target {
+        record
+            .fields
+            .insert(catalog::field::TARGET.into(), provenance::excerpt(&t));
+    }
+    record.message = format!("{} refused: {refusal}", record.kind);
+    record
 }
 
 /// Sends `job`'s command to `host` if its session is open. Returns whether it was handed to

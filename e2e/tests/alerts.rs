@@ -124,11 +124,24 @@ async fn a_stale_backup_alerts_once_resends_and_resolves_without_any_failed_job(
     alerting.tick(t1 + HOUR).await.unwrap();
     assert_eq!(hook.delivered("/json", key), ["open", "open"]);
 
-    // A fresh backup arrives in the catalog: the alert resolves, once.
+    // A backup job runs and a fresh backup arrives in the catalog (under the job, as the
+    // controller keeps only those): the alert resolves, once.
+    let job = controller
+        .admin()
+        .run_backup(v1::RunBackupRequest {
+            target: "shop-db".into(),
+            host: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    assert_eq!(agent.next_command().await.job_id, job);
+    agent.finish_job(&job, "succeeded").await;
     let fresh = t1 + HOUR + 1000;
     agent
         .event_with(
-            "",
+            &job,
             catalog::CATALOG,
             "",
             catalog::catalog_fields("shop-db", &[backup("shop-db", "db-1", fresh)]),
@@ -258,10 +271,23 @@ async fn failed_and_rolled_back_deploys_alert_until_a_deploy_of_the_app_succeeds
         .iter()
         .map(|r| r.body["message"].as_str().unwrap_or("").to_string())
         .collect();
+    // Named by what failed and where, keyed by the job.
     assert!(
-        messages.iter().any(|m| m.starts_with("deploy failed: api")),
+        messages
+            .iter()
+            .any(|m| m == &format!("deploy failed: api on web-1 (job {failed})")),
         "{messages:?}"
     );
+    let body = hook
+        .received()
+        .into_iter()
+        .find(|r| r.body["alert"] == failed_key.as_str())
+        .expect("the failed deploy's alert")
+        .body;
+    assert_eq!(body["subject"], "api", "{body}");
+    let listed = alerts(&controller, false).await;
+    let a = listed.iter().find(|a| a.key == failed_key).expect("listed");
+    assert_eq!(a.subject, "api");
     assert!(
         messages
             .iter()

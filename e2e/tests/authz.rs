@@ -392,6 +392,7 @@ async fn call_every_rpc(
     call!(out, list_backups, ListBackupsRequest, false);
     call!(out, get_backup, GetBackupRequest, false);
     call!(out, list_verifications, ListVerificationsRequest, false);
+    call!(out, plan_prune, PlanPruneRequest, false);
     call!(out, list_schedules, ListSchedulesRequest, false);
     call!(out, list_alerts, ListAlertsRequest, false);
     // Writes.

@@ -306,7 +306,7 @@ async fn volumes_and_paths_restore_to_a_directory_without_their_excluded_files()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
-    use drover_e2e::deploys::{AppGuard, deploy_job, spec, test_repo};
+    use drover_e2e::deploys::{AppGuard, spec, test_repo};
     if !docker_available("a_deploy_takes_its_pre_deploy_backup_first") {
         return;
     }
@@ -326,18 +326,31 @@ async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
         files.display()
     );
     f.apply(&target).await;
-    let job = |id: &str, version: &str, target: &str| {
-        let mut job = deploy_job(id, app, version, &spec);
-        job.backup = Some(drover_agent::store::BackupJob {
-            target_toml: target.to_string(),
-            trigger: "pre_deploy".into(),
-            ..Default::default()
-        });
-        job
-    };
-    let run = |job: drover_agent::store::JobRecord| async {
-        let id = job.id.clone();
-        f.agent().jobs.submit(job);
+    // Through the controller, which attaches the stored target to the deploy's command (it
+    // keeps a catalog only from a job it sent).
+    f.controller
+        .admin()
+        .apply_app(v1::ApplyAppRequest {
+            spec_toml: spec.clone(),
+            source: "prebackup.toml".into(),
+        })
+        .await
+        .expect("apply the app");
+    let fx = &f;
+    let run = |version: &'static str| async move {
+        let f = fx;
+        let id = f
+            .controller
+            .admin()
+            .deploy(v1::DeployRequest {
+                app: app.into(),
+                version: version.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("deploy")
+            .into_inner()
+            .id;
         let done = f
             .controller
             .wait_job(&f.agent().host, &id, Duration::from_secs(90))
@@ -359,11 +372,11 @@ async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
             .collect();
         (done, steps)
     };
-    let (done, steps) = run(job("deploy-pre-1-aaaa", "v1.0.0", &target)).await;
+    let (done, steps) = run("v1.0.0").await;
     assert_job_succeeded(&done);
     assert_eq!(steps[2], "backup:done", "{steps:?}");
     // The second deploy's backup records the release live when it was taken.
-    let (done, _) = run(job("deploy-pre-2-bbbb", "v1.1.0", &target)).await;
+    let (done, _) = run("v1.1.0").await;
     assert_job_succeeded(&done);
     let list = f.backups("app-files").await;
     assert_eq!(list.len(), 2, "{list:#?}");
@@ -372,7 +385,7 @@ async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
 
     // A backup that fails stops the deploy before anything changes.
     std::fs::remove_dir_all(&files).unwrap();
-    let (done, steps) = run(job("deploy-pre-3-cccc", "v1.0.0", &target)).await;
+    let (done, steps) = run("v1.0.0").await;
     assert_job_failed_at(&done, "backup", "check");
     assert_eq!(steps.last().unwrap(), "backup:failed", "{steps:?}");
     f.stop().await;
@@ -470,6 +483,9 @@ async fn the_drover_binary_backs_up_lists_shows_prunes_and_restores() {
     let (code, out, err) = cli(&["backup", "run", "site", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("job.finished"), "{out}");
+    // The job line names the target, and no release (a backup has none).
+    assert!(out.contains("\"backup site asked by "), "{out}");
+    assert!(!out.contains("previous release"), "{out}");
     // The catalog event follows job.finished: wait until the controller has it.
     assert_eq!(f.backups("site").await.len(), 1);
     let (code, out, err) = cli(&["backup", "list", "--json"]);
@@ -479,6 +495,14 @@ async fn the_drover_binary_backs_up_lists_shows_prunes_and_restores() {
     assert_eq!(list[0]["target"], "site");
     assert!(list[0]["size_bytes"].as_u64().unwrap() > 0, "{list}");
     assert_eq!(list[0]["manifest"]["parts"][0]["name"], "files", "{list}");
+    // The manifest names the host that took it, in the catalog and on disk.
+    assert_eq!(list[0]["manifest"]["host"], "db-1", "{list}");
+    let local_dir = list[0]["local_dir"].as_str().unwrap();
+    let on_disk: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(std::path::Path::new(local_dir).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(on_disk["host"], "db-1", "{on_disk}");
     let (code, out, _) = cli(&["backup", "list"]);
     assert_eq!(code, 0);
     assert!(out.contains(&id) && out.contains("local"), "{out}");

@@ -36,7 +36,7 @@ use crate::postgres::{self, Conn, RestoreOpts};
 use crate::store::{JobKind, JobRecord};
 use crate::unix_ms;
 use catalog::{Backup, Part, PruneLine, Table, Trigger};
-use retention::{Candidate, Policy};
+use retention::Policy;
 use target::{SourceKind, TargetSpec};
 
 /// The manifest's name inside a backup's folder (and the last object uploaded).
@@ -534,7 +534,7 @@ async fn take_into(
     let mut backup = Backup {
         id: id.to_string(),
         target: spec.name.clone(),
-        host: String::new(),
+        host: ctx.host.clone(),
         kind: spec.kind().as_str().into(),
         trigger,
         job_id: job.id.clone(),
@@ -896,45 +896,13 @@ async fn prune_step(
     }
 }
 
-fn candidates(backups: &[&Backup]) -> Vec<Candidate> {
-    backups
-        .iter()
-        .map(|b| Candidate {
-            id: b.id.clone(),
-            created_unix: b.started_unix_ms / 1000,
-            verified: b.verified_unix_ms > 0,
-        })
-        .collect()
-}
-
-fn lines(copy: &str, decisions: Vec<retention::Decision>) -> Vec<PruneLine> {
-    decisions
-        .into_iter()
-        .map(|d| PruneLine {
-            id: d.id,
-            copy: copy.into(),
-            keep: d.keep,
-            reasons: d.reasons.into_iter().map(String::from).collect(),
-        })
-        .collect()
-}
-
 async fn apply_retention(
     ctx: &JobCtx,
     spec: &TargetSpec,
     dry_run: bool,
 ) -> Result<Vec<PruneLine>, String> {
     let mut all = ctx.store.backups(&spec.name).map_err(|e| e.to_string())?;
-    let local: Vec<&Backup> = all.iter().filter(|b| b.is_local()).collect();
-    let remote: Vec<&Backup> = all.iter().filter(|b| b.is_remote()).collect();
-    let mut out = lines(
-        "local",
-        retention::decide(&spec.retention.local(), &candidates(&local)),
-    );
-    out.extend(lines(
-        "remote",
-        retention::decide(&spec.retention.remote(), &candidates(&remote)),
-    ));
+    let out = retention::plan(&spec.retention.local(), &spec.retention.remote(), &all);
     if dry_run {
         return Ok(out);
     }

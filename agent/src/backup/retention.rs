@@ -4,8 +4,14 @@
 //! Two guarantees hold whatever the policy: the newest verified backup is always kept, and a
 //! policy of all zeros ("no policy") keeps everything. A rule that deletes all backups cannot
 //! be written.
+//!
+//! [`plan`] applies a target's two policies (local and remote copies) to one host's catalog:
+//! the agent's prune runs it on its own catalog, the controller's `drover backup prune
+//! --dry-run` on the catalog the host last reported.
 
 use time::OffsetDateTime;
+
+use crate::backup::catalog::{Backup, PruneLine};
 
 /// How many backups of each kind to keep. All zeros (the default) keeps everything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -97,6 +103,41 @@ pub fn decide(policy: &Policy, candidates: &[Candidate]) -> Vec<Decision> {
             }
         })
         .collect()
+}
+
+/// What `local` (for local copies) and `remote` (for S3 copies) say about each copy of
+/// `backups` (one host's catalog of one target): the local copies first, then the remote
+/// ones, each newest first. A backup is judged by when it was started; a verified one counts
+/// for "newest verified".
+pub fn plan(local: &Policy, remote: &Policy, backups: &[Backup]) -> Vec<PruneLine> {
+    let candidates = |keep: fn(&Backup) -> bool| -> Vec<Candidate> {
+        backups
+            .iter()
+            .filter(|b| keep(b))
+            .map(|b| Candidate {
+                id: b.id.clone(),
+                created_unix: b.started_unix_ms / 1000,
+                verified: b.verified_unix_ms > 0,
+            })
+            .collect()
+    };
+    let lines = |copy: &str, decisions: Vec<Decision>| -> Vec<PruneLine> {
+        decisions
+            .into_iter()
+            .map(|d| PruneLine {
+                id: d.id,
+                copy: copy.into(),
+                keep: d.keep,
+                reasons: d.reasons.into_iter().map(String::from).collect(),
+            })
+            .collect()
+    };
+    let mut out = lines("local", decide(local, &candidates(Backup::is_local)));
+    out.extend(lines(
+        "remote",
+        decide(remote, &candidates(Backup::is_remote)),
+    ));
+    out
 }
 
 /// One of the daily/weekly/monthly rules: walking newest first, the first backup of each new
@@ -346,6 +387,56 @@ mod tests {
         let ids: Vec<&str> = decisions.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["c", "b", "a"]);
         assert!(!decisions[1].keep && !decisions[2].keep);
+    }
+
+    #[test]
+    fn a_plan_judges_local_and_remote_copies_by_their_own_policy() {
+        let backup = |id: &str, day: i64, local: bool, remote: bool, verified: bool| {
+            let mut b: Backup = serde_json::from_value(serde_json::json!({
+                "id": id, "target": "t", "host": "h", "kind": "path", "trigger": "manual",
+                "job_id": "", "requested_by": "", "started_unix_ms": day * 86_400_000,
+                "finished_unix_ms": day * 86_400_000 + 1000, "parts": [],
+                "compression": "zstd-3", "recipients": [],
+            }))
+            .unwrap();
+            if local {
+                b.local_dir = format!("/b/{id}");
+            }
+            if remote {
+                b.remote = format!("s3://b/t/{id}/");
+            }
+            if verified {
+                b.verified_unix_ms = 1;
+            }
+            b
+        };
+        let backups = [
+            backup("d1", 1, true, true, true),
+            backup("d2", 2, true, false, false),
+            backup("d3", 3, true, true, false),
+        ];
+        let lines = plan(&policy(1, 0, 0, 0), &policy(2, 0, 0, 0), &backups);
+        let seen: Vec<(&str, &str, bool, Vec<&str>)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l.copy.as_str(),
+                    l.id.as_str(),
+                    l.keep,
+                    l.reasons.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("local", "d3", true, vec!["last"]),
+                ("local", "d2", false, vec![]),
+                ("local", "d1", true, vec!["newest verified"]),
+                ("remote", "d3", true, vec!["last"]),
+                ("remote", "d1", true, vec!["last", "newest verified"]),
+            ]
+        );
     }
 
     #[test]

@@ -718,6 +718,38 @@ mod tests {
     }
 
     #[test]
+    fn verify_defaults_are_the_documented_ones() {
+        let v = TargetSpec::from_toml(PG, "t.toml").unwrap().verify;
+        assert_eq!(v.max_age(), std::time::Duration::from_secs(2 * 86_400));
+        assert_eq!(v.identity_file, None);
+        assert_eq!(v.row_tolerance, 0.1);
+        assert_eq!(v.scratch_database, None);
+        assert_eq!(
+            (v.min_free_fraction, v.min_free_bytes),
+            (0.1, 1_073_741_824)
+        );
+    }
+
+    #[test]
+    fn retention_keys_left_out_keep_their_defaults_and_remote_ones_are_zero() {
+        let policy = |k, d, w, m| Policy {
+            keep_last: k,
+            daily: d,
+            weekly: w,
+            monthly: m,
+        };
+        let spec = TargetSpec::from_toml(PG, "t.toml").unwrap();
+        assert_eq!(spec.retention.local(), policy(3, 7, 4, 6));
+        let text = format!("{PG}[retention]\nkeep_last = 1\n");
+        let spec = TargetSpec::from_toml(&text, "t.toml").unwrap();
+        assert_eq!(spec.retention.local(), policy(1, 7, 4, 6));
+        assert_eq!(spec.retention.remote(), policy(1, 7, 4, 6));
+        let text = format!("{PG}[retention]\nkeep_last = 1\n[retention.remote]\nmonthly = 12\n");
+        let spec = TargetSpec::from_toml(&text, "t.toml").unwrap();
+        assert_eq!(spec.retention.remote(), policy(0, 0, 0, 12));
+    }
+
+    #[test]
     fn defaults_pick_the_zstd_level_by_cores_and_keep_a_week_of_dailies() {
         let spec = TargetSpec::from_toml(PG, "t.toml").unwrap();
         assert_eq!(spec.kind(), SourceKind::Postgres);

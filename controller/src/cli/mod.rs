@@ -499,7 +499,8 @@ pub enum BackupCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Apply TARGET's retention now (--dry-run: only show what would go).
+    /// Apply TARGET's retention now (--dry-run: only show what would go, from the controller's
+    /// catalog: no job, no lock, allowed for viewers).
     Prune {
         target: String,
         #[arg(long)]
@@ -1310,12 +1311,34 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             host,
             dry_run,
             json,
+        }) if dry_run => {
+            // Answered from the controller's catalog: no job, no lock, so a viewer may ask.
+            let plan = api
+                .plan_prune(v1::PlanPruneRequest {
+                    target,
+                    host: host.unwrap_or_default(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&output::prune_plan_json(&plan))
+            } else {
+                println!("{}", output::prune_plan_text(&plan, now));
+                Ok(())
+            }
+        }
+        Command::Backup(BackupCommand::Prune {
+            target,
+            host,
+            dry_run: _,
+            json,
         }) => {
             let job = api
                 .prune_backups(v1::PruneBackupsRequest {
                     target,
                     host: host.unwrap_or_default(),
-                    dry_run,
+                    dry_run: false,
                 })
                 .await
                 .map_err(err)?

@@ -747,6 +747,76 @@ pub fn backup_detail(b: &v1::BackupInfo, now_ms: i64) -> String {
     out
 }
 
+/// `drover backup prune --dry-run --json`: the plan, from the controller's catalog.
+pub fn prune_plan_json(p: &v1::PlanPruneResponse) -> Value {
+    json!({
+        "target": p.target,
+        "dry_run": true,
+        "source": "controller catalog",
+        "local_policy": p.local_policy,
+        "remote_policy": p.remote_policy,
+        "would_delete": p.lines.iter().filter(|l| !l.keep).count(),
+        "lines": p.lines.iter().map(|l| json!({
+            "host": l.host,
+            "id": l.id,
+            "copy": l.copy,
+            "keep": l.keep,
+            "reasons": l.reasons,
+            "started_at": rfc3339_ms(l.started_unix_ms),
+            "size_bytes": l.size_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `drover backup prune --dry-run`: the rules, each copy kept (and by which rule) or deleted,
+/// and a last line saying what would go.
+pub fn prune_plan_text(p: &v1::PlanPruneResponse, now_ms: i64) -> String {
+    let mut out = format!(
+        "dry run of {}'s retention, from the controller's catalog (nothing is changed)
+local copies: {}
+remote copies: {}
+",
+        p.target, p.local_policy, p.remote_policy
+    );
+    if p.lines.is_empty() {
+        out.push_str(&format!(
+            "no backups of {} in the controller's catalog: nothing to delete",
+            p.target
+        ));
+        return out;
+    }
+    let mut t = table(&["ACTION", "HOST", "COPY", "ID", "TAKEN", "SIZE", "WHY"]);
+    for l in &p.lines {
+        t.add_row(vec![
+            if l.keep { "keep" } else { "delete" }.to_string(),
+            l.host.clone(),
+            l.copy.clone(),
+            l.id.clone(),
+            ago(l.started_unix_ms, now_ms),
+            bytes(l.size_bytes),
+            if l.keep {
+                l.reasons.join(", ")
+            } else {
+                "no rule keeps it".to_string()
+            },
+        ]);
+    }
+    out.push_str(&t.to_string());
+    out.push('\n');
+    let gone: Vec<String> = p
+        .lines
+        .iter()
+        .filter(|l| !l.keep)
+        .map(|l| format!("{} ({} on {})", l.id, l.copy, l.host))
+        .collect();
+    if gone.is_empty() {
+        out.push_str("nothing to delete");
+    } else {
+        out.push_str(&format!("would delete {}", gone.join(", ")));
+    }
+    out
+}
+
 pub fn verification_json(v: &v1::VerificationInfo) -> Value {
     json!({
         "job_id": v.job_id,
@@ -1029,6 +1099,52 @@ mod tests {
         let j = backup_json(&b);
         assert_eq!(j["verified_at"], Value::Null);
         assert_eq!(j["local_corrupt"], "corrupt (sha256 mismatch)");
+    }
+
+    #[test]
+    fn a_prune_plan_names_each_backup_and_why() {
+        let now = 10 * 86_400_000;
+        let line = |id: &str, copy: &str, keep: bool, reasons: &[&str]| v1::PruneLineInfo {
+            host: "db-1".into(),
+            id: id.into(),
+            copy: copy.into(),
+            keep,
+            reasons: reasons.iter().map(|r| r.to_string()).collect(),
+            started_unix_ms: now - 3_600_000,
+            size_bytes: 2048,
+        };
+        let mut plan = v1::PlanPruneResponse {
+            target: "site".into(),
+            local_policy: "last 1, 0 daily, 0 weekly, 0 monthly".into(),
+            remote_policy: "last 1, 0 daily, 0 weekly, 0 monthly".into(),
+            lines: vec![
+                line("site-b", "local", true, &["last"]),
+                line("site-a", "local", false, &[]),
+            ],
+        };
+        let text = prune_plan_text(&plan, now);
+        assert!(text.contains("local copies: last 1"), "{text}");
+        assert!(text.contains("site-b") && text.contains("last"), "{text}");
+        assert!(text.contains("no rule keeps it"), "{text}");
+        assert!(
+            text.ends_with("would delete site-a (local on db-1)"),
+            "{text}"
+        );
+        let j = prune_plan_json(&plan);
+        assert_eq!(j["would_delete"], 1);
+        assert_eq!(j["dry_run"], true);
+        assert_eq!(j["lines"][0]["id"], "site-b");
+        assert_eq!(j["lines"][0]["reasons"], serde_json::json!(["last"]));
+        assert_eq!(j["lines"][1]["keep"], false);
+
+        plan.lines.truncate(1);
+        assert!(prune_plan_text(&plan, now).ends_with("nothing to delete"));
+        plan.lines.clear();
+        let text = prune_plan_text(&plan, now);
+        assert!(
+            text.ends_with("no backups of site in the controller's catalog: nothing to delete"),
+            "{text}"
+        );
     }
 
     #[test]
