@@ -976,6 +976,10 @@ async fn deploy_steps(
                 if let (Some(drained), Some(at)) = (drained, drain_since) {
                     let message = drained.describe(spec.drain_timeout);
                     report.step_done("drain", at, message, BTreeMap::new()).await;
+                    // Back to the step still running (the controller shows the latest one).
+                    report
+                        .progress("watch", format!("drain over; still watching {}", job.version))
+                        .await;
                 }
             }
             breach = &mut window => break breach,
