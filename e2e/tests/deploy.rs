@@ -872,3 +872,75 @@ async fn a_websocket_smoke_check_passes_on_an_echo_and_fails_clearly_otherwise()
         assert_eq!(app_containers(app), live, "the failed release is removed");
     }
 }
+
+/// Issue 11, item 15: a slow starter passes within its health `start_period` (failures then do
+/// not count) where it fails without one, and a container that exits during the start period
+/// fails the deploy at once, not at the end of the period.
+#[tokio::test]
+async fn a_slow_starter_passes_within_its_start_period_and_an_exit_in_it_fails_at_once() {
+    if !docker_available(
+        "a_slow_starter_passes_within_its_start_period_and_an_exit_in_it_fails_at_once",
+    ) {
+        return;
+    }
+    let app = "slowstart";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let slow = |env: &str, start_period: &str| {
+        spec(app, &repo, listen, &format!("[env]\n{env}\n")).replace(
+            "retries = 5",
+            &format!("retries = 2\nstart_period = \"{start_period}\""),
+        )
+    };
+    let f = fixture("slowstart-host").await;
+    let (done, _) = f
+        .run(deploy_job(
+            "deploy-1-ss00",
+            app,
+            "v1.0.0",
+            &slow("START_DELAY_MS = \"2500\"", "0s"),
+        ))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "failed", "{done:?}");
+    assert_eq!(get(&done, field::STEP), "health", "{done:?}");
+
+    let started = Instant::now();
+    let (done, _) = f
+        .run(deploy_job(
+            "deploy-2-ss01",
+            app,
+            "v1.0.0",
+            &slow("START_DELAY_MS = \"2500\"", "20s"),
+        ))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "it passed as soon as it answered, not at the end of the period: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(version_at(listen).await, "v1.0.0");
+
+    let started = Instant::now();
+    let (done, _) = f
+        .run(deploy_job(
+            "deploy-3-ss02",
+            app,
+            "v1.1.0",
+            &slow("START_DELAY_MS = \"60000\"\nEXIT_AFTER_MS = \"300\"", "60s"),
+        ))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(get(&done, field::RESULT), "failed", "{done:?}");
+    assert_eq!(get(&done, field::STEP), "health", "{done:?}");
+    assert!(
+        get(&done, field::ERROR).contains("exited with code 3"),
+        "{done:?}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "an exit in the start period fails at once: {took:?}"
+    );
+    assert_eq!(version_at(listen).await, "v1.0.0");
+}
