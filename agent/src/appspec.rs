@@ -137,18 +137,114 @@ impl Default for HealthCheck {
     }
 }
 
+/// A smoke check, run against the new release before it gets traffic: an HTTP `GET path`
+/// (expecting `status`, default 200, and `body_contains`), or, with `websocket_send`, a
+/// WebSocket on `path` that is sent a text message and must answer (containing
+/// `websocket_expect`, when given).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmokeCheck {
     pub path: String,
-    #[serde(default = "ok_status")]
-    pub status: u16,
+    #[serde(default)]
+    pub status: Option<u16>,
     #[serde(default)]
     pub body_contains: Option<String>,
+    #[serde(default)]
+    pub websocket_send: Option<String>,
+    #[serde(default)]
+    pub websocket_expect: Option<String>,
 }
 
-fn ok_status() -> u16 {
-    200
+/// What a smoke check does, once its spec is valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmokeProbe<'a> {
+    Http {
+        status: u16,
+        body_contains: Option<&'a str>,
+    },
+    WebSocket {
+        send: &'a str,
+        expect: Option<&'a str>,
+    },
+}
+
+impl SmokeCheck {
+    pub fn probe(&self) -> SmokeProbe<'_> {
+        match &self.websocket_send {
+            Some(send) => SmokeProbe::WebSocket {
+                send,
+                expect: self.websocket_expect.as_deref(),
+            },
+            None => SmokeProbe::Http {
+                status: self.status.unwrap_or(200),
+                body_contains: self.body_contains.as_deref(),
+            },
+        }
+    }
+
+    /// Checks what serde cannot: the key at fault and why.
+    fn problem(&self) -> Option<(&'static str, String)> {
+        if !self.path.starts_with('/') {
+            return Some(("smoke.path", format!("{:?} must start with /", self.path)));
+        }
+        if self.path.len() > limits::MAX_SMOKE_PATH
+            || self
+                .path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+        {
+            return Some((
+                "smoke.path",
+                format!(
+                    "{:?} is not a request path (at most {} bytes, no whitespace, control characters or #)",
+                    self.path,
+                    limits::MAX_SMOKE_PATH
+                ),
+            ));
+        }
+        if let Some(status) = self.status
+            && !(100..=599).contains(&status)
+        {
+            return Some(("smoke.status", format!("{status} is not an HTTP status")));
+        }
+        let text = |key: &'static str, value: &Option<String>| match value {
+            Some(v) if v.is_empty() || v.len() > limits::MAX_SMOKE_TEXT || v.contains('\0') => {
+                Some((
+                    key,
+                    format!("must be 1-{} bytes, without NUL", limits::MAX_SMOKE_TEXT),
+                ))
+            }
+            _ => None,
+        };
+        text("smoke.body_contains", &self.body_contains)
+            .or_else(|| text("smoke.websocket_send", &self.websocket_send))
+            .or_else(|| text("smoke.websocket_expect", &self.websocket_expect))
+            .or_else(|| {
+                if self.websocket_send.is_some() {
+                    if self.status.is_some() {
+                        return Some((
+                            "smoke.status",
+                            "a WebSocket check (websocket_send) is judged by its answer, not a status; \
+                             use websocket_expect"
+                                .into(),
+                        ));
+                    }
+                    if self.body_contains.is_some() {
+                        return Some((
+                            "smoke.body_contains",
+                            "a WebSocket check (websocket_send) has no body; use websocket_expect"
+                                .into(),
+                        ));
+                    }
+                } else if self.websocket_expect.is_some() {
+                    return Some((
+                        "smoke.websocket_expect",
+                        "needs websocket_send: the message to send first".into(),
+                    ));
+                }
+                None
+            })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -252,6 +348,8 @@ pub mod limits {
     pub const MAX_P95: Duration = Duration::from_secs(600);
     pub const MAX_WORKERS: u64 = 32;
     pub const MAX_SMOKE: u64 = 32;
+    pub const MAX_SMOKE_PATH: usize = 2048;
+    pub const MAX_SMOKE_TEXT: usize = 4096;
     pub const MAX_LIST: u64 = 64;
     pub const MAX_ENV: u64 = 1024;
     pub const MAX_VALUE_BYTES: usize = 32 * 1024;
@@ -643,14 +741,8 @@ impl AppSpec {
             ));
         }
         for s in &self.smoke {
-            if !s.path.starts_with('/') {
-                return Err(bad("smoke.path", format!("{:?} must start with /", s.path)));
-            }
-            if !(100..=599).contains(&s.status) {
-                return Err(bad(
-                    "smoke.status",
-                    format!("{} is not an HTTP status", s.status),
-                ));
+            if let Some((key, message)) = s.problem() {
+                return Err(bad(key, message));
             }
         }
         let mut names = std::collections::BTreeSet::new();
@@ -704,6 +796,14 @@ mod tests {
         assert_eq!(spec.secrets["SECRET_KEY"].min_length, 32);
         assert_eq!(spec.watch.window, Duration::from_secs(120));
         assert_eq!(spec.smoke[0].body_contains.as_deref(), Some("ok"));
+        assert_eq!(
+            spec.smoke[1].probe(),
+            SmokeProbe::WebSocket {
+                send: "ping",
+                expect: Some("ping")
+            }
+        );
+        assert_eq!(spec.health.start_period, Duration::from_secs(20));
         assert_eq!(spec.backups[0].name, "api-db");
         assert_eq!(spec.backups[0].retention.monthly, 3);
         // What the controller stores for it parses back to the same target.
@@ -952,6 +1052,93 @@ mod tests {
             "keep_releases = 100\ndrain_timeout = \"1h\"\n{MINIMAL}[watch]\nwindow = \"1h\"\n[health]\nretries = 1000\ninterval = \"1s\"\ntimeout = \"2s\"\n"
         );
         AppSpec::from_toml(&edge, "app.toml").unwrap();
+    }
+
+    /// WebSocket smoke checks (issue 11, item 15): the keys belong together, and every text is
+    /// bounded.
+    #[test]
+    fn smoke_checks_are_http_or_websocket_and_bounded() {
+        let smoke = |keys: &str| format!("{MINIMAL}[[smoke]]\npath = \"/ws\"\n{keys}");
+        let long = "x".repeat(limits::MAX_SMOKE_TEXT + 1);
+        let cases: &[(String, &str, &str)] = &[
+            (
+                smoke("websocket_send = \"\"\n"),
+                "smoke.websocket_send",
+                "must be 1-4096 bytes",
+            ),
+            (
+                smoke(&format!("websocket_send = \"{long}\"\n")),
+                "smoke.websocket_send",
+                "must be 1-4096 bytes",
+            ),
+            (
+                smoke("websocket_send = \"a\"\nwebsocket_expect = \"a\\u0000\"\n"),
+                "smoke.websocket_expect",
+                "without NUL",
+            ),
+            (
+                smoke("websocket_expect = \"pong\"\n"),
+                "smoke.websocket_expect",
+                "needs websocket_send",
+            ),
+            (
+                smoke("websocket_send = \"ping\"\nstatus = 101\n"),
+                "smoke.status",
+                "judged by its answer",
+            ),
+            (
+                smoke("websocket_send = \"ping\"\nbody_contains = \"ok\"\n"),
+                "smoke.body_contains",
+                "has no body",
+            ),
+            (
+                smoke(&format!("body_contains = \"{long}\"\n")),
+                "smoke.body_contains",
+                "must be 1-4096 bytes",
+            ),
+            (
+                format!("{MINIMAL}[[smoke]]\npath = \"/a b\"\n"),
+                "smoke.path",
+                "not a request path",
+            ),
+            (
+                format!("{MINIMAL}[[smoke]]\npath = \"/{}\"\n", "a".repeat(3000)),
+                "smoke.path",
+                "at most 2048 bytes",
+            ),
+        ];
+        for (text, key, why) in cases {
+            let err = AppSpec::from_toml(text, "app.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("invalid config app.toml: key `{key}`: ")),
+                "expected key {key}: {err}"
+            );
+            assert!(err.contains(why), "expected {why:?}: {err}");
+        }
+        let spec = AppSpec::from_toml(
+            &format!(
+                "{}[[smoke]]\npath = \"/smoke\"\n",
+                smoke("websocket_send = \"ping\"\n")
+            ),
+            "app.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.smoke[0].probe(),
+            SmokeProbe::WebSocket {
+                send: "ping",
+                expect: None
+            }
+        );
+        assert_eq!(
+            spec.smoke[1].probe(),
+            SmokeProbe::Http {
+                status: 200,
+                body_contains: None
+            }
+        );
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Deploys and rollbacks, step by step, on the real Docker Engine, each step an event.
 //!
 //! Deploy: validate → lock → backup → image → migrate → start → health → smoke → switch →
-//! drain → watch → stop_old → prune. Rollback: lock → locate → start → health → switch →
-//! drain → stop_old. Until `switch`, the live release is never touched: a failure removes what
-//! the job created and leaves the old version serving. `switch` moves traffic in one atomic
-//! proxy swap, committed to the store together with the release table. A watch-window breach
-//! swaps back to the old release, kept running until the window closes.
+//! drain and watch (side by side) → stop_old → prune. Rollback: lock → locate → start → health
+//! → switch → drain → stop_old. Until `switch`, the live release is never touched: a failure
+//! removes what the job created and leaves the old version serving. `switch` moves traffic in
+//! one atomic proxy swap, committed to the store together with the release table. The watch
+//! window starts at the switch, while the old release drains; a breach swaps back to the old
+//! release (kept running until the window closes and its drain ends) within a second, even in
+//! the middle of its drain.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::apps::Reserved;
-use crate::appspec::{AppSpec, HealthCheck, Watch, check_version};
+use crate::appspec::{AppSpec, HealthCheck, SmokeProbe, Watch, check_version};
 use crate::backup::catalog::Trigger;
 use crate::backup::target::TargetSpec;
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError};
@@ -370,11 +372,19 @@ pub(crate) async fn wait_healthy(
         }
     };
     let started = Instant::now();
+    let mut next_inspect = started;
     while started.elapsed() < h.start_period {
         if let Ok(answer) = httpcheck::get(addr, &h.path, h.timeout).await
             && httpcheck::healthy(&answer)
         {
             return Ok(());
+        }
+        // Failures do not count yet, but a container that exited will not start.
+        if Instant::now() >= next_inspect {
+            next_inspect = Instant::now() + Duration::from_secs(1);
+            if let Some(why) = exited(ctx.docker.inspect(name).await.ok().flatten()) {
+                return Err(fail(step, why).with_logs(logs_of(ctx, name).await));
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -486,28 +496,54 @@ async fn workers_settled(
 
 /// Runs the smoke checks against the new web container before it gets traffic.
 async fn smoke(report: &Report<'_>, spec: &AppSpec, addr: SocketAddr) -> Result<(), Failure> {
+    let timeout = spec.health.timeout;
     for check in &spec.smoke {
-        let answer = httpcheck::get(addr, &check.path, spec.health.timeout)
-            .await
-            .map_err(|e| fail("smoke", format!("smoke check {}: {e}", check.path)))?;
-        httpcheck::smoke_verdict(&answer, check.status, check.body_contains.as_deref())
-            .map_err(|e| fail("smoke", format!("smoke check {} {e}", check.path)))?;
-        report
-            .progress(
-                "smoke",
-                format!("{} answered {}", check.path, answer.status),
-            )
-            .await;
+        let path = &check.path;
+        match check.probe() {
+            SmokeProbe::Http {
+                status,
+                body_contains,
+            } => {
+                let answer = httpcheck::get(addr, path, timeout)
+                    .await
+                    .map_err(|e| fail("smoke", format!("smoke check {path}: {e}")))?;
+                httpcheck::smoke_verdict(&answer, status, body_contains)
+                    .map_err(|e| fail("smoke", format!("smoke check {path} {e}")))?;
+                report
+                    .progress("smoke", format!("{path} answered {}", answer.status))
+                    .await;
+            }
+            SmokeProbe::WebSocket { send, expect } => {
+                let what = format!("smoke check {path} (WebSocket, sent {send:?})");
+                let answer = httpcheck::websocket(addr, path, send, timeout)
+                    .await
+                    .map_err(|e| fail("smoke", format!("{what}: {e}")))?;
+                httpcheck::websocket_verdict(&answer, expect)
+                    .map_err(|e| fail("smoke", format!("{what}: {e}")))?;
+                report
+                    .progress(
+                        "smoke",
+                        format!("{path} (WebSocket) answered {:?}", clip(&answer, 80)),
+                    )
+                    .await;
+            }
+        }
     }
     Ok(())
 }
 
-/// Removes a release's containers (whatever state they are in).
+/// At most `n` characters of `s`.
+fn clip(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// Removes a release's containers (whatever state they are in); returns those that existed.
 async fn remove_containers(ctx: &JobCtx, release: &Release) -> Vec<String> {
     let mut removed = Vec::new();
     for name in release.containers.values() {
         match ctx.docker.remove(name).await {
-            Ok(()) => removed.push(name.clone()),
+            Ok(true) => removed.push(name.clone()),
+            Ok(false) => {}
             Err(e) => warn!(container = %name, error = %e, "cannot remove container"),
         }
     }
@@ -906,16 +942,15 @@ async fn deploy_steps(
     .await?;
     made.release = None;
     let (proxy, new_upstream, old_upstream) = (switched.proxy, switched.new, switched.old);
-    drain_step(
-        ctx,
-        job,
-        report,
-        old_upstream.as_deref(),
-        spec.drain_timeout,
-    )
-    .await?;
-
-    // watch
+    // drain and watch, side by side: the new release is watched from the switch on while the
+    // old one finishes its requests; it keeps running, ready to serve again, until both end.
+    let drain_since = match &old_upstream {
+        Some(old) => Some(begin(ctx, job, report, "drain", drain_message(old)).await?),
+        None => {
+            report.step_skipped("drain", "nothing served before").await;
+            None
+        }
+    };
     let since = begin(
         ctx,
         job,
@@ -925,11 +960,33 @@ async fn deploy_steps(
     )
     .await?;
     let token = ctx.cancels.token(&job.id);
-    let watched = tokio::select! {
-        breach = watch(ctx, &spec, &release, new_upstream.as_deref()) => breach,
-        // A cancel in the window is a breach the operator called: switch back the same way
-        // (the runner reports it `cancelled`).
-        _ = token.cancelled() => Some(cancelled(ctx, job, "watch").error),
+    let drain = async {
+        match &old_upstream {
+            Some(old) => Some(old.drain(spec.drain_timeout).await),
+            None => None,
+        }
+    };
+    let window = watch(ctx, &spec, &release, new_upstream.as_deref());
+    tokio::pin!(drain, window);
+    let mut draining = drain_since.is_some();
+    let watched = loop {
+        tokio::select! {
+            drained = &mut drain, if draining => {
+                draining = false;
+                if let (Some(drained), Some(at)) = (drained, drain_since) {
+                    let message = drained.describe(spec.drain_timeout);
+                    report.step_done("drain", at, message, BTreeMap::new()).await;
+                    // Back to the step still running (the controller shows the latest one).
+                    report
+                        .progress("watch", format!("drain over; still watching {}", job.version))
+                        .await;
+                }
+            }
+            breach = &mut window => break breach,
+            // A cancel in the window is a breach the operator called: switch back the same way
+            // (the runner reports it `cancelled`).
+            _ = token.cancelled() => break Some(cancelled(ctx, job, "watch").error),
+        }
     };
     if let Some(breach) = watched {
         let Some(prev) = &previous else {
@@ -942,9 +999,20 @@ async fn deploy_steps(
                 ),
             ));
         };
-        // Switch back at once: the old web container is still running.
+        // Switch back at once: the old web container is still running (its drain, if not over,
+        // ends here: it serves again).
         if let (Some(p), Some(old)) = (&proxy, &old_upstream) {
             p.switch(old.clone());
+        }
+        if let (true, Some(at)) = (draining, drain_since) {
+            report
+                .step_done(
+                    "drain",
+                    at,
+                    format!("cut short: {} serves again", prev.version),
+                    BTreeMap::new(),
+                )
+                .await;
         }
         for (role, name) in &prev.containers {
             if role != WEB
@@ -973,7 +1041,15 @@ async fn deploy_steps(
             )
             .await;
         if let Some(up) = &new_upstream {
-            up.drain(spec.drain_timeout).await;
+            let drained = up.drain(spec.drain_timeout).await;
+            if !drained.finished() {
+                report
+                    .progress(
+                        "watch",
+                        format!("{}: {}", job.version, drained.describe(spec.drain_timeout)),
+                    )
+                    .await;
+            }
         }
         let logs = match release.containers.get(WEB) {
             Some(name) => logs_of(ctx, name).await,
@@ -991,6 +1067,15 @@ async fn deploy_steps(
     report
         .step_done("watch", since, "no breach", BTreeMap::new())
         .await;
+    if draining {
+        let drained = drain.await;
+        if let (Some(drained), Some(at)) = (drained, drain_since) {
+            let message = drained.describe(spec.drain_timeout);
+            report
+                .step_done("drain", at, message, BTreeMap::new())
+                .await;
+        }
+    }
 
     stop_old_step(ctx, job, report, previous.as_ref(), spec.stop_timeout).await?;
 
@@ -1110,7 +1195,28 @@ async fn switch_step(
     Ok(switched)
 }
 
-/// The drain step: in-flight requests on the old upstream finish (up to `timeout`).
+/// What the drain waits for, as its start line: the requests in flight and the upgraded
+/// connections (WebSockets) open on the old release, named.
+fn drain_message(old: &Upstream) -> String {
+    let open = old.upgraded();
+    let mut message = format!(
+        "letting {} finish its requests ({} in flight",
+        old.release,
+        old.inflight()
+    );
+    if !open.is_empty() {
+        message.push_str(&format!(
+            "; {} upgraded connection(s) open: {}",
+            open.len(),
+            crate::proxy::name_some(&open)
+        ));
+    }
+    message.push(')');
+    message
+}
+
+/// The drain step: in-flight requests and upgraded connections on the old upstream finish (up
+/// to `timeout`; WebSockets still open then get a close frame, 1001).
 async fn drain_step(
     ctx: &JobCtx,
     job: &mut JobRecord,
@@ -1122,16 +1228,8 @@ async fn drain_step(
         report.step_skipped("drain", "nothing served before").await;
         return Ok(());
     };
-    let message = format!("letting {} finish its requests", old.release);
-    let since = begin(ctx, job, report, "drain", message).await?;
-    let message = if old.drain(timeout).await {
-        "in-flight requests finished".to_string()
-    } else {
-        format!(
-            "{} request(s) still in flight after {timeout:?}",
-            old.inflight()
-        )
-    };
+    let since = begin(ctx, job, report, "drain", drain_message(old)).await?;
+    let message = old.drain(timeout).await.describe(timeout);
     report
         .step_done("drain", since, message, BTreeMap::new())
         .await;

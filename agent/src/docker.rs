@@ -440,15 +440,16 @@ impl DockerClient {
         }
     }
 
-    /// Removes a container (running or not). Removing one that is gone is fine.
-    pub async fn remove(&self, name: &str) -> Result<(), DockerError> {
+    /// Removes a container (running or not). Removing one that is gone is fine: the answer
+    /// says whether there was one.
+    pub async fn remove(&self, name: &str) -> Result<bool, DockerError> {
         let docker = self.client().await?;
         let options = RemoveContainerOptionsBuilder::new().force(true).build();
         match docker.remove_container(name, Some(options)).await {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
+            Ok(()) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
-            }) => Ok(()),
+            }) => Ok(false),
             Err(e) => Err(Self::engine_err(&format!("remove container {name}"), e)),
         }
     }

@@ -1,6 +1,7 @@
 //! HTTP checks against an app's container: the health check a deploy waits for and the smoke
-//! checks it runs before traffic moves. One request per call, on its own connection, bounded by
-//! a timeout. The only module that speaks HTTP *to* apps as a client (the proxy forwards).
+//! checks it runs before traffic moves (an HTTP request, or a WebSocket that is sent a message
+//! and must answer). One request per call, on its own connection, bounded by a timeout. The only
+//! module that speaks HTTP *to* apps as a client (the proxy forwards).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -31,6 +32,9 @@ pub enum CheckError {
     Timeout(Duration),
     #[error("{0}")]
     Protocol(String),
+    /// A WebSocket check that upgraded but got no fitting answer, or no upgrade.
+    #[error("{0}")]
+    WebSocket(String),
 }
 
 /// `GET path` on `addr`, within `timeout`.
@@ -68,6 +72,105 @@ async fn request(addr: SocketAddr, path: &str) -> Result<Answer, CheckError> {
         .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
         .unwrap_or_default();
     Ok(Answer { status, body })
+}
+
+/// A WebSocket probe: connects to `ws://addr{path}`, sends `message` as a text message and
+/// returns the first text or binary message answered (at most 64 KiB). The upgrade and the
+/// answer each get `timeout`.
+pub async fn websocket(
+    addr: SocketAddr,
+    path: &str,
+    message: &str,
+    timeout: Duration,
+) -> Result<String, CheckError> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+    let ws_err = |e: &dyn std::fmt::Display| CheckError::WebSocket(e.to_string());
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(CheckError::NotListening(e.to_string())),
+        Err(_) => return Err(CheckError::Timeout(timeout)),
+    };
+    let mut request = format!("ws://{addr}{path}")
+        .into_client_request()
+        .map_err(|e| CheckError::Protocol(e.to_string()))?;
+    request.headers_mut().insert(
+        hyper::header::USER_AGENT,
+        hyper::header::HeaderValue::from_static("drover-agent"),
+    );
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_BODY))
+        .max_frame_size(Some(MAX_BODY));
+    let handshake = tokio_tungstenite::client_async_with_config(request, stream, Some(config));
+    let mut ws = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(WsError::Http(response))) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            return Err(CheckError::WebSocket(format!(
+                "answered {} instead of upgrading to a WebSocket: {}",
+                response.status().as_u16(),
+                first_line(&body)
+            )));
+        }
+        Ok(Err(e)) => return Err(ws_err(&format!("the WebSocket upgrade failed: {e}"))),
+        Err(_) => {
+            return Err(ws_err(&format!("no WebSocket upgrade within {timeout:?}")));
+        }
+    };
+    ws.send(Message::text(message))
+        .await
+        .map_err(|e| ws_err(&format!("cannot send the message: {e}")))?;
+    let answer = tokio::time::timeout(timeout, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => return Ok(text.to_string()),
+                Some(Ok(Message::Binary(data))) => {
+                    return Ok(String::from_utf8_lossy(&data).into_owned());
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(ws_err(&format!(
+                        "the WebSocket was closed without an answer{}",
+                        frame
+                            .map(|f| format!(" (code {})", u16::from(f.code)))
+                            .unwrap_or_default()
+                    )));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(ws_err(&format!("the WebSocket failed: {e}"))),
+                None => {
+                    return Err(ws_err(&"the connection ended without an answer"));
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(ws_err(&format!(
+            "no answer to the message within {timeout:?}"
+        )))
+    });
+    // Leave politely, but never wait long for it.
+    let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+    answer
+}
+
+/// Checks a WebSocket answer against a smoke check's expectation.
+pub fn websocket_verdict(answer: &str, expect: Option<&str>) -> Result<(), String> {
+    match expect {
+        Some(needle) if !answer.contains(needle) => Err(format!(
+            "the answer does not contain {needle:?}: {}",
+            first_line(answer)
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Whether an answer counts as healthy: 2xx or 3xx.
@@ -138,6 +241,14 @@ mod tests {
                 .contains("(empty body)")
         );
         assert!(healthy(&a) && !healthy(&empty));
+    }
+
+    #[test]
+    fn websocket_verdicts_name_what_differed() {
+        assert!(websocket_verdict("ping", Some("ping")).is_ok());
+        assert!(websocket_verdict("anything", None).is_ok());
+        let e = websocket_verdict("pong\nmore", Some("ping")).unwrap_err();
+        assert_eq!(e, "the answer does not contain \"ping\": pong");
     }
 
     #[tokio::test]

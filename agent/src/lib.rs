@@ -29,6 +29,7 @@ pub mod releases;
 pub mod secrets;
 mod session;
 pub mod store;
+pub mod wsrelay;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -2,15 +2,18 @@
 //! traffic from one container to another without a dropped request.
 //!
 //! Requests go to the current upstream; [`Proxy::switch`] replaces it in one atomic swap and
-//! returns the old one, whose in-flight requests finish ([`Upstream::drain`]). WebSocket
-//! upgrades pass through. X-Forwarded-For and X-Forwarded-Proto are set. Each upstream counts
+//! returns the old one, whose in-flight requests and upgraded connections finish
+//! ([`Upstream::drain`]). WebSocket upgrades pass through (`wsrelay.rs`); a WebSocket still open
+//! when the drain times out gets a close frame (1001, going away) from the proxy, not a bare
+//! end of stream. X-Forwarded-For and X-Forwarded-Proto are set. Each upstream counts
 //! responses by status class and keeps a latency histogram, which feed the post-deploy watch
 //! window and the host's health report.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -136,6 +139,97 @@ pub struct Upstream {
     inflight: AtomicU64,
     /// Wall-clock time (Unix ms) of the first request sent here; 0 before.
     first_request_unix_ms: AtomicI64,
+    /// Upgraded connections (WebSockets) open on this upstream.
+    upgrades: Mutex<Upgrades>,
+}
+
+/// The upgraded connections of an upstream, each described for the drain's report, and the
+/// token that tells them to close (replaced once used, so an upstream that serves again after
+/// a switch back keeps its new connections).
+#[derive(Debug, Default)]
+struct Upgrades {
+    next: u64,
+    open: BTreeMap<u64, String>,
+    close: CancellationToken,
+}
+
+/// What a drain found: the requests it waited for and the upgraded connections it had to close.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Requests still in flight when the drain gave up (they end when the old release stops).
+    pub requests_left: u64,
+    /// Upgraded connections still open at the drain's timeout, closed by the proxy (WebSockets
+    /// with a close frame, 1001), as described by [`Upstream::upgraded`].
+    pub closed: Vec<String>,
+    /// Of those, how many were still open a moment after the close (then cut).
+    pub not_closed: u64,
+}
+
+/// At most this many upgraded connections are named in a report line; the rest are counted.
+const NAMED_UPGRADES: usize = 5;
+
+/// `what` as a short list: the first few named, the rest counted.
+pub fn name_some(what: &[String]) -> String {
+    let mut out = what
+        .iter()
+        .take(NAMED_UPGRADES)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if what.len() > NAMED_UPGRADES {
+        out.push_str(&format!(" and {} more", what.len() - NAMED_UPGRADES));
+    }
+    out
+}
+
+impl Drained {
+    /// Whether everything ended by itself within the timeout.
+    pub fn finished(&self) -> bool {
+        self.requests_left == 0 && self.closed.is_empty()
+    }
+
+    /// The drain step's report: what finished, what was closed, what was left. Pure.
+    pub fn describe(&self, timeout: Duration) -> String {
+        let mut parts = Vec::new();
+        if self.closed.is_empty() && self.requests_left == 0 {
+            parts.push("in-flight requests finished".to_string());
+        }
+        if !self.closed.is_empty() {
+            parts.push(format!(
+                "{} upgraded connection(s) still open after {}: {}; closed by the proxy \
+                 (WebSockets with close code 1001, going away)",
+                self.closed.len(),
+                humantime::format_duration(timeout),
+                name_some(&self.closed)
+            ));
+        }
+        if self.not_closed > 0 {
+            parts.push(format!(
+                "{} of them did not end after the close and were cut",
+                self.not_closed
+            ));
+        }
+        if self.requests_left > 0 {
+            parts.push(format!(
+                "{} request(s) still in flight after {} (cut when the old release stops)",
+                self.requests_left,
+                humantime::format_duration(timeout)
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Keeps an upgraded connection counted while it is open.
+struct UpgradeGuard {
+    upstream: Arc<Upstream>,
+    id: u64,
+}
+
+impl Drop for UpgradeGuard {
+    fn drop(&mut self) {
+        self.upstream.lock_upgrades().open.remove(&self.id);
+    }
 }
 
 impl Upstream {
@@ -146,7 +240,41 @@ impl Upstream {
             stats: Stats::default(),
             inflight: AtomicU64::new(0),
             first_request_unix_ms: AtomicI64::new(0),
+            upgrades: Mutex::new(Upgrades::default()),
         })
+    }
+
+    fn lock_upgrades(&self) -> std::sync::MutexGuard<'_, Upgrades> {
+        self.upgrades.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The upgraded connections open now, described (`WebSocket /path from ip:port`).
+    pub fn upgraded(&self) -> Vec<String> {
+        self.lock_upgrades().open.values().cloned().collect()
+    }
+
+    /// Counts an upgraded connection as open until the guard drops; returns the token that
+    /// tells it to close.
+    fn open_upgrade(self: &Arc<Self>, what: String) -> (UpgradeGuard, CancellationToken) {
+        let mut upgrades = self.lock_upgrades();
+        let id = upgrades.next;
+        upgrades.next += 1;
+        upgrades.open.insert(id, what);
+        let close = upgrades.close.clone();
+        drop(upgrades);
+        let guard = UpgradeGuard {
+            upstream: self.clone(),
+            id,
+        };
+        (guard, close)
+    }
+
+    /// Tells every upgraded connection open now to close (a WebSocket gets 1001); connections
+    /// upgraded later are not affected.
+    pub fn close_upgraded(&self) {
+        let mut upgrades = self.lock_upgrades();
+        upgrades.close.cancel();
+        upgrades.close = CancellationToken::new();
     }
 
     /// When the first request reached this upstream (Unix ms), if one has.
@@ -161,17 +289,46 @@ impl Upstream {
         self.inflight.load(Ordering::SeqCst)
     }
 
-    /// Waits until no request is in flight on this upstream, or `timeout` passes. Returns
-    /// whether it drained.
-    pub async fn drain(&self, timeout: Duration) -> bool {
+    /// Waits until no request is in flight and no upgraded connection is open on this
+    /// upstream, or `timeout` passes; then closes the upgraded connections still open (a
+    /// WebSocket gets a close frame, 1001) and waits a moment for them to end.
+    pub async fn drain(&self, timeout: Duration) -> Drained {
         let deadline = Instant::now() + timeout;
-        while self.inflight() > 0 {
+        loop {
+            let upgraded = self.lock_upgrades().open.len();
+            if self.inflight() == 0 && upgraded == 0 {
+                return Drained::default();
+            }
             if Instant::now() >= deadline {
-                return false;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        true
+        let open = self.lock_upgrades().open.clone();
+        let mut not_closed = 0;
+        if !open.is_empty() {
+            self.close_upgraded();
+            let until =
+                Instant::now() + crate::wsrelay::CLOSE_DEADLINE + Duration::from_millis(500);
+            // Only those open at the close count: later ones (after a switch back) were not told.
+            loop {
+                not_closed = {
+                    let upgrades = self.lock_upgrades();
+                    open.keys()
+                        .filter(|id| upgrades.open.contains_key(id))
+                        .count() as u64
+                };
+                if not_closed == 0 || Instant::now() >= until {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Drained {
+            requests_left: self.inflight(),
+            closed: open.into_values().collect(),
+            not_closed,
+        }
     }
 }
 
@@ -282,7 +439,7 @@ impl Proxy {
         let started = Instant::now();
         set_forwarded(&mut req, peer);
         let result = if req.headers().contains_key(UPGRADE) {
-            upgrade(req, upstream.addr).await
+            upgrade(req, &upstream, peer).await
         } else {
             let uri = format!(
                 "http://{}{}",
@@ -349,9 +506,40 @@ fn set_forwarded(req: &mut Request<Incoming>, peer: SocketAddr) {
     }
 }
 
+/// How an upgraded connection is named in the drain's report: the protocol, the path (never the
+/// query, which may carry a token) and the client.
+pub fn describe_upgrade(protocol: &str, path: &str, peer: SocketAddr) -> String {
+    let clip = |s: &str, n: usize| -> String {
+        let mut out: String = s.chars().filter(|c| !c.is_control()).take(n).collect();
+        if s.chars().count() > n {
+            out.push('…');
+        }
+        out
+    };
+    let protocol = if protocol.eq_ignore_ascii_case("websocket") {
+        "WebSocket".to_string()
+    } else {
+        format!("upgrade to {}", clip(protocol, 20))
+    };
+    format!("{protocol} {} from {peer}", clip(path, 80))
+}
+
 /// Passes an upgrade (WebSocket) through: the request goes to the upstream on its own
-/// connection; on 101 both upgraded connections are spliced together.
-async fn upgrade(mut req: Request<Incoming>, addr: SocketAddr) -> Result<Response<Body>, String> {
+/// connection; on 101 both upgraded connections are spliced together, counted on the upstream
+/// (for the drain) while they last.
+async fn upgrade(
+    mut req: Request<Incoming>,
+    upstream: &Arc<Upstream>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, String> {
+    let addr = upstream.addr;
+    let protocol = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let what = describe_upgrade(&protocol, req.uri().path(), peer);
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -371,13 +559,18 @@ async fn upgrade(mut req: Request<Incoming>, addr: SocketAddr) -> Result<Respons
         .map_err(|e| e.to_string())?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
+        // Counted from the 101 on, so a drain that starts now already sees it.
+        let (guard, close) = upstream.open_upgrade(what);
+        let websocket = protocol.eq_ignore_ascii_case("websocket");
         tokio::spawn(async move {
+            let _guard = guard;
             if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
-                let _ = tokio::io::copy_bidirectional(
-                    &mut TokioIo::new(client),
-                    &mut TokioIo::new(upstream),
-                )
-                .await;
+                let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                if websocket {
+                    crate::wsrelay::splice_websocket(client, upstream, close).await;
+                } else {
+                    crate::wsrelay::splice_raw(client, upstream, close).await;
+                }
             }
         });
     }
@@ -387,6 +580,144 @@ async fn upgrade(mut req: Request<Incoming>, addr: SocketAddr) -> Result<Respons
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    #[test]
+    fn drains_are_described_naming_what_was_left() {
+        let t = Duration::from_secs(5);
+        assert!(Drained::default().finished());
+        assert_eq!(
+            Drained::default().describe(t),
+            "in-flight requests finished"
+        );
+        let d = Drained {
+            requests_left: 2,
+            closed: vec!["WebSocket /ws from 127.0.0.1:4000".into()],
+            not_closed: 0,
+        };
+        assert!(!d.finished());
+        assert_eq!(
+            d.describe(t),
+            "1 upgraded connection(s) still open after 5s: WebSocket /ws from 127.0.0.1:4000; \
+             closed by the proxy (WebSockets with close code 1001, going away); 2 request(s) \
+             still in flight after 5s (cut when the old release stops)"
+        );
+        let many: Vec<String> = (0..7).map(|i| format!("c{i}")).collect();
+        assert_eq!(name_some(&many), "c0, c1, c2, c3, c4 and 2 more");
+        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
+        assert_eq!(
+            describe_upgrade("websocket", "/chat/room", peer),
+            "WebSocket /chat/room from 10.0.0.9:5555"
+        );
+        let long = describe_upgrade("h2c", &format!("/{}", "a".repeat(200)), peer);
+        assert!(
+            long.starts_with("upgrade to h2c /aaa") && long.contains('…'),
+            "{long}"
+        );
+    }
+
+    /// A WebSocket echo app on a real socket: what the proxy forwards to.
+    async fn echo_app() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn echo(
+        ws: &mut tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        text: &str,
+    ) {
+        ws.send(Message::text(text)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, Message::text(text));
+    }
+
+    /// Issue 11, item 15: a WebSocket counts in the drain, runs until the drain's timeout, then
+    /// gets a close frame 1001 (not a bare end of stream); one opened after the close is not
+    /// affected.
+    #[tokio::test]
+    async fn a_websocket_outliving_the_drain_is_closed_with_going_away() {
+        let app = echo_app().await;
+        let proxy = Proxy::new();
+        let shutdown = CancellationToken::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front = listener.local_addr().unwrap();
+        tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
+        let up = Upstream::new(app, "v1");
+        proxy.switch(up.clone());
+
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{front}/ws?token=s3cr3t"))
+            .await
+            .unwrap();
+        echo(&mut ws, "hello").await;
+        let open = up.upgraded();
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert!(
+            open[0].starts_with("WebSocket /ws from 127.0.0.1:"),
+            "{open:?}"
+        );
+        assert!(!open[0].contains("s3cr3t"), "never the query: {open:?}");
+        assert_eq!(
+            up.inflight(),
+            0,
+            "an upgraded connection is no request in flight"
+        );
+
+        let started = Instant::now();
+        let drain = tokio::spawn({
+            let up = up.clone();
+            async move { up.drain(Duration::from_millis(600)).await }
+        });
+        // Still up during the drain.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        echo(&mut ws, "still here").await;
+        let next = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a close within the drain's timeout and a bit");
+        let took = started.elapsed();
+        match next {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
+            }
+            other => panic!("expected a close frame 1001, got {other:?}"),
+        }
+        assert!(took >= Duration::from_millis(600), "closed after {took:?}");
+        let drained = drain.await.unwrap();
+        assert_eq!(drained.closed, open);
+        assert_eq!((drained.not_closed, drained.requests_left), (0, 0));
+        assert!(up.upgraded().is_empty());
+
+        // The same upstream serving again (a switch back): new WebSockets are not closed.
+        let (mut again, _) = tokio_tungstenite::connect_async(format!("ws://{front}/ws"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        echo(&mut again, "after").await;
+        assert_eq!(up.upgraded().len(), 1);
+        shutdown.cancel();
+    }
 
     #[test]
     fn percentiles_from_the_histogram() {

@@ -233,10 +233,7 @@ pub(crate) async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), Str
     let live = releases::live(&table)
         .map(|r| r.version.clone())
         .unwrap_or_default();
-    let message = format!(
-        "the agent stopped during step {step}; on restart it {}",
-        did.join("; ")
-    );
+    let message = interrupted_message(&step, &did);
     info!(job = %job.id, "{message}");
     let outcome = Outcome {
         result: JobResult::Interrupted,
@@ -247,6 +244,19 @@ pub(crate) async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), Str
     };
     finish(ctx, &mut job, &report, outcome, Duration::ZERO).await;
     Ok(())
+}
+
+/// The error of a job the agent's stop interrupted: the step, then what the agent did about it
+/// on restart (each a clause of its own). Pure.
+pub fn interrupted_message(step: &str, did: &[String]) -> String {
+    if did.is_empty() {
+        format!("the agent stopped during step {step}")
+    } else {
+        format!(
+            "the agent stopped during step {step}; on restart: {}",
+            did.join("; ")
+        )
+    }
 }
 
 /// Removes the app's orphan containers, stops kept releases left running, and makes sure the
@@ -270,7 +280,8 @@ async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), String> {
     let orphans = releases::orphans(&pairs, &table);
     for name in &orphans {
         match ctx.docker.remove(name).await {
-            Ok(()) => info!(app, container = %name, "removed an orphan container"),
+            Ok(true) => info!(app, container = %name, "removed an orphan container"),
+            Ok(false) => {}
             Err(e) => warn!(app, container = %name, error = %e, "cannot remove an orphan"),
         }
     }
@@ -323,5 +334,29 @@ async fn restore_proxy(ctx: &JobCtx, app: &str) {
             info!(app, listen = %web.listen, release = %live.version, "serving");
         }
         Err(e) => warn!(app, error = %e, "cannot serve the live release"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interrupted_message_reads_as_sentences() {
+        assert_eq!(
+            interrupted_message("watch", &[]),
+            "the agent stopped during step watch"
+        );
+        assert_eq!(
+            interrupted_message(
+                "watch",
+                &[
+                    "traffic had moved to v1.1.0, which is healthy and keeps serving".into(),
+                    "v1.0.0 was stopped".into()
+                ]
+            ),
+            "the agent stopped during step watch; on restart: traffic had moved to v1.1.0, \
+             which is healthy and keeps serving; v1.0.0 was stopped"
+        );
     }
 }

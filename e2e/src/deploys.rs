@@ -154,6 +154,11 @@ impl Load {
         self.window.lock().unwrap().map(|(a, b)| b - a)
     }
 
+    /// When the first and the last failed request ended, if any failed.
+    pub fn failure_window(&self) -> Option<(std::time::Instant, std::time::Instant)> {
+        *self.window.lock().unwrap()
+    }
+
     /// Stops the clients; returns (ok, failed, the first failures).
     pub async fn finish(self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);

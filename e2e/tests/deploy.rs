@@ -2,7 +2,9 @@
 //! controller: zero failed requests across a switch, every failure leaving the old version
 //! serving with the new containers removed, automatic switch-back on a watch breach, manual
 //! rollback (to a kept container, and recreated from its image after pruning), the per-app
-//! lock, worker roles and WebSockets through the proxy.
+//! lock, worker roles and WebSockets through the proxy: watched from the switch, during the
+//! drain; a WebSocket on the old release closed with 1001 at the drain's timeout; WebSocket
+//! smoke checks.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -291,6 +293,16 @@ async fn every_failure_names_its_step_removes_the_new_containers_and_keeps_the_o
         assert!(
             events.iter().all(|e| get(e, field::STEP) != "switch"),
             "case {step}: traffic never moved"
+        );
+        // Said only when this deploy had created containers (issue 11, item 14).
+        let said_removed = events.iter().any(|e| {
+            e.kind == jobevent::PROGRESS && e.message.starts_with("removed the new containers")
+        });
+        assert_eq!(
+            said_removed,
+            matches!(step, "health" | "smoke"),
+            "case {step}: {:?}",
+            events.iter().map(|e| &e.message).collect::<Vec<_>>()
         );
         assert_eq!(
             app_containers(app),
@@ -582,4 +594,353 @@ async fn pruning_keeps_the_rollback_target_and_a_pruned_release_is_recreated_fro
         get(&done, field::ERROR).contains("no release of prune with version v0.1.0"),
         "{done:?}"
     );
+}
+
+/// Issue 11, item 12: the watch window runs from the switch, in parallel with the drain. With a
+/// slow request (6 s) held on the old release and the new release answering 5xx, traffic goes
+/// back within a second of the breach, while the old release is still draining (before the slow
+/// request ends), not after the drain; the slow request completes on the old release.
+#[tokio::test]
+async fn a_breach_during_the_drain_switches_back_at_once() {
+    if !docker_available("a_breach_during_the_drain_switches_back_at_once") {
+        return;
+    }
+    let app = "middrain";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let long_drain = |extra: &str| {
+        spec(app, &repo, listen, extra)
+            .replace("drain_timeout = \"5s\"", "drain_timeout = \"20s\"")
+            .replace("window = \"1s\"", "window = \"20s\"")
+    };
+    let f = fixture("middrain-host").await;
+    let (done, _) = f
+        .run(deploy_job("deploy-1-good", app, "v1.0.0", &long_drain("")))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    let before = app_containers(app);
+
+    // A slow request on v1.0.0, in flight across the switch.
+    let slow = tokio::spawn(async move {
+        let answer = http(listen, "GET", "/slow?ms=6000").await;
+        (answer, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let load = Load::start(listen, 4);
+    let started = Instant::now();
+    let (done, events) = f
+        .run(deploy_job(
+            "deploy-2-bad0",
+            app,
+            "v1.1.0",
+            &long_drain("[env]\nERROR_RATE = \"1.0\"\n"),
+        ))
+        .await;
+    let job_took = started.elapsed();
+    let window = load.failure_window();
+    let (_, failed, _) = load.finish().await;
+    assert_eq!(get(&done, field::RESULT), "rolled_back", "{done:?}");
+    assert_eq!(get(&done, field::STEP), "watch");
+    assert!(
+        get(&done, field::ERROR).contains("answered 5xx"),
+        "{done:?}"
+    );
+    let (first, last) = window.expect("the bad release answered some 5xx");
+    eprintln!(
+        "measured: 5xx served for {:?} ({failed} failed requests), the job took {job_took:?}",
+        last - first
+    );
+    assert!(
+        last - first < Duration::from_secs(1),
+        "5xx were served for {:?} ({failed} requests) before the switch back",
+        last - first
+    );
+    let (answer, slow_ended) = slow.await.unwrap();
+    assert_eq!(
+        answer.unwrap(),
+        (200, "slow 6000ms version=v1.0.0\n".to_string()),
+        "the slow request finished on the old release"
+    );
+    assert!(
+        slow_ended > last,
+        "the switch back came while the old release was still draining, not after: the last \
+         5xx {:?} after the slow request ended",
+        last - slow_ended
+    );
+    let drain: Vec<&EventRecord> = events
+        .iter()
+        .filter(|e| get(e, field::STEP) == "drain")
+        .collect();
+    assert!(
+        !drain[0].message.contains("(0 in flight"),
+        "the drain started with the slow request in flight: {:?}",
+        drain[0].message
+    );
+    assert!(
+        drain.iter().any(|e| get(e, field::STATUS) == "done"
+            && e.message.contains("cut short: v1.0.0 serves again")),
+        "{drain:?}"
+    );
+    assert!(
+        job_took < Duration::from_secs(30),
+        "the job took {job_took:?}"
+    );
+    assert_eq!(version_at(listen).await, "v1.0.0");
+    assert_eq!(app_containers(app), before, "the bad release is gone");
+}
+
+/// What a WebSocket client saw until its connection ended: the close frame's code (None for a
+/// bare end of stream) and when.
+async fn ws_until_closed(listen: SocketAddr) -> (Option<u16>, u64, std::time::SystemTime) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{listen}/ws"))
+        .await
+        .expect("WebSocket upgrade");
+    let mut echoes = 0u64;
+    loop {
+        let text = format!("ping {echoes}");
+        if ws.send(Message::text(text.clone())).await.is_err() {
+            return (None, echoes, std::time::SystemTime::now());
+        }
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            Ok(Some(Ok(Message::Text(got)))) => {
+                assert_eq!(got.as_str(), text);
+                echoes += 1;
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return (
+                    frame.map(|f| u16::from(f.code)),
+                    echoes,
+                    std::time::SystemTime::now(),
+                );
+            }
+            Ok(other) => {
+                eprintln!("the WebSocket ended with {other:?}");
+                return (None, echoes, std::time::SystemTime::now());
+            }
+            Err(_) => panic!("the WebSocket neither answered nor closed in 30 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 11, item 15: a WebSocket open on the old release stays up across the deploy until
+/// drain_timeout (5 s), then the client gets a close frame 1001 (not a bare end of stream), and
+/// the drain's lines name the WebSocket.
+#[tokio::test]
+async fn a_websocket_on_the_old_release_runs_until_the_drain_timeout_then_gets_1001() {
+    if !docker_available(
+        "a_websocket_on_the_old_release_runs_until_the_drain_timeout_then_gets_1001",
+    ) {
+        return;
+    }
+    let app = "wsdrain";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let spec = spec(app, &repo, listen, "");
+    let f = fixture("wsdrain-host").await;
+    let (done, _) = f
+        .run(deploy_job("deploy-1-ws10", app, "v1.0.0", &spec))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+
+    let client = tokio::spawn(ws_until_closed(listen));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (done, events) = f
+        .run(deploy_job("deploy-2-ws11", app, "v1.1.0", &spec))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    let (code, echoes, closed_at) = client.await.unwrap();
+    assert_eq!(
+        code,
+        Some(1001),
+        "a close frame 1001, not a bare end of stream"
+    );
+    let switched = events
+        .iter()
+        .find(|e| get(e, field::STEP) == "switch" && get(e, field::STATUS) == "done")
+        .expect("the switch");
+    let open_for = closed_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - switched.at_unix_ms;
+    eprintln!("measured: the WebSocket got 1001 {open_for} ms after the switch, {echoes} echoes");
+    assert!(
+        (4_800..9_000).contains(&open_for),
+        "the WebSocket was closed {open_for} ms after the switch (drain_timeout 5 s)"
+    );
+    assert!(
+        echoes > 20,
+        "it kept answering during the drain: {echoes} echoes"
+    );
+    let drain: Vec<&EventRecord> = events
+        .iter()
+        .filter(|e| get(e, field::STEP) == "drain")
+        .collect();
+    assert!(
+        drain[0]
+            .message
+            .contains("1 upgraded connection(s) open: WebSocket /ws from 127.0.0.1:"),
+        "the drain's first line names the WebSocket: {:?}",
+        drain[0].message
+    );
+    let finished = drain
+        .iter()
+        .find(|e| get(e, field::STATUS) == "done")
+        .expect("the drain ends");
+    assert!(
+        finished
+            .message
+            .contains("1 upgraded connection(s) still open after 5s: WebSocket /ws")
+            && finished.message.contains("close code 1001"),
+        "{:?}",
+        finished.message
+    );
+    assert!(
+        !finished.message.contains("in-flight requests finished"),
+        "{:?}",
+        finished.message
+    );
+    // New WebSockets go to the new release.
+    assert_ws_echo(listen, "on v1.1.0").await;
+    assert_eq!(version_at(listen).await, "v1.1.0");
+}
+
+/// Issue 11, item 15: a `[[smoke]]` WebSocket check passes against the test app's echo and
+/// fails the deploy, naming the check, against a release that does not answer or answers
+/// something else; the old release keeps serving.
+#[tokio::test]
+async fn a_websocket_smoke_check_passes_on_an_echo_and_fails_clearly_otherwise() {
+    if !docker_available("a_websocket_smoke_check_passes_on_an_echo_and_fails_clearly_otherwise") {
+        return;
+    }
+    let app = "wssmoke";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ws_smoke = |expect: &str, env: &str| {
+        spec(
+            app,
+            &repo,
+            listen,
+            &format!(
+                "[[smoke]]\npath = \"/ws\"\nwebsocket_send = \"ping\"\nwebsocket_expect = \"{expect}\"\n{env}"
+            ),
+        )
+    };
+    let f = fixture("wssmoke-host").await;
+    let (done, events) = f
+        .run(deploy_job(
+            "deploy-1-s100",
+            app,
+            "v1.0.0",
+            &ws_smoke("ping", ""),
+        ))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| get(e, field::STEP) == "smoke"
+                && e.message == "/ws (WebSocket) answered \"ping\""),
+        "{events:?}"
+    );
+    let live = app_containers(app);
+
+    let cases = [
+        (
+            "deploy-2-s110",
+            ws_smoke("ping", "[env]\nWS_SILENT = \"1\"\n"),
+            "smoke check /ws (WebSocket, sent \"ping\"): no answer to the message within 1s",
+        ),
+        (
+            "deploy-3-s111",
+            ws_smoke("pong", ""),
+            "smoke check /ws (WebSocket, sent \"ping\"): the answer does not contain \"pong\": ping",
+        ),
+    ];
+    for (id, spec, error) in cases {
+        let (done, _) = f.run(deploy_job(id, app, "v1.1.0", &spec)).await;
+        assert_eq!(get(&done, field::RESULT), "failed", "{done:?}");
+        assert_eq!(get(&done, field::STEP), "smoke", "{done:?}");
+        assert!(get(&done, field::ERROR).contains(error), "{done:?}");
+        assert_eq!(version_at(listen).await, "v1.0.0");
+        assert_eq!(app_containers(app), live, "the failed release is removed");
+    }
+}
+
+/// Issue 11, item 15: a slow starter passes within its health `start_period` (failures then do
+/// not count) where it fails without one, and a container that exits during the start period
+/// fails the deploy at once, not at the end of the period.
+#[tokio::test]
+async fn a_slow_starter_passes_within_its_start_period_and_an_exit_in_it_fails_at_once() {
+    if !docker_available(
+        "a_slow_starter_passes_within_its_start_period_and_an_exit_in_it_fails_at_once",
+    ) {
+        return;
+    }
+    let app = "slowstart";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let slow = |env: &str, start_period: &str| {
+        spec(app, &repo, listen, &format!("[env]\n{env}\n")).replace(
+            "retries = 5",
+            &format!("retries = 2\nstart_period = \"{start_period}\""),
+        )
+    };
+    let f = fixture("slowstart-host").await;
+    let (done, _) = f
+        .run(deploy_job(
+            "deploy-1-ss00",
+            app,
+            "v1.0.0",
+            &slow("START_DELAY_MS = \"2500\"", "0s"),
+        ))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "failed", "{done:?}");
+    assert_eq!(get(&done, field::STEP), "health", "{done:?}");
+
+    let started = Instant::now();
+    let (done, _) = f
+        .run(deploy_job(
+            "deploy-2-ss01",
+            app,
+            "v1.0.0",
+            &slow("START_DELAY_MS = \"2500\"", "20s"),
+        ))
+        .await;
+    assert_eq!(get(&done, field::RESULT), "succeeded", "{done:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "it passed as soon as it answered, not at the end of the period: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(version_at(listen).await, "v1.0.0");
+
+    let started = Instant::now();
+    let (done, _) = f
+        .run(deploy_job(
+            "deploy-3-ss02",
+            app,
+            "v1.1.0",
+            &slow("START_DELAY_MS = \"60000\"\nEXIT_AFTER_MS = \"300\"", "60s"),
+        ))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(get(&done, field::RESULT), "failed", "{done:?}");
+    assert_eq!(get(&done, field::STEP), "health", "{done:?}");
+    assert!(
+        get(&done, field::ERROR).contains("exited with code 3"),
+        "{done:?}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "an exit in the start period fails at once: {took:?}"
+    );
+    assert_eq!(version_at(listen).await, "v1.0.0");
 }

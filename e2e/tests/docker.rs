@@ -94,9 +94,12 @@ async fn containers_are_managed_by_name_on_the_real_engine() {
             .unwrap()
             .contains("listening on port 8080")
     );
-    engine.remove(&name).await.unwrap();
+    assert!(engine.remove(&name).await.unwrap(), "there was a container");
     assert!(engine.inspect(&name).await.unwrap().is_none());
-    engine.remove(&name).await.unwrap();
+    assert!(
+        !engine.remove(&name).await.unwrap(),
+        "removing a gone container is fine, and says so"
+    );
     assert!(matches!(
         engine.stop(&name, Duration::from_secs(1)).await,
         Err(DockerError::NoSuchContainer(_))

@@ -85,7 +85,7 @@ async fn switching_under_load_fails_no_request_and_drains_the_old_upstream() {
         "requests were in flight on the old upstream"
     );
     assert!(
-        old.drain(Duration::from_secs(5)).await,
+        old.drain(Duration::from_secs(5)).await.finished(),
         "the old upstream drains"
     );
     assert_eq!(

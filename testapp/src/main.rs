@@ -7,8 +7,9 @@
 //! - `FAIL_HEALTH=1`: `/healthz` answers 503; `FAIL_SMOKE=1`: `/smoke` answers 500
 //! - `ERROR_RATE` (0.0-1.0): that share of `/` requests answers 500; `LATENCY_MS` delays `/`
 //! - `EXIT_AFTER_MS`: the process exits with status 3 after this long
-//! - `/ws`: a WebSocket echo, for tests of upgrades through the proxy; `/headers` lists the
-//!   request headers it received
+//! - `/ws`: a WebSocket echo, for tests of upgrades through the proxy (`WS_SILENT=1`: it accepts
+//!   the upgrade and messages but never answers); `/headers` lists the request headers it received
+//! - `/slow?ms=N`: answers after N ms (at most 10 minutes), for tests of the drain
 //! - `POST /control/fail-health|heal|errors-on|errors-off|exit`
 //!
 //! It exits at once on SIGTERM. With an argument it is not a server: `migrate` prints a line and exits with `MIGRATE_EXIT`
@@ -43,6 +44,7 @@ struct App {
     error_ppm: AtomicU64,
     latency: Duration,
     served: AtomicU64,
+    ws_silent: bool,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -87,7 +89,21 @@ async fn handle(
             lines.sort();
             text(StatusCode::OK, lines.join("\n") + "\n")
         }
-        (_, "/ws") => websocket(&mut req),
+        (_, "/ws") => websocket(&mut req, app.ws_silent),
+        (_, "/slow") => {
+            let ms = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                .min(600_000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            text(
+                StatusCode::OK,
+                format!("slow {ms}ms version={}\n", app.version),
+            )
+        }
         (Method::POST, control) if control.starts_with("/control/") => {
             match &control["/control/".len()..] {
                 "fail-health" => app.fail_health.store(true, Ordering::Relaxed),
@@ -123,8 +139,9 @@ async fn handle(
     Ok(response)
 }
 
-/// Answers a WebSocket upgrade and echoes every message on the upgraded connection.
-fn websocket(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+/// Answers a WebSocket upgrade and echoes every message on the upgraded connection (or, when
+/// `silent`, reads them and never answers).
+fn websocket(req: &mut Request<Incoming>, silent: bool) -> Response<Full<Bytes>> {
     let Some(key) = req
         .headers()
         .get(SEC_WEBSOCKET_KEY)
@@ -138,7 +155,7 @@ fn websocket(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(msg)) = ws.next().await {
-            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            if (msg.is_text() || msg.is_binary()) && !silent && ws.send(msg).await.is_err() {
                 break;
             }
         }
@@ -235,6 +252,7 @@ async fn main() {
         error_ppm: AtomicU64::new((error_rate.clamp(0.0, 1.0) * 1_000_000.0) as u64),
         latency: Duration::from_millis(env_u64("LATENCY_MS")),
         served: AtomicU64::new(0),
+        ws_silent: env("WS_SILENT").as_deref() == Some("1"),
     });
     if let Some(ms) = env("EXIT_AFTER_MS").and_then(|v| v.parse::<u64>().ok()) {
         tokio::spawn(async move {

@@ -1427,15 +1427,7 @@ pub async fn converge(ctx: &JobCtx, mut job: JobRecord) {
     } else {
         job.step.clone()
     };
-    let message = format!(
-        "the agent stopped during step {step}{}{}",
-        if did.is_empty() {
-            ""
-        } else {
-            "; on restart it "
-        },
-        did.join("; ")
-    );
+    let message = crate::recovery::interrupted_message(&step, &did);
     let outcome = Outcome {
         result: JobResult::Interrupted,
         step,
