@@ -40,6 +40,7 @@ fn backup(id: &str, target: &str, host: &str, finished: i64, verified: i64) -> B
         local_dir: format!("/var/lib/drover-agent/backups/{target}/{id}"),
         remote: String::new(),
         verified_unix_ms: verified,
+        local_corrupt: String::new(),
         extra: BTreeMap::new(),
     }
 }
@@ -59,6 +60,8 @@ fn passed_verification(job_id: &str, target: &str, backup_id: &str, at: i64) -> 
             duration_ms: 5,
             evidence: BTreeMap::new(),
         }],
+        copy: String::new(),
+        local_corrupt: String::new(),
     }
 }
 
