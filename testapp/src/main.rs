@@ -8,7 +8,8 @@
 //! - `ERROR_RATE` (0.0-1.0): that share of `/` requests answers 500; `LATENCY_MS` delays `/`
 //! - `EXIT_AFTER_MS`: the process exits with status 3 after this long
 //! - `/ws`: a WebSocket echo, for tests of upgrades through the proxy; `/headers` lists the
-//!   request headers it received
+//!   request headers it received; `POST /echo` reads the whole body and answers its length
+//!   (a body that breaks off never gets an answer)
 //! - `POST /control/fail-health|heal|errors-on|errors-off|exit`
 //!
 //! It exits at once on SIGTERM. With an argument it is not a server: `migrate` prints a line and exits with `MIGRATE_EXIT`
@@ -88,6 +89,17 @@ async fn handle(
             text(StatusCode::OK, lines.join("\n") + "\n")
         }
         (_, "/ws") => websocket(&mut req),
+        (Method::POST, "/echo") => {
+            use http_body_util::BodyExt;
+            match req.into_body().collect().await {
+                Ok(body) => text(
+                    StatusCode::OK,
+                    format!("read {} bytes\n", body.to_bytes().len()),
+                ),
+                // The connection from the proxy broke off mid-body: nobody to answer.
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+            }
+        }
         (Method::POST, control) if control.starts_with("/control/") => {
             match &control["/control/".len()..] {
                 "fail-health" => app.fail_health.store(true, Ordering::Relaxed),
