@@ -545,10 +545,17 @@ async fn an_interrupted_deploy_leaves_no_more_than_keep_releases() {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::enroll(dir.path(), "keep-host").await;
+    // Slow stoppers: stopping the previous release during recovery takes stop_timeout (2 s),
+    // one of the slow steps the port must not wait for.
     setup
         .apply(
-            spec(app, &repo, listen, "keep_releases = 2\n")
-                .replace("window = \"1s\"", "window = \"3s\""),
+            spec(
+                app,
+                &repo,
+                listen,
+                "keep_releases = 2\n[env]\nIGNORE_SIGTERM = \"1\"\n",
+            )
+            .replace("window = \"1s\"", "window = \"3s\""),
         )
         .await;
     let agent = setup.agent(None).await;
@@ -571,7 +578,23 @@ async fn an_interrupted_deploy_leaves_no_more_than_keep_releases() {
     paused.kill9();
     assert_eq!(app_containers(app).len(), 3, "three releases before recovery");
 
-    let _agent = setup.agent(None).await;
+    // The port answers before recovery has stopped the previous release.
+    let since = drover_agent::unix_ms();
+    let restarted = Instant::now();
+    let _agent = setup.spawn(None);
+    let gap = loop {
+        if answer_at(listen).await == "200" {
+            break restarted.elapsed();
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(30), "never answered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    eprintln!("port unanswered after kill -9 + restart, previous release stopping slowly: {gap:?}");
+    assert!(
+        gap < Duration::from_secs(1),
+        "the port answered {gap:?} after the restart, behind recovery's slow steps"
+    );
+    setup.wait_session(since).await;
     let done = setup.finished(&job).await;
     assert_eq!(done.fields[field::RESULT], "interrupted", "{done:?}");
     assert_eq!(done.fields[field::LIVE_VERSION], "v2.0.0", "{done:?}");

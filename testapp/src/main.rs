@@ -7,6 +7,7 @@
 //! - `FAIL_HEALTH=1`: `/healthz` answers 503; `FAIL_SMOKE=1`: `/smoke` answers 500
 //! - `ERROR_RATE` (0.0-1.0): that share of `/` requests answers 500; `LATENCY_MS` delays `/`
 //! - `EXIT_AFTER_MS`: the process exits with status 3 after this long
+//! - `IGNORE_SIGTERM=1`: SIGTERM is ignored (a slow stopper: `docker stop` waits its grace period)
 //! - `/ws`: a WebSocket echo, for tests of upgrades through the proxy; `/headers` lists the
 //!   request headers it received; `POST /echo` reads the whole body and answers its length
 //!   (a body that breaks off never gets an answer)
@@ -218,15 +219,21 @@ async fn one_off(mode: &str, version: &str) -> ! {
 }
 
 /// Exits on SIGTERM, as a well-behaved app does (as PID 1 in a container, a process that does
-/// not handle SIGTERM ignores it, and `docker stop` waits out its whole grace period).
+/// not handle SIGTERM ignores it, and `docker stop` waits out its whole grace period). With
+/// `IGNORE_SIGTERM=1` it is such a slow stopper: only the SIGKILL after the grace period ends it.
 fn exit_on_sigterm() {
-    tokio::spawn(async {
+    let ignore = env("IGNORE_SIGTERM").is_some();
+    tokio::spawn(async move {
         if let Ok(mut term) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         {
-            term.recv().await;
-            eprintln!("SIGTERM: exiting");
-            std::process::exit(0);
+            while term.recv().await.is_some() {
+                if !ignore {
+                    eprintln!("SIGTERM: exiting");
+                    std::process::exit(0);
+                }
+                eprintln!("SIGTERM: ignored (IGNORE_SIGTERM)");
+            }
         }
     });
 }
