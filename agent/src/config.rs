@@ -291,7 +291,10 @@ mod tests {
                 "health.clock_unhealthy_offset",
             ),
             ("[proxy]\nheader_timeout = \"0s\"", "proxy.header_timeout"),
-            ("[proxy]\nheader_timeout = \"100000000y\"", "proxy.header_timeout"),
+            (
+                "[proxy]\nheader_timeout = \"100000000y\"",
+                "proxy.header_timeout",
+            ),
             ("[proxy]\nidle_timeout = \"0s\"", "proxy.idle_timeout"),
             ("[proxy]\nmax_connections = 0", "proxy.max_connections"),
             (

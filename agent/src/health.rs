@@ -381,7 +381,9 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
         check(
             "docker",
             Status::Degraded,
-            format!("not probed: the agent could not open a connection to the Engine, {OUT_OF_FDS}"),
+            format!(
+                "not probed: the agent could not open a connection to the Engine, {OUT_OF_FDS}"
+            ),
         )
     } else {
         let why = if facts.docker.error.is_empty() {
@@ -769,7 +771,15 @@ mod tests {
         let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
-            ["disk", "memory", "load", "docker", "certificate", "clock", "fds"]
+            [
+                "disk",
+                "memory",
+                "load",
+                "docker",
+                "certificate",
+                "clock",
+                "fds"
+            ]
         );
         assert_eq!(
             checks[6].reason,
@@ -914,7 +924,12 @@ mod tests {
             status_of(&f, "fds")
         };
         assert_eq!(
-            (fds(799, 1000), fds(800, 1000), fds(949, 1000), fds(950, 1000)),
+            (
+                fds(799, 1000),
+                fds(800, 1000),
+                fds(949, 1000),
+                fds(950, 1000)
+            ),
             (Healthy, Degraded, Degraded, Unhealthy)
         );
         assert_eq!(fds(0, 0), Healthy, "not measured");
@@ -937,7 +952,10 @@ mod tests {
         let fd = get("fds");
         assert_eq!(fd.status, Unhealthy);
         assert!(fd.reason.contains("too many open files"), "{}", fd.reason);
-        assert!(fd.reason.starts_with("1024 open files of the agent's limit 1024 (100.0%)"));
+        assert!(
+            fd.reason
+                .starts_with("1024 open files of the agent's limit 1024 (100.0%)")
+        );
         let mem = get("memory");
         assert_eq!(mem.status, Degraded);
         assert_eq!(
@@ -947,7 +965,9 @@ mod tests {
         let docker = get("docker");
         assert_eq!(docker.status, Degraded);
         assert!(
-            docker.reason.ends_with("too many open files (see the fds check)"),
+            docker
+                .reason
+                .ends_with("too many open files (see the fds check)"),
             "{}",
             docker.reason
         );
@@ -1086,7 +1106,10 @@ mod tests {
     fn this_machine_reports_cpus_memory_and_a_disk() {
         let f = collect_host();
         assert!(f.cpus > 0 && f.mem_total_bytes > 0 && f.uptime_secs > 0);
-        assert!(f.fds_open > 2 && f.fds_open < f.fds_limit && !f.out_of_fds, "{f:?}");
+        assert!(
+            f.fds_open > 2 && f.fds_open < f.fds_limit && !f.out_of_fds,
+            "{f:?}"
+        );
         assert!(!f.disks.is_empty() && f.disks.iter().all(|d| d.total_bytes >= d.free_bytes));
     }
 }

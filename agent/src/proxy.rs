@@ -562,28 +562,28 @@ impl Proxy {
         };
         let (outcome, response) = match result {
             Ok(response) => (Outcome::Answered(response.status()), response),
-            Err(err) => match Outcome::of_failure(
-                unforwardable || body_failed.load(Ordering::Relaxed),
-            ) {
-                Outcome::ClientError if unforwardable => (
-                    Outcome::ClientError,
-                    plain(StatusCode::BAD_REQUEST, &format!("bad request: {err}\n")),
-                ),
-                Outcome::ClientError => (
-                    Outcome::ClientError,
-                    plain(
-                        StatusCode::BAD_REQUEST,
-                        "bad request: the request body broke off\n",
+            Err(err) => {
+                match Outcome::of_failure(unforwardable || body_failed.load(Ordering::Relaxed)) {
+                    Outcome::ClientError if unforwardable => (
+                        Outcome::ClientError,
+                        plain(StatusCode::BAD_REQUEST, &format!("bad request: {err}\n")),
                     ),
-                ),
-                outcome => (
-                    outcome,
-                    plain(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("upstream {} failed: {err}\n", upstream.addr),
+                    Outcome::ClientError => (
+                        Outcome::ClientError,
+                        plain(
+                            StatusCode::BAD_REQUEST,
+                            "bad request: the request body broke off\n",
+                        ),
                     ),
-                ),
-            },
+                    outcome => (
+                        outcome,
+                        plain(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("upstream {} failed: {err}\n", upstream.addr),
+                        ),
+                    ),
+                }
+            }
         };
         upstream.stats.record(outcome, started.elapsed());
         // The guard lives until the response head is out; a streamed body is not counted.

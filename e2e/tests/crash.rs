@@ -524,7 +524,10 @@ async fn restarts_under_load_never_answer_no_release_is_live() {
         None,
         "a restarted agent answered for a live app that nothing was live: {answers:?}"
     );
-    assert!(answers.get("200").copied().unwrap_or(0) > 100, "{answers:?}");
+    assert!(
+        answers.get("200").copied().unwrap_or(0) > 100,
+        "{answers:?}"
+    );
     assert!(
         gaps[gaps.len() / 2] < Duration::from_secs(1),
         "the port answers within a second of a restart: {gaps:?}"
@@ -570,13 +573,19 @@ async fn an_interrupted_deploy_leaves_no_more_than_keep_releases() {
     // Killed in the watch window of a third deploy: traffic had moved.
     let paused = setup.agent(Some("watch")).await;
     let job = setup.deploy_app(app, "v2.0.0").await;
-    eventually("the deploy reaches watch", Duration::from_secs(60), || async {
-        setup.started(&job, "watch").then_some(())
-    })
+    eventually(
+        "the deploy reaches watch",
+        Duration::from_secs(60),
+        || async { setup.started(&job, "watch").then_some(()) },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     paused.kill9();
-    assert_eq!(app_containers(app).len(), 3, "three releases before recovery");
+    assert_eq!(
+        app_containers(app).len(),
+        3,
+        "three releases before recovery"
+    );
 
     // The port answers before recovery has stopped the previous release.
     let since = drover_agent::unix_ms();
@@ -586,7 +595,10 @@ async fn an_interrupted_deploy_leaves_no_more_than_keep_releases() {
         if answer_at(listen).await == "200" {
             break restarted.elapsed();
         }
-        assert!(restarted.elapsed() < Duration::from_secs(30), "never answered");
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "never answered"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     eprintln!("port unanswered after kill -9 + restart, previous release stopping slowly: {gap:?}");
@@ -605,7 +617,9 @@ async fn an_interrupted_deploy_leaves_no_more_than_keep_releases() {
     )
     .await;
     assert!(
-        containers.iter().any(|(n, s)| n.contains("v2.0.0") && s == "running")
+        containers
+            .iter()
+            .any(|(n, s)| n.contains("v2.0.0") && s == "running")
             && containers.iter().any(|(n, _)| n.contains("v1.1.0")),
         "the live release and the rollback target stay: {containers:?}"
     );
@@ -728,9 +742,24 @@ async fn slowloris_on_a_proxy_port_leaves_the_app_backups_and_health_working() {
         );
     }
     let fds = check("fds");
-    assert_eq!(fds.status, v1::CheckStatus::Healthy as i32, "{}", fds.reason);
-    let open: u64 = fds.reason.split_whitespace().next().unwrap().parse().unwrap();
-    assert!(open > 1100, "the slow connections are counted: {}", fds.reason);
+    assert_eq!(
+        fds.status,
+        v1::CheckStatus::Healthy as i32,
+        "{}",
+        fds.reason
+    );
+    let open: u64 = fds
+        .reason
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        open > 1100,
+        "the slow connections are counted: {}",
+        fds.reason
+    );
     assert!(
         fds.reason.contains("limit 4096"),
         "the soft limit was raised to the hard one: {}",

@@ -278,7 +278,11 @@ async fn malformed_requests_during_a_watch_window_do_not_roll_back_a_good_releas
         let id = job.id.clone();
         agent.jobs.submit(job);
         let controller = &controller;
-        async move { controller.wait_job(host, &id, Duration::from_secs(90)).await }
+        async move {
+            controller
+                .wait_job(host, &id, Duration::from_secs(90))
+                .await
+        }
     };
     let the_spec = spec(app, &repo, listen, "").replace("window = \"1s\"", "window = \"6s\"");
     let done = run(deploy_job("deploy-1-first", app, "v1.0.0", &the_spec)).await;
@@ -316,7 +320,10 @@ async fn malformed_requests_during_a_watch_window_do_not_roll_back_a_good_releas
         "a good release stays: {done:?}"
     );
     assert_eq!(done.fields[field::LIVE_VERSION], "v1.1.0");
-    assert!(ok > 0 && failed == 0, "{ok} ok, {failed} failed: {failures:?}");
+    assert!(
+        ok > 0 && failed == 0,
+        "{ok} ok, {failed} failed: {failures:?}"
+    );
     agent.stop().await;
 }
 
@@ -345,7 +352,11 @@ async fn read_response(stream: &mut TcpStream) -> String {
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let len = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse::<usize>().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
                 .unwrap_or(0);
             if body.len() >= len {
                 return text;
@@ -391,7 +402,9 @@ async fn slow_and_idle_clients_are_closed_and_the_cap_refuses_without_hurting_se
     let mut slow = Vec::new();
     for _ in 0..19 {
         let mut s = TcpStream::connect(front).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+            .await
+            .unwrap();
         slow.push(s);
     }
     eventually("20 connections open", Duration::from_secs(5), || async {
