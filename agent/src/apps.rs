@@ -1,15 +1,16 @@
 //! The web apps this agent serves: one reverse proxy per app on its public address, kept for
 //! the agent's lifetime. A deploy reserves the address early (so a port already taken fails the
 //! deploy before anything runs) and installs the proxy when traffic first moves to the app.
+//! Every proxy gets the agent's connection limits; their connection budget is shared.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{Proxy, StatsSnapshot};
+use crate::proxy::{ConnLimits, Proxy, StatsSnapshot, Upstream};
 
 struct Served {
     listen: SocketAddr,
@@ -38,6 +39,7 @@ pub struct Traffic {
 #[derive(Default)]
 pub struct Apps {
     served: Mutex<HashMap<String, Served>>,
+    limits: ConnLimits,
 }
 
 impl std::fmt::Debug for Apps {
@@ -47,6 +49,14 @@ impl std::fmt::Debug for Apps {
 }
 
 impl Apps {
+    /// No app yet; every proxy made later gets `limits` (one shared connection budget).
+    pub fn new(limits: ConnLimits) -> Apps {
+        Apps {
+            served: Mutex::default(),
+            limits,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
         self.served.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -82,10 +92,36 @@ impl Apps {
     /// Turns a reservation into the app's serving proxy. A new address replaces the app's old
     /// proxy, which stops accepting (connections it holds finish).
     pub fn install(&self, app: &str, reserved: Reserved, shutdown: &CancellationToken) -> Proxy {
+        self.install_serving(app, reserved, None, shutdown)
+    }
+
+    /// Like [`Apps::install`], with `upstream` live before the first connection is accepted,
+    /// so no request meets a proxy with nothing to serve (after an agent restart). A running
+    /// proxy is switched to `upstream` unless it already serves that address and release.
+    pub fn install_serving(
+        &self,
+        app: &str,
+        reserved: Reserved,
+        upstream: Option<Arc<Upstream>>,
+        shutdown: &CancellationToken,
+    ) -> Proxy {
         match reserved {
-            Reserved::Serving(proxy) => *proxy,
+            Reserved::Serving(proxy) => {
+                if let Some(next) = upstream {
+                    let same = proxy
+                        .upstream()
+                        .is_some_and(|u| u.addr == next.addr && u.release == next.release);
+                    if !same {
+                        proxy.switch(next);
+                    }
+                }
+                *proxy
+            }
             Reserved::Bound(listen, listener) => {
-                let proxy = Proxy::new();
+                let proxy = Proxy::with_limits(self.limits.clone());
+                if let Some(first) = upstream {
+                    proxy.switch(first);
+                }
                 let stop = shutdown.child_token();
                 tokio::spawn(proxy.clone().serve(listener, stop.clone()));
                 let old = self.lock().insert(

@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::daemon::{
-    ConfigError, LogFormat, check_duration, duration_str, parse_toml, read_toml_file,
+    ConfigError, LogFormat, check_count, check_duration, duration_str, parse_toml, read_toml_file,
 };
 use crate::health::Thresholds;
+use crate::proxy::ConnLimits;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -45,6 +46,8 @@ pub struct AgentConfig {
     #[serde(with = "duration_str")]
     pub lock_lease: Duration,
     pub health: Thresholds,
+    /// Limits on the client connections of the app proxies.
+    pub proxy: ProxyConfig,
     /// Where this config came from, for error messages.
     #[serde(skip)]
     pub source: String,
@@ -65,8 +68,65 @@ impl Default for AgentConfig {
             secrets_dir: PathBuf::from("/etc/drover/secrets"),
             lock_lease: Duration::from_secs(60),
             health: Thresholds::default(),
+            proxy: ProxyConfig::default(),
             source: "(defaults)".into(),
         }
+    }
+}
+
+/// The `[proxy]` table: how long a client may take and how many connections it may hold.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// A request head must be complete this long after the connection opened or its previous
+    /// response ended (slowloris clients are cut off here).
+    #[serde(with = "duration_str")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no byte moving for this long is closed.
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// Client connections of one app's proxy at most; beyond, new ones get a 503. All proxies
+    /// together also stay within a budget taken from the open-file limit at start.
+    pub max_connections: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            header_timeout: ConnLimits::DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: ConnLimits::DEFAULT_IDLE_TIMEOUT,
+            max_connections: ConnLimits::DEFAULT_MAX_CONNECTIONS as u64,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The proxies' limits, with a shared budget of `budget` connections.
+    pub fn limits(&self, budget: usize) -> ConnLimits {
+        ConnLimits::new(
+            self.header_timeout,
+            self.idle_timeout,
+            usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            budget,
+        )
+    }
+
+    /// Bounds every value; the error names the `proxy.` key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let secs = Duration::from_secs;
+        check_duration(self.header_timeout, secs(1), secs(600))
+            .map_err(|m| ("proxy.header_timeout", m))?;
+        check_duration(self.idle_timeout, secs(1), secs(600))
+            .map_err(|m| ("proxy.idle_timeout", m))?;
+        if self.idle_timeout > self.header_timeout {
+            // hyper's header clock also runs while a keep-alive connection waits for its next
+            // request: a longer idle timeout would never be reached.
+            return Err((
+                "proxy.idle_timeout",
+                "must not exceed proxy.header_timeout".into(),
+            ));
+        }
+        check_count(self.max_connections, 1, 1_000_000).map_err(|m| ("proxy.max_connections", m))
     }
 }
 
@@ -144,6 +204,9 @@ impl AgentConfig {
             drover_identity::tls::controller_authority(&self.controller)
                 .map_err(|e| invalid("controller", &e.to_string()))?;
         }
+        self.proxy
+            .validate()
+            .map_err(|(key, message)| invalid(key, &message))?;
         self.health
             .validate()
             .map_err(|(key, message)| invalid(key, &message))
@@ -160,6 +223,28 @@ mod tests {
         let config = AgentConfig::from_file(&path).unwrap();
         assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(config.health_interval, Duration::from_secs(30));
+        assert_eq!(config.proxy, ProxyConfig::default());
+        assert_eq!(config.health, Thresholds::default());
+    }
+
+    #[test]
+    fn the_idle_timeout_fits_in_the_header_timeout() {
+        let err = AgentConfig::from_toml(
+            "[proxy]\nheader_timeout = \"10s\"\nidle_timeout = \"20s\"",
+            "a.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid config a.toml: key `proxy.idle_timeout`: must not exceed proxy.header_timeout"
+        );
+        let ok = AgentConfig::from_toml(
+            "[proxy]\nheader_timeout = \"10s\"\nidle_timeout = \"5s\"\nmax_connections = 50",
+            "a.toml",
+        )
+        .unwrap();
+        assert_eq!(ok.proxy.max_connections, 50);
     }
 
     #[test]
@@ -204,6 +289,17 @@ mod tests {
             (
                 "[health]\nclock_unhealthy_offset = \"100000000y\"",
                 "health.clock_unhealthy_offset",
+            ),
+            ("[proxy]\nheader_timeout = \"0s\"", "proxy.header_timeout"),
+            (
+                "[proxy]\nheader_timeout = \"100000000y\"",
+                "proxy.header_timeout",
+            ),
+            ("[proxy]\nidle_timeout = \"0s\"", "proxy.idle_timeout"),
+            ("[proxy]\nmax_connections = 0", "proxy.max_connections"),
+            (
+                "[proxy]\nmax_connections = 2000000",
+                "proxy.max_connections",
             ),
         ] {
             let err = AgentConfig::from_toml(text, "a.toml")

@@ -56,6 +56,34 @@ pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
     Ok(token)
 }
 
+/// The process's open-file limit now (the soft RLIMIT_NOFILE; "unlimited" read as 2^20, the
+/// kernel's default ceiling).
+pub fn open_files_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20)
+}
+
+/// Raises the soft open-file limit to the hard one (as Go's runtime does: the soft 1024 is
+/// for select(2), which nothing here uses) and returns (the limit before, the limit now).
+/// A failure leaves the limit as it was.
+pub fn raise_open_files_limit() -> (u64, u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    let soft = before.current.unwrap_or(1 << 20);
+    let hard = before.maximum.unwrap_or(1 << 20);
+    if soft < hard {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: before.maximum,
+            },
+        );
+    }
+    (soft, open_files_limit())
+}
+
 /// Tells systemd the daemon serves (no-op outside systemd).
 pub fn notify_ready() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -1306,7 +1306,7 @@ async fn watch(
 
 /// Removes the containers of releases beyond the kept ones (never the live one or the rollback
 /// target), and untags their image when no live or kept release uses it. Returns what went.
-async fn prune(ctx: &JobCtx, table: &mut [Release], keep: usize) -> Vec<String> {
+pub(crate) async fn prune(ctx: &JobCtx, table: &mut [Release], keep: usize) -> Vec<String> {
     let mut pruned = Vec::new();
     for id in releases::to_prune(table, keep) {
         let Some(r) = find(table, &id).cloned() else {

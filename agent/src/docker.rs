@@ -115,7 +115,7 @@ impl DockerClient {
         }
         let fail = |e: bollard::errors::Error| DockerError::Connect {
             socket: self.shown.clone(),
-            message: e.to_string(),
+            message: with_causes(&e),
         };
         let raw = self.unconnected().map_err(fail)?;
         let negotiated = raw.negotiate_version().await.map_err(fail)?;
@@ -150,7 +150,7 @@ impl DockerClient {
             };
             calls.await.map_err(|e| DockerError::Connect {
                 socket: self.shown.clone(),
-                message: e.to_string(),
+                message: with_causes(&e),
             })
         })
         .await;
@@ -164,6 +164,7 @@ impl DockerClient {
                     .filter(|c| c.state == Some(ContainerSummaryStateEnum::RUNNING))
                     .count() as u32,
                 containers_total: containers.len() as u32,
+                out_of_fds: false,
             },
             Ok(Err(err)) => {
                 // Forget a negotiated client: the Engine may have been upgraded or restarted.
@@ -663,12 +664,44 @@ impl DockerClient {
     }
 
     fn unreachable(&self, err: &DockerError) -> DockerFacts {
+        if mentions_out_of_fds(&err.to_string()) {
+            return DockerFacts {
+                reachable: false,
+                error: format!("{err} (the agent has too many open files)"),
+                out_of_fds: true,
+                ..DockerFacts::default()
+            };
+        }
         DockerFacts {
             reachable: false,
             error: format!("{err} (is dockerd running? may the agent's user use the socket?)"),
             ..DockerFacts::default()
         }
     }
+}
+
+/// An error with its chain of causes (bollard's "client error (Connect)" alone hides an
+/// EMFILE underneath).
+fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Whether an error's text says the process ran out of descriptors (EMFILE, ENFILE).
+fn mentions_out_of_fds(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("too many open files")
+        || lower.contains("(os error 24)")
+        || lower.contains("(os error 23)")
 }
 
 /// How much of a command's output an exec buffers between the Engine and its reader.

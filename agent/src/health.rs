@@ -24,6 +24,9 @@ pub struct Thresholds {
     pub clock_degraded_offset: Duration,
     #[serde(with = "duration_str")]
     pub clock_unhealthy_offset: Duration,
+    /// Open descriptors as a percentage of the agent's open-file limit.
+    pub fds_degraded_percent: f64,
+    pub fds_unhealthy_percent: f64,
 }
 
 impl Default for Thresholds {
@@ -39,6 +42,8 @@ impl Default for Thresholds {
             cert_degraded_before_expiry: Duration::from_secs(2 * 3600),
             clock_degraded_offset: Duration::from_secs(1),
             clock_unhealthy_offset: Duration::from_secs(30),
+            fds_degraded_percent: 80.0,
+            fds_unhealthy_percent: 95.0,
         }
     }
 }
@@ -69,6 +74,14 @@ impl Thresholds {
             "health.memory_unhealthy_available_percent",
             self.memory_unhealthy_available_percent,
         )?;
+        pct("health.fds_degraded_percent", self.fds_degraded_percent)?;
+        pct("health.fds_unhealthy_percent", self.fds_unhealthy_percent)?;
+        if self.fds_unhealthy_percent < self.fds_degraded_percent {
+            return Err((
+                "health.fds_unhealthy_percent",
+                "must be at least fds_degraded_percent".into(),
+            ));
+        }
         if self.disk_unhealthy_free_percent > self.disk_degraded_free_percent {
             return Err((
                 "health.disk_unhealthy_free_percent",
@@ -168,6 +181,9 @@ pub struct DockerFacts {
     pub reachable: bool,
     pub version: String,
     pub error: String,
+    /// The probe failed because this process could not open a descriptor (EMFILE/ENFILE),
+    /// not because of the Engine.
+    pub out_of_fds: bool,
     pub containers_running: u32,
     pub containers_total: u32,
 }
@@ -191,6 +207,11 @@ pub struct HostFacts {
     pub now_unix: i64,
     /// Apps with a live release here.
     pub apps: Vec<AppFacts>,
+    /// The agent's open descriptors and its open-file limit (0: not measured).
+    pub fds_open: u64,
+    pub fds_limit: u64,
+    /// A file this sample needed could not be opened: too many open files (EMFILE/ENFILE).
+    pub out_of_fds: bool,
 }
 
 /// An app with a live release on this host, and its proxy's counters.
@@ -252,6 +273,11 @@ fn disk_status(d: &Disk, t: &Thresholds) -> Status {
 /// - `certificate`: none or expired is unhealthy; expiring within
 ///   `cert_degraded_before_expiry` is degraded (renewal should have happened by then).
 /// - `clock`: the absolute offset from the controller; not measured yet is healthy.
+/// - `fds`: the agent's open descriptors against its open-file limit, reaching
+///   `fds_unhealthy_percent` / `fds_degraded_percent`; a file that could not be opened for
+///   lack of descriptors (EMFILE) is unhealthy. Then `memory` and `docker` do not blame the
+///   host or the Engine: an unreadable /proc/meminfo or a failed probe for that reason is
+///   degraded and names fd exhaustion.
 /// - `apps` (only with deployed apps): a live release with a container not running is
 ///   unhealthy.
 pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
@@ -306,7 +332,9 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
     checks.push(check(
         "memory",
         mem_status,
-        if facts.mem_total_bytes == 0 {
+        if facts.mem_total_bytes == 0 && facts.out_of_fds {
+            format!("memory size unknown: /proc/meminfo could not be opened, {OUT_OF_FDS}")
+        } else if facts.mem_total_bytes == 0 {
             "memory size unknown (/proc/meminfo unreadable)".to_string()
         } else {
             format!(
@@ -346,6 +374,15 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
                 facts.docker.version,
                 facts.docker.containers_running,
                 facts.docker.containers_total
+            ),
+        )
+    } else if facts.docker.out_of_fds {
+        // The Engine may be fine: this process could not open a socket to ask it.
+        check(
+            "docker",
+            Status::Degraded,
+            format!(
+                "not probed: the agent could not open a connection to the Engine, {OUT_OF_FDS}"
             ),
         )
     } else {
@@ -406,6 +443,8 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
         }
     });
 
+    checks.push(fds_check(facts, t));
+
     // Only on hosts with deployed apps, so a fresh host's checks stay the same.
     if !facts.apps.is_empty() {
         let down: Vec<String> = facts
@@ -435,6 +474,40 @@ pub fn evaluate(facts: &HostFacts, t: &Thresholds) -> Vec<Check> {
         });
     }
     checks
+}
+
+/// What the memory and docker checks say when the real cause is descriptor exhaustion.
+const OUT_OF_FDS: &str = "too many open files (see the fds check)";
+
+/// Rule for `fds`: the agent's open descriptors as a percentage of its open-file limit.
+fn fds_check(facts: &HostFacts, t: &Thresholds) -> Check {
+    if facts.fds_limit == 0 {
+        return if facts.out_of_fds {
+            check(
+                "fds",
+                Status::Unhealthy,
+                "too many open files: the agent cannot open /proc/self/fd (EMFILE); slow or idle clients may hold them: see [proxy] in agent.toml".into(),
+            )
+        } else {
+            check("fds", Status::Healthy, "open files not measured".into())
+        };
+    }
+    let used = percent(facts.fds_open, facts.fds_limit);
+    let status = if facts.out_of_fds || used >= t.fds_unhealthy_percent {
+        Status::Unhealthy
+    } else if used >= t.fds_degraded_percent {
+        Status::Degraded
+    } else {
+        Status::Healthy
+    };
+    let mut reason = format!(
+        "{} open files of the agent's limit {} ({used:.1}%)",
+        facts.fds_open, facts.fds_limit
+    );
+    if facts.out_of_fds {
+        reason.push_str("; too many open files: a file could not be opened (EMFILE)");
+    }
+    check("fds", status, reason)
 }
 
 /// The host's status: the worst check (healthy when there are none).
@@ -548,10 +621,26 @@ fn disk_usage(mount: &str) -> Option<Disk> {
 /// Reads this Linux host's load, memory, uptime, CPUs and disks. Blocking (file reads and
 /// statvfs): call it from `spawn_blocking`.
 pub fn collect_host() -> HostFacts {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let out_of_fds = std::cell::Cell::new(false);
+    let read = |p: &str| match std::fs::read_to_string(p) {
+        Ok(text) => text,
+        Err(e) => {
+            out_of_fds.set(out_of_fds.get() || is_out_of_fds(&e));
+            String::new()
+        }
+    };
     let (load1, load5, load15) = parse_loadavg(&read("/proc/loadavg")).unwrap_or_default();
     let (mem_total_bytes, mem_available_bytes) =
         parse_meminfo(&read("/proc/meminfo")).unwrap_or_default();
+    let limit = crate::daemon::open_files_limit();
+    let (fds_open, fds_limit) = match count_open_fds() {
+        Ok(open) => (open, limit),
+        Err(e) if is_out_of_fds(&e) => {
+            out_of_fds.set(true);
+            (limit, limit)
+        }
+        Err(_) => (0, 0),
+    };
     let mut mounts = parse_mounts(&read("/proc/self/mounts"));
     if mounts.is_empty() {
         // In a container the root is often overlay: watch it rather than nothing.
@@ -568,8 +657,27 @@ pub fn collect_host() -> HostFacts {
         mem_available_bytes,
         disks: mounts.iter().filter_map(|m| disk_usage(m)).collect(),
         uptime_secs: parse_uptime(&read("/proc/uptime")).unwrap_or_default(),
+        fds_open,
+        fds_limit,
+        out_of_fds: out_of_fds.get(),
         ..HostFacts::default()
     }
+}
+
+/// Whether an I/O error means this process (EMFILE) or the system (ENFILE) ran out of file
+/// descriptors.
+pub fn is_out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == libc::EMFILE || code == libc::ENFILE)
+}
+
+/// This process's open descriptors, from /proc/self/fd (the directory's own one not counted).
+fn count_open_fds() -> std::io::Result<u64> {
+    let mut n = 0u64;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        entry?;
+        n += 1;
+    }
+    Ok(n.saturating_sub(1))
 }
 
 #[cfg(test)]
@@ -600,6 +708,9 @@ mod tests {
             clock_offset_ms: Some(3),
             now_unix: 1_000_000,
             apps: Vec::new(),
+            fds_open: 40,
+            fds_limit: 1024,
+            out_of_fds: false,
         }
     }
 
@@ -655,12 +766,24 @@ mod tests {
     }
 
     #[test]
-    fn a_healthy_host_has_six_healthy_checks_in_order() {
+    fn a_healthy_host_has_seven_healthy_checks_in_order() {
         let checks = evaluate(&facts(), &Thresholds::default());
         let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
-            ["disk", "memory", "load", "docker", "certificate", "clock"]
+            [
+                "disk",
+                "memory",
+                "load",
+                "docker",
+                "certificate",
+                "clock",
+                "fds"
+            ]
+        );
+        assert_eq!(
+            checks[6].reason,
+            "40 open files of the agent's limit 1024 (3.9%)"
         );
         assert_eq!(overall(&checks), Status::Healthy);
         assert!(
@@ -789,6 +912,82 @@ mod tests {
         );
     }
 
+    /// 1,100 slowloris connections used to make health report memory and docker unhealthy;
+    /// the cause, descriptor exhaustion, was not named (issue 11, 2).
+    #[test]
+    fn fd_exhaustion_is_named_as_such_and_not_blamed_on_memory_or_docker() {
+        use Status::*;
+        let fds = |open: u64, limit: u64| {
+            let mut f = facts();
+            f.fds_open = open;
+            f.fds_limit = limit;
+            status_of(&f, "fds")
+        };
+        assert_eq!(
+            (
+                fds(799, 1000),
+                fds(800, 1000),
+                fds(949, 1000),
+                fds(950, 1000)
+            ),
+            (Healthy, Degraded, Degraded, Unhealthy)
+        );
+        assert_eq!(fds(0, 0), Healthy, "not measured");
+
+        // What the agent saw under the attack: every open() failed with EMFILE.
+        let mut f = facts();
+        f.fds_open = 1024;
+        f.fds_limit = 1024;
+        f.out_of_fds = true;
+        f.mem_total_bytes = 0;
+        f.mem_available_bytes = 0;
+        f.docker = DockerFacts {
+            reachable: false,
+            error: "cannot reach Docker Engine at unix:///var/run/docker.sock: client error (Connect): Too many open files (os error 24) (the agent has too many open files)".into(),
+            out_of_fds: true,
+            ..Default::default()
+        };
+        let checks = evaluate(&f, &Thresholds::default());
+        let get = |name: &str| checks.iter().find(|c| c.name == name).unwrap().clone();
+        let fd = get("fds");
+        assert_eq!(fd.status, Unhealthy);
+        assert!(fd.reason.contains("too many open files"), "{}", fd.reason);
+        assert!(
+            fd.reason
+                .starts_with("1024 open files of the agent's limit 1024 (100.0%)")
+        );
+        let mem = get("memory");
+        assert_eq!(mem.status, Degraded);
+        assert_eq!(
+            mem.reason,
+            "memory size unknown: /proc/meminfo could not be opened, too many open files (see the fds check)"
+        );
+        let docker = get("docker");
+        assert_eq!(docker.status, Degraded);
+        assert!(
+            docker
+                .reason
+                .ends_with("too many open files (see the fds check)"),
+            "{}",
+            docker.reason
+        );
+        assert_eq!(overall(&checks), Unhealthy);
+
+        // Out of descriptors before even /proc/self/fd could be read.
+        let mut blind = facts();
+        blind.fds_limit = 0;
+        blind.out_of_fds = true;
+        let c = evaluate(&blind, &Thresholds::default()).remove(6);
+        assert_eq!(c.status, Unhealthy);
+        assert!(c.reason.starts_with("too many open files"), "{}", c.reason);
+
+        // A Docker that is really down is still unhealthy.
+        let mut down = facts();
+        down.docker.reachable = false;
+        down.docker.error = "connection refused".into();
+        assert_eq!(status_of(&down, "docker"), Unhealthy);
+    }
+
     #[test]
     fn overall_is_the_worst_and_changes_ignore_moving_numbers() {
         let mut f = facts();
@@ -885,6 +1084,16 @@ mod tests {
             t.validate().unwrap_err().0,
             "health.disk_degraded_free_percent"
         );
+        let t = Thresholds {
+            fds_unhealthy_percent: 70.0,
+            ..Thresholds::default()
+        };
+        assert_eq!(t.validate().unwrap_err().0, "health.fds_unhealthy_percent");
+        let t = Thresholds {
+            fds_degraded_percent: 101.0,
+            ..Thresholds::default()
+        };
+        assert_eq!(t.validate().unwrap_err().0, "health.fds_degraded_percent");
         // Equal limits are allowed: no degraded band.
         let t = Thresholds {
             memory_unhealthy_available_percent: 10.0,
@@ -897,6 +1106,10 @@ mod tests {
     fn this_machine_reports_cpus_memory_and_a_disk() {
         let f = collect_host();
         assert!(f.cpus > 0 && f.mem_total_bytes > 0 && f.uptime_secs > 0);
+        assert!(
+            f.fds_open > 2 && f.fds_open < f.fds_limit && !f.out_of_fds,
+            "{f:?}"
+        );
         assert!(!f.disks.is_empty() && f.disks.iter().all(|d| d.total_bytes >= d.free_bytes));
     }
 }

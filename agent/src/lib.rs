@@ -195,6 +195,16 @@ impl Agent {
         info!(host = %self.enrollment.host, version = env!("CARGO_PKG_VERSION"), "agent starting");
         // One stop for every task: the caller's shutdown, or a session that cannot continue.
         let shutdown = shutdown.child_token();
+        // Read once: the proxies' connection budget comes from it, so slow clients cannot
+        // take the descriptors backups and Docker calls need.
+        let (before, nofile) = daemon::raise_open_files_limit();
+        let budget = proxy::fd_budget(nofile);
+        info!(
+            limit = nofile,
+            raised_from = before,
+            proxy_connections = budget,
+            "open-file limit"
+        );
         let jobs_ctx = Arc::new(jobs::JobCtx {
             host: self.enrollment.host.clone(),
             store: self.store.clone(),
@@ -202,7 +212,7 @@ impl Agent {
             redactor: self.redactor.clone(),
             cancels: jobs::Cancels::default(),
             docker: docker::connect(&self.config.docker_socket),
-            apps: apps::Apps::default(),
+            apps: apps::Apps::new(self.config.proxy.limits(budget)),
             secrets_dir: self.config.secrets_dir.clone(),
             backups_dir: self.config.data_dir.join("backups"),
             shutdown: shutdown.clone(),

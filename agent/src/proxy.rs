@@ -7,24 +7,37 @@
 //! when the drain times out gets a close frame (1001, going away) from the proxy, not a bare
 //! end of stream. X-Forwarded-For and X-Forwarded-Proto are set. Each upstream counts
 //! responses by status class and keeps a latency histogram, which feed the post-deploy watch
-//! window and the host's health report.
+//! window and the host's health report. Only what the release did counts against it: answers
+//! it gave, and requests it could not answer at all; the proxy's own refusals of malformed
+//! requests are counted apart ([`Outcome`]).
+//!
+//! Client connections are bounded ([`ConnLimits`]): a request head must arrive within
+//! `header_timeout`, a connection quiet for `idle_timeout` is closed, and each proxy holds at
+//! most `max_connections`, all proxies together at most a budget taken from the process's
+//! open-file limit, so slow or idle clients cannot take the descriptors backups and Docker
+//! calls need. A connection beyond a limit is answered 503 and closed at once.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{HOST, HeaderName, HeaderValue, UPGRADE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -51,13 +64,44 @@ const BUCKETS_MS: [u64; 16] = [
 /// Counters of one upstream.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Requests the release answered, plus those it could not answer (`unreachable`).
     pub requests: AtomicU64,
     pub status_2xx: AtomicU64,
     pub status_3xx: AtomicU64,
     pub status_4xx: AtomicU64,
-    /// 5xx answers from the app, plus 502s when it could not be reached.
+    /// 5xx answers from the app, plus the requests it could not answer (`unreachable`).
     pub status_5xx: AtomicU64,
+    /// Requests the release gave no answer to (connection refused or reset, closed without an
+    /// answer); the proxy answered 502. Counted as failures of the release: only the release
+    /// causes them.
+    pub unreachable: AtomicU64,
+    /// Requests the proxy refused itself as malformed (a body that broke off, a target it
+    /// cannot forward, CONNECT). Never the release's doing, so in neither count above.
+    pub client_errors: AtomicU64,
     latency: [AtomicU64; BUCKETS_MS.len()],
+}
+
+/// How a forwarded request ended, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The release answered with this status.
+    Answered(StatusCode),
+    /// The release gave no answer.
+    Unreachable,
+    /// The client's request was malformed or broke off; the proxy answered it.
+    ClientError,
+}
+
+impl Outcome {
+    /// Who a failed forward is blamed on. Pure: the client's body broke off (or the request
+    /// cannot be forwarded at all) → the client; otherwise the release did not answer.
+    pub fn of_failure(client_body_failed: bool) -> Outcome {
+        if client_body_failed {
+            Outcome::ClientError
+        } else {
+            Outcome::Unreachable
+        }
+    }
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -80,7 +124,22 @@ impl StatsSnapshot {
 }
 
 impl Stats {
-    fn record(&self, status: StatusCode, elapsed: Duration) {
+    /// Counts one request by how it ended. Only the release's own answers enter the latency
+    /// histogram; a malformed request changes nothing the watch window reads.
+    pub fn record(&self, outcome: Outcome, elapsed: Duration) {
+        let status = match outcome {
+            Outcome::Answered(status) => status,
+            Outcome::Unreachable => {
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                self.status_5xx.fetch_add(1, Ordering::Relaxed);
+                self.unreachable.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Outcome::ClientError => {
+                self.client_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
         self.requests.fetch_add(1, Ordering::Relaxed);
         let class = match status.as_u16() {
             200..=299 => &self.status_2xx,
@@ -340,11 +399,72 @@ impl Drop for InflightGuard {
     }
 }
 
+/// Limits on the client connections of a proxy (the agent config's `[proxy]` table).
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// A request head (request line and headers) must be complete this long after the
+    /// connection opened or its previous response ended; hyper closes it otherwise.
+    pub header_timeout: Duration,
+    /// A connection with no byte read or written for this long is closed (after the request in
+    /// progress, if one is).
+    pub idle_timeout: Duration,
+    /// Open client connections of one proxy at most (upgraded ones included).
+    pub max_connections: usize,
+    /// Shared by every proxy of the agent: their connections together, kept well under the
+    /// process's open-file limit ([`fd_budget`]).
+    pub budget: Arc<Semaphore>,
+}
+
+impl ConnLimits {
+    pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+    /// Limits with a budget of `budget` connections shared by every proxy built from clones.
+    pub fn new(
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        max_connections: usize,
+        budget: usize,
+    ) -> ConnLimits {
+        ConnLimits {
+            header_timeout,
+            idle_timeout,
+            max_connections,
+            budget: Arc::new(Semaphore::new(budget.min(Semaphore::MAX_PERMITS))),
+        }
+    }
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits::new(
+            Self::DEFAULT_HEADER_TIMEOUT,
+            Self::DEFAULT_IDLE_TIMEOUT,
+            Self::DEFAULT_MAX_CONNECTIONS,
+            Self::DEFAULT_MAX_CONNECTIONS,
+        )
+    }
+}
+
+/// How many client connections all proxies together may hold, given the process's open-file
+/// limit. Pure. A proxied request holds two descriptors (the client's connection and one to
+/// the container), so the budget is half of what is left after a reserve of a quarter of the
+/// limit (at least 256) for the store, backups, Docker and PostgreSQL calls; never under 16.
+pub fn fd_budget(nofile: u64) -> usize {
+    let reserve = (nofile / 4).max(256);
+    let budget = nofile.saturating_sub(reserve) / 2;
+    usize::try_from(budget.max(16)).unwrap_or(usize::MAX)
+}
+
 /// A running proxy for one app.
 #[derive(Clone)]
 pub struct Proxy {
     current: Arc<RwLock<Option<Arc<Upstream>>>>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ClientBody>,
+    limits: ConnLimits,
+    /// This proxy's share of connections (`max_connections` permits).
+    connections: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -362,13 +482,30 @@ impl Default for Proxy {
 }
 
 impl Proxy {
+    /// A proxy with the default [`ConnLimits`].
     pub fn new() -> Proxy {
+        Proxy::with_limits(ConnLimits::default())
+    }
+
+    pub fn with_limits(limits: ConnLimits) -> Proxy {
         Proxy {
             current: Arc::new(RwLock::new(None)),
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build_http(),
+            connections: Arc::new(Semaphore::new(
+                limits.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
+            limits,
         }
+    }
+
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.limits
+            .max_connections
+            .min(Semaphore::MAX_PERMITS)
+            .saturating_sub(self.connections.available_permits())
     }
 
     /// The upstream serving now.
@@ -388,32 +525,129 @@ impl Proxy {
             .replace(next)
     }
 
+    /// A connection's permits: this proxy's and the agent-wide budget's, or None when either
+    /// is used up.
+    fn admit(&self) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let own = self.connections.clone().try_acquire_owned().ok()?;
+        let shared = self.limits.budget.clone().try_acquire_owned().ok()?;
+        Some((own, shared))
+    }
+
     /// Serves on `listener` until `shutdown`.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut last_warned: Option<Instant> = None;
+        let mut warn_rarely = |what: &str, detail: String| {
+            if last_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                last_warned = Some(Instant::now());
+                warn!(listen = %local, "{what}: {detail}");
+            }
+        };
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
-                    Err(_) => continue,
+                    Err(err) => {
+                        // Out of descriptors (EMFILE) and the like: pause instead of spinning;
+                        // new connections wait in the kernel's backlog meanwhile.
+                        warn_rarely("cannot accept connections", err.to_string());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 },
+            };
+            let Some(permits) = self.admit() else {
+                warn_rarely(
+                    "connection limit reached, refusing new connections",
+                    format!(
+                        "{} open on this app (proxy.max_connections = {}), {} left for all apps",
+                        self.open_connections(),
+                        self.limits.max_connections,
+                        self.limits.budget.available_permits()
+                    ),
+                );
+                refuse(stream);
+                continue;
             };
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req| proxy.clone().forward(req, peer));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
-            });
+            tokio::spawn(proxy.serve_connection(stream, peer, permits));
+        }
+    }
+
+    /// Serves one client connection until it ends, is upgraded, or breaks a limit.
+    async fn serve_connection(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    ) {
+        let idle_timeout = self.limits.idle_timeout;
+        let io = CountedIo::new(stream, permits);
+        let activity = io.activity.clone();
+        // Requests of this connection whose response is not finished.
+        let busy = Arc::new(AtomicUsize::new(0));
+        let service = {
+            let busy = busy.clone();
+            let proxy = self.clone();
+            hyper::service::service_fn(move |req| {
+                let guard = BusyGuard::new(busy.clone());
+                let proxy = proxy.clone();
+                async move {
+                    let response = proxy.forward(req, peer).await?;
+                    Ok::<_, Infallible>(response.map(|inner| {
+                        TrackedBody {
+                            inner,
+                            _guard: guard,
+                        }
+                        .boxed()
+                    }))
+                }
+            })
+        };
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_timeout);
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let check = tokio::time::sleep(idle_timeout);
+        tokio::pin!(check);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = check.as_mut() => {
+                    let quiet = activity.quiet();
+                    if quiet < idle_timeout {
+                        check.as_mut().reset(tokio::time::Instant::now() + (idle_timeout - quiet));
+                        continue;
+                    }
+                    if busy.load(Ordering::SeqCst) == 0 {
+                        // Nothing in progress: dropping the connection closes it.
+                        return;
+                    }
+                    // A request is in progress (a slow upstream): it finishes, then the
+                    // connection closes.
+                    if !closing {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    check.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                }
+            }
         }
     }
 
     async fn forward(
         self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
         let Some(upstream) = self.upstream() else {
@@ -422,6 +656,18 @@ impl Proxy {
                 "no release is live for this app\n",
             ));
         };
+        if req.method() == Method::CONNECT {
+            upstream.stats.record(Outcome::ClientError, Duration::ZERO);
+            return Ok(plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this proxy does not tunnel (CONNECT)\n",
+            ));
+        }
+        let body_failed = Arc::new(AtomicBool::new(false));
+        let mut req = req.map(|inner| ClientBody {
+            inner,
+            failed: body_failed.clone(),
+        });
         upstream.inflight.fetch_add(1, Ordering::SeqCst);
         if upstream.first_request_unix_ms.load(Ordering::Relaxed) == 0 {
             let now = std::time::SystemTime::now()
@@ -438,18 +684,25 @@ impl Proxy {
         let guard = InflightGuard(upstream.clone());
         let started = Instant::now();
         set_forwarded(&mut req, peer);
+        let mut unforwardable = false;
         let result = if req.headers().contains_key(UPGRADE) {
             upgrade(req, &upstream, peer).await
         } else {
-            let uri = format!(
-                "http://{}{}",
-                upstream.addr,
-                req.uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/")
-            );
-            match uri.parse() {
+            let target = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let uri = format!("http://{}{target}", upstream.addr).parse::<hyper::Uri>();
+            match uri {
+                // Only a path goes after the container's address: `OPTIONS *` would make
+                // `http://127.0.0.1:port*`, an address that does not exist.
+                Ok(_) if !target.starts_with('/') => {
+                    unforwardable = true;
+                    Err(format!(
+                        "cannot forward the request target {target:?}: only a path can be"
+                    ))
+                }
                 Ok(uri) => {
                     *req.uri_mut() = uri;
                     self.client
@@ -458,20 +711,218 @@ impl Proxy {
                         .map(|r| r.map(|b| b.boxed()))
                         .map_err(|e| e.to_string())
                 }
-                Err(e) => Err(format!("bad URI: {e}")),
+                Err(e) => {
+                    unforwardable = true;
+                    Err(format!("cannot forward the request target: {e}"))
+                }
             }
         };
-        let response = match result {
-            Ok(response) => response,
-            Err(err) => plain(
-                StatusCode::BAD_GATEWAY,
-                &format!("upstream {} failed: {err}\n", upstream.addr),
-            ),
+        let (outcome, response) = match result {
+            Ok(response) => (Outcome::Answered(response.status()), response),
+            Err(err) => {
+                match Outcome::of_failure(unforwardable || body_failed.load(Ordering::Relaxed)) {
+                    Outcome::ClientError if unforwardable => (
+                        Outcome::ClientError,
+                        plain(StatusCode::BAD_REQUEST, &format!("bad request: {err}\n")),
+                    ),
+                    Outcome::ClientError => (
+                        Outcome::ClientError,
+                        plain(
+                            StatusCode::BAD_REQUEST,
+                            "bad request: the request body broke off\n",
+                        ),
+                    ),
+                    outcome => (
+                        outcome,
+                        plain(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("upstream {} failed: {err}\n", upstream.addr),
+                        ),
+                    ),
+                }
+            }
         };
-        upstream.stats.record(response.status(), started.elapsed());
+        upstream.stats.record(outcome, started.elapsed());
         // The guard lives until the response head is out; a streamed body is not counted.
         drop(guard);
         Ok(response)
+    }
+}
+
+/// Answers a connection beyond a limit with a 503 and closes it, without waiting on it.
+fn refuse(stream: TcpStream) {
+    const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
+        content-type: text/plain\r\ncontent-length: 34\r\nretry-after: 1\r\n\r\n\
+        too many connections to this app\r\n";
+    let _ = stream.try_write(REFUSAL);
+}
+
+/// The client's request body on its way to the container, remembering whether it broke off
+/// (the client sent a malformed body or went away): a forward that fails then is the
+/// client's doing, not the release's.
+pub struct ClientBody {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts a connection's requests whose response is not finished.
+struct BusyGuard(Arc<AtomicUsize>);
+
+impl BusyGuard {
+    fn new(busy: Arc<AtomicUsize>) -> BusyGuard {
+        busy.fetch_add(1, Ordering::SeqCst);
+        BusyGuard(busy)
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its connection counted busy until it is sent (or dropped).
+struct TrackedBody {
+    inner: Body,
+    _guard: BusyGuard,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// When a connection last moved a byte.
+#[derive(Debug)]
+struct Activity {
+    opened: Instant,
+    /// Milliseconds after `opened`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long the connection has been quiet.
+    fn quiet(&self) -> Duration {
+        let now = self.opened.elapsed();
+        now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// A client connection holding its permits: they go back when the socket is dropped, which
+/// for an upgraded (WebSocket) connection is when the splice ends.
+struct CountedIo {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+impl CountedIo {
+    fn new(stream: TcpStream, permits: (OwnedSemaphorePermit, OwnedSemaphorePermit)) -> CountedIo {
+        CountedIo {
+            stream,
+            activity: Arc::new(Activity {
+                opened: Instant::now(),
+                last_ms: AtomicU64::new(0),
+            }),
+            _permits: permits,
+        }
+    }
+}
+
+impl AsyncRead for CountedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for CountedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -485,7 +936,7 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
     response
 }
 
-fn set_forwarded(req: &mut Request<Incoming>, peer: SocketAddr) {
+fn set_forwarded(req: &mut Request<ClientBody>, peer: SocketAddr) {
     let forwarded_for = match req
         .headers()
         .get("x-forwarded-for")
@@ -528,7 +979,7 @@ pub fn describe_upgrade(protocol: &str, path: &str, peer: SocketAddr) -> String 
 /// connection; on 101 both upgraded connections are spliced together, counted on the upstream
 /// (for the drain) while they last.
 async fn upgrade(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     upstream: &Arc<Upstream>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, String> {
@@ -729,11 +1180,54 @@ mod tests {
         assert_eq!(percentile(&counts, 0.94), 1);
         let stats = Stats::default();
         for _ in 0..19 {
-            stats.record(StatusCode::OK, Duration::from_millis(3));
+            stats.record(Outcome::Answered(StatusCode::OK), Duration::from_millis(3));
         }
-        stats.record(StatusCode::BAD_GATEWAY, Duration::from_millis(400));
+        stats.record(
+            Outcome::Answered(StatusCode::BAD_GATEWAY),
+            Duration::from_millis(400),
+        );
         let snap = stats.snapshot();
         assert_eq!((snap.requests, snap.status_5xx, snap.p95_ms), (20, 1, 5));
         assert!((snap.ratio_5xx() - 0.05).abs() < 1e-9);
+    }
+
+    /// The proxy's own answers to malformed requests used to count as the release's 5xx, so
+    /// anyone could force a rollback (issue 11, 7).
+    #[test]
+    fn only_what_the_release_did_counts_against_it() {
+        assert_eq!(Outcome::of_failure(true), Outcome::ClientError);
+        assert_eq!(Outcome::of_failure(false), Outcome::Unreachable);
+        let stats = Stats::default();
+        for _ in 0..1000 {
+            stats.record(Outcome::ClientError, Duration::from_millis(1));
+        }
+        assert_eq!(stats.snapshot(), StatsSnapshot::default());
+        assert_eq!(stats.client_errors.load(Ordering::Relaxed), 1000);
+        // An unreachable release fails its requests, outside the latency histogram.
+        for _ in 0..19 {
+            stats.record(
+                Outcome::Answered(StatusCode::NOT_FOUND),
+                Duration::from_millis(3),
+            );
+        }
+        stats.record(Outcome::Unreachable, Duration::from_secs(9));
+        let snap = stats.snapshot();
+        assert_eq!((snap.requests, snap.status_5xx, snap.p95_ms), (20, 1, 5));
+        assert_eq!(stats.unreachable.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.status_4xx.load(Ordering::Relaxed), 19);
+    }
+
+    #[test]
+    fn the_fd_budget_leaves_a_reserve() {
+        // The default soft limit: 384 connections (768 descriptors) of 1024.
+        assert_eq!(fd_budget(1024), 384);
+        assert_eq!(fd_budget(4096), 1536);
+        assert_eq!(fd_budget(524_288), 196_608);
+        assert!(2 * fd_budget(20_000) as u64 <= 20_000 * 3 / 4);
+        // Absurdly low limits still serve a few connections.
+        assert_eq!(fd_budget(0), 16);
+        assert_eq!(fd_budget(256), 16);
+        assert_eq!(fd_budget(300), 22);
+        assert_eq!(fd_budget(u64::MAX) as u64, (u64::MAX - u64::MAX / 4) / 2);
     }
 }

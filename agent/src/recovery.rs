@@ -1,6 +1,8 @@
-//! What the agent does on start before it takes new jobs: converge every job a crash (or a
-//! kill) interrupted to exactly one serving release, remove orphan containers, make sure every
-//! live release runs, and bring the app proxies back.
+//! What the agent does on start before it takes new jobs: bring the app proxies back first
+//! (each bound only once its live upstream is known, so the first request is served), then
+//! converge every job a crash (or a kill) interrupted to exactly one serving release, remove
+//! orphan containers and releases beyond `keep_releases`, make sure every live release runs,
+//! and point each proxy at the release that is live in the end.
 //!
 //! The rule for an interrupted job: if traffic had not moved (`switched` is false), the old
 //! release keeps serving and whatever the job created is removed; if it had, the new release
@@ -25,6 +27,11 @@ use crate::store::{JobKind, JobRecord};
 /// Converges interrupted jobs, sweeps every app, restores the proxies. Fails (to be retried)
 /// only when the store or the Docker Engine cannot be used.
 pub async fn recover(ctx: &JobCtx) -> Result<(), String> {
+    // Traffic first, before the slow steps below: every app whose live web container still
+    // runs (a killed agent leaves them running) serves again at once.
+    for app in ctx.store.release_apps().map_err(|e| e.to_string())? {
+        restore_proxy(ctx, &app).await;
+    }
     // The Engine must answer before anything is judged from what it shows.
     ctx.docker
         .list_labelled(deploy::LABEL_APP, "-")
@@ -259,10 +266,11 @@ pub fn interrupted_message(step: &str, did: &[String]) -> String {
     }
 }
 
-/// Removes the app's orphan containers, stops kept releases left running, and makes sure the
-/// live release runs.
+/// Removes the app's orphan containers, stops kept releases left running, removes kept
+/// releases beyond the live spec's `keep_releases` (an interrupted deploy never reached its
+/// prune step), and makes sure the live release runs.
 async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), String> {
-    let table = ctx.store.releases(app).map_err(|e| e.to_string())?;
+    let mut table = ctx.store.releases(app).map_err(|e| e.to_string())?;
     let found = ctx
         .docker
         .list_labelled(deploy::LABEL_APP, app)
@@ -288,18 +296,35 @@ async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), String> {
     for kept in table.iter().filter(|r| r.state == ReleaseState::Kept) {
         stop_all(ctx, kept).await;
     }
+    let keep = releases::live(&table)
+        .and_then(|live| AppSpec::from_toml(&live.spec_toml, "release").ok())
+        .map(|spec| spec.keep_releases as usize);
+    let mut pruned = Vec::new();
+    if let Some(keep) = keep {
+        pruned = deploy::prune(ctx, &mut table, keep).await;
+        if !pruned.is_empty() {
+            ctx.store
+                .put_releases(app, &table)
+                .await
+                .map_err(|e| e.to_string())?;
+            info!(app, keep, removed = %pruned.join(", "), "pruned releases an interrupted deploy left beyond keep_releases");
+        }
+    }
     if let Some(live) = releases::live(&table)
         && let Err(e) = ensure_running(ctx, live).await
     {
         warn!(app, release = %live.version, error = %e, "the live release cannot be started");
     }
-    if !orphans.is_empty() {
+    if !orphans.is_empty() || !pruned.is_empty() {
         report_releases(ctx, app, "recovery").await;
     }
     Ok(())
 }
 
-/// Serves the app's live web release on its public address again.
+/// Serves the app's live web release on its public address: binds the address with the live
+/// container as its upstream, or points the running proxy at it if the live release changed.
+/// Does nothing while the live web container does not run (the sweep starts it; this runs again
+/// after).
 async fn restore_proxy(ctx: &JobCtx, app: &str) {
     let Ok(table) = ctx.store.releases(app) else {
         return;
@@ -315,10 +340,11 @@ async fn restore_proxy(ctx: &JobCtx, app: &str) {
     };
     let Some(web) = spec.web else { return };
     let addr = match ctx.docker.inspect(name).await {
-        Ok(Some(info)) => info
+        Ok(Some(info)) if info.running => info
             .host_port
             .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))),
-        _ => None,
+        // Not running (yet): the sweep starts it, then this runs again.
+        Ok(Some(_)) | Ok(None) | Err(_) => return,
     };
     let Some(addr) = addr else {
         warn!(app, container = %name, "the live web container has no published port; not serving");
@@ -327,11 +353,12 @@ async fn restore_proxy(ctx: &JobCtx, app: &str) {
     match ctx.apps.reserve(app, web.listen).await {
         Ok(reserved) => {
             let serving = matches!(reserved, Reserved::Serving(_));
-            let proxy = ctx.apps.install(app, reserved, &ctx.shutdown);
-            if !serving || proxy.upstream().is_none() {
-                proxy.switch(Upstream::new(addr, &live.version));
+            let upstream = Upstream::new(addr, &live.version);
+            ctx.apps
+                .install_serving(app, reserved, Some(upstream), &ctx.shutdown);
+            if !serving {
+                info!(app, listen = %web.listen, release = %live.version, "serving");
             }
-            info!(app, listen = %web.listen, release = %live.version, "serving");
         }
         Err(e) => warn!(app, error = %e, "cannot serve the live release"),
     }

@@ -3,12 +3,18 @@
 //! moved and it is healthy), removes the job's orphan containers, releases the lock and
 //! reports the job `interrupted` with what it did. And kill -9 in the middle of a validation's
 //! test restore into a scratch database on a real PostgreSQL server: the restarted agent drops
-//! that database and reports what it did.
+//! that database and reports what it did. Around restarts of the real agent: requests through
+//! the app's port never meet a proxy with nothing live, the port answers again quickly, and an
+//! interrupted deploy leaves no more than `keep_releases`. And 1,100 slowloris connections on
+//! a proxy port of a real agent with the usual soft open-file limit of 1024.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use drover_agent::jobevent::{self, field};
 use drover_e2e::deploys::{AppGuard, app_containers, spec, test_repo};
@@ -23,13 +29,30 @@ use drover_proto::v1;
 struct AgentProcess(Child);
 
 impl AgentProcess {
-    fn start(config: &Path, data_dir: &Path, pause_at: Option<&str>, log: &Path) -> AgentProcess {
+    /// Starts `drover-agent run`; with `nofile` ("soft:hard") under that open-file limit
+    /// (`prlimit` execs the agent, so the pid is the agent's).
+    fn start(
+        config: &Path,
+        data_dir: &Path,
+        pause_at: Option<&str>,
+        log: &Path,
+        nofile: Option<&str>,
+    ) -> AgentProcess {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = Command::new(bin("drover-agent"));
+        let mut cmd = match nofile {
+            Some(limits) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={limits}"))
+                    .arg("--")
+                    .arg(bin("drover-agent"));
+                c
+            }
+            None => Command::new(bin("drover-agent")),
+        };
         cmd.args(["run", "--config"])
             .arg(config)
             .arg("--data-dir")
@@ -73,12 +96,19 @@ struct Setup {
     config: PathBuf,
     data: PathBuf,
     log: PathBuf,
+    /// The agent's open-file limit ("soft:hard"), when not the test's own.
+    nofile: Option<&'static str>,
 }
 
 impl Setup {
     /// A controller and a `drover-agent` for `host` enrolled with the real binary into
     /// `dir/agent`, its config written with test timings (not started yet).
     async fn enroll(dir: &Path, host: &str) -> Setup {
+        Setup::enroll_with(dir, host, "").await
+    }
+
+    /// Like [`Setup::enroll`], with `extra` appended to the agent's config.
+    async fn enroll_with(dir: &Path, host: &str, extra: &str) -> Setup {
         let controller = TestController::start(fast_controller_config(&dir.join("c"))).await;
         let data = dir.join("agent");
         let token = controller.token(host).await;
@@ -103,7 +133,7 @@ impl Setup {
             &config,
             format!(
                 "heartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n\
-                 reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n",
+                 reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n{extra}",
                 dir.join("secrets").display()
             ),
         )
@@ -114,14 +144,30 @@ impl Setup {
             config,
             data,
             log: dir.join("agent.log"),
+            nofile: None,
         }
     }
 
+    async fn apply(&self, spec_toml: String) {
+        self.controller
+            .admin()
+            .apply_app(v1::ApplyAppRequest {
+                spec_toml,
+                source: "app.toml".into(),
+            })
+            .await
+            .expect("apply the app");
+    }
+
     async fn deploy(&self, version: &str) -> String {
+        self.deploy_app("crash", version).await
+    }
+
+    async fn deploy_app(&self, app: &str, version: &str) -> String {
         self.controller
             .admin()
             .deploy(v1::DeployRequest {
-                app: "crash".into(),
+                app: app.into(),
                 version: version.into(),
                 hosts: vec![self.host.clone()],
                 ..Default::default()
@@ -149,7 +195,18 @@ impl Setup {
     /// Starts the agent and waits until its new session is up.
     async fn agent(&self, pause_at: Option<&str>) -> AgentProcess {
         let since = drover_agent::unix_ms();
-        let agent = AgentProcess::start(&self.config, &self.data, pause_at, &self.log);
+        let agent = self.spawn(pause_at);
+        self.wait_session(since).await;
+        agent
+    }
+
+    /// Starts the agent without waiting for anything.
+    fn spawn(&self, pause_at: Option<&str>) -> AgentProcess {
+        AgentProcess::start(&self.config, &self.data, pause_at, &self.log, self.nofile)
+    }
+
+    /// Waits until a session opened after `since` (Unix ms) is up.
+    async fn wait_session(&self, since: i64) {
         eventually(
             "the agent's new session",
             Duration::from_secs(30),
@@ -159,7 +216,6 @@ impl Setup {
             },
         )
         .await;
-        agent
     }
 }
 
@@ -381,4 +437,354 @@ async fn kill_9_during_a_test_restore_leaves_no_scratch_database() {
         done.message
     );
     assert_eq!(scratch_dbs(), "", "no scratch database left");
+}
+
+/// What one request through the app's port got, as a short label.
+async fn answer_at(addr: SocketAddr) -> String {
+    match tokio::time::timeout(Duration::from_secs(5), http(addr, "GET", "/")).await {
+        Ok(Ok((200, _))) => "200".into(),
+        Ok(Ok((503, body))) if body.contains("no release is live") => {
+            "503 no release is live".into()
+        }
+        Ok(Ok((status, _))) => status.to_string(),
+        Ok(Err(_)) => "no answer".into(),
+        Err(_) => "no answer within 5s".into(),
+    }
+}
+
+/// Right after a restart the proxy used to answer 503 "no release is live" for a live app, and
+/// the port came back only 1.1-3.5 s after the restart (issue 11, 13). Steady load across five
+/// kill -9 + restarts; prints the port-unanswered time (kill to the first 200) of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_under_load_never_answer_no_release_is_live() {
+    if !docker_available("restarts_under_load_never_answer_no_release_is_live") {
+        return;
+    }
+    init();
+    let app = "restart";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::enroll(dir.path(), "restart-host").await;
+    setup.apply(spec(app, &repo, listen, "")).await;
+    let mut agent = setup.agent(None).await;
+    let job = setup.deploy_app(app, "v1.0.0").await;
+    let done = setup.finished(&job).await;
+    assert_eq!(done.fields[field::RESULT], "succeeded", "{done:?}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, answers) = (stop.clone(), answers.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let label = answer_at(listen).await;
+                    *answers.lock().unwrap().entry(label).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        })
+        .collect();
+
+    let mut gaps = Vec::new();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let since = drover_agent::unix_ms();
+        let killed = Instant::now();
+        agent.kill9();
+        agent = setup.spawn(None);
+        let gap = loop {
+            if answer_at(listen).await == "200" {
+                break killed.elapsed();
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "the port never answered again"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        gaps.push(gap);
+        setup.wait_session(since).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    gaps.sort();
+    eprintln!(
+        "port unanswered across kill -9 + restart: median {:?}, all {gaps:?}; answers {answers:?}",
+        gaps[gaps.len() / 2]
+    );
+    assert_eq!(
+        answers.get("503 no release is live"),
+        None,
+        "a restarted agent answered for a live app that nothing was live: {answers:?}"
+    );
+    assert!(
+        answers.get("200").copied().unwrap_or(0) > 100,
+        "{answers:?}"
+    );
+    assert!(
+        gaps[gaps.len() / 2] < Duration::from_secs(1),
+        "the port answers within a second of a restart: {gaps:?}"
+    );
+}
+
+/// A deploy interrupted after its switch never reached its prune step, so the host kept more
+/// stopped releases than `keep_releases` until the next deploy (issue 11, 13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_deploy_leaves_no_more_than_keep_releases() {
+    if !docker_available("an_interrupted_deploy_leaves_no_more_than_keep_releases") {
+        return;
+    }
+    init();
+    let app = "keep";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0", "v2.0.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::enroll(dir.path(), "keep-host").await;
+    // Slow stoppers: stopping the previous release during recovery takes stop_timeout (2 s),
+    // one of the slow steps the port must not wait for.
+    setup
+        .apply(
+            spec(
+                app,
+                &repo,
+                listen,
+                "keep_releases = 2\n[env]\nIGNORE_SIGTERM = \"1\"\n",
+            )
+            .replace("window = \"1s\"", "window = \"3s\""),
+        )
+        .await;
+    let agent = setup.agent(None).await;
+    for version in ["v1.0.0", "v1.1.0"] {
+        let job = setup.deploy_app(app, version).await;
+        let done = setup.finished(&job).await;
+        assert_eq!(done.fields[field::RESULT], "succeeded", "{done:?}");
+    }
+    assert_eq!(app_containers(app).len(), 2);
+    agent.kill9();
+
+    // Killed in the watch window of a third deploy: traffic had moved.
+    let paused = setup.agent(Some("watch")).await;
+    let job = setup.deploy_app(app, "v2.0.0").await;
+    eventually(
+        "the deploy reaches watch",
+        Duration::from_secs(60),
+        || async { setup.started(&job, "watch").then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    paused.kill9();
+    assert_eq!(
+        app_containers(app).len(),
+        3,
+        "three releases before recovery"
+    );
+
+    // The port answers before recovery has stopped the previous release.
+    let since = drover_agent::unix_ms();
+    let restarted = Instant::now();
+    let _agent = setup.spawn(None);
+    let gap = loop {
+        if answer_at(listen).await == "200" {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    eprintln!("port unanswered after kill -9 + restart, previous release stopping slowly: {gap:?}");
+    assert!(
+        gap < Duration::from_secs(1),
+        "the port answered {gap:?} after the restart, behind recovery's slow steps"
+    );
+    setup.wait_session(since).await;
+    let done = setup.finished(&job).await;
+    assert_eq!(done.fields[field::RESULT], "interrupted", "{done:?}");
+    assert_eq!(done.fields[field::LIVE_VERSION], "v2.0.0", "{done:?}");
+    let containers = eventually(
+        "recovery prunes beyond keep_releases",
+        Duration::from_secs(30),
+        || async { Some(app_containers(app)).filter(|c| c.len() <= 2) },
+    )
+    .await;
+    assert!(
+        containers
+            .iter()
+            .any(|(n, s)| n.contains("v2.0.0") && s == "running")
+            && containers.iter().any(|(n, _)| n.contains("v1.1.0")),
+        "the live release and the rollback target stay: {containers:?}"
+    );
+    let releases = setup
+        .controller
+        .admin()
+        .list_releases(v1::ListReleasesRequest {
+            app: app.into(),
+            host: setup.host.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .releases;
+    let states: Vec<(String, String)> = releases
+        .iter()
+        .map(|r| (r.version.clone(), r.state.clone()))
+        .collect();
+    assert!(
+        states.contains(&("v1.0.0".into(), "removed".into())),
+        "{states:?}"
+    );
+}
+
+/// 1,100 slowloris connections on a proxy port used to stop the app answering, fail backups
+/// ("Too many open files") and make health blame memory and Docker (issue 11, 2). The agent
+/// runs with the usual soft limit of 1024 open files (hard 4096).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_on_a_proxy_port_leaves_the_app_backups_and_health_working() {
+    if !docker_available("slowloris_on_a_proxy_port_leaves_the_app_backups_and_health_working") {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init();
+    let app = "loris";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0"]);
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = Setup::enroll_with(
+        dir.path(),
+        "loris-host",
+        "[proxy]\nheader_timeout = \"20s\"\nidle_timeout = \"20s\"\n",
+    )
+    .await;
+    setup.nofile = Some("1024:4096");
+    setup.apply(spec(app, &repo, listen, "")).await;
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    for i in 0..50 {
+        std::fs::write(files.join(format!("f{i}.txt")), vec![b'x'; 10_000]).unwrap();
+    }
+    setup
+        .controller
+        .apply_target(&format!(
+            "name = \"loris-files\"\n[path]\ndir = \"{}\"\n",
+            files.display()
+        ))
+        .await;
+    let _agent = setup.agent(None).await;
+    let job = setup.deploy_app(app, "v1.0.0").await;
+    let done = setup.finished(&job).await;
+    assert_eq!(done.fields[field::RESULT], "succeeded", "{done:?}");
+
+    // 1,100 connections, each with half a request head, then silence.
+    let opened = Instant::now();
+    let opened_ms = drover_agent::unix_ms();
+    let mut slow = Vec::new();
+    for _ in 0..1100 {
+        let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+
+    // The app still answers through the proxy.
+    for _ in 0..20 {
+        assert_eq!(answer_at(listen).await, "200");
+    }
+    // A backup still works (it needs files, a store and Docker).
+    let backup = setup
+        .controller
+        .admin()
+        .run_backup(v1::RunBackupRequest {
+            target: "loris-files".into(),
+            host: String::new(),
+        })
+        .await
+        .expect("backup accepted")
+        .into_inner();
+    let done = setup.finished(&backup.id).await;
+    assert_eq!(done.fields[field::RESULT], "succeeded", "{done:?}");
+    // Health, sampled while the connections are open, blames nothing and counts them.
+    let report = eventually(
+        "a health report sampled after the connections opened",
+        Duration::from_secs(15),
+        || async {
+            let h = setup.controller.host(&setup.host).await?;
+            let r = h.last_report?;
+            (r.collected_unix_ms > opened_ms + 1000).then_some(r)
+        },
+    )
+    .await;
+    let check = |name: &str| {
+        report
+            .checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no {name} check: {report:?}"))
+            .clone()
+    };
+    for name in ["memory", "docker"] {
+        let c = check(name);
+        assert_eq!(
+            c.status,
+            v1::CheckStatus::Healthy as i32,
+            "{name}: {}",
+            c.reason
+        );
+    }
+    let fds = check("fds");
+    assert_eq!(
+        fds.status,
+        v1::CheckStatus::Healthy as i32,
+        "{}",
+        fds.reason
+    );
+    let open: u64 = fds
+        .reason
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        open > 1100,
+        "the slow connections are counted: {}",
+        fds.reason
+    );
+    assert!(
+        fds.reason.contains("limit 4096"),
+        "the soft limit was raised to the hard one: {}",
+        fds.reason
+    );
+    assert!(
+        opened.elapsed() < Duration::from_secs(18),
+        "checked before the header timeout: {:?}",
+        opened.elapsed()
+    );
+
+    // The header timeout (20 s) closes every slow connection, not before.
+    let mut buf = [0u8; 64];
+    for s in &mut slow {
+        let left = (opened + Duration::from_secs(30)).saturating_duration_since(Instant::now());
+        let closed = matches!(
+            tokio::time::timeout(left, s.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        );
+        assert!(closed, "a slow connection outlived the header timeout");
+    }
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_secs(19) && took < Duration::from_secs(30),
+        "closed at the header timeout: {took:?}"
+    );
+    assert_eq!(answer_at(listen).await, "200");
 }

@@ -33,7 +33,15 @@ async fn health_reports_carry_every_check_and_docker_facts() {
     );
     let report = host.last_report.unwrap();
     let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
-    for expected in ["disk", "memory", "load", "docker", "certificate", "clock"] {
+    for expected in [
+        "disk",
+        "memory",
+        "load",
+        "docker",
+        "certificate",
+        "clock",
+        "fds",
+    ] {
         assert!(
             names.contains(&expected),
             "check {expected} missing from {names:?}"

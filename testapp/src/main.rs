@@ -7,8 +7,11 @@
 //! - `FAIL_HEALTH=1`: `/healthz` answers 503; `FAIL_SMOKE=1`: `/smoke` answers 500
 //! - `ERROR_RATE` (0.0-1.0): that share of `/` requests answers 500; `LATENCY_MS` delays `/`
 //! - `EXIT_AFTER_MS`: the process exits with status 3 after this long
+//! - `IGNORE_SIGTERM=1`: SIGTERM is ignored (a slow stopper: `docker stop` waits its grace period)
 //! - `/ws`: a WebSocket echo, for tests of upgrades through the proxy (`WS_SILENT=1`: it accepts
-//!   the upgrade and messages but never answers); `/headers` lists the request headers it received
+//!   the upgrade and messages but never answers); `/headers` lists the request headers it received;
+//!   `POST /echo` reads the whole body and answers its length (a body that breaks off never gets
+//!   an answer)
 //! - `/slow?ms=N`: answers after N ms (at most 10 minutes), for tests of the drain
 //! - `POST /control/fail-health|heal|errors-on|errors-off|exit`
 //!
@@ -103,6 +106,17 @@ async fn handle(
                 StatusCode::OK,
                 format!("slow {ms}ms version={}\n", app.version),
             )
+        }
+        (Method::POST, "/echo") => {
+            use http_body_util::BodyExt;
+            match req.into_body().collect().await {
+                Ok(body) => text(
+                    StatusCode::OK,
+                    format!("read {} bytes\n", body.to_bytes().len()),
+                ),
+                // The connection from the proxy broke off mid-body: nobody to answer.
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+            }
         }
         (Method::POST, control) if control.starts_with("/control/") => {
             match &control["/control/".len()..] {
@@ -223,15 +237,21 @@ async fn one_off(mode: &str, version: &str) -> ! {
 }
 
 /// Exits on SIGTERM, as a well-behaved app does (as PID 1 in a container, a process that does
-/// not handle SIGTERM ignores it, and `docker stop` waits out its whole grace period).
+/// not handle SIGTERM ignores it, and `docker stop` waits out its whole grace period). With
+/// `IGNORE_SIGTERM=1` it is such a slow stopper: only the SIGKILL after the grace period ends it.
 fn exit_on_sigterm() {
-    tokio::spawn(async {
+    let ignore = env("IGNORE_SIGTERM").is_some();
+    tokio::spawn(async move {
         if let Ok(mut term) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         {
-            term.recv().await;
-            eprintln!("SIGTERM: exiting");
-            std::process::exit(0);
+            while term.recv().await.is_some() {
+                if !ignore {
+                    eprintln!("SIGTERM: exiting");
+                    std::process::exit(0);
+                }
+                eprintln!("SIGTERM: ignored (IGNORE_SIGTERM)");
+            }
         }
     });
 }
