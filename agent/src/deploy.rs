@@ -1172,8 +1172,18 @@ async fn switch_step(
         old: None,
     };
     if let (Some(up), Some(reserved)) = (&switched.new, reserved) {
-        let proxy = ctx.apps.install(&job.app, reserved, &ctx.shutdown);
-        switched.old = proxy.switch(up.clone());
+        let proxy = match reserved {
+            serving @ Reserved::Serving(_) => {
+                let proxy = ctx.apps.install(&job.app, serving, &ctx.shutdown);
+                switched.old = proxy.switch(up.clone());
+                proxy
+            }
+            // A first deploy or a new address: the new proxy serves the new release from its
+            // first connection (never "no release is live").
+            bound => ctx
+                .apps
+                .install_serving(&job.app, bound, Some(up.clone()), &ctx.shutdown),
+        };
         switched.proxy = Some(proxy);
     }
     if let Some(p) = previous {
