@@ -784,6 +784,20 @@ impl AppSpec {
 mod tests {
     use super::*;
 
+    /// Each spec is refused with the one-line error that names its key and says why.
+    fn assert_refused<T: AsRef<str>>(cases: &[(T, &str, &str)]) {
+        for (text, key, why) in cases {
+            let err = AppSpec::from_toml(text.as_ref(), "app.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("invalid config app.toml: key `{key}`: ")),
+                "expected key {key}: {err}"
+            );
+            assert!(err.contains(why), "expected {why:?}: {err}");
+        }
+    }
+
     const MINIMAL: &str =
         "name = \"api\"\nimage = \"acme/api\"\n[web]\nport = 8000\nlisten = \"127.0.0.1:8080\"\n";
 
@@ -1017,16 +1031,7 @@ mod tests {
                 "needs a port",
             ),
         ];
-        for (text, key, why) in cases {
-            let err = AppSpec::from_toml(text, "app.toml")
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.starts_with(&format!("invalid config app.toml: key `{key}`: ")),
-                "expected key {key}: {err}"
-            );
-            assert!(err.contains(why), "expected {why:?}: {err}");
-        }
+        assert_refused(&cases);
         // The dangerous but meant: said so in the spec, and shown by `drover app show`.
         let spec = AppSpec::from_toml(
             &format!(
@@ -1107,16 +1112,7 @@ mod tests {
                 "at most 2048 bytes",
             ),
         ];
-        for (text, key, why) in cases {
-            let err = AppSpec::from_toml(text, "app.toml")
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.starts_with(&format!("invalid config app.toml: key `{key}`: ")),
-                "expected key {key}: {err}"
-            );
-            assert!(err.contains(why), "expected {why:?}: {err}");
-        }
+        assert_refused(&cases);
         let spec = AppSpec::from_toml(
             &format!(
                 "{}[[smoke]]\npath = \"/smoke\"\n",
