@@ -1031,7 +1031,7 @@ mod tests {
                 "needs a port",
             ),
         ];
-        assert_refused(&cases);
+        assert_refused(cases);
         // The dangerous but meant: said so in the spec, and shown by `drover app show`.
         let spec = AppSpec::from_toml(
             &format!(
@@ -1112,7 +1112,7 @@ mod tests {
                 "at most 2048 bytes",
             ),
         ];
-        assert_refused(&cases);
+        assert_refused(cases);
         let spec = AppSpec::from_toml(
             &format!(
                 "{}[[smoke]]\npath = \"/smoke\"\n",
