@@ -457,8 +457,14 @@ mod tests {
                 "max_unauthenticated = 10\nmax_unauthenticated_per_ip = 11",
                 "connections.max_unauthenticated_per_ip",
             ),
-            ("handshake_timeout = \"0s\"", "connections.handshake_timeout"),
-            ("handshake_timeout = \"1h\"", "connections.handshake_timeout"),
+            (
+                "handshake_timeout = \"0s\"",
+                "connections.handshake_timeout",
+            ),
+            (
+                "handshake_timeout = \"1h\"",
+                "connections.handshake_timeout",
+            ),
             (
                 "first_request_timeout = \"10ms\"",
                 "connections.first_request_timeout",

@@ -321,7 +321,7 @@ pub fn admit(peer: &Peer, path: &str) -> Result<(), Status> {
 /// service plus the connection window.
 fn http2_builder(peer: &Peer) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let (streams, stream_window, conn_window, send_buf, header_list) = match peer {
-        Peer::Unauthenticated => (4, 64 * 1024, 64 * 1024, 64 * 1024, 8 * 1024),
+        Peer::Unauthenticated => (2, 64 * 1024, 64 * 1024, 64 * 1024, 8 * 1024),
         Peer::Authenticated(Identity::Agent { .. }) => {
             (8, 1024 * 1024, 2 * 1024 * 1024, 400 * 1024, 16 * 1024)
         }
@@ -393,12 +393,9 @@ async fn idle(mut load: watch::Receiver<Load>, first: Duration, idle: Duration) 
             limit = idle;
             continue;
         }
-        let woke = tokio::time::timeout(
-            limit,
-            load.wait_for(|l| l.open > 0 || l.started != seen),
-        )
-        .await
-        .map(|r| r.is_ok());
+        let woke = tokio::time::timeout(limit, load.wait_for(|l| l.open > 0 || l.started != seen))
+            .await
+            .map(|r| r.is_ok());
         match woke {
             Err(_) => return,
             Ok(false) => return std::future::pending().await,
@@ -582,11 +579,7 @@ async fn connection(port: Arc<Port>, tcp: TcpStream, remote: SocketAddr, _slot: 
     let builder = http2_builder(&peer);
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
-    let idle = idle(
-        load_rx,
-        limits.first_request_timeout,
-        limits.idle_timeout,
-    );
+    let idle = idle(load_rx, limits.first_request_timeout, limits.idle_timeout);
     tokio::pin!(idle);
     let lifetime = async {
         match peer {
@@ -733,7 +726,9 @@ mod tests {
     #[test]
     fn a_connection_without_a_certificate_may_only_enroll() {
         let none = Peer::Unauthenticated;
-        let agent = Peer::Authenticated(Identity::Agent { host: "web-1".into() });
+        let agent = Peer::Authenticated(Identity::Agent {
+            host: "web-1".into(),
+        });
         let viewer = Peer::Authenticated(Identity::Operator {
             name: "vic".into(),
             role: Role::Viewer,
@@ -757,7 +752,11 @@ mod tests {
         assert!(admit(&agent, enroll).is_ok());
         let status = admit(&agent, hosts).unwrap_err();
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
-        assert!(status.message().contains("agent web-1 may not call the operator API"));
+        assert!(
+            status
+                .message()
+                .contains("agent web-1 may not call the operator API")
+        );
         assert!(admit(&viewer, hosts).is_ok());
         assert_eq!(
             admit(&viewer, session).unwrap_err().code(),

@@ -162,10 +162,7 @@ impl RealController {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no exit within 15s of SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "no exit within 15s of SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -197,7 +194,11 @@ fn raise_own_nofile() {
 }
 
 /// A TLS connection to the controller, with the client certificate in `cert` if any.
-async fn tls(addr: &str, ca_pem: &str, cert: Option<&Bundle>) -> std::io::Result<TlsStream<TcpStream>> {
+async fn tls(
+    addr: &str,
+    ca_pem: &str,
+    cert: Option<&Bundle>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let cert = cert.map(|b| ClientCert {
         cert_pem: b.cert_pem.clone(),
         key_pem: b.key_pem.clone(),
@@ -249,7 +250,11 @@ async fn unfinished_message(
     send: &mut h2::client::SendRequest<Bytes>,
     path: &str,
     len: usize,
-) -> (usize, Option<h2::client::ResponseFuture>, Option<h2::SendStream<Bytes>>) {
+) -> (
+    usize,
+    Option<h2::client::ResponseFuture>,
+    Option<h2::SendStream<Bytes>>,
+) {
     let Ok(mut ready) = send.clone().ready().await else {
         return (0, None, None);
     };
@@ -287,7 +292,13 @@ async fn unfinished_message(
 /// after the unauthenticated lifetime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unauthenticated_streams_cannot_exhaust_memory() {
-    let controller = RealController::start(&std::env::var("PORT_DEMO").map(|_| String::new()).unwrap_or_else(|_| "unauthenticated_lifetime = \"5s\"".into()), None).await;
+    let controller = RealController::start(
+        &std::env::var("PORT_DEMO")
+            .map(|_| String::new())
+            .unwrap_or_else(|_| "unauthenticated_lifetime = \"5s\"".into()),
+        None,
+    )
+    .await;
     let before = controller.status_kib("VmRSS");
     let ca = controller.ca_pem();
     let started = Instant::now();
@@ -295,7 +306,9 @@ async fn unauthenticated_streams_cannot_exhaust_memory() {
     let mut connections = Vec::new();
     let mut attackers = Vec::new();
     for c in 0..3 {
-        let stream = tls(&controller.addr, &ca, None).await.expect("TLS without a certificate");
+        let stream = tls(&controller.addr, &ca, None)
+            .await
+            .expect("TLS without a certificate");
         let (send, conn) = h2(stream).await;
         connections.push(conn);
         for s in 0..100 {
@@ -438,7 +451,10 @@ async fn a_thousand_sessions_without_a_certificate_leave_the_cli_working() {
     assert!(took < Duration::from_secs(5), "drover hosts took {took:?}");
     // At most the per-source cap of sessions without a certificate stays open.
     let held = opened.load(Ordering::SeqCst) - closed.load(Ordering::SeqCst);
-    assert!(held <= 64, "{held} sessions without a certificate still open");
+    assert!(
+        held <= 64,
+        "{held} sessions without a certificate still open"
+    );
     let log = controller.log_text();
     assert!(
         log.contains("connection refused: too many connections"),
@@ -476,9 +492,13 @@ async fn slow_handshakes_and_silent_connections_are_closed() {
 
     // A finished handshake (with the admin certificate), then silence: no HTTP/2 preface.
     let started = Instant::now();
-    let mut stream = tls(&controller.addr, &controller.ca_pem(), Some(&controller.admin_bundle()))
-        .await
-        .unwrap();
+    let mut stream = tls(
+        &controller.addr,
+        &controller.ca_pem(),
+        Some(&controller.admin_bundle()),
+    )
+    .await
+    .unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             match stream.read(&mut buf).await {
@@ -508,7 +528,11 @@ async fn response_status(response: h2::client::ResponseFuture) -> (String, Strin
         let _ = body.flow_control().release_capacity(chunk.len());
     }
     let trailers = body.trailers().await.expect("trailers").unwrap_or_default();
-    let all: http::HeaderMap = headers.into_iter().chain(trailers).filter_map(|(k, v)| Some((k?, v))).collect();
+    let all: http::HeaderMap = headers
+        .into_iter()
+        .chain(trailers)
+        .filter_map(|(k, v)| Some((k?, v)))
+        .collect();
     let status = tonic::Status::from_header_map(&all).expect("a grpc-status");
     (
         (status.code() as i32).to_string(),
@@ -527,9 +551,13 @@ async fn idle_connections_are_closed_but_agent_sessions_are_not() {
     let mut agent = ScriptedAgent::connect(&controller.addr, &bundle, "web-1").await;
 
     // An operator connection: one WhoAmI, then nothing.
-    let stream = tls(&controller.addr, &controller.ca_pem(), Some(&controller.admin_bundle()))
-        .await
-        .unwrap();
+    let stream = tls(
+        &controller.addr,
+        &controller.ca_pem(),
+        Some(&controller.admin_bundle()),
+    )
+    .await
+    .unwrap();
     let (send, conn) = h2(stream).await;
     let mut send = send.ready().await.unwrap();
     let (response, mut body) = send
@@ -551,7 +579,9 @@ async fn idle_connections_are_closed_but_agent_sessions_are_not() {
         tokio::time::timeout(Duration::from_secs(15), conn),
         heartbeats
     );
-    closed.expect("the idle operator connection is closed").unwrap();
+    closed
+        .expect("the idle operator connection is closed")
+        .unwrap();
     drop(send);
     // (Measured from the answer: the close came after the idle timeout, not before.)
     let idle_for = Instant::now() - answered;
@@ -601,9 +631,10 @@ async fn requests_are_refused_from_their_headers() {
         let mut send = send.ready().await.unwrap();
         let (response, mut body) = send.send_request(grpc_request(path), false).unwrap();
         body.send_data(prefix(ATTACK_MESSAGE), false).unwrap();
-        let (got, message, _) = tokio::time::timeout(Duration::from_secs(5), response_status(response))
-            .await
-            .unwrap_or_else(|_| panic!("{path}: no answer before the body was sent"));
+        let (got, message, _) =
+            tokio::time::timeout(Duration::from_secs(5), response_status(response))
+                .await
+                .unwrap_or_else(|_| panic!("{path}: no answer before the body was sent"));
         assert_eq!(got, code, "{path}: {message}");
         assert!(message.contains(needle), "{path}: {message}");
         drop(body);
@@ -655,7 +686,10 @@ async fn sigterm_tells_sessions_the_controller_is_shutting_down() {
     assert!(status.success(), "exit {status}");
     for agent in agents {
         let host = agent.host.clone();
-        let end = agent.ended().await.expect_err("the session ends with a status");
+        let end = agent
+            .ended()
+            .await
+            .expect_err("the session ends with a status");
         assert_eq!(end.code(), tonic::Code::Unavailable, "{host}: {end:?}");
         assert!(
             end.message().contains("shutting down"),
