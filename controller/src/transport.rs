@@ -386,8 +386,9 @@ async fn idle(mut load: watch::Receiver<Load>, first: Duration, idle: Duration) 
             (l.open, l.started)
         };
         if open > 0 {
-            // `is_ok` drops the borrow the wait returns: it must not live across an await.
-            if !load.wait_for(|l| l.open == 0).await.is_ok() {
+            // The borrow the wait returns is dropped with the condition: it must not live
+            // across an await.
+            if load.wait_for(|l| l.open == 0).await.is_err() {
                 return std::future::pending().await;
             }
             limit = idle;
