@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use drover_identity::files::Bundle;
 use drover_identity::pki::new_key_and_csr;
-use drover_identity::tls::{ClientCert, Trust, channel, client_config};
+use drover_identity::tls::{ClientCert, Trust, channel, channel_from, client_config};
 use drover_proto::v1;
 use drover_proto::v1::agent_message::Msg as Out;
 use drover_proto::v1::controller_message::Msg as In;
@@ -59,6 +59,11 @@ enum Cmd {
         patience: Duration,
         #[arg(long, default_value = "target/release/drover-controller")]
         controller_bin: PathBuf,
+        /// Loopback source addresses the simulated hosts connect from (127.0.0.1, .2, …), so
+        /// that the controller's per-source caps (`[connections] max_per_ip`, 1,024, and
+        /// `max_unauthenticated_per_ip`, 64) see a fleet of hosts, not one.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=250))]
+        source_addrs: u8,
     },
     /// Zero-downtime deploys and rollbacks under a paced load, with the real controller, agent
     /// and CLI, beside `docker stop; docker run` with the same app and load (needs Docker and
@@ -136,6 +141,7 @@ fn main() {
                         enroll_concurrency,
                         patience,
                         controller_bin,
+                        source_addrs,
                     } => {
                         fleet(FleetOpts {
                             n: agents,
@@ -144,6 +150,7 @@ fn main() {
                             enroll_concurrency,
                             patience,
                             controller_bin,
+                            source_addrs,
                         })
                         .await
                     }
@@ -340,6 +347,46 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// [`start_controller`] under `prlimit --nofile=N:N` (util-linux), as `LimitNOFILE=N` runs it.
+fn start_controller_with_nofile(
+    bin: &Path,
+    data: &Path,
+    addr: &str,
+    log: &Path,
+    nofile: u64,
+) -> Result<Proc> {
+    let data = data.to_str().context("data dir is not UTF-8")?;
+    let bin = bin.to_str().context("controller path is not UTF-8")?;
+    let limit = format!("--nofile={nofile}:{nofile}");
+    Proc::spawn(
+        Path::new("prlimit"),
+        &[
+            &limit,
+            "--",
+            bin,
+            "run",
+            "--data-dir",
+            data,
+            "--listen",
+            addr,
+            "--log-format",
+            "text",
+        ],
+        log,
+    )
+}
+
+/// The soft "Max open files" of a running process (/proc/PID/limits).
+fn nofile_of(pid: u32) -> Result<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse().ok())
+        .context("no Max open files in /proc/PID/limits")
+}
+
 fn start_controller(bin: &Path, data: &Path, addr: &str, log: &Path) -> Result<Proc> {
     let data = data.to_str().context("data dir is not UTF-8")?;
     Proc::spawn(
@@ -452,6 +499,50 @@ struct FleetOpts {
     enroll_concurrency: usize,
     patience: Duration,
     controller_bin: PathBuf,
+    source_addrs: u8,
+}
+
+/// The loopback address simulated host `idx` connects from.
+fn source_addr(idx: usize, addrs: u8) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+        127,
+        0,
+        0,
+        1 + (idx % addrs as usize) as u8,
+    ))
+}
+
+/// The unit the controller runs under in production.
+const CONTROLLER_UNIT: &str = include_str!("../../systemd/drover-controller.service");
+
+/// `LimitNOFILE=` of a systemd unit.
+fn unit_nofile(unit: &str) -> Result<u64> {
+    unit.lines()
+        .find_map(|l| l.trim().strip_prefix("LimitNOFILE="))
+        .context("systemd/drover-controller.service sets no LimitNOFILE")?
+        .trim()
+        .parse()
+        .context("LimitNOFILE= of systemd/drover-controller.service is not a number")
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit and checks there are `need`.
+fn raise_own_nofile(need: u64) -> Result<()> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    );
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if now < need {
+        bail!(
+            "the bench needs {need} file descriptors for its simulated hosts, RLIMIT_NOFILE is {now}: raise `ulimit -n`"
+        );
+    }
+    Ok(())
 }
 
 /// Enrolls `n` hosts `bench-0001`… through the real Enrollment RPC (a token from the operator
@@ -461,6 +552,7 @@ async fn enroll_fleet(
     admin: &Path,
     n: usize,
     concurrency: usize,
+    source_addrs: u8,
 ) -> Result<Vec<(String, Bundle)>> {
     let api = operator(addr, admin)?;
     let ca_pem = Bundle::load(admin)?.ca_pem;
@@ -483,10 +575,11 @@ async fn enroll_fleet(
                     .into_inner()
                     .token;
                 let (key_pem, csr_pem) = new_key_and_csr(&host)?;
-                let mut enroll = v1::enrollment_client::EnrollmentClient::new(channel(
+                let mut enroll = v1::enrollment_client::EnrollmentClient::new(channel_from(
                     &addr,
                     enroll_config,
                     Duration::from_secs(10),
+                    Some(source_addr(i, source_addrs)),
                 )?);
                 let resp = enroll
                     .enroll(v1::EnrollRequest {
@@ -609,6 +702,7 @@ async fn simulated_agent(
     host: String,
     bundle: Bundle,
     board: Arc<Board>,
+    source: std::net::IpAddr,
 ) {
     let config = match client_config(
         &Trust::Ca(bundle.ca_pem.clone()),
@@ -625,7 +719,16 @@ async fn simulated_agent(
     };
     let mut attempt = 0u32;
     loop {
-        let result = session(&addr, idx, &host, config.clone(), &board, &mut attempt).await;
+        let result = session(
+            &addr,
+            idx,
+            &host,
+            config.clone(),
+            &board,
+            &mut attempt,
+            source,
+        )
+        .await;
         if let Err(e) = result {
             *board.last_error[idx].lock().unwrap() = format!("{e:#}");
         }
@@ -647,11 +750,13 @@ async fn session(
     config: rustls::ClientConfig,
     board: &Board,
     attempt: &mut u32,
+    source: std::net::IpAddr,
 ) -> Result<()> {
-    let mut client = v1::agent_service_client::AgentServiceClient::new(channel(
+    let mut client = v1::agent_service_client::AgentServiceClient::new(channel_from(
         addr,
         config,
         Duration::from_secs(10),
+        Some(source),
     )?);
     let (tx, rx) = mpsc::channel(8);
     tx.send(v1::AgentMessage {
@@ -712,18 +817,38 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let admin = data.join("operator/admin");
 
-    let mut controller = start_controller(
+    // The controller runs with the unit's file descriptor limit; this process needs one per
+    // simulated host and some.
+    // Raising a hard limit needs CAP_SYS_RESOURCE (a container may lack it): then the
+    // controller runs with this process's hard limit, a stricter one.
+    let unit = unit_nofile(CONTROLLER_UNIT)?;
+    raise_own_nofile(n as u64 + 512)?;
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX);
+    let nofile = unit.min(hard);
+    if nofile < unit {
+        eprintln!(
+            "this machine's hard RLIMIT_NOFILE is {hard}, below the unit's LimitNOFILE={unit}: the controller runs with {nofile}"
+        );
+    }
+    let mut controller = start_controller_with_nofile(
         &o.controller_bin,
         &data,
         &addr,
         &tmp.path().join("controller-1.log"),
+        nofile,
     )?;
     wait_serving(&mut controller, &addr, &admin).await?;
     let pid = controller.pid();
-    eprintln!("controller pid {pid} serving on {addr}; enrolling {n} hosts");
+    let controller_nofile = nofile_of(pid)?;
+    eprintln!(
+        "controller pid {pid} serving on {addr} with RLIMIT_NOFILE {controller_nofile} (the unit's LimitNOFILE={unit}); enrolling {n} hosts from {} loopback addresses",
+        o.source_addrs
+    );
 
     let t = Instant::now();
-    let fleet = enroll_fleet(&addr, &admin, n, o.enroll_concurrency).await?;
+    let fleet = enroll_fleet(&addr, &admin, n, o.enroll_concurrency, o.source_addrs).await?;
     let enroll_secs = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_baseline = rss_kib(pid)?;
@@ -743,6 +868,7 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
             host,
             bundle,
             board.clone(),
+            source_addr(idx, o.source_addrs),
         ));
     }
     if let Err(e) = board.wait_all(1, &hosts, o.patience).await {
@@ -814,11 +940,12 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
     }
     board.epoch.store(2, Ordering::SeqCst);
     let spawned = board.base.elapsed();
-    let mut controller = start_controller(
+    let mut controller = start_controller_with_nofile(
         &o.controller_bin,
         &data,
         &addr,
         &tmp.path().join("controller-2.log"),
+        nofile,
     )?;
     let accepting = wait_accepting(&mut controller, &addr).await? - board.base;
     if let Err(e) = board.wait_all(2, &hosts, o.patience).await {
@@ -840,7 +967,7 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
     let kib_per_agent_goal = 64.0;
     let reconnect_goal = 10.0;
     let summary = format!(
-        "fleet: {n} simulated agents against one controller ({:?} steady window)\n\
+        "fleet: {n} simulated agents from {} loopback addresses against one controller with RLIMIT_NOFILE {controller_nofile} ({:?} steady window)\n\
          \x20 enroll all ({} at a time)            {enroll_secs:>9.2} s\n\
          \x20 controller RSS, enrolled, no sessions {:>9.1} MiB\n\
          \x20 controller RSS, steady (median)       {:>9.1} MiB  (start {:.1}, end {:.1}, peak {:.1})\n\
@@ -853,6 +980,7 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
          \x20 reconnect all after restart (spawn)   {:>9.2} s    (goal <= {reconnect_goal}: {})\n\
          \x20 reconnect all after accepting         {:>9.2} s\n\
          \x20 bench process: RSS {:.1} MiB, CPU {bench_cpu_pct:.1} % of one core in the window",
+        o.source_addrs,
         o.steady,
         o.enroll_concurrency,
         rss_baseline as f64 / 1024.0,
@@ -882,6 +1010,9 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
     let json = json!({
         "benchmark": "fleet",
         "agents": n,
+        "source_addrs": o.source_addrs,
+        "controller_nofile": controller_nofile,
+        "unit_limit_nofile": unit,
         "steady_window_secs": window,
         "enroll_all_secs": enroll_secs,
         "enroll_concurrency": o.enroll_concurrency,

@@ -25,13 +25,14 @@ pub enum Need {
     OperatorAdmin,
 }
 
+/// What a caller without a client certificate is told.
+pub const NO_CLIENT_CERT: &str = "no client certificate: agents must enroll (`drover-agent enroll`), operators need an identity bundle (`drover --identity DIR`)";
+
 /// Reads and checks the caller's certificate: present, a Drover identity, not revoked.
 pub fn caller<T>(request: &Request<T>, store: &Store) -> Result<Caller, Status> {
-    let certs = request.peer_certs().ok_or_else(|| {
-        Status::unauthenticated(
-            "no client certificate: agents must enroll (`drover-agent enroll`), operators need an identity bundle (`drover --identity DIR`)",
-        )
-    })?;
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated(NO_CLIENT_CERT))?;
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;

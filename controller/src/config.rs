@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use drover_agent::daemon::{
-    ConfigError, LogFormat, check_duration, duration_str, parse_toml, read_toml_file,
+    ConfigError, LogFormat, check_count, check_duration, duration_str, parse_toml, read_toml_file,
 };
 use serde::Deserialize;
 
@@ -45,6 +45,8 @@ pub struct ControllerConfig {
     #[serde(with = "duration_str")]
     pub alert_resend: Duration,
     pub notify: NotifyConfig,
+    /// `[connections]`: caps and timeouts on the controller port.
+    pub connections: ConnectionsConfig,
     #[serde(skip)]
     pub source: String,
 }
@@ -67,8 +69,112 @@ impl Default for ControllerConfig {
             alerts_every: Duration::from_secs(30),
             alert_resend: crate::alerts::DEFAULT_RESEND,
             notify: NotifyConfig::default(),
+            connections: ConnectionsConfig::default(),
             source: "(defaults)".into(),
         }
+    }
+}
+
+/// Caps and timeouts on the controller port (`[connections]`). Every connection is a file
+/// descriptor: at start the controller lowers `max` to fit its RLIMIT_NOFILE (and says so).
+/// A connection without a client certificate (an agent enrolling) may only call Enrollment
+/// and lives at most `unauthenticated_lifetime`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsConfig {
+    /// Connections open at once, of every kind (handshakes in progress included).
+    pub max: u64,
+    /// Connections open at once from one source: an IPv4 address or an IPv6 /64.
+    pub max_per_ip: u64,
+    /// TLS sessions without a client certificate open at once.
+    pub max_unauthenticated: u64,
+    /// TLS sessions without a client certificate open at once from one source.
+    pub max_unauthenticated_per_ip: u64,
+    /// A TLS handshake not finished by then is closed.
+    #[serde(with = "duration_str")]
+    pub handshake_timeout: Duration,
+    /// After the handshake, the first request's headers must arrive by then.
+    #[serde(with = "duration_str")]
+    pub first_request_timeout: Duration,
+    /// A connection with no request open for this long is closed (an agent's session is a
+    /// request open for as long as the agent is connected).
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// The longest a connection without a client certificate stays open.
+    #[serde(with = "duration_str")]
+    pub unauthenticated_lifetime: Duration,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            max: 16_384,
+            max_per_ip: 1024,
+            max_unauthenticated: 512,
+            max_unauthenticated_per_ip: 64,
+            handshake_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            unauthenticated_lifetime: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The most connections `[connections] max` may ask for.
+pub const MAX_CONNECTIONS: u64 = 1 << 20;
+
+impl ConnectionsConfig {
+    /// Checks every key against its range: `Err((key, message))`.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        for (key, value, min, max) in [
+            ("connections.max", self.max, 16, MAX_CONNECTIONS),
+            ("connections.max_per_ip", self.max_per_ip, 1, self.max),
+            (
+                "connections.max_unauthenticated",
+                self.max_unauthenticated,
+                1,
+                self.max,
+            ),
+            (
+                "connections.max_unauthenticated_per_ip",
+                self.max_unauthenticated_per_ip,
+                1,
+                self.max_unauthenticated.min(self.max_per_ip),
+            ),
+        ] {
+            check_count(value, min, max).map_err(|m| (key, m))?;
+        }
+        for (key, value, min, max) in [
+            (
+                "connections.handshake_timeout",
+                self.handshake_timeout,
+                ms(100),
+                secs(300),
+            ),
+            (
+                "connections.first_request_timeout",
+                self.first_request_timeout,
+                ms(100),
+                secs(300),
+            ),
+            (
+                "connections.idle_timeout",
+                self.idle_timeout,
+                secs(1),
+                secs(86_400),
+            ),
+            (
+                "connections.unauthenticated_lifetime",
+                self.unauthenticated_lifetime,
+                secs(1),
+                secs(3600),
+            ),
+        ] {
+            check_duration(value, min, max).map_err(|m| (key, m))?;
+        }
+        Ok(())
     }
 }
 
@@ -291,6 +397,9 @@ impl ControllerConfig {
         if self.alert_resend.is_zero() {
             return Err(invalid("alert_resend", "must be more than 0s"));
         }
+        if let Err((key, message)) = self.connections.check() {
+            return Err(invalid(key, &message));
+        }
         if let Err((key, message)) = crate::notify::check_webhooks(&self.notify.webhook) {
             return Err(invalid(key, &message));
         }
@@ -327,6 +436,71 @@ mod tests {
         assert_eq!(config.alerts_every, Duration::from_secs(30));
         assert_eq!(config.alert_resend, Duration::from_secs(4 * 3600));
         assert!(config.notify.webhook.is_empty());
+        assert_eq!(config.connections, ConnectionsConfig::default());
+    }
+
+    /// `[connections]` (issue 11, item 2): every cap and timeout has a range, refused naming
+    /// the key; a per-source cap may not exceed its total.
+    #[test]
+    fn connection_caps_and_timeouts_are_bounded() {
+        for (text, key) in [
+            ("max = 0", "connections.max"),
+            ("max = 2000000", "connections.max"),
+            ("max_per_ip = 0", "connections.max_per_ip"),
+            ("max = 100\nmax_per_ip = 101", "connections.max_per_ip"),
+            ("max_unauthenticated = 0", "connections.max_unauthenticated"),
+            (
+                "max = 100\nmax_per_ip = 100\nmax_unauthenticated = 101",
+                "connections.max_unauthenticated",
+            ),
+            (
+                "max_unauthenticated = 10\nmax_unauthenticated_per_ip = 11",
+                "connections.max_unauthenticated_per_ip",
+            ),
+            (
+                "handshake_timeout = \"0s\"",
+                "connections.handshake_timeout",
+            ),
+            (
+                "handshake_timeout = \"1h\"",
+                "connections.handshake_timeout",
+            ),
+            (
+                "first_request_timeout = \"10ms\"",
+                "connections.first_request_timeout",
+            ),
+            ("idle_timeout = \"100000000y\"", "connections.idle_timeout"),
+            ("idle_timeout = \"0s\"", "connections.idle_timeout"),
+            (
+                "unauthenticated_lifetime = \"2h\"",
+                "connections.unauthenticated_lifetime",
+            ),
+        ] {
+            let err = ControllerConfig::from_toml(&format!("[connections]\n{text}"), "c.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("invalid config c.toml: key `{key}`: ")),
+                "{text}: {err}"
+            );
+            assert!(err.contains("out of range"), "{err}");
+        }
+        let err = ControllerConfig::from_toml("[connections]\nmax_connections = 5", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_connections"), "{err}");
+        let config = ControllerConfig::from_toml(
+            "[connections]\nmax = 100\nmax_per_ip = 100\nmax_unauthenticated = 10\n\
+             max_unauthenticated_per_ip = 10\nhandshake_timeout = \"500ms\"\n\
+             idle_timeout = \"1s\"\nunauthenticated_lifetime = \"1h\"",
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(config.connections.max, 100);
+        assert_eq!(
+            config.connections.handshake_timeout,
+            Duration::from_millis(500)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The Drover controller: the control plane agents connect out to, and the operator CLI.
 //!
 //! `server` opens the data dir and serves `enrollment`, `sessions` (AgentService) and
-//! `operator` (OperatorService) over mTLS; `auth` decides who may call what; `operators` records operator certificates and keeps the
+//! `operator` (OperatorService) over mTLS through `transport` (the accept loop: connection caps,
+//! handshake, first-request and idle timeouts, what a connection without a certificate may do); `auth` decides who may call what; `operators` records operator certificates and keeps the
 //! admin bundle valid; `store` is the
 //! only module that touches sled; `jobs` and `selection` are the pure rules of deploy and
 //! rollback jobs; `schedule` the pure scheduling rules and `scheduler` the task that
@@ -29,6 +30,7 @@ pub mod selection;
 pub mod server;
 pub mod sessions;
 pub mod store;
+pub mod transport;
 
 pub use config::ControllerConfig;
 pub use error::ControllerError;

@@ -1,5 +1,6 @@
 //! The controller daemon's core: open the data dir (CA, admin bundle, store), then serve the
-//! three gRPC services over mTLS on a listener it is given, until a shutdown token fires.
+//! three gRPC services over mTLS on a listener it is given (through `transport`, which owns the
+//! connections and their limits), until a shutdown token fires.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,9 +10,8 @@ use drover_identity::pki::Ca;
 use drover_proto::v1;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::service::Routes;
 use tracing::info;
 
 use crate::ControllerError;
@@ -137,36 +137,37 @@ impl Controller {
         shutdown: CancellationToken,
     ) -> Result<(), ControllerError> {
         let shared = self.shared.clone();
-        let tls = ServerTlsConfig::new()
-            .identity(TlsIdentity::from_pem(
-                &self.server_chain_pem,
-                &self.server_key_pem,
-            ))
-            .client_ca_root(Certificate::from_pem(shared.ca.cert_pem()))
-            // Enrollment has no client certificate yet; every other RPC checks for one.
-            .client_auth_optional(true)
-            .timeout(Duration::from_secs(10));
+        let tls = drover_identity::tls::server_config(
+            &self.server_chain_pem,
+            &self.server_key_pem,
+            shared.ca.cert_pem(),
+        )
+        .map_err(|e| ControllerError::Tls(e.to_string()))?;
+        let nofile = crate::transport::raise_nofile();
+        let (limits, note) = crate::transport::fit_to_nofile(&shared.config.connections, nofile)
+            .map_err(ControllerError::Io)?;
+        crate::transport::log_limits(&limits, nofile, note.as_deref());
         let addr = listener
             .local_addr()
             .map_err(|e| ControllerError::Io(e.to_string()))?;
-        let router = Server::builder()
-            .tls_config(tls)
-            .map_err(|e| ControllerError::Tls(e.to_string()))?
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(v1::enrollment_server::EnrollmentServer::new(
-                EnrollmentApi::new(shared.clone()),
-            ))
-            .add_service(v1::agent_service_server::AgentServiceServer::new(
-                AgentApi {
-                    shared: shared.clone(),
-                },
-            ))
-            .add_service(v1::operator_service_server::OperatorServiceServer::new(
-                OperatorApi {
-                    shared: shared.clone(),
-                },
-            ));
+        // Each service reads messages of at most the size it needs.
+        let routes = Routes::new(
+            v1::enrollment_server::EnrollmentServer::new(EnrollmentApi::new(shared.clone()))
+                .max_decoding_message_size(crate::transport::ENROLLMENT_MAX_MESSAGE),
+        )
+        .add_service(
+            v1::agent_service_server::AgentServiceServer::new(AgentApi {
+                shared: shared.clone(),
+            })
+            .max_decoding_message_size(crate::transport::SESSION_MAX_MESSAGE),
+        )
+        .add_service(
+            v1::operator_service_server::OperatorServiceServer::new(OperatorApi {
+                shared: shared.clone(),
+            })
+            .max_decoding_message_size(crate::transport::OPERATOR_MAX_MESSAGE),
+        )
+        .prepare();
         // Targets applied before their `[schedule]` was read (or before an upgrade) get the
         // schedules it asks for.
         let synced = crate::scheduler::sync_all_targets(&shared, now_ms())?;
@@ -193,27 +194,27 @@ impl Controller {
         }
         // And the task that keeps the admin bundle valid.
         tokio::spawn(crate::operators::keep_admin_bundle(shared.clone()));
+        // The one shutdown path: the caller's token ends agent sessions (long-lived streams
+        // that would hold a graceful close open forever) and stops the transport, which closes
+        // every connection and returns once their tasks are done.
         let signal_shared = shared.clone();
-        let signal = async move {
+        let sessions_closed = tokio::spawn(async move {
             shutdown.cancelled().await;
-            // Long-lived agent streams would hold a graceful shutdown open forever: end them.
             signal_shared.shutdown.cancel();
             signal_shared.registry.close_all();
-        };
-        let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
-        tokio::pin!(serve);
-        let result = tokio::select! {
-            r = &mut serve => r,
-            _ = async {
-                shared.shutdown.cancelled().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {
-                tracing::warn!("connections still open after the grace period; closing them");
-                Ok(())
-            }
-        };
+        });
+        crate::transport::serve(
+            listener,
+            Arc::new(tls),
+            routes,
+            limits,
+            shared.shutdown.clone(),
+            SHUTDOWN_GRACE,
+        )
+        .await;
+        sessions_closed.abort();
         shared.store.flush().await?;
         info!("controller stopped");
-        result.map_err(|e| ControllerError::Tls(e.to_string()))
+        Ok(())
     }
 }

@@ -243,8 +243,10 @@ async fn drive(
     }
     let end = loop {
         let first = tokio::select! {
+            // Shutdown first: it also closes every session's token.
+            biased;
+            _ = shared.shutdown.cancelled() => break Some(shutting_down()),
             _ = cancel.cancelled() => break closing_status(&shared, &host),
-            _ = shared.shutdown.cancelled() => break Some(Status::unavailable("controller shutting down")),
             msg = inbound.message() => msg,
         };
         let first = match first {
@@ -282,7 +284,17 @@ async fn drive(
     }
 }
 
+/// What a session is told when the controller stops.
+fn shutting_down() -> Status {
+    Status::unavailable("the controller is shutting down; the agent reconnects when it is back")
+}
+
+/// Why a session's token was cancelled: the host revoked, the controller shutting down (its
+/// shutdown closes every session), or a newer session of the same host.
 fn closing_status(shared: &Shared, host: &str) -> Option<Status> {
+    if shared.shutdown.is_cancelled() {
+        return Some(shutting_down());
+    }
     let revoked = shared
         .store
         .host(host)

@@ -868,6 +868,21 @@ impl ScriptedAgent {
             .await;
     }
 
+    /// Reads until the controller ends the session: `Err` with the status it ended it with,
+    /// `Ok` for a plain end of stream.
+    pub async fn ended(mut self) -> Result<(), tonic::Status> {
+        loop {
+            let next = tokio::time::timeout(SCRIPT_PATIENCE, self.rx.message())
+                .await
+                .unwrap_or_else(|_| panic!("{}: the session did not end within 10s", self.host));
+            match next {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
     /// Ends the session (the agent goes away).
     pub fn close(self) {
         drop(self);

@@ -347,8 +347,11 @@ async fn reenrollment_is_refused_without_the_key_for_old_serials_revoked_hosts_a
     // Garbage and oversized input are refused without a certificate.
     let status = reenroll("not a certificate", &csr).await.unwrap_err();
     assert_ne!(status.code(), tonic::Code::Ok);
-    let status = reenroll(&"A".repeat(64 * 1024), &csr).await.unwrap_err();
+    let status = reenroll(&"A".repeat(20 * 1024), &csr).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    // Beyond what Enrollment reads at all, the message is refused from its length.
+    let status = reenroll(&"A".repeat(64 * 1024), &csr).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
     controller.stop().await;
 }
 

@@ -108,6 +108,38 @@ pub fn client_config(trust: &Trust, cert: Option<&ClientCert>) -> Result<ClientC
     Ok(config)
 }
 
+/// The controller's rustls server configuration: its chain and key, client certificates
+/// optional (enrollment has none yet) but verified against the Drover CA when given, HTTP/2
+/// only.
+pub fn server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> Result<rustls::ServerConfig, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for ca in certs_from_pem(ca_pem)? {
+        roots
+            .add(ca)
+            .map_err(|e| Error::Tls(format!("bad CA certificate: {e}")))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs_from_pem(chain_pem)?, key_from_pem(key_pem)?)
+        .map_err(|e| Error::Tls(format!("server certificate and key do not match: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
 /// Normalises a controller address (`host:port`, `https://host:port`) to `host:port`.
 pub fn controller_authority(addr: &str) -> Result<String, Error> {
     let trimmed = addr
@@ -138,6 +170,17 @@ pub fn channel(
     config: ClientConfig,
     connect_timeout: Duration,
 ) -> Result<Channel, Error> {
+    channel_from(addr, config, connect_timeout, None)
+}
+
+/// [`channel`], its connections made from the local address `source` when given (a benchmark
+/// spreading simulated hosts over loopback addresses).
+pub fn channel_from(
+    addr: &str,
+    config: ClientConfig,
+    connect_timeout: Duration,
+    source: Option<std::net::IpAddr>,
+) -> Result<Channel, Error> {
     let authority = controller_authority(addr)?;
     // The scheme here is only for tonic's bookkeeping: the connector below does the TLS.
     let endpoint = Endpoint::from_shared(format!("http://{authority}"))
@@ -159,13 +202,32 @@ pub fn channel(
                 .authority()
                 .map(|a| a.to_string())
                 .ok_or_else(|| io::Error::other("no authority in controller URI"))?;
-            let tcp = TcpStream::connect(authority).await?;
+            let tcp = match source {
+                None => TcpStream::connect(authority).await?,
+                Some(source) => connect_from(source, &authority).await?,
+            };
             tcp.set_nodelay(true)?;
             let tls = connector.connect(server_name, tcp).await?;
             Ok::<_, io::Error>(TokioIo::new(tls))
         }
     });
     Ok(endpoint.connect_with_connector_lazy(make))
+}
+
+async fn connect_from(source: std::net::IpAddr, authority: &str) -> io::Result<TcpStream> {
+    let mut last = io::Error::other(format!("{authority} resolves to no address"));
+    for addr in tokio::net::lookup_host(authority).await? {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(std::net::SocketAddr::new(source, 0))?;
+        match socket.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Accepts a server chain only if it contains the CA with the pinned fingerprint and the leaf
