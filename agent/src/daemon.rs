@@ -217,7 +217,15 @@ pub fn locate(
     if let Some(table) = header(line) {
         return (
             Some(line_no),
-            Some(named.map_or(table.clone(), |k| format!("{table}.{k}"))),
+            // The error may be about the table itself (`unknown field `connections`` for
+            // `[connections]`) or about a key inside it.
+            Some(named.map_or(table.clone(), |k| {
+                if table == k || table.ends_with(&format!(".{k}")) {
+                    table.clone()
+                } else {
+                    format!("{table}.{k}")
+                }
+            })),
         );
     }
     let table = text.lines().take(line_no - 1).filter_map(header).last();
@@ -355,6 +363,11 @@ mod tests {
             (
                 "name = \"api\"\n[watch]\nwindow = \"1s\"\nextra = true\n",
                 "invalid config file api.toml, line 4, key `watch.extra`: unknown field `extra`",
+            ),
+            // An unknown table is named once, not as `extra.extra`.
+            (
+                "name = \"api\"\n[extra]\nx = 1\n",
+                "invalid config file api.toml, line 2, key `extra`: unknown field `extra`",
             ),
             (
                 "# an app\nname = \"api\n",
