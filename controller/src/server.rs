@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::ControllerError;
 use crate::alerting::Alerting;
@@ -176,9 +176,12 @@ impl Controller {
             info!(changes = ?synced, "target schedules synced at start");
         }
         info!(listen = %addr, "controller serving");
+        // Background tasks, tracked: they stop on the same token and are joined before the
+        // final flush, so no tick is half-way through a write when the store is flushed.
+        let mut background = tokio::task::JoinSet::new();
         // The scheduler stops with everything else, on the same token.
         if !shared.config.scheduler_tick.is_zero() {
-            tokio::spawn(Scheduler::new(shared.clone()).run(
+            background.spawn(Scheduler::new(shared.clone()).run(
                 now_ms,
                 shared.config.scheduler_tick,
                 shared.shutdown.clone(),
@@ -186,14 +189,14 @@ impl Controller {
         }
         // So does the alert task.
         if !shared.config.alerts_every.is_zero() {
-            tokio::spawn(Alerting::new(shared.clone()).run(
+            background.spawn(Alerting::new(shared.clone()).run(
                 now_ms,
                 shared.config.alerts_every,
                 shared.shutdown.clone(),
             ));
         }
         // And the task that keeps the admin bundle valid.
-        tokio::spawn(crate::operators::keep_admin_bundle(shared.clone()));
+        background.spawn(crate::operators::keep_admin_bundle(shared.clone()));
         // The one shutdown path: the caller's token ends agent sessions (long-lived streams
         // that would hold a graceful close open forever) and stops the transport, which closes
         // every connection and returns once their tasks are done.
@@ -213,6 +216,20 @@ impl Controller {
         )
         .await;
         sessions_closed.abort();
+        // The transport returned: the token is cancelled, so each task ends after the tick it
+        // is in. One that does not within the grace is aborted (and said so).
+        shared.shutdown.cancel();
+        let joined = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            warn!(
+                left = background.len(),
+                "background tasks did not end within the shutdown grace; aborted"
+            );
+            background.shutdown().await;
+        }
         shared.store.flush().await?;
         info!("controller stopped");
         Ok(())

@@ -5,7 +5,8 @@
 //! resume, schedules kept across a controller restart, a one-off deploy (`--at`) firing once,
 //! a verify schedule dispatching a verify job, and a target's `[schedule]` table kept in step
 //! through the `drover` binary (override, turn off, pause kept, refusals, schedules of targets
-//! stored before the table existed filled in at start).
+//! stored before the table existed filled in at start), and that the scheduler, alert and
+//! admin-bundle tasks are joined before the controller returns.
 
 use drover_controller::scheduler::{Fired, Scheduler};
 use drover_controller::store::{ScheduleKind, ScheduleRecord, Store};
@@ -487,4 +488,28 @@ async fn a_targets_schedule_table_is_kept_in_step_through_the_cli() {
         true
     );
     controller.stop().await;
+}
+
+/// The scheduler, alert and admin-bundle tasks run on their own clocks and are joined before
+/// the final flush on shutdown: once `serve` returns, nothing holds the controller's state
+/// (a task left running could still write to the store after its last flush).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_tasks_are_joined_before_the_controller_returns() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = drover_controller::config::ControllerConfig {
+        scheduler_tick: std::time::Duration::from_millis(20),
+        alerts_every: std::time::Duration::from_millis(20),
+        ..fast_controller_config(&tmp.path().join("ctl"))
+    };
+    let controller = TestController::start(config).await;
+    controller.apply_example_app().await;
+    let shared = controller.shared.clone();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    controller.stop().await;
+    assert_eq!(
+        std::sync::Arc::strong_count(&shared),
+        1,
+        "a task still holds the controller's state after serve returned"
+    );
 }
