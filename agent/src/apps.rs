@@ -40,6 +40,8 @@ pub struct Traffic {
 pub struct Apps {
     served: Mutex<HashMap<String, Served>>,
     limits: ConnLimits,
+    /// Each proxy's accept loop is a part of the daemon the watchdog checks.
+    liveness: crate::daemon::Liveness,
 }
 
 impl std::fmt::Debug for Apps {
@@ -54,7 +56,14 @@ impl Apps {
         Apps {
             served: Mutex::default(),
             limits,
+            liveness: crate::daemon::Liveness::default(),
         }
+    }
+
+    /// Registers each proxy's accept loop with `liveness` (the daemon's watchdog check).
+    pub fn with_liveness(mut self, liveness: crate::daemon::Liveness) -> Apps {
+        self.liveness = liveness;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
@@ -123,7 +132,11 @@ impl Apps {
                     proxy.switch(first);
                 }
                 let stop = shutdown.child_token();
-                tokio::spawn(proxy.clone().serve(listener, stop.clone()));
+                let part = self.liveness.part(format!("proxy of {app} on {listen}"));
+                tokio::spawn(crate::daemon::tracked(
+                    part,
+                    proxy.clone().serve(listener, stop.clone()),
+                ));
                 let old = self.lock().insert(
                     app.to_string(),
                     Served {

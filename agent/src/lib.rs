@@ -120,6 +120,7 @@ pub struct Agent {
     queue: jobs::JobQueue,
     commands: tokio::sync::mpsc::UnboundedReceiver<jobs::Work>,
     redactor: redact::Redactor,
+    liveness: daemon::Liveness,
 }
 
 impl std::fmt::Debug for Agent {
@@ -156,6 +157,7 @@ impl Agent {
             queue,
             commands,
             redactor: redact::Redactor::default(),
+            liveness: daemon::Liveness::default(),
         })
     }
 
@@ -187,6 +189,12 @@ impl Agent {
         self.status.subscribe()
     }
 
+    /// The parts the daemon's watchdog checks: the session loop, the job runner, the health
+    /// sampler and each app proxy's accept loop, registered by [`Agent::run`].
+    pub fn liveness(&self) -> daemon::Liveness {
+        self.liveness.clone()
+    }
+
     /// Runs until `shutdown` is cancelled: the job runner (which first converges what a crash
     /// interrupted and brings the app proxies back), the health sampler and the controller
     /// session. Ends early, with the error, when the session can never come back (an expired
@@ -212,20 +220,28 @@ impl Agent {
             redactor: self.redactor.clone(),
             cancels: jobs::Cancels::default(),
             docker: docker::connect(&self.config.docker_socket),
-            apps: apps::Apps::new(self.config.proxy.limits(budget)),
+            apps: apps::Apps::new(self.config.proxy.limits(budget))
+                .with_liveness(self.liveness.clone()),
             secrets_dir: self.config.secrets_dir.clone(),
             backups_dir: self.config.data_dir.join("backups"),
             shutdown: shutdown.clone(),
             lock_lease: self.config.lock_lease,
         });
-        let runner = tokio::spawn(jobs::run(jobs_ctx.clone(), self.commands));
-        let (facts_tx, facts_rx) = watch::channel(None::<HostFacts>);
-        let sampler = tokio::spawn(sample_health(
-            jobs_ctx.clone(),
-            self.config.health_sample_interval,
-            facts_tx,
-            shutdown.clone(),
+        let runner = tokio::spawn(daemon::tracked(
+            self.liveness.part("job runner"),
+            jobs::run(jobs_ctx.clone(), self.commands),
         ));
+        let (facts_tx, facts_rx) = watch::channel(None::<HostFacts>);
+        let sampler = tokio::spawn(daemon::tracked(
+            self.liveness.part("health sampler"),
+            sample_health(
+                jobs_ctx.clone(),
+                self.config.health_sample_interval,
+                facts_tx,
+                shutdown.clone(),
+            ),
+        ));
+        let session_part = self.liveness.part("controller session loop");
         let ctx = session::SessionCtx {
             config: self.config,
             paths: self.paths,
@@ -236,7 +252,7 @@ impl Agent {
             facts: facts_rx,
             jobs: self.queue,
         };
-        let result = session::run(ctx, shutdown.clone()).await;
+        let result = daemon::tracked(session_part, session::run(ctx, shutdown.clone())).await;
         shutdown.cancel();
         for (name, task) in [("health sampler", sampler), ("job runner", runner)] {
             if let Err(err) = task.await {

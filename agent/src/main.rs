@@ -119,7 +119,13 @@ async fn run(args: Args) -> Result<()> {
             let shutdown = daemon::shutdown_on_signals().context("installing signal handlers")?;
             let agent = Agent::open(cfg)?.with_redactor(redactor);
             daemon::notify_ready();
-            daemon::spawn_watchdog(shutdown.clone(), || true);
+            // Pinged while the session loop, the job runner, the health sampler and every
+            // proxy's accept loop run (and the runtime runs this task).
+            let liveness = agent.liveness();
+            daemon::spawn_watchdog(shutdown.clone(), move || {
+                let check = liveness.check();
+                async move { check }
+            });
             let result = agent.run(shutdown).await;
             daemon::notify_stopping();
             result?;

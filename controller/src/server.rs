@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use drover_agent::daemon::tracked;
 use drover_identity::pki::Ca;
 use drover_proto::v1;
 use tokio::net::TcpListener;
@@ -77,6 +78,7 @@ pub struct Controller {
     shared: Arc<Shared>,
     server_chain_pem: String,
     server_key_pem: String,
+    liveness: drover_agent::daemon::Liveness,
 }
 
 /// Where the controller keeps things under its data dir.
@@ -122,11 +124,18 @@ impl Controller {
             }),
             server_chain_pem,
             server_key_pem,
+            liveness: Default::default(),
         })
     }
 
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
+    }
+
+    /// The parts the daemon's watchdog checks: the accept loop of the port and the scheduler,
+    /// alert and admin-bundle tasks, registered by [`Controller::serve`].
+    pub fn liveness(&self) -> drover_agent::daemon::Liveness {
+        self.liveness.clone()
     }
 
     /// Serves on `listener` until `shutdown` is cancelled, then closes agent sessions and
@@ -181,22 +190,31 @@ impl Controller {
         let mut background = tokio::task::JoinSet::new();
         // The scheduler stops with everything else, on the same token.
         if !shared.config.scheduler_tick.is_zero() {
-            background.spawn(Scheduler::new(shared.clone()).run(
-                now_ms,
-                shared.config.scheduler_tick,
-                shared.shutdown.clone(),
+            background.spawn(tracked(
+                self.liveness.part("scheduler"),
+                Scheduler::new(shared.clone()).run(
+                    now_ms,
+                    shared.config.scheduler_tick,
+                    shared.shutdown.clone(),
+                ),
             ));
         }
         // So does the alert task.
         if !shared.config.alerts_every.is_zero() {
-            background.spawn(Alerting::new(shared.clone()).run(
-                now_ms,
-                shared.config.alerts_every,
-                shared.shutdown.clone(),
+            background.spawn(tracked(
+                self.liveness.part("alert task"),
+                Alerting::new(shared.clone()).run(
+                    now_ms,
+                    shared.config.alerts_every,
+                    shared.shutdown.clone(),
+                ),
             ));
         }
         // And the task that keeps the admin bundle valid.
-        background.spawn(crate::operators::keep_admin_bundle(shared.clone()));
+        background.spawn(tracked(
+            self.liveness.part("admin bundle renewal"),
+            crate::operators::keep_admin_bundle(shared.clone()),
+        ));
         // The one shutdown path: the caller's token ends agent sessions (long-lived streams
         // that would hold a graceful close open forever) and stops the transport, which closes
         // every connection and returns once their tasks are done.
@@ -206,13 +224,16 @@ impl Controller {
             signal_shared.shutdown.cancel();
             signal_shared.registry.close_all();
         });
-        crate::transport::serve(
-            listener,
-            Arc::new(tls),
-            routes,
-            limits,
-            shared.shutdown.clone(),
-            SHUTDOWN_GRACE,
+        tracked(
+            self.liveness.part("controller port"),
+            crate::transport::serve(
+                listener,
+                Arc::new(tls),
+                routes,
+                limits,
+                shared.shutdown.clone(),
+                SHUTDOWN_GRACE,
+            ),
         )
         .await;
         sessions_closed.abort();

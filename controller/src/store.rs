@@ -21,6 +21,8 @@ use crate::jobs::JobRecord;
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &[u8] = b"schema_version";
+/// The time of the watchdog's last write (`Store::probe_writable`).
+const KEY_WATCHDOG: &[u8] = b"watchdog_probe_unix_ms";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -470,6 +472,12 @@ impl Store {
             .await
             .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
         Ok(())
+    }
+
+    /// Writes and flushes a marker: the watchdog's proof that the store still takes writes.
+    pub async fn probe_writable(&self, now_ms: i64) -> Result<(), StoreError> {
+        self.meta.insert(KEY_WATCHDOG, &now_ms.to_be_bytes())?;
+        self.flush().await
     }
 
     /// [`Store::flush`] for callers outside the runtime (start-up).

@@ -99,7 +99,20 @@ async fn run(args: Args) -> Result<()> {
                     format!("cannot listen on {listen} (in use? set `listen` or --listen)")
                 })?;
             daemon::notify_ready();
-            daemon::spawn_watchdog(shutdown.clone(), || true);
+            // Pinged while the port's accept loop and the background tasks run and the store
+            // takes a write.
+            let (liveness, shared) = (controller.liveness(), controller.shared());
+            daemon::spawn_watchdog(shutdown.clone(), move || {
+                let (check, shared) = (liveness.check(), shared.clone());
+                async move {
+                    check?;
+                    shared
+                        .store
+                        .probe_writable(drover_controller::server::now_ms())
+                        .await
+                        .map_err(|e| format!("the store does not take writes: {e}"))
+                }
+            });
             let result = controller.serve(listener, shutdown).await;
             daemon::notify_stopping();
             result?;
