@@ -152,7 +152,7 @@ impl Controller {
             shared.ca.cert_pem(),
         )
         .map_err(|e| ControllerError::Tls(e.to_string()))?;
-        let nofile = crate::transport::raise_nofile();
+        let (_, nofile) = drover_agent::daemon::raise_open_files_limit();
         let (limits, note) = crate::transport::fit_to_nofile(&shared.config.connections, nofile)
             .map_err(ControllerError::Io)?;
         crate::transport::log_limits(&limits, nofile, note.as_deref());

@@ -112,25 +112,6 @@ pub fn fit_to_nofile(
     ))
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard one (systemd's `LimitNOFILE=` sets both) and
-/// returns the soft limit in force.
-pub fn raise_nofile() -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    if let (Some(soft), Some(hard)) = (limit.current, limit.maximum)
-        && soft < hard
-    {
-        let raised = Rlimit {
-            current: Some(hard),
-            maximum: Some(hard),
-        };
-        if let Err(err) = setrlimit(Resource::Nofile, raised) {
-            debug!(error = %err, soft, hard, "could not raise the soft RLIMIT_NOFILE");
-        }
-    }
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
-}
-
 /// Whom connections from `ip` are counted with: an IPv4 address (an IPv4-mapped IPv6 address
 /// is one), or the /64 of an IPv6 address (one host or LAN usually has a whole /64).
 pub fn source_of(ip: IpAddr) -> IpAddr {

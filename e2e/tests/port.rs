@@ -177,16 +177,7 @@ impl Drop for RealController {
 
 /// Enough file descriptors for this test process's own side of the connections.
 fn raise_own_nofile() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
-    );
-    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let (_, now) = drover_agent::daemon::raise_open_files_limit();
     assert!(
         now >= 4096,
         "this test needs 4096 file descriptors (RLIMIT_NOFILE is {now}): raise `ulimit -n`"
