@@ -347,6 +347,19 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// The arguments of `drover-controller run` on `data` and `addr`.
+fn run_args<'a>(data: &'a str, addr: &'a str) -> [&'a str; 7] {
+    [
+        "run",
+        "--data-dir",
+        data,
+        "--listen",
+        addr,
+        "--log-format",
+        "text",
+    ]
+}
+
 /// [`start_controller`] under `prlimit --nofile=N:N` (util-linux), as `LimitNOFILE=N` runs it.
 fn start_controller_with_nofile(
     bin: &Path,
@@ -358,22 +371,9 @@ fn start_controller_with_nofile(
     let data = data.to_str().context("data dir is not UTF-8")?;
     let bin = bin.to_str().context("controller path is not UTF-8")?;
     let limit = format!("--nofile={nofile}:{nofile}");
-    Proc::spawn(
-        Path::new("prlimit"),
-        &[
-            &limit,
-            "--",
-            bin,
-            "run",
-            "--data-dir",
-            data,
-            "--listen",
-            addr,
-            "--log-format",
-            "text",
-        ],
-        log,
-    )
+    let mut args = vec![limit.as_str(), "--", bin];
+    args.extend(run_args(data, addr));
+    Proc::spawn(Path::new("prlimit"), &args, log)
 }
 
 /// The soft "Max open files" of a running process (/proc/PID/limits).
@@ -389,19 +389,7 @@ fn nofile_of(pid: u32) -> Result<u64> {
 
 fn start_controller(bin: &Path, data: &Path, addr: &str, log: &Path) -> Result<Proc> {
     let data = data.to_str().context("data dir is not UTF-8")?;
-    Proc::spawn(
-        bin,
-        &[
-            "run",
-            "--data-dir",
-            data,
-            "--listen",
-            addr,
-            "--log-format",
-            "text",
-        ],
-        log,
-    )
+    Proc::spawn(bin, &run_args(data, addr), log)
 }
 
 type OperatorClient = v1::operator_service_client::OperatorServiceClient<tonic::transport::Channel>;
