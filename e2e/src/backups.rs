@@ -111,20 +111,8 @@ impl BackupFixture {
 
     /// Validates `target`'s newest backup to the end (whatever the result).
     pub async fn verify(&self, target: &str) -> EventRecord {
-        let jobs = self
-            .controller
-            .admin()
-            .verify(v1::VerifyRequest {
-                target: target.into(),
-                all: false,
-                host: String::new(),
-            })
-            .await
-            .expect("verify")
-            .into_inner()
-            .jobs;
-        assert_eq!(jobs.len(), 1);
-        self.finish(&jobs[0].id).await
+        let job = self.controller.start_verify(target).await;
+        self.finish(&job).await
     }
 
     /// Waits until the controller has acknowledged everything the agent recorded (the

@@ -241,6 +241,23 @@ impl TestController {
             .into_inner()
     }
 
+    /// Starts a validation of `target`'s newest backup as the admin; returns its job id.
+    pub async fn start_verify(&self, target: &str) -> String {
+        let jobs = self
+            .admin()
+            .verify(v1::VerifyRequest {
+                target: target.into(),
+                all: false,
+                host: String::new(),
+            })
+            .await
+            .expect("verify")
+            .into_inner()
+            .jobs;
+        assert_eq!(jobs.len(), 1);
+        jobs[0].id.clone()
+    }
+
     /// Applies the example app spec, `examples/api.toml` (app `api`, which declares backup
     /// target `api-db`), as the admin.
     pub async fn apply_example_app(&self) {

@@ -100,22 +100,6 @@ async fn run_backup(controller: &TestController, target: &str) -> String {
         .id
 }
 
-async fn run_verify(controller: &TestController, target: &str) -> String {
-    let jobs = controller
-        .admin()
-        .verify(v1::VerifyRequest {
-            target: target.into(),
-            all: false,
-            host: String::new(),
-        })
-        .await
-        .expect("verify")
-        .into_inner()
-        .jobs;
-    assert_eq!(jobs.len(), 1);
-    jobs[0].id.clone()
-}
-
 async fn listed(controller: &TestController, target: &str) -> Vec<v1::BackupInfo> {
     controller
         .admin()
@@ -173,7 +157,7 @@ async fn a_host_cannot_forge_another_hosts_backups_or_validations() {
     let backup_job = run_backup(&controller, "shop-db").await;
     assert_eq!(web1.next_command().await.job_id, backup_job);
     send_catalog(&mut web2, &backup_job, "shop-db", &forged).await;
-    let verify_job = run_verify(&controller, "shop-db").await;
+    let verify_job = controller.start_verify("shop-db").await;
     assert_eq!(web1.next_command().await.job_id, verify_job);
     send_verification(
         &mut web2,
