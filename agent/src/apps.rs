@@ -41,7 +41,7 @@ pub struct Apps {
     served: Mutex<HashMap<String, Served>>,
     limits: ConnLimits,
     /// Each proxy's accept loop is a part of the daemon the watchdog checks.
-    liveness: crate::daemon::Liveness,
+    liveness: drover_daemon::Liveness,
 }
 
 impl std::fmt::Debug for Apps {
@@ -56,12 +56,12 @@ impl Apps {
         Apps {
             served: Mutex::default(),
             limits,
-            liveness: crate::daemon::Liveness::default(),
+            liveness: drover_daemon::Liveness::default(),
         }
     }
 
     /// Registers each proxy's accept loop with `liveness` (the daemon's watchdog check).
-    pub fn with_liveness(mut self, liveness: crate::daemon::Liveness) -> Apps {
+    pub fn with_liveness(mut self, liveness: drover_daemon::Liveness) -> Apps {
         self.liveness = liveness;
         self
     }
@@ -133,7 +133,7 @@ impl Apps {
                 }
                 let stop = shutdown.child_token();
                 let part = self.liveness.part(format!("proxy of {app} on {listen}"));
-                tokio::spawn(crate::daemon::tracked(
+                tokio::spawn(drover_daemon::tracked(
                     part,
                     proxy.clone().serve(listener, stop.clone()),
                 ));

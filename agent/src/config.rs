@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::daemon::{
-    ConfigError, LogFormat, check_count, check_duration, duration_str, parse_toml, read_toml_file,
-};
 use crate::health::Thresholds;
 use crate::proxy::ConnLimits;
+use drover_daemon::LogFormat;
+use drover_model::config::{
+    ConfigError, check_count, check_duration, duration_str, parse_toml, read_toml_file,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

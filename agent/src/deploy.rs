@@ -17,18 +17,18 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::apps::Reserved;
-use crate::appspec::{AppSpec, HealthCheck, SmokeProbe, Watch, check_version};
-use crate::backup::catalog::Trigger;
-use crate::backup::target::TargetSpec;
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError};
 use crate::httpcheck::{self, CheckError};
-use crate::jobevent::{CODE_LOCKED, JobResult, Release, ReleaseState, field};
 use crate::jobs::{JobCtx, LockKeeper, Outcome, Report};
 use crate::lock::Decision;
 use crate::proxy::{Proxy, StatsSnapshot, Upstream};
-use crate::releases;
 use crate::store::{BackupJob, JobKind, JobRecord};
 use crate::{secrets, unix_ms};
+use drover_model::appspec::{AppSpec, HealthCheck, SmokeProbe, Watch, check_version};
+use drover_model::backup::catalog::Trigger;
+use drover_model::backup::target::TargetSpec;
+use drover_model::jobevent::{CODE_LOCKED, JobResult, Release, ReleaseState, field};
+use drover_model::releases;
 
 /// Container labels: which app, release and role a container belongs to.
 pub const LABEL_APP: &str = "drover.app";

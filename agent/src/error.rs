@@ -1,7 +1,8 @@
 //! The agent library's error type: each variant says what went wrong and what to do.
 
-use crate::daemon::ConfigError;
 use crate::store::StoreError;
+use drover_identity::tls::describe_transport;
+use drover_model::config::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -65,31 +66,4 @@ impl AgentError {
             },
         }
     }
-}
-
-/// The innermost cause of a transport failure, which is the part that says what happened
-/// (connection refused, certificate expired, unknown CA...).
-pub fn describe_transport(status: &tonic::Status) -> String {
-    let mut text = status.message().to_string();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(err) = source {
-        text = err.to_string();
-        source = err.source();
-    }
-    text
-}
-
-/// The message of `err` and its causes, each once, joined by `: `.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::daemon::duration_str;
+use drover_model::config::duration_str;
 
 /// Limits that decide when a check is degraded or unhealthy.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -136,7 +136,8 @@ impl Thresholds {
                 day,
             ),
         ] {
-            crate::daemon::check_duration(value, Duration::ZERO, max).map_err(|m| (key, m))?;
+            drover_model::config::check_duration(value, Duration::ZERO, max)
+                .map_err(|m| (key, m))?;
         }
         Ok(())
     }
@@ -632,7 +633,7 @@ pub fn collect_host() -> HostFacts {
     let (load1, load5, load15) = parse_loadavg(&read("/proc/loadavg")).unwrap_or_default();
     let (mem_total_bytes, mem_available_bytes) =
         parse_meminfo(&read("/proc/meminfo")).unwrap_or_default();
-    let limit = crate::daemon::open_files_limit();
+    let limit = drover_daemon::open_files_limit();
     let (fds_open, fds_limit) = match count_open_fds() {
         Ok(open) => (open, limit),
         Err(e) if is_out_of_fds(&e) => {

@@ -24,10 +24,10 @@ use tracing::{error, info, warn};
 use crate::apps::Apps;
 use crate::docker::DockerClient;
 use crate::health::AppFacts;
-use crate::jobevent::{self, JobResult, field, status};
 use crate::redact::Redactor;
 use crate::store::{JobKind, JobRecord, NewEvent, Store};
 use crate::{Outbox, deploy, recovery, unix_ms};
+use drover_model::jobevent::{self, JobResult, field, status};
 
 /// Everything a job touches.
 #[derive(Debug)]
@@ -594,7 +594,7 @@ pub async fn app_facts(ctx: &JobCtx) -> Vec<AppFacts> {
         let Ok(table) = ctx.store.releases(&app) else {
             continue;
         };
-        let Some(live) = crate::releases::live(&table) else {
+        let Some(live) = drover_model::releases::live(&table) else {
             continue;
         };
         let mut running = true;

@@ -5,19 +5,16 @@
 //! the durable outbox (`store`), certificate renewal. See ARCHITECTURE.md for the map.
 
 pub mod apps;
-pub mod appspec;
 pub mod backoff;
 pub mod backup;
 pub mod config;
 pub mod convert;
-pub mod daemon;
 pub mod deploy;
 pub mod docker;
 pub mod enroll;
 pub mod error;
 pub mod health;
 pub mod httpcheck;
-pub mod jobevent;
 pub mod jobs;
 pub mod lock;
 pub mod objectstore;
@@ -25,7 +22,6 @@ pub mod postgres;
 pub mod proxy;
 pub mod recovery;
 pub mod redact;
-pub mod releases;
 pub mod secrets;
 mod session;
 pub mod store;
@@ -120,7 +116,7 @@ pub struct Agent {
     queue: jobs::JobQueue,
     commands: tokio::sync::mpsc::UnboundedReceiver<jobs::Work>,
     redactor: redact::Redactor,
-    liveness: daemon::Liveness,
+    liveness: drover_daemon::Liveness,
 }
 
 impl std::fmt::Debug for Agent {
@@ -157,7 +153,7 @@ impl Agent {
             queue,
             commands,
             redactor: redact::Redactor::default(),
-            liveness: daemon::Liveness::default(),
+            liveness: drover_daemon::Liveness::default(),
         })
     }
 
@@ -191,7 +187,7 @@ impl Agent {
 
     /// The parts the daemon's watchdog checks: the session loop, the job runner, the health
     /// sampler and each app proxy's accept loop, registered by [`Agent::run`].
-    pub fn liveness(&self) -> daemon::Liveness {
+    pub fn liveness(&self) -> drover_daemon::Liveness {
         self.liveness.clone()
     }
 
@@ -205,7 +201,7 @@ impl Agent {
         let shutdown = shutdown.child_token();
         // Read once: the proxies' connection budget comes from it, so slow clients cannot
         // take the descriptors backups and Docker calls need.
-        let (before, nofile) = daemon::raise_open_files_limit();
+        let (before, nofile) = drover_daemon::raise_open_files_limit();
         let budget = proxy::fd_budget(nofile);
         info!(
             limit = nofile,
@@ -227,12 +223,12 @@ impl Agent {
             shutdown: shutdown.clone(),
             lock_lease: self.config.lock_lease,
         });
-        let runner = tokio::spawn(daemon::tracked(
+        let runner = tokio::spawn(drover_daemon::tracked(
             self.liveness.part("job runner"),
             jobs::run(jobs_ctx.clone(), self.commands),
         ));
         let (facts_tx, facts_rx) = watch::channel(None::<HostFacts>);
-        let sampler = tokio::spawn(daemon::tracked(
+        let sampler = tokio::spawn(drover_daemon::tracked(
             self.liveness.part("health sampler"),
             sample_health(
                 jobs_ctx.clone(),
@@ -252,7 +248,8 @@ impl Agent {
             facts: facts_rx,
             jobs: self.queue,
         };
-        let result = daemon::tracked(session_part, session::run(ctx, shutdown.clone())).await;
+        let result =
+            drover_daemon::tracked(session_part, session::run(ctx, shutdown.clone())).await;
         shutdown.cancel();
         for (name, task) in [("health sampler", sampler), ("job runner", runner)] {
             if let Err(err) = task.await {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use drover_agent::daemon::{self, LogFormat};
 use drover_agent::{Agent, AgentConfig, AgentError};
+use drover_daemon::{self as daemon, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -115,7 +115,12 @@ async fn run(args: Args) -> Result<()> {
             }
             // One set of known secrets for the jobs' events and the log lines.
             let redactor = drover_agent::redact::Redactor::default();
-            daemon::init_logging_redacted(cfg.log_format, redactor.clone());
+            daemon::init_logging_to(
+                cfg.log_format,
+                drover_agent::redact::RedactingStderr {
+                    redactor: redactor.clone(),
+                },
+            );
             let shutdown = daemon::shutdown_on_signals().context("installing signal handlers")?;
             let agent = Agent::open(cfg)?.with_redactor(redactor);
             daemon::notify_ready();

@@ -17,7 +17,7 @@ use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig, WriteMul
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::secrets::{PrivateFileError, read_private_file};
+use drover_identity::files::{PrivateFileError, read_private_file};
 
 /// Size of one multipart part (S3 wants at least 5 MiB for all but the last).
 const PART_SIZE: usize = 8 * 1024 * 1024;
@@ -284,7 +284,7 @@ impl Remote {
 
     /// Translates a failure of `op` on `key` into a cause and a fix.
     fn error(&self, op: &'static str, key: &str, err: object_store::Error) -> ObjectStoreError {
-        let detail = crate::error::chain(&err);
+        let detail = drover_model::error::chain(&err);
         let key = join_key(&self.prefix, key);
         let bucket = self.bucket.clone();
         let refused = [

@@ -14,15 +14,15 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::apps::Reserved;
-use crate::appspec::AppSpec;
 use crate::deploy::{self, LABEL_RELEASE, WEB, container_spec};
 use crate::docker::ContainerInfo;
-use crate::jobevent::{JobResult, Release, ReleaseState};
 use crate::jobs::{JobCtx, Outcome, Report, finish, report_releases};
 use crate::proxy::Upstream;
-use crate::releases;
 use crate::secrets;
 use crate::store::{JobKind, JobRecord};
+use drover_model::appspec::AppSpec;
+use drover_model::jobevent::{JobResult, Release, ReleaseState};
+use drover_model::releases;
 
 /// Converges interrupted jobs, sweeps every app, restores the proxies. Fails (to be retried)
 /// only when the store or the Docker Engine cannot be used.

@@ -21,10 +21,10 @@ use std::sync::{Arc, RwLock};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use tracing::warn;
 
-use crate::appspec::AppSpec;
-use crate::backup::target::TargetSpec;
 use crate::secrets;
 use crate::store::JobRecord;
+use drover_model::appspec::AppSpec;
+use drover_model::backup::target::TargetSpec;
 
 /// Values shorter than this (in characters) are not redacted.
 pub const MIN_LEN: usize = 6;
@@ -91,7 +91,8 @@ impl Redactor {
             targets.push(t);
         }
         if !job.kind.is_backup() {
-            if let Ok(text) = secrets::read_private_file(&secrets::path(secrets_dir, &job.app))
+            if let Ok(text) =
+                drover_identity::files::read_private_file(&secrets::path(secrets_dir, &job.app))
                 && let Ok(values) = secrets::parse(&text)
             {
                 for (name, value) in &values {

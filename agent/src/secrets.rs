@@ -4,38 +4,10 @@
 //! runs. Values never appear in errors, events or logs.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::appspec::{AppSpec, check_secret};
-
-/// Why a file that holds a secret cannot be used.
-#[derive(Debug)]
-pub enum PrivateFileError {
-    Missing,
-    Unreadable(std::io::Error),
-    /// Group or others have some access: `mode` is its permission bits.
-    Open {
-        mode: u32,
-    },
-}
-
-/// Reads a file that holds a secret (app secrets, S3 credentials, an SMTP password), refused
-/// when its group or others have any access.
-pub fn read_private_file(path: &Path) -> Result<String, PrivateFileError> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            PrivateFileError::Missing
-        } else {
-            PrivateFileError::Unreadable(e)
-        }
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(PrivateFileError::Open { mode });
-    }
-    std::fs::read_to_string(path).map_err(PrivateFileError::Unreadable)
-}
+use drover_identity::files::{PrivateFileError, read_private_file};
+use drover_model::appspec::{AppSpec, check_secret};
 
 /// The file holding `app`'s secrets.
 pub fn path(dir: &Path, app: &str) -> PathBuf {
@@ -115,6 +87,8 @@ pub fn load(dir: &Path, spec: &AppSpec) -> Result<BTreeMap<String, String>, Stri
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -12,10 +12,10 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backup::catalog::Backup;
-pub use crate::jobevent::JobKind;
-use crate::jobevent::Release;
 use crate::lock::{Decision, Lease, decide};
+use drover_model::backup::catalog::Backup;
+pub use drover_model::jobevent::JobKind;
+use drover_model::jobevent::Release;
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &[u8] = b"schema_version";

@@ -268,7 +268,7 @@ pub async fn backups(o: BackupOpts) -> Result<Report> {
 
     // Compression + hash on one core, in process, from the uncompressed dump: the whole
     // pipeline, then zstd alone and SHA-256 alone, each as MiB of input per CPU second.
-    let eff_level = drover_agent::backup::target::Compression {
+    let eff_level = drover_model::backup::target::Compression {
         level: o.level,
         threads: 0,
     }

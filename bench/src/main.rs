@@ -515,7 +515,7 @@ fn unit_nofile(unit: &str) -> Result<u64> {
 
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit and checks there are `need`.
 fn raise_own_nofile(need: u64) -> Result<()> {
-    let (_, now) = drover_agent::daemon::raise_open_files_limit();
+    let (_, now) = drover_daemon::raise_open_files_limit();
     if now < need {
         bail!(
             "the bench needs {need} file descriptors for its simulated hosts, RLIMIT_NOFILE is {now}: raise `ulimit -n`"

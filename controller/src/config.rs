@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use drover_agent::daemon::{
-    ConfigError, LogFormat, check_count, check_duration, duration_str, parse_toml, read_toml_file,
+use drover_daemon::LogFormat;
+use drover_model::config::{
+    ConfigError, check_count, check_duration, duration_str, parse_toml, read_toml_file,
 };
 use serde::Deserialize;
 

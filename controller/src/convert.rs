@@ -1,8 +1,8 @@
 //! Conversions between `drover.v1` wire messages and the controller's stored records. Nothing
 //! outside the RPC handlers and the CLI sees prost types.
 
-use drover_agent::backup::catalog::{Backup, Verification};
-use drover_agent::jobevent::Release;
+use drover_model::backup::catalog::{Backup, Verification};
+use drover_model::jobevent::Release;
 use drover_proto::v1;
 
 use crate::jobs::{JobCommand, JobRecord};

@@ -1,7 +1,7 @@
 //! The controller library's error type.
 
 use crate::store::StoreError;
-use drover_agent::daemon::ConfigError;
+use drover_model::config::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {

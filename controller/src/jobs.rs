@@ -4,12 +4,12 @@
 //! A job has one target per host, done one after another. The first target is dispatched
 //! when the job is created; a target that succeeds dispatches the next one; a target that ends
 //! any other way skips the rest. The agent owns the truth: the controller only follows the
-//! events (`drover_agent::jobevent`) it is sent.
+//! events (`drover_model::jobevent`) it is sent.
 
 use serde::{Deserialize, Serialize};
 
-pub use drover_agent::jobevent::JobKind;
-use drover_agent::jobevent::{self, JobResult, field, status};
+pub use drover_model::jobevent::JobKind;
+use drover_model::jobevent::{self, JobResult, field, status};
 
 use crate::store::EventRecord;
 

@@ -12,7 +12,6 @@
 pub mod alerting;
 pub mod alerts;
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod dev;
@@ -24,7 +23,6 @@ pub mod notify;
 pub mod operator;
 pub mod operators;
 pub mod provenance;
-pub mod schedule;
 pub mod scheduler;
 pub mod selection;
 pub mod server;

@@ -33,9 +33,9 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use tracing::warn;
 
-use drover_agent::error::chain as error_chain;
-use drover_agent::secrets::{PrivateFileError, read_private_file};
+use drover_identity::files::{PrivateFileError, read_private_file};
 use drover_identity::tls::is_loopback_host;
+use drover_model::error::chain as error_chain;
 
 use crate::alerts::AlertRecord;
 use crate::config::{EmailConfig, NotifyConfig, WebhookConfig, WebhookFormat};

@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_agent::appspec::{AppSpec, check_version};
-use drover_agent::releases;
 use drover_identity::token::{EnrollToken, token_id};
 use drover_identity::{Identity, Role, validate_name};
+use drover_model::appspec::{AppSpec, check_version};
+use drover_model::releases;
 use drover_proto::v1;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,16 +22,16 @@ use crate::config::{MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::convert;
 use crate::hoststate::host_state;
 use crate::jobs::{self, JobCommand, JobKind, JobRecord, JobUpdate, job_id};
-use crate::schedule;
 use crate::scheduler;
 use crate::selection::{Candidate, SelectError, require_connected, select_hosts};
 use crate::server::{Shared, now_ms};
 use crate::sessions::{send_cancel, send_command};
 use crate::store::{AppRecord, EventRecord, HostRecord, ScheduleKind, ScheduleRecord, TokenRecord};
-use drover_agent::backup::catalog::Backup;
-use drover_agent::backup::describe as describe_policy;
-use drover_agent::backup::retention;
-use drover_agent::backup::target::TargetSpec;
+use drover_model::backup::catalog::Backup;
+use drover_model::backup::describe as describe_policy;
+use drover_model::backup::retention;
+use drover_model::backup::target::TargetSpec;
+use drover_model::schedule;
 
 #[derive(Debug, Clone)]
 pub struct OperatorApi {

@@ -19,7 +19,7 @@
 
 use std::fmt;
 
-use drover_agent::backup::catalog::{Backup, Verification};
+use drover_model::backup::catalog::{Backup, Verification};
 
 use crate::jobs::{JobCommand, JobKind, JobRecord};
 
@@ -268,7 +268,7 @@ pub fn check_verification(
 mod tests {
     use std::collections::BTreeMap;
 
-    use drover_agent::backup::catalog::Trigger;
+    use drover_model::backup::catalog::Trigger;
 
     use super::*;
     use crate::jobs::TargetState;

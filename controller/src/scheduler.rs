@@ -15,13 +15,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use drover_agent::backup::target::TargetSpec;
+use drover_model::backup::target::TargetSpec;
 
 use crate::jobs::{JobKind, job_id};
 use crate::operator::OperatorApi;
-use crate::schedule::{self, Schedule, ScheduleError};
 use crate::server::Shared;
 use crate::store::{ScheduleKind, ScheduleRecord, StoreError};
+use drover_model::schedule::{self, Schedule, ScheduleError};
 use drover_proto::v1;
 
 /// The default nightly backup of a newly applied target: 02:00 UTC, spread over 15 minutes.

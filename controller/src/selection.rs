@@ -120,7 +120,7 @@ pub fn require_connected(
                 "{} is {}, last seen {}",
                 c.name,
                 c.state,
-                crate::cli::output::ago(c.last_seen_unix_ms, now_ms)
+                drover_model::units::ago(c.last_seen_unix_ms, now_ms)
             )
         })
         .collect();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drover_agent::daemon::tracked;
+use drover_daemon::tracked;
 use drover_identity::pki::Ca;
 use drover_proto::v1;
 use tokio::net::TcpListener;
@@ -78,7 +78,7 @@ pub struct Controller {
     shared: Arc<Shared>,
     server_chain_pem: String,
     server_key_pem: String,
-    liveness: drover_agent::daemon::Liveness,
+    liveness: drover_daemon::Liveness,
 }
 
 /// Where the controller keeps things under its data dir.
@@ -134,7 +134,7 @@ impl Controller {
 
     /// The parts the daemon's watchdog checks: the accept loop of the port and the scheduler,
     /// alert and admin-bundle tasks, registered by [`Controller::serve`].
-    pub fn liveness(&self) -> drover_agent::daemon::Liveness {
+    pub fn liveness(&self) -> drover_daemon::Liveness {
         self.liveness.clone()
     }
 
@@ -152,7 +152,7 @@ impl Controller {
             shared.ca.cert_pem(),
         )
         .map_err(|e| ControllerError::Tls(e.to_string()))?;
-        let (_, nofile) = drover_agent::daemon::raise_open_files_limit();
+        let (_, nofile) = drover_daemon::raise_open_files_limit();
         let (limits, note) = crate::transport::fit_to_nofile(&shared.config.connections, nofile)
             .map_err(ControllerError::Io)?;
         crate::transport::log_limits(&limits, nofile, note.as_deref());

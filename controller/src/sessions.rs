@@ -15,9 +15,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_agent::backup::catalog;
-use drover_agent::jobevent;
 use drover_identity::Identity;
+use drover_model::backup::catalog;
+use drover_model::jobevent;
 use drover_proto::v1;
 use drover_proto::v1::agent_message::Msg as In;
 use drover_proto::v1::controller_message::Msg as Out;
@@ -62,6 +62,8 @@ struct Entry {
 pub struct Registry {
     inner: Mutex<HashMap<String, Entry>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Woken at each new session, for [`Registry::wait_connected`].
+    registered: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -88,7 +90,22 @@ impl Registry {
             old.cancel.cancel();
         }
         entry.last_seen_ms = now_ms;
+        drop(map);
+        self.registered.notify_waiters();
         (id, cancel)
+    }
+
+    /// Returns once `host` has an open session.
+    pub async fn wait_connected(&self, host: &str) {
+        loop {
+            let registered = self.registered.notified();
+            tokio::pin!(registered);
+            registered.as_mut().enable();
+            if self.seen(host).1 {
+                return;
+            }
+            registered.await;
+        }
     }
 
     /// The outbound channel of `host`'s open session.

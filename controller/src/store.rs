@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use drover_agent::backup::catalog::{Backup, Verification};
-use drover_agent::jobevent::Release;
+use drover_model::backup::catalog::{Backup, Verification};
+use drover_model::jobevent::Release;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
@@ -1217,7 +1217,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_event_its_job_change_and_its_release_table_are_stored_together_once() {
-        use drover_agent::jobevent;
+        use drover_model::jobevent;
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(tmp.path()).unwrap();
         assert!(store.create_job(&job("rollback-2", "api", 2)).unwrap());

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use drover_agent::jobevent::field;
 use drover_controller::store::EventRecord;
+use drover_model::jobevent::field;
 use drover_proto::v1;
 
 use crate::{TestAgent, TestController, eventually, fast_controller_config, init};

@@ -191,7 +191,7 @@ impl TestController {
         eventually(&format!("job {job_id} finished"), patience, || async {
             self.job_events(host, job_id)
                 .into_iter()
-                .find(|e| e.kind == drover_agent::jobevent::FINISHED)
+                .find(|e| e.kind == drover_model::jobevent::FINISHED)
         })
         .await
     }
@@ -834,7 +834,7 @@ impl ScriptedAgent {
             .expect("session open");
     }
 
-    /// Sends the next event (`kind` from `drover_agent::jobevent`) and waits until the
+    /// Sends the next event (`kind` from `drover_model::jobevent`) and waits until the
     /// controller acknowledges it (stored and flushed). Returns its seq.
     pub async fn event(
         &mut self,
@@ -879,7 +879,7 @@ impl ScriptedAgent {
     /// Starts and finishes job `id` as the agent would, with `result` (`succeeded`,
     /// `failed`, `rolled_back`, …).
     pub async fn finish_job(&mut self, id: &str, result: &str) {
-        use drover_agent::jobevent::{self, field};
+        use drover_model::jobevent::{self, field};
         self.event(id, jobevent::STARTED, "", &[]).await;
         self.event(id, jobevent::FINISHED, "", &[(field::RESULT, result)])
             .await;

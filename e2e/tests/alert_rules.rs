@@ -7,11 +7,11 @@
 //! end raises `cert_expiring`; `drover backup-target rm` retires a target with its schedules
 //! and alerts, and keeps its backups listed.
 
-use drover_agent::jobevent::field;
 use drover_controller::alerting::{Alerting, RECENT_JOBS};
 use drover_controller::jobs::TargetState;
 use drover_controller::server::now_ms;
 use drover_e2e::backups::{BackupFixture, assert_job_succeeded, backup_fixture, event_field};
+use drover_model::jobevent::field;
 
 const DAY: i64 = 24 * 3600 * 1000;
 const HOUR: i64 = 3600 * 1000;
@@ -94,7 +94,7 @@ async fn failed_jobs_stale_validations_and_expiring_certificates_alert_and_resol
     // A byte of the backup flipped: `drover verify` fails (exit 1) and opens a job_failed
     // alert for the validation; a new backup that passes resolves it.
     let newest = f.newest("files").await;
-    let manifest: drover_agent::backup::catalog::Backup =
+    let manifest: drover_model::backup::catalog::Backup =
         serde_json::from_str(&newest.manifest_json).unwrap();
     let part = std::path::Path::new(&newest.local_dir).join(&manifest.parts[0].file);
     let mut bytes = std::fs::read(&part).unwrap();

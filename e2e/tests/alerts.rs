@@ -8,13 +8,13 @@
 
 use std::time::Duration;
 
-use drover_agent::backup::catalog;
 use drover_controller::alerting::Alerting;
 use drover_controller::config::{WebhookConfig, WebhookFormat};
 use drover_controller::server::now_ms;
 use drover_e2e::backups::container_target;
 use drover_e2e::notify::{SmtpSink, WebhookReceiver};
 use drover_e2e::{ScriptedAgent, TestController, fast_controller_config, init};
+use drover_model::backup::catalog;
 use drover_proto::v1;
 use serde_json::Value;
 

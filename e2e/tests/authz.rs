@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use drover_agent::error::describe_transport;
 use drover_e2e::{TestAgent, TestController, fast_controller_config, init, operator_client};
 use drover_identity::files::Bundle;
 use drover_identity::pki::{Ca, unix_now};
+use drover_identity::tls::describe_transport;
 use drover_identity::tls::{ClientCert, Trust, channel, client_config};
 use drover_identity::{Identity, Role};
 use drover_proto::v1;

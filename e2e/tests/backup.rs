@@ -8,13 +8,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use drover_agent::jobevent::field;
 use drover_e2e::backups::{
     assert_job_failed_at, assert_job_succeeded, backup_fixture, event_field,
 };
 use drover_e2e::docker_available;
 use drover_e2e::pg::HostPg;
 use drover_e2e::s3::{S3Server, write_credentials};
+use drover_model::jobevent::field;
 use drover_proto::v1;
 
 fn shop(pg: &HostPg, db: &str) {
@@ -360,7 +360,7 @@ async fn a_deploy_takes_its_pre_deploy_backup_first_and_stops_when_it_fails() {
             .job_events(&f.agent().host, &id)
             .iter()
             .filter(|e| {
-                e.kind == drover_agent::jobevent::STEP && event_field(e, field::STATUS) != "started"
+                e.kind == drover_model::jobevent::STEP && event_field(e, field::STATUS) != "started"
             })
             .map(|e| {
                 format!(

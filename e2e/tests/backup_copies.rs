@@ -8,13 +8,13 @@
 
 use std::path::{Path, PathBuf};
 
-use drover_agent::backup::catalog::Backup;
-use drover_agent::jobevent::field;
 use drover_e2e::backups::{
     BackupFixture, assert_job_failed_at, assert_job_succeeded, backup_fixture, event_field,
 };
 use drover_e2e::pg::HostPg;
 use drover_e2e::s3::{S3Server, write_credentials};
+use drover_model::backup::catalog::Backup;
+use drover_model::jobevent::field;
 use drover_proto::v1;
 
 fn shop(pg: &HostPg, db: &str) {

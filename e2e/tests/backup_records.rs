@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use drover_agent::backup::catalog::{self, Backup, Check, CheckResult, Trigger, Verification};
 use drover_controller::alerting::Alerting;
 use drover_controller::server::now_ms;
 use drover_e2e::{ScriptedAgent, TestController, drover_cli, fast_controller_config, init};
+use drover_model::backup::catalog::{self, Backup, Check, CheckResult, Trigger, Verification};
 use drover_proto::v1;
 
 const DAY: i64 = 24 * 3600 * 1000;

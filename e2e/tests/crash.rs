@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drover_agent::jobevent::{self, field};
 use drover_e2e::deploys::{AppGuard, app_containers, spec, test_repo};
 use drover_e2e::pg::HostPg;
 use drover_e2e::{
     TestController, bin, docker_available, eventually, fast_controller_config, free_port, http,
     init,
 };
+use drover_model::jobevent::{self, field};
 use drover_proto::v1;
 
 /// A `drover-agent run` process, killed with SIGKILL when dropped.

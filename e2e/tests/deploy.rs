@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use drover_agent::jobevent::{self, field};
 use drover_controller::store::EventRecord;
 use drover_e2e::deploys::{
     AppGuard, Load, app_containers, deploy_job, rollback_job, spec, test_repo,
@@ -19,6 +18,7 @@ use drover_e2e::{
     TestAgent, TestController, assert_ws_echo, docker_available, eventually,
     fast_controller_config, free_port, http, init,
 };
+use drover_model::jobevent::{self, field};
 
 struct Fixture {
     controller: TestController,

@@ -1,6 +1,6 @@
 //! Deploys and rollbacks on the controller's side, over real mTLS: a real controller, and
 //! scripted agent sessions (real enrolled agent certificates) that receive the commands and
-//! answer with the events of `drover_agent::jobevent`. Proves dispatch, resending until
+//! answer with the events of `drover_model::jobevent`. Proves dispatch, resending until
 //! `job.started` (across reconnects and a controller restart), targets one after another with
 //! a failure skipping the rest, WatchJob's replay + live + final job, release flags, the
 //! refusals, and the exit codes of the real `drover` binary.
@@ -8,14 +8,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use drover_agent::jobevent::{
-    self, CODE_LOCKED, JobResult, Release, ReleaseState, field, releases_fields, status,
-};
 use drover_e2e::{
     ScriptedAgent, TestController, drover_cli, eventually, fast_controller_config, init,
     operator_client,
 };
 use drover_identity::files::Bundle;
+use drover_model::jobevent::{
+    self, CODE_LOCKED, JobResult, Release, ReleaseState, field, releases_fields, status,
+};
 use drover_proto::v1;
 use tonic::Code;
 

@@ -177,7 +177,7 @@ impl Drop for RealController {
 
 /// Enough file descriptors for this test process's own side of the connections.
 fn raise_own_nofile() {
-    let (_, now) = drover_agent::daemon::raise_open_files_limit();
+    let (_, now) = drover_daemon::raise_open_files_limit();
     assert!(
         now >= 4096,
         "this test needs 4096 file descriptors (RLIMIT_NOFILE is {now}): raise `ulimit -n`"

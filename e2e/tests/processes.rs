@@ -239,9 +239,17 @@ fn sigterm_stops_a_controller_with_live_agent_sessions_within_5s() {
         },
     );
     assert_eq!(hosts.as_array().unwrap().len(), 1);
+    // The agent is the `drover-agent` binary, a child of the dev process.
+    let agents = agent_processes_under(&dir);
+    assert_eq!(agents.len(), 1, "one agent child runs: {agents:?}");
     let (took, status) = sigterm_and_wait(&mut dev);
     assert!(took < Duration::from_secs(5), "dev took {took:?}");
     assert!(status.success());
+    assert_eq!(
+        agent_processes_under(&dir),
+        Vec::<u32>::new(),
+        "the agent child stops with the dev environment"
+    );
     let mut printed = String::new();
     use std::io::Read;
     dev.0
@@ -255,6 +263,54 @@ fn sigterm_stops_a_controller_with_live_agent_sessions_within_5s() {
         "dev prints the commands to try:\n{printed}"
     );
     assert!(printed.contains("hosts"), "{printed}");
+}
+
+/// The pids of `drover-agent` processes whose command line names a path under `dir`.
+fn agent_processes_under(dir: &Path) -> Vec<u32> {
+    let dir = dir.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .collect();
+        let is_agent = args.first().is_some_and(|a| a.ends_with("drover-agent"));
+        // A zombie (exited, not yet reaped) has an empty command line and is not counted.
+        if is_agent && args.iter().any(|a| a.contains(&dir)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn dev_without_the_agent_binary_beside_it_names_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lone = tmp.path().join("drover-controller");
+    std::fs::copy(bin("drover-controller"), &lone).unwrap();
+    let out = Command::new(&lone)
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--dir",
+        ])
+        .arg(tmp.path().join("dev"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&tmp.path().join("drover-agent").display().to_string())
+            && err.contains("cargo build --release"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use drover_agent::jobevent::field;
 use drover_agent::proxy::{ConnLimits, Proxy, Upstream};
 use drover_e2e::deploys::{AppGuard, Load, deploy_job, spec, test_repo};
 use drover_e2e::{
     Container, TestAgent, TestController, assert_ws_echo, docker_available, eventually,
     fast_controller_config, free_port, http, init, testapp_image,
 };
+use drover_model::jobevent::field;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

@@ -7,13 +7,13 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drover_agent::error::describe_transport;
 use drover_e2e::{
     TestAgent, TestController, bin, eventually, fast_agent_config, fast_controller_config, init,
     operator_client,
 };
 use drover_identity::files::Bundle;
 use drover_identity::pki::{Ca, CertInfo, csr_for_key, new_key_and_csr, unix_now};
+use drover_identity::tls::describe_transport;
 use drover_identity::tls::{ClientCert, Trust, channel, client_config};
 use drover_identity::{Identity, Role};
 use drover_proto::v1;

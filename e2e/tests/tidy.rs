@@ -1,7 +1,9 @@
 //! The rules ARCHITECTURE.md states for the code itself, checked on the source tree: every Rust
-//! file opens with a `//!` line saying what it is for, and each outside system has one module
+//! file opens with a `//!` line saying what it is for; each outside system has one module
 //! (sled only in each daemon's `store.rs`, bollard only in the agent's `docker.rs`, the S3 crate
-//! only in the agent's `objectstore.rs`). A failure names the file and the rule.
+//! only in the agent's `objectstore.rs`); and the dependency arrows between crates hold
+//! (`drover-model` links no runtime, store, Docker, RPC or S3 crate; the CLI and the controller
+//! do not link the agent). A failure names the file or crate and the rule.
 
 use std::path::{Path, PathBuf};
 
@@ -41,8 +43,11 @@ fn rust_files() -> Vec<String> {
     for krate in [
         "proto",
         "identity",
+        "model",
+        "daemon",
         "agent",
         "controller",
+        "cli",
         "e2e",
         "bench",
         "testapp",
@@ -120,4 +125,88 @@ fn the_checks_see_what_they_look_for() {
         users_outside(&files, "sled", &["agent/src/store.rs"])
             .contains(&"controller/src/store.rs".to_string())
     );
+}
+
+/// The crates `package` links in a normal build, directly or not (names only), from
+/// `cargo tree` on the lock file.
+fn linked_crates(package: &str) -> Vec<String> {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--locked",
+            "--offline",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .args(["--format", "{p}", "-p", package])
+        .current_dir(root())
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn the_dependency_arrows_hold() {
+    for (package, forbidden, why) in [
+        (
+            "drover-model",
+            &[
+                "tokio",
+                "sled",
+                "bollard",
+                "tonic",
+                "object_store",
+                "drover-proto",
+            ][..],
+            "the shared vocabulary is pure data and rules",
+        ),
+        (
+            "drover-cli",
+            &[
+                "drover-agent",
+                "drover-controller",
+                "drover-daemon",
+                "bollard",
+                "sled",
+                "object_store",
+                "age",
+                "zstd",
+            ][..],
+            "the CLI depends on proto, identity and model only",
+        ),
+        (
+            "drover-controller",
+            &["drover-agent", "bollard", "object_store", "age", "zstd"][..],
+            "the controller does not link the agent or what only the agent needs",
+        ),
+    ] {
+        let linked = linked_crates(package);
+        let bad: Vec<&&str> = forbidden
+            .iter()
+            .filter(|f| linked.iter().any(|l| l == **f))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{package} links {bad:?} ({why}); `cargo tree -p {package} -e normal -i CRATE` shows the path"
+        );
+    }
+    // The check sees what it looks for.
+    let agent = linked_crates("drover-agent");
+    for krate in ["bollard", "drover-model", "tokio"] {
+        assert!(agent.iter().any(|l| l == krate), "{krate} in {agent:?}");
+    }
 }

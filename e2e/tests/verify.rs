@@ -9,10 +9,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use drover_agent::backup::catalog::Backup;
 use drover_e2e::backups::{assert_job_failed_at, assert_job_succeeded, backup_fixture};
 use drover_e2e::pg::HostPg;
 use drover_e2e::{TestAgent, docker_available, fast_agent_config};
+use drover_model::backup::catalog::Backup;
 use drover_proto::v1;
 
 /// The first part file of a backup.

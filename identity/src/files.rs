@@ -159,6 +159,34 @@ fn sibling(dir: &Path, suffix: &str) -> std::path::PathBuf {
     dir.with_file_name(format!("{name}.{suffix}"))
 }
 
+/// Why a file that holds a secret cannot be used.
+#[derive(Debug)]
+pub enum PrivateFileError {
+    Missing,
+    Unreadable(std::io::Error),
+    /// Group or others have some access: `mode` is its permission bits.
+    Open {
+        mode: u32,
+    },
+}
+
+/// Reads a file that holds a secret (app secrets, S3 credentials, an SMTP password), refused
+/// when its group or others have any access.
+pub fn read_private_file(path: &Path) -> Result<String, PrivateFileError> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            PrivateFileError::Missing
+        } else {
+            PrivateFileError::Unreadable(e)
+        }
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PrivateFileError::Open { mode });
+    }
+    std::fs::read_to_string(path).map_err(PrivateFileError::Unreadable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

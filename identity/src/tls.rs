@@ -300,6 +300,18 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
+/// The innermost cause of a transport failure, which is the part that says what happened
+/// (connection refused, certificate expired, unknown CA...).
+pub fn describe_transport(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = source {
+        text = err.to_string();
+        source = err.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,11 +13,8 @@
 //! `files` (tar of a directory), `retention` (the pure keep rule), `verify` (validation of
 //! the newest backup: hashes, decompression, a test restore into a scratch database).
 
-pub mod catalog;
 pub mod files;
 pub mod pipeline;
-pub mod retention;
-pub mod target;
 pub mod verify;
 
 use std::collections::BTreeMap;
@@ -29,15 +26,16 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::deploy::{Failure, begin, fail, outcome_of, take_lock};
-use crate::jobevent::{JobResult, field};
 use crate::jobs::{JobCtx, Outcome, Report, finish};
 use crate::objectstore::{Remote, S3Config};
 use crate::postgres::{self, Conn, RestoreOpts};
 use crate::store::{JobKind, JobRecord};
 use crate::unix_ms;
-use catalog::{Backup, Part, PruneLine, Table, Trigger};
-use retention::Policy;
-use target::{SourceKind, TargetSpec};
+use drover_model::backup::catalog::{Backup, Part, PruneLine, Table, Trigger};
+use drover_model::backup::target::{SourceKind, TargetSpec};
+use drover_model::backup::{catalog, retention, target};
+use drover_model::jobevent::{JobResult, field};
+use drover_model::units::human_bytes;
 
 /// The manifest's name inside a backup's folder (and the last object uploaded).
 pub const MANIFEST: &str = "manifest.json";
@@ -201,21 +199,6 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 // --- progress ---------------------------------------------------------------------------------
 
 /// Runs blocking byte-moving `work` on the blocking pool while reporting its bytes about once
@@ -252,7 +235,7 @@ async fn with_progress<T: Send + 'static>(
                 );
                 report
                     .event(
-                        crate::jobevent::PROGRESS,
+                        drover_model::jobevent::PROGRESS,
                         message,
                         BTreeMap::from([
                             (field::STEP.to_string(), step.to_string()),
@@ -728,7 +711,7 @@ fn live_release(ctx: &JobCtx, spec: &TargetSpec) -> String {
         return String::new();
     };
     match ctx.store.releases(app) {
-        Ok(table) => crate::releases::live(&table)
+        Ok(table) => drover_model::releases::live(&table)
             .map(|r| format!("{app} {}", r.version))
             .unwrap_or_default(),
         Err(_) => String::new(),
@@ -939,14 +922,6 @@ async fn apply_retention(
         }
     }
     Ok(out)
-}
-
-/// The rule of a policy, for `drover backup-target` listings.
-pub fn describe(policy: &Policy) -> String {
-    format!(
-        "last {}, {} daily, {} weekly, {} monthly",
-        policy.keep_last, policy.daily, policy.weekly, policy.monthly
-    )
 }
 
 // --- restore ----------------------------------------------------------------------------------

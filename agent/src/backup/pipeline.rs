@@ -661,6 +661,42 @@ mod tests {
 
     const MIB: usize = 1024 * 1024;
 
+    /// The spec's check of a recipient (in drover-model, which does not link age) accepts what
+    /// age parses and refuses what it refuses.
+    #[test]
+    fn the_spec_check_of_an_age_recipient_agrees_with_age() {
+        use drover_model::backup::target::is_age_recipient;
+        for _ in 0..50 {
+            let key = age::x25519::Identity::generate().to_public().to_string();
+            assert!(is_age_recipient(&key), "{key}");
+            assert!(parse_recipients(std::slice::from_ref(&key)).is_ok());
+            let mut flipped = key.clone().into_bytes();
+            let last = flipped.len() - 1;
+            flipped[last] = if flipped[last] == b'q' { b'p' } else { b'q' };
+            let flipped = String::from_utf8(flipped).unwrap();
+            assert!(!is_age_recipient(&flipped), "{flipped}");
+            assert!(parse_recipients(std::slice::from_ref(&flipped)).is_err());
+            let upper = key.to_uppercase();
+            assert_eq!(
+                is_age_recipient(&upper),
+                parse_recipients(std::slice::from_ref(&upper)).is_ok(),
+                "{upper}"
+            );
+        }
+        let secret = age::x25519::Identity::generate();
+        let secret = secret.to_string();
+        for bad in [
+            "",
+            "age1",
+            "age1qqqq",
+            secret.expose_secret(),
+            "ssh-ed25519 AAAA",
+        ] {
+            assert!(!is_age_recipient(bad), "{bad}");
+            assert!(parse_recipients(&[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+
     fn plain() -> Encode {
         Encode {
             zstd_level: 3,

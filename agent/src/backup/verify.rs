@@ -21,17 +21,18 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::catalog::{self, Backup, Check, CheckResult, Table, Verification};
-use super::target::{PostgresSource, TargetSpec};
 use super::{
-    Cleanup, check_read_back, conn_of, human_bytes, object_key, pipeline, private_dir, remote_of,
-    target_dir, validate,
+    Cleanup, check_read_back, conn_of, object_key, pipeline, private_dir, remote_of, target_dir,
+    validate,
 };
 use crate::deploy::{Failure, fail, take_lock};
 use crate::jobs::{JobCtx, Outcome, Report};
 use crate::postgres::{self, Conn, RestoreOpts, TableFact};
 use crate::store::JobRecord;
 use crate::unix_ms;
+use drover_model::backup::catalog::{self, Backup, Check, CheckResult, Table, Verification};
+use drover_model::backup::target::{PostgresSource, TargetSpec};
+use drover_model::units::human_bytes;
 
 /// Label of every scratch container, so recovery can find one a crash left behind.
 pub const LABEL_SCRATCH: &str = "drover.scratch";

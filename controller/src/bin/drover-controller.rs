@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use drover_agent::daemon::{self, LogFormat};
 use drover_controller::{Controller, ControllerConfig};
+use drover_daemon::{self as daemon, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -123,11 +123,9 @@ async fn run(args: Args) -> Result<()> {
             listen,
             log_format,
         } => {
-            // The in-process agent's secrets are cut out of the log lines too.
-            let redactor = drover_agent::redact::Redactor::default();
-            daemon::init_logging_redacted(log_format, redactor.clone());
+            daemon::init_logging(log_format);
             let shutdown = daemon::shutdown_on_signals().context("installing signal handlers")?;
-            drover_controller::dev::run(&dir, listen, shutdown, redactor).await?;
+            drover_controller::dev::run(&dir, listen, shutdown).await?;
             Ok(())
         }
     }

@@ -15,7 +15,7 @@ use drover_identity::pki::new_key_and_csr;
 use drover_proto::v1;
 use serde_json::Value;
 
-use crate::server::now_ms;
+use drover_model::units::now_ms;
 
 /// Exit codes (also in README.md). Following sysexits.h where one fits.
 pub mod exit {
@@ -299,7 +299,7 @@ pub struct RecurringArgs {
     #[arg(long)]
     tz: Option<String>,
     /// Fire up to this much later (15m), the same offset every time.
-    #[arg(long, value_parser = drover_agent::daemon::parse_duration)]
+    #[arg(long, value_parser = drover_model::units::parse_duration)]
     jitter: Option<std::time::Duration>,
     /// Run on this host; default: as `drover backup run` chooses.
     #[arg(long)]
@@ -342,7 +342,7 @@ pub fn parse_at(text: &str) -> Result<i64, String> {
 pub fn parse_at_from(text: &str, now_ms: i64) -> Result<i64, String> {
     let text = text.trim();
     if let Some(rest) = text.strip_prefix('+') {
-        let d = drover_agent::daemon::parse_duration(rest)?;
+        let d = drover_model::units::parse_duration(rest)?;
         return Ok(now_ms + d.as_millis() as i64);
     }
     chrono::DateTime::parse_from_rfc3339(text)
@@ -363,7 +363,7 @@ pub enum TokenCommand {
         labels: Vec<(String, String)>,
         /// Lifetime (e.g. 15m, 2h; at least 1m, at most 168h); default from the controller's
         /// config.
-        #[arg(long, value_parser = drover_agent::daemon::parse_duration)]
+        #[arg(long, value_parser = drover_model::units::parse_duration)]
         ttl: Option<std::time::Duration>,
         #[arg(long)]
         json: bool,
@@ -592,9 +592,9 @@ fn recurring_request(
     kind: &str,
     a: RecurringArgs,
 ) -> Result<(v1::AddScheduleRequest, bool), CliError> {
-    crate::schedule::parse_cron(&a.cron).map_err(|e| CliError::Invalid(e.to_string()))?;
+    drover_model::schedule::parse_cron(&a.cron).map_err(|e| CliError::Invalid(e.to_string()))?;
     let tz = a.tz.unwrap_or_default();
-    crate::schedule::parse_tz(&tz).map_err(|e| CliError::Invalid(e.to_string()))?;
+    drover_model::schedule::parse_tz(&tz).map_err(|e| CliError::Invalid(e.to_string()))?;
     Ok((
         v1::AddScheduleRequest {
             id: a.id.unwrap_or_default(),

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use drover_agent::jobevent::{self, field, status};
+use drover_model::jobevent::{self, field, status};
 use drover_proto::v1;
 use drover_proto::v1::operator_service_client::OperatorServiceClient;
 use serde_json::{Value, json};

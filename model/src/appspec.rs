@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::daemon::{
+use crate::config::{
     ConfigError, check_count, check_duration, duration_str, parse_toml, read_toml_file,
 };
 
@@ -735,8 +735,8 @@ impl AppSpec {
                 "health.retries",
                 format!(
                     "start_period + retries x (interval + timeout) is {}; the health step may take at most {} (it holds the app's lock)",
-                    crate::daemon::human(total),
-                    crate::daemon::human(limits::MAX_HEALTH_TOTAL)
+                    crate::units::human(total),
+                    crate::units::human(limits::MAX_HEALTH_TOTAL)
                 ),
             ));
         }

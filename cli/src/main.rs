@@ -1,7 +1,7 @@
 //! `drover`, the operator CLI: parse, run one command, map the error to an exit code.
 
 use clap::Parser;
-use drover_controller::cli::{self, Cli};
+use drover_cli::{self as cli, Cli};
 
 fn main() {
     let cli = Cli::parse();

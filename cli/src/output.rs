@@ -6,21 +6,7 @@ use comfy_table::{Table, presets::NOTHING};
 use drover_proto::v1;
 use serde_json::{Value, json};
 
-use crate::convert::status_name;
-
-/// "12s ago", "3m ago", "never".
-pub fn ago(then_ms: i64, now_ms: i64) -> String {
-    if then_ms <= 0 {
-        return "never".into();
-    }
-    let secs = ((now_ms - then_ms).max(0) / 1000) as u64;
-    match secs {
-        0..=119 => format!("{secs}s ago"),
-        120..=7199 => format!("{}m ago", secs / 60),
-        7200..=172_799 => format!("{}h ago", secs / 3600),
-        _ => format!("{}d ago", secs / 86_400),
-    }
-}
+pub use drover_model::units::ago;
 
 /// RFC 3339 time, or null for "never".
 pub fn rfc3339_ms(ms: i64) -> Value {
@@ -288,7 +274,7 @@ pub fn tokens_table(tokens: &[v1::TokenInfo], now_ms: i64) -> String {
 /// What an app's spec allows beyond a plain container (host mounts, host network), from its
 /// stored TOML; empty for a spec that does not parse here.
 pub fn app_privileges(a: &v1::AppInfo) -> Vec<String> {
-    drover_agent::appspec::AppSpec::from_toml(&a.spec_toml, &a.name)
+    drover_model::appspec::AppSpec::from_toml(&a.spec_toml, &a.name)
         .map(|spec| spec.privileges())
         .unwrap_or_default()
 }
@@ -568,7 +554,7 @@ pub fn target_json(t: &v1::BackupTargetInfo) -> Value {
 
 pub fn targets_table(targets: &[v1::BackupTargetInfo], now_ms: i64) -> String {
     if targets.is_empty() {
-        return "no backup targets yet: `drover backup-target apply FILE` (see agent/examples/backup-postgres.toml)".into();
+        return "no backup targets yet: `drover backup-target apply FILE` (see examples/backup-postgres.toml)".into();
     }
     let mut t = table(&[
         "NAME",
@@ -603,7 +589,7 @@ fn yes_no(b: bool) -> String {
 
 /// Bytes for a person: `512 B`, `3.4 MiB`.
 pub fn bytes(n: u64) -> String {
-    drover_agent::backup::human_bytes(n)
+    drover_model::units::human_bytes(n)
 }
 
 /// Where the copies are: `local+s3`, `local`, `s3`; a local copy known corrupt shows as
@@ -1041,6 +1027,16 @@ pub fn alerts_table(alerts: &[v1::AlertInfo], now_ms: i64) -> String {
         ]);
     }
     t.to_string()
+}
+
+/// The name of a health check's status as the controller sends it.
+fn status_name(status: i32) -> &'static str {
+    match v1::CheckStatus::try_from(status) {
+        Ok(v1::CheckStatus::Healthy) => "healthy",
+        Ok(v1::CheckStatus::Degraded) => "degraded",
+        Ok(v1::CheckStatus::Unhealthy) => "unhealthy",
+        _ => "unknown",
+    }
 }
 
 #[cfg(test)]

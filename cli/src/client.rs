@@ -169,7 +169,7 @@ pub fn rpc_error(controller: &str, status: tonic::Status) -> CliError {
             CliError::Invalid(message)
         }
         Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => {
-            let cause = drover_agent::error::describe_transport(&status);
+            let cause = drover_identity::tls::describe_transport(&status);
             let lower = cause.to_ascii_lowercase();
             if lower.contains("certificate")
                 || lower.contains("alert")
