@@ -4,7 +4,7 @@
 use drover_proto::v1;
 
 use crate::health::{Check, HostFacts, Status};
-use crate::store::Event;
+use crate::store::{BackupJob, Event, JobKind, JobRecord};
 
 pub fn status_to_proto(status: Status) -> v1::CheckStatus {
     match status {
@@ -73,5 +73,97 @@ pub fn health_to_proto(facts: &HostFacts, checks: &[Check], overall: Status) -> 
                 p95_ms: a.p95_ms,
             })
             .collect(),
+    }
+}
+
+/// The command as a job record, ready for the store.
+pub fn job_from_command(cmd: &drover_proto::v1::Command, now_ms: i64) -> Option<JobRecord> {
+    use drover_proto::v1::command::Job;
+    let base = |kind, app: &str, version: &str, requested_by: &str, wait_lock| JobRecord {
+        id: cmd.job_id.clone(),
+        kind,
+        app: app.to_string(),
+        version: version.to_string(),
+        spec_toml: String::new(),
+        spec_revision: 0,
+        skip_backup: false,
+        wait_lock,
+        requested_by: requested_by.to_string(),
+        accepted_unix_ms: now_ms,
+        step: String::new(),
+        finished: false,
+        release: String::new(),
+        previous: String::new(),
+        switched: false,
+        backup: None,
+    };
+    match cmd.job.as_ref()? {
+        Job::Deploy(d) => Some(JobRecord {
+            spec_toml: d.spec_toml.clone(),
+            spec_revision: d.spec_revision,
+            skip_backup: d.skip_backup,
+            backup: (!d.backup_target_toml.is_empty()).then(|| BackupJob {
+                target_toml: d.backup_target_toml.clone(),
+                trigger: "pre_deploy".into(),
+                ..BackupJob::default()
+            }),
+            ..base(
+                JobKind::Deploy,
+                &d.app,
+                &d.version,
+                &d.requested_by,
+                d.wait_lock,
+            )
+        }),
+        Job::Rollback(r) => Some(base(
+            JobKind::Rollback,
+            &r.app,
+            &r.to_version,
+            &r.requested_by,
+            r.wait_lock,
+        )),
+        Job::Backup(b) => Some(JobRecord {
+            backup: Some(BackupJob {
+                target_toml: b.target_toml.clone(),
+                trigger: b.trigger.clone(),
+                ..BackupJob::default()
+            }),
+            ..base(JobKind::Backup, &b.target, "", &b.requested_by, false)
+        }),
+        Job::Verify(v) => Some(JobRecord {
+            backup: Some(BackupJob {
+                target_toml: v.target_toml.clone(),
+                identity_file: v.identity_file.clone(),
+                ..BackupJob::default()
+            }),
+            ..base(JobKind::Verify, &v.target, "", &v.requested_by, false)
+        }),
+        Job::Restore(r) => Some(JobRecord {
+            backup: Some(BackupJob {
+                target_toml: r.target_toml.clone(),
+                backup_id: r.backup_id.clone(),
+                part: r.part.clone(),
+                to_database: r.to_database.clone(),
+                to_dir: r.to_dir.clone(),
+                confirmed: r.confirmed,
+                identity_file: r.identity_file.clone(),
+                ..BackupJob::default()
+            }),
+            ..base(
+                JobKind::Restore,
+                &r.target,
+                &r.backup_id,
+                &r.requested_by,
+                false,
+            )
+        }),
+        Job::Prune(p) => Some(JobRecord {
+            backup: Some(BackupJob {
+                target_toml: p.target_toml.clone(),
+                dry_run: p.dry_run,
+                ..BackupJob::default()
+            }),
+            ..base(JobKind::Prune, &p.target, "", &p.requested_by, false)
+        }),
     }
 }

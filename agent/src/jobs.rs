@@ -12,8 +12,7 @@
 //! later, is ignored, and the job is reported `cancelled` at once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -21,91 +20,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::apps::Apps;
-use crate::docker::DockerClient;
 use crate::health::AppFacts;
-use crate::redact::Redactor;
-use crate::store::{JobKind, JobRecord, NewEvent, Store};
-use crate::{Outbox, deploy, recovery, unix_ms};
-use drover_model::jobevent::{self, JobResult, field, status};
-
-/// Everything a job touches.
-#[derive(Debug)]
-pub struct JobCtx {
-    /// This host's name, as enrolled (recorded in each backup's manifest).
-    pub host: String,
-    pub store: Arc<Store>,
-    pub outbox: Outbox,
-    pub docker: DockerClient,
-    pub apps: Apps,
-    pub secrets_dir: PathBuf,
-    /// The agent's shutdown: proxies live until it fires.
-    pub shutdown: CancellationToken,
-    /// Where backups go when a target names no `storage.dir` (`<data dir>/backups`).
-    pub backups_dir: PathBuf,
-    /// How long a deploy lock lives without renewal (renewed at a third of it while held).
-    pub lock_lease: Duration,
-    /// The secrets the agent knows (the outbox's and the log writer's).
-    pub redactor: Redactor,
-    /// The running jobs' cancellation tokens.
-    pub cancels: Cancels,
-}
-
-/// Who asked to cancel a running job, by job id: a job checks its own at each safe point.
-/// Separate from the agent's shutdown, which leaves jobs for the next start's recovery.
-#[derive(Debug, Default)]
-pub struct Cancels {
-    running: Mutex<HashMap<String, (CancellationToken, String)>>,
-}
-
-impl Cancels {
-    fn register(&self, job_id: &str) -> CancellationToken {
-        let token = CancellationToken::new();
-        if let Ok(mut map) = self.running.lock() {
-            map.insert(job_id.to_string(), (token.clone(), String::new()));
-        }
-        token
-    }
-
-    fn remove(&self, job_id: &str) {
-        if let Ok(mut map) = self.running.lock() {
-            map.remove(job_id);
-        }
-    }
-
-    /// Cancels a running job; false when none by that id runs here.
-    fn cancel(&self, job_id: &str, by: &str) -> bool {
-        let Ok(mut map) = self.running.lock() else {
-            return false;
-        };
-        match map.get_mut(job_id) {
-            Some((token, who)) => {
-                if who.is_empty() {
-                    *who = by.to_string();
-                }
-                token.cancel();
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The job's token (a never-cancelled one for a job not run by the runner, e.g. recovery).
-    pub fn token(&self, job_id: &str) -> CancellationToken {
-        self.running
-            .lock()
-            .ok()
-            .and_then(|map| map.get(job_id).map(|(t, _)| t.clone()))
-            .unwrap_or_default()
-    }
-
-    /// Who cancelled the job, once it was.
-    pub fn cancelled_by(&self, job_id: &str) -> Option<String> {
-        let map = self.running.lock().ok()?;
-        let (token, who) = map.get(job_id)?;
-        token.is_cancelled().then(|| who.clone())
-    }
-}
+use crate::job::step::{JobCtx, Outcome, Report, finish};
+use crate::store::{JobKind, JobRecord};
+use crate::{recovery, unix_ms};
+use drover_model::jobevent::{self, JobResult, field};
 
 /// What the session hands the runner, in the order the controller sent it.
 #[derive(Debug)]
@@ -246,7 +165,7 @@ async fn end_after_panic(ctx: &JobCtx, job_id: &str, why: String) {
             format!("the agent hit a bug in this job ({why}); converging as after a crash"),
         )
         .await;
-    if let Err(err) = recovery::converge(ctx, job).await {
+    if let Err(err) = crate::job::converge(ctx, job).await {
         error!(job = %job_id, error = %err, "cannot converge the job that panicked; the next start will");
     }
 }
@@ -299,47 +218,6 @@ async fn cancel(ctx: &JobCtx, job_id: &str, by: &str) {
     }
 }
 
-/// How a job ended, for `job.finished`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    pub result: JobResult,
-    /// The step that failed (or was running when interrupted).
-    pub step: String,
-    pub error: String,
-    pub logs: String,
-    pub code: String,
-    pub live_version: String,
-    pub previous_version: String,
-    pub extra: BTreeMap<String, String>,
-    /// The `job.finished` line of a success, when the job kind's default does not fit.
-    pub summary: String,
-}
-
-impl Outcome {
-    pub fn succeeded(live: &str, previous: &str) -> Outcome {
-        Outcome {
-            result: JobResult::Succeeded,
-            step: String::new(),
-            error: String::new(),
-            logs: String::new(),
-            code: String::new(),
-            live_version: live.to_string(),
-            previous_version: previous.to_string(),
-            extra: BTreeMap::new(),
-            summary: String::new(),
-        }
-    }
-
-    pub fn failed(step: &str, error: impl Into<String>) -> Outcome {
-        Outcome {
-            result: JobResult::Failed,
-            step: step.to_string(),
-            error: error.into(),
-            ..Outcome::succeeded("", "")
-        }
-    }
-}
-
 async fn run_job(ctx: &JobCtx, mut job: JobRecord, token: CancellationToken) {
     let started = Instant::now();
     // Before the first event: whatever the job prints from here on is redacted.
@@ -358,7 +236,7 @@ async fn run_job(ctx: &JobCtx, mut job: JobRecord, token: CancellationToken) {
             ]),
         )
         .await;
-    let mut outcome = deploy::run(ctx, &mut job, &report).await;
+    let mut outcome = crate::job::run(ctx, &mut job, &report).await;
     if token.is_cancelled() {
         outcome = cancelled_outcome(outcome, ctx.cancels.cancelled_by(&job.id));
     }
@@ -406,185 +284,6 @@ pub fn cancelled_outcome(mut outcome: Outcome, by: Option<String>) -> Outcome {
     outcome
 }
 
-/// Ends a job: marks it finished, releases its lock, reports `job.finished` and the app's
-/// release table. Used by the runner and by recovery.
-pub async fn finish(
-    ctx: &JobCtx,
-    job: &mut JobRecord,
-    report: &Report<'_>,
-    outcome: Outcome,
-    took: Duration,
-) {
-    job.finished = true;
-    if let Err(err) = ctx.store.put_job(job).await {
-        error!(job = %job.id, error = %err, "cannot record the job as finished");
-    }
-    if let Err(err) = ctx.store.unlock(&job.lock_key(), &job.id).await {
-        warn!(job = %job.id, error = %err, "cannot release the deploy lock (it expires by lease)");
-    }
-    let mut fields = outcome.extra.clone();
-    for (key, value) in [
-        (field::RESULT, outcome.result.as_str().to_string()),
-        (field::STEP, outcome.step.clone()),
-        (field::ERROR, outcome.error.clone()),
-        (field::LOGS, outcome.logs.clone()),
-        (field::CODE, outcome.code.clone()),
-        (field::LIVE_VERSION, outcome.live_version.clone()),
-        (field::PREVIOUS_VERSION, outcome.previous_version.clone()),
-        (field::DURATION_MS, took.as_millis().to_string()),
-    ] {
-        if !value.is_empty() {
-            fields.insert(key.to_string(), value);
-        }
-    }
-    let message = match outcome.result {
-        JobResult::Succeeded if !outcome.summary.is_empty() => outcome.summary.clone(),
-        JobResult::Succeeded => format!(
-            "{} {}: {} is live",
-            job.kind.as_str(),
-            job.app,
-            outcome.live_version
-        ),
-        JobResult::RolledBack => format!(
-            "rolled back automatically: {}; {} is live",
-            outcome.error, outcome.live_version
-        ),
-        JobResult::Cancelled => format!(
-            "{} {} {} at {}: {}",
-            job.kind.as_str(),
-            job.app,
-            outcome.result.as_str(),
-            if outcome.step.is_empty() {
-                "start"
-            } else {
-                &outcome.step
-            },
-            outcome.error
-        ),
-        _ => format!(
-            "{} failed at {}: {}",
-            job.kind.as_str(),
-            outcome.step,
-            outcome.error
-        ),
-    };
-    // The message may quote a failing app's output: the log line is redacted like the event.
-    let logged = ctx.redactor.redact(&message);
-    info!(job = %job.id, result = outcome.result.as_str(), took_ms = took.as_millis() as u64, "{logged}");
-    report.event(jobevent::FINISHED, message, fields).await;
-    if job.kind.is_backup() {
-        crate::backup::report_catalog(ctx, &job.app, &job.id).await;
-    } else {
-        report_releases(ctx, &job.app, &job.id).await;
-    }
-}
-
-/// Sends an app's release table as `app.releases` (under `job_id`).
-pub async fn report_releases(ctx: &JobCtx, app: &str, job_id: &str) {
-    match ctx.store.releases(app) {
-        Ok(releases) => {
-            Report::new(&ctx.outbox, job_id)
-                .event(
-                    jobevent::RELEASES,
-                    format!("{} release(s) of {app}", releases.len()),
-                    jobevent::releases_fields(app, &releases),
-                )
-                .await
-        }
-        Err(err) => error!(app, error = %err, "cannot read the release table"),
-    }
-}
-
-/// Writes one job's events into the outbox.
-#[derive(Debug)]
-pub struct Report<'a> {
-    outbox: &'a Outbox,
-    job_id: String,
-}
-
-impl<'a> Report<'a> {
-    pub fn new(outbox: &'a Outbox, job_id: &str) -> Report<'a> {
-        Report {
-            outbox,
-            job_id: job_id.to_string(),
-        }
-    }
-
-    /// Records an event. The outbox is the agent's own disk: if it fails, the job goes on
-    /// and the failure is logged (the job's state is in the store either way).
-    pub async fn event(&self, kind: &str, message: String, fields: BTreeMap<String, String>) {
-        let event = NewEvent {
-            job_id: self.job_id.clone(),
-            kind: kind.to_string(),
-            message,
-            fields,
-        };
-        if let Err(err) = self.outbox.record(event).await {
-            error!(job = %self.job_id, kind, error = %err, "cannot record a job event");
-        }
-    }
-
-    fn step_fields(step: &str, state: &str) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (field::STEP.to_string(), step.to_string()),
-            (field::STATUS.to_string(), state.to_string()),
-        ])
-    }
-
-    pub async fn step_started(&self, step: &str, message: impl Into<String>) {
-        self.event(
-            jobevent::STEP,
-            message.into(),
-            Self::step_fields(step, status::STARTED),
-        )
-        .await;
-    }
-
-    /// A step ended well; `extra` adds fields.
-    pub async fn step_done(
-        &self,
-        step: &str,
-        since: Instant,
-        message: impl Into<String>,
-        extra: BTreeMap<String, String>,
-    ) {
-        let mut fields = Self::step_fields(step, status::DONE);
-        fields.insert(
-            field::DURATION_MS.into(),
-            since.elapsed().as_millis().to_string(),
-        );
-        fields.extend(extra);
-        self.event(jobevent::STEP, message.into(), fields).await;
-    }
-
-    pub async fn step_failed(&self, step: &str, since: Instant, message: impl Into<String>) {
-        let mut fields = Self::step_fields(step, status::FAILED);
-        fields.insert(
-            field::DURATION_MS.into(),
-            since.elapsed().as_millis().to_string(),
-        );
-        self.event(jobevent::STEP, message.into(), fields).await;
-    }
-
-    pub async fn step_skipped(&self, step: &str, why: impl Into<String>) {
-        self.event(
-            jobevent::STEP,
-            why.into(),
-            Self::step_fields(step, status::SKIPPED),
-        )
-        .await;
-    }
-
-    pub async fn progress(&self, step: &str, message: impl Into<String>) {
-        self.event(
-            jobevent::PROGRESS,
-            message.into(),
-            BTreeMap::from([(field::STEP.to_string(), step.to_string())]),
-        )
-        .await;
-    }
-}
-
 /// Apps with a live release, whether their containers run, and their proxy's counters: for
 /// the health report.
 pub async fn app_facts(ctx: &JobCtx) -> Vec<AppFacts> {
@@ -616,77 +315,6 @@ pub async fn app_facts(ctx: &JobCtx) -> Vec<AppFacts> {
         out.push(facts);
     }
     out
-}
-
-/// Renews a held deploy lock until dropped.
-#[derive(Debug)]
-pub struct LockKeeper {
-    stop: CancellationToken,
-}
-
-impl LockKeeper {
-    pub fn start(store: Arc<Store>, app: &str, holder: &str, lease: Duration) -> LockKeeper {
-        let stop = CancellationToken::new();
-        let (app, holder, token) = (app.to_string(), holder.to_string(), stop.clone());
-        tokio::spawn(async move {
-            let every = lease / 3;
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                if let Err(err) = store
-                    .lock(&app, &holder, unix_ms(), lease.as_millis() as i64)
-                    .await
-                {
-                    warn!(app, error = %err, "cannot renew the deploy lock");
-                }
-            }
-        });
-        LockKeeper { stop }
-    }
-}
-
-impl Drop for LockKeeper {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// A byte source that fails once its job is cancelled, so a blocking pipeline (a backup's
-/// dump, a test restore) stops at its next read or write and cleans up through its failure
-/// path (`.partial` files removed, `pg_dump` killed on drop).
-pub struct CancelIo<T> {
-    pub inner: T,
-    pub token: CancellationToken,
-}
-
-impl<T> CancelIo<T> {
-    fn check(&self) -> std::io::Result<()> {
-        if self.token.is_cancelled() {
-            Err(std::io::Error::other("the job was cancelled"))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl<T: std::io::Read> std::io::Read for CancelIo<T> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.check()?;
-        self.inner.read(buf)
-    }
-}
-
-impl<T: std::io::Write> std::io::Write for CancelIo<T> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.check()?;
-        self.inner.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]
@@ -754,19 +382,5 @@ mod tests {
         let done = cancelled_outcome(Outcome::succeeded("v2", "v1"), Some("bob".into()));
         assert_eq!(done.result, JobResult::Succeeded);
         assert!(done.extra["cancel"].contains("after the last safe point"));
-    }
-
-    #[test]
-    fn cancels_reach_only_running_jobs_and_remember_who() {
-        let cancels = Cancels::default();
-        assert!(!cancels.cancel("j1", "bob"), "nothing runs");
-        let token = cancels.register("j1");
-        assert_eq!(cancels.cancelled_by("j1"), None);
-        assert!(cancels.cancel("j1", "bob"));
-        assert!(cancels.cancel("j1", "carol"));
-        assert!(token.is_cancelled() && cancels.token("j1").is_cancelled());
-        assert_eq!(cancels.cancelled_by("j1").as_deref(), Some("bob"));
-        cancels.remove("j1");
-        assert!(!cancels.token("j1").is_cancelled());
     }
 }

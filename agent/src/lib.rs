@@ -9,12 +9,12 @@ pub mod backoff;
 pub mod backup;
 pub mod config;
 pub mod convert;
-pub mod deploy;
 pub mod docker;
 pub mod enroll;
 pub mod error;
 pub mod health;
 pub mod httpcheck;
+pub mod job;
 pub mod jobs;
 pub mod lock;
 pub mod objectstore;
@@ -22,6 +22,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod recovery;
 pub mod redact;
+pub mod release;
 pub mod secrets;
 mod session;
 pub mod store;
@@ -209,12 +210,12 @@ impl Agent {
             proxy_connections = budget,
             "open-file limit"
         );
-        let jobs_ctx = Arc::new(jobs::JobCtx {
+        let jobs_ctx = Arc::new(job::step::JobCtx {
             host: self.enrollment.host.clone(),
             store: self.store.clone(),
             outbox: self.outbox(),
             redactor: self.redactor.clone(),
-            cancels: jobs::Cancels::default(),
+            cancels: job::step::Cancels::default(),
             docker: docker::connect(&self.config.docker_socket),
             apps: apps::Apps::new(self.config.proxy.limits(budget))
                 .with_liveness(self.liveness.clone()),
@@ -263,7 +264,7 @@ impl Agent {
 
 /// Samples host facts every `every` and publishes them; the session decides what to send.
 async fn sample_health(
-    jobs: Arc<jobs::JobCtx>,
+    jobs: Arc<job::step::JobCtx>,
     every: std::time::Duration,
     facts: watch::Sender<Option<HostFacts>>,
     shutdown: CancellationToken,

@@ -14,10 +14,11 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::apps::Reserved;
-use crate::deploy::{self, LABEL_RELEASE, WEB, container_spec};
 use crate::docker::ContainerInfo;
-use crate::jobs::{JobCtx, Outcome, Report, finish, report_releases};
+use crate::job::step::interrupted_message;
+use crate::job::step::{JobCtx, Outcome, Report, finish, report_releases};
 use crate::proxy::Upstream;
+use crate::release::{self, LABEL_RELEASE, WEB, container_spec};
 use crate::secrets;
 use crate::store::{JobKind, JobRecord};
 use drover_model::appspec::AppSpec;
@@ -34,14 +35,14 @@ pub async fn recover(ctx: &JobCtx) -> Result<(), String> {
     }
     // The Engine must answer before anything is judged from what it shows.
     ctx.docker
-        .list_labelled(deploy::LABEL_APP, "-")
+        .list_labelled(release::LABEL_APP, "-")
         .await
         .map_err(|e| e.to_string())?;
-    crate::backup::verify::sweep_scratch(ctx).await;
+    crate::job::verify::sweep_scratch(ctx).await;
     let jobs = ctx.store.unfinished_jobs().map_err(|e| e.to_string())?;
     for job in jobs {
         ctx.redactor.learn_job(&ctx.secrets_dir, &job);
-        converge(ctx, job).await?;
+        crate::job::converge(ctx, job).await?;
     }
     for app in ctx.store.release_apps().map_err(|e| e.to_string())? {
         sweep(ctx, &app).await?;
@@ -141,18 +142,16 @@ async fn healthy(ctx: &JobCtx, report: &Report<'_>, release: &Release) -> Result
             .host_port
             .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
             .ok_or("the web container has no published port")?;
-        deploy::wait_healthy(ctx, report, "recover", &info.name, addr, &spec.health)
+        release::wait_healthy(ctx, report, "recover", &info.name, addr, &spec.health)
             .await
             .map_err(|f| f.error)?;
     }
     Ok(())
 }
 
-pub(crate) async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
-    if job.kind.is_backup() {
-        crate::backup::converge(ctx, job).await;
-        return Ok(());
-    }
+/// Converges an interrupted deploy or rollback (the rule in this file's header) and reports it
+/// `interrupted`; the release kinds' `converge` (`crate::job`).
+pub(crate) async fn converge_release(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
     let report = Report::new(&ctx.outbox, &job.id);
     let mut table = ctx.store.releases(&job.app).map_err(|e| e.to_string())?;
     let target = find(&table, &job.release);
@@ -253,19 +252,6 @@ pub(crate) async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), Str
     Ok(())
 }
 
-/// The error of a job the agent's stop interrupted: the step, then what the agent did about it
-/// on restart (each a clause of its own). Pure.
-pub fn interrupted_message(step: &str, did: &[String]) -> String {
-    if did.is_empty() {
-        format!("the agent stopped during step {step}")
-    } else {
-        format!(
-            "the agent stopped during step {step}; on restart: {}",
-            did.join("; ")
-        )
-    }
-}
-
 /// Removes the app's orphan containers, stops kept releases left running, removes kept
 /// releases beyond the live spec's `keep_releases` (an interrupted deploy never reached its
 /// prune step), and makes sure the live release runs.
@@ -273,7 +259,7 @@ async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), String> {
     let mut table = ctx.store.releases(app).map_err(|e| e.to_string())?;
     let found = ctx
         .docker
-        .list_labelled(deploy::LABEL_APP, app)
+        .list_labelled(release::LABEL_APP, app)
         .await
         .map_err(|e| e.to_string())?;
     let pairs: Vec<(String, String)> = found
@@ -301,7 +287,7 @@ async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), String> {
         .map(|spec| spec.keep_releases as usize);
     let mut pruned = Vec::new();
     if let Some(keep) = keep {
-        pruned = deploy::prune(ctx, &mut table, keep).await;
+        pruned = release::prune(ctx, &mut table, keep).await;
         if !pruned.is_empty() {
             ctx.store
                 .put_releases(app, &table)
@@ -365,25 +351,4 @@ async fn restore_proxy(ctx: &JobCtx, app: &str) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_interrupted_message_reads_as_sentences() {
-        assert_eq!(
-            interrupted_message("watch", &[]),
-            "the agent stopped during step watch"
-        );
-        assert_eq!(
-            interrupted_message(
-                "watch",
-                &[
-                    "traffic had moved to v1.1.0, which is healthy and keeps serving".into(),
-                    "v1.0.0 was stopped".into()
-                ]
-            ),
-            "the agent stopped during step watch; on restart: traffic had moved to v1.1.0, \
-             which is healthy and keeps serving; v1.0.0 was stopped"
-        );
-    }
-}
+mod tests {}

@@ -406,7 +406,7 @@ async fn handle_inbound(
                 s.cert_not_after_unix = live.cert.not_after_unix;
             });
         }
-        Some(In::Command(cmd)) => match crate::deploy::job_from_command(&cmd, now_ms()) {
+        Some(In::Command(cmd)) => match crate::convert::job_from_command(&cmd, now_ms()) {
             Some(job) => ctx.jobs.submit(job),
             None => {
                 warn!(job = %cmd.job_id, kind = %cmd.kind, "a command this agent does not understand; ignored (upgrade the agent)")

@@ -15,7 +15,6 @@
 
 pub mod files;
 pub mod pipeline;
-pub mod verify;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -25,11 +24,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::deploy::{Failure, begin, fail, outcome_of, take_lock};
-use crate::jobs::{JobCtx, Outcome, Report, finish};
+use crate::job::step::{Failure, JobCtx, Outcome, Report, begin, fail, finish};
 use crate::objectstore::{Remote, S3Config};
-use crate::postgres::{self, Conn, RestoreOpts};
-use crate::store::{JobKind, JobRecord};
+use crate::postgres::{self, Conn};
+use crate::store::JobRecord;
 use crate::unix_ms;
 use drover_model::backup::catalog::{Backup, Part, PruneLine, Table, Trigger};
 use drover_model::backup::target::{SourceKind, TargetSpec};
@@ -40,19 +38,7 @@ use drover_model::units::human_bytes;
 /// The manifest's name inside a backup's folder (and the last object uploaded).
 pub const MANIFEST: &str = "manifest.json";
 /// How often a running backup or restore reports its bytes.
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-
-/// Runs a backup, restore or prune job to its outcome.
-pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outcome {
-    let result = match job.kind {
-        JobKind::Backup => backup_job(ctx, job, report).await,
-        JobKind::Restore => restore_job(ctx, job, report).await,
-        JobKind::Prune => prune_job(ctx, job, report).await,
-        JobKind::Verify => verify::verify_job(ctx, job, report).await,
-        JobKind::Deploy | JobKind::Rollback => Err(fail("validate", "not a backup job")),
-    };
-    outcome_of(result)
-}
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The job's target spec, validated again on this host.
 pub(crate) fn spec_of(job: &JobRecord) -> Result<TargetSpec, String> {
@@ -64,7 +50,7 @@ pub(crate) fn spec_of(job: &JobRecord) -> Result<TargetSpec, String> {
     TargetSpec::from_toml(toml, &format!("backup target {}", job.app)).map_err(|e| e.to_string())
 }
 
-async fn validate(
+pub(crate) async fn validate(
     ctx: &JobCtx,
     job: &mut JobRecord,
     report: &Report<'_>,
@@ -89,7 +75,7 @@ async fn validate(
 }
 
 /// Reports a failed step and returns the failure.
-async fn step_failed(
+pub(crate) async fn step_failed(
     report: &Report<'_>,
     step: &'static str,
     since: Instant,
@@ -110,7 +96,7 @@ pub fn target_dir(ctx: &JobCtx, spec: &TargetSpec) -> PathBuf {
         .join(&spec.name)
 }
 
-fn s3_config(spec: &TargetSpec) -> Option<S3Config> {
+pub(crate) fn s3_config(spec: &TargetSpec) -> Option<S3Config> {
     spec.storage.s3.as_ref().map(|s3| S3Config {
         endpoint: s3.endpoint.clone(),
         bucket: s3.bucket.clone(),
@@ -120,7 +106,7 @@ fn s3_config(spec: &TargetSpec) -> Option<S3Config> {
     })
 }
 
-fn remote_of(spec: &TargetSpec) -> Result<Option<Remote>, String> {
+pub(crate) fn remote_of(spec: &TargetSpec) -> Result<Option<Remote>, String> {
     match s3_config(spec) {
         None => Ok(None),
         Some(cfg) => Remote::open(&cfg).map(Some).map_err(|e| e.to_string()),
@@ -128,11 +114,11 @@ fn remote_of(spec: &TargetSpec) -> Result<Option<Remote>, String> {
 }
 
 /// Object key of a file of a backup (under the storage's prefix).
-fn object_key(target: &str, id: &str, file: &str) -> String {
+pub(crate) fn object_key(target: &str, id: &str, file: &str) -> String {
     format!("{target}/{id}/{file}")
 }
 
-fn remote_url(spec: &TargetSpec, id: &str) -> String {
+pub(crate) fn remote_url(spec: &TargetSpec, id: &str) -> String {
     match &spec.storage.s3 {
         Some(s3) => {
             let prefix = s3.prefix.trim_matches('/');
@@ -147,7 +133,7 @@ fn remote_url(spec: &TargetSpec, id: &str) -> String {
     }
 }
 
-fn conn_of(pg: &target::PostgresSource) -> Conn {
+pub(crate) fn conn_of(pg: &target::PostgresSource) -> Conn {
     match (&pg.container, &pg.url) {
         (Some(container), _) => Conn::Container {
             container: container.clone(),
@@ -161,7 +147,7 @@ fn conn_of(pg: &target::PostgresSource) -> Conn {
 }
 
 /// Creates a directory (and parents) readable only by the agent's user.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -171,7 +157,7 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Removes `<id>.partial` folders a crash or a failure left in the target's folder.
-fn sweep_partial_dirs(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn sweep_partial_dirs(dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return removed;
@@ -195,7 +181,7 @@ fn sweep_partial_dirs(dir: &Path) -> Vec<PathBuf> {
     removed
 }
 
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -203,7 +189,7 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Runs blocking byte-moving `work` on the blocking pool while reporting its bytes about once
 /// a second as `job.progress` lines of `step` (`label: 1.2 GiB read, 420 MiB stored, 95 MiB/s`).
-async fn with_progress<T: Send + 'static>(
+pub(crate) async fn with_progress<T: Send + 'static>(
     report: &Report<'_>,
     step: &'static str,
     label: String,
@@ -252,43 +238,9 @@ async fn with_progress<T: Send + 'static>(
 
 // --- backup -----------------------------------------------------------------------------------
 
-async fn backup_job(
-    ctx: &JobCtx,
-    job: &mut JobRecord,
-    report: &Report<'_>,
-) -> Result<Outcome, Failure> {
-    let spec = validate(ctx, job, report).await?;
-    let _lock = take_lock(ctx, job, report).await?;
-    let trigger = Trigger::parse(
-        job.backup
-            .as_ref()
-            .map(|b| b.trigger.as_str())
-            .unwrap_or(""),
-    );
-    let backup = take(ctx, job, report, &spec, trigger, None, None).await?;
-    prune_step(ctx, job, report, &spec, false).await?;
-    let mut out = Outcome::succeeded("", "");
-    out.summary = format!(
-        "backup {} of {}: {} stored from {} ({:.1}×){}",
-        backup.id,
-        spec.name,
-        human_bytes(backup.size()),
-        human_bytes(backup.source_bytes()),
-        backup.ratio(),
-        if backup.is_remote() {
-            format!(", uploaded to {}", backup.remote)
-        } else {
-            String::new()
-        }
-    );
-    out.extra
-        .insert(catalog::field::BACKUP_ID.into(), backup.id.clone());
-    Ok(out)
-}
-
 /// How `take` reports its stages: as the job's own steps, or (inside a deploy's `backup` step
 /// or a restore's `emergency_backup`) as progress lines of that one step.
-struct Stages<'a, 'r> {
+pub(crate) struct Stages<'a, 'r> {
     report: &'a Report<'r>,
     outer: Option<&'static str>,
 }
@@ -334,7 +286,7 @@ impl Stages<'_, '_> {
 }
 
 /// What one part's source is.
-enum Source {
+pub(crate) enum Source {
     Postgres {
         conn: Conn,
         database: String,
@@ -382,7 +334,7 @@ pub(crate) async fn take(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn take_into(
+pub(crate) async fn take_into(
     ctx: &JobCtx,
     job: &mut JobRecord,
     stages: &Stages<'_, '_>,
@@ -454,7 +406,7 @@ async fn take_into(
         };
         let reader: Box<dyn Read + Send> = match open_source(ctx, &source).await {
             // A cancel stops the stream at its next read; the failure path removes `.partial`.
-            Ok(r) => Box::new(crate::jobs::CancelIo {
+            Ok(r) => Box::new(crate::job::step::CancelIo {
                 inner: r,
                 token: ctx.cancels.token(&job.id),
             }),
@@ -612,7 +564,7 @@ type Checked = (
 
 /// The parts to read, what PostgreSQL says about each database, the remote storage, and the
 /// estimated bytes; fails when the disk is too full or a source or the storage is unusable.
-async fn check(
+pub(crate) async fn check(
     ctx: &JobCtx,
     spec: &TargetSpec,
     database: Option<&str>,
@@ -684,7 +636,10 @@ async fn check(
     Ok((sources, facts, remote, estimate))
 }
 
-async fn open_source(ctx: &JobCtx, source: &Source) -> Result<Box<dyn Read + Send>, String> {
+pub(crate) async fn open_source(
+    ctx: &JobCtx,
+    source: &Source,
+) -> Result<Box<dyn Read + Send>, String> {
     match source {
         Source::Postgres {
             conn,
@@ -706,7 +661,7 @@ async fn open_source(ctx: &JobCtx, source: &Source) -> Result<Box<dyn Read + Sen
 }
 
 /// `app version` of the target's app, when it names one and it is live here.
-fn live_release(ctx: &JobCtx, spec: &TargetSpec) -> String {
+pub(crate) fn live_release(ctx: &JobCtx, spec: &TargetSpec) -> String {
     let Some(app) = &spec.app else {
         return String::new();
     };
@@ -718,7 +673,7 @@ fn live_release(ctx: &JobCtx, spec: &TargetSpec) -> String {
     }
 }
 
-fn write_manifest(dir: &Path, backup: &Backup) -> std::io::Result<()> {
+pub(crate) fn write_manifest(dir: &Path, backup: &Backup) -> std::io::Result<()> {
     use std::io::Write;
     let text = serde_json::to_vec_pretty(backup).map_err(std::io::Error::other)?;
     let tmp = dir.join(format!("{MANIFEST}.partial"));
@@ -728,7 +683,7 @@ fn write_manifest(dir: &Path, backup: &Backup) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join(MANIFEST))
 }
 
-async fn upload(
+pub(crate) async fn upload(
     stages: &Stages<'_, '_>,
     remote: &Remote,
     spec: &TargetSpec,
@@ -782,7 +737,7 @@ pub fn check_read_back(key: &str, part: &Part, size: u64, sha256: &str) -> Resul
 }
 
 /// Deletes every object of a backup (best effort: a failure is logged).
-async fn delete_remote(remote: &Remote, target: &str, id: &str) {
+pub(crate) async fn delete_remote(remote: &Remote, target: &str, id: &str) {
     let prefix = format!("{target}/{id}/");
     match remote.list(&prefix).await {
         Ok(keys) => {
@@ -796,50 +751,11 @@ async fn delete_remote(remote: &Remote, target: &str, id: &str) {
     }
 }
 
-/// Sends a target's catalog as `backup.catalog` (under `job_id`).
-pub async fn report_catalog(ctx: &JobCtx, target: &str, job_id: &str) {
-    match ctx.store.backups(target) {
-        Ok(backups) => {
-            Report::new(&ctx.outbox, job_id)
-                .event(
-                    catalog::CATALOG,
-                    format!("{} backup(s) of {target}", backups.len()),
-                    catalog::catalog_fields(target, &backups),
-                )
-                .await
-        }
-        Err(err) => warn!(target, error = %err, "cannot read the backup catalog"),
-    }
-}
-
 // --- retention --------------------------------------------------------------------------------
-
-async fn prune_job(
-    ctx: &JobCtx,
-    job: &mut JobRecord,
-    report: &Report<'_>,
-) -> Result<Outcome, Failure> {
-    let spec = validate(ctx, job, report).await?;
-    let _lock = take_lock(ctx, job, report).await?;
-    let dry_run = job.backup.as_ref().is_some_and(|b| b.dry_run);
-    let lines = prune_step(ctx, job, report, &spec, dry_run).await?;
-    let gone = lines.iter().filter(|l| !l.keep).count();
-    let mut out = Outcome::succeeded("", "");
-    out.summary = if dry_run {
-        format!("dry run: {gone} cop(ies) of {} would be deleted", spec.name)
-    } else {
-        format!("{gone} cop(ies) of {} deleted", spec.name)
-    };
-    out.extra.insert(
-        catalog::field::PRUNE.into(),
-        serde_json::to_string(&lines).unwrap_or_default(),
-    );
-    Ok(out)
-}
 
 /// Applies the target's retention (local and remote copies separately) and reports each
 /// decision.
-async fn prune_step(
+pub(crate) async fn prune_step(
     ctx: &JobCtx,
     job: &mut JobRecord,
     report: &Report<'_>,
@@ -879,7 +795,7 @@ async fn prune_step(
     }
 }
 
-async fn apply_retention(
+pub(crate) async fn apply_retention(
     ctx: &JobCtx,
     spec: &TargetSpec,
     dry_run: bool,
@@ -926,92 +842,6 @@ async fn apply_retention(
 
 // --- restore ----------------------------------------------------------------------------------
 
-async fn restore_job(
-    ctx: &JobCtx,
-    job: &mut JobRecord,
-    report: &Report<'_>,
-) -> Result<Outcome, Failure> {
-    let spec = validate(ctx, job, report).await?;
-    let request = job.backup.clone().unwrap_or_default();
-    let _lock = take_lock(ctx, job, report).await?;
-
-    // locate: the backup, its part, a copy whose hash matches the manifest.
-    let since = begin(
-        ctx,
-        job,
-        report,
-        "locate",
-        format!("finding backup {}", request.backup_id),
-    )
-    .await?;
-    let located = locate(ctx, &spec, &request).await;
-    let Located {
-        backup,
-        part,
-        file,
-        fetched,
-        copy,
-    } = match located {
-        Ok(v) => v,
-        Err(e) => return Err(step_failed(report, "locate", since, e).await),
-    };
-    // The fetched copy (from S3) is removed whatever happens next.
-    let _cleanup = Cleanup(fetched.clone());
-    let identity = if backup.recipients.is_empty() {
-        None
-    } else if request.identity_file.is_empty() {
-        return Err(step_failed(
-            report,
-            "locate",
-            since,
-            format!(
-                "backup {} is encrypted; pass --identity-file PATH (a file on this host holding the age identity)",
-                backup.id
-            ),
-        )
-        .await);
-    } else {
-        match read_identity_file(Path::new(&request.identity_file)) {
-            Ok(text) => Some(text),
-            Err(e) => return Err(step_failed(report, "locate", since, e).await),
-        }
-    };
-    report
-        .step_done(
-            "locate",
-            since,
-            format!(
-                "{} part {} ({}): {}",
-                backup.id,
-                part.name,
-                human_bytes(part.size),
-                copy.located()
-            ),
-            BTreeMap::new(),
-        )
-        .await;
-
-    let summary = if !request.to_dir.is_empty() {
-        restore_files(job, ctx, report, &part, &file, identity, &request.to_dir).await?
-    } else {
-        let pg = spec.postgres.as_ref().ok_or_else(|| {
-            fail(
-                "validate",
-                "only PostgreSQL targets restore into a database; use --to-dir",
-            )
-        })?;
-        restore_database(
-            ctx, job, report, &spec, pg, &backup, &part, &file, identity, &request,
-        )
-        .await?
-    };
-    let mut out = Outcome::succeeded("", "");
-    out.summary = format!("{summary}; {}", copy.restored_from());
-    out.extra
-        .insert(catalog::field::BACKUP_ID.into(), backup.id.clone());
-    Ok(out)
-}
-
 /// Reads an age identity file (the format `age-keygen` writes) and checks that it holds at
 /// least one identity, before anything is touched.
 pub(crate) fn read_identity_file(path: &Path) -> Result<String, String> {
@@ -1020,40 +850,6 @@ pub(crate) fn read_identity_file(path: &Path) -> Result<String, String> {
     pipeline::parse_identities(&text)
         .map_err(|e| format!("the identity file {}: {e}", path.display()))?;
     Ok(text)
-}
-
-/// Which stored copy a restore reads, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CopyUsed {
-    /// The local copy, its hash matching the manifest (`dir`: its folder).
-    Local { dir: String },
-    /// The S3 copy (`url` of the file), because the local copy is `local` (`corrupt (sha256
-    /// mismatch)`, `gone`, ...).
-    Remote { url: String, local: String },
-}
-
-impl CopyUsed {
-    /// The `locate` step's words.
-    pub fn located(&self) -> String {
-        match self {
-            CopyUsed::Local { dir } => {
-                format!("the local copy in {dir} matches the manifest (sha256)")
-            }
-            CopyUsed::Remote { url, local } => format!(
-                "local copy {local}; the S3 copy {url} matches the manifest (sha256) and is used"
-            ),
-        }
-    }
-
-    /// The restore's summary: which copy it came from and why.
-    pub fn restored_from(&self) -> String {
-        match self {
-            CopyUsed::Local { dir } => format!("restored from the local copy in {dir}"),
-            CopyUsed::Remote { url, local } => {
-                format!("local copy {local}, restored from S3 copy {url}")
-            }
-        }
-    }
 }
 
 /// What is wrong with a stored copy, in a few words: `corrupt (sha256 mismatch)`, `missing`.
@@ -1065,19 +861,8 @@ pub fn copy_fault(err: &pipeline::PipelineError) -> String {
     }
 }
 
-/// What `locate` found.
-struct Located {
-    backup: Backup,
-    part: Part,
-    /// A local file with the part, its hash checked.
-    file: PathBuf,
-    /// The folder of a copy fetched from S3, to remove afterwards.
-    fetched: Option<PathBuf>,
-    copy: CopyUsed,
-}
-
 /// Removes a fetched copy when dropped.
-struct Cleanup(Option<PathBuf>);
+pub(crate) struct Cleanup(pub(crate) Option<PathBuf>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -1087,322 +872,27 @@ impl Drop for Cleanup {
     }
 }
 
-/// The backup, the part to restore, a local file with it (hash checked), the folder of a
-/// copy fetched from S3 (to remove afterwards) and which copy it is. A local copy that fails
-/// its hash check is marked corrupt in the catalog; a fetched copy that fails its own is
-/// removed before the error returns.
-async fn locate(
-    ctx: &JobCtx,
-    spec: &TargetSpec,
-    request: &crate::store::BackupJob,
-) -> Result<Located, String> {
-    let mut backup = ctx
-        .store
-        .backup(&spec.name, &request.backup_id)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            format!(
-                "no backup {} of {} on this host (drover backup list {})",
-                request.backup_id, spec.name, spec.name
-            )
-        })?;
-    let part = backup
-        .part((!request.part.is_empty()).then_some(request.part.as_str()))?
-        .clone();
-    let mut local_state = "gone".to_string();
-    if backup.is_local() {
-        let file = Path::new(&backup.local_dir).join(&part.file);
-        let (f, sha) = (file.clone(), part.sha256.clone());
-        let checked = tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha))
-            .await
-            .map_err(|e| e.to_string())?;
-        match checked {
-            Ok(_) => {
-                let dir = backup.local_dir.clone();
-                return Ok(Located {
-                    backup,
-                    part,
-                    file,
-                    fetched: None,
-                    copy: CopyUsed::Local { dir },
-                });
-            }
-            Err(e) => {
-                local_state = copy_fault(&e);
-                warn!(file = %file.display(), error = %e, "the local copy is unusable");
-                if matches!(
-                    e,
-                    pipeline::PipelineError::HashMismatch { .. }
-                        | pipeline::PipelineError::Missing { .. }
-                ) {
-                    backup.mark_local_corrupt(&local_state);
-                    if let Err(err) = ctx.store.put_backup(&backup).await {
-                        warn!(backup = %backup.id, error = %err, "cannot mark the local copy corrupt");
-                    }
-                }
-                if !backup.is_remote() {
-                    return Err(format!(
-                        "the local copy is unusable: {e}; backup {} has no S3 copy",
-                        backup.id
-                    ));
-                }
-            }
-        }
-    }
-    if !backup.is_remote() {
-        return Err(format!("backup {} has no copy left", backup.id));
-    }
-    let remote = remote_of(spec)?.ok_or("the target no longer has [storage.s3]")?;
-    let dir = target_dir(ctx, spec).join(format!("{}.fetch.partial", backup.id));
-    private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    // Removed on every way out but success.
-    let mut guard = Cleanup(Some(dir.clone()));
-    let file = dir.join(&part.file);
-    remote
-        .download_to(&object_key(&spec.name, &backup.id, &part.file), &file)
-        .await
-        .map_err(|e| format!("download: {e}"))?;
-    let (f, sha) = (file.clone(), part.sha256.clone());
-    tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| {
-            format!("the local copy is {local_state}, and the remote copy is unusable: {e}")
-        })?;
-    guard.0 = None;
-    let url = format!("{}{}", backup.remote, part.file);
-    Ok(Located {
-        backup,
-        part,
-        file,
-        fetched: Some(dir),
-        copy: CopyUsed::Remote {
-            url,
-            local: local_state,
-        },
-    })
-}
-
-async fn restore_files(
-    job: &mut JobRecord,
-    ctx: &JobCtx,
-    report: &Report<'_>,
-    part: &Part,
-    file: &Path,
-    identity: Option<String>,
-    to_dir: &str,
-) -> Result<String, Failure> {
-    let since = begin(
-        ctx,
-        job,
-        report,
-        "restore",
-        format!("unpacking into {to_dir}"),
-    )
-    .await?;
-    let dest = PathBuf::from(to_dir);
-    let untar = match files::Untar::start(&dest) {
-        Ok(u) => u,
-        Err(e) => return Err(step_failed(report, "restore", since, e.to_string()).await),
-    };
-    let (file, sha) = (file.to_path_buf(), part.sha256.clone());
-    let done = with_progress(report, "restore", part.name.clone(), move |tick| {
-        let mut untar = untar;
-        let read = pipeline::read(&file, &sha, identity.as_deref(), &mut untar, tick)
-            .map_err(|e| e.to_string());
-        let finished = untar.finish().map_err(|e| format!("unpacking: {e}"));
-        read.and_then(|stats| finished.map(|()| stats))
-    })
-    .await
-    .and_then(|r| r);
-    match done {
-        Ok(stats) => {
-            let message = format!("{} unpacked into {to_dir}", human_bytes(stats.plain_bytes));
-            report
-                .step_done("restore", since, message.clone(), BTreeMap::new())
-                .await;
-            Ok(message)
-        }
-        Err(e) => Err(step_failed(report, "restore", since, e).await),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn restore_database(
-    ctx: &JobCtx,
-    job: &mut JobRecord,
-    report: &Report<'_>,
-    spec: &TargetSpec,
-    pg: &target::PostgresSource,
-    backup: &Backup,
-    part: &Part,
-    file: &Path,
-    identity: Option<String>,
-    request: &crate::store::BackupJob,
-) -> Result<String, Failure> {
-    let conn = conn_of(pg);
-    let database = request.to_database.clone();
-    let since = begin(
-        ctx,
-        job,
-        report,
-        "emergency_backup",
-        format!("checking whether {database} exists"),
-    )
-    .await?;
-    let exists = match postgres::database_exists(&ctx.docker, &conn, &database).await {
-        Ok(e) => e,
-        Err(e) => return Err(step_failed(report, "emergency_backup", since, e.to_string()).await),
-    };
-    let mut emergency = None;
-    if exists {
-        if !request.confirmed {
-            return Err(step_failed(
-                report,
-                "emergency_backup",
-                since,
-                format!(
-                    "database {database} exists; restoring replaces its contents. Confirm with --yes (its current state is backed up first)"
-                ),
-            )
-            .await);
-        }
-        let taken = take(
-            ctx,
-            job,
-            report,
-            spec,
-            Trigger::Emergency,
-            Some(&database),
-            Some("emergency_backup"),
-        )
-        .await?;
-        report
-            .step_done(
-                "emergency_backup",
-                since,
-                format!(
-                    "the current state of {database} is backup {} ({})",
-                    taken.id,
-                    human_bytes(taken.size())
-                ),
-                BTreeMap::new(),
-            )
-            .await;
-        emergency = Some(taken.id);
-    } else {
-        report
-            .step_skipped(
-                "emergency_backup",
-                format!("{database} does not exist yet; nothing to protect"),
-            )
-            .await;
-    }
-
-    let since = begin(
-        ctx,
-        job,
-        report,
-        "restore",
-        format!("restoring {} part {} into {database}", backup.id, part.name),
-    )
-    .await?;
-    if !exists && let Err(e) = postgres::create_database(&ctx.docker, &conn, &database).await {
-        return Err(step_failed(report, "restore", since, e.to_string()).await);
-    }
-    let opts = RestoreOpts {
-        clean: exists,
-        single_transaction: true,
-        no_owner: false,
-    };
-    let sink = match postgres::restore(&ctx.docker, &conn, &database, &opts).await {
-        Ok(s) => s,
-        Err(e) => {
-            let hint = undo_restore(ctx, &conn, &database, exists).await;
-            return Err(step_failed(report, "restore", since, format!("{e}{hint}")).await);
-        }
-    };
-    let (file, sha) = (file.to_path_buf(), part.sha256.clone());
-    let done = with_progress(report, "restore", database.clone(), move |tick| {
-        let mut sink = sink;
-        let read = pipeline::read(&file, &sha, identity.as_deref(), &mut sink, tick)
-            .map_err(|e| e.to_string());
-        let finished = sink.finish().map_err(|e| e.to_string());
-        match (read, finished) {
-            (Ok(stats), Ok(())) => Ok(stats),
-            (Err(e), _) => Err(e),
-            (Ok(_), Err(e)) => Err(e),
-        }
-    })
-    .await
-    .and_then(|r| r);
-    match done {
-        Ok(stats) => {
-            let message = format!(
-                "{} restored into {database} ({} of archive){}",
-                backup.id,
-                human_bytes(stats.plain_bytes),
-                emergency
-                    .map(|id| format!("; its previous state is backup {id}"))
-                    .unwrap_or_default()
-            );
-            report
-                .step_done("restore", since, message.clone(), BTreeMap::new())
-                .await;
-            Ok(message)
-        }
-        Err(e) => {
-            let hint = undo_restore(ctx, &conn, &database, exists).await;
-            Err(step_failed(report, "restore", since, format!("{e}{hint}")).await)
-        }
-    }
-}
-
-/// After a failed restore, leaves the target as it was: a database that existed is unchanged
-/// (the restore ran in one transaction); one the restore created is dropped. Returns the
-/// words for the error.
-async fn undo_restore(ctx: &JobCtx, conn: &Conn, database: &str, existed: bool) -> String {
-    if existed {
-        return "; the restore ran in one transaction, so the database is unchanged".into();
-    }
-    match postgres::drop_database(&ctx.docker, conn, database).await {
-        Ok(()) => format!("; the database {database} it had created was dropped"),
-        Err(e) => {
-            warn!(database, error = %e, "cannot drop the database a failed restore created");
-            format!(
-                "; the database {database} it had created could not be dropped ({e}): drop it by hand"
-            )
-        }
-    }
-}
-
 // --- recovery ---------------------------------------------------------------------------------
 
-/// On start, for a backup job a crash interrupted: remove its partial files and report it
-/// `interrupted`.
-pub async fn converge(ctx: &JobCtx, mut job: JobRecord) {
+/// On start, for a backup-kind job a crash interrupted: remove its partial files and report it
+/// `interrupted`, with what its kind did about it first (`did`).
+pub async fn converge(ctx: &JobCtx, mut job: JobRecord, mut did: Vec<String>) {
     let report = Report::new(&ctx.outbox, &job.id);
-    let mut did = Vec::new();
     if let Ok(spec) = spec_of(&job) {
         let removed = sweep_partial_dirs(&target_dir(ctx, &spec));
         if !removed.is_empty() {
-            did.push(format!("removed {} partial backup file(s)", removed.len()));
+            did.insert(
+                0,
+                format!("removed {} partial backup file(s)", removed.len()),
+            );
         }
-    }
-    if job.kind == JobKind::Verify
-        && let Some(swept) = verify::sweep_scratch_databases(ctx, &job).await
-    {
-        did.push(swept);
-    }
-    if job.kind == JobKind::Restore && job.step == "restore" {
-        did.push("a restore that had not committed was rolled back by PostgreSQL".into());
     }
     let step = if job.step.is_empty() {
         "validate".to_string()
     } else {
         job.step.clone()
     };
-    let message = crate::recovery::interrupted_message(&step, &did);
+    let message = crate::job::step::interrupted_message(&step, &did);
     let outcome = Outcome {
         result: JobResult::Interrupted,
         step,

@@ -21,12 +21,11 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::{
+use crate::backup::{
     Cleanup, check_read_back, conn_of, object_key, pipeline, private_dir, remote_of, target_dir,
     validate,
 };
-use crate::deploy::{Failure, fail, take_lock};
-use crate::jobs::{JobCtx, Outcome, Report};
+use crate::job::step::{Failure, JobCtx, Outcome, Report, fail, outcome_of, take_lock};
 use crate::postgres::{self, Conn, RestoreOpts, TableFact};
 use crate::store::JobRecord;
 use crate::unix_ms;
@@ -41,8 +40,23 @@ pub const LABEL_SCRATCH_OWNER: &str = "drover.scratch.owner";
 /// How long a scratch container may take to accept connections.
 const SCRATCH_READY: Duration = Duration::from_secs(120);
 
-/// Runs a verify job: the checks, the `backup.verification` event, the catalog mark.
-pub(super) async fn verify_job(
+/// Runs a verify job to its outcome.
+pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outcome {
+    outcome_of(verify_job(ctx, job, report).await)
+}
+
+/// After a crash: the scratch databases of the job go, then `crate::backup::converge`.
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), String> {
+    let mut did = Vec::new();
+    if let Some(swept) = sweep_scratch_databases(ctx, &job).await {
+        did.push(swept);
+    }
+    crate::backup::converge(ctx, job, did).await;
+    Ok(())
+}
+
+/// A verify job: the checks, the `backup.verification` event, the catalog mark.
+async fn verify_job(
     ctx: &JobCtx,
     job: &mut JobRecord,
     report: &Report<'_>,
@@ -164,7 +178,7 @@ struct Checks<'a, 'r> {
     list: Vec<Check>,
     first_failed: Option<(&'static str, String)>,
     /// Where a cancel of the job shows (`jobs::Cancels`), and its id.
-    cancels: &'a crate::jobs::Cancels,
+    cancels: &'a crate::job::step::Cancels,
     job_id: String,
     /// The copy the content checks read: `local`, `remote`, or empty (none).
     copy: String,
@@ -369,7 +383,7 @@ async fn run_checks(
                         pipeline::PipelineError::HashMismatch { .. }
                             | pipeline::PipelineError::Missing { .. }
                     )
-                    .then(|| super::copy_fault(&e));
+                    .then(|| crate::backup::copy_fault(&e));
                     (format!("{}: {e}", part.file), fault)
                 })?;
                 paths.push(path);
@@ -551,7 +565,7 @@ fn identity_of(
             backup.id
         ));
     };
-    super::read_identity_file(&file).map(Some)
+    crate::backup::read_identity_file(&file).map(Some)
 }
 
 async fn read_back_all(spec: &TargetSpec, backup: &Backup) -> Result<Evidence, String> {
@@ -861,7 +875,7 @@ async fn restore_parts(
             .await
             .map_err(|e| e.to_string())?;
         made.push(database.clone());
-        crate::deploy::pause_point("verify:scratch_made").await;
+        crate::job::step::pause_point("verify:scratch_made").await;
         report
             .progress(
                 "restore",
@@ -884,7 +898,7 @@ async fn restore_parts(
         let stats = tokio::task::spawn_blocking(move || {
             let mut sink = sink;
             // A cancel stops the restore at its next write; the scratch is removed after.
-            let mut guarded = crate::jobs::CancelIo {
+            let mut guarded = crate::job::step::CancelIo {
                 inner: &mut sink,
                 token,
             };
@@ -1052,7 +1066,7 @@ pub fn scratch_prefix(job_id: &str) -> String {
 /// Drops the scratch databases an interrupted validation job left on its URL target's server
 /// (on start); what it did, for the job's final report.
 pub async fn sweep_scratch_databases(ctx: &JobCtx, job: &JobRecord) -> Option<String> {
-    let spec = super::spec_of(job).ok()?;
+    let spec = crate::backup::spec_of(job).ok()?;
     let pg = spec.postgres.as_ref()?;
     if !scratch_on_server(&spec, pg) {
         // A scratch container: `sweep_scratch` removes it.
