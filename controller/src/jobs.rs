@@ -1,9 +1,9 @@
 //! Deploy and rollback jobs as the controller tracks them, and how each event an agent reports
 //! changes one. Pure functions of the job and the event: no I/O, no clock, no wire types.
 //!
-//! A job has one target per host, done one after another. The first target is dispatched
-//! when the job is created; a target that succeeds dispatches the next one; a target that ends
-//! any other way skips the rest. The agent owns the truth: the controller only follows the
+//! A job has one target per host; which run when is `rollout`'s decision (today: one after
+//! another). The first target is dispatched when the job is created; a target that succeeds
+//! dispatches the next one; a target that ends any other way skips the rest. The agent owns the truth: the controller only follows the
 //! events (`drover_model::jobevent`) it is sent.
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 pub use drover_model::jobevent::JobKind;
 use drover_model::jobevent::{self, JobResult, field, status};
 
+use crate::rollout::{self, Rollout};
 use crate::store::EventRecord;
 
 /// Where one host's part of a job stands.
@@ -274,7 +275,7 @@ impl JobRecord {
                 ..
             } => (JobKind::Verify, target, &String::new(), requested_by),
         };
-        JobRecord {
+        let mut job = JobRecord {
             id,
             kind,
             app: app.clone(),
@@ -284,11 +285,10 @@ impl JobRecord {
             finished_unix_ms: 0,
             targets: hosts
                 .iter()
-                .enumerate()
-                .map(|(i, host)| Target {
+                .map(|host| Target {
                     host: host.clone(),
                     state: TargetState::Queued,
-                    dispatched: i == 0,
+                    dispatched: false,
                     step: String::new(),
                     message: String::new(),
                     started_unix_ms: 0,
@@ -299,7 +299,10 @@ impl JobRecord {
                 .collect(),
             command,
             cancel: None,
-        }
+        };
+        let first = rollout::next(Rollout::SEQUENTIAL, &job.targets);
+        rollout::apply(&mut job.targets, &first);
+        job
     }
 
     /// Still running while any target is queued or running (queued while none has started);
@@ -437,19 +440,8 @@ pub fn apply_event(job: &mut JobRecord, event: &EventRecord) -> bool {
             target.logs = field(event, field::LOGS).to_string();
             target.code = field(event, field::CODE).to_string();
             target.finished_unix_ms = event.at_unix_ms;
-            let succeeded = target.state == TargetState::Succeeded;
-            let mut rest = job.targets[index + 1..]
-                .iter_mut()
-                .filter(|t| t.state == TargetState::Queued);
-            if succeeded {
-                if let Some(next) = rest.next() {
-                    next.dispatched = true;
-                }
-            } else {
-                for t in rest {
-                    t.state = TargetState::Skipped;
-                }
-            }
+            let next = rollout::next(Rollout::SEQUENTIAL, &job.targets);
+            rollout::apply(&mut job.targets, &next);
         }
         _ => {} // job.started: done above
     }

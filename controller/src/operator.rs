@@ -1,7 +1,6 @@
 //! OperatorService: what the `drover` CLI calls. Reads need any operator certificate; changes
-//! (deploys, rollbacks and schedules among them) need the admin role. The job-starting helpers
-//! (`deploy_job`, `backup_job`) are shared with the scheduler, so a scheduled run goes through
-//! the same checks as an operator's.
+//! (deploys, rollbacks and schedules among them) need the admin role. Jobs start through
+//! `launch`, as the scheduler's do; a `LaunchError` becomes a status here, in one place.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -9,7 +8,7 @@ use std::time::Duration;
 
 use drover_identity::token::{EnrollToken, token_id};
 use drover_identity::{Identity, Role, validate_name};
-use drover_model::appspec::{AppSpec, check_version};
+use drover_model::appspec::AppSpec;
 use drover_model::releases;
 use drover_proto::v1;
 use tokio::sync::{broadcast, mpsc};
@@ -20,14 +19,12 @@ use tracing::info;
 use crate::auth::{Need, authorize, operator_name};
 use crate::config::{MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::convert;
-use crate::hoststate::host_state;
-use crate::jobs::{self, JobCommand, JobKind, JobRecord, JobUpdate, job_id};
+use crate::jobs::{self, JobRecord, JobUpdate};
+use crate::launch::{DeployArgs, Hosts, LaunchError, Launcher, RestoreArgs, RollbackArgs};
 use crate::scheduler;
-use crate::selection::{Candidate, SelectError, require_connected, select_hosts};
 use crate::server::{Shared, now_ms};
-use crate::sessions::{send_cancel, send_command};
-use crate::store::{AppRecord, EventRecord, HostRecord, ScheduleKind, ScheduleRecord, TokenRecord};
-use drover_model::backup::catalog::Backup;
+use crate::sessions::send_cancel;
+use crate::store::{EventRecord, HostRecord, ScheduleKind, ScheduleRecord, TokenRecord};
 use drover_model::backup::describe as describe_policy;
 use drover_model::backup::retention;
 use drover_model::backup::target::TargetSpec;
@@ -42,121 +39,37 @@ fn internal(err: impl std::fmt::Display) -> Status {
     Status::internal(err.to_string())
 }
 
+/// The one mapping of a job that could not start to the RPC's status.
+impl From<LaunchError> for Status {
+    fn from(err: LaunchError) -> Status {
+        match err {
+            LaunchError::NotFound(m) => Status::not_found(m),
+            LaunchError::Precondition(m) => Status::failed_precondition(m),
+            LaunchError::Invalid(m) => Status::invalid_argument(m),
+            LaunchError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
 impl OperatorApi {
     fn host_info(&self, h: &HostRecord) -> Result<v1::HostInfo, Status> {
-        let shared = &self.shared;
-        let (seen, open) = shared.registry.seen(&h.name);
-        let last_seen = seen.unwrap_or(0).max(h.last_seen_unix_ms);
-        let silence =
-            (last_seen > 0).then(|| Duration::from_millis((now_ms() - last_seen).max(0) as u64));
-        let state = host_state(
-            h.revoked_unix_ms.is_some(),
-            silence,
-            shared.config.suspect_after,
-            shared.config.down_after,
-        );
-        let acked = shared.store.last_event_seq(&h.name).map_err(internal)?;
+        let view = self.shared.host_view(h, now_ms());
+        let acked = self
+            .shared
+            .store
+            .last_event_seq(&h.name)
+            .map_err(internal)?;
         Ok(convert::host_to_proto(
             h,
-            state.as_str(),
-            last_seen,
-            open,
+            view.state.as_str(),
+            view.last_seen_unix_ms,
+            view.session_open,
             acked,
         ))
     }
 
-    fn known_app(&self, name: &str) -> Result<AppRecord, Status> {
-        self.shared
-            .store
-            .app(name)
-            .map_err(internal)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "unknown app {name}; `drover app list` shows the applied ones, `drover app apply FILE` adds one"
-                ))
-            })
-    }
-
-    fn known_target(&self, name: &str) -> Result<(AppRecord, TargetSpec), Status> {
-        let record = self
-            .shared
-            .store
-            .backup_target(name)
-            .map_err(internal)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "unknown backup target {name}; `drover backup-target list` shows the applied ones, `drover backup-target apply FILE` adds one"
-                ))
-            })?;
-        let source = format!("backup target {name} revision {}", record.revision);
-        let spec = TargetSpec::from_toml(&record.spec_toml, &source).map_err(|e| {
-            Status::failed_precondition(format!(
-                "the stored target no longer validates: {e}; apply a fixed one"
-            ))
-        })?;
-        Ok((record, spec))
-    }
-
-    /// Where a job on a backup target runs: `host` when given, else the target's `host` or
-    /// `labels`, else the hosts that hold backups of it, else the only host.
-    fn target_hosts(&self, spec: &TargetSpec, host: &str) -> Result<Vec<String>, Status> {
-        let names: Vec<String> = if !host.is_empty() {
-            vec![host.to_string()]
-        } else {
-            spec.host.iter().cloned().collect()
-        };
-        let labels = if names.is_empty() {
-            spec.labels.clone()
-        } else {
-            BTreeMap::new()
-        };
-        let holding: Vec<String> = self
-            .shared
-            .store
-            .target_backups(&spec.name)
-            .map_err(internal)?
-            .into_iter()
-            .filter(|(_, b)| !b.is_empty())
-            .map(|(h, _)| h)
-            .collect();
-        self.choose_among(&spec.name, &names, &labels, &holding, "back up")
-    }
-
-    /// Where a verify job runs: `host` when given, else the host holding the target's newest
-    /// backup, else where its backups run (the first such host).
-    fn verify_host(&self, spec: &TargetSpec, host: &str) -> Result<Vec<String>, Status> {
-        if host.is_empty() {
-            let catalogs = self
-                .shared
-                .store
-                .target_backups(&spec.name)
-                .map_err(internal)?;
-            if let Some(holder) = newest_holder(&catalogs) {
-                return self.choose_among(&spec.name, &[holder], &BTreeMap::new(), &[], "verify");
-            }
-        }
-        let mut hosts = self.target_hosts(spec, host)?;
-        hosts.truncate(1);
-        Ok(hosts)
-    }
-
-    /// The backup with this id and the host that holds it.
-    fn known_backup(&self, id: &str) -> Result<(String, Backup), Status> {
-        for target in self.shared.store.backup_targets().map_err(internal)? {
-            for (host, table) in self
-                .shared
-                .store
-                .target_backups(&target.name)
-                .map_err(internal)?
-            {
-                if let Some(b) = table.into_iter().find(|b| b.id == id) {
-                    return Ok((host, b));
-                }
-            }
-        }
-        Err(Status::not_found(format!(
-            "unknown backup {id}; `drover backup list` shows them"
-        )))
+    fn launcher(&self) -> Launcher {
+        Launcher::new(self.shared.clone())
     }
 
     fn known_job(&self, id: &str) -> Result<JobRecord, Status> {
@@ -166,161 +79,9 @@ impl OperatorApi {
             ))
         })
     }
-
-    /// The hosts a job on `app` runs on (see `selection`), each with its agent connected now.
-    fn choose_hosts(
-        &self,
-        app: &str,
-        names: &[String],
-        labels: &BTreeMap<String, String>,
-        what: &'static str,
-    ) -> Result<Vec<String>, Status> {
-        let live_on: Vec<String> = self
-            .shared
-            .store
-            .app_releases(app)
-            .map_err(internal)?
-            .into_iter()
-            .filter(|(_, table)| releases::live(table).is_some())
-            .map(|(host, _)| host)
-            .collect();
-        self.choose_among(app, names, labels, &live_on, what)
-    }
-
-    /// The hosts a job on `subject` runs on: by name, by labels, else those in `live_on`, else
-    /// the only host; each with its agent connected now.
-    fn choose_among(
-        &self,
-        subject: &str,
-        names: &[String],
-        labels: &BTreeMap<String, String>,
-        live_on: &[String],
-        what: &'static str,
-    ) -> Result<Vec<String>, Status> {
-        let store = &self.shared.store;
-        let mut inventory = Vec::new();
-        for h in store.hosts().map_err(internal)? {
-            let info = self.host_info(&h)?;
-            inventory.push(Candidate {
-                name: h.name.clone(),
-                labels: h.labels.clone(),
-                revoked: h.revoked_unix_ms.is_some(),
-                session_open: info.session_open,
-                state: info.state,
-                last_seen_unix_ms: info.last_seen_unix_ms,
-            });
-        }
-        let hosts =
-            select_hosts(&inventory, subject, names, labels, live_on).map_err(selection_status)?;
-        require_connected(&inventory, &hosts, what, now_ms()).map_err(selection_status)?;
-        Ok(hosts)
-    }
-}
-
-/// The host whose catalog holds the newest backup (with a copy left) of a target.
-pub fn newest_holder(catalogs: &[(String, Vec<Backup>)]) -> Option<String> {
-    catalogs
-        .iter()
-        .flat_map(|(host, table)| table.iter().map(move |b| (host, b)))
-        .filter(|(_, b)| b.is_local() || b.is_remote())
-        .max_by_key(|(_, b)| (b.started_unix_ms, b.id.clone()))
-        .map(|(host, _)| host.clone())
 }
 
 impl OperatorApi {
-    /// The app and its spec, when `version` may be deployed.
-    fn deployable(&self, app: &str, version: &str) -> Result<(AppRecord, AppSpec), Status> {
-        let app = self.known_app(app)?;
-        let source = format!("app {} revision {}", app.name, app.revision);
-        let spec = AppSpec::from_toml(&app.spec_toml, &source).map_err(|e| {
-            Status::failed_precondition(format!(
-                "the stored spec no longer validates: {e}; apply a fixed one (`drover app apply FILE`)"
-            ))
-        })?;
-        check_version(&spec, version)
-            .map_err(|e| Status::invalid_argument(format!("{}: {e}", app.name)))?;
-        Ok((app, spec))
-    }
-
-    /// Starts a deploy job: the Deploy RPC and the scheduler's one-off deploys. `id` is the
-    /// scheduler's pre-recorded job id.
-    pub async fn deploy_job(
-        &self,
-        req: v1::DeployRequest,
-        by: &str,
-        id: Option<String>,
-    ) -> Result<JobRecord, Status> {
-        let (app, spec) = self.deployable(&req.app, &req.version)?;
-        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        let hosts = self.choose_hosts(&app.name, &req.hosts, &labels, "deploy")?;
-        let backup_target_toml = match (&spec.pre_deploy_backup, req.skip_backup) {
-            (Some(target), false) => self
-                .shared
-                .store
-                .backup_target(target)
-                .map_err(internal)?
-                .map(|t| t.spec_toml)
-                .ok_or_else(|| {
-                    Status::failed_precondition(format!(
-                        "{} asks for a pre-deploy backup of {target}, but no backup target {target} is applied; `drover backup-target apply FILE`, or deploy with --skip-backup",
-                        app.name
-                    ))
-                })?,
-            _ => String::new(),
-        };
-        let command = JobCommand::Deploy {
-            app: app.name.clone(),
-            version: req.version.clone(),
-            spec_toml: app.spec_toml.clone(),
-            spec_revision: app.revision,
-            skip_backup: req.skip_backup,
-            wait_lock: req.wait_lock,
-            requested_by: by.to_string(),
-            backup_target_toml,
-        };
-        start_job(self.shared.clone(), JobKind::Deploy, command, hosts, id).await
-    }
-
-    /// Starts a backup job on `target` (on `host` when given): the RunBackup RPC (trigger
-    /// `manual`) and the scheduler (`scheduled`, with its pre-recorded job id).
-    pub async fn backup_job(
-        &self,
-        target: &str,
-        host: &str,
-        trigger: &str,
-        by: &str,
-        id: Option<String>,
-    ) -> Result<JobRecord, Status> {
-        let (record, spec) = self.known_target(target)?;
-        let hosts = self.target_hosts(&spec, host)?;
-        let command = JobCommand::Backup {
-            target: spec.name.clone(),
-            target_toml: record.spec_toml,
-            trigger: trigger.to_string(),
-            requested_by: by.to_string(),
-        };
-        start_job(self.shared.clone(), JobKind::Backup, command, hosts, id).await
-    }
-
-    /// Starts a verify job on `target` (on `host` when given, else where its newest backup
-    /// is): the scheduler's weekly validation, with its pre-recorded job id.
-    pub async fn verify_job(
-        &self,
-        target: &str,
-        host: &str,
-        by: &str,
-        id: Option<String>,
-    ) -> Result<JobRecord, Status> {
-        let (record, spec) = self.known_target(target)?;
-        let hosts = self.verify_host(&spec, host)?;
-        let command = JobCommand::Verify {
-            target: spec.name.clone(),
-            target_toml: record.spec_toml,
-            requested_by: by.to_string(),
-        };
-        start_job(self.shared.clone(), JobKind::Verify, command, hosts, id).await
-    }
-
     /// Checks and stores (flushed) a new schedule; its id defaults to `<target>-<kind>` (a
     /// deploy: `<app>-deploy-<version>`).
     async fn add_schedule_record(
@@ -334,7 +95,7 @@ impl OperatorApi {
         })?;
         match kind {
             ScheduleKind::Backup | ScheduleKind::Verify => {
-                self.known_target(&record.target)?;
+                self.launcher().known_target(&record.target)?;
                 if record.cron.is_empty() || record.at_unix_ms != 0 {
                     return Err(Status::invalid_argument(format!(
                         "a {} schedule needs a cron expression (--cron \"0 2 * * *\") and no --at",
@@ -349,7 +110,8 @@ impl OperatorApi {
                 }
             }
             ScheduleKind::Deploy => {
-                self.deployable(&record.target, &record.version)?;
+                self.launcher()
+                    .deployable(&record.target, &record.version)?;
                 if !record.cron.is_empty() || record.at_unix_ms == 0 {
                     return Err(Status::invalid_argument(
                         "a deploy schedule is one-off: give its time (--at) and no cron expression",
@@ -469,54 +231,6 @@ fn schedule_info(record: &ScheduleRecord, now: i64) -> v1::ScheduleInfo {
         next
     };
     convert::schedule_to_proto(record, next)
-}
-
-fn selection_status(err: SelectError) -> Status {
-    let message = err.to_string();
-    match err {
-        SelectError::UnknownHost(_) => Status::not_found(message),
-        SelectError::Revoked(_) | SelectError::NotConnected { .. } | SelectError::NoHosts => {
-            Status::failed_precondition(message)
-        }
-        SelectError::Both | SelectError::NoLabelMatch(_) | SelectError::NameThem { .. } => {
-            Status::invalid_argument(message)
-        }
-    }
-}
-
-/// Creates the job (durable), then sends its first target's command. Runs in its own task so
-/// a caller that goes away half-way leaves no job stored but never sent.
-/// With `id` (the scheduler's, recorded before), the job gets that id or is not created.
-async fn start_job(
-    shared: Arc<Shared>,
-    kind: JobKind,
-    command: JobCommand,
-    hosts: Vec<String>,
-    id: Option<String>,
-) -> Result<JobRecord, Status> {
-    tokio::spawn(async move {
-        let now = now_ms();
-        let mut job = None;
-        let tries = if id.is_some() { 1 } else { 8 };
-        for _ in 0..tries {
-            let candidate_id = id
-                .clone()
-                .unwrap_or_else(|| job_id(kind, now, rand::random()));
-            let candidate = JobRecord::new(candidate_id, now, command.clone(), &hosts);
-            if shared.store.create_job(&candidate).map_err(internal)? {
-                job = Some(candidate);
-                break;
-            }
-        }
-        let job = job.ok_or_else(|| Status::internal("could not find a free job id"))?;
-        shared.store.flush().await.map_err(internal)?;
-        let first = &job.targets[0].host;
-        let sent = send_command(&shared, &job, first);
-        info!(job = %job.id, app = %job.app, version = %job.version, by = %job.requested_by, hosts = ?hosts, sent, "job created");
-        Ok(job)
-    })
-    .await
-    .map_err(|e| Status::internal(format!("job task failed: {e}")))?
 }
 
 /// Records a cancel (durable), tells the watchers, then sends `Cancel` to the hosts whose part
@@ -733,7 +447,17 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
                 ..Default::default()
             }));
         }
-        let job = self.deploy_job(req, &by, None).await?;
+        let args = DeployArgs {
+            app: req.app,
+            version: req.version,
+            hosts: Hosts {
+                names: req.hosts,
+                labels: req.labels.into_iter().collect(),
+            },
+            skip_backup: req.skip_backup,
+            wait_lock: req.wait_lock,
+        };
+        let job = self.launcher().deploy(args, &by, None).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -743,35 +467,19 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::JobInfo>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
-        let app = self.known_app(&req.app)?;
-        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        let hosts = self.choose_hosts(&app.name, &req.hosts, &labels, "rollback")?;
-        let to = (!req.to_version.is_empty()).then_some(req.to_version.as_str());
-        for host in &hosts {
-            let table = self
-                .shared
-                .store
-                .releases(&app.name, host)
-                .map_err(internal)?;
-            if releases::rollback_target(&table, to).is_none() {
-                let name = &app.name;
-                return Err(Status::failed_precondition(match to {
-                    None => format!(
-                        "no earlier release of {name} on {host} to roll back to (drover releases {name})"
-                    ),
-                    Some(v) => format!(
-                        "no kept release of version {v} of {name} on {host} to roll back to (drover releases {name})"
-                    ),
-                }));
-            }
-        }
-        let command = JobCommand::Rollback {
-            app: app.name.clone(),
-            to_version: req.to_version.clone(),
+        let args = RollbackArgs {
+            app: req.app,
+            to_version: req.to_version,
+            hosts: Hosts {
+                names: req.hosts,
+                labels: req.labels.into_iter().collect(),
+            },
             wait_lock: req.wait_lock,
-            requested_by: operator_name(&caller),
         };
-        let job = start_job(self.shared.clone(), JobKind::Rollback, command, hosts, None).await?;
+        let job = self
+            .launcher()
+            .rollback(args, &operator_name(&caller))
+            .await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -841,7 +549,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::ListReleasesResponse>, Status> {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let req = request.get_ref();
-        let app = self.known_app(&req.app)?;
+        let app = self.launcher().known_app(&req.app)?;
         if !req.host.is_empty()
             && self
                 .shared
@@ -925,7 +633,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let name = request.into_inner().name;
         let store = &self.shared.store;
-        self.known_target(&name)?;
+        self.launcher().known_target(&name)?;
         // An app spec that declares it would bring it back at its next apply.
         for app in store.apps().map_err(internal)? {
             let declares = AppSpec::from_toml(&app.spec_toml, &app.name)
@@ -1018,7 +726,8 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
         let job = self
-            .backup_job(
+            .launcher()
+            .backup(
                 &req.target,
                 &req.host,
                 "manual",
@@ -1052,7 +761,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
                 .map_err(internal)?
                 .is_empty();
             if !cataloged {
-                self.known_target(&req.target)?;
+                self.launcher().known_target(&req.target)?;
             }
             vec![req.target.clone()]
         };
@@ -1076,7 +785,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         request: Request<v1::GetBackupRequest>,
     ) -> Result<Response<v1::BackupInfo>, Status> {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
-        let (host, backup) = self.known_backup(&request.get_ref().id)?;
+        let (host, backup) = self.launcher().known_backup(&request.get_ref().id)?;
         Ok(Response::new(convert::backup_to_proto(&host, &backup)))
     }
 
@@ -1088,15 +797,10 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         // only. A viewer's dry run is PlanPrune.
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
-        let (record, spec) = self.known_target(&req.target)?;
-        let hosts = self.target_hosts(&spec, &req.host)?;
-        let command = JobCommand::Prune {
-            target: spec.name.clone(),
-            target_toml: record.spec_toml,
-            dry_run: req.dry_run,
-            requested_by: operator_name(&caller),
-        };
-        let job = start_job(self.shared.clone(), JobKind::Prune, command, hosts, None).await?;
+        let job = self
+            .launcher()
+            .prune(&req.target, &req.host, req.dry_run, &operator_name(&caller))
+            .await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -1106,7 +810,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::PlanPruneResponse>, Status> {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let req = request.into_inner();
-        let (_, spec) = self.known_target(&req.target)?;
+        let (_, spec) = self.launcher().known_target(&req.target)?;
         let (local, remote) = (spec.retention.local(), spec.retention.remote());
         let mut lines = Vec::new();
         for (host, table) in self
@@ -1145,49 +849,19 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::JobInfo>, Status> {
         let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
         let req = request.into_inner();
-        let (record, spec) = self.known_target(&req.target)?;
-        let (host, backup) = self.known_backup(&req.backup_id)?;
-        if backup.target != spec.name {
-            return Err(Status::invalid_argument(format!(
-                "backup {} is of target {}, not {}",
-                backup.id, backup.target, spec.name
-            )));
-        }
-        match (req.to_database.is_empty(), req.to_dir.is_empty()) {
-            (true, true) | (false, false) => {
-                return Err(Status::invalid_argument(
-                    "say where to restore: --to DATABASE or --to-dir DIR (one of them)",
-                ));
-            }
-            (false, true) if spec.postgres.is_none() => {
-                return Err(Status::invalid_argument(format!(
-                    "{} backs up files; restore them with --to-dir DIR",
-                    spec.name
-                )));
-            }
-            (true, false) if !req.to_dir.starts_with('/') => {
-                return Err(Status::invalid_argument(
-                    "--to-dir must be an absolute path on the host",
-                ));
-            }
-            _ => {}
-        }
-        backup
-            .part((!req.part.is_empty()).then_some(req.part.as_str()))
-            .map_err(Status::invalid_argument)?;
-        let hosts = self.choose_among(&spec.name, &[host], &BTreeMap::new(), &[], "restore")?;
-        let command = JobCommand::Restore {
-            target: spec.name.clone(),
-            target_toml: record.spec_toml,
-            backup_id: backup.id.clone(),
+        let args = RestoreArgs {
+            target: req.target,
+            backup_id: req.backup_id,
             part: req.part,
             to_database: req.to_database,
             to_dir: req.to_dir,
             confirmed: req.confirmed,
             identity_file: req.identity_file,
-            requested_by: operator_name(&caller),
         };
-        let job = start_job(self.shared.clone(), JobKind::Restore, command, hosts, None).await?;
+        let job = self
+            .launcher()
+            .restore(args, &operator_name(&caller))
+            .await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
 
@@ -1219,22 +893,13 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
             ));
         }
         // Every target is checked before any job starts, so a bad one starts none.
-        let mut planned = Vec::new();
-        for name in names {
-            let (record, spec) = self.known_target(&name)?;
-            let hosts = self.verify_host(&spec, &req.host)?;
-            planned.push((record, spec, hosts));
-        }
-        let mut jobs = Vec::new();
-        for (record, spec, hosts) in planned {
-            let command = JobCommand::Verify {
-                target: spec.name.clone(),
-                target_toml: record.spec_toml,
-                requested_by: operator_name(&caller),
-            };
-            let job = start_job(self.shared.clone(), JobKind::Verify, command, hosts, None).await?;
-            jobs.push(convert::job_to_proto(&job));
-        }
+        let jobs = self
+            .launcher()
+            .verify_all(&names, &req.host, &operator_name(&caller), None)
+            .await?
+            .iter()
+            .map(convert::job_to_proto)
+            .collect();
         Ok(Response::new(v1::VerifyResponse { jobs }))
     }
 
@@ -1245,7 +910,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         authorize(&request, &self.shared.store, Need::OperatorRead)?;
         let req = request.into_inner();
         if !req.target.is_empty() {
-            self.known_target(&req.target)?;
+            self.launcher().known_target(&req.target)?;
         }
         let limit = if req.limit == 0 {
             50

@@ -1,6 +1,6 @@
 //! The scheduler task: every tick it reads the stored schedules, asks the pure rules in
 //! `schedule` which are due, and starts their jobs through the same code the operator RPCs
-//! use (`OperatorApi::backup_job`, `OperatorApi::deploy_job`). Time comes in as an argument:
+//! use (`launch::Launcher`). Time comes in as an argument:
 //! production ticks with the wall clock every second, tests call [`Scheduler::tick`] with the
 //! times they choose.
 //!
@@ -18,11 +18,10 @@ use tracing::{info, warn};
 use drover_model::backup::target::TargetSpec;
 
 use crate::jobs::{JobKind, job_id};
-use crate::operator::OperatorApi;
+use crate::launch::{DeployArgs, Hosts, Launcher};
 use crate::server::Shared;
 use crate::store::{ScheduleKind, ScheduleRecord, StoreError};
 use drover_model::schedule::{self, Schedule, ScheduleError};
-use drover_proto::v1;
 
 /// The default nightly backup of a newly applied target: 02:00 UTC, spread over 15 minutes.
 pub const DEFAULT_BACKUP_CRON: &str = "0 2 * * *";
@@ -305,7 +304,8 @@ pub enum SchedulerError {
 /// Fires due schedules. Cheap to clone; clones share one lock, so two ticks never race.
 #[derive(Debug, Clone)]
 pub struct Scheduler {
-    api: OperatorApi,
+    shared: Arc<Shared>,
+    launcher: Launcher,
     lock: Arc<Mutex<()>>,
 }
 
@@ -313,7 +313,8 @@ impl Scheduler {
     pub fn new(shared: Arc<Shared>) -> Scheduler {
         let lock = shared.scheduler_lock.clone();
         Scheduler {
-            api: OperatorApi { shared },
+            launcher: Launcher::new(shared.clone()),
+            shared,
             lock,
         }
     }
@@ -322,7 +323,7 @@ impl Scheduler {
     /// runs that finished. Returns what fired.
     pub async fn tick(&self, now_ms: i64) -> Result<Vec<Fired>, SchedulerError> {
         let _one_at_a_time = self.lock.lock().await;
-        let store = &self.api.shared.store;
+        let store = &self.shared.store;
         let mut fired = Vec::new();
         for record in store.schedules()? {
             let schedule = match schedule_of(&record) {
@@ -361,7 +362,7 @@ impl Scheduler {
         run: schedule::DueRun,
         now_ms: i64,
     ) -> Result<Fired, SchedulerError> {
-        let store = &self.api.shared.store;
+        let store = &self.shared.store;
         let kind = record.kind.unwrap_or(ScheduleKind::Backup);
         let id = match kind {
             ScheduleKind::Backup => job_id(JobKind::Backup, now_ms, rand::random()),
@@ -380,22 +381,25 @@ impl Scheduler {
         let host = record.hosts.first().cloned().unwrap_or_default();
         let started = match kind {
             ScheduleKind::Backup => {
-                self.api
-                    .backup_job(&record.target, &host, "scheduled", &by, Some(id.clone()))
+                self.launcher
+                    .backup(&record.target, &host, "scheduled", &by, Some(id.clone()))
                     .await
             }
             ScheduleKind::Deploy => {
-                let req = v1::DeployRequest {
+                let args = DeployArgs {
                     app: record.target.clone(),
                     version: record.version.clone(),
-                    hosts: record.hosts.clone(),
+                    hosts: Hosts {
+                        names: record.hosts.clone(),
+                        labels: Default::default(),
+                    },
                     ..Default::default()
                 };
-                self.api.deploy_job(req, &by, Some(id.clone())).await
+                self.launcher.deploy(args, &by, Some(id.clone())).await
             }
             ScheduleKind::Verify => {
-                self.api
-                    .verify_job(&record.target, &host, &by, Some(id.clone()))
+                self.launcher
+                    .verify(&record.target, &host, &by, Some(id.clone()))
                     .await
             }
         };
@@ -404,9 +408,9 @@ impl Scheduler {
                 info!(schedule = %record.id, job = %job.id, covers = run.covers, scheduled_unix_ms = run.scheduled_unix_ms, "schedule fired");
                 (job.id, "started".to_string())
             }
-            Err(status) => {
-                let result = format!("failed: {}", status.message());
-                warn!(schedule = %record.id, error = %status.message(), "scheduled run could not start");
+            Err(err) => {
+                let result = format!("failed: {err}");
+                warn!(schedule = %record.id, error = %err, "scheduled run could not start");
                 store.update_schedule(&record.id, |r| {
                     r.last_run_job_id = String::new();
                     r.last_result = result.clone();

@@ -19,11 +19,12 @@ use crate::ControllerError;
 use crate::alerting::Alerting;
 use crate::config::ControllerConfig;
 use crate::enrollment::EnrollmentApi;
+use crate::hoststate::{HostState, host_state};
 use crate::jobs::JobUpdate;
 use crate::operator::OperatorApi;
 use crate::scheduler::Scheduler;
 use crate::sessions::{AgentApi, Registry};
-use crate::store::Store;
+use crate::store::{HostRecord, Store};
 
 /// How long open sessions get to close after shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -67,6 +68,35 @@ pub struct Shared {
     pub scheduler_lock: Arc<tokio::sync::Mutex<()>>,
     /// Held by an alert tick, likewise.
     pub alerting_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What the controller knows of a host's session now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostView {
+    pub state: HostState,
+    /// The newer of the stored and the live session's last-seen time (0: never).
+    pub last_seen_unix_ms: i64,
+    pub session_open: bool,
+}
+
+impl Shared {
+    /// `h`'s state at `now_ms`: connected, suspect or down from its silence, or revoked.
+    pub fn host_view(&self, h: &HostRecord, now_ms: i64) -> HostView {
+        let (seen, open) = self.registry.seen(&h.name);
+        let last_seen = seen.unwrap_or(0).max(h.last_seen_unix_ms);
+        let silence =
+            (last_seen > 0).then(|| Duration::from_millis((now_ms - last_seen).max(0) as u64));
+        HostView {
+            state: host_state(
+                h.revoked_unix_ms.is_some(),
+                silence,
+                self.config.suspect_after,
+                self.config.down_after,
+            ),
+            last_seen_unix_ms: last_seen,
+            session_open: open,
+        }
+    }
 }
 
 /// How many job updates a slow `WatchJob` stream may fall behind before it re-reads the store.
