@@ -4,7 +4,8 @@
 use drover_proto::v1;
 
 use crate::health::{Check, HostFacts, Status};
-use crate::store::{BackupJob, Event, JobKind, JobRecord};
+use crate::store::{BackupJob, Event, JobRecord};
+use drover_model::job::JobCommand;
 
 pub fn status_to_proto(status: Status) -> v1::CheckStatus {
     match status {
@@ -76,19 +77,71 @@ pub fn health_to_proto(facts: &HostFacts, checks: &[Check], overall: Status) -> 
     }
 }
 
-/// The command as a job record, ready for the store.
-pub fn job_from_command(cmd: &drover_proto::v1::Command, now_ms: i64) -> Option<JobRecord> {
+/// The command a controller's `Command` carries (None: a kind this agent does not know).
+pub fn command_from_proto(cmd: &drover_proto::v1::Command) -> Option<JobCommand> {
     use drover_proto::v1::command::Job;
-    let base = |kind, app: &str, version: &str, requested_by: &str, wait_lock| JobRecord {
-        id: cmd.job_id.clone(),
-        kind,
-        app: app.to_string(),
-        version: version.to_string(),
+    Some(match cmd.job.as_ref()? {
+        Job::Deploy(d) => JobCommand::Deploy {
+            app: d.app.clone(),
+            version: d.version.clone(),
+            spec_toml: d.spec_toml.clone(),
+            spec_revision: d.spec_revision,
+            skip_backup: d.skip_backup,
+            wait_lock: d.wait_lock,
+            requested_by: d.requested_by.clone(),
+            backup_target_toml: d.backup_target_toml.clone(),
+        },
+        Job::Rollback(r) => JobCommand::Rollback {
+            app: r.app.clone(),
+            to_version: r.to_version.clone(),
+            wait_lock: r.wait_lock,
+            requested_by: r.requested_by.clone(),
+        },
+        Job::Backup(b) => JobCommand::Backup {
+            target: b.target.clone(),
+            target_toml: b.target_toml.clone(),
+            trigger: b.trigger.clone(),
+            requested_by: b.requested_by.clone(),
+        },
+        Job::Restore(r) => JobCommand::Restore {
+            target: r.target.clone(),
+            target_toml: r.target_toml.clone(),
+            backup_id: r.backup_id.clone(),
+            part: r.part.clone(),
+            to_database: r.to_database.clone(),
+            to_dir: r.to_dir.clone(),
+            confirmed: r.confirmed,
+            identity_file: r.identity_file.clone(),
+            requested_by: r.requested_by.clone(),
+        },
+        Job::Prune(p) => JobCommand::Prune {
+            target: p.target.clone(),
+            target_toml: p.target_toml.clone(),
+            dry_run: p.dry_run,
+            requested_by: p.requested_by.clone(),
+        },
+        Job::Verify(v) => JobCommand::Verify {
+            target: v.target.clone(),
+            target_toml: v.target_toml.clone(),
+            requested_by: v.requested_by.clone(),
+            identity_file: v.identity_file.clone(),
+        },
+    })
+}
+
+/// A job as this agent stores it, accepted from the controller's `command` at `now_ms`,
+/// nothing done yet.
+pub fn record_from_command(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
+    let base = JobRecord {
+        id,
+        kind: command.kind(),
+        app: command.subject().to_string(),
+        version: command.version().to_string(),
         spec_toml: String::new(),
         spec_revision: 0,
         skip_backup: false,
-        wait_lock,
-        requested_by: requested_by.to_string(),
+        wait_lock: false,
+        requested_by: command.requested_by().to_string(),
         accepted_unix_ms: now_ms,
         step: String::new(),
         finished: false,
@@ -97,73 +150,89 @@ pub fn job_from_command(cmd: &drover_proto::v1::Command, now_ms: i64) -> Option<
         switched: false,
         backup: None,
     };
-    match cmd.job.as_ref()? {
-        Job::Deploy(d) => Some(JobRecord {
-            spec_toml: d.spec_toml.clone(),
-            spec_revision: d.spec_revision,
-            skip_backup: d.skip_backup,
-            backup: (!d.backup_target_toml.is_empty()).then(|| BackupJob {
-                target_toml: d.backup_target_toml.clone(),
+    match command {
+        JobCommand::Deploy {
+            spec_toml,
+            spec_revision,
+            skip_backup,
+            wait_lock,
+            backup_target_toml,
+            ..
+        } => JobRecord {
+            spec_toml,
+            spec_revision,
+            skip_backup,
+            wait_lock,
+            backup: (!backup_target_toml.is_empty()).then(|| BackupJob {
+                target_toml: backup_target_toml,
                 trigger: "pre_deploy".into(),
                 ..BackupJob::default()
             }),
-            ..base(
-                JobKind::Deploy,
-                &d.app,
-                &d.version,
-                &d.requested_by,
-                d.wait_lock,
-            )
-        }),
-        Job::Rollback(r) => Some(base(
-            JobKind::Rollback,
-            &r.app,
-            &r.to_version,
-            &r.requested_by,
-            r.wait_lock,
-        )),
-        Job::Backup(b) => Some(JobRecord {
+            ..base
+        },
+        JobCommand::Rollback { wait_lock, .. } => JobRecord { wait_lock, ..base },
+        JobCommand::Backup {
+            target_toml,
+            trigger,
+            ..
+        } => JobRecord {
             backup: Some(BackupJob {
-                target_toml: b.target_toml.clone(),
-                trigger: b.trigger.clone(),
+                target_toml,
+                trigger,
                 ..BackupJob::default()
             }),
-            ..base(JobKind::Backup, &b.target, "", &b.requested_by, false)
-        }),
-        Job::Verify(v) => Some(JobRecord {
+            ..base
+        },
+        JobCommand::Verify {
+            target_toml,
+            identity_file,
+            ..
+        } => JobRecord {
             backup: Some(BackupJob {
-                target_toml: v.target_toml.clone(),
-                identity_file: v.identity_file.clone(),
+                target_toml,
+                identity_file,
                 ..BackupJob::default()
             }),
-            ..base(JobKind::Verify, &v.target, "", &v.requested_by, false)
-        }),
-        Job::Restore(r) => Some(JobRecord {
+            ..base
+        },
+        JobCommand::Restore {
+            target_toml,
+            backup_id,
+            part,
+            to_database,
+            to_dir,
+            confirmed,
+            identity_file,
+            ..
+        } => JobRecord {
             backup: Some(BackupJob {
-                target_toml: r.target_toml.clone(),
-                backup_id: r.backup_id.clone(),
-                part: r.part.clone(),
-                to_database: r.to_database.clone(),
-                to_dir: r.to_dir.clone(),
-                confirmed: r.confirmed,
-                identity_file: r.identity_file.clone(),
+                target_toml,
+                backup_id,
+                part,
+                to_database,
+                to_dir,
+                confirmed,
+                identity_file,
                 ..BackupJob::default()
             }),
-            ..base(
-                JobKind::Restore,
-                &r.target,
-                &r.backup_id,
-                &r.requested_by,
-                false,
-            )
-        }),
-        Job::Prune(p) => Some(JobRecord {
+            ..base
+        },
+        JobCommand::Prune {
+            target_toml,
+            dry_run,
+            ..
+        } => JobRecord {
             backup: Some(BackupJob {
-                target_toml: p.target_toml.clone(),
-                dry_run: p.dry_run,
+                target_toml,
+                dry_run,
                 ..BackupJob::default()
             }),
-            ..base(JobKind::Prune, &p.target, "", &p.requested_by, false)
-        }),
+            ..base
+        },
     }
+}
+
+/// The job a controller's `Command` asks for, as this agent stores it.
+pub fn job_from_command(cmd: &drover_proto::v1::Command, now_ms: i64) -> Option<JobRecord> {
+    command_from_proto(cmd).map(|c| record_from_command(cmd.job_id.clone(), c, now_ms))
 }

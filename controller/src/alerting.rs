@@ -26,7 +26,7 @@ use crate::alerts::{
 };
 use crate::hoststate::host_state;
 use crate::notify::{Notifier, Status};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::StoreError;
 
 /// How many of the newest jobs the rules look at.
@@ -280,7 +280,7 @@ impl Alerting {
         shutdown: CancellationToken,
     ) {
         let cut_short = shutdown.clone();
-        crate::server::every(every, shutdown, || async {
+        crate::shared::every(every, shutdown, || async {
             // The shutdown token also cuts a tick short (its sends have timeouts anyway).
             tokio::select! {
                 _ = cut_short.cancelled() => {}

@@ -11,6 +11,8 @@ use drover_model::config::{
 };
 use serde::Deserialize;
 
+pub use crate::notify::{EmailConfig, NotifyConfig, WebhookConfig, WebhookFormat};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
@@ -177,106 +179,6 @@ impl ConnectionsConfig {
         }
         Ok(())
     }
-}
-
-/// Where alerts go (`[notify]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NotifyConfig {
-    /// `[[notify.webhook]]`
-    pub webhook: Vec<WebhookConfig>,
-    /// `[notify.email]`
-    pub email: Option<EmailConfig>,
-}
-
-/// SMTP e-mail: STARTTLS by default; plain SMTP only to a loopback server (a local relay).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmailConfig {
-    pub server: String,
-    /// Default 587 with STARTTLS, 25 without.
-    #[serde(default)]
-    pub port: Option<u16>,
-    pub from: String,
-    pub to: Vec<String>,
-    #[serde(default = "yes")]
-    pub starttls: bool,
-    /// SMTP AUTH user (PLAIN or LOGIN, whichever the server offers); needs `password_file`.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// The file holding the SMTP password (its first line), mode 0600 or stricter. The
-    /// password itself never appears in the config, a log or an error.
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// PEM certificates trusted for the server's STARTTLS certificate, besides the system's.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl Default for EmailConfig {
-    fn default() -> Self {
-        EmailConfig {
-            server: String::new(),
-            port: None,
-            from: String::new(),
-            to: Vec::new(),
-            starttls: true,
-            username: None,
-            password_file: None,
-            ca_file: None,
-        }
-    }
-}
-
-impl EmailConfig {
-    pub fn port(&self) -> u16 {
-        self.port.unwrap_or(if self.starttls { 587 } else { 25 })
-    }
-}
-
-/// One webhook: `url` (`https://`, or `http://` to a loopback host), `format` (`json` or
-/// `slack`), an optional `name` and an optional `ca_file`.
-///
-/// The URL's path can be a secret (a Slack hook's is): `Debug` shows only scheme://host[:port].
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookConfig {
-    /// Names the channel in logs, errors and the alert's delivery state; default `webhook-`
-    /// and 8 hex digits of the URL's SHA-256 (so it does not change when the list is
-    /// reordered).
-    #[serde(default)]
-    pub name: Option<String>,
-    pub url: String,
-    #[serde(default)]
-    pub format: WebhookFormat,
-    /// PEM certificates trusted for this webhook's server, besides the system's.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for WebhookConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookConfig")
-            .field("name", &self.name)
-            .field("url", &crate::notify::url_origin(&self.url))
-            .field("format", &self.format)
-            .field("ca_file", &self.ca_file)
-            .finish()
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WebhookFormat {
-    /// `{"alert", "status", "kind", "subject", "message", "opened_at"}`
-    #[default]
-    Json,
-    /// `{"text": "..."}` (Slack incoming webhooks and compatible chat servers)
-    Slack,
 }
 
 /// The longest an agent certificate may live (agents renew at 40 % of it).

@@ -343,11 +343,12 @@ pub fn command_to_proto(j: &JobRecord) -> v1::Command {
             target,
             target_toml,
             requested_by,
+            identity_file,
         } => Job::Verify(v1::VerifyCommand {
             target: target.clone(),
             target_toml: target_toml.clone(),
             requested_by: requested_by.clone(),
-            identity_file: String::new(),
+            identity_file: identity_file.clone(),
         }),
     };
     v1::Command {

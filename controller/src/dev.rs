@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::ControllerConfig;
-use crate::server::{Controller, admin_bundle_dir};
+use crate::operators::admin_bundle_dir;
+use crate::server::Controller;
 
 /// Errors of the dev environment, each naming the fix.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +180,7 @@ pub async fn run(
 /// Enrolls the agent the first time, runs it, prints what to try once it is connected, and
 /// waits for `shutdown` (then stops it) or for its exit.
 async fn run_agent(
-    shared: &crate::server::Shared,
+    shared: &crate::shared::Shared,
     agent_bin: &Path,
     addr: SocketAddr,
     dir: &Path,

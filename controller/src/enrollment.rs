@@ -15,7 +15,7 @@ use drover_proto::v1;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::server::{Shared, now_ms};
+use crate::shared::{Shared, now_ms};
 use crate::store::{HostRecord, Store, StoreError};
 
 /// The largest certificate or CSR a re-enrollment may send (ours are under 1 KiB).

@@ -6,13 +6,28 @@
 //! dispatches the next one; a target that ends any other way skips the rest. The agent owns the truth: the controller only follows the
 //! events (`drover_model::jobevent`) it is sent.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+pub use drover_model::job::JobCommand;
 pub use drover_model::jobevent::JobKind;
 use drover_model::jobevent::{self, JobResult, field, status};
 
-use crate::rollout::{self, Rollout};
-use crate::store::EventRecord;
+use crate::rollout::{self, Rollout, Standing};
+
+/// A job event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub host: String,
+    pub seq: u64,
+    pub job_id: String,
+    pub at_unix_ms: i64,
+    pub kind: String,
+    pub message: String,
+    pub fields: BTreeMap<String, String>,
+    pub received_unix_ms: i64,
+}
 
 /// Where one host's part of a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,59 +126,6 @@ pub struct CancelRequest {
     pub at_unix_ms: i64,
 }
 
-/// What the agent is asked to do, as sent in each target's `Command`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobCommand {
-    Deploy {
-        app: String,
-        version: String,
-        spec_toml: String,
-        spec_revision: u64,
-        skip_backup: bool,
-        wait_lock: bool,
-        requested_by: String,
-        /// The spec's `pre_deploy_backup` target (TOML), when it names one.
-        #[serde(default)]
-        backup_target_toml: String,
-    },
-    Rollback {
-        app: String,
-        /// Empty: the release live before the current one.
-        to_version: String,
-        wait_lock: bool,
-        requested_by: String,
-    },
-    Backup {
-        target: String,
-        target_toml: String,
-        trigger: String,
-        requested_by: String,
-    },
-    Restore {
-        target: String,
-        target_toml: String,
-        backup_id: String,
-        part: String,
-        to_database: String,
-        to_dir: String,
-        confirmed: bool,
-        identity_file: String,
-        requested_by: String,
-    },
-    Prune {
-        target: String,
-        target_toml: String,
-        dry_run: bool,
-        requested_by: String,
-    },
-    Verify {
-        target: String,
-        target_toml: String,
-        requested_by: String,
-    },
-}
-
 /// One host's part of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
@@ -240,47 +202,12 @@ impl JobRecord {
         command: JobCommand,
         hosts: &[String],
     ) -> JobRecord {
-        let (kind, app, version, requested_by) = match &command {
-            JobCommand::Deploy {
-                app,
-                version,
-                requested_by,
-                ..
-            } => (JobKind::Deploy, app, version, requested_by),
-            JobCommand::Rollback {
-                app,
-                to_version,
-                requested_by,
-                ..
-            } => (JobKind::Rollback, app, to_version, requested_by),
-            JobCommand::Backup {
-                target,
-                requested_by,
-                ..
-            } => (JobKind::Backup, target, &String::new(), requested_by),
-            JobCommand::Restore {
-                target,
-                backup_id,
-                requested_by,
-                ..
-            } => (JobKind::Restore, target, backup_id, requested_by),
-            JobCommand::Prune {
-                target,
-                requested_by,
-                ..
-            } => (JobKind::Prune, target, &String::new(), requested_by),
-            JobCommand::Verify {
-                target,
-                requested_by,
-                ..
-            } => (JobKind::Verify, target, &String::new(), requested_by),
-        };
         let mut job = JobRecord {
             id,
-            kind,
-            app: app.clone(),
-            version: version.clone(),
-            requested_by: requested_by.clone(),
+            kind: command.kind(),
+            app: command.subject().to_string(),
+            version: command.version().to_string(),
+            requested_by: command.requested_by().to_string(),
             created_unix_ms,
             finished_unix_ms: 0,
             targets: hosts
@@ -300,9 +227,30 @@ impl JobRecord {
             command,
             cancel: None,
         };
-        let first = rollout::next(Rollout::SEQUENTIAL, &job.targets);
-        rollout::apply(&mut job.targets, &first);
+        job.roll_on();
         job
+    }
+
+    /// Dispatches the targets whose turn came and skips those that will never run, as the
+    /// job's rollout says (`rollout::next`; one host after another).
+    fn roll_on(&mut self) {
+        let standings: Vec<Standing> = self
+            .targets
+            .iter()
+            .map(|t| match (t.state, t.dispatched) {
+                (TargetState::Queued, false) => Standing::Waiting,
+                (state, _) if !state.is_finished() => Standing::InFlight,
+                (TargetState::Succeeded | TargetState::Skipped, _) => Standing::Done,
+                _ => Standing::Failed,
+            })
+            .collect();
+        let next = rollout::next(Rollout::SEQUENTIAL, &standings);
+        for i in next.dispatch {
+            self.targets[i].dispatched = true;
+        }
+        for i in next.skip {
+            self.targets[i].state = TargetState::Skipped;
+        }
     }
 
     /// Still running while any target is queued or running (queued while none has started);
@@ -440,8 +388,7 @@ pub fn apply_event(job: &mut JobRecord, event: &EventRecord) -> bool {
             target.logs = field(event, field::LOGS).to_string();
             target.code = field(event, field::CODE).to_string();
             target.finished_unix_ms = event.at_unix_ms;
-            let next = rollout::next(Rollout::SEQUENTIAL, &job.targets);
-            rollout::apply(&mut job.targets, &next);
+            job.roll_on();
         }
         _ => {} // job.started: done above
     }

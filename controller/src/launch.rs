@@ -19,8 +19,8 @@ use tracing::info;
 
 use crate::jobs::{JobCommand, JobKind, JobRecord, job_id};
 use crate::selection::{Candidate, SelectError, require_connected, select_hosts};
-use crate::server::{Shared, now_ms};
 use crate::sessions::send_command;
+use crate::shared::{Shared, now_ms};
 use crate::store::AppRecord;
 
 /// Why a job could not start. Each message names the cause and the fix.
@@ -299,6 +299,7 @@ impl Launcher {
                 target: spec.name.clone(),
                 target_toml: record.spec_toml,
                 requested_by: by.to_string(),
+                identity_file: String::new(),
             };
             jobs.push(
                 self.start(JobKind::Verify, command, hosts, id.clone())

@@ -24,11 +24,13 @@ pub mod notify;
 pub mod operator;
 pub mod operators;
 pub mod provenance;
+pub mod registry;
 pub mod rollout;
 pub mod scheduler;
 pub mod selection;
 pub mod server;
 pub mod sessions;
+pub mod shared;
 pub mod store;
 pub mod transport;
 

@@ -13,8 +13,13 @@ use drover_identity::{Identity, Role};
 use tracing::{info, warn};
 
 use crate::ControllerError;
-use crate::server::{Shared, admin_bundle_dir};
+use crate::shared::Shared;
 use crate::store::{OperatorCertRecord, Store, StoreError};
+
+/// Where the controller keeps things under its data dir.
+pub fn admin_bundle_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("operator").join("admin")
+}
 
 /// The name of the operator whose bundle the controller keeps.
 pub const ADMIN: &str = "admin";
@@ -147,7 +152,7 @@ pub fn ensure_admin_bundle(
         Role::Admin,
         &issued,
         BY_CONTROLLER,
-        crate::server::now_ms(),
+        crate::shared::now_ms(),
     )?;
     store.flush_blocking()?;
     Bundle {
@@ -193,7 +198,7 @@ pub fn check_every(ttl: Duration) -> Duration {
 pub async fn keep_admin_bundle(shared: Arc<Shared>) {
     let every = check_every(shared.config.operator_cert_ttl);
     let shutdown = shared.shutdown.clone();
-    crate::server::every(every, shutdown, || {
+    crate::shared::every(every, shutdown, || {
         let shared = shared.clone();
         async move {
             if let Err(err) = renew_admin_bundle(shared, drover_identity::pki::unix_now()).await {

@@ -311,6 +311,7 @@ mod tests {
                 target,
                 target_toml,
                 requested_by,
+                identity_file: String::new(),
             },
             JobKind::Deploy => JobCommand::Deploy {
                 app: "shop".into(),

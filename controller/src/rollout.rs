@@ -1,9 +1,9 @@
-//! Which of a job's targets run next: a pure function of the targets' states and the job's
-//! rollout policy. Today every job rolls out one host after another (`Rollout::SEQUENTIAL`)
-//! and a target that does not succeed skips the ones not started yet; waves, parallelism and
-//! failure budgets (fleet releases) are further policies of the same function.
-
-use crate::jobs::{Target, TargetState};
+//! Which of a job's targets run next: a pure function of where each target stands and the
+//! job's rollout policy. Today every job rolls out one host after another
+//! (`Rollout::SEQUENTIAL`) and a target that does not succeed skips the ones not started yet;
+//! waves, parallelism and failure budgets (fleet releases) are further policies of the same
+//! function. It knows nothing of jobs: `jobs.rs` says where each target stands and applies
+//! the answer.
 
 /// How a job's targets proceed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,19 @@ impl Rollout {
     pub const SEQUENTIAL: Rollout = Rollout { max_parallel: 1 };
 }
 
+/// Where one target stands, for the rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Not dispatched yet: its turn has not come.
+    Waiting,
+    /// Dispatched (its host has or is being sent the command) and not finished.
+    InFlight,
+    /// Succeeded, or skipped (which is no failure of its own).
+    Done,
+    /// Ended any other way: failed, rolled back, interrupted, cancelled.
+    Failed,
+}
+
 /// What to do to the targets now, by index into the job's targets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Next {
@@ -26,32 +39,23 @@ pub struct Next {
     pub skip: Vec<usize>,
 }
 
-/// The next moves of a rollout. A target not yet dispatched is dispatched when fewer than
-/// `max_parallel` are in flight (dispatched, not finished), in order; once any target ended
-/// other than succeeded (or was skipped or cancelled before), every target not yet dispatched
-/// is skipped instead. Targets already dispatched are never skipped: their host has the
-/// command and reports how it ends.
-pub fn next(rollout: Rollout, targets: &[Target]) -> Next {
-    let failed = targets.iter().any(|t| {
-        t.state.is_finished()
-            && t.state != TargetState::Succeeded
-            && t.state != TargetState::Skipped
-    });
+/// The next moves of a rollout. Waiting targets are dispatched, in order, while fewer than
+/// `max_parallel` are in flight; once any target failed, every waiting target is skipped
+/// instead. Targets in flight are never skipped: their host has the command and reports how
+/// it ends.
+pub fn next(rollout: Rollout, targets: &[Standing]) -> Next {
     let waiting = targets
         .iter()
         .enumerate()
-        .filter(|(_, t)| !t.dispatched && t.state == TargetState::Queued)
+        .filter(|(_, s)| **s == Standing::Waiting)
         .map(|(i, _)| i);
-    if failed {
+    if targets.contains(&Standing::Failed) {
         return Next {
             dispatch: Vec::new(),
             skip: waiting.collect(),
         };
     }
-    let in_flight = targets
-        .iter()
-        .filter(|t| t.dispatched && !t.state.is_finished())
-        .count();
+    let in_flight = targets.iter().filter(|s| **s == Standing::InFlight).count();
     let room = rollout.max_parallel.max(1).saturating_sub(in_flight);
     Next {
         dispatch: waiting.take(room).collect(),
@@ -59,117 +63,60 @@ pub fn next(rollout: Rollout, targets: &[Target]) -> Next {
     }
 }
 
-/// Applies `next` to the targets: dispatched ones are marked so, skipped ones `skipped`.
-pub fn apply(targets: &mut [Target], next: &Next) {
-    for &i in &next.dispatch {
-        targets[i].dispatched = true;
-    }
-    for &i in &next.skip {
-        targets[i].state = TargetState::Skipped;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn target(host: &str, state: TargetState, dispatched: bool) -> Target {
-        Target {
-            host: host.into(),
-            state,
-            dispatched,
-            step: String::new(),
-            message: String::new(),
-            started_unix_ms: 0,
-            finished_unix_ms: 0,
-            logs: String::new(),
-            code: String::new(),
-        }
-    }
-
-    use TargetState::*;
+    use Standing::*;
 
     #[test]
     fn one_host_after_another_and_a_failure_skips_the_rest() {
         let seq = Rollout::SEQUENTIAL;
-        // (each target's state and whether it was dispatched, to dispatch, to skip)
-        type Case<'a> = (&'a [(TargetState, bool)], &'a [usize], &'a [usize]);
+        // (where each target stands, to dispatch, to skip)
+        type Case<'a> = (&'a [Standing], &'a [usize], &'a [usize]);
         let cases: &[Case] = &[
             // A new job: the first target.
-            (
-                &[(Queued, false), (Queued, false), (Queued, false)],
-                &[0],
-                &[],
-            ),
-            // The first runs: nothing more.
-            (
-                &[(Running, true), (Queued, false), (Queued, false)],
-                &[],
-                &[],
-            ),
-            // Sent, not started yet: still in flight.
-            (&[(Queued, true), (Queued, false)], &[], &[]),
+            (&[Waiting, Waiting, Waiting], &[0], &[]),
+            // The first runs (or was sent): nothing more.
+            (&[InFlight, Waiting, Waiting], &[], &[]),
             // The first succeeded: the second.
-            (
-                &[(Succeeded, true), (Queued, false), (Queued, false)],
-                &[1],
-                &[],
-            ),
+            (&[Done, Waiting, Waiting], &[1], &[]),
             // The second failed: the third is skipped.
-            (
-                &[(Succeeded, true), (Failed, true), (Queued, false)],
-                &[],
-                &[2],
-            ),
-            (
-                &[(RolledBack, true), (Queued, false), (Queued, false)],
-                &[],
-                &[1, 2],
-            ),
-            (&[(Interrupted, true), (Queued, false)], &[], &[1]),
-            // Cancelled before their turn: nothing left to do.
-            (&[(Cancelled, true), (Cancelled, false)], &[], &[]),
-            // All done.
-            (&[(Succeeded, true), (Succeeded, true)], &[], &[]),
-            // Skipped targets do not count as failures of their own (idempotent).
-            (&[(Failed, true), (Skipped, false)], &[], &[]),
+            (&[Done, Failed, Waiting], &[], &[2]),
+            (&[Failed, Waiting, Waiting], &[], &[1, 2]),
+            // All ended: nothing to do.
+            (&[Failed, Failed], &[], &[]),
+            (&[Done, Done], &[], &[]),
+            (&[], &[], &[]),
         ];
-        for (states, dispatch, skip) in cases {
-            let targets: Vec<Target> = states
-                .iter()
-                .enumerate()
-                .map(|(i, (s, d))| target(&format!("h{i}"), *s, *d))
-                .collect();
+        for (targets, dispatch, skip) in cases {
             assert_eq!(
-                next(seq, &targets),
+                next(seq, targets),
                 Next {
                     dispatch: dispatch.to_vec(),
                     skip: skip.to_vec()
                 },
-                "{states:?}"
+                "{targets:?}"
             );
         }
     }
 
     #[test]
-    fn parallel_rollouts_fill_their_room_and_never_skip_a_dispatched_target() {
+    fn parallel_rollouts_fill_their_room_and_never_skip_a_target_in_flight() {
         let two = Rollout { max_parallel: 2 };
-        let t = |s, d| target("h", s, d);
-        let targets = [t(Queued, false), t(Queued, false), t(Queued, false)];
-        assert_eq!(next(two, &targets).dispatch, [0, 1]);
-        let targets = [t(Succeeded, true), t(Running, true), t(Queued, false)];
-        assert_eq!(next(two, &targets).dispatch, [2]);
+        assert_eq!(next(two, &[Waiting, Waiting, Waiting]).dispatch, [0, 1]);
+        assert_eq!(next(two, &[Done, InFlight, Waiting]).dispatch, [2]);
         // A failure while another is in flight: the in-flight one finishes, the rest skip.
-        let targets = [t(Failed, true), t(Running, true), t(Queued, false)];
         assert_eq!(
-            next(two, &targets),
+            next(two, &[Failed, InFlight, Waiting]),
             Next {
                 dispatch: vec![],
                 skip: vec![2]
             }
         );
         // max_parallel 0 is read as 1.
-        let targets = [t(Queued, false), t(Queued, false)];
-        assert_eq!(next(Rollout { max_parallel: 0 }, &targets).dispatch, [0]);
+        assert_eq!(
+            next(Rollout { max_parallel: 0 }, &[Waiting, Waiting]).dispatch,
+            [0]
+        );
     }
 }

@@ -19,7 +19,7 @@ use drover_model::backup::target::TargetSpec;
 
 use crate::jobs::{JobKind, job_id};
 use crate::launch::{DeployArgs, Hosts, Launcher};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::{ScheduleKind, ScheduleRecord, StoreError};
 use drover_model::schedule::{self, Schedule, ScheduleError};
 
@@ -434,7 +434,7 @@ impl Scheduler {
         every: Duration,
         shutdown: CancellationToken,
     ) {
-        crate::server::every(every, shutdown, || async {
+        crate::shared::every(every, shutdown, || async {
             if let Err(e) = self.tick(clock()).await {
                 warn!(error = %e, "scheduler tick failed");
             }

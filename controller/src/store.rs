@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::alerts::AlertRecord;
+pub use crate::jobs::EventRecord;
 use crate::jobs::JobRecord;
 
 const SCHEMA_VERSION: u64 = 1;
@@ -151,19 +152,6 @@ pub struct TokenRecord {
     pub created_by: String,
     pub used_unix_ms: Option<i64>,
     pub revoked: bool,
-}
-
-/// A job event as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventRecord {
-    pub host: String,
-    pub seq: u64,
-    pub job_id: String,
-    pub at_unix_ms: i64,
-    pub kind: String,
-    pub message: String,
-    pub fields: BTreeMap<String, String>,
-    pub received_unix_ms: i64,
 }
 
 /// An app spec as applied: the text is kept as written, with a revision per change.

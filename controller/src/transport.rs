@@ -207,7 +207,7 @@ impl Pool {
     /// Logs a refused connection, at most a few lines a minute.
     fn log_refusal(&self, peer: SocketAddr, refusal: Refusal) {
         let verdict = match self.refusals.lock() {
-            Ok(mut window) => window.admit(crate::server::now_ms(), &peer.to_string()),
+            Ok(mut window) => window.admit(crate::shared::now_ms(), &peer.to_string()),
             Err(_) => return,
         };
         let cap = match refusal {
@@ -491,7 +491,7 @@ pub async fn serve(
             Err(err) => {
                 // Out of file descriptors (EMFILE) or an aborted connection: wait a moment
                 // rather than spin.
-                if accept_errors.admit(crate::server::now_ms(), "accept") != Verdict::Quiet {
+                if accept_errors.admit(crate::shared::now_ms(), "accept") != Verdict::Quiet {
                     warn!(error = %err, "could not accept a connection");
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use drover_agent::store::NewEvent;
 use drover_agent::{Agent, AgentConfig, AgentStatus, Outbox};
-use drover_controller::server::{Shared, admin_bundle_dir};
+use drover_controller::operators::admin_bundle_dir;
+use drover_controller::shared::Shared;
 use drover_controller::{Controller, ControllerConfig};
 use drover_identity::files::Bundle;
 use drover_identity::tls::{ClientCert, Trust, channel, client_config};

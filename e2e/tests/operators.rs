@@ -146,7 +146,7 @@ async fn the_controller_renews_its_admin_bundle_at_start_when_due_and_after_a_re
     init();
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = tmp.path().join("ctl");
-    let admin_dir = drover_controller::server::admin_bundle_dir(&data_dir);
+    let admin_dir = drover_controller::operators::admin_bundle_dir(&data_dir);
     let serial = || {
         CertInfo::from_pem(&Bundle::load(&admin_dir).unwrap().cert_pem)
             .unwrap()

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::job::JobKind;
+
 /// The agent took the job (stored it): `job_kind`, `app`, `version`, `requested_by`.
 pub const STARTED: &str = "job.started";
 /// A step changed state: `step`, `status` (`started|done|failed|skipped`), `duration_ms` once
@@ -65,41 +67,6 @@ pub fn id_stamp(now_ms: i64) -> String {
         .filter(|c| c.is_ascii_digit() || *c == 'T')
         .map(|c| if c == 'T' { '-' } else { c })
         .collect()
-}
-
-/// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    Deploy,
-    Rollback,
-    Backup,
-    Restore,
-    Prune,
-    /// Validation of a target's newest backup (`backup::verify`).
-    Verify,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Deploy => "deploy",
-            JobKind::Rollback => "rollback",
-            JobKind::Backup => "backup",
-            JobKind::Restore => "restore",
-            JobKind::Prune => "prune",
-            JobKind::Verify => "verify",
-        }
-    }
-
-    /// Backup, restore, prune and verify jobs work on a backup target (named in the job's
-    /// `app`).
-    pub fn is_backup(self) -> bool {
-        matches!(
-            self,
-            JobKind::Backup | JobKind::Restore | JobKind::Prune | JobKind::Verify
-        )
-    }
 }
 
 /// How a job ended.

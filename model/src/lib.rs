@@ -8,6 +8,7 @@ pub mod appspec;
 pub mod backup;
 pub mod config;
 pub mod error;
+pub mod job;
 pub mod jobevent;
 pub mod releases;
 #[cfg(feature = "schedule")]
