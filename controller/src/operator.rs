@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::auth::{Need, authorize, operator_name};
+use crate::auth::{authorize, operator_name};
 use crate::config::{MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::convert;
 use crate::jobs::{self, JobRecord, JobUpdate};
@@ -423,7 +423,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::DeployRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let by = operator_name(&caller);
         if req.at_unix_ms != 0 {
@@ -465,7 +465,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let args = RollbackArgs {
             app: req.app,
@@ -487,7 +487,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListJobsRequest>,
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let req = request.get_ref();
         let limit = match req.limit {
             0 => 50,
@@ -509,7 +509,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let job = self.known_job(&request.get_ref().id)?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
@@ -518,7 +518,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::CancelJobResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let id = request.get_ref().id.clone();
         let by = operator_name(&caller);
         let shared = self.shared.clone();
@@ -533,7 +533,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         // Subscribed before anything is read, so no update falls between the stored state
         // and the live one (the overlap is de-duplicated).
         let updates = self.shared.job_updates.subscribe();
@@ -547,7 +547,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListReleasesRequest>,
     ) -> Result<Response<v1::ListReleasesResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let req = request.get_ref();
         let app = self.launcher().known_app(&req.app)?;
         if !req.host.is_empty()
@@ -597,7 +597,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ApplyBackupTargetRequest>,
     ) -> Result<Response<v1::ApplyBackupTargetResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let source = if req.source.is_empty() {
             "(backup target)".to_string()
@@ -630,7 +630,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RemoveBackupTargetRequest>,
     ) -> Result<Response<v1::RemoveBackupTargetResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let name = request.into_inner().name;
         let store = &self.shared.store;
         self.launcher().known_target(&name)?;
@@ -692,7 +692,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListBackupTargetsRequest>,
     ) -> Result<Response<v1::ListBackupTargetsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let mut targets = Vec::new();
         for record in self.shared.store.backup_targets().map_err(internal)? {
             let spec = TargetSpec::from_toml(&record.spec_toml, &record.name).ok();
@@ -723,7 +723,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RunBackupRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let job = self
             .launcher()
@@ -742,7 +742,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let req = request.get_ref();
         let targets: Vec<String> = if req.target.is_empty() {
             self.shared
@@ -784,7 +784,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::GetBackupRequest>,
     ) -> Result<Response<v1::BackupInfo>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let (host, backup) = self.launcher().known_backup(&request.get_ref().id)?;
         Ok(Response::new(convert::backup_to_proto(&host, &backup)))
     }
@@ -795,7 +795,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<v1::JobInfo>, Status> {
         // Even as a dry run this starts a job that takes the target's lock on the host: admin
         // only. A viewer's dry run is PlanPrune.
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let job = self
             .launcher()
@@ -808,7 +808,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::PlanPruneRequest>,
     ) -> Result<Response<v1::PlanPruneResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let (_, spec) = self.launcher().known_target(&req.target)?;
         let (local, remote) = (spec.retention.local(), spec.retention.remote());
@@ -847,7 +847,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let args = RestoreArgs {
             target: req.target,
@@ -869,7 +869,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::VerifyRequest>,
     ) -> Result<Response<v1::VerifyResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let names: Vec<String> = match (req.all, req.target.is_empty()) {
             (true, true) => self
@@ -907,7 +907,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListVerificationsRequest>,
     ) -> Result<Response<v1::ListVerificationsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         if !req.target.is_empty() {
             self.launcher().known_target(&req.target)?;
@@ -937,7 +937,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ApplyAppRequest>,
     ) -> Result<Response<v1::ApplyAppResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let source = if req.source.is_empty() {
             "(app spec)".to_string()
@@ -983,7 +983,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListAppsRequest>,
     ) -> Result<Response<v1::ListAppsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let apps = self
             .shared
             .store
@@ -999,7 +999,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::GetAppRequest>,
     ) -> Result<Response<v1::AppInfo>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let name = &request.get_ref().name;
         let record = self
             .shared
@@ -1018,7 +1018,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::WhoAmIRequest>,
     ) -> Result<Response<v1::WhoAmIResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let Identity::Operator { name, role } = caller.identity else {
             return Err(Status::permission_denied("not an operator"));
         };
@@ -1032,7 +1032,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListHostsRequest>,
     ) -> Result<Response<v1::ListHostsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let hosts = self
             .shared
             .store
@@ -1048,7 +1048,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::GetHostRequest>,
     ) -> Result<Response<v1::HostInfo>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let name = &request.get_ref().name;
         let host = self
             .shared
@@ -1067,7 +1067,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RevokeHostRequest>,
     ) -> Result<Response<v1::RevokeHostResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let name = request.get_ref().name.clone();
         let store = &self.shared.store;
         let now = now_ms();
@@ -1100,7 +1100,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::CreateTokenRequest>,
     ) -> Result<Response<v1::CreateTokenResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let ttl = (req.ttl_secs > 0).then(|| Duration::from_secs(req.ttl_secs));
         let labels = req.labels.into_iter().collect();
@@ -1123,7 +1123,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListTokensRequest>,
     ) -> Result<Response<v1::ListTokensResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let now = now_ms();
         let mut tokens: Vec<v1::TokenInfo> = self
             .shared
@@ -1141,7 +1141,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RevokeTokenRequest>,
     ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let id = request.get_ref().id.clone();
         let store = &self.shared.store;
         let mut token = store
@@ -1165,7 +1165,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::CreateOperatorRequest>,
     ) -> Result<Response<v1::CreateOperatorResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         validate_name(&req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let role = Role::parse(&req.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -1198,7 +1198,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListOperatorsRequest>,
     ) -> Result<Response<v1::ListOperatorsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let now = now_ms();
         let operators = self
             .shared
@@ -1215,7 +1215,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RevokeOperatorRequest>,
     ) -> Result<Response<v1::RevokeOperatorResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let name = request.get_ref().name.clone();
         validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let by = operator_name(&caller);
@@ -1247,7 +1247,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::AddScheduleRequest>,
     ) -> Result<Response<v1::ScheduleInfo>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let req = request.into_inner();
         let kind = ScheduleKind::parse(&req.kind).ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -1277,7 +1277,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListSchedulesRequest>,
     ) -> Result<Response<v1::ListSchedulesResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let now = now_ms();
         let schedules = self
             .shared
@@ -1294,7 +1294,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListAlertsRequest>,
     ) -> Result<Response<v1::ListAlertsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let all = request.get_ref().all;
         let mut alerts: Vec<_> = self
             .shared
@@ -1315,7 +1315,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RemoveScheduleRequest>,
     ) -> Result<Response<v1::RemoveScheduleResponse>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let id = &request.get_ref().id;
         let record = self.known_schedule(id)?;
         if record.managed {
@@ -1336,7 +1336,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::PauseScheduleRequest>,
     ) -> Result<Response<v1::ScheduleInfo>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let info = self
             .set_paused(&request.get_ref().id, true, &operator_name(&caller))
             .await?;
@@ -1347,7 +1347,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ResumeScheduleRequest>,
     ) -> Result<Response<v1::ScheduleInfo>, Status> {
-        let caller = authorize(&request, &self.shared.store, Need::OperatorAdmin)?;
+        let caller = authorize(&request, &self.shared.store)?;
         let info = self
             .set_paused(&request.get_ref().id, false, &operator_name(&caller))
             .await?;
@@ -1358,7 +1358,7 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::ListEventsRequest>,
     ) -> Result<Response<v1::ListEventsResponse>, Status> {
-        authorize(&request, &self.shared.store, Need::OperatorRead)?;
+        authorize(&request, &self.shared.store)?;
         let req = request.get_ref();
         let limit = match req.limit {
             0 => 1000,

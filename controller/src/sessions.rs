@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::auth::{Need, authorize};
+use crate::auth::authorize;
 use crate::convert;
 use crate::jobs::{self, JobRecord, JobUpdate};
 use crate::provenance;
@@ -61,7 +61,7 @@ impl v1::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let shared = self.shared.clone();
-        let caller = authorize(&request, &shared.store, Need::Agent)?;
+        let caller = authorize(&request, &shared.store)?;
         let Identity::Agent { host } = caller.identity else {
             return Err(Status::permission_denied("not an agent certificate"));
         };

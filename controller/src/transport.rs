@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use drover_identity::Identity;
 use drover_identity::pki::CertInfo;
-use drover_proto::v1;
 use hyper::body::{Body as HttpBody, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,13 +33,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
-use crate::auth::{self, Need};
+use crate::auth::{self, Access};
 use crate::config::ConnectionsConfig;
 use crate::enrollment::{LogWindow, Verdict};
 
@@ -264,17 +262,13 @@ impl Peer {
 }
 
 /// The pure rule, applied to a request's headers before its body is read: may `peer` call
-/// `path`? Enrollment is open to all; the agent and operator services need a certificate of
-/// the right kind ([`auth::permits`]; the admin role is checked by the handler).
+/// `path`? By the authorization table, `auth::RPCS`: Enrollment is open to all; every other
+/// RPC needs a certificate that permits its entry (the agent service, an operator, an admin).
+/// Paths not in the table are the router's to answer ("unimplemented") once a certificate is
+/// shown.
 pub fn admit(peer: &Peer, path: &str) -> Result<(), Status> {
-    let service = path
-        .strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .map_or("", |(service, _)| service);
-    let enrollment = <v1::enrollment_server::EnrollmentServer<crate::enrollment::EnrollmentApi> as NamedService>::NAME;
-    let agent = <v1::agent_service_server::AgentServiceServer<crate::sessions::AgentApi> as NamedService>::NAME;
-    let operator = <v1::operator_service_server::OperatorServiceServer<crate::operator::OperatorApi> as NamedService>::NAME;
-    if service == enrollment {
+    let access = auth::access_of(path);
+    if access == Some(Access::Open) {
         return Ok(());
     }
     let identity = match peer {
@@ -286,15 +280,12 @@ pub fn admit(peer: &Peer, path: &str) -> Result<(), Status> {
             )));
         }
     };
-    let need = if service == agent {
-        Need::Agent
-    } else if service == operator {
-        Need::OperatorRead
-    } else {
-        // Unknown services are answered "unimplemented" by the router.
-        return Ok(());
-    };
-    auth::permits(identity, need).map_err(Status::permission_denied)
+    match access {
+        Some(Access::Only(need)) => {
+            auth::permits(identity, need).map_err(Status::permission_denied)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// HTTP/2 settings by who is connected: small before authentication, enough for the largest
@@ -437,6 +428,8 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
             return Box::pin(std::future::ready(Ok(status.into_http())));
         }
         request.extensions_mut().insert(self.info.clone());
+        let path = auth::RpcPath(request.uri().path().to_string());
+        request.extensions_mut().insert(path);
         let routes = self.routes.clone();
         Box::pin(async move {
             let response = routes.oneshot(request.map(Body::new)).await?;
