@@ -15,8 +15,8 @@ use tracing::{info, warn};
 
 use crate::apps::Reserved;
 use crate::docker::ContainerInfo;
-use crate::job::step::interrupted_message;
 use crate::job::step::{JobCtx, Outcome, Report, finish, report_releases};
+use crate::job::step::{RecoveryError, interrupted_message};
 use crate::proxy::Upstream;
 use crate::release::{self, LABEL_RELEASE, WEB, container_spec};
 use crate::secrets;
@@ -27,24 +27,21 @@ use drover_model::releases;
 
 /// Converges interrupted jobs, sweeps every app, restores the proxies. Fails (to be retried)
 /// only when the store or the Docker Engine cannot be used.
-pub async fn recover(ctx: &JobCtx) -> Result<(), String> {
+pub async fn recover(ctx: &JobCtx) -> Result<(), RecoveryError> {
     // Traffic first, before the slow steps below: every app whose live web container still
     // runs (a killed agent leaves them running) serves again at once.
-    for app in ctx.store.release_apps().map_err(|e| e.to_string())? {
+    for app in ctx.store.release_apps()? {
         restore_proxy(ctx, &app).await;
     }
     // The Engine must answer before anything is judged from what it shows.
-    ctx.docker
-        .list_labelled(release::LABEL_APP, "-")
-        .await
-        .map_err(|e| e.to_string())?;
+    ctx.docker.list_labelled(release::LABEL_APP, "-").await?;
     crate::job::verify::sweep_scratch(ctx).await;
-    let jobs = ctx.store.unfinished_jobs().map_err(|e| e.to_string())?;
+    let jobs = ctx.store.unfinished_jobs()?;
     for job in jobs {
         ctx.redactor.learn_job(&ctx.secrets_dir, &job);
         crate::job::converge(ctx, job).await?;
     }
-    for app in ctx.store.release_apps().map_err(|e| e.to_string())? {
+    for app in ctx.store.release_apps()? {
         sweep(ctx, &app).await?;
         restore_proxy(ctx, &app).await;
     }
@@ -91,25 +88,26 @@ async fn stop_all(ctx: &JobCtx, release: &Release) {
 
 /// Makes every container of `release` run: starts stopped ones, recreates missing ones from
 /// the release's image ID. Returns the web container, if any.
-async fn ensure_running(ctx: &JobCtx, release: &Release) -> Result<Option<ContainerInfo>, String> {
-    let spec = AppSpec::from_toml(&release.spec_toml, &format!("release {}", release.version))
-        .map_err(|e| e.to_string())?;
+async fn ensure_running(
+    ctx: &JobCtx,
+    release: &Release,
+) -> Result<Option<ContainerInfo>, RecoveryError> {
+    let spec = AppSpec::from_toml(&release.spec_toml, &format!("release {}", release.version))?;
     let mut web = None;
     for (role, name) in &release.containers {
-        let info = match ctx.docker.inspect(name).await.map_err(|e| e.to_string())? {
+        let info = match ctx.docker.inspect(name).await? {
             Some(info) if info.running => info,
             Some(_) => {
-                ctx.docker.start(name).await.map_err(|e| e.to_string())?;
+                ctx.docker.start(name).await?;
                 info!(container = %name, "started a stopped container of a live release");
                 ctx.docker
                     .inspect(name)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("container {name} vanished"))?
+                    .await?
+                    .ok_or_else(|| RecoveryError::Vanished(name.clone()))?
             }
             None => {
                 let mut env = spec.env.clone();
-                env.extend(secrets::load(&ctx.secrets_dir, &spec)?);
+                env.extend(secrets::load(&ctx.secrets_dir, &spec).map_err(RecoveryError::Secrets)?);
                 let info = ctx
                     .docker
                     .create_and_start(&container_spec(
@@ -119,8 +117,7 @@ async fn ensure_running(ctx: &JobCtx, release: &Release) -> Result<Option<Contai
                         &release.image_id,
                         &env,
                     ))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 let _ = ctx.docker.set_restart(name, true).await;
                 info!(container = %name, "recreated a missing container of a live release");
                 info
@@ -134,26 +131,35 @@ async fn ensure_running(ctx: &JobCtx, release: &Release) -> Result<Option<Contai
 }
 
 /// Whether a release serves: its containers run and its web role passes its health check.
-async fn healthy(ctx: &JobCtx, report: &Report<'_>, release: &Release) -> Result<(), String> {
-    let spec = AppSpec::from_toml(&release.spec_toml, "release").map_err(|e| e.to_string())?;
+async fn healthy(
+    ctx: &JobCtx,
+    report: &Report<'_>,
+    release: &Release,
+) -> Result<(), RecoveryError> {
+    let spec = AppSpec::from_toml(&release.spec_toml, "release")?;
     let web = ensure_running(ctx, release).await?;
     if let Some(info) = web {
         let addr = info
             .host_port
             .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
-            .ok_or("the web container has no published port")?;
+            .ok_or_else(|| {
+                RecoveryError::Unhealthy("the web container has no published port".into())
+            })?;
         release::wait_healthy(ctx, report, "recover", &info.name, addr, &spec.health)
             .await
-            .map_err(|f| f.error)?;
+            .map_err(|f| RecoveryError::Unhealthy(f.error))?;
     }
     Ok(())
 }
 
 /// Converges an interrupted deploy or rollback (the rule in this file's header) and reports it
 /// `interrupted`; the release kinds' `converge` (`crate::job`).
-pub(crate) async fn converge_release(ctx: &JobCtx, mut job: JobRecord) -> Result<(), String> {
+pub(crate) async fn converge_release(
+    ctx: &JobCtx,
+    mut job: JobRecord,
+) -> Result<(), RecoveryError> {
     let report = Report::new(&ctx.outbox, &job.id);
-    let mut table = ctx.store.releases(&job.app).map_err(|e| e.to_string())?;
+    let mut table = ctx.store.releases(&job.app)?;
     let target = find(&table, &job.release);
     let previous = find(&table, &job.previous);
     let step = if job.step.is_empty() {
@@ -232,10 +238,7 @@ pub(crate) async fn converge_release(ctx: &JobCtx, mut job: JobRecord) -> Result
         }
     }
     job.switched = false;
-    ctx.store
-        .commit(&job, &table)
-        .await
-        .map_err(|e| e.to_string())?;
+    ctx.store.commit(&job, &table).await?;
     let live = releases::live(&table)
         .map(|r| r.version.clone())
         .unwrap_or_default();
@@ -255,13 +258,9 @@ pub(crate) async fn converge_release(ctx: &JobCtx, mut job: JobRecord) -> Result
 /// Removes the app's orphan containers, stops kept releases left running, removes kept
 /// releases beyond the live spec's `keep_releases` (an interrupted deploy never reached its
 /// prune step), and makes sure the live release runs.
-async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), String> {
-    let mut table = ctx.store.releases(app).map_err(|e| e.to_string())?;
-    let found = ctx
-        .docker
-        .list_labelled(release::LABEL_APP, app)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), RecoveryError> {
+    let mut table = ctx.store.releases(app)?;
+    let found = ctx.docker.list_labelled(release::LABEL_APP, app).await?;
     let pairs: Vec<(String, String)> = found
         .iter()
         .map(|c| {
@@ -289,10 +288,7 @@ async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), String> {
     if let Some(keep) = keep {
         pruned = release::prune(ctx, &mut table, keep).await;
         if !pruned.is_empty() {
-            ctx.store
-                .put_releases(app, &table)
-                .await
-                .map_err(|e| e.to_string())?;
+            ctx.store.put_releases(app, &table).await?;
             info!(app, keep, removed = %pruned.join(", "), "pruned releases an interrupted deploy left beyond keep_releases");
         }
     }

@@ -2,7 +2,7 @@
 //! (`crate::backup::take` does the byte work; a pre-deploy backup calls it too).
 
 use crate::backup::{prune_step, take, validate};
-use crate::job::step::{Failure, JobCtx, Outcome, Report, outcome_of, take_lock};
+use crate::job::step::{Failure, JobCtx, Outcome, RecoveryError, Report, outcome_of, take_lock};
 use crate::store::JobRecord;
 use drover_model::backup::catalog::{self, Trigger};
 use drover_model::units::human_bytes;
@@ -13,7 +13,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 }
 
 /// After a crash: its partial files go (`crate::backup::converge`).
-pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), String> {
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError> {
     crate::backup::converge(ctx, job, Vec::new()).await;
     Ok(())
 }

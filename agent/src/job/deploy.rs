@@ -14,7 +14,7 @@ use tracing::warn;
 
 use crate::apps::Reserved;
 use crate::job::step::{
-    Failure, JobCtx, Outcome, Report, begin, cancelled, fail, outcome_of, take_lock,
+    Failure, JobCtx, Outcome, RecoveryError, Report, begin, cancelled, fail, outcome_of, take_lock,
 };
 use crate::release::{
     WEB, app_env, container_name, container_spec, drain_message, health_step, logs_of, prune,
@@ -34,7 +34,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 }
 
 /// After a crash: see `recovery::converge_release`.
-pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), String> {
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError> {
     crate::recovery::converge_release(ctx, job).await
 }
 

@@ -15,7 +15,7 @@ pub mod step;
 pub mod verify;
 
 use crate::store::{JobKind, JobRecord};
-use step::{JobCtx, Outcome, Report};
+use step::{JobCtx, Outcome, RecoveryError, Report};
 
 /// Runs a job to its outcome. Never panics on bad input; every failure is an outcome.
 pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outcome {
@@ -30,7 +30,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 }
 
 /// Converges a job a crash (or a panic) interrupted and reports it `interrupted`.
-pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), String> {
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError> {
     match job.kind {
         JobKind::Deploy => deploy::converge(ctx, job).await,
         JobKind::Rollback => rollback::converge(ctx, job).await,

@@ -2,7 +2,7 @@
 //! `drover_model::backup::retention`).
 
 use crate::backup::{prune_step, validate};
-use crate::job::step::{Failure, JobCtx, Outcome, Report, outcome_of, take_lock};
+use crate::job::step::{Failure, JobCtx, Outcome, RecoveryError, Report, outcome_of, take_lock};
 use crate::store::JobRecord;
 use drover_model::backup::catalog::{self};
 
@@ -12,7 +12,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 }
 
 /// After a crash: reported interrupted (`crate::backup::converge`).
-pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), String> {
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError> {
     crate::backup::converge(ctx, job, Vec::new()).await;
     Ok(())
 }

@@ -11,7 +11,9 @@ use crate::backup::{
     Cleanup, conn_of, copy_fault, files, object_key, pipeline, private_dir, read_identity_file,
     remote_of, step_failed, take, target_dir, validate, with_progress,
 };
-use crate::job::step::{Failure, JobCtx, Outcome, Report, begin, fail, outcome_of, take_lock};
+use crate::job::step::{
+    Failure, JobCtx, Outcome, RecoveryError, Report, begin, fail, outcome_of, take_lock,
+};
 use crate::postgres::{self, Conn, RestoreOpts};
 use crate::store::JobRecord;
 use drover_model::backup::catalog::{self, Backup, Part, Trigger};
@@ -24,7 +26,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 }
 
 /// After a crash: a restore into PostgreSQL that had not committed was rolled back by it.
-pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), String> {
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError> {
     let mut did = Vec::new();
     if job.step == "restore" {
         did.push("a restore that had not committed was rolled back by PostgreSQL".into());

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use crate::job::step::{Failure, JobCtx, Outcome, Report, begin, fail, outcome_of, take_lock};
+use crate::job::step::{
+    Failure, JobCtx, Outcome, RecoveryError, Report, begin, fail, outcome_of, take_lock,
+};
 use crate::release::{
     WEB, app_env, container_spec, drain_step, health_step, remove_containers, short_id,
     stop_old_step, stop_roles, switch_step, web_addr,
@@ -21,7 +23,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 }
 
 /// After a crash: see `recovery::converge_release`.
-pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), String> {
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError> {
     crate::recovery::converge_release(ctx, job).await
 }
 

@@ -15,12 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::apps::Apps;
-use crate::docker::DockerClient;
+use crate::docker::{DockerClient, DockerError};
 use crate::lock::Decision;
 use crate::redact::Redactor;
-use crate::store::{JobRecord, NewEvent, Store};
+use crate::store::{JobRecord, NewEvent, Store, StoreError};
 use crate::{Outbox, unix_ms};
 use drover_model::backup::catalog;
+use drover_model::config::ConfigError;
 use drover_model::jobevent::{self, CODE_LOCKED, JobResult, field, status};
 
 /// Everything a job touches.
@@ -589,6 +590,28 @@ pub async fn report_catalog(ctx: &JobCtx, target: &str, job_id: &str) {
         }
         Err(err) => warn!(target, error = %err, "cannot read the backup catalog"),
     }
+}
+
+/// Why recovery could not converge a job or an app: it is retried (and the next start tries
+/// again); nothing is left half-done meanwhile.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    /// A release's stored spec no longer parses.
+    #[error(transparent)]
+    Spec(#[from] ConfigError),
+    /// The host's secrets for a release's app cannot be read.
+    #[error("{0}")]
+    Secrets(String),
+    /// A container recovery started or made is gone again.
+    #[error("container {0} vanished")]
+    Vanished(String),
+    /// The release does not serve: why.
+    #[error("{0}")]
+    Unhealthy(String),
 }
 
 /// The error of a job the agent's stop interrupted: the step, then what the agent did about it

@@ -25,7 +25,9 @@ use crate::backup::{
     Cleanup, check_read_back, conn_of, object_key, pipeline, private_dir, remote_of, target_dir,
     validate,
 };
-use crate::job::step::{Failure, JobCtx, Outcome, Report, fail, outcome_of, take_lock};
+use crate::job::step::{
+    Failure, JobCtx, Outcome, RecoveryError, Report, fail, outcome_of, take_lock,
+};
 use crate::postgres::{self, Conn, RestoreOpts, TableFact};
 use crate::store::JobRecord;
 use crate::unix_ms;
@@ -46,7 +48,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 }
 
 /// After a crash: the scratch databases of the job go, then `crate::backup::converge`.
-pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), String> {
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError> {
     let mut did = Vec::new();
     if let Some(swept) = sweep_scratch_databases(ctx, &job).await {
         did.push(swept);
