@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::config::{
     ConfigError, check_count, check_duration, duration_str, parse_toml, read_toml_file,
 };
+use crate::names::valid_name;
 
 /// The default tag pattern: `vMAJOR.MINOR.PATCH`.
 pub const DEFAULT_VERSION_PATTERN: &str = r"^v\d+\.\d+\.\d+$";
@@ -318,15 +319,6 @@ pub fn check_version(spec: &AppSpec, version: &str) -> Result<(), String> {
             spec.version_pattern
         ))
     }
-}
-
-/// A name for an app or a backup target: 1-63 of a-z, 0-9, '-', '_', starting with a letter.
-pub(crate) fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
 }
 
 /// Bounds of an app spec's durations and counts: beyond them a value is a mistake (and a huge

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod job;
 pub mod jobevent;
+pub mod names;
 pub mod releases;
 #[cfg(feature = "schedule")]
 pub mod schedule;

@@ -27,9 +27,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::appspec::valid_name;
 use crate::backup::retention::Policy;
 use crate::config::{ConfigError, check_count, check_duration, parse_toml, read_toml_file};
+use crate::names::valid_name;
 
 /// A validated backup target.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
