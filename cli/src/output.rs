@@ -1,4 +1,5 @@
-//! Rendering for `drover`: tables for people, JSON for programs. Pure functions of the data.
+//! The tables and JSON of each record `drover` shows, pure functions of the data; each
+//! command's [`Render`](crate::render::Render) puts them together.
 
 use std::time::Duration;
 

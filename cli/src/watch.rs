@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use super::output::{duration_ms, event_json, job_json};
+use super::render::Format;
 use super::{CliError, exit};
 
 /// How the stream is shown.
@@ -25,9 +26,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn pick(json: bool) -> Mode {
+    /// JSON lines with `--json`, else for a terminal or plain lines, as stdout is.
+    pub fn pick(format: Format) -> Mode {
         use std::io::IsTerminal;
-        if json {
+        if format == Format::Json {
             Mode::Json
         } else if std::io::stdout().is_terminal() {
             Mode::Terminal
