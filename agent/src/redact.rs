@@ -109,7 +109,7 @@ impl Redactor {
             {
                 self.learn("s3.secret_access_key", &key);
             }
-            if let Some(pg) = &target.postgres {
+            if let Some(pg) = target.postgres() {
                 if let Some(file) = &pg.password_file
                     && let Ok(password) = crate::postgres::read_password_file(file)
                 {

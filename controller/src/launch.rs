@@ -233,7 +233,7 @@ impl Launcher {
                     "say where to restore: --to DATABASE or --to-dir DIR (one of them)".into(),
                 ));
             }
-            (false, true) if spec.postgres.is_none() => {
+            (false, true) if spec.postgres().is_none() => {
                 return Err(LaunchError::Invalid(format!(
                     "{} backs up files; restore them with --to-dir DIR",
                     spec.name

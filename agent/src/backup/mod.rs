@@ -30,8 +30,8 @@ use crate::postgres::{self, Conn};
 use crate::store::JobRecord;
 use crate::unix_ms;
 use drover_model::backup::catalog::{Backup, Part, PruneLine, Table, Trigger};
-use drover_model::backup::target::{SourceKind, TargetSpec};
-use drover_model::backup::{catalog, retention, target};
+use drover_model::backup::target::{self, SourceKind, TargetSpec};
+use drover_model::backup::{catalog, retention};
 use drover_model::jobevent::{JobResult, field};
 use drover_model::units::human_bytes;
 
@@ -581,7 +581,7 @@ pub(crate) async fn check(
     let mut estimate = 0u64;
     match spec.kind() {
         SourceKind::Postgres => {
-            let pg = spec.postgres.as_ref().ok_or("no [postgres] source")?;
+            let pg = spec.postgres().ok_or("no [postgres] source")?;
             let conn = conn_of(pg);
             let databases: Vec<String> = match database {
                 Some(db) => vec![db.to_string()],
@@ -604,8 +604,8 @@ pub(crate) async fn check(
             }
         }
         SourceKind::Volume | SourceKind::Path => {
-            let (dir, exclude) = match (&spec.volume, &spec.path) {
-                (Some(v), _) => {
+            let (dir, exclude) = match &spec.source {
+                target::Source::Volume(v) => {
                     let mount = ctx
                         .docker
                         .volume_mountpoint(&v.name)
@@ -619,8 +619,10 @@ pub(crate) async fn check(
                         })?;
                     (PathBuf::from(mount), Vec::new())
                 }
-                (None, Some(p)) => (p.dir.clone(), p.exclude.clone()),
-                (None, None) => return Err("no [volume] or [path] source".into()),
+                target::Source::Path(p) => (p.dir.clone(), p.exclude.clone()),
+                target::Source::Postgres(_) => {
+                    return Err("no [volume] or [path] source".into());
+                }
             };
             let excluded = files::excludes(&exclude)?;
             let (d, ex) = (dir.clone(), excluded.clone());

@@ -103,7 +103,7 @@ async fn restore_job(
     let summary = if !request.to_dir.is_empty() {
         restore_files(job, ctx, report, &part, &file, identity, &request.to_dir).await?
     } else {
-        let pg = spec.postgres.as_ref().ok_or_else(|| {
+        let pg = spec.postgres().ok_or_else(|| {
             fail(
                 "validate",
                 "only PostgreSQL targets restore into a database; use --to-dir",

@@ -499,7 +499,7 @@ async fn run_checks(
     });
     let decompressed = checks.end("decompress", since, result).await;
 
-    let pg = spec.postgres.as_ref();
+    let pg = spec.postgres();
     match (pg, decompressed, identity) {
         (None, _, _) => {
             for name in ["pg_list", "restore", "sanity"] {
@@ -1069,7 +1069,7 @@ pub fn scratch_prefix(job_id: &str) -> String {
 /// (on start); what it did, for the job's final report.
 pub async fn sweep_scratch_databases(ctx: &JobCtx, job: &JobRecord) -> Option<String> {
     let spec = crate::backup::spec_of(job).ok()?;
-    let pg = spec.postgres.as_ref()?;
+    let pg = spec.postgres()?;
     if !scratch_on_server(&spec, pg) {
         // A scratch container: `sweep_scratch` removes it.
         return None;

@@ -33,36 +33,120 @@ use crate::names::valid_name;
 
 /// A validated backup target.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "TargetToml", into = "TargetToml")]
 pub struct TargetSpec {
     pub name: String,
     /// The host it runs on, when fixed.
-    #[serde(default)]
     pub host: Option<String>,
     /// Hosts with all these labels (when `host` is not set).
-    #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// The app whose live release is recorded in each manifest.
-    #[serde(default)]
     pub app: Option<String>,
-    #[serde(default)]
-    pub postgres: Option<PostgresSource>,
-    #[serde(default)]
-    pub volume: Option<VolumeSource>,
-    #[serde(default)]
-    pub path: Option<PathSource>,
-    #[serde(default)]
+    /// What it backs up.
+    pub source: Source,
     pub storage: Storage,
-    #[serde(default)]
     pub compression: Compression,
-    #[serde(default)]
     pub encryption: Encryption,
-    #[serde(default)]
     pub retention: Retention,
-    #[serde(default)]
     pub verify: VerifySpec,
-    #[serde(default, skip_serializing_if = "ScheduleSpec::is_default")]
     pub schedule: ScheduleSpec,
+}
+
+/// What a target backs up: exactly one source, written as its `[postgres]`, `[volume]` or
+/// `[path]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    Postgres(PostgresSource),
+    Volume(VolumeSource),
+    Path(PathSource),
+}
+
+/// A target as it is written: the source is whichever of three tables is there.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct TargetToml {
+    name: String,
+    /// The host it runs on, when fixed.
+    #[serde(default)]
+    host: Option<String>,
+    /// Hosts with all these labels (when `host` is not set).
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// The app whose live release is recorded in each manifest.
+    #[serde(default)]
+    app: Option<String>,
+    #[serde(default)]
+    postgres: Option<PostgresSource>,
+    #[serde(default)]
+    volume: Option<VolumeSource>,
+    #[serde(default)]
+    path: Option<PathSource>,
+    #[serde(default)]
+    storage: Storage,
+    #[serde(default)]
+    compression: Compression,
+    #[serde(default)]
+    encryption: Encryption,
+    #[serde(default)]
+    retention: Retention,
+    #[serde(default)]
+    verify: VerifySpec,
+    #[serde(default, skip_serializing_if = "ScheduleSpec::is_default")]
+    schedule: ScheduleSpec,
+}
+
+/// What a target without a source, or with several, is told.
+pub const ONE_SOURCE: &str = "declare exactly one source table: `postgres`, `volume` or `path` ([postgres], [volume] or [path])";
+
+impl TryFrom<TargetToml> for TargetSpec {
+    type Error = String;
+
+    fn try_from(t: TargetToml) -> Result<TargetSpec, String> {
+        let source = match (t.postgres, t.volume, t.path) {
+            (Some(pg), None, None) => Source::Postgres(pg),
+            (None, Some(v), None) => Source::Volume(v),
+            (None, None, Some(p)) => Source::Path(p),
+            _ => return Err(ONE_SOURCE.to_string()),
+        };
+        Ok(TargetSpec {
+            name: t.name,
+            host: t.host,
+            labels: t.labels,
+            app: t.app,
+            source,
+            storage: t.storage,
+            compression: t.compression,
+            encryption: t.encryption,
+            retention: t.retention,
+            verify: t.verify,
+            schedule: t.schedule,
+        })
+    }
+}
+
+impl From<TargetSpec> for TargetToml {
+    fn from(t: TargetSpec) -> TargetToml {
+        let (postgres, volume, path) = match t.source {
+            Source::Postgres(pg) => (Some(pg), None, None),
+            Source::Volume(v) => (None, Some(v), None),
+            Source::Path(p) => (None, None, Some(p)),
+        };
+        TargetToml {
+            name: t.name,
+            host: t.host,
+            labels: t.labels,
+            app: t.app,
+            storage: t.storage,
+            compression: t.compression,
+            encryption: t.encryption,
+            retention: t.retention,
+            verify: t.verify,
+            schedule: t.schedule,
+            postgres,
+            volume,
+            path,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -326,20 +410,26 @@ impl TargetSpec {
     }
 
     pub fn kind(&self) -> SourceKind {
-        if self.postgres.is_some() {
-            SourceKind::Postgres
-        } else if self.volume.is_some() {
-            SourceKind::Volume
-        } else {
-            SourceKind::Path
+        match self.source {
+            Source::Postgres(_) => SourceKind::Postgres,
+            Source::Volume(_) => SourceKind::Volume,
+            Source::Path(_) => SourceKind::Path,
+        }
+    }
+
+    /// The PostgreSQL source, when the target backs up databases.
+    pub fn postgres(&self) -> Option<&PostgresSource> {
+        match &self.source {
+            Source::Postgres(pg) => Some(pg),
+            Source::Volume(_) | Source::Path(_) => None,
         }
     }
 
     /// The parts one backup of this target has: a database each, or `files`.
     pub fn parts(&self) -> Vec<String> {
-        match &self.postgres {
-            Some(pg) => pg.databases.clone(),
-            None => vec!["files".into()],
+        match &self.source {
+            Source::Postgres(pg) => pg.databases.clone(),
+            Source::Volume(_) | Source::Path(_) => vec!["files".into()],
         }
     }
 
@@ -359,24 +449,10 @@ impl TargetSpec {
                 ),
             ));
         }
-        let sources = [
-            self.postgres.is_some(),
-            self.volume.is_some(),
-            self.path.is_some(),
-        ]
-        .iter()
-        .filter(|s| **s)
-        .count();
-        if sources != 1 {
-            return Err(bad(
-                "postgres",
-                "declare exactly one source: [postgres], [volume] or [path]".into(),
-            ));
-        }
         if self.host.is_some() && !self.labels.is_empty() {
             return Err(bad("labels", "give either host or labels, not both".into()));
         }
-        if let Some(pg) = &self.postgres {
+        if let Source::Postgres(pg) = &self.source {
             match (&pg.container, &pg.url) {
                 (Some(_), Some(_)) | (None, None) => {
                     return Err(bad(
@@ -493,7 +569,7 @@ impl TargetSpec {
                 "must be at least 0 and below 1 (0.1 means 10 %)".into(),
             ));
         }
-        if let Some(v) = &self.volume
+        if let Source::Volume(v) = &self.source
             && (v.name.is_empty() || v.name.contains('/'))
         {
             return Err(bad(
@@ -501,7 +577,7 @@ impl TargetSpec {
                 format!("{:?} is not a Docker volume name", v.name),
             ));
         }
-        if let Some(p) = &self.path {
+        if let Source::Path(p) = &self.source {
             if !p.dir.is_absolute() {
                 return Err(bad(
                     "path.dir",
