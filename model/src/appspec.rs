@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::config::{
     ConfigError, check_count, check_duration, duration_str, parse_toml, read_toml_file,
 };
-use crate::names::valid_name;
+use crate::names::{check_name, valid_name};
 
 /// The default tag pattern: `vMAJOR.MINOR.PATCH`.
 pub const DEFAULT_VERSION_PATTERN: &str = r"^v\d+\.\d+\.\d+$";
@@ -487,15 +487,7 @@ impl AppSpec {
             key,
             message,
         };
-        if !valid_name(&self.name) {
-            return Err(bad(
-                "name",
-                format!(
-                    "{:?}: use 1-63 of a-z, 0-9, '-', '_', starting with a letter",
-                    self.name
-                ),
-            ));
-        }
+        check_name(&self.name).map_err(|m| bad("name", m))?;
         if self.image.is_empty()
             || self.image.contains(char::is_whitespace)
             || self.image.contains('@')

@@ -10,6 +10,17 @@ pub fn valid_name(s: &str) -> bool {
         && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
 }
 
+/// [`valid_name`], as the message a spec's `name` key is refused with.
+pub fn check_name(s: &str) -> Result<(), String> {
+    if valid_name(s) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?}: use 1-63 of a-z, 0-9, '-', '_', starting with a letter"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

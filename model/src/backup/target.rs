@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::retention::Policy;
 use crate::config::{ConfigError, check_count, check_duration, parse_toml, read_toml_file};
-use crate::names::valid_name;
+use crate::names::check_name;
 
 /// A validated backup target.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -440,15 +440,7 @@ impl TargetSpec {
             key,
             message,
         };
-        if !valid_name(&self.name) {
-            return Err(bad(
-                "name",
-                format!(
-                    "{:?}: use 1-63 of a-z, 0-9, '-', '_', starting with a letter",
-                    self.name
-                ),
-            ));
-        }
+        check_name(&self.name).map_err(|m| bad("name", m))?;
         if self.host.is_some() && !self.labels.is_empty() {
             return Err(bad("labels", "give either host or labels, not both".into()));
         }
