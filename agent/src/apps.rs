@@ -19,6 +19,18 @@ struct Served {
     stop: CancellationToken,
 }
 
+/// Why an app cannot have its public address.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    #[error("{listen} is already the public address of app {app} on this host")]
+    OtherApp { listen: SocketAddr, app: String },
+    #[error("cannot listen on {listen}: {err} (is another program using that port?)")]
+    Bind {
+        listen: SocketAddr,
+        err: std::io::Error,
+    },
+}
+
 /// What a deploy holds between validation and the switch: either the app's running proxy, or a
 /// freshly bound listener for it.
 #[derive(Debug)]
@@ -78,7 +90,7 @@ impl Apps {
     /// Makes sure `app` can serve on `listen`: its running proxy if it is already there,
     /// otherwise a listener bound now. Another app on that address, or a port taken by another
     /// program, is an error that says so.
-    pub async fn reserve(&self, app: &str, listen: SocketAddr) -> Result<Reserved, String> {
+    pub async fn reserve(&self, app: &str, listen: SocketAddr) -> Result<Reserved, ReserveError> {
         {
             let served = self.lock();
             if let Some(s) = served.get(app)
@@ -87,14 +99,15 @@ impl Apps {
                 return Ok(Reserved::Serving(Box::new(s.proxy.clone())));
             }
             if let Some((other, _)) = served.iter().find(|(a, s)| *a != app && s.listen == listen) {
-                return Err(format!(
-                    "{listen} is already the public address of app {other} on this host"
-                ));
+                return Err(ReserveError::OtherApp {
+                    listen,
+                    app: other.clone(),
+                });
             }
         }
-        let listener = TcpListener::bind(listen).await.map_err(|e| {
-            format!("cannot listen on {listen}: {e} (is another program using that port?)")
-        })?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|err| ReserveError::Bind { listen, err })?;
         Ok(Reserved::Bound(listen, listener))
     }
 
@@ -132,10 +145,16 @@ impl Apps {
                     proxy.switch(first);
                 }
                 let stop = shutdown.child_token();
-                let part = self.liveness.part(format!("proxy of {app} on {listen}"));
+                let part = self.liveness.part_with_heartbeat(
+                    format!("proxy of {app} on {listen}"),
+                    drover_daemon::max_silence(),
+                );
+                let beat = part.heartbeat();
                 tokio::spawn(drover_daemon::tracked(
                     part,
-                    proxy.clone().serve(listener, stop.clone()),
+                    proxy
+                        .clone()
+                        .serve_beating(listener, stop.clone(), Some(beat)),
                 ));
                 let old = self.lock().insert(
                     app.to_string(),
@@ -194,14 +213,15 @@ mod tests {
             apps.reserve("api", listen).await.unwrap(),
             Reserved::Serving(_)
         ));
-        let err = apps.reserve("web", listen).await.unwrap_err();
+        let err = apps.reserve("web", listen).await.unwrap_err().to_string();
         assert!(err.contains("public address of app api"), "{err}");
         // A port another program holds.
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let err = apps
             .reserve("web", taken.local_addr().unwrap())
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot listen on"), "{err}");
         shutdown.cancel();
     }

@@ -116,9 +116,9 @@ impl ProxyConfig {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let secs = Duration::from_secs;
         check_duration(self.header_timeout, secs(1), secs(600))
-            .map_err(|m| ("proxy.header_timeout", m))?;
+            .map_err(|m| ("proxy.header_timeout", m.to_string()))?;
         check_duration(self.idle_timeout, secs(1), secs(600))
-            .map_err(|m| ("proxy.idle_timeout", m))?;
+            .map_err(|m| ("proxy.idle_timeout", m.to_string()))?;
         if self.idle_timeout > self.header_timeout {
             // hyper's header clock also runs while a keep-alive connection waits for its next
             // request: a longer idle timeout would never be reached.
@@ -127,7 +127,8 @@ impl ProxyConfig {
                 "must not exceed proxy.header_timeout".into(),
             ));
         }
-        check_count(self.max_connections, 1, 1_000_000).map_err(|m| ("proxy.max_connections", m))
+        check_count(self.max_connections, 1, 1_000_000)
+            .map_err(|m| ("proxy.max_connections", m.to_string()))
     }
 }
 
@@ -184,7 +185,7 @@ impl AgentConfig {
             ("reconnect_max", self.reconnect_max, secs(1), secs(3600)),
             ("lock_lease", self.lock_lease, secs(3), secs(3600)),
         ] {
-            check_duration(value, min, max).map_err(|m| invalid(key, &m))?;
+            check_duration(value, min, max).map_err(|m| invalid(key, &m.to_string()))?;
         }
         if self.health_interval < self.heartbeat_interval {
             return Err(invalid(

@@ -4,8 +4,7 @@
 use drover_proto::v1;
 
 use crate::health::{Check, HostFacts, Status};
-use crate::store::{BackupJob, Event, JobRecord};
-use drover_model::job::JobCommand;
+use crate::store::{Event, JobRecord};
 
 pub fn status_to_proto(status: Status) -> v1::CheckStatus {
     match status {
@@ -24,6 +23,7 @@ pub fn event_to_proto(event: &Event) -> v1::JobEvent {
         message: event.message.clone(),
         fields: event.fields.clone().into_iter().collect(),
         host: String::new(),
+        payload: event.payload.as_ref().map(drover_proto::payload::to_proto),
     }
 }
 
@@ -77,162 +77,8 @@ pub fn health_to_proto(facts: &HostFacts, checks: &[Check], overall: Status) -> 
     }
 }
 
-/// The command a controller's `Command` carries (None: a kind this agent does not know).
-pub fn command_from_proto(cmd: &drover_proto::v1::Command) -> Option<JobCommand> {
-    use drover_proto::v1::command::Job;
-    Some(match cmd.job.as_ref()? {
-        Job::Deploy(d) => JobCommand::Deploy {
-            app: d.app.clone(),
-            version: d.version.clone(),
-            spec_toml: d.spec_toml.clone(),
-            spec_revision: d.spec_revision,
-            skip_backup: d.skip_backup,
-            wait_lock: d.wait_lock,
-            requested_by: d.requested_by.clone(),
-            backup_target_toml: d.backup_target_toml.clone(),
-        },
-        Job::Rollback(r) => JobCommand::Rollback {
-            app: r.app.clone(),
-            to_version: r.to_version.clone(),
-            wait_lock: r.wait_lock,
-            requested_by: r.requested_by.clone(),
-        },
-        Job::Backup(b) => JobCommand::Backup {
-            target: b.target.clone(),
-            target_toml: b.target_toml.clone(),
-            trigger: b.trigger.clone(),
-            requested_by: b.requested_by.clone(),
-        },
-        Job::Restore(r) => JobCommand::Restore {
-            target: r.target.clone(),
-            target_toml: r.target_toml.clone(),
-            backup_id: r.backup_id.clone(),
-            part: r.part.clone(),
-            to_database: r.to_database.clone(),
-            to_dir: r.to_dir.clone(),
-            confirmed: r.confirmed,
-            identity_file: r.identity_file.clone(),
-            requested_by: r.requested_by.clone(),
-        },
-        Job::Prune(p) => JobCommand::Prune {
-            target: p.target.clone(),
-            target_toml: p.target_toml.clone(),
-            dry_run: p.dry_run,
-            requested_by: p.requested_by.clone(),
-        },
-        Job::Verify(v) => JobCommand::Verify {
-            target: v.target.clone(),
-            target_toml: v.target_toml.clone(),
-            requested_by: v.requested_by.clone(),
-            identity_file: v.identity_file.clone(),
-        },
-    })
-}
-
-/// A job as this agent stores it, accepted from the controller's `command` at `now_ms`,
-/// nothing done yet.
-pub fn record_from_command(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
-    let base = JobRecord {
-        id,
-        kind: command.kind(),
-        app: command.subject().to_string(),
-        version: command.version().to_string(),
-        spec_toml: String::new(),
-        spec_revision: 0,
-        skip_backup: false,
-        wait_lock: false,
-        requested_by: command.requested_by().to_string(),
-        accepted_unix_ms: now_ms,
-        step: String::new(),
-        finished: false,
-        release: String::new(),
-        previous: String::new(),
-        switched: false,
-        backup: None,
-    };
-    match command {
-        JobCommand::Deploy {
-            spec_toml,
-            spec_revision,
-            skip_backup,
-            wait_lock,
-            backup_target_toml,
-            ..
-        } => JobRecord {
-            spec_toml,
-            spec_revision,
-            skip_backup,
-            wait_lock,
-            backup: (!backup_target_toml.is_empty()).then(|| BackupJob {
-                target_toml: backup_target_toml,
-                trigger: "pre_deploy".into(),
-                ..BackupJob::default()
-            }),
-            ..base
-        },
-        JobCommand::Rollback { wait_lock, .. } => JobRecord { wait_lock, ..base },
-        JobCommand::Backup {
-            target_toml,
-            trigger,
-            ..
-        } => JobRecord {
-            backup: Some(BackupJob {
-                target_toml,
-                trigger,
-                ..BackupJob::default()
-            }),
-            ..base
-        },
-        JobCommand::Verify {
-            target_toml,
-            identity_file,
-            ..
-        } => JobRecord {
-            backup: Some(BackupJob {
-                target_toml,
-                identity_file,
-                ..BackupJob::default()
-            }),
-            ..base
-        },
-        JobCommand::Restore {
-            target_toml,
-            backup_id,
-            part,
-            to_database,
-            to_dir,
-            confirmed,
-            identity_file,
-            ..
-        } => JobRecord {
-            backup: Some(BackupJob {
-                target_toml,
-                backup_id,
-                part,
-                to_database,
-                to_dir,
-                confirmed,
-                identity_file,
-                ..BackupJob::default()
-            }),
-            ..base
-        },
-        JobCommand::Prune {
-            target_toml,
-            dry_run,
-            ..
-        } => JobRecord {
-            backup: Some(BackupJob {
-                target_toml,
-                dry_run,
-                ..BackupJob::default()
-            }),
-            ..base
-        },
-    }
-}
-
 /// The job a controller's `Command` asks for, as this agent stores it.
 pub fn job_from_command(cmd: &drover_proto::v1::Command, now_ms: i64) -> Option<JobRecord> {
-    command_from_proto(cmd).map(|c| record_from_command(cmd.job_id.clone(), c, now_ms))
+    drover_proto::command::from_proto(cmd)
+        .map(|c| crate::job::record_of(cmd.job_id.clone(), c, now_ms))
 }

@@ -137,7 +137,7 @@ impl Thresholds {
             ),
         ] {
             drover_model::config::check_duration(value, Duration::ZERO, max)
-                .map_err(|m| (key, m))?;
+                .map_err(|m| (key, m.to_string()))?;
         }
         Ok(())
     }

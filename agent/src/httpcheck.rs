@@ -163,14 +163,36 @@ pub async fn websocket(
 }
 
 /// Checks a WebSocket answer against a smoke check's expectation.
-pub fn websocket_verdict(answer: &str, expect: Option<&str>) -> Result<(), String> {
+pub fn websocket_verdict(answer: &str, expect: Option<&str>) -> Result<(), Mismatch> {
     match expect {
-        Some(needle) if !answer.contains(needle) => Err(format!(
-            "the answer does not contain {needle:?}: {}",
-            first_line(answer)
-        )),
+        Some(needle) if !answer.contains(needle) => Err(Mismatch::Answer {
+            expected: needle.to_string(),
+            first_line: first_line(answer).to_string(),
+        }),
         _ => Ok(()),
     }
+}
+
+/// What differed between a smoke check's expectation and the answer (its first line quoted).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    #[error("answered {status} (expected {expected}): {first_line}")]
+    Status {
+        status: u16,
+        expected: u16,
+        first_line: String,
+    },
+    #[error("the body does not contain {expected:?}: {first_line}")]
+    Body {
+        expected: String,
+        first_line: String,
+    },
+    /// A WebSocket answer.
+    #[error("the answer does not contain {expected:?}: {first_line}")]
+    Answer {
+        expected: String,
+        first_line: String,
+    },
 }
 
 /// Whether an answer counts as healthy: 2xx or 3xx.
@@ -183,21 +205,21 @@ pub fn smoke_verdict(
     answer: &Answer,
     want_status: u16,
     body_contains: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), Mismatch> {
     if answer.status != want_status {
-        return Err(format!(
-            "answered {} (expected {want_status}): {}",
-            answer.status,
-            first_line(&answer.body)
-        ));
+        return Err(Mismatch::Status {
+            status: answer.status,
+            expected: want_status,
+            first_line: first_line(&answer.body).to_string(),
+        });
     }
     if let Some(needle) = body_contains
         && !answer.body.contains(needle)
     {
-        return Err(format!(
-            "the body does not contain {needle:?}: {}",
-            first_line(&answer.body)
-        ));
+        return Err(Mismatch::Body {
+            expected: needle.to_string(),
+            first_line: first_line(&answer.body).to_string(),
+        });
     }
     Ok(())
 }
@@ -227,9 +249,9 @@ mod tests {
         };
         assert!(smoke_verdict(&a, 200, Some("ok")).is_ok());
         assert!(smoke_verdict(&a, 200, None).is_ok());
-        let e = smoke_verdict(&a, 204, None).unwrap_err();
+        let e = smoke_verdict(&a, 204, None).unwrap_err().to_string();
         assert!(e.contains("answered 200 (expected 204)"), "{e}");
-        let e = smoke_verdict(&a, 200, Some("v2")).unwrap_err();
+        let e = smoke_verdict(&a, 200, Some("v2")).unwrap_err().to_string();
         assert!(e.contains("does not contain \"v2\""), "{e}");
         let empty = Answer {
             status: 500,
@@ -238,6 +260,7 @@ mod tests {
         assert!(
             smoke_verdict(&empty, 200, None)
                 .unwrap_err()
+                .to_string()
                 .contains("(empty body)")
         );
         assert!(healthy(&a) && !healthy(&empty));
@@ -247,7 +270,9 @@ mod tests {
     fn websocket_verdicts_name_what_differed() {
         assert!(websocket_verdict("ping", Some("ping")).is_ok());
         assert!(websocket_verdict("anything", None).is_ok());
-        let e = websocket_verdict("pong\nmore", Some("ping")).unwrap_err();
+        let e = websocket_verdict("pong\nmore", Some("ping"))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "the answer does not contain \"ping\": pong");
     }
 

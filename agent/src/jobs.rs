@@ -66,8 +66,13 @@ impl JobQueue {
 
 /// Runs until `shutdown`: recovery first (retried until the Docker Engine answers), then every
 /// submitted job. On shutdown, running jobs are dropped where they are: the next start's
-/// recovery converges them, exactly as after a crash.
-pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<Work>) {
+/// recovery converges them, exactly as after a crash. `beat` is beaten from the loop that takes
+/// commands, from its first turn (recovery, which may rightly take long, is not watched).
+pub async fn run(
+    ctx: Arc<JobCtx>,
+    mut rx: mpsc::UnboundedReceiver<Work>,
+    beat: drover_daemon::Heartbeat,
+) {
     let mut attempt = 0u32;
     loop {
         match recovery::recover(&ctx).await {
@@ -87,9 +92,11 @@ pub async fn run(ctx: Arc<JobCtx>, mut rx: mpsc::UnboundedReceiver<Work>) {
     let mut running = JoinSet::new();
     // Which job each task runs, so a task that panicked still ends its job.
     let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut beat_tick = drover_daemon::beat_ticker();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
+            _ = beat_tick.tick() => beat.beat(),
             Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                 match done {
                     Ok((id, ())) => {

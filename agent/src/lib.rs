@@ -91,6 +91,9 @@ impl Outbox {
     pub async fn record(&self, mut event: NewEvent) -> Result<u64, AgentError> {
         self.redactor
             .redact_event(&mut event.message, &mut event.fields);
+        if let Some(payload) = event.payload.as_mut() {
+            self.redactor.redact_payload(payload);
+        }
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -224,9 +227,15 @@ impl Agent {
             shutdown: shutdown.clone(),
             lock_lease: self.config.lock_lease,
         });
+        // Watched for silence too: its loop beats while it waits for commands (jobs run in
+        // tasks of their own, so a long job never holds the loop).
+        let runner_part = self
+            .liveness
+            .part_with_heartbeat("job runner", drover_daemon::max_silence());
+        let runner_beat = runner_part.heartbeat();
         let runner = tokio::spawn(drover_daemon::tracked(
-            self.liveness.part("job runner"),
-            jobs::run(jobs_ctx.clone(), self.commands),
+            runner_part,
+            jobs::run(jobs_ctx.clone(), self.commands, runner_beat),
         ));
         let (facts_tx, facts_rx) = watch::channel(None::<HostFacts>);
         let sampler = tokio::spawn(drover_daemon::tracked(
@@ -238,7 +247,11 @@ impl Agent {
                 shutdown.clone(),
             ),
         ));
-        let session_part = self.liveness.part("controller session loop");
+        // Watched for silence too: every wait in a session is bounded (`session::WAIT_LIMIT`)
+        // and the loop beats while it waits, backoff included.
+        let session_part = self
+            .liveness
+            .part_with_heartbeat("controller session loop", drover_daemon::max_silence());
         let ctx = session::SessionCtx {
             config: self.config,
             paths: self.paths,
@@ -248,6 +261,7 @@ impl Agent {
             status: self.status,
             facts: facts_rx,
             jobs: self.queue,
+            beat: session_part.heartbeat(),
         };
         let result =
             drover_daemon::tracked(session_part, session::run(ctx, shutdown.clone())).await;

@@ -51,8 +51,10 @@ enum Command {
 
 /// A host does not choose its own labels: `--label` is refused (exit 2) saying where they
 /// come from, rather than being an unknown flag.
-fn refuse_label(_: &str) -> Result<String, String> {
-    Err("a host does not choose its own labels: they come from its enrollment token; create the token with them: `drover token create --host NAME --label k=v`".into())
+fn refuse_label(_: &str) -> anyhow::Result<String> {
+    anyhow::bail!(
+        "a host does not choose its own labels: they come from its enrollment token; create the token with them: `drover token create --host NAME --label k=v`"
+    )
 }
 
 fn main() {
@@ -128,7 +130,7 @@ async fn run(args: Args) -> Result<()> {
             // proxy's accept loop run (and the runtime runs this task).
             let liveness = agent.liveness();
             daemon::spawn_watchdog(shutdown.clone(), move || {
-                let check = liveness.check();
+                let check = liveness.check().map_err(|e| e.to_string());
                 async move { check }
             });
             let result = agent.run(shutdown).await;

@@ -150,25 +150,36 @@ impl fmt::Debug for Remote {
 
 /// Checks an endpoint URL: `https://` anywhere, `http://` only to a loopback host (a secret's
 /// signature and every backup would otherwise cross the network in the clear).
-pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+pub fn check_endpoint(endpoint: &str) -> Result<(), EndpointError> {
     if let Some(rest) = endpoint.strip_prefix("https://") {
         if host_of(rest).is_empty() {
-            return Err("the URL has no host".to_string());
+            return Err(EndpointError::NoHost);
         }
         return Ok(());
     }
     let Some(rest) = endpoint.strip_prefix("http://") else {
-        return Err("the URL must start with https:// (or http:// for a loopback address)".into());
+        return Err(EndpointError::Scheme);
     };
     let host = host_of(rest);
     if drover_identity::tls::is_loopback_host(host) {
         Ok(())
     } else {
-        Err(format!(
-            "plain http:// is only allowed to a loopback address (127.0.0.0/8, ::1, localhost), \
-             not {host:?}: use https://"
-        ))
+        Err(EndpointError::PlainHttp(host.to_string()))
     }
+}
+
+/// An endpoint URL [`check_endpoint`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("the URL has no host")]
+    NoHost,
+    #[error("the URL must start with https:// (or http:// for a loopback address)")]
+    Scheme,
+    #[error(
+        "plain http:// is only allowed to a loopback address (127.0.0.0/8, ::1, localhost), \
+         not {0:?}: use https://"
+    )]
+    PlainHttp(String),
 }
 
 /// The host part of `host[:port][/path]`, brackets kept for IPv6.
@@ -236,7 +247,7 @@ impl Remote {
         let endpoint = cfg.endpoint.trim_end_matches('/').to_string();
         check_endpoint(&endpoint).map_err(|reason| ObjectStoreError::Endpoint {
             endpoint: endpoint.clone(),
-            reason,
+            reason: reason.to_string(),
         })?;
         if cfg.bucket.is_empty() || cfg.bucket.contains('/') {
             return Err(ObjectStoreError::Endpoint {
@@ -609,7 +620,9 @@ mod tests {
         ] {
             assert!(check_endpoint(bad).is_err(), "{bad}");
         }
-        let err = check_endpoint("http://192.168.1.10:9000").unwrap_err();
+        let err = check_endpoint("http://192.168.1.10:9000")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("use https://"), "{err}");
     }
 

@@ -535,6 +535,18 @@ impl Proxy {
 
     /// Serves on `listener` until `shutdown`.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        self.serve_beating(listener, shutdown, None).await
+    }
+
+    /// [`Proxy::serve`], beating `beat` every few seconds from the accept loop, so a loop that
+    /// hangs stops the watchdog's pings.
+    pub async fn serve_beating(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        beat: Option<drover_daemon::Heartbeat>,
+    ) {
+        let mut beat_tick = drover_daemon::beat_ticker();
         let local = listener
             .local_addr()
             .map(|a| a.to_string())
@@ -549,6 +561,12 @@ impl Proxy {
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = beat_tick.tick(), if beat.is_some() => {
+                    if let Some(beat) = &beat {
+                        beat.beat();
+                    }
+                    continue;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(err) => {
@@ -686,7 +704,9 @@ impl Proxy {
         set_forwarded(&mut req, peer);
         let mut unforwardable = false;
         let result = if req.headers().contains_key(UPGRADE) {
-            upgrade(req, &upstream, peer).await
+            upgrade(req, &upstream, peer)
+                .await
+                .map_err(|e| e.to_string())
         } else {
             let target = req
                 .uri()
@@ -975,6 +995,15 @@ pub fn describe_upgrade(protocol: &str, path: &str, peer: SocketAddr) -> String 
     format!("{protocol} {} from {peer}", clip(path, 80))
 }
 
+/// Why an upgrade did not reach the upstream (the client gets a 502 saying so).
+#[derive(Debug, thiserror::Error)]
+enum UpgradeError {
+    #[error(transparent)]
+    Connect(#[from] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
 /// Passes an upgrade (WebSocket) through: the request goes to the upstream on its own
 /// connection; on 101 both upgraded connections are spliced together, counted on the upstream
 /// (for the drain) while they last.
@@ -982,7 +1011,7 @@ async fn upgrade(
     mut req: Request<ClientBody>,
     upstream: &Arc<Upstream>,
     peer: SocketAddr,
-) -> Result<Response<Body>, String> {
+) -> Result<Response<Body>, UpgradeError> {
     let addr = upstream.addr;
     let protocol = req
         .headers()
@@ -991,10 +1020,8 @@ async fn upgrade(
         .unwrap_or("")
         .to_string();
     let what = describe_upgrade(&protocol, req.uri().path(), peer);
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn.with_upgrades());
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
@@ -1004,10 +1031,7 @@ async fn upgrade(
     {
         upstream_req.headers_mut().insert(HOST, host);
     }
-    let mut response = sender
-        .send_request(upstream_req)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut response = sender.send_request(upstream_req).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         // Counted from the 101 on, so a drain that starts now already sees it.

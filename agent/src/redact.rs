@@ -25,6 +25,7 @@ use crate::secrets;
 use crate::store::JobRecord;
 use drover_model::appspec::AppSpec;
 use drover_model::backup::target::TargetSpec;
+use drover_model::jobevent::Payload;
 
 /// Values shorter than this (in characters) are not redacted.
 pub const MIN_LEN: usize = 6;
@@ -140,6 +141,35 @@ impl Redactor {
         for value in fields.values_mut() {
             *value = redact_text(value, &map);
         }
+    }
+}
+
+impl Redactor {
+    /// Redacts every string in a typed record (a release's spec, a check's evidence) in place.
+    pub fn redact_payload(&self, payload: &mut Payload) {
+        let Ok(map) = self.forms.read() else { return };
+        if map.is_empty() {
+            return;
+        }
+        let Ok(mut value) = serde_json::to_value(&*payload) else {
+            return;
+        };
+        redact_strings(&mut value, &map);
+        match serde_json::from_value(value) {
+            Ok(redacted) => *payload = redacted,
+            Err(err) => tracing::error!(error = %err, "a redacted payload does not read back"),
+        }
+    }
+}
+
+fn redact_strings(value: &mut serde_json::Value, map: &BTreeMap<String, String>) {
+    match value {
+        serde_json::Value::String(s) => *s = redact_text(s, map),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| redact_strings(v, map)),
+        serde_json::Value::Object(entries) => {
+            entries.values_mut().for_each(|v| redact_strings(v, map))
+        }
+        _ => {}
     }
 }
 
@@ -419,6 +449,7 @@ mod tests {
                     "logs".to_string(),
                     "cannot parse 'postgres%3A%2F%2Fu%3Ahunter2hunter2%40db%2Fx'".to_string(),
                 )]),
+                payload: None,
             })
             .await
             .unwrap();
@@ -428,6 +459,53 @@ mod tests {
             stored.fields["logs"],
             "cannot parse '[redacted:DATABASE_URL]'"
         );
+    }
+
+    #[tokio::test]
+    async fn a_payload_is_stored_with_every_string_in_it_redacted() {
+        use drover_model::backup::catalog::{Check, CheckResult, Verification};
+        use drover_model::jobevent::Payload;
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(crate::store::Store::open(dir.path()).unwrap());
+        let r = redactor(&[("PGPASSWORD", "hunter2hunter2")]);
+        let outbox = crate::Outbox::new(store.clone(), r);
+        let verification = Verification {
+            job_id: "verify-1".into(),
+            target: "db".into(),
+            host: String::new(),
+            backup_id: "db-1".into(),
+            started_unix_ms: 1,
+            finished_unix_ms: 2,
+            checks: vec![Check {
+                name: "restore".into(),
+                result: CheckResult::Failed,
+                message: "psql: password hunter2hunter2 refused".into(),
+                duration_ms: 3,
+                evidence: BTreeMap::from([("dsn".into(), "u:hunter2hunter2@db".into())]),
+            }],
+            copy: "local".into(),
+            local_corrupt: String::new(),
+        };
+        outbox
+            .record(crate::store::NewEvent {
+                job_id: "verify-1".into(),
+                kind: "backup.verification".into(),
+                message: "verification of db: failed".into(),
+                fields: BTreeMap::new(),
+                payload: Some(Payload::Verification(Box::new(verification))),
+            })
+            .await
+            .unwrap();
+        let stored = store.pending_after(0, 10).unwrap().remove(0);
+        let Some(Payload::Verification(v)) = stored.payload else {
+            panic!("{stored:?}")
+        };
+        assert_eq!(
+            v.checks[0].message,
+            "psql: password [redacted:PGPASSWORD] refused"
+        );
+        assert_eq!(v.checks[0].evidence["dsn"], "u:[redacted:PGPASSWORD]@db");
+        assert_eq!(v.backup_id, "db-1");
     }
 
     #[test]

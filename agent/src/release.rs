@@ -90,7 +90,10 @@ pub fn watch_breach(stats: &StatsSnapshot, watch: &Watch) -> Option<String> {
 }
 
 /// The env of the app's containers: the spec's env plus the host's secrets.
-pub(crate) fn app_env(ctx: &JobCtx, spec: &AppSpec) -> Result<BTreeMap<String, String>, String> {
+pub(crate) fn app_env(
+    ctx: &JobCtx,
+    spec: &AppSpec,
+) -> Result<BTreeMap<String, String>, secrets::SecretsError> {
     let mut env = spec.env.clone();
     env.extend(secrets::load(&ctx.secrets_dir, spec)?);
     Ok(env)

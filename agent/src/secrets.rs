@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use drover_identity::files::{PrivateFileError, read_private_file};
-use drover_model::appspec::{AppSpec, check_secret};
+use drover_model::appspec::{AppSpec, SecretError, check_secret};
 
 /// The file holding `app`'s secrets.
 pub fn path(dir: &Path, app: &str) -> PathBuf {
@@ -17,7 +17,7 @@ pub fn path(dir: &Path, app: &str) -> PathBuf {
 /// Parses `KEY=value` lines: blank lines and `#` comments are skipped, an `export ` prefix and
 /// one pair of matching quotes around the value are removed. A line without `=` is an error
 /// naming its number (never its content: it may be a secret).
-pub fn parse(text: &str) -> Result<BTreeMap<String, String>, String> {
+pub fn parse(text: &str) -> Result<BTreeMap<String, String>, EnvFileError> {
     let mut out = BTreeMap::new();
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -26,11 +26,11 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, String>, String> {
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
         let Some((key, value)) = line.split_once('=') else {
-            return Err(format!("line {} is not KEY=value", n + 1));
+            return Err(EnvFileError::NotKeyValue { line: n + 1 });
         };
         let key = key.trim();
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("line {} has no valid KEY before '='", n + 1));
+            return Err(EnvFileError::NoKey { line: n + 1 });
         }
         let value = value.trim();
         let unquoted = [('"', '"'), ('\'', '\'')]
@@ -48,21 +48,21 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, String>, String> {
 
 /// Reads and checks the secrets `spec` declares; returns them as env vars. Every problem is
 /// listed, with the file to fix.
-pub fn load(dir: &Path, spec: &AppSpec) -> Result<BTreeMap<String, String>, String> {
+pub fn load(dir: &Path, spec: &AppSpec) -> Result<BTreeMap<String, String>, SecretsError> {
     if spec.secrets.is_empty() {
         return Ok(BTreeMap::new());
     }
     let file = path(dir, &spec.name);
-    let shown = file.display();
     let values = match read_private_file(&file) {
         Err(PrivateFileError::Missing) => BTreeMap::new(),
-        Err(PrivateFileError::Unreadable(e)) => return Err(format!("cannot read {shown}: {e}")),
-        Err(PrivateFileError::Open { mode }) => {
-            return Err(format!(
-                "{shown} is readable by other users (mode {mode:o}); run chmod 600 {shown}"
-            ));
+        Err(PrivateFileError::Unreadable(err)) => {
+            return Err(SecretsError::Unreadable { file, err });
         }
-        Ok(text) => parse(&text).map_err(|e| format!("{shown}: {e}"))?,
+        Err(PrivateFileError::Open { mode }) => return Err(SecretsError::Open { file, mode }),
+        Ok(text) => match parse(&text) {
+            Ok(values) => values,
+            Err(err) => return Err(SecretsError::Parse { file, err }),
+        },
     };
     let mut problems = Vec::new();
     let mut out = BTreeMap::new();
@@ -78,11 +78,49 @@ pub fn load(dir: &Path, spec: &AppSpec) -> Result<BTreeMap<String, String>, Stri
     if problems.is_empty() {
         Ok(out)
     } else {
-        Err(format!(
-            "{} (set them in {shown}: KEY=value lines, mode 0600)",
-            problems.join("; ")
-        ))
+        Err(SecretsError::Unfit { file, problems })
     }
+}
+
+/// A line of an env file that is not `KEY=value`; names the line, never its content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvFileError {
+    #[error("line {line} is not KEY=value")]
+    NotKeyValue { line: usize },
+    #[error("line {line} has no valid KEY before '='")]
+    NoKey { line: usize },
+}
+
+/// Why an app's secrets cannot be used; names the file to fix, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    #[error("cannot read {}: {err}", file.display())]
+    Unreadable { file: PathBuf, err: std::io::Error },
+    #[error(
+        "{} is readable by other users (mode {mode:o}); run chmod 600 {}",
+        file.display(),
+        file.display()
+    )]
+    Open { file: PathBuf, mode: u32 },
+    #[error("{}: {err}", file.display())]
+    Parse { file: PathBuf, err: EnvFileError },
+    #[error(
+        "{} (set them in {}: KEY=value lines, mode 0600)",
+        joined(problems),
+        file.display()
+    )]
+    Unfit {
+        file: PathBuf,
+        problems: Vec<SecretError>,
+    },
+}
+
+fn joined(problems: &[SecretError]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
@@ -99,7 +137,7 @@ mod tests {
         assert_eq!(env["DATABASE_URL"], "postgres://u:p@db/app");
         assert_eq!(env["KEY"], "a b");
         assert_eq!(env["PLAIN"], "x=y");
-        let err = parse("OK=1\nsupersecretvalue\n").unwrap_err();
+        let err = parse("OK=1\nsupersecretvalue\n").unwrap_err().to_string();
         assert_eq!(err, "line 2 is not KEY=value");
         assert!(parse("=v\n").is_err());
     }
@@ -113,18 +151,18 @@ mod tests {
             "t",
         )
         .unwrap();
-        let err = load(dir.path(), &spec).unwrap_err();
+        let err = load(dir.path(), &spec).unwrap_err().to_string();
         assert!(err.contains("secret DB is not set"), "{err}");
         assert!(err.contains("api.env"), "{err}");
 
         let file = path(dir.path(), "api");
         std::fs::write(&file, "SECRET_KEY=CHANGE_ME\nDB=postgres://x\n").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = load(dir.path(), &spec).unwrap_err();
+        let err = load(dir.path(), &spec).unwrap_err().to_string();
         assert!(err.contains("chmod 600"), "{err}");
 
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let err = load(dir.path(), &spec).unwrap_err();
+        let err = load(dir.path(), &spec).unwrap_err().to_string();
         assert!(err.contains("SECRET_KEY holds a placeholder"), "{err}");
         assert!(!err.contains("postgres://x"), "a value leaked: {err}");
 

@@ -29,6 +29,11 @@ use crate::{AgentError, AgentStatus, backoff};
 /// outbound channel from filling while acks are pending.
 const SEND_WINDOW: u64 = 256;
 
+/// The longest any one wait of a session may take: re-enrollment, the controller's Welcome, a
+/// message handed to the connection. Past it the session is given up and made again, so the
+/// loop is never stuck, and the watchdog's heartbeat (beaten at least this often) stays true.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
 /// What a session needs; shared across reconnects.
 pub(crate) struct SessionCtx {
     pub config: AgentConfig,
@@ -39,6 +44,8 @@ pub(crate) struct SessionCtx {
     pub status: watch::Sender<AgentStatus>,
     pub facts: watch::Receiver<Option<HostFacts>>,
     pub jobs: crate::jobs::JobQueue,
+    /// Beaten while the loop runs (the watchdog's check that it is not hung).
+    pub beat: drover_daemon::Heartbeat,
 }
 
 impl SessionCtx {
@@ -67,6 +74,7 @@ pub(crate) async fn run(ctx: SessionCtx, shutdown: CancellationToken) -> Result<
     // says it is not: re-enroll anyway.
     let mut refused_as_expired = false;
     while !shutdown.is_cancelled() {
+        ctx.beat.beat();
         let started = tokio::time::Instant::now();
         let result = session(&ctx, &shutdown, &mut attempt, &mut refused_as_expired).await;
         ctx.status.send_modify(|s| s.connected = false);
@@ -98,12 +106,33 @@ pub(crate) async fn run(ctx: SessionCtx, shutdown: CancellationToken) -> Result<
             delay_ms = delay.as_millis() as u64,
             attempt, "reconnecting after backoff"
         );
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
+        // Beating while it waits: a backoff may last up to `reconnect_max` (an hour).
+        let wake = tokio::time::Instant::now() + delay;
+        while tokio::time::Instant::now() < wake {
+            ctx.beat.beat();
+            let nap = wake.min(tokio::time::Instant::now() + drover_daemon::BEAT_EVERY);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(nap) => {}
+            }
         }
     }
     Ok(())
+}
+
+/// `work`, or a timeout after [`WAIT_LIMIT`] saying what did not happen.
+async fn within<T>(
+    controller: &str,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, AgentError>>,
+) -> Result<T, AgentError> {
+    match tokio::time::timeout(WAIT_LIMIT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(AgentError::Unreachable {
+            controller: controller.to_string(),
+            message: format!("{what} within {} s", WAIT_LIMIT.as_secs()),
+        }),
+    }
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -129,14 +158,28 @@ struct Live {
 }
 
 impl Live {
+    /// Hands `msg` to the connection; a controller that has not taken this session's
+    /// messages for [`WAIT_LIMIT`] ends the session (it is made again).
     async fn send(&self, msg: Out) -> Result<(), AgentError> {
-        self.out
-            .send(v1::AgentMessage { msg: Some(msg) })
-            .await
-            .map_err(|_| AgentError::Rpc {
+        match tokio::time::timeout(
+            WAIT_LIMIT,
+            self.out.send(v1::AgentMessage { msg: Some(msg) }),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(AgentError::Rpc {
                 code: "Cancelled".into(),
                 message: "the session's outbound stream closed".into(),
-            })
+            }),
+            Err(_) => Err(AgentError::Rpc {
+                code: "DeadlineExceeded".into(),
+                message: format!(
+                    "the controller took none of this session's messages for {} s",
+                    WAIT_LIMIT.as_secs()
+                ),
+            }),
+        }
     }
 }
 
@@ -158,8 +201,10 @@ async fn session(
               "the agent certificate has expired; asking the controller for a new one with the enrolled key");
         let renewed = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = crate::enroll::reenroll(&ctx.paths, &controller) => r?,
+            r = within(&controller, "re-enrollment did not finish",
+                       crate::enroll::reenroll(&ctx.paths, &controller)) => r?,
         };
+        ctx.beat.beat();
         *refused_as_expired = false;
         info!(
             not_after = %rfc3339(renewed.not_after_unix),
@@ -195,24 +240,28 @@ async fn session(
         })
         .await
         .ok();
-    let connect = client.session(ReceiverStream::new(out_rx));
-    let response = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        r = connect => r.map_err(|s| AgentError::from_status(&controller, s))?,
-    };
-    let mut inbound = response.into_inner();
-    let welcome = match inbound.message().await {
-        Ok(Some(v1::ControllerMessage {
-            msg: Some(In::Welcome(w)),
-        })) => w,
-        Ok(_) => {
-            return Err(AgentError::Rpc {
+    let connect = async {
+        let response = client
+            .session(ReceiverStream::new(out_rx))
+            .await
+            .map_err(|s| AgentError::from_status(&controller, s))?;
+        let mut inbound = response.into_inner();
+        match inbound.message().await {
+            Ok(Some(v1::ControllerMessage {
+                msg: Some(In::Welcome(w)),
+            })) => Ok((inbound, w)),
+            Ok(_) => Err(AgentError::Rpc {
                 code: "Internal".into(),
                 message: "the controller did not start the session with Welcome".into(),
-            });
+            }),
+            Err(status) => Err(AgentError::from_status(&controller, status)),
         }
-        Err(status) => return Err(AgentError::from_status(&controller, status)),
     };
+    let (mut inbound, welcome) = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = within(&controller, "the controller did not welcome the session", connect) => r?,
+    };
+    ctx.beat.beat();
 
     // The controller holds everything up to `acked_seq`: drop it here, and never reuse those
     // numbers even if this host's store is younger than the controller's memory of it.
@@ -248,7 +297,8 @@ async fn session(
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     let mut report = tokio::time::interval(ctx.config.health_interval);
     let mut renew_check = tokio::time::interval(Duration::from_secs(1));
-    for tick in [&mut heartbeat, &mut report, &mut renew_check] {
+    let mut beat = tokio::time::interval(drover_daemon::BEAT_EVERY);
+    for tick in [&mut heartbeat, &mut report, &mut renew_check, &mut beat] {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     pump_events(ctx, &mut live).await?;
@@ -256,6 +306,7 @@ async fn session(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = beat.tick() => ctx.beat.beat(),
             _ = heartbeat.tick() => {
                 live.send(Out::Heartbeat(v1::Heartbeat { sent_unix_ms: now_ms() })).await?;
             }
@@ -301,6 +352,8 @@ async fn pump_events(ctx: &SessionCtx, live: &mut Live) -> Result<(), AgentError
             live.send(Out::Event(convert::event_to_proto(event)))
                 .await?;
             live.sent_upto = event.seq;
+            // A slow controller that keeps taking messages is progress, not a hang.
+            ctx.beat.beat();
         }
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::lock::{Decision, Lease, decide};
 use drover_model::backup::catalog::Backup;
 pub use drover_model::jobevent::JobKind;
-use drover_model::jobevent::Release;
+use drover_model::jobevent::{Payload, Release};
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &[u8] = b"schema_version";
@@ -52,7 +52,11 @@ pub struct Event {
     pub at_unix_ms: i64,
     pub kind: String,
     pub message: String,
+    /// Scalars only; a record travels as `payload`. Events stored by agents before payloads
+    /// may hold it as JSON here: they are sent as they are, and the controller reads them.
     pub fields: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Payload>,
 }
 
 /// An event before it has a sequence number.
@@ -62,6 +66,7 @@ pub struct NewEvent {
     pub kind: String,
     pub message: String,
     pub fields: BTreeMap<String, String>,
+    pub payload: Option<Payload>,
 }
 
 /// A job as the agent keeps it: the command, then its progress, written before each step acts
@@ -246,6 +251,7 @@ impl Store {
                 kind: new.kind,
                 message: new.message,
                 fields: new.fields,
+                payload: new.payload,
             };
             let bytes =
                 serde_json::to_vec(&event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -540,12 +546,21 @@ mod tests {
         Store::open(path).unwrap()
     }
 
+    #[test]
+    fn an_outbox_event_stored_before_payloads_still_reads() {
+        let old = r#"{"seq":7,"job_id":"j","at_unix_ms":1,"kind":"app.releases","message":"","fields":{"app":"api","releases":"[]"}}"#;
+        let e: Event = serde_json::from_str(old).unwrap();
+        assert_eq!((e.seq, e.payload), (7, None));
+        assert_eq!(e.fields["releases"], "[]");
+    }
+
     fn ev(n: u32) -> NewEvent {
         NewEvent {
             job_id: "job".into(),
             kind: "test".into(),
             message: format!("event {n}"),
             fields: BTreeMap::new(),
+            payload: None,
         }
     }
 

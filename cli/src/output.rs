@@ -349,8 +349,10 @@ pub fn apps_table(apps: &[v1::AppInfo], now_ms: i64) -> String {
     t.to_string()
 }
 
+/// An event as JSON; a record it carries is `payload`, in `drover-model`'s form (for example
+/// `{"releases": {"app": ..., "releases": [...]}}`), and absent when it carries none.
 pub fn event_json(e: &v1::JobEvent) -> Value {
-    json!({
+    let mut v = json!({
         "host": e.host,
         "seq": e.seq,
         "job_id": e.job_id,
@@ -358,7 +360,14 @@ pub fn event_json(e: &v1::JobEvent) -> Value {
         "kind": e.kind,
         "message": e.message,
         "fields": e.fields,
-    })
+    });
+    if let Some(wire) = &e.payload {
+        v["payload"] = match drover_proto::payload::from_proto(wire.clone()) {
+            Ok(payload) => serde_json::to_value(payload).unwrap_or(Value::Null),
+            Err(err) => json!({ "unreadable": err.to_string() }),
+        };
+    }
+    v
 }
 
 /// "850ms", "12.5s", "2m05s", "1h02m".
@@ -1043,6 +1052,29 @@ fn status_name(status: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_shows_its_record_as_json_and_one_without_none() {
+        use drover_model::backup::catalog::PruneLine;
+        use drover_model::jobevent::Payload;
+        let mut e = v1::JobEvent {
+            seq: 3,
+            job_id: "prune-1".into(),
+            kind: "job.finished".into(),
+            ..Default::default()
+        };
+        assert!(event_json(&e).get("payload").is_none());
+        let lines = vec![PruneLine {
+            id: "db-1".into(),
+            copy: "local".into(),
+            keep: false,
+            reasons: vec![],
+        }];
+        e.payload = Some(drover_proto::payload::to_proto(&Payload::Prune(lines)));
+        let v = event_json(&e);
+        assert_eq!(v["payload"]["prune"][0]["id"], "db-1");
+        assert_eq!(v["payload"]["prune"][0]["keep"], false);
+    }
 
     #[test]
     fn alerts_table_and_json() {

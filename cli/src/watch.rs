@@ -339,6 +339,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             host: "web-1".into(),
+            payload: None,
         }
     }
 

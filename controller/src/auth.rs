@@ -15,6 +15,9 @@ use crate::store::Store;
 pub struct Caller {
     pub identity: Identity,
     pub serial: String,
+    /// When its certificate was issued (operators revoked by name before serials were
+    /// recorded are matched by it).
+    pub issued_unix: i64,
 }
 
 /// What an RPC requires of its caller.
@@ -41,14 +44,27 @@ pub fn caller<T>(request: &Request<T>, store: &Store) -> Result<Caller, Status> 
     let identity = info.identity.clone().ok_or_else(|| {
         Status::permission_denied("the client certificate carries no Drover identity")
     })?;
+    let caller = Caller {
+        identity,
+        serial: info.serial.clone(),
+        issued_unix: info.issued_unix(),
+    };
+    still_valid(&caller, store)?;
+    Ok(caller)
+}
+
+/// Refuses `caller` once its certificate is revoked: checked on every call, and again while a
+/// long stream (`WatchJob`) stays open.
+pub fn still_valid(caller: &Caller, store: &Store) -> Result<(), Status> {
     let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
-    let mut revoked = store.is_revoked(&info.serial).map_err(internal)?;
-    if let Identity::Operator { name, .. } = &identity
+    let identity = &caller.identity;
+    let mut revoked = store.is_revoked(&caller.serial).map_err(internal)?;
+    if let Identity::Operator { name, .. } = identity
         && !revoked
     {
         // Operator certificates issued before serials were recorded are refused by name.
         revoked = store
-            .operator_revoked_by_name(name, &info.serial, info.issued_unix())
+            .operator_revoked_by_name(name, &caller.serial, caller.issued_unix)
             .map_err(internal)?;
     }
     if revoked {
@@ -56,21 +72,16 @@ pub fn caller<T>(request: &Request<T>, store: &Store) -> Result<Caller, Status> 
             "the certificate of {identity} was revoked; an agent must be enrolled again with a new token, an operator needs a new identity from an admin (`drover operator create`)"
         )));
     }
-    Ok(Caller {
-        identity,
-        serial: info.serial,
-    })
+    Ok(())
 }
 
 /// The pure rule: may `identity` do what `need` asks?
-pub fn permits(identity: &Identity, need: Need) -> Result<(), String> {
+pub fn permits(identity: &Identity, need: Need) -> Result<(), Denied> {
     match (identity, need) {
         (Identity::Agent { .. }, Need::Agent) => Ok(()),
-        (Identity::Agent { host }, _) => Err(format!(
-            "agent {host} may not call the operator API; use an operator identity"
-        )),
+        (Identity::Agent { host }, _) => Err(Denied::AgentOnOperatorApi { host: host.clone() }),
         (Identity::Operator { name, .. }, Need::Agent) => {
-            Err(format!("operator {name} may not call the agent API"))
+            Err(Denied::OperatorOnAgentApi { name: name.clone() })
         }
         (Identity::Operator { .. }, Need::OperatorRead) => Ok(()),
         (
@@ -85,9 +96,25 @@ pub fn permits(identity: &Identity, need: Need) -> Result<(), String> {
                 role: Role::Viewer,
             },
             Need::OperatorAdmin,
-        ) => Err(format!(
-            "operator {name} has the viewer role, which is read-only; ask an admin"
-        )),
+        ) => Err(Denied::Viewer { name: name.clone() }),
+    }
+}
+
+/// Why [`permits`] refuses a caller; the transport and the handlers send it as
+/// `PERMISSION_DENIED`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("agent {host} may not call the operator API; use an operator identity")]
+    AgentOnOperatorApi { host: String },
+    #[error("operator {name} may not call the agent API")]
+    OperatorOnAgentApi { name: String },
+    #[error("operator {name} has the viewer role, which is read-only; ask an admin")]
+    Viewer { name: String },
+}
+
+impl From<Denied> for Status {
+    fn from(denied: Denied) -> Status {
+        Status::permission_denied(denied.to_string())
     }
 }
 
@@ -287,7 +314,7 @@ pub fn authorize<T>(request: &Request<T>, store: &Store) -> Result<Caller, Statu
     })?;
     let caller = caller(request, store)?;
     if let Only(need) = access {
-        permits(&caller.identity, need).map_err(Status::permission_denied)?;
+        permits(&caller.identity, need)?;
     }
     Ok(caller)
 }
@@ -332,6 +359,7 @@ mod tests {
         assert!(
             permits(&viewer, Need::OperatorAdmin)
                 .unwrap_err()
+                .to_string()
                 .contains("read-only")
         );
     }

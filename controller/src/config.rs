@@ -147,7 +147,7 @@ impl ConnectionsConfig {
                 self.max_unauthenticated.min(self.max_per_ip),
             ),
         ] {
-            check_count(value, min, max).map_err(|m| (key, m))?;
+            check_count(value, min, max).map_err(|m| (key, m.to_string()))?;
         }
         for (key, value, min, max) in [
             (
@@ -175,7 +175,7 @@ impl ConnectionsConfig {
                 secs(3600),
             ),
         ] {
-            check_duration(value, min, max).map_err(|m| (key, m))?;
+            check_duration(value, min, max).map_err(|m| (key, m.to_string()))?;
         }
         Ok(())
     }
@@ -283,7 +283,7 @@ impl ControllerConfig {
             ),
             ("alert_resend", self.alert_resend, secs(1), secs(30 * day)),
         ] {
-            check_duration(value, min, max).map_err(|m| invalid(key, &m))?;
+            check_duration(value, min, max).map_err(|m| invalid(key, &m.to_string()))?;
         }
         if self.heartbeat_interval.is_zero() {
             return Err(invalid("heartbeat_interval", "must be more than 0s"));

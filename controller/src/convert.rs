@@ -1,11 +1,12 @@
 //! Conversions between `drover.v1` wire messages and the controller's stored records. Nothing
 //! outside the RPC handlers and the CLI sees prost types.
 
-use drover_model::backup::catalog::{Backup, Verification};
-use drover_model::jobevent::Release;
+use drover_model::backup::catalog::{Backup, PruneLine};
+use drover_model::backup::target::TargetSpec;
+use drover_model::jobevent::{self, Release};
 use drover_proto::v1;
 
-use crate::jobs::{JobCommand, JobRecord};
+use crate::jobs::JobRecord;
 
 use crate::store::{
     AppStatusRecord, CheckRecord, DiskRecord, EventRecord, HealthSnapshot, HostRecord,
@@ -132,17 +133,57 @@ pub fn health_to_proto(h: &HealthSnapshot) -> v1::HealthReport {
     }
 }
 
-pub fn event_from_proto(host: &str, e: &v1::JobEvent, received_unix_ms: i64) -> EventRecord {
-    EventRecord {
+/// Why an event's record was not kept (the event itself is).
+#[derive(Debug, thiserror::Error)]
+pub enum UnreadPayload {
+    #[error(transparent)]
+    Wire(#[from] drover_proto::payload::PayloadError),
+    #[error(transparent)]
+    Legacy(#[from] jobevent::LegacyPayloadError),
+    #[error("a {carried} record cannot ride on a {kind} event")]
+    Misplaced { carried: &'static str, kind: String },
+}
+
+/// An event as received from `host`, with its payload read: the typed one, or (from an agent
+/// before payloads) the JSON one taken out of its fields. A payload that does not read, or
+/// that rides on an event of another kind, is dropped and the reason returned; the event is
+/// kept either way, so its sequence number is taken and acknowledged.
+pub fn event_from_proto(
+    host: &str,
+    e: &v1::JobEvent,
+    received_unix_ms: i64,
+) -> (EventRecord, Option<UnreadPayload>) {
+    let mut fields: std::collections::BTreeMap<String, String> =
+        e.fields.clone().into_iter().collect();
+    let payload = match &e.payload {
+        Some(wire) => drover_proto::payload::from_proto(wire.clone())
+            .map(Some)
+            .map_err(UnreadPayload::from),
+        None => jobevent::legacy_payload(&e.kind, &mut fields).map_err(UnreadPayload::from),
+    }
+    .and_then(|payload| match payload {
+        Some(p) if p.event_kind() != e.kind => Err(UnreadPayload::Misplaced {
+            carried: p.event_kind(),
+            kind: e.kind.clone(),
+        }),
+        other => Ok(other),
+    });
+    let (payload, unread) = match payload {
+        Ok(p) => (p, None),
+        Err(why) => (None, Some(why)),
+    };
+    let record = EventRecord {
         host: host.to_string(),
         seq: e.seq,
         job_id: e.job_id.clone(),
         at_unix_ms: e.at_unix_ms,
         kind: e.kind.clone(),
         message: e.message.clone(),
-        fields: e.fields.clone().into_iter().collect(),
+        fields,
         received_unix_ms,
-    }
+        payload,
+    };
+    (record, unread)
 }
 
 pub fn event_to_proto(e: &EventRecord) -> v1::JobEvent {
@@ -154,6 +195,7 @@ pub fn event_to_proto(e: &EventRecord) -> v1::JobEvent {
         message: e.message.clone(),
         fields: e.fields.clone().into_iter().collect(),
         host: e.host.clone(),
+        payload: e.payload.as_ref().map(drover_proto::payload::to_proto),
     }
 }
 
@@ -264,99 +306,7 @@ pub fn cancel_to_proto(j: &JobRecord) -> v1::Cancel {
 
 /// The `Command` that asks an agent to run its part of `j`.
 pub fn command_to_proto(j: &JobRecord) -> v1::Command {
-    use v1::command::Job;
-    let job = match &j.command {
-        JobCommand::Deploy {
-            app,
-            version,
-            spec_toml,
-            spec_revision,
-            skip_backup,
-            wait_lock,
-            requested_by,
-            backup_target_toml,
-        } => Job::Deploy(v1::DeployCommand {
-            app: app.clone(),
-            version: version.clone(),
-            spec_toml: spec_toml.clone(),
-            spec_revision: *spec_revision,
-            skip_backup: *skip_backup,
-            wait_lock: *wait_lock,
-            requested_by: requested_by.clone(),
-            backup_target_toml: backup_target_toml.clone(),
-        }),
-        JobCommand::Rollback {
-            app,
-            to_version,
-            wait_lock,
-            requested_by,
-        } => Job::Rollback(v1::RollbackCommand {
-            app: app.clone(),
-            to_version: to_version.clone(),
-            wait_lock: *wait_lock,
-            requested_by: requested_by.clone(),
-        }),
-        JobCommand::Backup {
-            target,
-            target_toml,
-            trigger,
-            requested_by,
-        } => Job::Backup(v1::BackupCommand {
-            target: target.clone(),
-            target_toml: target_toml.clone(),
-            trigger: trigger.clone(),
-            requested_by: requested_by.clone(),
-        }),
-        JobCommand::Restore {
-            target,
-            target_toml,
-            backup_id,
-            part,
-            to_database,
-            to_dir,
-            confirmed,
-            identity_file,
-            requested_by,
-        } => Job::Restore(v1::RestoreCommand {
-            target: target.clone(),
-            target_toml: target_toml.clone(),
-            backup_id: backup_id.clone(),
-            part: part.clone(),
-            to_database: to_database.clone(),
-            to_dir: to_dir.clone(),
-            confirmed: *confirmed,
-            identity_file: identity_file.clone(),
-            requested_by: requested_by.clone(),
-        }),
-        JobCommand::Prune {
-            target,
-            target_toml,
-            dry_run,
-            requested_by,
-        } => Job::Prune(v1::PruneCommand {
-            target: target.clone(),
-            target_toml: target_toml.clone(),
-            dry_run: *dry_run,
-            requested_by: requested_by.clone(),
-        }),
-        JobCommand::Verify {
-            target,
-            target_toml,
-            requested_by,
-            identity_file,
-        } => Job::Verify(v1::VerifyCommand {
-            target: target.clone(),
-            target_toml: target_toml.clone(),
-            requested_by: requested_by.clone(),
-            identity_file: identity_file.clone(),
-        }),
-    };
-    v1::Command {
-        job_id: j.id.clone(),
-        kind: j.kind.as_str().to_string(),
-        spec: Vec::new(),
-        job: Some(job),
-    }
+    drover_proto::command::to_proto(&j.id, &j.command)
 }
 
 /// One release of `host`'s table, with the flags the controller computes.
@@ -409,32 +359,6 @@ pub fn backup_to_proto(host: &str, b: &Backup) -> v1::BackupInfo {
     }
 }
 
-/// One validation, as kept by the controller (`host` from the event that carried it).
-pub fn verification_to_proto(host: &str, v: &Verification) -> v1::VerificationInfo {
-    v1::VerificationInfo {
-        job_id: v.job_id.clone(),
-        target: v.target.clone(),
-        host: host.to_string(),
-        backup_id: v.backup_id.clone(),
-        started_unix_ms: v.started_unix_ms,
-        finished_unix_ms: v.finished_unix_ms,
-        passed: v.passed(),
-        checks: v
-            .checks
-            .iter()
-            .map(|c| v1::VerificationCheck {
-                name: c.name.clone(),
-                result: c.result.as_str().to_string(),
-                message: c.message.clone(),
-                duration_ms: c.duration_ms,
-                evidence: c.evidence.clone().into_iter().collect(),
-            })
-            .collect(),
-        copy: v.copy.clone(),
-        local_corrupt: v.local_corrupt.clone(),
-    }
-}
-
 /// A stored schedule with its next fire times.
 pub fn schedule_to_proto(r: &crate::store::ScheduleRecord, next: Vec<i64>) -> v1::ScheduleInfo {
     v1::ScheduleInfo {
@@ -470,5 +394,47 @@ pub fn alert_to_proto(a: &crate::alerts::AlertRecord) -> v1::AlertInfo {
         resolved_unix_ms: a.resolved_unix_ms,
         sends: a.sends,
         pending: a.pending.clone(),
+    }
+}
+
+/// A stored backup target as `drover backup target list` shows it; what its spec says (kind,
+/// pinned host, copies, encryption) is empty when the stored TOML no longer reads.
+pub fn target_to_proto(record: &crate::store::AppRecord) -> v1::BackupTargetInfo {
+    let spec = TargetSpec::from_toml(&record.spec_toml, &record.name).ok();
+    v1::BackupTargetInfo {
+        name: record.name.clone(),
+        revision: record.revision,
+        target_toml: record.spec_toml.clone(),
+        updated_unix_ms: record.updated_unix_ms,
+        updated_by: record.updated_by.clone(),
+        kind: spec
+            .as_ref()
+            .map(|s| s.kind().as_str().to_string())
+            .unwrap_or_default(),
+        host: spec
+            .as_ref()
+            .and_then(|s| s.host.clone())
+            .unwrap_or_default(),
+        remote: spec.as_ref().is_some_and(|s| s.storage.s3.is_some()),
+        encrypted: spec
+            .as_ref()
+            .is_some_and(|s| !s.encryption.recipients.is_empty()),
+    }
+}
+
+/// One line of a prune plan on `host`, with the backup it is about when the catalog has it.
+pub fn prune_line_to_proto(
+    host: &str,
+    line: PruneLine,
+    backup: Option<&Backup>,
+) -> v1::PruneLineInfo {
+    v1::PruneLineInfo {
+        host: host.to_string(),
+        started_unix_ms: backup.map(|b| b.started_unix_ms).unwrap_or(0),
+        size_bytes: backup.map(|b| b.size()).unwrap_or(0),
+        id: line.id,
+        copy: line.copy,
+        keep: line.keep,
+        reasons: line.reasons,
     }
 }

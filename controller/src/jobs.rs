@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use drover_model::job::JobCommand;
 pub use drover_model::jobevent::JobKind;
-use drover_model::jobevent::{self, JobResult, field, status};
+use drover_model::jobevent::{self, JobResult, Payload, field, status};
 
 use crate::rollout::{self, Rollout, Standing};
 
@@ -25,8 +25,13 @@ pub struct EventRecord {
     pub at_unix_ms: i64,
     pub kind: String,
     pub message: String,
+    /// Scalars only: a record the event carries is in `payload`.
     pub fields: BTreeMap<String, String>,
     pub received_unix_ms: i64,
+    /// The typed record (release table, catalog, validation, prune lines), if it carried one
+    /// that reads. Absent in events stored before payloads, which kept it in `fields`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Payload>,
 }
 
 /// Where one host's part of a job stands.
@@ -520,6 +525,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
             received_unix_ms: 20_000 + seq as i64,
+            payload: None,
         }
     }
 

@@ -248,7 +248,7 @@ impl Launcher {
         }
         backup
             .part((!args.part.is_empty()).then_some(args.part.as_str()))
-            .map_err(LaunchError::Invalid)?;
+            .map_err(|e| LaunchError::Invalid(e.to_string()))?;
         let hosts = self.choose_among(&spec.name, &[host], &BTreeMap::new(), &[], "restore")?;
         let command = JobCommand::Restore {
             target: spec.name.clone(),

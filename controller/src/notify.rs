@@ -230,12 +230,8 @@ pub fn check_webhooks(hooks: &[WebhookConfig]) -> Result<(), (&'static str, Stri
             ));
         }
         if let Some(path) = &hook.ca_file {
-            root_store(Vec::new(), Some(path)).map_err(|message| {
-                (
-                    "notify.webhook.ca_file",
-                    format!("webhook `{name}`: {message}"),
-                )
-            })?;
+            root_store(Vec::new(), Some(path))
+                .map_err(|e| ("notify.webhook.ca_file", format!("webhook `{name}`: {e}")))?;
         }
     }
     Ok(())
@@ -286,7 +282,7 @@ pub fn check_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
             if user.trim().is_empty() {
                 return Err(("notify.email.username", "must not be empty".into()));
             }
-            read_password_file(path).map_err(|m| ("notify.email.password_file", m))?;
+            read_password_file(path).map_err(|m| ("notify.email.password_file", m.to_string()))?;
         }
     }
     if let Some(path) = &email.ca_file {
@@ -296,41 +292,41 @@ pub fn check_email(email: &EmailConfig) -> Result<(), (&'static str, String)> {
                 "applies to STARTTLS only (starttls = false sends plain SMTP); remove it".into(),
             ));
         }
-        root_store(Vec::new(), Some(path)).map_err(|m| ("notify.email.ca_file", m))?;
+        root_store(Vec::new(), Some(path)).map_err(|m| ("notify.email.ca_file", m.to_string()))?;
     }
     Ok(())
 }
 
 /// Reads an SMTP password file: its first line. Refused unless private to its owner (no
 /// access for group or others), like the other secret files Drover reads.
-pub fn read_password_file(path: &Path) -> Result<String, String> {
-    let shown = path.display();
+pub fn read_password_file(path: &Path) -> Result<String, PasswordFileError> {
+    let file = path.to_path_buf();
     let text = read_private_file(path).map_err(|e| match e {
-        PrivateFileError::Missing => format!("{shown} does not exist"),
-        PrivateFileError::Unreadable(e) => format!("cannot read {shown}: {e}"),
-        PrivateFileError::Open { mode } => {
-            format!("{shown} is open to group or others (mode {mode:o}): run `chmod 600 {shown}`")
-        }
+        PrivateFileError::Missing => PasswordFileError::Missing { file: file.clone() },
+        PrivateFileError::Unreadable(err) => PasswordFileError::Unreadable {
+            file: file.clone(),
+            err,
+        },
+        PrivateFileError::Open { mode } => PasswordFileError::Open {
+            file: file.clone(),
+            mode,
+        },
     })?;
     match text.lines().next() {
         Some(line) if !line.is_empty() => Ok(line.to_string()),
-        _ => Err(format!(
-            "{shown} is empty: the password goes on its first line"
-        )),
+        _ => Err(PasswordFileError::Empty { file }),
     }
 }
 
 /// The PEM certificates of a `ca_file`, each checked to be usable as a trust anchor.
-fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let shown = path.display();
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
+    let file = || path.to_path_buf();
+    let pem = std::fs::read(path).map_err(|err| CaFileError::Unreadable { file: file(), err })?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{shown} is not valid PEM: {e}"))?;
+        .map_err(|err| CaFileError::Pem { file: file(), err })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{shown} holds no PEM certificate (want -----BEGIN CERTIFICATE-----)"
-        ));
+        return Err(CaFileError::Empty { file: file() });
     }
     Ok(certs)
 }
@@ -339,22 +335,43 @@ fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 fn root_store(
     native: Vec<CertificateDer<'static>>,
     ca_file: Option<&Path>,
-) -> Result<RootCertStore, String> {
+) -> Result<RootCertStore, CaFileError> {
     let mut roots = RootCertStore::empty();
     // A system store may hold a certificate rustls cannot use; the others still count.
     roots.add_parsable_certificates(native);
     if let Some(path) = ca_file {
         for (i, cert) in read_ca_file(path)?.into_iter().enumerate() {
-            roots.add(cert).map_err(|e| {
-                format!(
-                    "{}: certificate {} is not a usable CA certificate: {e}",
-                    path.display(),
-                    i + 1
-                )
+            roots.add(cert).map_err(|err| CaFileError::Unusable {
+                file: path.to_path_buf(),
+                number: i + 1,
+                err,
             })?;
         }
     }
     Ok(roots)
+}
+
+/// A `ca_file` that cannot be used as trust roots.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read {}: {err}", file.display())]
+    Unreadable { file: PathBuf, err: std::io::Error },
+    #[error("{} is not valid PEM: {err}", file.display())]
+    Pem { file: PathBuf, err: std::io::Error },
+    #[error(
+        "{} holds no PEM certificate (want -----BEGIN CERTIFICATE-----)",
+        file.display()
+    )]
+    Empty { file: PathBuf },
+    #[error(
+        "{}: certificate {number} is not a usable CA certificate: {err}",
+        file.display()
+    )]
+    Unusable {
+        file: PathBuf,
+        number: usize,
+        err: rustls::Error,
+    },
 }
 
 /// The system's root certificates (read once per [`Notifier`]).
@@ -386,30 +403,58 @@ fn origin(uri: &Uri) -> String {
     }
 }
 
+/// An SMTP password file that cannot be used; never holds the password.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordFileError {
+    #[error("{} does not exist", file.display())]
+    Missing { file: PathBuf },
+    #[error("cannot read {}: {err}", file.display())]
+    Unreadable { file: PathBuf, err: std::io::Error },
+    #[error(
+        "{} is open to group or others (mode {mode:o}): run `chmod 600 {}`",
+        file.display(),
+        file.display()
+    )]
+    Open { file: PathBuf, mode: u32 },
+    #[error("{} is empty: the password goes on its first line", file.display())]
+    Empty { file: PathBuf },
+}
+
 /// Whether a webhook URL can be used: `https://host[:port]/path`, or `http://` to a loopback
 /// host. Messages show scheme://host[:port] at most.
-pub fn check_url(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+pub fn check_url(url: &str) -> Result<Uri, UrlError> {
+    let uri: Uri = url.parse().map_err(UrlError::Parse)?;
     if uri.host().is_none_or(str::is_empty) {
-        return Err("the URL has no host".to_string());
+        return Err(UrlError::NoHost);
     }
     let shown = origin(&uri);
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!(
-            "{shown}: user:password@ in the URL is not supported"
-        ));
+        return Err(UrlError::UserInfo(shown));
     }
     match uri.scheme_str() {
         Some("https") => Ok(uri),
         Some("http") if uri.host().is_some_and(is_loopback_host) => Ok(uri),
-        Some("http") => Err(format!(
-            "{shown}: plain http:// is only allowed to a loopback host (127.0.0.0/8, ::1, \
-             localhost); use https:// (with `ca_file` for a private CA)"
-        )),
-        _ => Err(format!(
-            "{shown}: must start with https:// (or http:// to a loopback host)"
-        )),
+        Some("http") => Err(UrlError::PlainHttp(shown)),
+        _ => Err(UrlError::Scheme(shown)),
     }
+}
+
+/// A webhook URL [`check_url`] refuses; holds scheme://host[:port] at most, never the path.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("not a URL: {0}")]
+    Parse(hyper::http::uri::InvalidUri),
+    #[error("the URL has no host")]
+    NoHost,
+    #[error("{0}: user:password@ in the URL is not supported")]
+    UserInfo(String),
+    #[error(
+        "{0}: plain http:// is only allowed to a loopback host (127.0.0.0/8, ::1, \
+         localhost); use https:// (with `ca_file` for a private CA)"
+    )]
+    PlainHttp(String),
+    #[error("{0}: must start with https:// (or http:// to a loopback host)")]
+    Scheme(String),
 }
 
 /// Cuts `uri`'s path and query out of `message`, in case a lower layer quoted them.
@@ -496,30 +541,33 @@ struct Webhook {
 impl Webhook {
     fn new(hook: &WebhookConfig, native: &mut Option<Vec<CertificateDer<'static>>>) -> Webhook {
         let name = webhook_name(hook);
-        let ready = check_url(&hook.url).and_then(|uri| {
-            let roots = if uri.scheme_str() == Some("https") {
-                native.get_or_insert_with(native_roots).clone()
-            } else {
-                Vec::new()
-            };
-            let roots = root_store(roots, hook.ca_file.as_deref())?;
-            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            let mut http = HttpConnector::new();
-            http.enforce_http(false);
-            http.set_connect_timeout(Some(SEND_TIMEOUT));
-            let connector = HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
-            Ok((uri, Client::builder(TokioExecutor::new()).build(connector)))
-        });
+        let ready = check_url(&hook.url)
+            .map_err(|e| e.to_string())
+            .and_then(|uri| {
+                let roots = if uri.scheme_str() == Some("https") {
+                    native.get_or_insert_with(native_roots).clone()
+                } else {
+                    Vec::new()
+                };
+                let roots =
+                    root_store(roots, hook.ca_file.as_deref()).map_err(|e| e.to_string())?;
+                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS setup: {e}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                let mut http = HttpConnector::new();
+                http.enforce_http(false);
+                http.set_connect_timeout(Some(SEND_TIMEOUT));
+                let connector = HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http);
+                Ok((uri, Client::builder(TokioExecutor::new()).build(connector)))
+            });
         Webhook {
             id: webhook_channel(&name),
             origin: url_origin(&hook.url),
@@ -652,7 +700,7 @@ async fn send_email(
     if email.starttls {
         let mut tls = TlsParameters::builder(email.server.clone());
         if let Some(path) = &email.ca_file {
-            for der in read_ca_file(path).map_err(&fail)? {
+            for der in read_ca_file(path).map_err(|e| fail(e.to_string()))? {
                 let cert = Certificate::from_der(der.to_vec())
                     .map_err(|e| fail(format!("{}: {}", path.display(), error_chain(&e))))?;
                 tls = tls.add_root_certificate(cert);
@@ -664,7 +712,7 @@ async fn send_email(
         transport = transport.tls(Tls::Required(tls));
     }
     if let (Some(user), Some(path)) = (&email.username, &email.password_file) {
-        let password = read_password_file(path).map_err(&fail)?;
+        let password = read_password_file(path).map_err(|e| fail(e.to_string()))?;
         transport = transport.credentials(Credentials::new(user.clone(), password));
     }
     let transport = transport.build();
@@ -689,7 +737,9 @@ mod tests {
         assert!(check_url("http://LocalHost:8080/hook").is_ok());
         assert!(check_url("https://hooks.example.org/x").is_ok());
         assert!(check_url("https://127.0.0.1:8443/x").is_ok());
-        let err = check_url("http://chat.example.org/hooks/x").unwrap_err();
+        let err = check_url("http://chat.example.org/hooks/x")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("loopback") && err.contains("https://"),
             "{err}"
@@ -699,7 +749,9 @@ mod tests {
         assert!(check_url("ftp://example.org/y").is_err());
         assert!(check_url("not a url").is_err());
         assert!(check_url("/just/a/path").is_err());
-        let err = check_url("https://user:SECRET@hooks.example.org/x").unwrap_err();
+        let err = check_url("https://user:SECRET@hooks.example.org/x")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("SECRET"), "{err}");
     }
 
@@ -864,7 +916,7 @@ mod tests {
         let path = dir.path().join("smtp-password");
         std::fs::write(&path, "hunter2\nignored\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_password_file(&path).unwrap_err();
+        let err = read_password_file(&path).unwrap_err().to_string();
         assert!(
             err.contains("chmod 600") && err.contains("smtp-password"),
             "{err}"
@@ -873,8 +925,15 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_password_file(&path).unwrap(), "hunter2");
         std::fs::write(&path, "").unwrap();
-        assert!(read_password_file(&path).unwrap_err().contains("empty"));
-        let err = read_password_file(&dir.path().join("nope")).unwrap_err();
+        assert!(
+            read_password_file(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        let err = read_password_file(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not exist"), "{err}");
     }
 

@@ -108,7 +108,7 @@ impl Controller {
         .map_err(|e| ControllerError::Tls(e.to_string()))?;
         let (_, nofile) = drover_daemon::raise_open_files_limit();
         let (limits, note) = crate::transport::fit_to_nofile(&shared.config.connections, nofile)
-            .map_err(ControllerError::Io)?;
+            .map_err(|e| ControllerError::Io(e.to_string()))?;
         crate::transport::log_limits(&limits, nofile, note.as_deref());
         let addr = listener
             .local_addr()
@@ -178,8 +178,13 @@ impl Controller {
             signal_shared.shutdown.cancel();
             signal_shared.registry.close_all();
         });
+        // Watched for silence too: the accept loop beats between connections.
+        let port_part = self
+            .liveness
+            .part_with_heartbeat("controller port", drover_daemon::max_silence());
+        let port_beat = port_part.heartbeat();
         tracked(
-            self.liveness.part("controller port"),
+            port_part,
             crate::transport::serve(
                 listener,
                 Arc::new(tls),
@@ -187,6 +192,7 @@ impl Controller {
                 limits,
                 shared.shutdown.clone(),
                 SHUTDOWN_GRACE,
+                port_beat,
             ),
         )
         .await;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use drover_identity::Identity;
 use drover_model::backup::catalog;
-use drover_model::jobevent;
+use drover_model::jobevent::Payload;
 use drover_proto::v1;
 use drover_proto::v1::agent_message::Msg as In;
 use drover_proto::v1::controller_message::Msg as Out;
@@ -247,8 +247,8 @@ async fn handle_batch(
                         "event sequence numbers start at 1",
                     ));
                 }
-                let record = convert::event_from_proto(host, &event, now);
-                ingest(shared, record, &mut updates, &mut dispatches)?;
+                let (record, unread) = convert::event_from_proto(host, &event, now);
+                ingest(shared, record, unread, &mut updates, &mut dispatches)?;
                 highest_event = Some(highest_event.unwrap_or(0).max(event.seq));
             }
             Some(In::Renew(renew)) => {
@@ -308,74 +308,41 @@ async fn handle_batch(
 /// collects what to tell once the batch is flushed: watcher updates, commands now due.
 fn ingest(
     shared: &Shared,
-    record: EventRecord,
+    mut record: EventRecord,
+    unread: Option<convert::UnreadPayload>,
     updates: &mut Vec<JobUpdate>,
     dispatches: &mut Vec<(JobRecord, String)>,
 ) -> Result<(), Status> {
     let host = record.host.clone();
-    let table = if record.kind == jobevent::RELEASES {
-        match jobevent::parse_releases(&record.fields) {
-            Ok(table) => record
-                .fields
-                .get(jobevent::field::APP)
-                .filter(|app| !app.is_empty())
-                .map(|app| (app.clone(), table)),
-            Err(err) => {
-                warn!(host = %host, seq = record.seq, error = %err, "release table not kept");
-                None
-            }
+    if let Some(why) = unread {
+        warn!(host = %host, seq = record.seq, kind = %provenance::excerpt(&record.kind), error = %provenance::excerpt(&why.to_string()), "record the event carried not kept");
+    }
+    // The host's own records: every backup and validation in them is the reporting host's.
+    match record.payload.as_mut() {
+        Some(Payload::Catalog { backups, .. }) => {
+            backups.iter_mut().for_each(|b| b.host = host.clone())
         }
-    } else {
-        None
-    };
-    let catalog = if record.kind == catalog::CATALOG {
-        match catalog::parse_catalog(&record.fields) {
-            Ok(backups) => Some((field_of(&record, catalog::field::TARGET), backups)),
-            Err(err) => {
-                warn!(host = %host, seq = record.seq, error = %provenance::excerpt(&err), "backup catalog not kept");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let verification = if record.kind == catalog::VERIFICATION {
-        match catalog::parse_verification(&record.fields) {
-            Ok(mut v) => {
-                v.host = host.clone();
-                Some(v)
-            }
-            Err(err) => {
-                warn!(host = %host, seq = record.seq, error = %provenance::excerpt(&err), "verification not kept");
-                None
-            }
-        }
-    } else {
-        None
-    };
+        Some(Payload::Verification(v)) => v.host = host.clone(),
+        _ => {}
+    }
     // A backup record is kept only from the host its job was sent to (see `provenance`).
-    let refusal = if catalog.is_some() || verification.is_some() {
-        let job = if record.job_id.is_empty() {
-            None
-        } else {
-            shared.store.job(&record.job_id).map_err(internal)?
-        };
-        let target = field_of(&record, catalog::field::TARGET);
-        match (&catalog, &verification) {
-            (Some((_, backups)), _) => {
-                provenance::check_catalog(&host, &record.job_id, &target, backups, job.as_ref())
-            }
-            (None, Some(v)) => {
-                provenance::check_verification(&host, &record.job_id, &target, v, job.as_ref())
-            }
-            (None, None) => Ok(()),
-        }
-        .err()
-    } else {
-        None
+    let target = field_of(&record, catalog::field::TARGET);
+    let job = || match record.job_id.as_str() {
+        "" => Ok(None),
+        id => shared.store.job(id).map_err(internal),
     };
-    let (record, catalog, verification) = match refusal {
-        None => (record, catalog, verification),
+    let refusal = match &record.payload {
+        Some(Payload::Catalog { backups, .. }) => {
+            provenance::check_catalog(&host, &record.job_id, &target, backups, job()?.as_ref())
+                .err()
+        }
+        Some(Payload::Verification(v)) => {
+            provenance::check_verification(&host, &record.job_id, &target, v, job()?.as_ref()).err()
+        }
+        _ => None,
+    };
+    let record = match refusal {
+        None => record,
         Some(refusal) => {
             warn!(
                 host = %host,
@@ -385,21 +352,17 @@ fn ingest(
                 reason = %refusal,
                 "backup record refused: not kept"
             );
-            (refused(record, &refusal), None, None)
+            refused(record, &refusal)
         }
     };
-    // The host's own catalog: every backup in it is the reporting host's.
-    let catalog = catalog.map(|(target, mut backups)| {
-        for b in &mut backups {
-            b.host = host.clone();
+    // What the event carries is stored with it, in one transaction.
+    let carried = match &record.payload {
+        Some(Payload::Releases { app, releases }) if !app.is_empty() => {
+            Some(Carried::Releases(app, releases))
         }
-        (target, backups)
-    });
-    let carried = match (&table, &catalog, &verification) {
-        (Some((app, t)), _, _) => Some(Carried::Releases(app, t)),
-        (None, Some((target, b)), _) => Some(Carried::Catalog(target, b)),
-        (None, None, Some(v)) => Some(Carried::Verification(v)),
-        (None, None, None) => None,
+        Some(Payload::Catalog { backups, .. }) => Some(Carried::Catalog(&target, backups)),
+        Some(Payload::Verification(v)) => Some(Carried::Verification(v)),
+        _ => None,
     };
     let ingested = shared
         .store
@@ -437,6 +400,7 @@ fn refused(mut record: EventRecord, refusal: &provenance::Refusal) -> EventRecor
     let claimed_job = std::mem::take(&mut record.job_id);
     let target = record.fields.get(catalog::field::TARGET).cloned();
     record.fields.clear();
+    record.payload = None;
     record.fields.insert("refused".into(), refusal.to_string());
     if !claimed_job.is_empty() {
         record
@@ -495,8 +459,8 @@ pub fn send_cancel(shared: &Shared, job: &JobRecord, host: &str) -> bool {
 /// started, and a `Cancel` for every cancelled job whose part on this host has not ended. The
 /// agent ignores a job id it already knows, and a cancel of a job that ended, so sending
 /// either twice is harmless.
-async fn resend_commands(shared: &Shared, host: &str, tx: &Outbound) -> Result<(), String> {
-    let open = shared.store.open_jobs().map_err(|e| e.to_string())?;
+async fn resend_commands(shared: &Shared, host: &str, tx: &Outbound) -> Result<(), ResendError> {
+    let open = shared.store.open_jobs()?;
     for job in &open {
         let msg = if job.awaits_start_on(host) {
             info!(host = %host, job = %job.id, "sending the command of a job not started yet");
@@ -507,11 +471,18 @@ async fn resend_commands(shared: &Shared, host: &str, tx: &Outbound) -> Result<(
         } else {
             continue;
         };
-        tx.send(out(msg))
-            .await
-            .map_err(|_| "the session closed".to_string())?;
+        tx.send(out(msg)).await.map_err(|_| ResendError::Closed)?;
     }
     Ok(())
+}
+
+/// Why a new session's pending commands were not all sent (they go again on the next one).
+#[derive(Debug, thiserror::Error)]
+enum ResendError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("the session closed")]
+    Closed,
 }
 
 #[cfg(test)]

@@ -1124,7 +1124,16 @@ mod tests {
             message: format!("m{seq}"),
             fields: BTreeMap::new(),
             received_unix_ms: 0,
+            payload: None,
         }
+    }
+
+    #[test]
+    fn an_event_stored_before_payloads_still_reads() {
+        let old = r#"{"host":"web-1","seq":4,"job_id":"j","at_unix_ms":1,"kind":"app.releases","message":"","fields":{"app":"api","releases":"[]"},"received_unix_ms":2}"#;
+        let e: EventRecord = decode(old.as_bytes()).unwrap();
+        assert_eq!((e.seq, e.payload), (4, None));
+        assert_eq!(e.fields["releases"], "[]");
     }
 
     #[tokio::test]

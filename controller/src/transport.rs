@@ -72,6 +72,16 @@ pub struct Limits {
     pub unauthenticated_lifetime: Duration,
 }
 
+/// The open-file limit leaves no room for even [`MIN_CONNECTIONS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the file descriptor limit (RLIMIT_NOFILE) is {nofile}, too low for the controller: it needs at least {}; raise LimitNOFILE in the unit (or `ulimit -n`)",
+    MIN_CONNECTIONS + FD_RESERVE
+)]
+pub struct NofileTooLow {
+    pub nofile: u64,
+}
+
 /// The pure rule: the configured caps, lowered so that every connection fits under `nofile`
 /// (the soft RLIMIT_NOFILE) with [`FD_RESERVE`] descriptors to spare. Returns the limits and,
 /// when something was lowered, a sentence saying so; an error when even [`MIN_CONNECTIONS`]
@@ -79,13 +89,10 @@ pub struct Limits {
 pub fn fit_to_nofile(
     config: &ConnectionsConfig,
     nofile: u64,
-) -> Result<(Limits, Option<String>), String> {
+) -> Result<(Limits, Option<String>), NofileTooLow> {
     let room = nofile.saturating_sub(FD_RESERVE);
     if room < MIN_CONNECTIONS {
-        return Err(format!(
-            "the file descriptor limit (RLIMIT_NOFILE) is {nofile}, too low for the controller: it needs at least {}; raise LimitNOFILE in the unit (or `ulimit -n`)",
-            MIN_CONNECTIONS + FD_RESERVE
-        ));
+        return Err(NofileTooLow { nofile });
     }
     let max = config.max.min(room);
     let note = (max < config.max).then(|| {
@@ -281,9 +288,7 @@ pub fn admit(peer: &Peer, path: &str) -> Result<(), Status> {
         }
     };
     match access {
-        Some(Access::Only(need)) => {
-            auth::permits(identity, need).map_err(Status::permission_denied)
-        }
+        Some(Access::Only(need)) => auth::permits(identity, need).map_err(Status::from),
         _ => Ok(()),
     }
 }
@@ -450,7 +455,8 @@ struct Port {
 
 /// Serves `routes` on `listener` with TLS from `tls` until `shutdown` fires; then closes every
 /// connection gracefully, cuts what is still open after `grace`, and returns once every
-/// connection task has ended.
+/// connection task has ended. The accept loop beats `beat` every few seconds, so a loop that
+/// hangs stops the watchdog's pings.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -458,6 +464,7 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
     grace: Duration,
+    beat: drover_daemon::Heartbeat,
 ) {
     let all = Pool::new("connections", limits.max, limits.max_per_ip);
     let port = Arc::new(Port {
@@ -474,9 +481,14 @@ pub async fn serve(
     });
     let tasks = TaskTracker::new();
     let mut accept_errors = LogWindow::default();
+    let mut beat_tick = drover_daemon::beat_ticker();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = beat_tick.tick() => {
+                beat.beat();
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
@@ -657,7 +669,7 @@ mod tests {
         );
         let (limits, _) = fit_to_nofile(&config, 300).unwrap();
         assert_eq!(limits.max_unauthenticated, 172);
-        let err = fit_to_nofile(&config, 150).unwrap_err();
+        let err = fit_to_nofile(&config, 150).unwrap_err().to_string();
         assert!(err.contains("150") && err.contains("LimitNOFILE"), "{err}");
         assert!(fit_to_nofile(&config, u64::MAX).is_ok());
     }

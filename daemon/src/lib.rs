@@ -2,7 +2,7 @@
 //! set-up, the one shutdown signal, the open-file limit, systemd notifications, and the
 //! watchdog's check of the parts that must keep running ([`Liveness`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -139,9 +139,36 @@ where
     }))
 }
 
+/// How often a part registered with a heartbeat beats while it waits for work.
+pub const BEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// The ticker a waiting loop beats from: every [`BEAT_EVERY`], late ticks delayed rather than
+/// bunched up.
+pub fn beat_ticker() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(BEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// How long a part registered with a heartbeat may stay silent before it counts as hung: a
+/// minute, and never less than twice the systemd watchdog's interval (so one slow tick never
+/// costs a restart). Many beats fit in it ([`BEAT_EVERY`]).
+pub fn max_silence() -> Duration {
+    let mut usec = 0u64;
+    let watchdog = if sd_notify::watchdog_enabled(false, &mut usec) {
+        Duration::from_micros(usec)
+    } else {
+        Duration::ZERO
+    };
+    Duration::from_secs(60).max(watchdog * 2)
+}
+
 /// The long-lived parts of a daemon (loops and tasks), for the watchdog: each registers a
 /// [`Part`] and finishes it when it ends on purpose; a part dropped unfinished (its task
-/// panicked or returned early) counts as stopped.
+/// panicked or returned early) counts as stopped. A part registered with a heartbeat
+/// ([`Liveness::part_with_heartbeat`]) also counts as stopped, as hung, once it has not beaten
+/// for its maximum silence; it is watched from its first beat, so a loop beats only where it
+/// idles (waiting for work), never across work that may rightly take long.
 #[derive(Debug, Clone, Default)]
 pub struct Liveness {
     parts: std::sync::Arc<std::sync::Mutex<LivenessParts>>,
@@ -150,8 +177,31 @@ pub struct Liveness {
 #[derive(Debug, Default)]
 struct LivenessParts {
     next: u64,
-    /// Part id → (name, still running).
-    parts: std::collections::BTreeMap<u64, (String, bool)>,
+    parts: std::collections::BTreeMap<u64, PartState>,
+}
+
+/// What the watchdog's rule knows of one registered part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartState {
+    pub name: String,
+    /// False once the part was dropped unfinished.
+    pub running: bool,
+    /// For a part with a heartbeat: the longest it may stay silent.
+    pub max_silence: Option<Duration>,
+    /// Its last beat (None before the first).
+    pub last_beat: Option<Instant>,
+}
+
+impl PartState {
+    /// A running part without a heartbeat.
+    pub fn running(name: impl Into<String>) -> PartState {
+        PartState {
+            name: name.into(),
+            running: true,
+            max_silence: None,
+            last_beat: None,
+        }
+    }
 }
 
 /// One registered part; see [`Liveness`].
@@ -162,13 +212,33 @@ pub struct Part {
     finished: bool,
 }
 
+/// Beats for a part registered with a heartbeat; cheap to clone into the loop that beats.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    live: Liveness,
+    id: u64,
+}
+
 impl Liveness {
     /// Registers a running part named `name` (e.g. "job runner", "proxy of api").
     pub fn part(&self, name: impl Into<String>) -> Part {
-        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        self.register(PartState::running(name))
+    }
+
+    /// Registers a running part that must also beat (see [`Part::heartbeat`]) at least every
+    /// `max_silence` once it has beaten the first time.
+    pub fn part_with_heartbeat(&self, name: impl Into<String>, max_silence: Duration) -> Part {
+        self.register(PartState {
+            max_silence: Some(max_silence),
+            ..PartState::running(name)
+        })
+    }
+
+    fn register(&self, state: PartState) -> Part {
+        let mut parts = self.lock();
         let id = parts.next;
         parts.next += 1;
-        parts.parts.insert(id, (name.into(), true));
+        parts.parts.insert(id, state);
         Part {
             live: self.clone(),
             id,
@@ -176,19 +246,40 @@ impl Liveness {
         }
     }
 
-    /// Ok while every registered part runs; else the names of those that stopped.
-    pub fn check(&self) -> Result<(), String> {
-        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        stopped_parts(parts.parts.values())
+    fn lock(&self) -> std::sync::MutexGuard<'_, LivenessParts> {
+        self.parts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ok while every registered part runs (and beats, if it must); else the names of those
+    /// that stopped.
+    pub fn check(&self) -> Result<(), Stopped> {
+        let parts = self.lock();
+        stopped_parts(parts.parts.values(), Instant::now())
     }
 }
 
 impl Part {
+    /// The handle the part's loop beats with.
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            live: self.live.clone(),
+            id: self.id,
+        }
+    }
+
     /// The part ended on purpose (shutdown, a proxy replaced): it no longer counts.
     pub fn finish(mut self) {
         self.finished = true;
-        let mut parts = self.live.parts.lock().unwrap_or_else(|e| e.into_inner());
-        parts.parts.remove(&self.id);
+        self.live.lock().parts.remove(&self.id);
+    }
+}
+
+impl Heartbeat {
+    /// The part is alive now.
+    pub fn beat(&self) {
+        if let Some(part) = self.live.lock().parts.get_mut(&self.id) {
+            part.last_beat = Some(Instant::now());
+        }
     }
 }
 
@@ -197,9 +288,8 @@ impl Drop for Part {
         if self.finished {
             return;
         }
-        let mut parts = self.live.parts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(part) = parts.parts.get_mut(&self.id) {
-            part.1 = false;
+        if let Some(part) = self.live.lock().parts.get_mut(&self.id) {
+            part.running = false;
         }
     }
 }
@@ -211,21 +301,35 @@ pub async fn tracked<F: std::future::Future>(part: Part, work: F) -> F::Output {
     out
 }
 
-/// The watchdog's rule (pure): Ok when no part stopped, else one line naming each that did.
+/// The watchdog's rule (pure): Ok when no part stopped or went silent at `now`, else one line
+/// naming each that did (a silent one with how long: `job runner: no heartbeat for 95 s`).
 pub fn stopped_parts<'a>(
-    parts: impl IntoIterator<Item = &'a (String, bool)>,
-) -> Result<(), String> {
-    let stopped: Vec<&str> = parts
+    parts: impl IntoIterator<Item = &'a PartState>,
+    now: Instant,
+) -> Result<(), Stopped> {
+    let stopped: Vec<String> = parts
         .into_iter()
-        .filter(|(_, running)| !running)
-        .map(|(name, _)| name.as_str())
+        .filter_map(|part| {
+            if !part.running {
+                return Some(part.name.clone());
+            }
+            let (max, last) = (part.max_silence?, part.last_beat?);
+            let silent = now.saturating_duration_since(last);
+            (silent > max)
+                .then(|| format!("{}: no heartbeat for {} s", part.name, silent.as_secs()))
+        })
         .collect();
     if stopped.is_empty() {
         Ok(())
     } else {
-        Err(format!("stopped: {}", stopped.join(", ")))
+        Err(Stopped(stopped))
     }
 }
+
+/// The parts that stopped, by name: why the watchdog is not pinged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stopped: {}", .0.join(", "))]
+pub struct Stopped(pub Vec<String>);
 
 #[cfg(test)]
 mod tests {
@@ -234,25 +338,91 @@ mod tests {
     #[tokio::test]
     async fn the_watchdog_check_names_a_part_whose_task_panicked() {
         let live = Liveness::default();
-        assert_eq!(live.check(), Ok(()));
+        assert_eq!(live.check().map_err(|e| e.to_string()), Ok(()));
         let runner = live.part("job runner");
         let proxy = live.part("proxy of api");
-        assert_eq!(live.check(), Ok(()));
+        assert_eq!(live.check().map_err(|e| e.to_string()), Ok(()));
         // A part whose task panics is dropped unfinished.
         let task = tokio::spawn(tracked(runner, async { panic!("a bug") }));
         assert!(task.await.is_err());
-        assert_eq!(live.check(), Err("stopped: job runner".to_string()));
+        assert_eq!(
+            live.check().map_err(|e| e.to_string()),
+            Err("stopped: job runner".to_string())
+        );
         // A part that ends on purpose no longer counts.
         proxy.finish();
         tokio::spawn(tracked(live.part("proxy of web"), async {}))
             .await
             .unwrap();
-        assert_eq!(live.check(), Err("stopped: job runner".to_string()));
+        assert_eq!(
+            live.check().map_err(|e| e.to_string()),
+            Err("stopped: job runner".to_string())
+        );
         let _session = live.part("session loop");
         drop(live.part("health sampler"));
         assert_eq!(
-            live.check(),
+            live.check().map_err(|e| e.to_string()),
             Err("stopped: job runner, health sampler".to_string())
+        );
+    }
+
+    fn beating(name: &str, max_s: u64, last: Option<Instant>) -> PartState {
+        PartState {
+            max_silence: Some(Duration::from_secs(max_s)),
+            last_beat: last,
+            ..PartState::running(name)
+        }
+    }
+
+    #[test]
+    fn a_part_that_stopped_beating_is_named_with_its_silence() {
+        let t0 = Instant::now();
+        let parts = [
+            beating("job runner", 60, Some(t0)),
+            PartState::running("proxy of api"),
+        ];
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(stopped_parts(&parts, at(60)), Ok(()));
+        assert_eq!(
+            stopped_parts(&parts, at(95)).unwrap_err().to_string(),
+            "stopped: job runner: no heartbeat for 95 s"
+        );
+    }
+
+    #[test]
+    fn a_part_that_beats_or_has_not_begun_to_is_not_named() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(300);
+        let parts = [
+            // Beat just now.
+            beating("job runner", 60, Some(later - Duration::from_secs(4))),
+            // Not watched before its first beat (recovery may take long).
+            beating("session loop", 60, None),
+        ];
+        assert_eq!(stopped_parts(&parts, later), Ok(()));
+    }
+
+    #[test]
+    fn finished_parts_do_not_count_and_a_dropped_one_does() {
+        let live = Liveness::default();
+        let runner = live.part_with_heartbeat("job runner", Duration::from_secs(60));
+        let beat = runner.heartbeat();
+        beat.beat();
+        assert_eq!(live.check(), Ok(()));
+        runner.finish();
+        // A beat after the part ended changes nothing.
+        beat.beat();
+        assert_eq!(live.check(), Ok(()));
+        let t0 = Instant::now();
+        let dead = PartState {
+            running: false,
+            ..beating("controller port", 60, Some(t0))
+        };
+        assert_eq!(
+            stopped_parts([&dead], t0 + Duration::from_secs(1))
+                .unwrap_err()
+                .to_string(),
+            "stopped: controller port"
         );
     }
 }

@@ -325,6 +325,8 @@ pub struct TestAgent {
     pub status: watch::Receiver<AgentStatus>,
     pub outbox: Outbox,
     pub jobs: drover_agent::jobs::JobQueue,
+    /// The parts the agent's watchdog checks.
+    pub liveness: drover_daemon::Liveness,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), drover_agent::AgentError>>,
 }
@@ -368,6 +370,7 @@ impl TestAgent {
         let status = agent.status();
         let outbox = agent.outbox();
         let jobs = agent.jobs();
+        let liveness = agent.liveness();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(agent.run(shutdown.clone()));
         TestAgent {
@@ -376,6 +379,7 @@ impl TestAgent {
             status,
             outbox,
             jobs,
+            liveness,
             shutdown,
             task,
         }
@@ -398,6 +402,7 @@ impl TestAgent {
                 kind: "test".into(),
                 message: message.to_string(),
                 fields: BTreeMap::new(),
+                payload: None,
             })
             .await
             .expect("record event")
@@ -859,6 +864,86 @@ impl ScriptedAgent {
         message: &str,
         fields: BTreeMap<String, String>,
     ) -> u64 {
+        self.event_carrying(job_id, kind, message, fields, None)
+            .await
+    }
+
+    /// The event of `payload`'s kind that carries it, with the fields that name what it is
+    /// about, as the agent sends `app.releases`, `backup.catalog` and `backup.verification`.
+    pub async fn send_payload(
+        &mut self,
+        job_id: &str,
+        payload: drover_model::jobevent::Payload,
+    ) -> u64 {
+        let (kind, fields) = (payload.event_kind(), payload.fields());
+        self.event_carrying(job_id, kind, "", fields, Some(payload))
+            .await
+    }
+
+    /// `app.releases` of `app` carrying `releases`, as the agent sends it after a deploy.
+    pub async fn send_releases(
+        &mut self,
+        app: &str,
+        releases: &[drover_model::jobevent::Release],
+    ) -> u64 {
+        let releases = releases.to_vec();
+        let app = app.to_string();
+        self.send_payload(
+            "",
+            drover_model::jobevent::Payload::Releases { app, releases },
+        )
+        .await
+    }
+
+    /// `backup.catalog` of `target` under `job_id`, carrying `backups`.
+    pub async fn send_catalog(
+        &mut self,
+        job_id: &str,
+        target: &str,
+        backups: &[drover_model::backup::catalog::Backup],
+    ) -> u64 {
+        let (target, backups) = (target.to_string(), backups.to_vec());
+        self.send_payload(
+            job_id,
+            drover_model::jobevent::Payload::Catalog { target, backups },
+        )
+        .await
+    }
+
+    /// `backup.verification` under `job_id`, carrying `v`.
+    pub async fn send_verification(
+        &mut self,
+        job_id: &str,
+        v: &drover_model::backup::catalog::Verification,
+    ) -> u64 {
+        let payload = drover_model::jobevent::Payload::Verification(Box::new(v.clone()));
+        self.send_payload(job_id, payload).await
+    }
+
+    /// An event that carries a typed record, as the agent sends `app.releases`,
+    /// `backup.catalog` and `backup.verification`: the kind's scalar fields (`app`, `target`)
+    /// beside the payload.
+    pub async fn event_carrying(
+        &mut self,
+        job_id: &str,
+        kind: &str,
+        message: &str,
+        fields: BTreeMap<String, String>,
+        payload: Option<drover_model::jobevent::Payload>,
+    ) -> u64 {
+        let wire = payload.as_ref().map(drover_proto::payload::to_proto);
+        self.event_wire(job_id, kind, message, fields, wire).await
+    }
+
+    /// An event with a payload as it goes on the wire, which may be one no agent would send.
+    pub async fn event_wire(
+        &mut self,
+        job_id: &str,
+        kind: &str,
+        message: &str,
+        fields: BTreeMap<String, String>,
+        payload: Option<v1::job_event::Payload>,
+    ) -> u64 {
         self.seq += 1;
         let seq = self.seq;
         self.send_msg(v1::agent_message::Msg::Event(v1::JobEvent {
@@ -869,6 +954,7 @@ impl ScriptedAgent {
             message: message.to_string(),
             fields: fields.into_iter().collect(),
             host: String::new(),
+            payload,
         }))
         .await;
         while self.acked < seq {

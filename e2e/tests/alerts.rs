@@ -140,12 +140,7 @@ async fn a_stale_backup_alerts_once_resends_and_resolves_without_any_failed_job(
     agent.finish_job(&job, "succeeded").await;
     let fresh = t1 + HOUR + 1000;
     agent
-        .event_with(
-            &job,
-            catalog::CATALOG,
-            "",
-            catalog::catalog_fields("shop-db", &[backup("shop-db", "db-1", fresh)]),
-        )
+        .send_catalog(&job, "shop-db", &[backup("shop-db", "db-1", fresh)])
         .await;
     let report = alerting.tick(t1 + 2 * HOUR).await.unwrap();
     assert!(report.resolved.contains(&key.to_string()), "{report:?}");

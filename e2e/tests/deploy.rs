@@ -18,7 +18,7 @@ use drover_e2e::{
     TestAgent, TestController, assert_ws_echo, docker_available, eventually,
     fast_controller_config, free_port, http, init,
 };
-use drover_model::jobevent::{self, field};
+use drover_model::jobevent::{self, Payload, field};
 
 struct Fixture {
     controller: TestController,
@@ -173,7 +173,12 @@ async fn deploys_switch_with_no_failed_request_and_roll_back_on_demand() {
         .into_iter()
         .filter(|e| e.kind == jobevent::RELEASES)
         .collect();
-    let table = jobevent::parse_releases(&tables.last().unwrap().fields).unwrap();
+    let Some(Payload::Releases {
+        releases: table, ..
+    }) = tables.last().unwrap().payload.clone()
+    else {
+        panic!("app.releases without its table: {tables:?}")
+    };
     let states: BTreeMap<&str, &str> = table
         .iter()
         .map(|r| (r.version.as_str(), r.state.as_str()))

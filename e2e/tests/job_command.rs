@@ -1,6 +1,7 @@
 //! The one `JobCommand` type crosses the wire intact: every kind, with every field set, goes
-//! through the controller's `command_to_proto` and comes back equal from the agent's
-//! `command_from_proto`, so a field added to one side and forgotten on the other fails here.
+//! through the controller's `command_to_proto` and comes back equal from
+//! `drover_proto::command::from_proto`, which the agent reads commands with, so a field added
+//! to one side and forgotten on the other fails here.
 
 use drover_model::job::JobCommand;
 
@@ -67,7 +68,7 @@ fn every_job_command_crosses_the_wire_unchanged() {
         let wire = drover_controller::convert::command_to_proto(&job);
         assert_eq!(wire.job_id, "j-1");
         assert_eq!(wire.kind, command.kind().as_str());
-        let back = drover_agent::convert::command_from_proto(&wire);
+        let back = drover_proto::command::from_proto(&wire);
         assert_eq!(back.as_ref(), Some(&command), "{command:?}");
         let record = drover_agent::convert::job_from_command(&wire, 2_000).unwrap();
         assert_eq!(
@@ -96,5 +97,5 @@ fn a_command_without_a_job_is_not_a_job() {
         job_id: "j-2".into(),
         ..Default::default()
     };
-    assert_eq!(drover_agent::convert::command_from_proto(&wire), None);
+    assert_eq!(drover_proto::command::from_proto(&wire), None);
 }

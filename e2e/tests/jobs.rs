@@ -13,9 +13,7 @@ use drover_e2e::{
     operator_client,
 };
 use drover_identity::files::Bundle;
-use drover_model::jobevent::{
-    self, CODE_LOCKED, JobResult, Release, ReleaseState, field, releases_fields, status,
-};
+use drover_model::jobevent::{self, CODE_LOCKED, JobResult, Release, ReleaseState, field, status};
 use drover_proto::v1;
 use tonic::Code;
 
@@ -641,8 +639,7 @@ async fn release_tables_give_the_live_release_the_rollback_target_and_the_defaul
         release("r2", "v1.1.0", 2_000, ReleaseState::Failed, false),
         release("r3", "v1.2.0", 3_000, ReleaseState::Live, true),
     ];
-    web1.event_with("", jobevent::RELEASES, "", releases_fields(APP, &table))
-        .await;
+    web1.send_releases(APP, &table).await;
     let releases = admin
         .list_releases(v1::ListReleasesRequest {
             app: APP.into(),
@@ -994,8 +991,7 @@ async fn the_drover_binary_follows_jobs_and_exits_by_their_ending() {
         release("r1", "v1.4.2", 1_000, ReleaseState::Kept, true),
         release("r2", "v1.4.3", 2_000, ReleaseState::Live, true),
     ];
-    web1.event_with("", jobevent::RELEASES, "", releases_fields(APP, &table))
-        .await;
+    web1.send_releases(APP, &table).await;
     let out = fleet.drover(&["releases", APP, "--json"]).await;
     let releases: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(releases[0]["version"], "v1.4.3");

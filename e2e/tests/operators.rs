@@ -227,3 +227,60 @@ async fn the_controller_renews_its_admin_bundle_at_start_when_due_and_after_a_re
         .expect("the admin bundle written after the revocation works");
     controller.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_operators_open_watch_is_cut() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+    let addr = controller.addr.to_string();
+    // A job that stays open: its host's (scripted) agent never reports on it.
+    let b1 =
+        drover_e2e::ScriptedAgent::enroll(&controller, "web-1", &[], &tmp.path().join("a")).await;
+    let web1 = drover_e2e::ScriptedAgent::connect(&addr, &b1, "web-1").await;
+    controller
+        .apply_target("name = \"db\"\nhost = \"web-1\"\n[postgres]\ncontainer = \"db\"\ndatabases = [\"app\"]\n")
+        .await;
+    let job = controller
+        .admin()
+        .run_backup(v1::RunBackupRequest {
+            target: "db".into(),
+            host: String::new(),
+        })
+        .await
+        .expect("run backup")
+        .into_inner()
+        .id;
+    let vic = controller.viewer("vic").await;
+    let mut stream = operator_client(&addr, &vic)
+        .watch_job(v1::WatchJobRequest { id: job.clone() })
+        .await
+        .expect("a viewer may watch")
+        .into_inner();
+    // The job as it stands arrives first; the stream then stays open.
+    let first = stream.message().await.expect("first message");
+    assert!(first.is_some());
+    let (code, _, err) = controller.cli(&["operator", "revoke", "vic"]);
+    assert_eq!(code, 0, "{err}");
+    let revoked_at = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream of a revoked operator ends within 10 s");
+    let status = ended.expect_err("it ends with an error, not as a finished job");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("revoked"), "{}", status.message());
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        revoked_at.elapsed()
+    );
+    web1.close();
+    controller.stop().await;
+}

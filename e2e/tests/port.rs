@@ -296,6 +296,17 @@ async fn unauthenticated_streams_cannot_exhaust_memory() {
             .expect("TLS without a certificate");
         let (send, conn) = h2(stream).await;
         connections.push(conn);
+        // The attacker that stays longest keeps to the server's stream limit, so wait for its
+        // SETTINGS: streams opened before them are refused, and a client refused that often is
+        // rightly cut at once (which made this test end early under load, measuring nothing).
+        let settled = Instant::now();
+        while send.current_max_send_streams() > 2 {
+            assert!(
+                settled.elapsed() < Duration::from_secs(5),
+                "no SETTINGS from the controller within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         for s in 0..100 {
             let mut send = send.clone();
             let sent = sent.clone();

@@ -169,3 +169,88 @@ async fn silence_makes_a_host_suspect_then_down_and_it_recovers() {
     agent.stop().await;
     controller.stop().await;
 }
+
+/// A controller that takes the connection and the session's request but never answers: TLS
+/// with a real certificate of the CA, HTTP/2, then silence.
+async fn silent_controller(
+    controller: &TestController,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let names = controller.shared.config.tls_names.clone();
+    let (chain, key) = controller
+        .shared
+        .ca
+        .issue_server(&names, Duration::from_secs(3600))
+        .unwrap();
+    let config =
+        drover_identity::tls::server_config(&chain, &key, controller.shared.ca.cert_pem()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                // Take requests, answer none, keep them open.
+                let mut held = Vec::new();
+                while let Some(Ok(request)) = conn.accept().await {
+                    held.push(request);
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_never_welcomes_does_not_hang_the_session_loop() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+    let (silent, server) = silent_controller(&controller).await;
+    let agent = TestAgent::enroll_and_start(
+        &controller,
+        "web-1",
+        &tmp.path().join("agent"),
+        &silent.to_string(),
+    )
+    .await;
+    // The session gives up after 30 s and tries again; all along the loop beats, so the
+    // watchdog never sees a hung part.
+    let started = std::time::Instant::now();
+    let mut status = agent.status.clone();
+    loop {
+        assert!(
+            agent.liveness.check().is_ok(),
+            "{:?}",
+            agent.liveness.check()
+        );
+        let said = status.borrow_and_update().last_error.clone();
+        if said.contains("did not welcome the session within 30 s") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(50),
+            "no session timeout after {:?}; last error {said:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(29),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!status.borrow().connected);
+    server.abort();
+    agent.stop().await;
+    controller.stop().await;
+}

@@ -1,7 +1,8 @@
 //! The rules ARCHITECTURE.md states for the code itself, checked on the source tree: every Rust
 //! file opens with a `//!` line saying what it is for; each outside system has one module
 //! (sled only in each daemon's `store.rs`, bollard only in the agent's `docker.rs`, the S3 crate
-//! only in the agent's `objectstore.rs`); and the dependency arrows between crates hold
+//! only in the agent's `objectstore.rs`); prost types only at the daemons' edges (conversion
+//! modules and RPC services); and the dependency arrows between crates hold
 //! (`drover-model` links no runtime, store, Docker, RPC or S3 crate; the CLI and the controller
 //! do not link the agent). A failure names the file or crate and the rule.
 
@@ -110,6 +111,139 @@ fn each_outside_system_has_one_module() {
             "{krate} is used outside its one module ({allowed:?}): {outside:?}; go through that module instead"
         );
     }
+}
+
+/// In the daemons, prost types stay at the edges: the conversion modules (`convert.rs`, and
+/// drover-proto's `payload.rs` for the shared records) and the RPC services that read requests
+/// and wrap converted records in responses. The rules and the store below them never see the
+/// wire.
+#[test]
+fn the_wire_types_stay_at_the_edges() {
+    let files: Vec<String> = rust_files()
+        .into_iter()
+        .filter(|f| f.starts_with("agent/src/") || f.starts_with("controller/src/"))
+        .collect();
+    let edges = [
+        "agent/src/convert.rs",
+        "agent/src/enroll.rs",
+        "agent/src/session.rs",
+        "controller/src/convert.rs",
+        "controller/src/enrollment.rs",
+        "controller/src/sessions.rs",
+        "controller/src/operator/mod.rs",
+        "controller/src/operator/access.rs",
+        "controller/src/operator/apps.rs",
+        "controller/src/operator/backups.rs",
+        "controller/src/operator/hosts.rs",
+        "controller/src/operator/jobs.rs",
+        "controller/src/operator/schedules.rs",
+        // Each open session's outbound stream, and the services' registration.
+        "controller/src/registry.rs",
+        "controller/src/server.rs",
+    ];
+    let outside = users_outside(&files, "drover_proto", &edges);
+    assert!(
+        outside.is_empty(),
+        "wire (prost) types used outside the conversion modules and RPC services: {outside:?}; convert in `convert.rs` and pass domain types inward"
+    );
+    assert!(
+        users_outside(&files, "drover_proto", &[]).contains(&"agent/src/convert.rs".to_string())
+    );
+}
+
+/// The return types in `text` (outside its `#[cfg(test)]` part) that are `Result<_, String>`,
+/// as `fn name`: each `-> Result<` is read to its matching `>`, across lines.
+fn string_errors(text: &str) -> Vec<String> {
+    let code = text.split("#[cfg(test)]").next().unwrap_or("");
+    let mut found = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("-> Result<") {
+        let before = &rest[..at];
+        let name = before
+            .rfind("fn ")
+            .map(|f| {
+                before[f..]
+                    .split('(')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_default();
+        let args = &rest[at + "-> Result<".len()..];
+        let (mut depth, mut end) = (1usize, args.len());
+        for (i, c) in args.char_indices() {
+            match c {
+                '<' | '(' => depth += 1,
+                '>' | ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let args: String = args[..end].split_whitespace().collect();
+        if args.trim_end_matches(',').ends_with(",String") {
+            found.push(name);
+        }
+        rest = &rest[at + 1..];
+    }
+    found
+}
+
+/// Libraries return typed errors (thiserror); `anyhow` is for the binaries only.
+#[test]
+fn libraries_return_typed_errors() {
+    let binaries = [
+        "agent/src/main.rs",
+        "controller/src/bin/drover-controller.rs",
+        "cli/src/main.rs",
+    ];
+    let libraries: Vec<String> = rust_files()
+        .into_iter()
+        .filter(|f| {
+            [
+                "proto/",
+                "identity/",
+                "model/",
+                "daemon/",
+                "agent/",
+                "controller/",
+                "cli/",
+            ]
+            .iter()
+            .any(|k| f.starts_with(k))
+                && f.contains("/src/")
+                && !binaries.contains(&f.as_str())
+        })
+        .collect();
+    let stringly: Vec<String> = libraries
+        .iter()
+        .flat_map(|f| {
+            string_errors(&read(f))
+                .into_iter()
+                .map(move |n| format!("{f}: {n}"))
+        })
+        .collect();
+    assert!(
+        stringly.is_empty(),
+        "library functions returning Result<_, String>: {stringly:?}; give them a thiserror type"
+    );
+    let anyhow = users_outside(&libraries, "anyhow", &[]);
+    assert!(
+        anyhow.is_empty(),
+        "anyhow used in library code: {anyhow:?}; it is for the binaries ({binaries:?})"
+    );
+    // The scan sees what it looks for, across lines too.
+    assert_eq!(
+        string_errors(
+            "fn a() -> Result<u8, String> {}\nfn b(\n) -> Result<\n    Vec<(u8, u8)>,\n    String,\n> {}\nfn c() -> Result<String, E> {}"
+        ),
+        ["fn a", "fn b"]
+    );
 }
 
 /// The check itself can fail: a file that uses a crate is found, one that does not is not.

@@ -292,33 +292,55 @@ pub fn is_placeholder(value: &str) -> bool {
 }
 
 /// Why a secret on the host is not fit for a deploy; never includes the value itself.
-pub fn check_secret(name: &str, value: Option<&str>, rule: &SecretRule) -> Result<(), String> {
+pub fn check_secret(name: &str, value: Option<&str>, rule: &SecretRule) -> Result<(), SecretError> {
+    let name = name.to_string();
     match value {
-        None => Err(format!("secret {name} is not set on this host")),
-        Some(v) if is_placeholder(v) => Err(format!(
-            "secret {name} holds a placeholder value; set the real one"
-        )),
-        Some(v) if v.chars().count() < rule.min_length => Err(format!(
-            "secret {name} is {} characters long; at least {} are required",
-            v.chars().count(),
-            rule.min_length
-        )),
+        None => Err(SecretError::NotSet { name }),
+        Some(v) if is_placeholder(v) => Err(SecretError::Placeholder { name }),
+        Some(v) if v.chars().count() < rule.min_length => Err(SecretError::TooShort {
+            name,
+            length: v.chars().count(),
+            min: rule.min_length,
+        }),
         Some(_) => Ok(()),
     }
 }
 
+/// Why a secret is refused: names the secret, never holds its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("secret {name} is not set on this host")]
+    NotSet { name: String },
+    #[error("secret {name} holds a placeholder value; set the real one")]
+    Placeholder { name: String },
+    #[error("secret {name} is {length} characters long; at least {min} are required")]
+    TooShort {
+        name: String,
+        length: usize,
+        min: usize,
+    },
+}
+
 /// Whether `version` is a valid tag for this app.
-pub fn check_version(spec: &AppSpec, version: &str) -> Result<(), String> {
-    let re = regex::Regex::new(&spec.version_pattern)
-        .map_err(|e| format!("bad version_pattern: {e}"))?;
+pub fn check_version(spec: &AppSpec, version: &str) -> Result<(), VersionError> {
+    let re = regex::Regex::new(&spec.version_pattern).map_err(VersionError::Pattern)?;
     if re.is_match(version) {
         Ok(())
     } else {
-        Err(format!(
-            "version {version:?} does not match {} (e.g. v1.4.2)",
-            spec.version_pattern
-        ))
+        Err(VersionError::Mismatch {
+            version: version.to_string(),
+            pattern: spec.version_pattern.clone(),
+        })
     }
+}
+
+/// A version refused for an app.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum VersionError {
+    #[error("bad version_pattern: {0}")]
+    Pattern(regex::Error),
+    #[error("version {version:?} does not match {pattern} (e.g. v1.4.2)")]
+    Mismatch { version: String, pattern: String },
 }
 
 /// Bounds of an app spec's durations and counts: beyond them a value is a mistake (and a huge
@@ -393,29 +415,25 @@ pub enum Mount {
 }
 
 /// Parses `NAME:/path`, `/host/path:/path`, each with an optional `:ro` or `:rw`.
-pub fn parse_mount(v: &str) -> Result<Mount, String> {
+pub fn parse_mount(v: &str) -> Result<Mount, MountError> {
+    let entry = v.to_string();
     let parts: Vec<&str> = v.split(':').collect();
     let (source, target) = match parts.as_slice() {
         [s, t] | [s, t, "ro"] | [s, t, "rw"] => (*s, *t),
         [_, _, mode] => {
-            return Err(format!("{v:?}: mode {mode:?} is not ro or rw"));
+            let mode = mode.to_string();
+            return Err(MountError::Mode { entry, mode });
         }
-        _ => {
-            return Err(format!(
-                "{v:?} is not NAME:/path or /host/path:/path (with an optional :ro)"
-            ));
-        }
+        _ => return Err(MountError::Shape { entry }),
     };
     if !clean_absolute(target) || target == "/" {
-        return Err(format!(
-            "{v:?}: the container path {target:?} must be absolute, clean and not /"
-        ));
+        let target = target.to_string();
+        return Err(MountError::Target { entry, target });
     }
     if source.starts_with('/') {
         if !clean_absolute(source) {
-            return Err(format!(
-                "{v:?}: the host path {source:?} must be absolute and clean (no . or ..)"
-            ));
+            let path = source.to_string();
+            return Err(MountError::HostPath { entry, path });
         }
         Ok(Mount::Host {
             path: source.to_string(),
@@ -427,10 +445,24 @@ pub fn parse_mount(v: &str) -> Result<Mount, String> {
             target: target.to_string(),
         })
     } else {
-        Err(format!(
-            "{v:?}: {source:?} is neither a volume name nor an absolute host path"
-        ))
+        let name = source.to_string();
+        Err(MountError::Neither { entry, name })
     }
+}
+
+/// A `volumes` entry that does not parse; the message quotes the entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountError {
+    #[error("{entry:?}: mode {mode:?} is not ro or rw")]
+    Mode { entry: String, mode: String },
+    #[error("{entry:?} is not NAME:/path or /host/path:/path (with an optional :ro)")]
+    Shape { entry: String },
+    #[error("{entry:?}: the container path {target:?} must be absolute, clean and not /")]
+    Target { entry: String, target: String },
+    #[error("{entry:?}: the host path {path:?} must be absolute and clean (no . or ..)")]
+    HostPath { entry: String, path: String },
+    #[error("{entry:?}: {name:?} is neither a volume name nor an absolute host path")]
+    Neither { entry: String, name: String },
 }
 
 /// Why a host path is more dangerous than most: said in the refusal.
@@ -487,7 +519,7 @@ impl AppSpec {
             key,
             message,
         };
-        check_name(&self.name).map_err(|m| bad("name", m))?;
+        check_name(&self.name).map_err(|m| bad("name", m.to_string()))?;
         if self.image.is_empty()
             || self.image.contains(char::is_whitespace)
             || self.image.contains('@')
@@ -511,10 +543,10 @@ impl AppSpec {
         regex::Regex::new(&self.version_pattern)
             .map_err(|e| bad("version_pattern", e.to_string()))?;
         let duration = |key: &'static str, value, min, max| {
-            check_duration(value, min, max).map_err(|m| bad(key, m))
+            check_duration(value, min, max).map_err(|m| bad(key, m.to_string()))
         };
         let count = |key: &'static str, value: u64, min, max| {
-            check_count(value, min, max).map_err(|m| bad(key, m))
+            check_count(value, min, max).map_err(|m| bad(key, m.to_string()))
         };
         count(
             "keep_releases",
@@ -630,7 +662,7 @@ impl AppSpec {
             }
         }
         for v in &self.volumes {
-            match parse_mount(v).map_err(|m| bad("volumes", m))? {
+            match parse_mount(v).map_err(|m| bad("volumes", m.to_string()))? {
                 Mount::Host { path, .. } if !self.allow_host_mounts => {
                     return Err(bad(
                         "volumes",
@@ -1132,7 +1164,7 @@ mod tests {
             (Some("<your key>"), "placeholder"),
             (Some("short-one"), "9 characters"),
         ] {
-            let err = check_secret("K", value, &rule).unwrap_err();
+            let err = check_secret("K", value, &rule).unwrap_err().to_string();
             assert!(err.contains(why), "{value:?}: {err}");
             if let Some(v) = value {
                 assert!(!err.contains(v), "the value leaked: {err}");

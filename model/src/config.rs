@@ -128,26 +128,38 @@ pub fn locate(
 /// Checks that a duration from a spec or config lies in `[min, max]`: every one has bounds,
 /// so a value like `18446744073709551615s` is refused at validation instead of overflowing a
 /// clock later. The message gives the bounds (the caller names the key).
-pub fn check_duration(value: Duration, min: Duration, max: Duration) -> Result<(), String> {
+pub fn check_duration(value: Duration, min: Duration, max: Duration) -> Result<(), BoundsError> {
     if value < min || value > max {
-        return Err(format!(
-            "{} is out of range: give a duration from {} to {}",
-            human(value),
-            human(min),
-            human(max)
-        ));
+        return Err(BoundsError::Duration { value, min, max });
     }
     Ok(())
 }
 
 /// Checks that a count from a spec or config lies in `[min, max]`.
-pub fn check_count(value: u64, min: u64, max: u64) -> Result<(), String> {
+pub fn check_count(value: u64, min: u64, max: u64) -> Result<(), BoundsError> {
     if value < min || value > max {
-        return Err(format!(
-            "{value} is out of range: give a number from {min} to {max}"
-        ));
+        return Err(BoundsError::Count { value, min, max });
     }
     Ok(())
+}
+
+/// A duration or count outside its bounds; the message gives the bounds, the caller names the
+/// key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoundsError {
+    #[error(
+        "{} is out of range: give a duration from {} to {}",
+        human(*value),
+        human(*min),
+        human(*max)
+    )]
+    Duration {
+        value: Duration,
+        min: Duration,
+        max: Duration,
+    },
+    #[error("{value} is out of range: give a number from {min} to {max}")]
+    Count { value: u64, min: u64, max: u64 },
 }
 
 /// serde helper: a duration written as a string like `30s`.
@@ -191,18 +203,22 @@ mod tests {
         let s = Duration::from_secs;
         assert!(check_duration(s(5), s(1), s(10)).is_ok());
         assert_eq!(
-            check_duration(Duration::MAX, s(1), s(3600)).unwrap_err(),
+            check_duration(Duration::MAX, s(1), s(3600))
+                .unwrap_err()
+                .to_string(),
             format!(
                 "{} is out of range: give a duration from 1s to 1h",
                 humantime::format_duration(Duration::MAX)
             )
         );
         assert_eq!(
-            check_duration(Duration::ZERO, s(1), s(60)).unwrap_err(),
+            check_duration(Duration::ZERO, s(1), s(60))
+                .unwrap_err()
+                .to_string(),
             "0s is out of range: give a duration from 1s to 1m"
         );
         assert_eq!(
-            check_count(4_294_967_295, 1, 1000).unwrap_err(),
+            check_count(4_294_967_295, 1, 1000).unwrap_err().to_string(),
             "4294967295 is out of range: give a number from 1 to 1000"
         );
     }

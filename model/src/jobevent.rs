@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backup::catalog::{self, Backup, PruneLine, Verification};
+
 pub use crate::job::JobKind;
 
 /// The agent took the job (stored it): `job_kind`, `app`, `version`, `requested_by`.
@@ -22,7 +24,7 @@ pub const PROGRESS: &str = "job.progress";
 /// The job ended: `result` (`succeeded|failed|rolled_back|interrupted|cancelled`), `step` (where it failed), `error`, `logs`, `code`, `duration_ms`,
 /// `live_version`, `previous_version`.
 pub const FINISHED: &str = "job.finished";
-/// An app's release table on this host: `app`, `releases` (JSON array of [`Release`]).
+/// An app's release table on this host: `app`, and the table as [`Payload::Releases`].
 pub const RELEASES: &str = "app.releases";
 
 /// Field names.
@@ -40,6 +42,7 @@ pub mod field {
     pub const CODE: &str = "code";
     pub const LIVE_VERSION: &str = "live_version";
     pub const PREVIOUS_VERSION: &str = "previous_version";
+    /// Legacy: the JSON array agents before typed payloads sent (see [`super::legacy_payload`]).
     pub const RELEASES: &str = "releases";
     /// `job.progress` of the `switch` step: when the new release first answered healthy.
     pub const HEALTHY_AT_MS: &str = "healthy_at_unix_ms";
@@ -135,6 +138,17 @@ impl ReleaseState {
             ReleaseState::Failed => "failed",
         }
     }
+
+    pub fn parse(s: &str) -> Option<ReleaseState> {
+        Some(match s {
+            "deploying" => ReleaseState::Deploying,
+            "live" => ReleaseState::Live,
+            "kept" => ReleaseState::Kept,
+            "removed" => ReleaseState::Removed,
+            "failed" => ReleaseState::Failed,
+            _ => return None,
+        })
+    }
 }
 
 /// One deploy of an app on one host, as the agent records it and reports it in `app.releases`.
@@ -172,21 +186,182 @@ impl Release {
     }
 }
 
-/// The fields of an `app.releases` event.
-pub fn releases_fields(app: &str, releases: &[Release]) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (field::APP.to_string(), app.to_string()),
-        (
-            field::RELEASES.to_string(),
-            serde_json::to_string(releases).unwrap_or_else(|_| "[]".into()),
-        ),
-    ])
+/// The typed record an event carries beside its scalar `fields`. Events whose kind carries
+/// one: `app.releases`, `backup.catalog`, `backup.verification`, and `job.finished` of a prune.
+/// Field maps hold only scalars (names, states, numbers); records travel as records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Payload {
+    /// `app.releases`: the app's whole release table on the host.
+    Releases { app: String, releases: Vec<Release> },
+    /// `backup.catalog`: the target's whole catalog on the host.
+    Catalog {
+        target: String,
+        backups: Vec<Backup>,
+    },
+    /// `backup.verification`: one validation of the target's newest backup.
+    Verification(Box<Verification>),
+    /// `job.finished` of a prune: what it deleted or kept, and why.
+    Prune(Vec<PruneLine>),
 }
 
-/// Reads the `releases` field of an `app.releases` event.
-pub fn parse_releases(fields: &BTreeMap<String, String>) -> Result<Vec<Release>, String> {
-    let text = fields
-        .get(field::RELEASES)
-        .ok_or("app.releases event without a releases field")?;
-    serde_json::from_str(text).map_err(|e| format!("app.releases: {e}"))
+impl Payload {
+    /// The scalar fields that say what the payload is about, sent beside it: `app` of a
+    /// release table, `target` of a catalog or a validation. None for a prune's lines, which
+    /// ride on `job.finished` with that event's own fields.
+    pub fn fields(&self) -> BTreeMap<String, String> {
+        match self {
+            Payload::Releases { app, .. } => {
+                BTreeMap::from([(field::APP.to_string(), app.clone())])
+            }
+            Payload::Catalog { target, .. } => {
+                BTreeMap::from([(catalog::field::TARGET.to_string(), target.clone())])
+            }
+            Payload::Verification(v) => {
+                BTreeMap::from([(catalog::field::TARGET.to_string(), v.target.clone())])
+            }
+            Payload::Prune(_) => BTreeMap::new(),
+        }
+    }
+
+    /// The kind of event that carries this payload (a prune's lines ride on `job.finished`).
+    pub fn event_kind(&self) -> &'static str {
+        match self {
+            Payload::Releases { .. } => RELEASES,
+            Payload::Catalog { .. } => catalog::CATALOG,
+            Payload::Verification(_) => catalog::VERIFICATION,
+            Payload::Prune(_) => FINISHED,
+        }
+    }
+}
+
+/// A record an agent from before typed payloads sent as JSON in a field, which did not read.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {field} does not read: {reason}")]
+pub struct LegacyPayloadError {
+    pub kind: String,
+    pub field: &'static str,
+    pub reason: String,
+}
+
+/// Agents before typed payloads sent the record as JSON inside `fields` (`releases`,
+/// `backups`, `verification`, `prune`); their outboxes may still hold such events. Takes that
+/// field out of `fields` and returns it as a [`Payload`]; `Ok(None)` when the event carries
+/// none. Nothing writes this form any more.
+pub fn legacy_payload(
+    kind: &str,
+    fields: &mut BTreeMap<String, String>,
+) -> Result<Option<Payload>, LegacyPayloadError> {
+    fn take<T: serde::de::DeserializeOwned>(
+        kind: &str,
+        fields: &mut BTreeMap<String, String>,
+        field: &'static str,
+    ) -> Result<Option<T>, LegacyPayloadError> {
+        let Some(text) = fields.remove(field) else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| LegacyPayloadError {
+                kind: kind.to_string(),
+                field,
+                reason: e.to_string(),
+            })
+    }
+    let app_or_target = |fields: &BTreeMap<String, String>, name: &str| {
+        fields.get(name).cloned().unwrap_or_default()
+    };
+    Ok(match kind {
+        RELEASES => take(kind, fields, field::RELEASES)?.map(|releases| Payload::Releases {
+            app: app_or_target(fields, field::APP),
+            releases,
+        }),
+        catalog::CATALOG => {
+            take(kind, fields, catalog::field::BACKUPS)?.map(|backups| Payload::Catalog {
+                target: app_or_target(fields, catalog::field::TARGET),
+                backups,
+            })
+        }
+        catalog::VERIFICATION => take(kind, fields, catalog::field::VERIFICATION)?
+            .map(|v| Payload::Verification(Box::new(v))),
+        FINISHED => take(kind, fields, catalog::field::PRUNE)?.map(Payload::Prune),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release(version: &str) -> Release {
+        Release {
+            id: format!("deploy-{version}"),
+            app: "api".into(),
+            version: version.into(),
+            image: format!("api:{version}"),
+            image_id: "sha256:abc".into(),
+            job_id: format!("deploy-{version}"),
+            requested_by: "ops".into(),
+            started_unix_ms: 1,
+            finished_unix_ms: 2,
+            result: Some(JobResult::Succeeded),
+            state: ReleaseState::Live,
+            spec_toml: "name = \"api\"".into(),
+            containers: BTreeMap::from([("web".into(), "api-web-1".into())]),
+        }
+    }
+
+    #[test]
+    fn a_legacy_release_table_reads_and_leaves_only_scalars() {
+        let table = vec![release("v1")];
+        let mut fields = BTreeMap::from([
+            (field::APP.to_string(), "api".to_string()),
+            (
+                field::RELEASES.to_string(),
+                serde_json::to_string(&table).unwrap(),
+            ),
+        ]);
+        let payload = legacy_payload(RELEASES, &mut fields).unwrap();
+        assert_eq!(
+            payload,
+            Some(Payload::Releases {
+                app: "api".into(),
+                releases: table
+            })
+        );
+        assert_eq!(fields.keys().collect::<Vec<_>>(), ["app"]);
+    }
+
+    #[test]
+    fn a_legacy_record_that_does_not_read_names_the_kind_and_field() {
+        let mut fields =
+            BTreeMap::from([(catalog::field::BACKUPS.to_string(), "[{\"id\":".to_string())]);
+        let err = legacy_payload(catalog::CATALOG, &mut fields).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("backup.catalog: backups does not read: "),
+            "{err}"
+        );
+        // An event of another kind, or without the field, carries none.
+        let mut plain = BTreeMap::from([(field::STEP.to_string(), "image".to_string())]);
+        assert_eq!(legacy_payload(STEP, &mut plain).unwrap(), None);
+        assert_eq!(
+            legacy_payload(RELEASES, &mut BTreeMap::new()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn state_names_read_back() {
+        for s in [
+            ReleaseState::Deploying,
+            ReleaseState::Live,
+            ReleaseState::Kept,
+            ReleaseState::Removed,
+            ReleaseState::Failed,
+        ] {
+            assert_eq!(ReleaseState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(ReleaseState::parse("gone"), None);
+    }
 }

@@ -11,15 +11,18 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 /// [`valid_name`], as the message a spec's `name` key is refused with.
-pub fn check_name(s: &str) -> Result<(), String> {
+pub fn check_name(s: &str) -> Result<(), NameError> {
     if valid_name(s) {
         Ok(())
     } else {
-        Err(format!(
-            "{s:?}: use 1-63 of a-z, 0-9, '-', '_', starting with a letter"
-        ))
+        Err(NameError(s.to_string()))
     }
 }
+
+/// A name [`valid_name`] refuses; the message quotes it and gives the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: use 1-63 of a-z, 0-9, '-', '_', starting with a letter")]
+pub struct NameError(pub String);
 
 #[cfg(test)]
 mod tests {

@@ -3,10 +3,20 @@
 
 use std::time::Duration;
 
+/// A duration that does not parse; the message quotes the text and gives examples.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid duration {text:?}: {reason} (examples: 5s, 15m, 24h)")]
+pub struct DurationError {
+    pub text: String,
+    reason: humantime::DurationError,
+}
+
 /// Parses durations such as `5s`, `15m`, `24h` for config files and flags.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 5s, 15m, 24h)"))
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(s.trim()).map_err(|reason| DurationError {
+        text: s.to_string(),
+        reason,
+    })
 }
 
 /// A duration as people write it (`1h 30m`, `500ms`).

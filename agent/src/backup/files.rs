@@ -15,16 +15,32 @@ use std::thread::JoinHandle;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
 /// Builds the exclude matcher (patterns are relative to the directory).
-pub fn excludes(patterns: &[String]) -> Result<GlobSet, String> {
+pub fn excludes(patterns: &[String]) -> Result<GlobSet, ExcludeError> {
+    let pattern_error = |p: &String| {
+        let pattern = p.clone();
+        move |err| ExcludeError::Pattern { pattern, err }
+    };
     let mut builder = GlobSetBuilder::new();
     for p in patterns {
-        builder.add(Glob::new(p).map_err(|e| format!("exclude {p:?}: {e}"))?);
+        builder.add(Glob::new(p).map_err(pattern_error(p))?);
         // `cache/**` should also drop the `cache` directory entry itself.
         if let Some(dir) = p.strip_suffix("/**") {
-            builder.add(Glob::new(dir).map_err(|e| format!("exclude {p:?}: {e}"))?);
+            builder.add(Glob::new(dir).map_err(pattern_error(p))?);
         }
     }
-    builder.build().map_err(|e| e.to_string())
+    builder.build().map_err(ExcludeError::Build)
+}
+
+/// An exclude pattern that is not a glob.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExcludeError {
+    #[error("exclude {pattern:?}: {err}")]
+    Pattern {
+        pattern: String,
+        err: globset::Error,
+    },
+    #[error("{0}")]
+    Build(globset::Error),
 }
 
 /// Total size of the regular files under `dir` that are not excluded (for the disk check).

@@ -25,13 +25,14 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::job::step::{Failure, JobCtx, Outcome, Report, begin, fail, finish};
-use crate::objectstore::{Remote, S3Config};
+use crate::objectstore::{ObjectStoreError, Remote, S3Config};
 use crate::postgres::{self, Conn};
 use crate::store::JobRecord;
 use crate::unix_ms;
 use drover_model::backup::catalog::{Backup, Part, PruneLine, Table, Trigger};
 use drover_model::backup::target::{self, SourceKind, TargetSpec};
 use drover_model::backup::{catalog, retention};
+use drover_model::config::ConfigError;
 use drover_model::jobevent::{JobResult, field};
 use drover_model::units::human_bytes;
 
@@ -41,13 +42,13 @@ pub const MANIFEST: &str = "manifest.json";
 pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The job's target spec, validated again on this host.
-pub(crate) fn spec_of(job: &JobRecord) -> Result<TargetSpec, String> {
+pub(crate) fn spec_of(job: &JobRecord) -> Result<TargetSpec, ConfigError> {
     let toml = job
         .backup
         .as_ref()
         .map(|b| b.target_toml.as_str())
         .unwrap_or("");
-    TargetSpec::from_toml(toml, &format!("backup target {}", job.app)).map_err(|e| e.to_string())
+    TargetSpec::from_toml(toml, &format!("backup target {}", job.app))
 }
 
 pub(crate) async fn validate(
@@ -79,8 +80,9 @@ pub(crate) async fn step_failed(
     report: &Report<'_>,
     step: &'static str,
     since: Instant,
-    error: String,
+    error: impl std::fmt::Display,
 ) -> Failure {
+    let error = error.to_string();
     report.step_failed(step, since, error.clone()).await;
     fail(step, error)
 }
@@ -106,10 +108,10 @@ pub(crate) fn s3_config(spec: &TargetSpec) -> Option<S3Config> {
     })
 }
 
-pub(crate) fn remote_of(spec: &TargetSpec) -> Result<Option<Remote>, String> {
+pub(crate) fn remote_of(spec: &TargetSpec) -> Result<Option<Remote>, ObjectStoreError> {
     match s3_config(spec) {
         None => Ok(None),
-        Some(cfg) => Remote::open(&cfg).map(Some).map_err(|e| e.to_string()),
+        Some(cfg) => Remote::open(&cfg).map(Some),
     }
 }
 
@@ -187,6 +189,14 @@ pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 // --- progress ---------------------------------------------------------------------------------
 
+/// The blocking task of a byte-moving step panicked or was cancelled.
+#[derive(Debug, thiserror::Error)]
+#[error("the {step} task failed: {source}")]
+pub(crate) struct TaskFailed {
+    step: &'static str,
+    source: tokio::task::JoinError,
+}
+
 /// Runs blocking byte-moving `work` on the blocking pool while reporting its bytes about once
 /// a second as `job.progress` lines of `step` (`label: 1.2 GiB read, 420 MiB stored, 95 MiB/s`).
 pub(crate) async fn with_progress<T: Send + 'static>(
@@ -194,7 +204,7 @@ pub(crate) async fn with_progress<T: Send + 'static>(
     step: &'static str,
     label: String,
     work: impl FnOnce(&mut dyn FnMut(u64, u64)) -> T + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, TaskFailed> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, u64)>();
     let handle = tokio::task::spawn_blocking(move || {
         let mut last = Instant::now();
@@ -210,7 +220,7 @@ pub(crate) async fn with_progress<T: Send + 'static>(
     let started = Instant::now();
     loop {
         tokio::select! {
-            done = &mut handle => return done.map_err(|e| format!("the {step} task failed: {e}")),
+            done = &mut handle => return done.map_err(|source| TaskFailed { step, source }),
             Some((source, stored)) = rx.recv() => {
                 let rate = (source as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
                 let message = format!(
@@ -273,7 +283,12 @@ impl Stages<'_, '_> {
         }
     }
 
-    async fn failed(&self, step: &'static str, since: Instant, error: String) -> Failure {
+    async fn failed(
+        &self,
+        step: &'static str,
+        since: Instant,
+        error: impl std::fmt::Display,
+    ) -> Failure {
         match self.outer {
             None => step_failed(self.report, step, since, error).await,
             Some(outer) => fail(outer, format!("{step}: {error}")),
@@ -426,7 +441,7 @@ pub(crate) async fn take_into(
         let written = match written {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => return Err(stages.failed("dump", since, format!("{name}: {e}")).await),
-            Err(e) => return Err(stages.failed("dump", since, e).await),
+            Err(e) => return Err(stages.failed("dump", since, e.to_string()).await),
         };
         let pg = facts.get(&name);
         parts.push(Part {
@@ -569,8 +584,11 @@ pub(crate) async fn check(
     spec: &TargetSpec,
     database: Option<&str>,
     dir: &Path,
-) -> Result<Checked, String> {
-    private_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+) -> Result<Checked, BackupError> {
+    private_dir(dir).map_err(|source| BackupError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     for path in sweep_partial_dirs(dir) {
         info!(path = %path.display(), "removed a partial backup left by an earlier run");
     }
@@ -581,16 +599,16 @@ pub(crate) async fn check(
     let mut estimate = 0u64;
     match spec.kind() {
         SourceKind::Postgres => {
-            let pg = spec.postgres().ok_or("no [postgres] source")?;
+            let pg = spec
+                .postgres()
+                .ok_or(BackupError::NoSource("no [postgres] source"))?;
             let conn = conn_of(pg);
             let databases: Vec<String> = match database {
                 Some(db) => vec![db.to_string()],
                 None => pg.databases.clone(),
             };
             for db in databases {
-                let f = postgres::facts(&ctx.docker, &conn, &db)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let f = postgres::facts(&ctx.docker, &conn, &db).await?;
                 estimate += f.size_bytes;
                 facts.insert(db.clone(), f);
                 sources.push((
@@ -609,31 +627,30 @@ pub(crate) async fn check(
                     let mount = ctx
                         .docker
                         .volume_mountpoint(&v.name)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .ok_or_else(|| {
-                            format!(
-                                "Docker volume {} does not exist on this host (docker volume ls)",
-                                v.name
-                            )
-                        })?;
+                        .await?
+                        .ok_or_else(|| BackupError::NoVolume(v.name.clone()))?;
                     (PathBuf::from(mount), Vec::new())
                 }
                 target::Source::Path(p) => (p.dir.clone(), p.exclude.clone()),
                 target::Source::Postgres(_) => {
-                    return Err("no [volume] or [path] source".into());
+                    return Err(BackupError::NoSource("no [volume] or [path] source"));
                 }
             };
             let excluded = files::excludes(&exclude)?;
             let (d, ex) = (dir.clone(), excluded.clone());
             estimate = tokio::task::spawn_blocking(move || files::tree_size(&d, &ex))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+                .await?
+                .map_err(|source| BackupError::Read {
+                    path: dir.clone(),
+                    source,
+                })?;
             sources.push(("files".into(), Source::Files { dir, exclude }));
         }
     }
-    let free = pipeline::free_bytes(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let free = pipeline::free_bytes(dir).map_err(|source| BackupError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     pipeline::disk_check(free, estimate)?;
     Ok((sources, facts, remote, estimate))
 }
@@ -641,22 +658,24 @@ pub(crate) async fn check(
 pub(crate) async fn open_source(
     ctx: &JobCtx,
     source: &Source,
-) -> Result<Box<dyn Read + Send>, String> {
+) -> Result<Box<dyn Read + Send>, BackupError> {
     match source {
         Source::Postgres {
             conn,
             database,
             options,
         } => {
-            let dump = postgres::dump(&ctx.docker, conn, database, options)
-                .await
-                .map_err(|e| e.to_string())?;
+            let dump = postgres::dump(&ctx.docker, conn, database, options).await?;
             Ok(Box::new(dump))
         }
         Source::Files { dir, exclude } => {
             let excluded = files::excludes(exclude)?;
-            let tar = files::TarSource::start(dir.clone(), excluded)
-                .map_err(|e| format!("cannot archive {}: {e}", dir.display()))?;
+            let tar = files::TarSource::start(dir.clone(), excluded).map_err(|source| {
+                BackupError::Archive {
+                    path: dir.clone(),
+                    source,
+                }
+            })?;
             Ok(Box::new(tar))
         }
     }
@@ -691,7 +710,7 @@ pub(crate) async fn upload(
     spec: &TargetSpec,
     backup: &Backup,
     dir: &Path,
-) -> Result<(), String> {
+) -> Result<(), BackupError> {
     for part in &backup.parts {
         let key = object_key(&spec.name, &backup.id, &part.file);
         let local = dir.join(&part.file);
@@ -699,11 +718,17 @@ pub(crate) async fn upload(
         remote
             .upload_file(&local, &key, &mut tick)
             .await
-            .map_err(|e| format!("upload of {}: {e}", part.file))?;
+            .map_err(|source| BackupError::Upload {
+                file: part.file.clone(),
+                source,
+            })?;
         let (size, sha) = remote
             .read_back(&key)
             .await
-            .map_err(|e| format!("read-back of {}: {e}", part.file))?;
+            .map_err(|source| BackupError::ReadBack {
+                file: part.file.clone(),
+                source,
+            })?;
         check_read_back(&key, part, size, &sha)?;
         stages
             .report
@@ -719,23 +744,103 @@ pub(crate) async fn upload(
     }
     let mut manifest = backup.clone();
     manifest.remote = remote_url(spec, &backup.id);
-    let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec_pretty(&manifest)?;
     remote
         .put_bytes(&object_key(&spec.name, &backup.id, MANIFEST), bytes)
         .await
-        .map_err(|e| format!("upload of the manifest: {e}"))
+        .map_err(BackupError::ManifestUpload)
+}
+
+/// Why a backup's work failed; its step reports the message.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BackupError {
+    #[error("{}: {source}", path.display())]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Remote(#[from] ObjectStoreError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Postgres(#[from] postgres::PgError),
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
+    #[error("Docker volume {0} does not exist on this host (docker volume ls)")]
+    NoVolume(String),
+    #[error("{0}")]
+    NoSource(&'static str),
+    #[error(transparent)]
+    Exclude(#[from] files::ExcludeError),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Disk(#[from] pipeline::DiskShort),
+    #[error("cannot archive {}: {source}", path.display())]
+    Archive {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("upload of {file}: {source}")]
+    Upload {
+        file: String,
+        source: ObjectStoreError,
+    },
+    #[error("read-back of {file}: {source}")]
+    ReadBack {
+        file: String,
+        source: ObjectStoreError,
+    },
+    #[error(transparent)]
+    Mismatch(#[from] ReadBackMismatch),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("upload of the manifest: {0}")]
+    ManifestUpload(ObjectStoreError),
+    #[error("cannot delete {}: {source}", path.display())]
+    Delete {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Whether what S3 gave back is what was written: the same size and SHA-256 as the manifest.
-pub fn check_read_back(key: &str, part: &Part, size: u64, sha256: &str) -> Result<(), String> {
+pub fn check_read_back(
+    key: &str,
+    part: &Part,
+    size: u64,
+    sha256: &str,
+) -> Result<(), ReadBackMismatch> {
     if size == part.size && sha256 == part.sha256 {
         Ok(())
     } else {
-        Err(format!(
-            "read-back mismatch for {key}: stored {size} bytes with sha256 {sha256}, the manifest says {} bytes with sha256 {}",
-            part.size, part.sha256
-        ))
+        Err(ReadBackMismatch {
+            key: key.to_string(),
+            size,
+            sha256: sha256.to_string(),
+            manifest_size: part.size,
+            manifest_sha256: part.sha256.clone(),
+        })
     }
+}
+
+/// What S3 gave back differs from the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "read-back mismatch for {key}: stored {size} bytes with sha256 {sha256}, the manifest says {manifest_size} bytes with sha256 {manifest_sha256}"
+)]
+pub struct ReadBackMismatch {
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+    pub manifest_size: u64,
+    pub manifest_sha256: String,
 }
 
 /// Deletes every object of a backup (best effort: a failure is logged).
@@ -801,8 +906,8 @@ pub(crate) async fn apply_retention(
     ctx: &JobCtx,
     spec: &TargetSpec,
     dry_run: bool,
-) -> Result<Vec<PruneLine>, String> {
-    let mut all = ctx.store.backups(&spec.name).map_err(|e| e.to_string())?;
+) -> Result<Vec<PruneLine>, BackupError> {
+    let mut all = ctx.store.backups(&spec.name)?;
     let out = retention::plan(&spec.retention.local(), &spec.retention.remote(), &all);
     if dry_run {
         return Ok(out);
@@ -819,8 +924,10 @@ pub(crate) async fn apply_retention(
         if line.copy == "local" {
             let dir = PathBuf::from(&backup.local_dir);
             if dir.exists() {
-                std::fs::remove_dir_all(&dir)
-                    .map_err(|e| format!("cannot delete {}: {e}", dir.display()))?;
+                std::fs::remove_dir_all(&dir).map_err(|source| BackupError::Delete {
+                    path: dir.clone(),
+                    source,
+                })?;
             }
             backup.local_dir.clear();
         } else if let Some(remote) = &store {
@@ -828,15 +935,9 @@ pub(crate) async fn apply_retention(
             backup.remote.clear();
         }
         if backup.is_local() || backup.is_remote() {
-            ctx.store
-                .put_backup(backup)
-                .await
-                .map_err(|e| e.to_string())?;
+            ctx.store.put_backup(backup).await?;
         } else {
-            ctx.store
-                .remove_backup(&spec.name, &backup.id)
-                .await
-                .map_err(|e| e.to_string())?;
+            ctx.store.remove_backup(&spec.name, &backup.id).await?;
         }
     }
     Ok(out)
@@ -846,12 +947,28 @@ pub(crate) async fn apply_retention(
 
 /// Reads an age identity file (the format `age-keygen` writes) and checks that it holds at
 /// least one identity, before anything is touched.
-pub(crate) fn read_identity_file(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the identity file {}: {e}", path.display()))?;
-    pipeline::parse_identities(&text)
-        .map_err(|e| format!("the identity file {}: {e}", path.display()))?;
+pub(crate) fn read_identity_file(path: &Path) -> Result<String, IdentityFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| IdentityFileError::Read {
+        path: path.to_path_buf(),
+        err: e,
+    })?;
+    pipeline::parse_identities(&text).map_err(|e| IdentityFileError::Parse {
+        path: path.to_path_buf(),
+        err: Box::new(e),
+    })?;
     Ok(text)
+}
+
+/// An age identity file that cannot be read or holds no identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityFileError {
+    #[error("cannot read the identity file {}: {err}", path.display())]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("the identity file {}: {err}", path.display())]
+    Parse {
+        path: PathBuf,
+        err: Box<pipeline::PipelineError>,
+    },
 }
 
 /// What is wrong with a stored copy, in a few words: `corrupt (sha256 mismatch)`, `missing`.
@@ -865,6 +982,50 @@ pub fn copy_fault(err: &pipeline::PipelineError) -> String {
 
 /// Removes a fetched copy when dropped.
 pub(crate) struct Cleanup(pub(crate) Option<PathBuf>);
+
+/// Why a backup's S3 copy could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FetchError {
+    #[error(transparent)]
+    Remote(#[from] ObjectStoreError),
+    #[error("the target no longer has [storage.s3]")]
+    NoS3,
+    #[error("{}: {source}", path.display())]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("download: {0}")]
+    Download(ObjectStoreError),
+}
+
+/// Downloads `parts` of `backup`'s S3 copy into `<id>.fetch.partial/` beside its local
+/// copies: the folder (removed when the returned guard drops, unless the caller takes it
+/// out) and each part's file.
+pub(crate) async fn fetch_remote(
+    ctx: &JobCtx,
+    spec: &TargetSpec,
+    backup: &Backup,
+    parts: &[&Part],
+) -> Result<(Cleanup, Vec<PathBuf>), FetchError> {
+    let remote = remote_of(spec)?.ok_or(FetchError::NoS3)?;
+    let dir = target_dir(ctx, spec).join(format!("{}.fetch.partial", backup.id));
+    private_dir(&dir).map_err(|source| FetchError::Dir {
+        path: dir.clone(),
+        source,
+    })?;
+    let guard = Cleanup(Some(dir.clone()));
+    let mut paths = Vec::new();
+    for part in parts {
+        let file = dir.join(&part.file);
+        remote
+            .download_to(&object_key(&spec.name, &backup.id, &part.file), &file)
+            .await
+            .map_err(FetchError::Download)?;
+        paths.push(file);
+    }
+    Ok((guard, paths))
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -925,9 +1086,13 @@ mod tests {
     fn a_read_back_must_match_the_manifest_in_size_and_hash() {
         let p = part();
         assert!(check_read_back("k", &p, 10, &p.sha256).is_ok());
-        let short = check_read_back("k", &p, 9, &p.sha256).unwrap_err();
+        let short = check_read_back("k", &p, 9, &p.sha256)
+            .unwrap_err()
+            .to_string();
         assert!(short.contains("read-back mismatch for k"), "{short}");
-        let other = check_read_back("k", &p, 10, &"cd".repeat(32)).unwrap_err();
+        let other = check_read_back("k", &p, 10, &"cd".repeat(32))
+            .unwrap_err()
+            .to_string();
         assert!(other.contains(&"cd".repeat(32)), "{other}");
     }
 

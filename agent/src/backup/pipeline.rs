@@ -469,20 +469,33 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
 
 /// The disk-space rule, checked before a backup starts: `free` must hold half the estimated
 /// source size (what zstd leaves of a typical dump, with room to spare) plus 64 MiB.
-pub fn disk_check(free: u64, estimate: u64) -> Result<(), String> {
+pub fn disk_check(free: u64, estimate: u64) -> Result<(), DiskShort> {
     let need = (estimate / 2).saturating_add(DISK_MARGIN);
     if free >= need {
         return Ok(());
     }
-    Err(format!(
-        "not enough free disk space for the backup: {} available, {} needed \
-         (half the estimated source size of {} plus {} of margin); \
-         free space on that disk or move the backup directory to a larger one",
-        human_bytes(free),
-        human_bytes(need),
-        human_bytes(estimate),
-        human_bytes(DISK_MARGIN),
-    ))
+    Err(DiskShort {
+        free,
+        need,
+        estimate,
+    })
+}
+
+/// Too little free disk for a backup: what is there, what is needed, and why that much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "not enough free disk space for the backup: {} available, {} needed \
+     (half the estimated source size of {} plus {} of margin); \
+     free space on that disk or move the backup directory to a larger one",
+    human_bytes(*free),
+    human_bytes(*need),
+    human_bytes(*estimate),
+    human_bytes(DISK_MARGIN)
+)]
+pub struct DiskShort {
+    pub free: u64,
+    pub need: u64,
+    pub estimate: u64,
 }
 
 /// `1536` → `1.5 KiB`.
@@ -1079,7 +1092,7 @@ mod tests {
         assert!(disk_check(64 * M, 0).is_ok());
         assert!(disk_check(64 * M - 1, 0).is_err());
         assert!(disk_check(564 * M, 1000 * M).is_ok());
-        let err = disk_check(100 * M, 10 * 1024 * M).unwrap_err();
+        let err = disk_check(100 * M, 10 * 1024 * M).unwrap_err().to_string();
         assert!(err.contains("100.0 MiB available"), "{err}");
         assert!(err.contains("5.1 GiB needed"), "{err}");
         assert!(err.contains("free space"), "{err}");

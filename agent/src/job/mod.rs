@@ -3,6 +3,7 @@
 //! `deploy`, `rollback`, `backup`, `restore`, `prune`, `verify`. They share the step machinery
 //! in `step` and the neutral modules below them (`crate::release` for the release kinds,
 //! `crate::backup` for the backup kinds); a kind never imports another kind's module.
+//! `record_of` is what the agent stores of a command it accepts.
 //!
 //! Adding a kind: see "Adding a job kind" in ARCHITECTURE.md.
 
@@ -14,7 +15,8 @@ pub mod rollback;
 pub mod step;
 pub mod verify;
 
-use crate::store::{JobKind, JobRecord};
+use crate::store::{BackupJob, JobKind, JobRecord};
+use drover_model::job::JobCommand;
 use step::{JobCtx, Outcome, RecoveryError, Report};
 
 /// Runs a job to its outcome. Never panics on bad input; every failure is an outcome.
@@ -38,5 +40,108 @@ pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError>
         JobKind::Restore => restore::converge(ctx, job).await,
         JobKind::Prune => prune::converge(ctx, job).await,
         JobKind::Verify => verify::converge(ctx, job).await,
+    }
+}
+
+/// A job as this agent stores it, accepted from the controller's `command` at `now_ms`,
+/// nothing done yet.
+pub fn record_of(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
+    let base = JobRecord {
+        id,
+        kind: command.kind(),
+        app: command.subject().to_string(),
+        version: command.version().to_string(),
+        spec_toml: String::new(),
+        spec_revision: 0,
+        skip_backup: false,
+        wait_lock: false,
+        requested_by: command.requested_by().to_string(),
+        accepted_unix_ms: now_ms,
+        step: String::new(),
+        finished: false,
+        release: String::new(),
+        previous: String::new(),
+        switched: false,
+        backup: None,
+    };
+    match command {
+        JobCommand::Deploy {
+            spec_toml,
+            spec_revision,
+            skip_backup,
+            wait_lock,
+            backup_target_toml,
+            ..
+        } => JobRecord {
+            spec_toml,
+            spec_revision,
+            skip_backup,
+            wait_lock,
+            backup: (!backup_target_toml.is_empty()).then(|| BackupJob {
+                target_toml: backup_target_toml,
+                trigger: "pre_deploy".into(),
+                ..BackupJob::default()
+            }),
+            ..base
+        },
+        JobCommand::Rollback { wait_lock, .. } => JobRecord { wait_lock, ..base },
+        JobCommand::Backup {
+            target_toml,
+            trigger,
+            ..
+        } => JobRecord {
+            backup: Some(BackupJob {
+                target_toml,
+                trigger,
+                ..BackupJob::default()
+            }),
+            ..base
+        },
+        JobCommand::Verify {
+            target_toml,
+            identity_file,
+            ..
+        } => JobRecord {
+            backup: Some(BackupJob {
+                target_toml,
+                identity_file,
+                ..BackupJob::default()
+            }),
+            ..base
+        },
+        JobCommand::Restore {
+            target_toml,
+            backup_id,
+            part,
+            to_database,
+            to_dir,
+            confirmed,
+            identity_file,
+            ..
+        } => JobRecord {
+            backup: Some(BackupJob {
+                target_toml,
+                backup_id,
+                part,
+                to_database,
+                to_dir,
+                confirmed,
+                identity_file,
+                ..BackupJob::default()
+            }),
+            ..base
+        },
+        JobCommand::Prune {
+            target_toml,
+            dry_run,
+            ..
+        } => JobRecord {
+            backup: Some(BackupJob {
+                target_toml,
+                dry_run,
+                ..BackupJob::default()
+            }),
+            ..base
+        },
     }
 }

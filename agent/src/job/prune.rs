@@ -4,7 +4,7 @@
 use crate::backup::{prune_step, validate};
 use crate::job::step::{Failure, JobCtx, Outcome, RecoveryError, Report, outcome_of, take_lock};
 use crate::store::JobRecord;
-use drover_model::backup::catalog::{self};
+use drover_model::jobevent::Payload;
 
 /// Runs a prune to its outcome.
 pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outcome {
@@ -33,9 +33,6 @@ async fn prune_job(
     } else {
         format!("{gone} cop(ies) of {} deleted", spec.name)
     };
-    out.extra.insert(
-        catalog::field::PRUNE.into(),
-        serde_json::to_string(&lines).unwrap_or_default(),
-    );
+    out.payload = Some(Payload::Prune(lines));
     Ok(out)
 }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use tracing::warn;
 
 use crate::backup::{
-    Cleanup, conn_of, copy_fault, files, object_key, pipeline, private_dir, read_identity_file,
-    remote_of, step_failed, take, target_dir, validate, with_progress,
+    Cleanup, conn_of, copy_fault, files, pipeline, read_identity_file, step_failed, take, validate,
+    with_progress,
 };
 use crate::job::step::{
     Failure, JobCtx, Outcome, RecoveryError, Report, begin, fail, outcome_of, take_lock,
@@ -140,16 +140,13 @@ async fn locate(
     ctx: &JobCtx,
     spec: &TargetSpec,
     request: &crate::store::BackupJob,
-) -> Result<Located, String> {
+) -> Result<Located, LocateError> {
     let mut backup = ctx
         .store
-        .backup(&spec.name, &request.backup_id)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            format!(
-                "no backup {} of {} on this host (drover backup list {})",
-                request.backup_id, spec.name, spec.name
-            )
+        .backup(&spec.name, &request.backup_id)?
+        .ok_or_else(|| LocateError::NoBackup {
+            id: request.backup_id.clone(),
+            target: spec.name.clone(),
         })?;
     let part = backup
         .part((!request.part.is_empty()).then_some(request.part.as_str()))?
@@ -158,9 +155,7 @@ async fn locate(
     if backup.is_local() {
         let file = Path::new(&backup.local_dir).join(&part.file);
         let (f, sha) = (file.clone(), part.sha256.clone());
-        let checked = tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha))
-            .await
-            .map_err(|e| e.to_string())?;
+        let checked = tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha)).await?;
         match checked {
             Ok(_) => {
                 let dir = backup.local_dir.clone();
@@ -186,33 +181,27 @@ async fn locate(
                     }
                 }
                 if !backup.is_remote() {
-                    return Err(format!(
-                        "the local copy is unusable: {e}; backup {} has no S3 copy",
-                        backup.id
-                    ));
+                    return Err(LocateError::LocalOnly {
+                        id: backup.id.clone(),
+                        source: e,
+                    });
                 }
             }
         }
     }
     if !backup.is_remote() {
-        return Err(format!("backup {} has no copy left", backup.id));
+        return Err(LocateError::NoCopy(backup.id.clone()));
     }
-    let remote = remote_of(spec)?.ok_or("the target no longer has [storage.s3]")?;
-    let dir = target_dir(ctx, spec).join(format!("{}.fetch.partial", backup.id));
-    private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Removed on every way out but success.
-    let mut guard = Cleanup(Some(dir.clone()));
-    let file = dir.join(&part.file);
-    remote
-        .download_to(&object_key(&spec.name, &backup.id, &part.file), &file)
-        .await
-        .map_err(|e| format!("download: {e}"))?;
+    let (mut guard, files) = crate::backup::fetch_remote(ctx, spec, &backup, &[&part]).await?;
+    let dir = guard.0.clone().unwrap_or_default();
+    let file = files.into_iter().next().unwrap_or_default();
     let (f, sha) = (file.clone(), part.sha256.clone());
     tokio::task::spawn_blocking(move || pipeline::verify_hash(&f, &sha))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| {
-            format!("the local copy is {local_state}, and the remote copy is unusable: {e}")
+        .await?
+        .map_err(|source| LocateError::BothUnusable {
+            local: local_state.clone(),
+            source,
         })?;
     guard.0 = None;
     let url = format!("{}{}", backup.remote, part.file);
@@ -226,6 +215,33 @@ async fn locate(
             local: local_state,
         },
     })
+}
+
+/// Why no usable copy of the backup was found; the `locate` step reports it.
+#[derive(Debug, thiserror::Error)]
+enum LocateError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("no backup {id} of {target} on this host (drover backup list {target})")]
+    NoBackup { id: String, target: String },
+    #[error(transparent)]
+    Part(#[from] catalog::PartError),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the local copy is unusable: {source}; backup {id} has no S3 copy")]
+    LocalOnly {
+        id: String,
+        source: pipeline::PipelineError,
+    },
+    #[error("backup {0} has no copy left")]
+    NoCopy(String),
+    #[error(transparent)]
+    Fetch(#[from] crate::backup::FetchError),
+    #[error("the local copy is {local}, and the remote copy is unusable: {source}")]
+    BothUnusable {
+        local: String,
+        source: pipeline::PipelineError,
+    },
 }
 
 /// Which stored copy a restore reads, and why.
@@ -293,6 +309,7 @@ async fn restore_files(
         read.and_then(|stats| finished.map(|()| stats))
     })
     .await
+    .map_err(|e| e.to_string())
     .and_then(|r| r);
     match done {
         Ok(stats) => {
@@ -414,6 +431,7 @@ async fn restore_database(
         }
     })
     .await
+    .map_err(|e| e.to_string())
     .and_then(|r| r);
     match done {
         Ok(stats) => {

@@ -20,9 +20,8 @@ use crate::lock::Decision;
 use crate::redact::Redactor;
 use crate::store::{JobRecord, NewEvent, Store, StoreError};
 use crate::{Outbox, unix_ms};
-use drover_model::backup::catalog;
 use drover_model::config::ConfigError;
-use drover_model::jobevent::{self, CODE_LOCKED, JobResult, field, status};
+use drover_model::jobevent::{self, CODE_LOCKED, JobResult, Payload, field, status};
 
 /// Everything a job touches.
 #[derive(Debug)]
@@ -114,6 +113,8 @@ pub struct Outcome {
     pub live_version: String,
     pub previous_version: String,
     pub extra: BTreeMap<String, String>,
+    /// A record `job.finished` carries (a prune's lines).
+    pub payload: Option<Payload>,
     /// The `job.finished` line of a success, when the job kind's default does not fit.
     pub summary: String,
 }
@@ -129,6 +130,7 @@ impl Outcome {
             live_version: live.to_string(),
             previous_version: previous.to_string(),
             extra: BTreeMap::new(),
+            payload: None,
             summary: String::new(),
         }
     }
@@ -208,7 +210,9 @@ pub async fn finish(
     // The message may quote a failing app's output: the log line is redacted like the event.
     let logged = ctx.redactor.redact(&message);
     info!(job = %job.id, result = outcome.result.as_str(), took_ms = took.as_millis() as u64, "{logged}");
-    report.event(jobevent::FINISHED, message, fields).await;
+    report
+        .with_payload(jobevent::FINISHED, message, fields, outcome.payload)
+        .await;
     if job.kind.is_backup() {
         crate::job::step::report_catalog(ctx, &job.app, &job.id).await;
     } else {
@@ -221,10 +225,12 @@ pub async fn report_releases(ctx: &JobCtx, app: &str, job_id: &str) {
     match ctx.store.releases(app) {
         Ok(releases) => {
             Report::new(&ctx.outbox, job_id)
-                .event(
-                    jobevent::RELEASES,
+                .carrying(
                     format!("{} release(s) of {app}", releases.len()),
-                    jobevent::releases_fields(app, &releases),
+                    Payload::Releases {
+                        app: app.to_string(),
+                        releases,
+                    },
                 )
                 .await
         }
@@ -250,11 +256,31 @@ impl<'a> Report<'a> {
     /// Records an event. The outbox is the agent's own disk: if it fails, the job goes on
     /// and the failure is logged (the job's state is in the store either way).
     pub async fn event(&self, kind: &str, message: String, fields: BTreeMap<String, String>) {
+        self.with_payload(kind, message, fields, None).await
+    }
+
+    /// Records the event of `payload`'s kind that carries it, with the fields that name what
+    /// it is about ([`Payload::fields`]).
+    pub async fn carrying(&self, message: String, payload: Payload) {
+        let (kind, fields) = (payload.event_kind(), payload.fields());
+        self.with_payload(kind, message, fields, Some(payload))
+            .await
+    }
+
+    /// Records an event that carries a typed record beside its scalar fields.
+    pub async fn with_payload(
+        &self,
+        kind: &str,
+        message: String,
+        fields: BTreeMap<String, String>,
+        payload: Option<Payload>,
+    ) {
         let event = NewEvent {
             job_id: self.job_id.clone(),
             kind: kind.to_string(),
             message,
             fields,
+            payload,
         };
         if let Err(err) = self.outbox.record(event).await {
             error!(job = %self.job_id, kind, error = %err, "cannot record a job event");
@@ -401,10 +427,10 @@ pub(crate) struct Failure {
     pub code: String,
 }
 
-pub(crate) fn fail(step: &'static str, error: impl Into<String>) -> Failure {
+pub(crate) fn fail(step: &'static str, error: impl std::fmt::Display) -> Failure {
     Failure {
         step,
-        error: error.into(),
+        error: error.to_string(),
         logs: String::new(),
         code: String::new(),
     }
@@ -581,10 +607,12 @@ pub async fn report_catalog(ctx: &JobCtx, target: &str, job_id: &str) {
     match ctx.store.backups(target) {
         Ok(backups) => {
             Report::new(&ctx.outbox, job_id)
-                .event(
-                    catalog::CATALOG,
+                .carrying(
                     format!("{} backup(s) of {target}", backups.len()),
-                    catalog::catalog_fields(target, &backups),
+                    Payload::Catalog {
+                        target: target.to_string(),
+                        backups,
+                    },
                 )
                 .await
         }
@@ -604,8 +632,8 @@ pub enum RecoveryError {
     #[error(transparent)]
     Spec(#[from] ConfigError),
     /// The host's secrets for a release's app cannot be read.
-    #[error("{0}")]
-    Secrets(String),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
     /// A container recovery started or made is gone again.
     #[error("container {0} vanished")]
     Vanished(String),

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::backup::{
-    Cleanup, check_read_back, conn_of, object_key, pipeline, private_dir, remote_of, target_dir,
-    validate,
+    Cleanup, check_read_back, conn_of, object_key, pipeline, remote_of, target_dir, validate,
 };
 use crate::job::step::{
     Failure, JobCtx, Outcome, RecoveryError, Report, fail, outcome_of, take_lock,
@@ -33,6 +32,7 @@ use crate::store::JobRecord;
 use crate::unix_ms;
 use drover_model::backup::catalog::{self, Backup, Check, CheckResult, Table, Verification};
 use drover_model::backup::target::{PostgresSource, TargetSpec};
+use drover_model::jobevent::Payload;
 use drover_model::units::human_bytes;
 
 /// Label of every scratch container, so recovery can find one a crash left behind.
@@ -97,14 +97,13 @@ async fn verify_job(
         }
     }
     report
-        .event(
-            catalog::VERIFICATION,
+        .carrying(
             format!(
                 "verification of {}: {}",
                 spec.name,
                 if passed { "passed" } else { "failed" }
             ),
-            catalog::verification_fields(&verification),
+            Payload::Verification(Box::new(verification.clone())),
         )
         .await;
     match checks.first_failed {
@@ -213,8 +212,9 @@ impl Checks<'_, '_> {
         &mut self,
         name: &'static str,
         since: Instant,
-        result: Result<Evidence, String>,
+        result: Result<Evidence, impl std::fmt::Display>,
     ) -> bool {
+        let result = result.map_err(|e| e.to_string());
         let result = match self.cancels.cancelled_by(&self.job_id) {
             Some(by) if name != "scratch_removed" => Err(match result {
                 Ok(_) => format!("cancelled by {by}"),
@@ -309,7 +309,7 @@ async fn run_checks(
                     ("size_bytes", b.size().to_string()),
                 ],
             );
-            checks.end("exists", since, Ok(ev)).await;
+            checks.end("exists", since, Ok::<_, String>(ev)).await;
             Some(b)
         }
         Err(e) => {
@@ -344,19 +344,21 @@ async fn run_checks(
     } else {
         backup.finished_unix_ms
     };
-    let result = age_check(unix_ms(), taken, max_age).map(|age| {
-        evidence(
-            format!(
-                "{} old, within {}",
-                humantime::format_duration(Duration::from_secs(age.as_secs())),
-                spec.verify.max_age
-            ),
-            [
-                ("age_ms", age.as_millis().to_string()),
-                ("max_age_ms", max_age.as_millis().to_string()),
-            ],
-        )
-    });
+    let result = age_check(unix_ms(), taken, max_age)
+        .map_err(|e| e.to_string())
+        .map(|age| {
+            evidence(
+                format!(
+                    "{} old, within {}",
+                    humantime::format_duration(Duration::from_secs(age.as_secs())),
+                    spec.verify.max_age
+                ),
+                [
+                    ("age_ms", age.as_millis().to_string()),
+                    ("max_age_ms", max_age.as_millis().to_string()),
+                ],
+            )
+        });
     checks.end("age", since, result).await;
 
     // hash_local
@@ -431,7 +433,9 @@ async fn run_checks(
                 format!("reading back {}", backup.remote),
             )
             .await;
-        let result = read_back_all(spec, &backup).await;
+        let result = read_back_all(spec, &backup)
+            .await
+            .map_err(|e| e.to_string());
         remote_ok = result.is_ok();
         checks.end("hash_remote", since, result).await;
     } else {
@@ -489,8 +493,10 @@ async fn run_checks(
         .await;
     let identity = identity_of(job, spec, &backup);
     let result = match &identity {
-        Err(e) => Err(e.clone()),
-        Ok(identity) => decompress_all(&backup, &files, identity.clone(), since).await,
+        Err(e) => Err(e.to_string()),
+        Ok(identity) => decompress_all(&backup, &files, identity.clone(), since)
+            .await
+            .map_err(|e| e.to_string()),
     };
     let result = result.map(|mut ev| {
         ev.message = format!("{which}: {}", ev.message);
@@ -551,7 +557,7 @@ fn identity_of(
     job: &JobRecord,
     spec: &TargetSpec,
     backup: &Backup,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, CheckError> {
     if backup.recipients.is_empty() {
         return Ok(None);
     }
@@ -562,23 +568,25 @@ fn identity_of(
         .filter(|f| !f.is_empty())
         .map(PathBuf::from);
     let Some(file) = from_job.or_else(|| spec.verify.identity_file.clone()) else {
-        return Err(format!(
-            "backup {} is encrypted; name the age identity in the target: [verify] identity_file = \"/etc/drover/age.key\"",
-            backup.id
-        ));
+        return Err(CheckError::NoIdentity(backup.id.clone()));
     };
-    crate::backup::read_identity_file(&file).map(Some)
+    Ok(Some(crate::backup::read_identity_file(&file)?))
 }
 
-async fn read_back_all(spec: &TargetSpec, backup: &Backup) -> Result<Evidence, String> {
-    let remote = remote_of(spec)?.ok_or("the target no longer has [storage.s3]")?;
+async fn read_back_all(spec: &TargetSpec, backup: &Backup) -> Result<Evidence, ReadBackError> {
+    let remote = remote_of(spec)
+        .map_err(ReadBackError::Remote)?
+        .ok_or(ReadBackError::NoS3)?;
     let mut bytes = 0;
     for part in &backup.parts {
         let key = object_key(&spec.name, &backup.id, &part.file);
         let (size, sha) = remote
             .read_back(&key)
             .await
-            .map_err(|e| format!("read-back of {}: {e}", part.file))?;
+            .map_err(|err| ReadBackError::Read {
+                file: part.file.clone(),
+                err,
+            })?;
         check_read_back(&key, part, size, &sha)?;
         bytes += size;
     }
@@ -592,27 +600,32 @@ async fn read_back_all(spec: &TargetSpec, backup: &Backup) -> Result<Evidence, S
     ))
 }
 
+/// Why the remote copy could not be read back whole.
+#[derive(Debug, thiserror::Error)]
+enum ReadBackError {
+    #[error(transparent)]
+    Remote(crate::objectstore::ObjectStoreError),
+    #[error("the target no longer has [storage.s3]")]
+    NoS3,
+    #[error("read-back of {file}: {err}")]
+    Read {
+        file: String,
+        err: crate::objectstore::ObjectStoreError,
+    },
+    #[error(transparent)]
+    Mismatch(#[from] crate::backup::ReadBackMismatch),
+}
+
 /// Downloads every part of the remote copy into `<id>.fetch.partial/`.
 async fn fetch(
     ctx: &JobCtx,
     spec: &TargetSpec,
     backup: &Backup,
-) -> Result<(PathBuf, Vec<PathBuf>), String> {
-    let remote = remote_of(spec)?.ok_or("the target no longer has [storage.s3]")?;
-    let dir = target_dir(ctx, spec).join(format!("{}.fetch.partial", backup.id));
-    private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    // Removed on every way out but success (then the caller removes it).
-    let mut guard = Cleanup(Some(dir.clone()));
-    let mut paths = Vec::new();
-    for part in &backup.parts {
-        let file = dir.join(&part.file);
-        remote
-            .download_to(&object_key(&spec.name, &backup.id, &part.file), &file)
-            .await
-            .map_err(|e| format!("download: {e}"))?;
-        paths.push(file);
-    }
-    guard.0 = None;
+) -> Result<(PathBuf, Vec<PathBuf>), crate::backup::FetchError> {
+    let parts: Vec<&drover_model::backup::catalog::Part> = backup.parts.iter().collect();
+    let (mut guard, paths) = crate::backup::fetch_remote(ctx, spec, backup, &parts).await?;
+    // The caller removes it once the checks are done.
+    let dir = guard.0.take().unwrap_or_default();
     Ok((dir, paths))
 }
 
@@ -634,7 +647,7 @@ async fn decompress_all(
     files: &[PathBuf],
     identity: Option<String>,
     since: Instant,
-) -> Result<Evidence, String> {
+) -> Result<Evidence, CheckError> {
     let parts = backup.parts.clone();
     let files = files.to_vec();
     let (stored, plain) = tokio::task::spawn_blocking(move || {
@@ -648,20 +661,23 @@ async fn decompress_all(
                 &mut sink,
                 &mut |_, _| {},
             )
-            .map_err(|e| format!("{}: {e}", part.file))?;
+            .map_err(|source| CheckError::Read {
+                file: part.file.clone(),
+                source,
+            })?;
             if stats.plain_bytes != part.source_bytes {
-                return Err(format!(
-                    "{}: decompressed to {} bytes, the manifest says the source produced {}",
-                    part.file, stats.plain_bytes, part.source_bytes
-                ));
+                return Err(CheckError::Size {
+                    file: part.file.clone(),
+                    plain: stats.plain_bytes,
+                    source_bytes: part.source_bytes,
+                });
             }
             stored += stats.stored_bytes;
             plain += stats.plain_bytes;
         }
         Ok((stored, plain))
     })
-    .await
-    .map_err(|e| e.to_string())??;
+    .await??;
     Ok(evidence(
         format!(
             "{} {} to {} at {}/s, as many bytes as the dump produced",
@@ -686,14 +702,13 @@ async fn list_all(
     backup: &Backup,
     files: &[PathBuf],
     identity: Option<String>,
-) -> Result<Evidence, String> {
+) -> Result<Evidence, CheckError> {
     let parts = backup.parts.clone();
     let files = files.to_vec();
     let entries = tokio::task::spawn_blocking(move || {
         let mut entries = 0usize;
         for (part, file) in parts.iter().zip(&files) {
-            let (mut reader, mut writer) =
-                std::io::pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
+            let (mut reader, mut writer) = std::io::pipe().map_err(CheckError::Pipe)?;
             let (file, sha, identity) = (file.clone(), part.sha256.clone(), identity.clone());
             // pg_restore stops reading after the table of contents: the feeder's broken pipe
             // is expected and ignored.
@@ -709,22 +724,23 @@ async fn list_all(
             let listed = postgres::list_host(&mut reader);
             drop(reader);
             let _ = feeder.join();
-            let listed = listed.map_err(|e| format!("{}: {e}", part.file))?;
+            let listed = listed.map_err(|source| CheckError::Postgres {
+                part: part.file.clone(),
+                source: Box::new(source),
+            })?;
             // A database without tables dumps to an archive whose listing is empty (pg_restore
             // read its header, so it is an archive); one with tables never does.
             if listed.is_empty() && !part.tables.is_empty() {
-                return Err(format!(
-                    "{}: the archive lists no entries, and the manifest has {} table(s)",
-                    part.file,
-                    part.tables.len()
-                ));
+                return Err(CheckError::EmptyList {
+                    file: part.file.clone(),
+                    tables: part.tables.len(),
+                });
             }
             entries += listed.len();
         }
         Ok(entries)
     })
-    .await
-    .map_err(|e| e.to_string())??;
+    .await??;
     Ok(evidence(
         format!("the table of contents lists {entries} entries"),
         [("entries", entries.to_string())],
@@ -772,7 +788,7 @@ async fn test_restore(
                 Ok(conn) => Scratch::Container { name, conn },
                 Err(e) => {
                     let _ = ctx.docker.remove_with_volumes(&name).await;
-                    checks.end("restore", since, Err(e)).await;
+                    checks.end("restore", since, Err(e.to_string())).await;
                     checks.skip("sanity", "no test restore").await;
                     return;
                 }
@@ -821,7 +837,12 @@ async fn test_restore(
 }
 
 /// Starts the scratch container and waits until its server answers.
-async fn start_scratch(ctx: &JobCtx, source: &str, name: &str, user: &str) -> Result<Conn, String> {
+async fn start_scratch(
+    ctx: &JobCtx,
+    source: &str,
+    name: &str,
+    user: &str,
+) -> Result<Conn, ScratchError> {
     let labels = BTreeMap::from([
         (LABEL_SCRATCH.to_string(), "1".to_string()),
         (
@@ -832,7 +853,10 @@ async fn start_scratch(ctx: &JobCtx, source: &str, name: &str, user: &str) -> Re
     ctx.docker
         .run_scratch_like(source, name, &labels)
         .await
-        .map_err(|e| format!("cannot start a scratch container from {source}'s image: {e}"))?;
+        .map_err(|err| ScratchError::Start {
+            source_container: source.to_string(),
+            err,
+        })?;
     let conn = Conn::Container {
         container: name.to_string(),
         user: user.to_string(),
@@ -841,14 +865,29 @@ async fn start_scratch(ctx: &JobCtx, source: &str, name: &str, user: &str) -> Re
     while !postgres::answers(&ctx.docker, &conn).await {
         if Instant::now() >= deadline {
             let logs = ctx.docker.logs_tail(name, 20).await.unwrap_or_default();
-            return Err(format!(
-                "the scratch container {name} did not accept connections within {}s: {logs}",
-                SCRATCH_READY.as_secs()
-            ));
+            return Err(ScratchError::NotReady {
+                name: name.to_string(),
+                logs,
+            });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(conn)
+}
+
+/// The scratch container did not start, or its server never answered.
+#[derive(Debug, thiserror::Error)]
+enum ScratchError {
+    #[error("cannot start a scratch container from {source_container}'s image: {err}")]
+    Start {
+        source_container: String,
+        err: crate::docker::DockerError,
+    },
+    #[error(
+        "the scratch container {name} did not accept connections within {}s: {logs}",
+        SCRATCH_READY.as_secs()
+    )]
+    NotReady { name: String, logs: String },
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -862,7 +901,7 @@ async fn restore_parts(
     made: &mut Vec<String>,
     report: &Report<'_>,
     since: Instant,
-) -> Result<Evidence, String> {
+) -> Result<Evidence, CheckError> {
     let (conn, place) = match scratch {
         Scratch::Container { name, conn } => (conn, format!("container {name}")),
         Scratch::Databases { conn, .. } => (conn, "the source's server".to_string()),
@@ -873,9 +912,7 @@ async fn restore_parts(
             Scratch::Container { .. } => part.name.clone(),
             Scratch::Databases { prefix, .. } => format!("{prefix}{index}"),
         };
-        postgres::create_database(&ctx.docker, conn, &database)
-            .await
-            .map_err(|e| e.to_string())?;
+        postgres::create_database(&ctx.docker, conn, &database).await?;
         made.push(database.clone());
         crate::job::step::pause_point("verify:scratch_made").await;
         report
@@ -891,9 +928,7 @@ async fn restore_parts(
             single_transaction: true,
             no_owner: false,
         };
-        let sink = postgres::restore(&ctx.docker, conn, &database, &opts)
-            .await
-            .map_err(|e| e.to_string())?;
+        let sink = postgres::restore(&ctx.docker, conn, &database, &opts).await?;
         let (file, sha, identity) = (file.clone(), part.sha256.clone(), identity.clone());
         let name = part.name.clone();
         let token = ctx.cancels.token(job_id);
@@ -910,16 +945,18 @@ async fn restore_parts(
                 identity.as_deref(),
                 &mut guarded,
                 &mut |_, _| {},
-            )
-            .map_err(|e| e.to_string());
-            let finished = sink.finish().map_err(|e| e.to_string());
+            );
+            let finished = sink.finish();
             match (read, finished) {
                 (Ok(stats), Ok(())) => Ok(stats),
-                (_, Err(e)) | (Err(e), Ok(())) => Err(format!("{name}: {e}")),
+                (_, Err(source)) => Err(CheckError::Postgres {
+                    part: name,
+                    source: Box::new(source),
+                }),
+                (Err(source), Ok(())) => Err(CheckError::Read { file: name, source }),
             }
         })
-        .await
-        .map_err(|e| e.to_string())??;
+        .await??;
         bytes += stats.plain_bytes;
     }
     Ok(evidence(
@@ -942,17 +979,19 @@ async fn sanity(
     backup: &Backup,
     made: &[String],
     tolerance: f64,
-) -> Result<Evidence, String> {
+) -> Result<Evidence, CheckError> {
     let conn = match scratch {
         Scratch::Container { conn, .. } | Scratch::Databases { conn, .. } => conn,
     };
     let (mut tables, mut rows) = (0usize, 0i64);
     for (part, database) in backup.parts.iter().zip(made) {
-        let counted = postgres::row_counts(&ctx.docker, conn, database)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (t, r) = compare_tables(&part.tables, &counted, tolerance)
-            .map_err(|e| format!("{}: {e}", part.name))?;
+        let counted = postgres::row_counts(&ctx.docker, conn, database).await?;
+        let (t, r) = compare_tables(&part.tables, &counted, tolerance).map_err(|source| {
+            CheckError::Tables {
+                part: part.name.clone(),
+                source,
+            }
+        })?;
         tables += t;
         rows += r;
     }
@@ -969,20 +1008,17 @@ async fn remove_scratch(
     ctx: &JobCtx,
     scratch: &Scratch,
     made: &[String],
-) -> Result<Evidence, String> {
+) -> Result<Evidence, CheckError> {
     match scratch {
         Scratch::Container { name, .. } => {
-            ctx.docker
-                .remove_with_volumes(name)
-                .await
-                .map_err(|e| e.to_string())?;
+            ctx.docker.remove_with_volumes(name).await?;
             match ctx.docker.inspect(name).await {
                 Ok(None) => Ok(evidence(
                     format!("container {name} removed"),
                     [("container", name.clone())],
                 )),
-                Ok(Some(_)) => Err(format!("container {name} is still there")),
-                Err(e) => Err(e.to_string()),
+                Ok(Some(_)) => Err(CheckError::StillThere(name.clone())),
+                Err(e) => Err(e.into()),
             }
         }
         Scratch::Databases { conn, .. } => {
@@ -990,7 +1026,7 @@ async fn remove_scratch(
             for db in made {
                 match postgres::drop_database(&ctx.docker, conn, db).await {
                     Ok(()) => {}
-                    Err(e) => errors.push(format!("{db}: {e}")),
+                    Err(e) => errors.push((db.clone(), e)),
                 }
             }
             if errors.is_empty() {
@@ -999,7 +1035,7 @@ async fn remove_scratch(
                     [("databases", made.join(","))],
                 ))
             } else {
-                Err(errors.join("; "))
+                Err(CheckError::NotDropped(errors))
             }
         }
     }
@@ -1015,38 +1051,52 @@ async fn disk_check_step(
     let since = checks
         .start(ctx, job, "disk", format!("free space on {}", dir.display()))
         .await;
-    let result = disk_space(&dir).and_then(|(free, total)| {
-        disk_ok(
-            free,
-            total,
-            spec.verify.min_free_fraction,
-            spec.verify.min_free_bytes,
-        )
-        .map(|message| {
-            evidence(
-                message,
-                [
-                    ("free_bytes", free.to_string()),
-                    ("total_bytes", total.to_string()),
-                ],
+    let result = disk_space(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|(free, total)| {
+            disk_ok(
+                free,
+                total,
+                spec.verify.min_free_fraction,
+                spec.verify.min_free_bytes,
             )
-        })
-    });
+            .map_err(|e| e.to_string())
+            .map(|message| {
+                evidence(
+                    message,
+                    [
+                        ("free_bytes", free.to_string()),
+                        ("total_bytes", total.to_string()),
+                    ],
+                )
+            })
+        });
     checks.end("disk", since, result).await;
 }
 
 /// Free (to unprivileged users) and total bytes of the file system holding `dir` (or its
 /// nearest existing parent).
-fn disk_space(dir: &Path) -> Result<(u64, u64), String> {
+fn disk_space(dir: &Path) -> Result<(u64, u64), DiskSpaceError> {
     let mut at = dir;
     while !at.exists() {
         at = at.parent().unwrap_or(Path::new("/"));
     }
-    let stat = rustix::fs::statvfs(at).map_err(|e| format!("{}: {e}", at.display()))?;
+    let stat = rustix::fs::statvfs(at).map_err(|err| DiskSpaceError {
+        path: at.to_path_buf(),
+        err,
+    })?;
     Ok((
         stat.f_bavail.saturating_mul(stat.f_frsize),
         stat.f_blocks.saturating_mul(stat.f_frsize),
     ))
+}
+
+/// The file system holding a directory cannot be asked for its space.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {err}", path.display())]
+struct DiskSpaceError {
+    path: PathBuf,
+    err: rustix::io::Errno,
 }
 
 /// Whether the test restore goes into scratch databases on the source's own server (the
@@ -1128,17 +1178,25 @@ pub async fn sweep_scratch(ctx: &JobCtx) {
 // --- the decisions ----------------------------------------------------------------------------
 
 /// How old a backup started at `started_ms` is at `now_ms`, if within `max_age`.
-pub fn age_check(now_ms: i64, started_ms: i64, max_age: Duration) -> Result<Duration, String> {
+pub fn age_check(now_ms: i64, started_ms: i64, max_age: Duration) -> Result<Duration, TooOld> {
     let age = Duration::from_millis((now_ms - started_ms).max(0) as u64);
     if age <= max_age {
         Ok(age)
     } else {
-        Err(format!(
-            "the newest backup is {} old, older than [verify] max_age = {}",
-            humantime::format_duration(Duration::from_secs(age.as_secs())),
-            humantime::format_duration(max_age)
-        ))
+        Err(TooOld { age, max_age })
     }
+}
+
+/// The newest backup is older than the target allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the newest backup is {} old, older than [verify] max_age = {}",
+    humantime::format_duration(Duration::from_secs(age.as_secs())),
+    humantime::format_duration(*max_age)
+)]
+pub struct TooOld {
+    pub age: Duration,
+    pub max_age: Duration,
 }
 
 /// Whether `restored` (exact counts) has every table of `manifest`, each with a row count
@@ -1148,7 +1206,7 @@ pub fn compare_tables(
     manifest: &[Table],
     restored: &[TableFact],
     tolerance: f64,
-) -> Result<(usize, i64), String> {
+) -> Result<(usize, i64), TablesDiffer> {
     let mut missing = Vec::new();
     let mut off = Vec::new();
     let mut rows = 0i64;
@@ -1168,22 +1226,96 @@ pub fn compare_tables(
             ));
         }
     }
-    let mut problems = Vec::new();
-    if !missing.is_empty() {
-        problems.push(format!("missing table(s): {}", missing.join(", ")));
-    }
-    if !off.is_empty() {
-        problems.push(format!(
-            "row counts off by more than {:.0} %: {}",
-            tolerance * 100.0,
-            off.join("; ")
-        ));
-    }
-    if problems.is_empty() {
+    if missing.is_empty() && off.is_empty() {
         Ok((manifest.len(), rows))
     } else {
-        Err(problems.join("; "))
+        Err(TablesDiffer {
+            missing,
+            off,
+            tolerance,
+        })
     }
+}
+
+/// The restored tables are not what the manifest recorded: some are missing, or their row
+/// counts are further from the estimate than the tolerance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TablesDiffer {
+    /// `schema.name` of each table the restore lacks.
+    pub missing: Vec<String>,
+    /// One line per table whose count is off.
+    pub off: Vec<String>,
+    pub tolerance: f64,
+}
+
+impl std::fmt::Display for TablesDiffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut problems = Vec::new();
+        if !self.missing.is_empty() {
+            problems.push(format!("missing table(s): {}", self.missing.join(", ")));
+        }
+        if !self.off.is_empty() {
+            problems.push(format!(
+                "row counts off by more than {:.0} %: {}",
+                self.tolerance * 100.0,
+                self.off.join("; ")
+            ));
+        }
+        f.write_str(&problems.join("; "))
+    }
+}
+
+impl std::error::Error for TablesDiffer {}
+
+impl From<postgres::PgError> for CheckError {
+    fn from(e: postgres::PgError) -> CheckError {
+        CheckError::Database(Box::new(e))
+    }
+}
+
+/// Why a check of a validation failed; its message is the check's.
+#[derive(Debug, thiserror::Error)]
+enum CheckError {
+    #[error(
+        "backup {0} is encrypted; name the age identity in the target: [verify] identity_file = \"/etc/drover/age.key\""
+    )]
+    NoIdentity(String),
+    #[error(transparent)]
+    Identity(#[from] crate::backup::IdentityFileError),
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: pipeline::PipelineError,
+    },
+    #[error(
+        "{file}: decompressed to {plain} bytes, the manifest says the source produced {source_bytes}"
+    )]
+    Size {
+        file: String,
+        plain: u64,
+        source_bytes: u64,
+    },
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+    #[error("cannot make a pipe: {0}")]
+    Pipe(std::io::Error),
+    #[error("{part}: {source}")]
+    Postgres {
+        part: String,
+        source: Box<postgres::PgError>,
+    },
+    #[error(transparent)]
+    Database(Box<postgres::PgError>),
+    #[error("{file}: the archive lists no entries, and the manifest has {tables} table(s)")]
+    EmptyList { file: String, tables: usize },
+    #[error("{part}: {source}")]
+    Tables { part: String, source: TablesDiffer },
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
+    #[error("container {0} is still there")]
+    StillThere(String),
+    #[error("{}", .0.iter().map(|(db, e)| format!("{db}: {e}")).collect::<Vec<_>>().join("; "))]
+    NotDropped(Vec<(String, postgres::PgError)>),
 }
 
 fn within(count: i64, estimate: i64, tolerance: f64) -> bool {
@@ -1193,26 +1325,63 @@ fn within(count: i64, estimate: i64, tolerance: f64) -> bool {
 
 /// Whether `free` bytes of `total` are enough: at least `min_fraction` of the disk and at
 /// least `min_bytes`.
-pub fn disk_ok(free: u64, total: u64, min_fraction: f64, min_bytes: u64) -> Result<String, String> {
-    let fraction = if total == 0 {
-        0.0
-    } else {
-        free as f64 / total as f64
+pub fn disk_ok(
+    free: u64,
+    total: u64,
+    min_fraction: f64,
+    min_bytes: u64,
+) -> Result<String, LowDisk> {
+    let disk = DiskFacts {
+        free,
+        total,
+        min_fraction,
+        min_bytes,
     };
-    let message = format!(
-        "{} free of {} ({:.1} %); the floor is {:.0} % and {}",
-        human_bytes(free),
-        human_bytes(total),
-        fraction * 100.0,
-        min_fraction * 100.0,
-        human_bytes(min_bytes)
-    );
-    if fraction >= min_fraction && free >= min_bytes {
-        Ok(message)
+    if disk.fraction() >= min_fraction && free >= min_bytes {
+        Ok(disk.to_string())
     } else {
-        Err(format!("not enough free disk: {message}"))
+        Err(LowDisk(disk))
     }
 }
+
+/// Free and total bytes of a disk and the floor they are held to; shown as the check's
+/// evidence, or its error.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiskFacts {
+    pub free: u64,
+    pub total: u64,
+    pub min_fraction: f64,
+    pub min_bytes: u64,
+}
+
+impl DiskFacts {
+    fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.free as f64 / self.total as f64
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} free of {} ({:.1} %); the floor is {:.0} % and {}",
+            human_bytes(self.free),
+            human_bytes(self.total),
+            self.fraction() * 100.0,
+            self.min_fraction * 100.0,
+            human_bytes(self.min_bytes)
+        )
+    }
+}
+
+/// Less free disk than the floor.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("not enough free disk: {0}")]
+pub struct LowDisk(pub DiskFacts);
 
 #[cfg(test)]
 mod tests {
@@ -1253,12 +1422,16 @@ mod tests {
         let good = [fact("items", 1090), fact("fresh", 5), fact("empty", 3)];
         assert_eq!(compare_tables(&manifest, &good, 0.1), Ok((3, 1098)));
         let off = [fact("items", 1101), fact("fresh", 5), fact("empty", 0)];
-        let err = compare_tables(&manifest, &off, 0.1).unwrap_err();
+        let err = compare_tables(&manifest, &off, 0.1)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("public.items has 1101 rows"), "{err}");
         let low = [fact("items", 899), fact("fresh", 0), fact("empty", 0)];
         assert!(compare_tables(&manifest, &low, 0.1).is_err());
         let missing = [fact("items", 1000), fact("empty", 0)];
-        let err = compare_tables(&manifest, &missing, 0.1).unwrap_err();
+        let err = compare_tables(&manifest, &missing, 0.1)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing table(s): public.fresh"), "{err}");
         // Extra tables in the restore are fine; a tolerance of 0 wants the estimate exactly.
         let extra = [
@@ -1275,7 +1448,9 @@ mod tests {
         const GIB: u64 = 1 << 30;
         assert!(disk_ok(20 * GIB, 100 * GIB, 0.1, GIB).is_ok());
         assert!(disk_ok(10 * GIB, 100 * GIB, 0.1, GIB).is_ok());
-        let low = disk_ok(9 * GIB, 100 * GIB, 0.1, GIB).unwrap_err();
+        let low = disk_ok(9 * GIB, 100 * GIB, 0.1, GIB)
+            .unwrap_err()
+            .to_string();
         assert!(low.contains("not enough free disk"), "{low}");
         // A small disk can be 50 % free and still below the byte floor.
         assert!(disk_ok(GIB / 2, GIB, 0.1, GIB).is_err());
@@ -1288,7 +1463,9 @@ mod tests {
         let now = 10 * 86_400_000;
         assert!(age_check(now, now - 86_400_000, 2 * day).is_ok());
         assert!(age_check(now, now - 2 * 86_400_000, 2 * day).is_ok());
-        let old = age_check(now, now - 2 * 86_400_000 - 1000, 2 * day).unwrap_err();
+        let old = age_check(now, now - 2 * 86_400_000 - 1000, 2 * day)
+            .unwrap_err()
+            .to_string();
         assert!(old.contains("older than [verify] max_age = 2days"), "{old}");
         // A clock that went backwards counts as age zero, not a failure.
         assert_eq!(age_check(now, now + 5000, day), Ok(Duration::ZERO));

@@ -121,20 +121,25 @@ pub fn read_file(file: &std::path::Path) -> Result<String, CliError> {
 }
 
 /// A `--label k=v`.
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
+pub fn parse_label(s: &str) -> Result<(String, String), LabelError> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("label {s:?} is not k=v")),
+        _ => Err(LabelError(s.to_string())),
     }
 }
 
+/// A `--label` that is not `k=v`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("label {0:?} is not k=v")]
+pub struct LabelError(pub String);
+
 /// A time given as RFC 3339 or as `+DURATION` from now, in Unix ms.
-pub fn parse_at(text: &str) -> Result<i64, String> {
+pub fn parse_at(text: &str) -> Result<i64, AtError> {
     parse_at_from(text, now_ms())
 }
 
 /// [`parse_at`] with the current time passed in.
-pub fn parse_at_from(text: &str, now_ms: i64) -> Result<i64, String> {
+pub fn parse_at_from(text: &str, now_ms: i64) -> Result<i64, AtError> {
     let text = text.trim();
     if let Some(rest) = text.strip_prefix('+') {
         let d = drover_model::units::parse_duration(rest)?;
@@ -142,9 +147,22 @@ pub fn parse_at_from(text: &str, now_ms: i64) -> Result<i64, String> {
     }
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
-        .map_err(|e| {
-            format!("invalid time {text:?}: {e} (use RFC 3339, 2026-05-01T22:00:00Z, or +30m)")
+        .map_err(|err| AtError::Time {
+            text: text.to_string(),
+            err,
         })
+}
+
+/// A time [`parse_at`] cannot read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AtError {
+    #[error(transparent)]
+    Duration(#[from] drover_model::units::DurationError),
+    #[error("invalid time {text:?}: {err} (use RFC 3339, 2026-05-01T22:00:00Z, or +30m)")]
+    Time {
+        text: String,
+        err: chrono::ParseError,
+    },
 }
 
 #[cfg(test)]
@@ -163,7 +181,7 @@ mod tests {
             parse_at_from("2026-05-02T00:00:00+02:00", now),
             Ok(1_777_672_800_000)
         );
-        let err = parse_at_from("tomorrow", now).unwrap_err();
+        let err = parse_at_from("tomorrow", now).unwrap_err().to_string();
         assert!(err.contains("tomorrow") && err.contains("+30m"), "{err}");
         assert!(parse_at_from("+soon", now).is_err());
     }

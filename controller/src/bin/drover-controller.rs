@@ -103,7 +103,7 @@ async fn run(args: Args) -> Result<()> {
             // takes a write.
             let (liveness, shared) = (controller.liveness(), controller.shared());
             daemon::spawn_watchdog(shutdown.clone(), move || {
-                let (check, shared) = (liveness.check(), shared.clone());
+                let (check, shared) = (liveness.check().map_err(|e| e.to_string()), shared.clone());
                 async move {
                     check?;
                     shared

@@ -121,26 +121,7 @@ impl OperatorApi {
         authorize(&request, &self.shared.store)?;
         let mut targets = Vec::new();
         for record in self.shared.store.backup_targets().map_err(internal)? {
-            let spec = TargetSpec::from_toml(&record.spec_toml, &record.name).ok();
-            targets.push(v1::BackupTargetInfo {
-                name: record.name.clone(),
-                revision: record.revision,
-                target_toml: record.spec_toml.clone(),
-                updated_unix_ms: record.updated_unix_ms,
-                updated_by: record.updated_by.clone(),
-                kind: spec
-                    .as_ref()
-                    .map(|s| s.kind().as_str().to_string())
-                    .unwrap_or_default(),
-                host: spec
-                    .as_ref()
-                    .and_then(|s| s.host.clone())
-                    .unwrap_or_default(),
-                remote: spec.as_ref().is_some_and(|s| s.storage.s3.is_some()),
-                encrypted: spec
-                    .as_ref()
-                    .is_some_and(|s| !s.encryption.recipients.is_empty()),
-            });
+            targets.push(convert::target_to_proto(&record));
         }
         Ok(Response::new(v1::ListBackupTargetsResponse { targets }))
     }
@@ -250,15 +231,7 @@ impl OperatorApi {
             }
             for line in retention::plan(&local, &remote, &table) {
                 let backup = table.iter().find(|b| b.id == line.id);
-                lines.push(v1::PruneLineInfo {
-                    host: host.clone(),
-                    started_unix_ms: backup.map(|b| b.started_unix_ms).unwrap_or(0),
-                    size_bytes: backup.map(|b| b.size()).unwrap_or(0),
-                    id: line.id,
-                    copy: line.copy,
-                    keep: line.keep,
-                    reasons: line.reasons,
-                });
+                lines.push(convert::prune_line_to_proto(&host, line, backup));
             }
         }
         Ok(Response::new(v1::PlanPruneResponse {
@@ -354,7 +327,7 @@ impl OperatorApi {
         Ok(Response::new(v1::ListVerificationsResponse {
             verifications: found
                 .iter()
-                .map(|v| convert::verification_to_proto(&v.host, v))
+                .map(drover_proto::payload::verification_to_proto)
                 .collect(),
         }))
     }

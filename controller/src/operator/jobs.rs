@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use drover_model::releases;
 use drover_proto::v1;
@@ -137,13 +138,13 @@ impl OperatorApi {
         &self,
         request: Request<v1::WatchJobRequest>,
     ) -> Result<Response<WatchJobStream>, Status> {
-        authorize(&request, &self.shared.store)?;
+        let caller = authorize(&request, &self.shared.store)?;
         // Subscribed before anything is read, so no update falls between the stored state
         // and the live one (the overlap is de-duplicated).
         let updates = self.shared.job_updates.subscribe();
         let job = self.known_job(&request.get_ref().id)?;
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(watch(self.shared.clone(), job, updates, tx));
+        tokio::spawn(watch(self.shared.clone(), caller, job, updates, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -247,10 +248,15 @@ pub(super) async fn cancel_job(
     })
 }
 
+/// How often an open `WatchJob` stream checks that its caller's certificate is not revoked.
+const RECHECK_EVERY: Duration = Duration::from_secs(2);
+
 /// Streams a job to one `WatchJob` caller: the job, its stored events, then live events and
-/// state changes, and the finished job last; then the stream ends.
+/// state changes, and the finished job last; then the stream ends. A caller whose certificate
+/// is revoked meanwhile is cut within [`RECHECK_EVERY`].
 pub(super) async fn watch(
     shared: Arc<Shared>,
+    caller: crate::auth::Caller,
     job: JobRecord,
     mut updates: broadcast::Receiver<JobUpdate>,
     tx: mpsc::Sender<Result<v1::WatchJobResponse, Status>>,
@@ -263,6 +269,8 @@ pub(super) async fn watch(
     // Events already sent: the stored ones and the broadcast ones overlap.
     let mut seen: HashSet<(String, u64)> = HashSet::new();
     let mut pending = catch_up(&shared, &id, &mut seen, &tx).await;
+    let mut recheck = tokio::time::interval(RECHECK_EVERY);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         match pending {
             Ok(Some(latest)) => {
@@ -292,6 +300,14 @@ pub(super) async fn watch(
                 return;
             }
             _ = tx.closed() => return,
+            _ = recheck.tick() => {
+                if let Err(status) = crate::auth::still_valid(&caller, &shared.store) {
+                    tracing::info!(job = %id, caller = %caller.identity, "a revoked caller's WatchJob stream is cut");
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                continue;
+            }
             update = updates.recv() => update,
         };
         match update {

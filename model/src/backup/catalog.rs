@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A target's catalog on this host: `target`, `backups` (JSON array of [`Backup`]).
+/// A target's catalog on this host: `target`, and the catalog as
+/// [`crate::jobevent::Payload::Catalog`].
 pub const CATALOG: &str = "backup.catalog";
-/// The result of a validation of a target's newest backup: `target`, `verification` (JSON of
-/// [`Verification`]). The controller keeps each as the target's history.
+/// The result of a validation of a target's newest backup: `target`, and the record as
+/// [`crate::jobevent::Payload::Verification`]. The controller keeps each as the target's history.
 pub const VERIFICATION: &str = "backup.verification";
 /// Live bytes of a running backup or restore: `step`, `source_bytes`, `stored_bytes`,
 /// `rate_bytes_per_sec`.
@@ -19,14 +20,15 @@ pub const BYTES: &str = "backup.bytes";
 
 pub mod field {
     pub const TARGET: &str = "target";
+    /// Legacy: the JSON array of [`super::Backup`] in `backup.catalog`.
     pub const BACKUPS: &str = "backups";
     pub const BACKUP_ID: &str = "backup_id";
     pub const SOURCE_BYTES: &str = "source_bytes";
     pub const STORED_BYTES: &str = "stored_bytes";
     pub const RATE: &str = "rate_bytes_per_sec";
-    /// `job.finished` of a prune: JSON array of [`super::PruneLine`].
+    /// Legacy (see `jobevent::legacy_payload`): a prune's lines as JSON in `job.finished`.
     pub const PRUNE: &str = "prune";
-    /// `backup.verification`: JSON of [`super::Verification`].
+    /// Legacy: the JSON of a [`super::Verification`] in `backup.verification`.
     pub const VERIFICATION: &str = "verification";
 }
 
@@ -167,21 +169,22 @@ impl Backup {
     }
 
     /// The part to restore: the named one, or the only one.
-    pub fn part(&self, name: Option<&str>) -> Result<&Part, String> {
+    pub fn part(&self, name: Option<&str>) -> Result<&Part, PartError> {
         match name {
-            Some(n) => self.parts.iter().find(|p| p.name == n).ok_or_else(|| {
-                format!(
-                    "backup {} has no part {n:?} (it has {})",
-                    self.id,
-                    self.part_names()
-                )
-            }),
+            Some(n) => self
+                .parts
+                .iter()
+                .find(|p| p.name == n)
+                .ok_or_else(|| PartError::NoSuch {
+                    backup: self.id.clone(),
+                    name: n.to_string(),
+                    names: self.part_names(),
+                }),
             None if self.parts.len() == 1 => Ok(&self.parts[0]),
-            None => Err(format!(
-                "backup {} has several parts ({}); say which with --database",
-                self.id,
-                self.part_names()
-            )),
+            None => Err(PartError::Several {
+                backup: self.id.clone(),
+                names: self.part_names(),
+            }),
         }
     }
 
@@ -192,6 +195,19 @@ impl Backup {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// A backup has no such part, or several and none was named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PartError {
+    #[error("backup {backup} has no part {name:?} (it has {names})")]
+    NoSuch {
+        backup: String,
+        name: String,
+        names: String,
+    },
+    #[error("backup {backup} has several parts ({names}); say which with --database")]
+    Several { backup: String, names: String },
 }
 
 /// What a prune did (or would do) to one backup.
@@ -222,6 +238,15 @@ impl CheckResult {
             CheckResult::Failed => "failed",
             CheckResult::Skipped => "skipped",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<CheckResult> {
+        Some(match s {
+            "passed" => CheckResult::Passed,
+            "failed" => CheckResult::Failed,
+            "skipped" => CheckResult::Skipped,
+            _ => return None,
+        })
     }
 }
 
@@ -274,44 +299,6 @@ impl Verification {
             .map(|c| c.name.as_str())
             .collect()
     }
-}
-
-/// The fields of a `backup.verification` event.
-pub fn verification_fields(v: &Verification) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (field::TARGET.to_string(), v.target.clone()),
-        (
-            field::VERIFICATION.to_string(),
-            serde_json::to_string(v).unwrap_or_default(),
-        ),
-    ])
-}
-
-/// Reads the `verification` field of a `backup.verification` event.
-pub fn parse_verification(fields: &BTreeMap<String, String>) -> Result<Verification, String> {
-    let text = fields
-        .get(field::VERIFICATION)
-        .ok_or("backup.verification event without a verification field")?;
-    serde_json::from_str(text).map_err(|e| format!("backup.verification: {e}"))
-}
-
-/// The fields of a `backup.catalog` event.
-pub fn catalog_fields(target: &str, backups: &[Backup]) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (field::TARGET.to_string(), target.to_string()),
-        (
-            field::BACKUPS.to_string(),
-            serde_json::to_string(backups).unwrap_or_else(|_| "[]".into()),
-        ),
-    ])
-}
-
-/// Reads the `backups` field of a `backup.catalog` event.
-pub fn parse_catalog(fields: &BTreeMap<String, String>) -> Result<Vec<Backup>, String> {
-    let text = fields
-        .get(field::BACKUPS)
-        .ok_or("backup.catalog event without a backups field")?;
-    serde_json::from_str(text).map_err(|e| format!("backup.catalog: {e}"))
 }
 
 /// A backup id: `<target>-YYYYMMDD-HHMMSS-<4 hex>` (UTC).
@@ -381,8 +368,13 @@ mod tests {
         assert_eq!(b.part(None).unwrap().name, "shop");
         assert!((b.ratio() - 2.5).abs() < 1e-9);
         b.parts.push(part("crm"));
-        assert!(b.part(None).unwrap_err().contains("--database"));
+        assert!(b.part(None).unwrap_err().to_string().contains("--database"));
         assert_eq!(b.part(Some("crm")).unwrap().name, "crm");
-        assert!(b.part(Some("x")).unwrap_err().contains("shop, crm"));
+        assert!(
+            b.part(Some("x"))
+                .unwrap_err()
+                .to_string()
+                .contains("shop, crm")
+        );
     }
 }

@@ -98,15 +98,20 @@ struct TargetToml {
 /// What a target without a source, or with several, is told.
 pub const ONE_SOURCE: &str = "declare exactly one source table: `postgres`, `volume` or `path` ([postgres], [volume] or [path])";
 
-impl TryFrom<TargetToml> for TargetSpec {
-    type Error = String;
+/// A target that declares no source table, or several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", ONE_SOURCE)]
+pub struct OneSourceError;
 
-    fn try_from(t: TargetToml) -> Result<TargetSpec, String> {
+impl TryFrom<TargetToml> for TargetSpec {
+    type Error = OneSourceError;
+
+    fn try_from(t: TargetToml) -> Result<TargetSpec, OneSourceError> {
         let source = match (t.postgres, t.volume, t.path) {
             (Some(pg), None, None) => Source::Postgres(pg),
             (None, Some(v), None) => Source::Volume(v),
             (None, None, Some(p)) => Source::Path(p),
-            _ => return Err(ONE_SOURCE.to_string()),
+            _ => return Err(OneSourceError),
         };
         Ok(TargetSpec {
             name: t.name,
@@ -440,7 +445,7 @@ impl TargetSpec {
             key,
             message,
         };
-        check_name(&self.name).map_err(|m| bad("name", m))?;
+        check_name(&self.name).map_err(|m| bad("name", m.to_string()))?;
         if self.host.is_some() && !self.labels.is_empty() {
             return Err(bad("labels", "give either host or labels, not both".into()));
         }
@@ -492,7 +497,8 @@ impl TargetSpec {
                     ));
                 }
             }
-            check_pg_dump_options(&pg.options).map_err(|m| bad("postgres.options", m))?;
+            check_pg_dump_options(&pg.options)
+                .map_err(|m| bad("postgres.options", m.to_string()))?;
         }
         for (key, expr) in [
             ("schedule.backup", &self.schedule.backup),
@@ -529,7 +535,7 @@ impl TargetSpec {
                 std::time::Duration::from_secs(1),
                 std::time::Duration::from_secs(366 * 86_400),
             )
-            .map_err(|m| bad("verify.max_age", m))?,
+            .map_err(|m| bad("verify.max_age", m.to_string()))?,
         }
         for (key, value, max) in [
             ("retention.keep_last", self.retention.keep_last, 10_000),
@@ -537,7 +543,7 @@ impl TargetSpec {
             ("retention.weekly", self.retention.weekly, 520),
             ("retention.monthly", self.retention.monthly, 1200),
         ] {
-            check_count(value.into(), 0, max).map_err(|m| bad(key, m))?;
+            check_count(value.into(), 0, max).map_err(|m| bad(key, m.to_string()))?;
         }
         if let Some(remote) = &self.retention.remote {
             for (key, value, max) in [
@@ -546,7 +552,7 @@ impl TargetSpec {
                 ("retention.remote.weekly", remote.weekly, 520),
                 ("retention.remote.monthly", remote.monthly, 1200),
             ] {
-                check_count(value.into(), 0, max).map_err(|m| bad(key, m))?;
+                check_count(value.into(), 0, max).map_err(|m| bad(key, m.to_string()))?;
             }
         }
         if !(0.0..=10.0).contains(&self.verify.row_tolerance) {
@@ -714,17 +720,15 @@ const PG_DUMP_OPTIONS: &[(&str, bool)] = &[
 /// Checks a target's extra `pg_dump` options against [`PG_DUMP_OPTIONS`]: each element is
 /// one option (`--exclude-table=audit`, `--exclude-table`, `-n`, `-npublic`), and an option
 /// that takes a value may take it from the next element.
-pub fn check_pg_dump_options(options: &[String]) -> Result<(), String> {
+pub fn check_pg_dump_options(options: &[String]) -> Result<(), PgDumpOptionError> {
+    use PgDumpOptionError as E;
     if options.len() > 64 {
-        return Err(format!(
-            "{} options is too many (at most 64)",
-            options.len()
-        ));
+        return Err(E::TooMany(options.len()));
     }
     let mut expect_value = false;
     for option in options {
         if option.contains('\0') || option.len() > 1024 {
-            return Err("an option holds a NUL or is longer than 1024 bytes".into());
+            return Err(E::Oversized);
         }
         if expect_value {
             expect_value = false;
@@ -743,31 +747,47 @@ pub fn check_pg_dump_options(options: &[String]) -> Result<(), String> {
             (option.as_str(), false)
         };
         let Some(&(_, takes_value)) = PG_DUMP_OPTIONS.iter().find(|(n, _)| *n == name) else {
-            return Err(format!(
-                "{option:?} is not an option Drover passes to pg_dump; the format, the output, the database and compression are Drover's, and abbreviations are refused (allowed: --no-owner, --exclude-table=NAME, -n SCHEMA, ...)"
-            ));
+            return Err(E::NotAllowed(option.clone()));
         };
         match (takes_value, attached) {
             (false, true) if option.starts_with("--") => {
-                return Err(format!("{option:?}: {name} takes no value"));
+                let name = name.to_string();
+                return Err(E::TakesNoValue {
+                    option: option.clone(),
+                    name,
+                });
             }
             (false, true) => {
-                return Err(format!(
-                    "{option:?}: give each short option on its own (grouped options are refused)"
-                ));
+                return Err(E::Grouped(option.clone()));
             }
             (true, false) => expect_value = true,
             _ => {}
         }
     }
     if expect_value {
-        return Err(format!(
-            "{:?} needs a value (the next element, or {}=VALUE)",
-            options.last().map(String::as_str).unwrap_or(""),
-            options.last().map(String::as_str).unwrap_or("")
-        ));
+        let last = options.last().cloned().unwrap_or_default();
+        return Err(E::NeedsValue(last));
     }
     Ok(())
+}
+
+/// An extra `pg_dump` option [`check_pg_dump_options`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PgDumpOptionError {
+    #[error("{0} options is too many (at most 64)")]
+    TooMany(usize),
+    #[error("an option holds a NUL or is longer than 1024 bytes")]
+    Oversized,
+    #[error(
+        "{0:?} is not an option Drover passes to pg_dump; the format, the output, the database and compression are Drover's, and abbreviations are refused (allowed: --no-owner, --exclude-table=NAME, -n SCHEMA, ...)"
+    )]
+    NotAllowed(String),
+    #[error("{option:?}: {name} takes no value")]
+    TakesNoValue { option: String, name: String },
+    #[error("{0:?}: give each short option on its own (grouped options are refused)")]
+    Grouped(String),
+    #[error("{0:?} needs a value (the next element, or {0}=VALUE)")]
+    NeedsValue(String),
 }
 
 /// Whether a libpq URL carries a password (`user:secret@`).
