@@ -25,6 +25,7 @@ pub mod operator;
 pub mod operators;
 pub mod provenance;
 pub mod registry;
+pub mod release;
 pub mod rollout;
 pub mod scheduler;
 pub mod selection;
