@@ -77,6 +77,9 @@ pub struct AppSpec {
     pub smoke: Vec<SmokeCheck>,
     #[serde(default)]
     pub watch: Watch,
+    /// How a fleet release of this app proceeds unless the operator says otherwise.
+    #[serde(default)]
+    pub release: crate::waves::ReleaseDefaults,
 }
 
 struct DrainDefault;
@@ -792,7 +795,26 @@ impl AppSpec {
             limits::MIN_P95,
             limits::MAX_P95,
         )?;
+        if let Some((key, message)) = self.release.problem() {
+            return Err(ConfigError::Invalid {
+                path: source.to_string(),
+                key: release_key(key),
+                message,
+            });
+        }
         Ok(())
+    }
+}
+
+/// `release.KEY` for a key of the `[release]` table.
+fn release_key(key: &str) -> &'static str {
+    match key {
+        "waves" => "release.waves",
+        "max_failures" => "release.max_failures",
+        "max_parallel" => "release.max_parallel",
+        "min_healthy" => "release.min_healthy",
+        "progress_deadline" => "release.progress_deadline",
+        _ => "release.host_timeout",
     }
 }
 
@@ -1073,6 +1095,86 @@ mod tests {
             "keep_releases = 100\ndrain_timeout = \"1h\"\n{MINIMAL}[watch]\nwindow = \"1h\"\n[health]\nretries = 1000\ninterval = \"1s\"\ntimeout = \"2s\"\n"
         );
         AppSpec::from_toml(&edge, "app.toml").unwrap();
+    }
+
+    /// The `[release]` table (issue 13): defaults when absent, every key read, each wrong value
+    /// refused naming its key, every wait and count bounded.
+    #[test]
+    fn the_release_table_gives_defaults_and_is_checked() {
+        use crate::waves::{OnFailure, ReleaseDefaults};
+        let spec = AppSpec::from_toml(MINIMAL, "app.toml").unwrap();
+        assert_eq!(spec.release, ReleaseDefaults::default());
+        let full = format!(
+            "{MINIMAL}[release]\nwaves = \"1,25%,100%\"\nmax_parallel = 3\nmin_healthy = \"5s\"\nprogress_deadline = \"20m\"\nhost_timeout = \"1m\"\non_failure = \"halt\"\nmax_failures = \"10%\"\nskip_offline = true\n"
+        );
+        let r = AppSpec::from_toml(&full, "app.toml").unwrap().release;
+        assert_eq!(r.waves, "1,25%,100%");
+        assert_eq!(r.max_parallel, 3);
+        assert_eq!(r.min_healthy, Duration::from_secs(5));
+        assert_eq!(r.progress_deadline, Duration::from_secs(1200));
+        assert_eq!(r.host_timeout, Duration::from_secs(60));
+        assert_eq!(r.on_failure, OnFailure::Halt);
+        assert_eq!(r.max_failures, "10%");
+        assert!(r.skip_offline);
+        let release = |keys: &str| format!("{MINIMAL}[release]\n{keys}");
+        let cases: &[(String, &str, &str)] = &[
+            (
+                release("waves = \"50%,10%\"\n"),
+                "release.waves",
+                "does not reach more hosts",
+            ),
+            (
+                release("waves = \"0\"\n"),
+                "release.waves",
+                "not a host count",
+            ),
+            (
+                release("max_failures = \"101%\"\n"),
+                "release.max_failures",
+                "share from 0%",
+            ),
+            (
+                release("max_parallel = 0\n"),
+                "release.max_parallel",
+                "out of range",
+            ),
+            (
+                release("max_parallel = 1001\n"),
+                "release.max_parallel",
+                "out of range",
+            ),
+            (
+                release("min_healthy = \"25h\"\n"),
+                "release.min_healthy",
+                "out of range",
+            ),
+            (
+                release("progress_deadline = \"0s\"\n"),
+                "release.progress_deadline",
+                "out of range",
+            ),
+            (
+                release("host_timeout = \"1000h\"\n"),
+                "release.host_timeout",
+                "out of range",
+            ),
+        ];
+        assert_refused(cases);
+        for text in [
+            release("on_failure = \"explode\"\n"),
+            release("canary = \"a\"\n"),
+        ] {
+            let err = AppSpec::from_toml(&text, "app.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("app.toml"), "{err}");
+        }
+        // The bounds themselves are accepted.
+        AppSpec::from_toml(
+            &release("max_parallel = 1000\nmin_healthy = \"24h\"\nprogress_deadline = \"1s\"\nhost_timeout = \"0s\"\nmax_failures = \"100%\"\n"),
+            "app.toml",
+        )
+        .unwrap();
     }
 
     /// WebSocket smoke checks (issue 11, item 15): the keys belong together, and every text is

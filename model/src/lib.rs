@@ -15,3 +15,4 @@ pub mod releases;
 #[cfg(feature = "schedule")]
 pub mod schedule;
 pub mod units;
+pub mod waves;

@@ -22,20 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::Budget;
-
-/// At most this long for `min_healthy`, `progress_deadline` and `host_timeout`.
-pub const MAX_WAIT_MS: i64 = 24 * 3600 * 1000;
-
-/// What happens when failures exceed the budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnFailure {
-    /// Stop starting hosts; leave the updated ones as they are.
-    Halt,
-    /// Stop, and roll every updated host back to the release it ran before, in parallel.
-    Revert,
-}
+pub use drover_model::waves::{Budget, OnFailure};
 
 /// How a release proceeds; checked when the release is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

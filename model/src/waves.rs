@@ -1,11 +1,16 @@
 //! A release's plan, pure: which hosts go in which wave, in order. Waves are written as the
 //! operator types them (`1,25%,100%`): each entry is how many hosts have been reached once that
 //! wave is done, as a count or a share of the fleet, so waves only grow and the last one takes
-//! every host. A canary host goes first, alone. Also the failure budget (`3` or `10%`).
+//! every host. A canary host goes first, alone. Also the failure budget (`3` or `10%`), what a
+//! release does past it (`OnFailure`), and the `[release]` table of an app spec that gives a
+//! release's defaults (`ReleaseDefaults`).
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::{check_count, check_duration, duration_str};
 
 /// At most this many waves: a plan longer than this is a typing mistake, not a rollout.
 pub const MAX_WAVES: usize = 20;
@@ -63,6 +68,92 @@ impl Default for Budget {
     /// The first failure halts.
     fn default() -> Budget {
         Budget::Hosts(0)
+    }
+}
+
+/// What happens when failures exceed the budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Stop starting hosts; leave the updated ones as they are.
+    Halt,
+    /// Stop, and roll every updated host back to the release it ran before, in parallel.
+    #[default]
+    Revert,
+}
+
+/// At most this long for `min_healthy`, `progress_deadline` and `host_timeout`.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// At most this many hosts deploy at once within a wave.
+pub const MAX_PARALLEL: u64 = 1000;
+
+/// The `[release]` table of an app spec: how a fleet release of the app proceeds unless the
+/// operator says otherwise on the command line.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReleaseDefaults {
+    /// As `--waves`: `1,25%,100%`.
+    pub waves: String,
+    /// Hosts deploying at once within a wave.
+    pub max_parallel: u32,
+    /// How long a deployed host has to stay healthy before it counts as passed.
+    #[serde(with = "duration_str")]
+    pub min_healthy: Duration,
+    /// A wave not passed within this fails.
+    #[serde(with = "duration_str")]
+    pub progress_deadline: Duration,
+    /// How long a host that is down when its wave comes is waited for.
+    #[serde(with = "duration_str")]
+    pub host_timeout: Duration,
+    pub on_failure: OnFailure,
+    /// As `--max-failures`: `0`, `2` or `10%`.
+    pub max_failures: String,
+    /// An offline host is skipped instead of counted as a failure.
+    pub skip_offline: bool,
+}
+
+impl Default for ReleaseDefaults {
+    fn default() -> ReleaseDefaults {
+        ReleaseDefaults {
+            waves: "100%".into(),
+            max_parallel: 1,
+            min_healthy: Duration::from_secs(10),
+            progress_deadline: Duration::from_secs(600),
+            host_timeout: Duration::from_secs(300),
+            on_failure: OnFailure::Revert,
+            max_failures: "0".into(),
+            skip_offline: false,
+        }
+    }
+}
+
+impl ReleaseDefaults {
+    /// The first key that is wrong (without the `release.` prefix) and why, or None.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        if let Err(e) = parse_waves(&self.waves) {
+            return Some(("waves", e.to_string()));
+        }
+        if let Err(e) = parse_budget(&self.max_failures) {
+            return Some(("max_failures", e.to_string()));
+        }
+        if let Err(e) = check_count(self.max_parallel.into(), 1, MAX_PARALLEL) {
+            return Some(("max_parallel", e.to_string()));
+        }
+        let waits = [
+            ("min_healthy", self.min_healthy, Duration::ZERO),
+            (
+                "progress_deadline",
+                self.progress_deadline,
+                Duration::from_secs(1),
+            ),
+            ("host_timeout", self.host_timeout, Duration::ZERO),
+        ];
+        for (key, value, min) in waits {
+            if let Err(e) = check_duration(value, min, MAX_WAIT) {
+                return Some((key, e.to_string()));
+            }
+        }
+        None
     }
 }
 
