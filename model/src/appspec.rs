@@ -796,25 +796,9 @@ impl AppSpec {
             limits::MAX_P95,
         )?;
         if let Some((key, message)) = self.release.problem() {
-            return Err(ConfigError::Invalid {
-                path: source.to_string(),
-                key: release_key(key),
-                message,
-            });
+            return Err(bad(key, message));
         }
         Ok(())
-    }
-}
-
-/// `release.KEY` for a key of the `[release]` table.
-fn release_key(key: &str) -> &'static str {
-    match key {
-        "waves" => "release.waves",
-        "max_failures" => "release.max_failures",
-        "max_parallel" => "release.max_parallel",
-        "min_healthy" => "release.min_healthy",
-        "progress_deadline" => "release.progress_deadline",
-        _ => "release.host_timeout",
     }
 }
 

@@ -128,25 +128,25 @@ impl Default for ReleaseDefaults {
 }
 
 impl ReleaseDefaults {
-    /// The first key that is wrong (without the `release.` prefix) and why, or None.
+    /// The first key of the `[release]` table that is wrong (`release.KEY`) and why, or None.
     pub fn problem(&self) -> Option<(&'static str, String)> {
         if let Err(e) = parse_waves(&self.waves) {
-            return Some(("waves", e.to_string()));
+            return Some(("release.waves", e.to_string()));
         }
         if let Err(e) = parse_budget(&self.max_failures) {
-            return Some(("max_failures", e.to_string()));
+            return Some(("release.max_failures", e.to_string()));
         }
         if let Err(e) = check_count(self.max_parallel.into(), 1, MAX_PARALLEL) {
-            return Some(("max_parallel", e.to_string()));
+            return Some(("release.max_parallel", e.to_string()));
         }
         let waits = [
-            ("min_healthy", self.min_healthy, Duration::ZERO),
+            ("release.min_healthy", self.min_healthy, Duration::ZERO),
             (
-                "progress_deadline",
+                "release.progress_deadline",
                 self.progress_deadline,
                 Duration::from_secs(1),
             ),
-            ("host_timeout", self.host_timeout, Duration::ZERO),
+            ("release.host_timeout", self.host_timeout, Duration::ZERO),
         ];
         for (key, value, min) in waits {
             if let Err(e) = check_duration(value, min, MAX_WAIT) {
