@@ -83,6 +83,9 @@ pub struct JobRecord {
     pub spec_revision: u64,
     pub skip_backup: bool,
     pub wait_lock: bool,
+    /// Deploy: skip the spec's migration (a fleet release runs it on its first host only).
+    #[serde(default)]
+    pub skip_migration: bool,
     pub requested_by: String,
     pub accepted_unix_ms: i64,
     /// The step started last.
@@ -131,6 +134,7 @@ impl JobRecord {
             spec_revision: 0,
             skip_backup: false,
             wait_lock: false,
+            skip_migration: false,
             requested_by: by.to_string(),
             accepted_unix_ms: now_ms,
             step: String::new(),
@@ -669,6 +673,7 @@ mod tests {
             spec_revision: 1,
             skip_backup: false,
             wait_lock: false,
+            skip_migration: false,
             requested_by: "alice".into(),
             accepted_unix_ms: n as i64,
             step: String::new(),

@@ -18,12 +18,13 @@ use commands::backup_target::BackupTargetCommand;
 use commands::deploy::{DeployArgs, RollbackArgs};
 use commands::hosts::HostCommand;
 use commands::operator::OperatorCommand;
+use commands::release::ReleaseArgs;
 use commands::restore::RestoreArgs;
 use commands::schedule::ScheduleCommand;
 use commands::token::TokenCommand;
 use commands::verify::VerifyArgs;
 use commands::{Ctx, alerts, app, backup, backup_target, deploy, hosts, jobs, operator, restore};
-use commands::{schedule, token, verify, whoami};
+use commands::{release, schedule, token, verify, whoami};
 use render::Format;
 
 /// Exit codes (also in README.md). Following sysexits.h where one fits.
@@ -133,6 +134,9 @@ pub enum Command {
     Deploy(DeployArgs),
     /// Go back to APP's previous release (or --to VERSION) where it is live.
     Rollback(RollbackArgs),
+    /// Release VERSION of APP to many hosts in waves gated on health, halted and reverted
+    /// past a failure budget; or `release status|list|pause|resume|abort`.
+    Release(ReleaseArgs),
     /// Follow a job until it ends (its events so far, then live); exit code as for deploy.
     Watch { job: String },
     /// Stop a running job at its next safe point on each host (admin). A deploy before the
@@ -233,6 +237,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::App(command) => app::run(ctx, command).await,
         Command::Deploy(args) => deploy::deploy(ctx, args).await,
         Command::Rollback(args) => deploy::rollback(ctx, args).await,
+        Command::Release(args) => release::run(ctx, args).await,
         Command::Releases { app, host } => deploy::releases(ctx, app, host).await,
         Command::Jobs { app, limit } => jobs::list(ctx, app, limit).await,
         Command::Watch { job } => jobs::watch(ctx, job).await,

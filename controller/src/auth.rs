@@ -291,6 +291,22 @@ pub const RPCS: &[(&str, Access)] = &[
         "/drover.v1.OperatorService/ListAlerts",
         Only(Need::OperatorRead),
     ),
+    (
+        "/drover.v1.OperatorService/StartRelease",
+        Only(Need::OperatorAdmin),
+    ),
+    (
+        "/drover.v1.OperatorService/GetRelease",
+        Only(Need::OperatorRead),
+    ),
+    (
+        "/drover.v1.OperatorService/ListFleetReleases",
+        Only(Need::OperatorRead),
+    ),
+    (
+        "/drover.v1.OperatorService/ControlRelease",
+        Only(Need::OperatorAdmin),
+    ),
 ];
 
 /// The table's entry for `path`.

@@ -438,3 +438,121 @@ pub fn prune_line_to_proto(
         reasons: line.reasons,
     }
 }
+
+/// A fleet release to its wire form; `live` gives the version live on a host now.
+pub fn fleet_release_to_proto(
+    f: &crate::release::record::FleetRelease,
+    live: impl Fn(&str) -> String,
+    dry_run: bool,
+) -> v1::FleetReleaseInfo {
+    use crate::release::engine::{HostPhase, OnFailure, Phase};
+    use drover_model::waves::Budget;
+    let r = &f.release;
+    let (wave, deadline, why) = match &r.phase {
+        Phase::Running { wave, deadline_ms } => (*wave, *deadline_ms, String::new()),
+        Phase::Paused { wave, .. } => (*wave, 0, String::new()),
+        Phase::Reverting { why } | Phase::Halted { why } | Phase::Reverted { why } => {
+            (r.waves.saturating_sub(1), 0, why.clone())
+        }
+        Phase::Succeeded => (r.waves.saturating_sub(1), 0, String::new()),
+    };
+    // A halted release stopped in the wave of its furthest host that moved.
+    let wave = match &r.phase {
+        Phase::Reverting { .. } | Phase::Halted { .. } | Phase::Reverted { .. } => r
+            .hosts
+            .iter()
+            .filter(|h| !matches!(h.phase, HostPhase::Pending | HostPhase::Skipped { .. }))
+            .map(|h| h.wave)
+            .max()
+            .unwrap_or(0),
+        _ => wave,
+    };
+    let hosts = r
+        .hosts
+        .iter()
+        .map(|h| {
+            let mut out = v1::FleetReleaseHost {
+                host: h.host.clone(),
+                wave: h.wave as u32,
+                state: h.phase.as_str().to_string(),
+                before: h.before.clone(),
+                live_version: live(&h.host),
+                connected: h.connected,
+                migrates: h.migrates,
+                ..Default::default()
+            };
+            match &h.phase {
+                HostPhase::Deploying { job_id, started_ms } => {
+                    out.job_id = job_id.clone();
+                    out.deploy_started_unix_ms = *started_ms;
+                }
+                HostPhase::Reverting { job_id } => out.job_id = job_id.clone(),
+                HostPhase::Settling {
+                    deployed_ms,
+                    healthy_since_ms,
+                } => {
+                    out.deployed_unix_ms = *deployed_ms;
+                    out.healthy_since_unix_ms = healthy_since_ms.unwrap_or(0);
+                }
+                HostPhase::Passed { at_ms } => out.passed_unix_ms = *at_ms,
+                HostPhase::Failed { why }
+                | HostPhase::Unhealthy { why }
+                | HostPhase::Skipped { why }
+                | HostPhase::RevertFailed { why } => out.why = why.clone(),
+                HostPhase::Offline { .. } => {
+                    out.why = "not connected when its wave came, for host_timeout".into()
+                }
+                _ => {}
+            }
+            out
+        })
+        .collect();
+    let p = &r.policy;
+    v1::FleetReleaseInfo {
+        id: r.id.clone(),
+        app: f.app.clone(),
+        version: r.version.clone(),
+        state: r.phase.as_str().to_string(),
+        why,
+        wave: wave as u32,
+        waves: r.waves as u32,
+        deadline_unix_ms: deadline,
+        requested_by: f.requested_by.clone(),
+        created_unix_ms: f.created_unix_ms,
+        finished_unix_ms: f.finished_unix_ms,
+        migration_host: r
+            .hosts
+            .iter()
+            .find(|h| h.migrates)
+            .map(|h| h.host.clone())
+            .unwrap_or_default(),
+        migration_ran: r.migration_ran,
+        hosts,
+        history: f
+            .history
+            .iter()
+            .map(|e| v1::ReleaseHistoryEntry {
+                at_unix_ms: e.at_unix_ms,
+                by: e.by.clone(),
+                what: e.what.clone(),
+            })
+            .collect(),
+        waves_text: f.waves_text.clone(),
+        canary: f.canary.clone(),
+        max_parallel: p.max_parallel,
+        min_healthy_ms: p.min_healthy_ms,
+        progress_deadline_ms: p.progress_deadline_ms,
+        host_timeout_ms: p.host_timeout_ms,
+        on_failure: match p.on_failure {
+            OnFailure::Halt => "halt",
+            OnFailure::Revert => "revert",
+        }
+        .to_string(),
+        max_failures: match p.max_failures {
+            Budget::Hosts(n) => n.to_string(),
+            Budget::Percent(n) => format!("{n}%"),
+        },
+        skip_offline: p.skip_offline,
+        dry_run,
+    }
+}

@@ -507,6 +507,7 @@ mod tests {
                 wait_lock: false,
                 requested_by: "alice".into(),
                 backup_target_toml: String::new(),
+                skip_migration: false,
             },
             &hosts,
         )

@@ -17,9 +17,9 @@ use drover_model::backup::target::TargetSpec;
 use drover_model::releases;
 use tracing::info;
 
-use crate::jobs::{JobCommand, JobKind, JobRecord, job_id};
+use crate::jobs::{self, JobCommand, JobKind, JobRecord, JobUpdate, job_id};
 use crate::selection::{Candidate, SelectError, require_connected, select_hosts};
-use crate::sessions::send_command;
+use crate::sessions::{send_cancel, send_command};
 use crate::shared::{Shared, now_ms};
 use crate::store::AppRecord;
 
@@ -75,6 +75,8 @@ pub struct DeployArgs {
     pub hosts: Hosts,
     pub skip_backup: bool,
     pub wait_lock: bool,
+    /// Skip the spec's migration (a fleet release's hosts after its first).
+    pub skip_migration: bool,
 }
 
 /// A rollback of `app` to `to_version` (empty: the release live before the current one).
@@ -96,6 +98,16 @@ pub struct RestoreArgs {
     pub to_dir: String,
     pub confirmed: bool,
     pub identity_file: String,
+}
+
+/// What a cancel did: the job after it, and which hosts were told now or will be on their
+/// next session.
+#[derive(Debug, Clone)]
+pub struct CancelOutcome {
+    pub job: JobRecord,
+    pub already_finished: bool,
+    pub told: Vec<String>,
+    pub pending: Vec<String>,
 }
 
 /// Starts jobs for one controller.
@@ -142,12 +154,19 @@ impl Launcher {
             wait_lock: args.wait_lock,
             requested_by: by.to_string(),
             backup_target_toml,
+            skip_migration: args.skip_migration,
         };
         self.start(JobKind::Deploy, command, hosts, id).await
     }
 
-    /// A rollback job; refused unless every chosen host has a release to go back to.
-    pub async fn rollback(&self, args: RollbackArgs, by: &str) -> Result<JobRecord, LaunchError> {
+    /// A rollback job; refused unless every chosen host has a release to go back to. `id`: a
+    /// fleet release's derived job id.
+    pub async fn rollback(
+        &self,
+        args: RollbackArgs,
+        by: &str,
+        id: Option<String>,
+    ) -> Result<JobRecord, LaunchError> {
         let app = self.known_app(&args.app)?;
         let hosts = self.choose_hosts(&app.name, &args.hosts, "rollback")?;
         let to = (!args.to_version.is_empty()).then_some(args.to_version.as_str());
@@ -175,7 +194,7 @@ impl Launcher {
             wait_lock: args.wait_lock,
             requested_by: by.to_string(),
         };
-        self.start(JobKind::Rollback, command, hosts, None).await
+        self.start(JobKind::Rollback, command, hosts, id).await
     }
 
     /// A backup job on `target` (on `host` when given). `trigger`: manual | scheduled.
@@ -425,6 +444,66 @@ impl Launcher {
         Ok(hosts)
     }
 
+    /// The hosts a fleet release of `app` goes to (see `selection`): connected or not (a host
+    /// that is down when its wave comes is waited for), none revoked.
+    pub fn release_hosts(&self, app: &str, hosts: &Hosts) -> Result<Vec<String>, LaunchError> {
+        let (inventory, live_on) = self.inventory(app)?;
+        Ok(select_hosts(
+            &inventory,
+            app,
+            &hosts.names,
+            &hosts.labels,
+            &live_on,
+        )?)
+    }
+
+    /// Records a cancel of job `id` (durable), tells the watchers, then sends `Cancel` to the
+    /// hosts whose part runs; the job's other hosts never get their command.
+    pub async fn cancel(&self, id: &str, by: &str) -> Result<CancelOutcome, LaunchError> {
+        let shared = &self.shared;
+        let now = now_ms();
+        let (job, outcome) = shared
+            .store
+            .update_job(id, |job| jobs::request_cancel(job, by, now))
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                LaunchError::NotFound(format!(
+                    "unknown job {id}; `drover jobs` lists the recent ones"
+                ))
+            })?;
+        let tell = match outcome {
+            jobs::Cancelled::AlreadyFinished(state) => {
+                info!(job = %id, by, state = state.as_str(), "cancel of a finished job: nothing to do");
+                return Ok(CancelOutcome {
+                    job,
+                    already_finished: true,
+                    told: Vec::new(),
+                    pending: Vec::new(),
+                });
+            }
+            jobs::Cancelled::Requested { tell } => tell,
+        };
+        shared.store.flush().await.map_err(store_error)?;
+        let _ = shared
+            .job_updates
+            .send(JobUpdate::Job(Box::new(job.clone())));
+        let (mut told, mut pending) = (Vec::new(), Vec::new());
+        for host in tell {
+            if send_cancel(shared, &job, &host) {
+                told.push(host);
+            } else {
+                pending.push(host);
+            }
+        }
+        info!(job = %id, by, told = ?told, pending = ?pending, "job cancel requested");
+        Ok(CancelOutcome {
+            job,
+            already_finished: false,
+            told,
+            pending,
+        })
+    }
+
     /// The hosts a job on `app` runs on (see `selection`), each with its agent connected now.
     fn choose_hosts(
         &self,
@@ -432,6 +511,12 @@ impl Launcher {
         hosts: &Hosts,
         what: &'static str,
     ) -> Result<Vec<String>, LaunchError> {
+        let (_, live_on) = self.inventory(app)?;
+        self.choose_among(app, &hosts.names, &hosts.labels, &live_on, what)
+    }
+
+    /// Every host as a selection candidate, and the hosts where `app` is live.
+    fn inventory(&self, app: &str) -> Result<(Vec<Candidate>, Vec<String>), LaunchError> {
         let live_on: Vec<String> = self
             .shared
             .store
@@ -441,19 +526,10 @@ impl Launcher {
             .filter(|(_, table)| releases::live(table).is_some())
             .map(|(host, _)| host)
             .collect();
-        self.choose_among(app, &hosts.names, &hosts.labels, &live_on, what)
+        Ok((self.candidates()?, live_on))
     }
 
-    /// The hosts a job on `subject` runs on: by name, by labels, else those in `live_on`, else
-    /// the only host; each with its agent connected now.
-    fn choose_among(
-        &self,
-        subject: &str,
-        names: &[String],
-        labels: &BTreeMap<String, String>,
-        live_on: &[String],
-        what: &'static str,
-    ) -> Result<Vec<String>, LaunchError> {
+    fn candidates(&self) -> Result<Vec<Candidate>, LaunchError> {
         let now = now_ms();
         let mut inventory = Vec::new();
         for h in self.shared.store.hosts().map_err(store_error)? {
@@ -467,8 +543,22 @@ impl Launcher {
                 last_seen_unix_ms: view.last_seen_unix_ms,
             });
         }
+        Ok(inventory)
+    }
+
+    /// The hosts a job on `subject` runs on: by name, by labels, else those in `live_on`, else
+    /// the only host; each with its agent connected now.
+    fn choose_among(
+        &self,
+        subject: &str,
+        names: &[String],
+        labels: &BTreeMap<String, String>,
+        live_on: &[String],
+        what: &'static str,
+    ) -> Result<Vec<String>, LaunchError> {
+        let inventory = self.candidates()?;
         let hosts = select_hosts(&inventory, subject, names, labels, live_on)?;
-        require_connected(&inventory, &hosts, what, now)?;
+        require_connected(&inventory, &hosts, what, now_ms())?;
         Ok(hosts)
     }
 

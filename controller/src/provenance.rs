@@ -322,6 +322,7 @@ mod tests {
                 wait_lock: false,
                 requested_by,
                 backup_target_toml: target_toml,
+                skip_migration: false,
             },
             JobKind::Rollback => JobCommand::Rollback {
                 app: "shop".into(),

@@ -75,6 +75,7 @@ impl Controller {
                 shutdown: CancellationToken::new(),
                 scheduler_lock: Arc::default(),
                 alerting_lock: Arc::default(),
+                release_lock: Arc::default(),
             }),
             server_chain_pem,
             server_key_pem,
@@ -164,6 +165,11 @@ impl Controller {
                 ),
             ));
         }
+        // And the release driver.
+        background.spawn(tracked(
+            self.liveness.part("release driver"),
+            crate::release::driver::Releases::new(shared.clone()).run(shared.shutdown.clone()),
+        ));
         // And the task that keeps the admin bundle valid.
         background.spawn(tracked(
             self.liveness.part("admin bundle renewal"),

@@ -54,6 +54,9 @@ pub struct Shared {
     pub scheduler_lock: Arc<tokio::sync::Mutex<()>>,
     /// Held by an alert tick, likewise.
     pub alerting_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held by whoever steps a fleet release (the driver's tick, an operator's start or
+    /// control), so a release is never stepped from two stored states at once.
+    pub release_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What the controller knows of a host's session now.

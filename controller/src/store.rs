@@ -19,6 +19,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use crate::alerts::AlertRecord;
 pub use crate::jobs::EventRecord;
 use crate::jobs::JobRecord;
+use crate::release::record::FleetRelease;
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &[u8] = b"schema_version";
@@ -300,6 +301,8 @@ pub struct Store {
     schedules: sled::Tree,
     /// alert key → AlertRecord (open and resolved)
     alerts: sled::Tree,
+    /// release id → FleetRelease: fleet releases, running and finished
+    fleet_releases: sled::Tree,
 }
 
 /// A table an event carries, stored with it in one transaction.
@@ -519,6 +522,7 @@ impl Store {
             verifications: db.open_tree("verifications")?,
             schedules: db.open_tree("schedules")?,
             alerts: db.open_tree("alerts")?,
+            fleet_releases: db.open_tree("fleet_releases")?,
             db,
         })
     }
@@ -1094,6 +1098,35 @@ impl Store {
     /// Every host's release table for `app`, by host name.
     pub fn app_releases(&self, app: &str) -> Result<Vec<(String, Vec<Release>)>, StoreError> {
         per_host(&self.releases, app)
+    }
+
+    // --- fleet releases ----------------------------------------------------------------------
+
+    /// Stores a new fleet release; false, storing nothing, if its id is taken. Not yet durable.
+    pub fn create_fleet_release(&self, release: &FleetRelease) -> Result<bool, StoreError> {
+        Ok(self
+            .fleet_releases
+            .compare_and_swap(release.id(), None::<&[u8]>, Some(encode(release)?))?
+            .is_ok())
+    }
+
+    /// Replaces a stored fleet release (the driver's lock serializes its writers). Not yet
+    /// durable: flush before acting on it.
+    pub fn put_fleet_release(&self, release: &FleetRelease) -> Result<(), StoreError> {
+        self.fleet_releases.insert(release.id(), encode(release)?)?;
+        Ok(())
+    }
+
+    pub fn fleet_release(&self, id: &str) -> Result<Option<FleetRelease>, StoreError> {
+        self.fleet_releases.get(id)?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Every fleet release, oldest first (ids sort by creation time).
+    pub fn fleet_releases(&self) -> Result<Vec<FleetRelease>, StoreError> {
+        self.fleet_releases
+            .iter()
+            .map(|item| decode(&item?.1))
+            .collect()
     }
 }
 

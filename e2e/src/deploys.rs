@@ -190,6 +190,7 @@ pub fn deploy_job(
         spec_revision: 1,
         skip_backup: false,
         wait_lock: false,
+        skip_migration: false,
         requested_by: "tester".into(),
         accepted_unix_ms: drover_agent::unix_ms(),
         step: String::new(),

@@ -395,6 +395,8 @@ async fn call_every_rpc(
     call!(out, plan_prune, PlanPruneRequest, false);
     call!(out, list_schedules, ListSchedulesRequest, false);
     call!(out, list_alerts, ListAlertsRequest, false);
+    call!(out, get_release, GetReleaseRequest, false);
+    call!(out, list_fleet_releases, ListFleetReleasesRequest, false);
     // Writes.
     call!(out, revoke_host, RevokeHostRequest, true);
     call!(out, create_token, CreateTokenRequest, true);
@@ -415,6 +417,8 @@ async fn call_every_rpc(
     call!(out, pause_schedule, PauseScheduleRequest, true);
     call!(out, resume_schedule, ResumeScheduleRequest, true);
     call!(out, cancel_job, CancelJobRequest, true);
+    call!(out, start_release, StartReleaseRequest, true);
+    call!(out, control_release, ControlReleaseRequest, true);
     out
 }
 

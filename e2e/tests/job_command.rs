@@ -17,6 +17,7 @@ fn every_kind() -> Vec<JobCommand> {
             wait_lock: true,
             requested_by: s("alice"),
             backup_target_toml: s("name = \"api-db\"\n"),
+            skip_migration: true,
         },
         JobCommand::Rollback {
             app: s("api"),

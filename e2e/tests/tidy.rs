@@ -134,6 +134,7 @@ fn the_wire_types_stay_at_the_edges() {
         "controller/src/operator/access.rs",
         "controller/src/operator/apps.rs",
         "controller/src/operator/backups.rs",
+        "controller/src/operator/fleet.rs",
         "controller/src/operator/hosts.rs",
         "controller/src/operator/jobs.rs",
         "controller/src/operator/schedules.rs",

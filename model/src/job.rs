@@ -55,6 +55,9 @@ pub enum JobCommand {
         /// The spec's `pre_deploy_backup` target (TOML), when it names one.
         #[serde(default)]
         backup_target_toml: String,
+        /// Skip the spec's migration: a fleet release runs it on its first host only.
+        #[serde(default)]
+        skip_migration: bool,
     },
     Rollback {
         app: String,

@@ -19,6 +19,7 @@ pub fn to_proto(job_id: &str, command: &JobCommand) -> v1::Command {
             wait_lock,
             requested_by,
             backup_target_toml,
+            skip_migration,
         } => Job::Deploy(v1::DeployCommand {
             app: app.clone(),
             version: version.clone(),
@@ -28,6 +29,7 @@ pub fn to_proto(job_id: &str, command: &JobCommand) -> v1::Command {
             wait_lock: *wait_lock,
             requested_by: requested_by.clone(),
             backup_target_toml: backup_target_toml.clone(),
+            skip_migration: *skip_migration,
         }),
         JobCommand::Rollback {
             app,
@@ -115,6 +117,7 @@ pub fn from_proto(cmd: &v1::Command) -> Option<JobCommand> {
             wait_lock: d.wait_lock,
             requested_by: d.requested_by.clone(),
             backup_target_toml: d.backup_target_toml.clone(),
+            skip_migration: d.skip_migration,
         },
         Job::Rollback(r) => JobCommand::Rollback {
             app: r.app.clone(),

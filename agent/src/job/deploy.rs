@@ -281,6 +281,13 @@ async fn deploy_steps(
         report
             .step_skipped("migrate", "the spec has no migration command")
             .await;
+    } else if job.skip_migration {
+        report
+            .step_skipped(
+                "migrate",
+                "the release runs its migration on its first host only",
+            )
+            .await;
     } else {
         let since = begin(
             ctx,

@@ -55,6 +55,7 @@ pub fn record_of(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
         spec_revision: 0,
         skip_backup: false,
         wait_lock: false,
+        skip_migration: false,
         requested_by: command.requested_by().to_string(),
         accepted_unix_ms: now_ms,
         step: String::new(),
@@ -71,12 +72,14 @@ pub fn record_of(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
             skip_backup,
             wait_lock,
             backup_target_toml,
+            skip_migration,
             ..
         } => JobRecord {
             spec_toml,
             spec_revision,
             skip_backup,
             wait_lock,
+            skip_migration,
             backup: (!backup_target_toml.is_empty()).then(|| BackupJob {
                 target_toml: backup_target_toml,
                 trigger: "pre_deploy".into(),

@@ -10,6 +10,7 @@ pub mod deploy;
 pub mod hosts;
 pub mod jobs;
 pub mod operator;
+pub mod release;
 pub mod restore;
 pub mod schedule;
 pub mod token;

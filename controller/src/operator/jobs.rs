@@ -10,14 +10,12 @@ use drover_proto::v1;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::info;
 
 use crate::auth::{authorize, operator_name};
 use crate::convert;
 use crate::jobs::{self, JobRecord, JobUpdate};
-use crate::launch::{DeployArgs, Hosts, RollbackArgs};
-use crate::sessions::send_cancel;
-use crate::shared::{Shared, now_ms};
+use crate::launch::{DeployArgs, Hosts, Launcher, RollbackArgs};
+use crate::shared::Shared;
 use crate::store::{EventRecord, ScheduleKind, ScheduleRecord};
 
 use super::WatchJobStream;
@@ -61,6 +59,7 @@ impl OperatorApi {
             },
             skip_backup: req.skip_backup,
             wait_lock: req.wait_lock,
+            skip_migration: false,
         };
         let job = self.launcher().deploy(args, &by, None).await?;
         Ok(Response::new(convert::job_to_proto(&job)))
@@ -83,7 +82,7 @@ impl OperatorApi {
         };
         let job = self
             .launcher()
-            .rollback(args, &operator_name(&caller))
+            .rollback(args, &operator_name(&caller), None)
             .await?;
         Ok(Response::new(convert::job_to_proto(&job)))
     }
@@ -199,52 +198,18 @@ impl OperatorApi {
     }
 }
 
-/// Records a cancel (durable), tells the watchers, then sends `Cancel` to the hosts whose part
-/// runs; the rest of the job's hosts never get their command.
+/// Cancels a job through `launch` and answers with what was done.
 pub(super) async fn cancel_job(
     shared: Arc<Shared>,
     id: &str,
     by: &str,
 ) -> Result<v1::CancelJobResponse, Status> {
-    let now = now_ms();
-    let (job, outcome) = shared
-        .store
-        .update_job(id, |job| jobs::request_cancel(job, by, now))
-        .map_err(internal)?
-        .ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown job {id}; `drover jobs` lists the recent ones"
-            ))
-        })?;
-    let tell = match outcome {
-        jobs::Cancelled::AlreadyFinished(state) => {
-            info!(job = %id, by, state = state.as_str(), "cancel of a finished job: nothing to do");
-            return Ok(v1::CancelJobResponse {
-                job: Some(convert::job_to_proto(&job)),
-                already_finished: true,
-                ..Default::default()
-            });
-        }
-        jobs::Cancelled::Requested { tell } => tell,
-    };
-    shared.store.flush().await.map_err(internal)?;
-    let _ = shared
-        .job_updates
-        .send(JobUpdate::Job(Box::new(job.clone())));
-    let (mut told, mut pending) = (Vec::new(), Vec::new());
-    for host in tell {
-        if send_cancel(&shared, &job, &host) {
-            told.push(host);
-        } else {
-            pending.push(host);
-        }
-    }
-    info!(job = %id, by, told = ?told, pending = ?pending, "job cancel requested");
+    let outcome = Launcher::new(shared).cancel(id, by).await?;
     Ok(v1::CancelJobResponse {
-        job: Some(convert::job_to_proto(&job)),
-        already_finished: false,
-        hosts_told: told,
-        hosts_pending: pending,
+        job: Some(convert::job_to_proto(&outcome.job)),
+        already_finished: outcome.already_finished,
+        hosts_told: outcome.told,
+        hosts_pending: outcome.pending,
     })
 }
 

@@ -1,5 +1,5 @@
 //! OperatorService: what the `drover` CLI calls, its handlers grouped by noun (`jobs`,
-//! `backups`, `apps`, `hosts`, `access`, `schedules`) behind one RPC table here. Who may call
+//! `backups`, `apps`, `hosts`, `access`, `schedules`, `fleet`) behind one RPC table here. Who may call
 //! each RPC is `auth::RPCS` (reads need any operator certificate, changes the admin role).
 //! Jobs start through `launch`, as the scheduler's do; a `LaunchError` becomes a status here,
 //! in one place.
@@ -7,6 +7,7 @@
 mod access;
 mod apps;
 mod backups;
+mod fleet;
 mod hosts;
 mod jobs;
 mod schedules;
@@ -349,5 +350,33 @@ impl v1::operator_service_server::OperatorService for OperatorApi {
         request: Request<v1::ListEventsRequest>,
     ) -> Result<Response<v1::ListEventsResponse>, Status> {
         OperatorApi::list_events(self, request).await
+    }
+
+    async fn start_release(
+        &self,
+        request: Request<v1::StartReleaseRequest>,
+    ) -> Result<Response<v1::FleetReleaseInfo>, Status> {
+        OperatorApi::start_release(self, request).await
+    }
+
+    async fn get_release(
+        &self,
+        request: Request<v1::GetReleaseRequest>,
+    ) -> Result<Response<v1::FleetReleaseInfo>, Status> {
+        OperatorApi::get_release(self, request).await
+    }
+
+    async fn list_fleet_releases(
+        &self,
+        request: Request<v1::ListFleetReleasesRequest>,
+    ) -> Result<Response<v1::ListFleetReleasesResponse>, Status> {
+        OperatorApi::list_fleet_releases(self, request).await
+    }
+
+    async fn control_release(
+        &self,
+        request: Request<v1::ControlReleaseRequest>,
+    ) -> Result<Response<v1::FleetReleaseInfo>, Status> {
+        OperatorApi::control_release(self, request).await
     }
 }

@@ -514,6 +514,10 @@ fn run_wave(
                     h.phase = HostPhase::Offline { at_ms: now_ms };
                 }
             }
+            // Went away while queued: it waits for its agent again.
+            HostPhase::Queued if !h.connected => {
+                h.phase = HostPhase::WaitingOnline { since_ms: now_ms };
+            }
             _ => {}
         }
     }
@@ -977,6 +981,29 @@ mod tests {
         run.at(71 * S, Input::Tick);
         assert_eq!(run.r.phase, Phase::Succeeded);
         assert_eq!(run.host("c").phase.as_str(), "offline");
+
+        // Queued behind another host, then gone: it waits for its agent again, and is not
+        // sent a deploy it cannot receive.
+        let one = Policy {
+            max_parallel: 1,
+            ..policy()
+        };
+        let mut run = Run::new(release(&[&["a"], &["b", "c"]], one, &[]));
+        run.ended(S, "a", true);
+        assert_eq!(deploys(&run.at(11 * S, Input::Tick)), ["b"]);
+        assert_eq!(run.host("c").phase.as_str(), "queued");
+        let gone = Input::Connected {
+            host: "c".into(),
+            up: false,
+        };
+        run.at(12 * S, gone);
+        assert_eq!(run.host("c").phase.as_str(), "waiting_online");
+        assert!(deploys(&run.ended(13 * S, "b", true)).is_empty());
+        let back = Input::Connected {
+            host: "c".into(),
+            up: true,
+        };
+        assert_eq!(deploys(&run.at(14 * S, back)), ["c"]);
     }
 
     #[test]

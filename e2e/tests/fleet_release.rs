@@ -1,0 +1,535 @@
+//! Fleet releases on the controller's side, over real mTLS: a real controller driving a
+//! release across scripted agent sessions (real enrolled agent certificates) that receive the
+//! deploy and rollback commands and answer with job events. Proves waves gated on
+//! `min_healthy` (the next wave's commands come only after), the migration on the first host
+//! only, a failure past the budget reverting every updated host at once, halt without revert,
+//! pause, resume and abort recorded with who did them, an offline host timing out, and a
+//! controller restart mid-release that resumes it with no host deployed twice; and the real
+//! `drover release` command's plan, status and exit codes.
+
+use std::time::Duration;
+
+use drover_e2e::{
+    ScriptedAgent, TestController, drover_cli, eventually, fast_controller_config, init,
+};
+use drover_identity::files::Bundle;
+use drover_model::jobevent::{JobResult, Release, ReleaseState};
+use drover_proto::v1;
+
+const APP: &str = "api";
+
+struct Fleet {
+    controller: TestController,
+    addr: String,
+    bundles: Vec<(String, Bundle)>,
+    tmp: tempfile::TempDir,
+}
+
+fn live(version: &str) -> Release {
+    release(version, ReleaseState::Live)
+}
+
+fn release(version: &str, state: ReleaseState) -> Release {
+    Release {
+        id: format!("r-{version}"),
+        app: APP.into(),
+        version: version.into(),
+        image: format!("ghcr.example/acme/api:{version}"),
+        image_id: format!("sha256:{version}0123456789abcdef"),
+        job_id: format!("deploy-{version}"),
+        requested_by: "alice".into(),
+        started_unix_ms: 1_000,
+        finished_unix_ms: 2_000,
+        result: Some(JobResult::Succeeded),
+        state,
+        spec_toml: String::new(),
+        containers: Default::default(),
+    }
+}
+
+impl Fleet {
+    async fn start(hosts: &[&str]) -> Fleet {
+        init();
+        let tmp = tempfile::tempdir().unwrap();
+        let controller =
+            TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+        let addr = controller.addr.to_string();
+        controller.apply_example_app().await;
+        controller
+            .admin()
+            .apply_backup_target(v1::ApplyBackupTargetRequest {
+                target_toml:
+                    "name = \"api-db\"\n[postgres]\ncontainer = \"api-db\"\ndatabases = [\"api\"]\n"
+                        .into(),
+                source: "api-db.toml".into(),
+            })
+            .await
+            .unwrap();
+        let mut bundles = Vec::new();
+        for host in hosts {
+            let dir = tmp.path().join(host);
+            let bundle = ScriptedAgent::enroll(&controller, host, &[("role", "web")], &dir).await;
+            bundles.push((host.to_string(), bundle));
+        }
+        Fleet {
+            controller,
+            addr,
+            bundles,
+            tmp,
+        }
+    }
+
+    /// Connects `host`, which reports `v1` live.
+    async fn connect(&self, host: &str) -> ScriptedAgent {
+        let bundle = &self.bundles.iter().find(|(h, _)| h == host).unwrap().1;
+        let mut agent = ScriptedAgent::connect(&self.addr, bundle, host).await;
+        agent.send_releases(APP, &[live("v1.0.0")]).await;
+        agent
+    }
+
+    async fn start_release(&self, req: v1::StartReleaseRequest) -> v1::FleetReleaseInfo {
+        self.controller
+            .admin()
+            .start_release(v1::StartReleaseRequest {
+                app: APP.into(),
+                version: "v2.0.0".into(),
+                skip_backup: true,
+                ..req
+            })
+            .await
+            .expect("start release")
+            .into_inner()
+    }
+
+    async fn get(&self, id: &str) -> v1::FleetReleaseInfo {
+        self.controller
+            .admin()
+            .get_release(v1::GetReleaseRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn control(&self, id: &str, control: v1::ReleaseControl) -> v1::FleetReleaseInfo {
+        self.controller
+            .admin()
+            .control_release(v1::ControlReleaseRequest {
+                id: id.into(),
+                control: control as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn wait_state(&self, id: &str, state: &str) -> v1::FleetReleaseInfo {
+        eventually(
+            &format!("release {id} {state}"),
+            Duration::from_secs(20),
+            || async {
+                let r = self.get(id).await;
+                (r.state == state).then_some(r)
+            },
+        )
+        .await
+    }
+
+    /// Runs the real `drover` as the admin, off the runtime's threads.
+    async fn drover(&self, args: &[&str]) -> (i32, String, String) {
+        let (addr, dir) = (self.addr.clone(), self.controller.admin_dir());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            drover_cli(&addr, &dir, &args)
+        })
+        .await
+        .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+fn host<'a>(r: &'a v1::FleetReleaseInfo, name: &str) -> &'a v1::FleetReleaseHost {
+    r.hosts.iter().find(|h| h.host == name).unwrap()
+}
+
+fn states(r: &v1::FleetReleaseInfo) -> Vec<(String, String)> {
+    r.hosts
+        .iter()
+        .map(|h| (h.host.clone(), h.state.clone()))
+        .collect()
+}
+
+/// The deploy the controller sends next: (job id, skip_migration).
+async fn next_deploy(agent: &mut ScriptedAgent) -> (String, bool) {
+    let cmd = agent.next_command().await;
+    let Some(v1::command::Job::Deploy(d)) = cmd.job else {
+        panic!("{}: expected a deploy, got {cmd:?}", agent.host);
+    };
+    assert_eq!(d.version, "v2.0.0");
+    (cmd.job_id, d.skip_migration)
+}
+
+async fn next_rollback(agent: &mut ScriptedAgent) -> (String, String) {
+    let cmd = agent.next_command().await;
+    let Some(v1::command::Job::Rollback(r)) = cmd.job else {
+        panic!("{}: expected a rollback, got {cmd:?}", agent.host);
+    };
+    (cmd.job_id, r.to_version)
+}
+
+/// Ends deploy `job` well, as an agent does: its new release table (v2 live, v1 kept), then
+/// `job.finished`.
+async fn deployed(agent: &mut ScriptedAgent, job: &str) {
+    let table = [
+        release("v1.0.0", ReleaseState::Kept),
+        release("v2.0.0", ReleaseState::Live),
+    ];
+    agent.send_releases(APP, &table).await;
+    agent.finish_job(job, "succeeded").await;
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_wait_for_min_healthy_and_the_migration_runs_on_the_first_host_only() {
+    let fleet = Fleet::start(&["web-1", "web-2", "web-3"]).await;
+    let mut a = fleet.connect("web-1").await;
+    let mut b = fleet.connect("web-2").await;
+    let mut c = fleet.connect("web-3").await;
+
+    // The plan first: `--dry-run` stores and sends nothing.
+    let (code, out, err) = fleet
+        .drover(&[
+            "release",
+            APP,
+            "v2.0.0",
+            "--waves",
+            "1,100%",
+            "--dry-run",
+            "--skip-backup",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("wave 1: 1 host(s): web-1"), "{out}");
+    assert!(out.contains("wave 2: 2 host(s): web-2, web-3"), "{out}");
+    assert!(
+        out.contains("migration (if any) runs on web-1 only"),
+        "{out}"
+    );
+    a.assert_no_command().await;
+
+    let min_healthy = Duration::from_secs(2);
+    let r = fleet
+        .start_release(v1::StartReleaseRequest {
+            waves: "1,100%".into(),
+            max_parallel: 2,
+            min_healthy_ms: ms(min_healthy),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.state, "running");
+    assert_eq!(r.migration_host, "web-1");
+    assert_eq!(host(&r, "web-1").before, "v1.0.0");
+
+    // Wave 1: web-1 alone, with the migration.
+    let (job_a, skip) = next_deploy(&mut a).await;
+    assert!(!skip, "the first host runs the migration");
+    assert_eq!(job_a, format!("{}-d0", r.id));
+    b.assert_no_command().await;
+    c.assert_no_command().await;
+    a.finish_job(&job_a, "succeeded").await;
+    let finished_at = std::time::Instant::now();
+
+    // Wave 2 waits for min_healthy after web-1's deploy ended, then both go at once.
+    let (job_b, skip_b) = next_deploy(&mut b).await;
+    let waited = finished_at.elapsed();
+    let (job_c, skip_c) = next_deploy(&mut c).await;
+    assert!(
+        waited >= min_healthy - Duration::from_millis(300),
+        "wave 2 started {waited:?} after wave 1's deploy ended, before min_healthy"
+    );
+    assert!(skip_b && skip_c, "only the first host runs the migration");
+    let mid = fleet.get(&r.id).await;
+    assert_eq!(host(&mid, "web-1").state, "passed");
+    assert!(mid.migration_ran);
+    b.finish_job(&job_b, "succeeded").await;
+    c.finish_job(&job_c, "succeeded").await;
+
+    let done = fleet.wait_state(&r.id, "succeeded").await;
+    assert!(done.finished_unix_ms > 0);
+    let history: Vec<&str> = done.history.iter().map(|e| e.what.as_str()).collect();
+    assert!(history.contains(&"wave 1 of 2 passed"), "{history:?}");
+    assert!(
+        history.contains(&"succeeded: every wave passed"),
+        "{history:?}"
+    );
+    assert_eq!(done.history[0].by, "admin");
+
+    // The CLI shows it, in text and as JSON; list has it.
+    let (code, out, err) = fleet.drover(&["release", "status", &r.id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("succeeded"), "{out}");
+    let (code, out, err) = fleet.drover(&["--json", "release", "list", APP]).await;
+    assert_eq!(code, 0, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["id"], r.id.as_str());
+    assert_eq!(list[0]["migration_ran"], true);
+    assert_eq!(list[0]["hosts"].as_array().unwrap().len(), 3);
+
+    // One release of an app at a time... and a finished one does not block the next.
+    let next = fleet
+        .start_release(v1::StartReleaseRequest::default())
+        .await;
+    let refused = fleet
+        .controller
+        .admin()
+        .start_release(v1::StartReleaseRequest {
+            app: APP.into(),
+            version: "v3.0.0".into(),
+            skip_backup: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains(&next.id), "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_past_the_budget_reverts_every_updated_host_at_once() {
+    let fleet = Fleet::start(&["web-1", "web-2", "web-3", "web-4"]).await;
+    let mut agents = Vec::new();
+    for h in ["web-1", "web-2", "web-3", "web-4"] {
+        agents.push(fleet.connect(h).await);
+    }
+    let r = fleet
+        .start_release(v1::StartReleaseRequest {
+            waves: "1,100%".into(),
+            max_parallel: 3,
+            min_healthy_set: true,
+            ..Default::default()
+        })
+        .await;
+    let (j1, _) = next_deploy(&mut agents[0]).await;
+    deployed(&mut agents[0], &j1).await;
+    // Wave 2, all three at once: web-2 and web-3 succeed, web-4 fails.
+    let (j2, _) = next_deploy(&mut agents[1]).await;
+    let (j3, _) = next_deploy(&mut agents[2]).await;
+    let (j4, _) = next_deploy(&mut agents[3]).await;
+    deployed(&mut agents[1], &j2).await;
+    deployed(&mut agents[2], &j3).await;
+    agents[3].finish_job(&j4, "failed").await;
+
+    // Every updated host gets its rollback to v1 at once, before any of them ends.
+    let mut rollbacks = Vec::new();
+    for agent in &mut agents[..3] {
+        let (id, to) = next_rollback(agent).await;
+        assert_eq!(to, "v1.0.0");
+        rollbacks.push(id);
+    }
+    agents[3].assert_no_command().await;
+    let reverting = fleet.get(&r.id).await;
+    assert_eq!(reverting.state, "reverting");
+    assert_eq!(
+        states(&reverting),
+        [
+            ("web-1".into(), "reverting".into()),
+            ("web-2".into(), "reverting".into()),
+            ("web-3".into(), "reverting".into()),
+            ("web-4".into(), "failed".into()),
+        ]
+    );
+    for (agent, id) in agents.iter_mut().zip(&rollbacks) {
+        agent.finish_job(id, "succeeded").await;
+    }
+    let done = fleet.wait_state(&r.id, "reverted").await;
+    assert!(done.why.contains("1 host(s) failed"), "{}", done.why);
+    assert_eq!(host(&done, "web-1").state, "reverted");
+
+    // A followed release that reverted exits 3.
+    let (code, _, err) = fleet
+        .drover(&["release", "status", "--follow", &r.id])
+        .await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("reverted"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halt_without_revert_pause_resume_and_abort_are_recorded() {
+    let fleet = Fleet::start(&["web-1", "web-2", "web-3"]).await;
+    let mut a = fleet.connect("web-1").await;
+    let mut b = fleet.connect("web-2").await;
+    let mut c = fleet.connect("web-3").await;
+    let r = fleet
+        .start_release(v1::StartReleaseRequest {
+            waves: "1,2,100%".into(),
+            min_healthy_set: true,
+            on_failure: "halt".into(),
+            ..Default::default()
+        })
+        .await;
+    let (j1, _) = next_deploy(&mut a).await;
+    // Paused while web-1 deploys: its deploy ends and settles, nothing new starts.
+    let paused = fleet.control(&r.id, v1::ReleaseControl::Pause).await;
+    assert_eq!(paused.state, "paused");
+    deployed(&mut a, &j1).await;
+    eventually("web-1 passed", Duration::from_secs(10), || async {
+        (host(&fleet.get(&r.id).await, "web-1").state == "passed").then_some(())
+    })
+    .await;
+    b.assert_no_command().await;
+    let resumed = fleet.control(&r.id, v1::ReleaseControl::Resume).await;
+    assert_eq!(resumed.state, "running");
+    let (j2, _) = next_deploy(&mut b).await;
+    // A failure with on_failure = halt: no rollback, web-3 never starts.
+    b.finish_job(&j2, "failed").await;
+    let halted = fleet.wait_state(&r.id, "halted").await;
+    assert_eq!(host(&halted, "web-1").state, "passed");
+    assert_eq!(host(&halted, "web-3").state, "skipped");
+    a.assert_no_command().await;
+    c.assert_no_command().await;
+    // Pausing a halted release is refused; `abort --revert` takes web-1 back.
+    let refused = fleet
+        .controller
+        .admin()
+        .control_release(v1::ControlReleaseRequest {
+            id: r.id.clone(),
+            control: v1::ReleaseControl::Pause as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let (code, _, err) = fleet.drover(&["release", "abort", "--revert", &r.id]).await;
+    assert_eq!(code, 0, "{err}");
+    let (rj, to) = next_rollback(&mut a).await;
+    assert_eq!(to, "v1.0.0");
+    a.finish_job(&rj, "succeeded").await;
+    let done = fleet.wait_state(&r.id, "reverted").await;
+    let by: Vec<(&str, &str)> = done
+        .history
+        .iter()
+        .filter(|e| !e.by.is_empty())
+        .map(|e| (e.by.as_str(), e.what.as_str()))
+        .collect();
+    assert_eq!(
+        by.iter().map(|(_, w)| *w).collect::<Vec<_>>(),
+        [
+            by[0].1,
+            "paused by admin",
+            "resumed by admin",
+            "aborted with revert by admin"
+        ],
+        "{by:?}"
+    );
+    assert!(
+        by[0]
+            .1
+            .starts_with("started: api v2.0.0 to 3 host(s) in 3 wave(s)")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_host_times_out_and_is_skipped_or_counted() {
+    let fleet = Fleet::start(&["web-1", "web-2"]).await;
+    let mut a = fleet.connect("web-1").await;
+    // web-2 connected once (so it has a release table), then went away.
+    fleet.connect("web-2").await.close();
+    let r = fleet
+        .start_release(v1::StartReleaseRequest {
+            min_healthy_set: true,
+            host_timeout_ms: 1_000,
+            skip_offline: true,
+            max_parallel: 2,
+            ..Default::default()
+        })
+        .await;
+    let (j1, _) = next_deploy(&mut a).await;
+    a.finish_job(&j1, "succeeded").await;
+    let done = fleet.wait_state(&r.id, "succeeded").await;
+    assert_eq!(host(&done, "web-2").state, "offline");
+    assert_eq!(host(&done, "web-2").live_version, "v1.0.0");
+    let (code, out, err) = fleet.drover(&["release", "status", &r.id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("v1.0.0 (behind)"), "{out}");
+
+    // Without --skip-offline the offline host is a failure past the budget.
+    let r = fleet
+        .start_release(v1::StartReleaseRequest {
+            min_healthy_set: true,
+            host_timeout_ms: 1_000,
+            on_failure: "halt".into(),
+            ..Default::default()
+        })
+        .await;
+    let (j, _) = next_deploy(&mut a).await;
+    a.finish_job(&j, "succeeded").await;
+    let halted = fleet.wait_state(&r.id, "halted").await;
+    assert!(halted.why.contains("1 host(s) failed"), "{}", halted.why);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restart_mid_release_resumes_it_with_no_host_deployed_twice() {
+    let fleet = Fleet::start(&["web-1", "web-2"]).await;
+    let mut a = fleet.connect("web-1").await;
+    let b = fleet.connect("web-2").await;
+    let r = fleet
+        .start_release(v1::StartReleaseRequest {
+            min_healthy_set: true,
+            ..Default::default()
+        })
+        .await;
+    let (j1, _) = next_deploy(&mut a).await;
+    a.close();
+    b.close();
+    // The controller goes down while web-1's deploy runs.
+    let Fleet {
+        controller,
+        addr,
+        bundles,
+        tmp,
+    } = fleet;
+    let config = drover_controller::ControllerConfig {
+        listen: addr.parse().unwrap(),
+        ..fast_controller_config(&tmp.path().join("ctl"))
+    };
+    controller.stop().await;
+    let controller = TestController::start(config).await;
+    let fleet = Fleet {
+        controller,
+        addr,
+        bundles,
+        tmp,
+    };
+    // web-1's deploy finished meanwhile: its agent's outbox replays the events on its next
+    // session; the command is not sent again once `job.started` is in.
+    let mut a = fleet.connect("web-1").await;
+    // The command comes again until `job.started` (same job id: an agent ignores one it knows).
+    assert_eq!(a.next_command().await.job_id, j1);
+    a.finish_job(&j1, "succeeded").await;
+    let mut b = fleet.connect("web-2").await;
+    let (j2, _) = next_deploy(&mut b).await;
+    assert_eq!(j2, format!("{}-d1", r.id));
+    b.finish_job(&j2, "succeeded").await;
+    fleet.wait_state(&r.id, "succeeded").await;
+    a.assert_no_command().await;
+    let jobs = fleet
+        .controller
+        .admin()
+        .list_jobs(v1::ListJobsRequest {
+            app: APP.into(),
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let mut ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, [j1.as_str(), j2.as_str()], "one deploy per host");
+}
