@@ -74,6 +74,12 @@ pub fn host_json(h: &v1::HostInfo) -> Value {
         "labels": h.labels,
         "enrolled_at": rfc3339_ms(h.enrolled_unix_ms),
         "events_stored": h.acked_seq,
+        "behind": h.behind.iter().map(|b| json!({
+            "app": b.app,
+            "release": b.release_id,
+            "desired_version": b.desired_version,
+            "live_version": b.live_version,
+        })).collect::<Vec<_>>(),
         "checks": checks,
         "docker": report.map(|r| json!({
             "reachable": r.docker_reachable,
@@ -138,11 +144,33 @@ pub fn hosts_table(hosts: &[v1::HostInfo], now_ms: i64) -> String {
             },
         ]);
     }
-    t.to_string()
+    let mut out = t.to_string();
+    for h in hosts {
+        for b in &h.behind {
+            out.push_str(&format!("\n{} is behind: {}", h.name, behind_text(b)));
+        }
+    }
+    out
+}
+
+/// One app a host is behind on, for people.
+pub fn behind_text(b: &v1::BehindRelease) -> String {
+    let live = if b.live_version.is_empty() {
+        "nothing"
+    } else {
+        &b.live_version
+    };
+    format!(
+        "{} runs {live}, release {} put {} (`drover release converge {}`)",
+        b.app, b.release_id, b.desired_version, b.release_id
+    )
 }
 
 pub fn host_detail(h: &v1::HostInfo, now_ms: i64) -> String {
     let mut out = String::new();
+    for b in &h.behind {
+        out.push_str(&format!("behind:        {}\n", behind_text(b)));
+    }
     let labels = h
         .labels
         .iter()
@@ -392,6 +420,7 @@ fn job_duration_ms(j: &v1::JobInfo, now_ms: i64) -> i64 {
 
 pub fn job_json(j: &v1::JobInfo) -> Value {
     json!({
+        "warnings": j.warnings,
         "id": j.id,
         "kind": j.kind,
         "app": j.app,

@@ -263,6 +263,7 @@ pub fn host_to_proto(
         enrolled_unix_ms: h.enrolled_unix_ms,
         acked_seq,
         session_open,
+        behind: Vec::new(),
     }
 }
 
@@ -293,6 +294,7 @@ pub fn job_to_proto(j: &JobRecord) -> v1::JobInfo {
                 code: t.code.clone(),
             })
             .collect(),
+        warnings: Vec::new(),
     }
 }
 

@@ -144,6 +144,9 @@ pub enum WebhookFormat {
 /// How long one webhook request may take, connection included.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Events waiting for delivery at most; beyond, new ones are dropped (and logged).
+pub const EVENTS_BUFFER: usize = 1024;
+
 /// The channel id of `[notify.email]`.
 pub const EMAIL_CHANNEL: &str = "email";
 
@@ -151,6 +154,9 @@ pub const EMAIL_CHANNEL: &str = "email";
 pub enum Status {
     Open,
     Resolved,
+    /// Something happened that needs no resolving (a release started, passed a wave, halted,
+    /// reverted or finished): sent once, best effort.
+    Event,
 }
 
 impl Status {
@@ -158,6 +164,7 @@ impl Status {
         match self {
             Status::Open => "open",
             Status::Resolved => "resolved",
+            Status::Event => "event",
         }
     }
 }
@@ -480,6 +487,7 @@ pub fn email_text(alert: &AlertRecord, status: Status) -> (String, String) {
     let subject = match status {
         Status::Open => format!("[drover] OPEN {}", alert.key),
         Status::Resolved => format!("[drover] RESOLVED {}", alert.key),
+        Status::Event => format!("[drover] {}", alert.message),
     };
     let body = format!(
         "{}\n\nalert: {}\nstatus: {}\nkind: {}\nsubject: {}\nopened at: {}\n",
@@ -515,6 +523,7 @@ pub fn slack_body(alert: &AlertRecord, status: Status) -> serde_json::Value {
             rfc3339(alert.opened_unix_ms)
         ),
         Status::Resolved => format!(":white_check_mark: [drover] resolved: {}", alert.key),
+        Status::Event => format!(":information_source: [drover] {}", alert.message),
     };
     serde_json::json!({ "text": text })
 }
@@ -719,6 +728,30 @@ async fn send_email(
     match tokio::time::timeout(SEND_TIMEOUT * 2, transport.send(message)).await {
         Ok(result) => result.map(|_| ()).map_err(|e| fail(error_chain(&e))),
         Err(_) => Err(fail(format!("no answer within {:?}", SEND_TIMEOUT * 2))),
+    }
+}
+
+/// Sends each event from `events` to every channel, one after another in the order they came
+/// (best effort: a channel that fails is logged, not retried), until `shutdown` or the sender
+/// side is gone.
+pub async fn deliver_events(
+    notifier: Notifier,
+    mut events: tokio::sync::mpsc::Receiver<AlertRecord>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+        };
+        for channel in notifier.channels() {
+            if let Err(e) = notifier.send_to(&channel, &event, Status::Event).await {
+                tracing::warn!(channel = %channel, event = %event.kind, error = %e, "event not delivered");
+            }
+        }
     }
 }
 

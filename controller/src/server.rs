@@ -35,6 +35,8 @@ const JOB_UPDATES_BUFFER: usize = 1024;
 #[derive(Debug)]
 pub struct Controller {
     shared: Arc<Shared>,
+    /// The other end of `Shared::events`, taken by `serve`.
+    events: tokio::sync::mpsc::Receiver<crate::alerts::AlertRecord>,
     server_chain_pem: String,
     server_key_pem: String,
     liveness: drover_daemon::Liveness,
@@ -65,6 +67,7 @@ impl Controller {
         // The server certificate is re-issued at every start and never written to disk.
         let (server_chain_pem, server_key_pem) =
             ca.issue_server(&config.tls_names, Duration::from_secs(365 * 24 * 3600))?;
+        let (events, events_rx) = tokio::sync::mpsc::channel(crate::notify::EVENTS_BUFFER);
         Ok(Controller {
             shared: Arc::new(Shared {
                 config,
@@ -76,7 +79,9 @@ impl Controller {
                 scheduler_lock: Arc::default(),
                 alerting_lock: Arc::default(),
                 release_lock: Arc::default(),
+                events,
             }),
+            events: events_rx,
             server_chain_pem,
             server_key_pem,
             liveness: Default::default(),
@@ -169,6 +174,12 @@ impl Controller {
         background.spawn(tracked(
             self.liveness.part("release driver"),
             crate::release::driver::Releases::new(shared.clone()).run(shared.shutdown.clone()),
+        ));
+        // And the one sender of events to the alert channels.
+        background.spawn(crate::notify::deliver_events(
+            crate::notify::Notifier::new(&shared.config.notify),
+            self.events,
+            shared.shutdown.clone(),
         ));
         // And the task that keeps the admin bundle valid.
         background.spawn(tracked(

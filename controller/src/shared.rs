@@ -54,6 +54,9 @@ pub struct Shared {
     pub scheduler_lock: Arc<tokio::sync::Mutex<()>>,
     /// Held by an alert tick, likewise.
     pub alerting_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Events (release milestones) for the alert channels, delivered in order by one task
+    /// (`notify::deliver_events`); bounded, so a dead channel cannot pile them up.
+    pub events: tokio::sync::mpsc::Sender<crate::alerts::AlertRecord>,
     /// Held by whoever steps a fleet release (the driver's tick, an operator's start or
     /// control), so a release is never stepped from two stored states at once.
     pub release_lock: Arc<tokio::sync::Mutex<()>>,

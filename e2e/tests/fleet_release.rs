@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use drover_controller::config::WebhookConfig;
+use drover_e2e::notify::WebhookReceiver;
 use drover_e2e::{
     ScriptedAgent, TestController, drover_cli, eventually, fast_controller_config, init,
 };
@@ -23,6 +25,19 @@ struct Fleet {
     addr: String,
     bundles: Vec<(String, Bundle)>,
     tmp: tempfile::TempDir,
+    /// The controller's one webhook: release milestones arrive here as events.
+    hook: WebhookReceiver,
+}
+
+/// The test controller's config, its webhook at `hook`.
+fn config(tmp: &std::path::Path, hook: &WebhookReceiver) -> drover_controller::ControllerConfig {
+    let mut config = fast_controller_config(&tmp.join("ctl"));
+    config.notify.webhook = vec![WebhookConfig {
+        name: Some("ops".into()),
+        url: format!("http://{}/ops", hook.addr),
+        ..WebhookConfig::default()
+    }];
+    config
 }
 
 fn live(version: &str) -> Release {
@@ -30,6 +45,8 @@ fn live(version: &str) -> Release {
 }
 
 fn release(version: &str, state: ReleaseState) -> Release {
+    // Newer versions started later (v1.0.0 at 1 s, v2.0.0 at 2 s).
+    let started = 1_000 * i64::from(version.as_bytes()[1] - b'0');
     Release {
         id: format!("r-{version}"),
         app: APP.into(),
@@ -38,8 +55,8 @@ fn release(version: &str, state: ReleaseState) -> Release {
         image_id: format!("sha256:{version}0123456789abcdef"),
         job_id: format!("deploy-{version}"),
         requested_by: "alice".into(),
-        started_unix_ms: 1_000,
-        finished_unix_ms: 2_000,
+        started_unix_ms: started,
+        finished_unix_ms: started + 500,
         result: Some(JobResult::Succeeded),
         state,
         spec_toml: String::new(),
@@ -51,8 +68,8 @@ impl Fleet {
     async fn start(hosts: &[&str]) -> Fleet {
         init();
         let tmp = tempfile::tempdir().unwrap();
-        let controller =
-            TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+        let hook = WebhookReceiver::start_ok().await;
+        let controller = TestController::start(config(tmp.path(), &hook)).await;
         let addr = controller.addr.to_string();
         controller.apply_example_app().await;
         controller
@@ -76,7 +93,28 @@ impl Fleet {
             addr,
             bundles,
             tmp,
+            hook,
         }
+    }
+
+    /// The kinds of the events the webhook got for release `id`, in order.
+    async fn events(&self, id: &str, until: &str) -> Vec<String> {
+        let key = format!("release:{id}");
+        eventually(
+            &format!("event {until} of {id}"),
+            Duration::from_secs(10),
+            || async {
+                let kinds: Vec<String> = self
+                    .hook
+                    .received()
+                    .into_iter()
+                    .filter(|r| r.body["alert"] == key.as_str() && r.body["status"] == "event")
+                    .map(|r| r.body["kind"].as_str().unwrap_or("").to_string())
+                    .collect();
+                kinds.iter().any(|k| k == until).then_some(kinds)
+            },
+        )
+        .await
     }
 
     /// Connects `host`, which reports `v1` live.
@@ -243,7 +281,7 @@ async fn waves_wait_for_min_healthy_and_the_migration_runs_on_the_first_host_onl
     assert_eq!(job_a, format!("{}-d0", r.id));
     b.assert_no_command().await;
     c.assert_no_command().await;
-    a.finish_job(&job_a, "succeeded").await;
+    deployed(&mut a, &job_a).await;
     let finished_at = std::time::Instant::now();
 
     // Wave 2 waits for min_healthy after web-1's deploy ended, then both go at once.
@@ -258,8 +296,8 @@ async fn waves_wait_for_min_healthy_and_the_migration_runs_on_the_first_host_onl
     let mid = fleet.get(&r.id).await;
     assert_eq!(host(&mid, "web-1").state, "passed");
     assert!(mid.migration_ran);
-    b.finish_job(&job_b, "succeeded").await;
-    c.finish_job(&job_c, "succeeded").await;
+    deployed(&mut b, &job_b).await;
+    deployed(&mut c, &job_c).await;
 
     let done = fleet.wait_state(&r.id, "succeeded").await;
     assert!(done.finished_unix_ms > 0);
@@ -270,6 +308,16 @@ async fn waves_wait_for_min_healthy_and_the_migration_runs_on_the_first_host_onl
         "{history:?}"
     );
     assert_eq!(done.history[0].by, "admin");
+    // Each milestone went to the alert channel as an event, not an alert to resolve.
+    assert_eq!(
+        fleet.events(&r.id, "release_succeeded").await,
+        [
+            "release_started",
+            "release_wave_passed",
+            "release_wave_passed",
+            "release_succeeded"
+        ]
+    );
 
     // The CLI shows it, in text and as JSON; list has it.
     let (code, out, err) = fleet.drover(&["release", "status", &r.id]).await;
@@ -281,6 +329,19 @@ async fn waves_wait_for_min_healthy_and_the_migration_runs_on_the_first_host_onl
     assert_eq!(list[0]["id"], r.id.as_str());
     assert_eq!(list[0]["migration_ran"], true);
     assert_eq!(list[0]["hosts"].as_array().unwrap().len(), 3);
+
+    // A rollback past the release whose migration ran says so (and runs no down migration).
+    let (code, _, err) = fleet
+        .drover(&["rollback", APP, "--host", "web-2", "--detach"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "warning: release {} ran the spec's migration for v2.0.0 (on web-1); rolling web-2 back does not undo it",
+            r.id
+        )),
+        "{err}"
+    );
 
     // One release of an app at a time... and a finished one does not block the next.
     let next = fleet
@@ -351,6 +412,18 @@ async fn a_failure_past_the_budget_reverts_every_updated_host_at_once() {
     let done = fleet.wait_state(&r.id, "reverted").await;
     assert!(done.why.contains("1 host(s) failed"), "{}", done.why);
     assert_eq!(host(&done, "web-1").state, "reverted");
+    assert!(
+        done.history.iter().any(|e| e
+            .what
+            .starts_with("the migration ran with this release; reverting does not undo it")),
+        "{:?}",
+        done.history
+    );
+    let events = fleet.events(&r.id, "release_reverted").await;
+    assert_eq!(
+        events[events.len() - 2..],
+        ["release_halted", "release_reverted"]
+    );
 
     // A followed release that reverted exits 3.
     let (code, _, err) = fleet
@@ -450,13 +523,51 @@ async fn an_offline_host_times_out_and_is_skipped_or_counted() {
         })
         .await;
     let (j1, _) = next_deploy(&mut a).await;
-    a.finish_job(&j1, "succeeded").await;
+    deployed(&mut a, &j1).await;
     let done = fleet.wait_state(&r.id, "succeeded").await;
     assert_eq!(host(&done, "web-2").state, "offline");
     assert_eq!(host(&done, "web-2").live_version, "v1.0.0");
     let (code, out, err) = fleet.drover(&["release", "status", &r.id]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("v1.0.0 (behind)"), "{out}");
+
+    // Converge while web-2 is away is refused with the reason; once back, `drover hosts`
+    // shows it behind and converge deploys the release's version to it alone.
+    let (code, _, err) = fleet.drover(&["release", "converge", &r.id]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("not connected: web-2"), "{err}");
+    let mut b = fleet.connect("web-2").await;
+    let (code, out, err) = fleet.drover(&["hosts"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "web-2 is behind: api runs v1.0.0, release {} put v2.0.0",
+            r.id
+        )),
+        "{out}"
+    );
+    let (code, out, err) = fleet.drover(&["release", "converge", &r.id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("converge by admin: job "), "{out}");
+    let (job, skip_migration) = next_deploy(&mut b).await;
+    assert!(skip_migration, "the migration ran with the release");
+    deployed(&mut b, &job).await;
+    eventually(
+        "web-2 no longer behind",
+        Duration::from_secs(10),
+        || async {
+            let (_, out, _) = fleet.drover(&["--json", "hosts"]).await;
+            let hosts: serde_json::Value = serde_json::from_str(&out).ok()?;
+            let web2 = hosts
+                .as_array()?
+                .iter()
+                .find(|h| h["name"] == "web-2")?
+                .clone();
+            web2["behind"].as_array()?.is_empty().then_some(())
+        },
+    )
+    .await;
+    b.close();
 
     // Without --skip-offline the offline host is a failure past the budget.
     let r = fleet
@@ -493,10 +604,11 @@ async fn a_controller_restart_mid_release_resumes_it_with_no_host_deployed_twice
         addr,
         bundles,
         tmp,
+        hook,
     } = fleet;
     let config = drover_controller::ControllerConfig {
         listen: addr.parse().unwrap(),
-        ..fast_controller_config(&tmp.path().join("ctl"))
+        ..config(tmp.path(), &hook)
     };
     controller.stop().await;
     let controller = TestController::start(config).await;
@@ -505,6 +617,7 @@ async fn a_controller_restart_mid_release_resumes_it_with_no_host_deployed_twice
         addr,
         bundles,
         tmp,
+        hook,
     };
     // web-1's deploy finished meanwhile: its agent's outbox replays the events on its next
     // session; the command is not sent again once `job.started` is in.

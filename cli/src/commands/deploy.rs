@@ -88,6 +88,11 @@ pub async fn rollback(ctx: &mut Ctx, a: RollbackArgs) -> Result<(), CliError> {
         .await
         .map_err(ctx.err())?
         .into_inner();
+    if ctx.format == crate::render::Format::Text {
+        for warning in &job.warnings {
+            eprintln!("warning: {warning}");
+        }
+    }
     attach(ctx, &job, a.detach).await
 }
 

@@ -97,6 +97,9 @@ pub enum ReleaseCommand {
         #[arg(long)]
         revert: bool,
     },
+    /// Deploy a succeeded release's version to its hosts that are behind (they were offline,
+    /// or changed since), without the migration; the job is in its history (admin).
+    Converge { id: String },
 }
 
 fn ms(d: Option<Duration>) -> u64 {
@@ -128,6 +131,9 @@ pub async fn run(ctx: &mut Ctx, args: ReleaseArgs) -> Result<(), CliError> {
         }
         Some(ReleaseCommand::Pause { id }) => control(ctx, id, v1::ReleaseControl::Pause).await,
         Some(ReleaseCommand::Resume { id }) => control(ctx, id, v1::ReleaseControl::Resume).await,
+        Some(ReleaseCommand::Converge { id }) => {
+            control(ctx, id, v1::ReleaseControl::Converge).await
+        }
         Some(ReleaseCommand::Abort { id, revert }) => {
             let what = if revert {
                 v1::ReleaseControl::AbortRevert

@@ -126,9 +126,10 @@ impl OperatorApi {
             Ok(v1::ReleaseControl::Resume) => Control::Resume,
             Ok(v1::ReleaseControl::Abort) => Control::Abort { revert: false },
             Ok(v1::ReleaseControl::AbortRevert) => Control::Abort { revert: true },
+            Ok(v1::ReleaseControl::Converge) => Control::Converge,
             _ => {
                 return Err(Status::invalid_argument(
-                    "control: pause, resume, abort or abort with revert",
+                    "control: pause, resume, abort, abort with revert or converge",
                 ));
             }
         };

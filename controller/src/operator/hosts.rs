@@ -32,13 +32,14 @@ impl OperatorApi {
         request: Request<v1::ListHostsRequest>,
     ) -> Result<Response<v1::ListHostsResponse>, Status> {
         authorize(&request, &self.shared.store)?;
+        let releases = self.fleet_releases()?;
         let hosts = self
             .shared
             .store
             .hosts()
             .map_err(internal)?
             .iter()
-            .map(|h| self.host_info(h))
+            .map(|h| self.host_info(h, &releases))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(v1::ListHostsResponse { hosts }))
     }
@@ -59,7 +60,9 @@ impl OperatorApi {
                     "unknown host {name}; `drover hosts` lists the enrolled ones"
                 ))
             })?;
-        Ok(Response::new(self.host_info(&host)?))
+        Ok(Response::new(
+            self.host_info(&host, &self.fleet_releases()?)?,
+        ))
     }
 
     pub(super) async fn revoke_host(

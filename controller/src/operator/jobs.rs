@@ -80,11 +80,31 @@ impl OperatorApi {
             },
             wait_lock: req.wait_lock,
         };
+        let app = args.app.clone();
         let job = self
             .launcher()
             .rollback(args, &operator_name(&caller), None)
             .await?;
-        Ok(Response::new(convert::job_to_proto(&job)))
+        // What the hosts run before the rollback (it has not run yet).
+        let mut live = Vec::new();
+        for target in &job.targets {
+            live.push((target.host.clone(), self.live_version(&app, &target.host)?));
+        }
+        let mut info = convert::job_to_proto(&job);
+        let fleet = self.shared.store.fleet_releases().map_err(internal)?;
+        info.warnings
+            .extend(crate::release::record::migration_warning(
+                &fleet, &app, &live,
+            ));
+        Ok(Response::new(info))
+    }
+
+    /// The version live on `host` for `app`, as its agent last reported (empty: none).
+    fn live_version(&self, app: &str, host: &str) -> Result<String, Status> {
+        let table = self.shared.store.releases(app, host).map_err(internal)?;
+        Ok(releases::live(&table)
+            .map(|r| r.version.clone())
+            .unwrap_or_default())
     }
 
     pub(super) async fn list_jobs(

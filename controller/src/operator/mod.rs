@@ -22,8 +22,10 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::jobs::JobRecord;
 use crate::launch::{LaunchError, Launcher};
+use crate::release::record::{self, FleetRelease};
 use crate::shared::{Shared, now_ms};
 use crate::store::HostRecord;
+use drover_model::releases;
 
 #[derive(Debug, Clone)]
 pub struct OperatorApi {
@@ -47,20 +49,40 @@ impl From<LaunchError> for Status {
 }
 
 impl OperatorApi {
-    fn host_info(&self, h: &HostRecord) -> Result<v1::HostInfo, Status> {
+    /// A host's wire form; `releases` (every fleet release, oldest first) say what it is
+    /// behind on.
+    fn host_info(&self, h: &HostRecord, releases: &[FleetRelease]) -> Result<v1::HostInfo, Status> {
         let view = self.shared.host_view(h, now_ms());
-        let acked = self
-            .shared
-            .store
-            .last_event_seq(&h.name)
-            .map_err(internal)?;
-        Ok(convert::host_to_proto(
+        let store = &self.shared.store;
+        let acked = store.last_event_seq(&h.name).map_err(internal)?;
+        let mut info = convert::host_to_proto(
             h,
             view.state.as_str(),
             view.last_seen_unix_ms,
             view.session_open,
             acked,
-        ))
+        );
+        let live = |app: &str| {
+            store
+                .releases(app, &h.name)
+                .ok()
+                .and_then(|t| releases::live(&t).map(|r| r.version.clone()))
+                .unwrap_or_default()
+        };
+        info.behind = record::behind(releases, &h.name, live)
+            .into_iter()
+            .map(|b| v1::BehindRelease {
+                app: b.app,
+                release_id: b.release_id,
+                desired_version: b.desired,
+                live_version: b.live,
+            })
+            .collect();
+        Ok(info)
+    }
+
+    fn fleet_releases(&self) -> Result<Vec<FleetRelease>, Status> {
+        self.shared.store.fleet_releases().map_err(internal)
     }
 
     fn launcher(&self) -> Launcher {

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::engine::{self, Action, HostPhase, Input, Milestone};
 use super::plan;
 use super::record::{self, FleetRelease, Options};
+use crate::alerts::AlertRecord;
 use crate::jobs::JobState;
 use crate::launch::{DeployArgs, Hosts, LaunchError, Launcher, RollbackArgs};
 use crate::shared::{Shared, now_ms};
@@ -42,7 +43,11 @@ pub struct StartArgs {
 pub enum Control {
     Pause,
     Resume,
-    Abort { revert: bool },
+    Abort {
+        revert: bool,
+    },
+    /// Deploy a succeeded release's version to its hosts that are behind.
+    Converge,
 }
 
 fn store_error(err: impl std::fmt::Display) -> LaunchError {
@@ -150,7 +155,11 @@ impl Releases {
     ) -> Result<FleetRelease, LaunchError> {
         let _guard = self.shared.release_lock.lock().await;
         let mut fleet = self.get(id)?;
+        if control == Control::Converge {
+            return self.converge(fleet, by).await;
+        }
         let (input, what) = match control {
+            Control::Converge => unreachable!("handled above"),
             Control::Pause => (Input::Pause, "paused"),
             Control::Resume => (Input::Resume, "resumed"),
             Control::Abort { revert: false } => (Input::Abort { revert: false }, "aborted"),
@@ -160,6 +169,7 @@ impl Releases {
         };
         let phase = fleet.release.phase.as_str();
         let allowed = match control {
+            Control::Converge => false,
             Control::Pause => phase == "running",
             Control::Resume => phase == "paused",
             Control::Abort { revert } => {
@@ -174,6 +184,82 @@ impl Releases {
         fleet.note(now_ms(), by, format!("{what} by {by}"));
         info!(release = %id, by, what, "release control");
         self.advance(fleet, vec![input], Vec::new()).await
+    }
+
+    /// One deploy job of a succeeded release's version to its hosts behind it that are
+    /// connected now (without the migration: it ran with the release), recorded in its
+    /// history. The release's lock is held by the caller.
+    async fn converge(
+        &self,
+        mut fleet: FleetRelease,
+        by: &str,
+    ) -> Result<FleetRelease, LaunchError> {
+        let id = fleet.id().to_string();
+        if fleet.release.phase != engine::Phase::Succeeded {
+            return Err(LaunchError::Precondition(format!(
+                "release {id} is {}: only a succeeded release is converged (start a new release instead)",
+                fleet.release.phase.as_str()
+            )));
+        }
+        let store = &self.shared.store;
+        let (mut behind, mut away) = (Vec::new(), Vec::new());
+        for h in &fleet.release.hosts {
+            let table = store.releases(&fleet.app, &h.host).map_err(store_error)?;
+            let live = releases::live(&table).map(|r| r.version.as_str());
+            if live == Some(fleet.release.version.as_str()) {
+                continue;
+            }
+            if self.shared.registry.seen(&h.host).1 {
+                behind.push(h.host.clone());
+            } else {
+                away.push(h.host.clone());
+            }
+        }
+        if behind.is_empty() {
+            return Err(LaunchError::Precondition(if away.is_empty() {
+                format!(
+                    "no host of release {id} is behind: each runs {}",
+                    fleet.release.version
+                )
+            } else {
+                format!(
+                    "the hosts behind release {id} are not connected: {}; converge once their agents are back",
+                    away.join(", ")
+                )
+            }));
+        }
+        let args = DeployArgs {
+            app: fleet.app.clone(),
+            version: fleet.release.version.clone(),
+            hosts: Hosts {
+                names: behind.clone(),
+                ..Hosts::default()
+            },
+            skip_backup: fleet.skip_backup,
+            wait_lock: false,
+            skip_migration: true,
+        };
+        let job = self
+            .launcher
+            .deploy(args, &format!("{by} (converge {id})"), None)
+            .await?;
+        let mut what = format!(
+            "converge by {by}: job {} deploys {} to {}",
+            job.id,
+            fleet.release.version,
+            behind.join(", ")
+        );
+        if !away.is_empty() {
+            what.push_str(&format!(
+                "; not connected, left behind: {}",
+                away.join(", ")
+            ));
+        }
+        info!(release = %id, by, job = %job.id, hosts = ?behind, "release converge");
+        fleet.note(now_ms(), by, what);
+        store.put_fleet_release(&fleet).map_err(store_error)?;
+        store.flush().await.map_err(store_error)?;
+        Ok(fleet)
     }
 
     pub fn get(&self, id: &str) -> Result<FleetRelease, LaunchError> {
@@ -314,6 +400,15 @@ impl Releases {
                 actions.extend(more);
             }
             let mut changed = next != fleet.release;
+            let revert_began = matches!(next.phase, engine::Phase::Reverting { .. })
+                && !matches!(fleet.release.phase, engine::Phase::Reverting { .. });
+            if revert_began && next.migration_ran {
+                fleet.note(
+                    now,
+                    "",
+                    "the migration ran with this release; reverting does not undo it (Drover runs no down migration)",
+                );
+            }
             for action in &actions {
                 if let Action::Tell(m) = action {
                     fleet.note(now, "", describe(m, &fleet));
@@ -400,7 +495,7 @@ impl Releases {
                 return None;
             }
             Action::Tell(m) => {
-                info!(release = %id, app = %fleet.app, milestone = %describe(&m, fleet), "release milestone");
+                self.tell(fleet, &m);
                 return None;
             }
         };
@@ -415,6 +510,29 @@ impl Releases {
                     why: format!("could not start: {e}"),
                 })
             }
+        }
+    }
+
+    /// Queues a milestone for every alert channel as an event (`notify::deliver_events`; best
+    /// effort: a channel that fails is logged, not retried; the release's history keeps it).
+    fn tell(&self, fleet: &FleetRelease, m: &Milestone) {
+        let what = describe(m, fleet);
+        info!(release = %fleet.id(), app = %fleet.app, milestone = %what, "release milestone");
+        let event = AlertRecord {
+            key: format!("release:{}", fleet.id()),
+            kind: format!("release_{}", milestone_kind(m)),
+            subject: fleet.app.clone(),
+            message: format!(
+                "release {} of {} {}: {what}",
+                fleet.id(),
+                fleet.app,
+                fleet.release.version
+            ),
+            opened_unix_ms: now_ms(),
+            ..AlertRecord::default()
+        };
+        if let Err(e) = self.shared.events.try_send(event) {
+            warn!(release = %fleet.id(), error = %e, "release event dropped: the alert channels are behind");
         }
     }
 
@@ -451,6 +569,17 @@ fn job_why(job: &crate::jobs::JobRecord) -> String {
             }
         })
         .unwrap_or_else(|| state.as_str().to_string())
+}
+
+/// A milestone's name in its event's kind (`release_wave_passed`, ...).
+fn milestone_kind(m: &Milestone) -> &'static str {
+    match m {
+        Milestone::Started => "started",
+        Milestone::WavePassed { .. } => "wave_passed",
+        Milestone::Halted { .. } => "halted",
+        Milestone::Reverted { .. } => "reverted",
+        Milestone::Succeeded => "succeeded",
+    }
 }
 
 /// A milestone as one line of the release's history.

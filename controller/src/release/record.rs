@@ -155,6 +155,66 @@ pub fn healthy(host: &HostRecord, session_open: bool, app: &str, since_ms: i64) 
             .all(|a| a.running)
 }
 
+/// An app on a host that does not run the version its newest release there put on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Behind {
+    pub app: String,
+    pub release_id: String,
+    pub desired: String,
+    pub live: String,
+}
+
+/// Per app, the newest finished release that included `host`: if it succeeded and the host
+/// runs another version (`live(app)`, empty when none), the host is behind. `releases` oldest
+/// first. A release still running, halted or reverted sets no desired version.
+pub fn behind(releases: &[FleetRelease], host: &str, live: impl Fn(&str) -> String) -> Vec<Behind> {
+    use super::engine::Phase;
+    let mut newest: std::collections::BTreeMap<&str, &FleetRelease> = Default::default();
+    for r in releases {
+        if r.release.phase.is_finished() && r.release.hosts.iter().any(|h| h.host == host) {
+            newest.insert(&r.app, r);
+        }
+    }
+    newest
+        .into_values()
+        .filter(|r| r.release.phase == Phase::Succeeded)
+        .filter_map(|r| {
+            let now = live(&r.app);
+            (now != r.release.version).then(|| Behind {
+                app: r.app.clone(),
+                release_id: r.id().to_string(),
+                desired: r.release.version.clone(),
+                live: now,
+            })
+        })
+        .collect()
+}
+
+/// What to tell an operator who rolls `app` back on hosts running `live` (host, version):
+/// the newest release of the app whose migration ran, if a host runs its version.
+pub fn migration_warning(
+    releases: &[FleetRelease],
+    app: &str,
+    live: &[(String, String)],
+) -> Option<String> {
+    let r = releases
+        .iter()
+        .rev()
+        .find(|r| r.app == app && r.release.migration_ran)?;
+    let (host, _) = live.iter().find(|(_, v)| *v == r.release.version)?;
+    let migrated = r
+        .release
+        .hosts
+        .iter()
+        .find(|h| h.migrates)
+        .map_or("", |h| h.host.as_str());
+    Some(format!(
+        "release {} ran the spec's migration for {} (on {migrated}); rolling {host} back does not undo it: Drover runs no down migration, so check that the older version works with the migrated schema",
+        r.id(),
+        r.release.version
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +281,92 @@ mod tests {
                 .unwrap_err()
                 .starts_with("--max-parallel ")
         );
+    }
+
+    fn finished(
+        id: &str,
+        version: &str,
+        phase: super::super::engine::Phase,
+        migrated: bool,
+    ) -> FleetRelease {
+        use super::super::engine::{self, Policy};
+        let policy = Policy {
+            max_parallel: 1,
+            min_healthy_ms: 0,
+            progress_deadline_ms: 1,
+            host_timeout_ms: 0,
+            on_failure: OnFailure::Revert,
+            max_failures: Budget::Hosts(0),
+            skip_offline: false,
+        };
+        let waves = [vec!["a".to_string()], vec!["b".to_string()]];
+        let mut release =
+            engine::new_release(id, version, &waves, policy, |_| "v1".into(), |_| true, 0);
+        release.phase = phase;
+        release.migration_ran = migrated;
+        FleetRelease {
+            release,
+            app: "api".into(),
+            requested_by: "alice".into(),
+            created_unix_ms: 0,
+            finished_unix_ms: 1,
+            skip_backup: false,
+            waves_text: "1,100%".into(),
+            canary: String::new(),
+            history: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_host_is_behind_only_the_newest_succeeded_release_that_reached_it() {
+        use super::super::engine::Phase;
+        let ok = finished("r1", "v2", Phase::Succeeded, false);
+        let on = |v: &'static str| move |_: &str| v.to_string();
+        assert!(behind(std::slice::from_ref(&ok), "a", on("v2")).is_empty());
+        assert_eq!(
+            behind(std::slice::from_ref(&ok), "b", on("v1")),
+            [Behind {
+                app: "api".into(),
+                release_id: "r1".into(),
+                desired: "v2".into(),
+                live: "v1".into(),
+            }]
+        );
+        assert!(
+            behind(std::slice::from_ref(&ok), "c", on("v1")).is_empty(),
+            "not in it"
+        );
+        // A newer release that was reverted sets nothing; one still running neither.
+        let reverted = finished("r2", "v3", Phase::Reverted { why: "x".into() }, false);
+        assert!(behind(&[ok.clone(), reverted], "b", on("v1")).is_empty());
+        let running = finished(
+            "r3",
+            "v3",
+            Phase::Running {
+                wave: 0,
+                deadline_ms: 9,
+            },
+            false,
+        );
+        assert_eq!(behind(&[ok, running], "b", on("v1")).len(), 1);
+    }
+
+    #[test]
+    fn a_rollback_past_a_migrated_release_is_warned() {
+        use super::super::engine::Phase;
+        let releases = [
+            finished("r1", "v2", Phase::Succeeded, true),
+            finished("r2", "v3", Phase::Succeeded, false),
+        ];
+        let live = |v: &str| vec![("b".to_string(), v.to_string())];
+        let warning = migration_warning(&releases, "api", &live("v2")).unwrap();
+        assert!(
+            warning
+                .starts_with("release r1 ran the spec's migration for v2 (on a); rolling b back"),
+            "{warning}"
+        );
+        assert_eq!(migration_warning(&releases, "api", &live("v3")), None);
+        assert_eq!(migration_warning(&releases, "web", &live("v2")), None);
     }
 
     #[test]
