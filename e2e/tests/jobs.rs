@@ -1007,11 +1007,13 @@ async fn the_drover_binary_follows_jobs_and_exits_by_their_ending() {
     );
 
     // The controller goes away mid-watch: 69, and how to pick the job up again.
-    let cli = fleet.spawn_drover(&["watch", &id]);
+    // The release driver also follows job updates: the watch is one more.
     let shared = fleet.controller.shared.clone();
+    let before = shared.job_updates.receiver_count();
+    let cli = fleet.spawn_drover(&["watch", &id]);
     eventually("drover watch attached", Duration::from_secs(10), || {
         let shared = shared.clone();
-        async move { (shared.job_updates.receiver_count() > 0).then_some(()) }
+        async move { (shared.job_updates.receiver_count() > before).then_some(()) }
     })
     .await;
     web1.close();
