@@ -556,5 +556,6 @@ pub fn fleet_release_to_proto(
         },
         skip_offline: p.skip_offline,
         dry_run,
+        scheduled: None,
     }
 }

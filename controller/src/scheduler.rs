@@ -19,6 +19,7 @@ use drover_model::backup::target::TargetSpec;
 
 use crate::jobs::{JobKind, job_id};
 use crate::launch::{DeployArgs, Hosts, Launcher};
+use crate::release::driver::{Releases, StartArgs, release_id};
 use crate::shared::Shared;
 use crate::store::{ScheduleKind, ScheduleRecord, StoreError};
 use drover_model::schedule::{self, Schedule, ScheduleError};
@@ -125,7 +126,7 @@ fn kept_by_target(existing: &ScheduleRecord, target: &str, kind: ScheduleKind) -
                     ScheduleKind::Verify => {
                         existing.cron == DEFAULT_VERIFY_CRON && existing.jitter_secs == 0
                     }
-                    ScheduleKind::Deploy => false,
+                    ScheduleKind::Deploy | ScheduleKind::Release => false,
                 }))
 }
 
@@ -333,17 +334,11 @@ impl Scheduler {
                     continue;
                 }
             };
-            let job = if record.last_run_job_id.is_empty() {
-                None
-            } else {
-                store.job(&record.last_run_job_id)?
-            };
-            let running = job.as_ref().is_some_and(|j| !j.state().is_finished());
-            if let Some(j) = &job
-                && !running
-                && record.last_result != j.state().as_str()
+            let last_run = self.last_run(&record)?;
+            let running = last_run.is_some_and(|(finished, _)| !finished);
+            if let Some((true, state)) = last_run
+                && record.last_result != state
             {
-                let state = j.state().as_str();
                 store.update_schedule(&record.id, |r| r.last_result = state.to_string())?;
             }
             let last = (record.last_fire_unix_ms > 0).then_some(record.last_fire_unix_ms);
@@ -354,6 +349,29 @@ impl Scheduler {
         }
         store.flush().await?;
         Ok(fired)
+    }
+
+    /// The state of a schedule's last run, if it exists: (finished, state). A release
+    /// schedule's run is the release it started, the others' a job.
+    fn last_run(
+        &self,
+        record: &ScheduleRecord,
+    ) -> Result<Option<(bool, &'static str)>, StoreError> {
+        let store = &self.shared.store;
+        let id = &record.last_run_job_id;
+        if id.is_empty() {
+            return Ok(None);
+        }
+        Ok(match record.kind {
+            Some(ScheduleKind::Release) => store.fleet_release(id)?.map(|r| {
+                let phase = r.release.phase;
+                (phase.is_finished(), phase.as_str())
+            }),
+            _ => store.job(id)?.map(|j| {
+                let state = j.state();
+                (state.is_finished(), state.as_str())
+            }),
+        })
     }
 
     async fn fire(
@@ -368,6 +386,7 @@ impl Scheduler {
             ScheduleKind::Backup => job_id(JobKind::Backup, now_ms, rand::random()),
             ScheduleKind::Deploy => job_id(JobKind::Deploy, now_ms, rand::random()),
             ScheduleKind::Verify => job_id(JobKind::Verify, now_ms, rand::random()),
+            ScheduleKind::Release => release_id(now_ms),
         };
         // Recorded and durable before anything starts: a crash now cannot fire it twice.
         store.update_schedule(&record.id, |r| {
@@ -380,11 +399,11 @@ impl Scheduler {
         let by = format!("schedule:{}", record.id);
         let host = record.hosts.first().cloned().unwrap_or_default();
         let started = match kind {
-            ScheduleKind::Backup => {
-                self.launcher
-                    .backup(&record.target, &host, "scheduled", &by, Some(id.clone()))
-                    .await
-            }
+            ScheduleKind::Backup => self
+                .launcher
+                .backup(&record.target, &host, "scheduled", &by, Some(id.clone()))
+                .await
+                .map(|job| job.id),
             ScheduleKind::Deploy => {
                 let args = DeployArgs {
                     app: record.target.clone(),
@@ -395,18 +414,40 @@ impl Scheduler {
                     },
                     ..Default::default()
                 };
-                self.launcher.deploy(args, &by, Some(id.clone())).await
-            }
-            ScheduleKind::Verify => {
                 self.launcher
-                    .verify(&record.target, &host, &by, Some(id.clone()))
+                    .deploy(args, &by, Some(id.clone()))
                     .await
+                    .map(|job| job.id)
+            }
+            ScheduleKind::Verify => self
+                .launcher
+                .verify(&record.target, &host, &by, Some(id.clone()))
+                .await
+                .map(|job| job.id),
+            ScheduleKind::Release => {
+                let asked = record.release.clone().unwrap_or_default();
+                let args = StartArgs {
+                    app: record.target.clone(),
+                    version: record.version.clone(),
+                    hosts: Hosts {
+                        names: record.hosts.clone(),
+                        labels: asked.labels,
+                    },
+                    options: asked.options,
+                    skip_backup: asked.skip_backup,
+                    dry_run: false,
+                    id: Some(id.clone()),
+                };
+                Releases::new(self.shared.clone())
+                    .start(args, &by)
+                    .await
+                    .map(|release| release.id().to_string())
             }
         };
         let (job_id, result) = match started {
             Ok(job) => {
-                info!(schedule = %record.id, job = %job.id, covers = run.covers, scheduled_unix_ms = run.scheduled_unix_ms, "schedule fired");
-                (job.id, "started".to_string())
+                info!(schedule = %record.id, job = %job, covers = run.covers, scheduled_unix_ms = run.scheduled_unix_ms, "schedule fired");
+                (job, "started".to_string())
             }
             Err(err) => {
                 let result = format!("failed: {err}");

@@ -187,6 +187,8 @@ pub enum ScheduleKind {
     Backup,
     Verify,
     Deploy,
+    /// A fleet release started later (`drover release --at`); one-off only.
+    Release,
 }
 
 impl ScheduleKind {
@@ -195,6 +197,7 @@ impl ScheduleKind {
             ScheduleKind::Backup => "backup",
             ScheduleKind::Verify => "verify",
             ScheduleKind::Deploy => "deploy",
+            ScheduleKind::Release => "release",
         }
     }
 
@@ -203,6 +206,7 @@ impl ScheduleKind {
             "backup" => Some(ScheduleKind::Backup),
             "verify" => Some(ScheduleKind::Verify),
             "deploy" => Some(ScheduleKind::Deploy),
+            "release" => Some(ScheduleKind::Release),
             _ => None,
         }
     }
@@ -241,6 +245,17 @@ pub struct ScheduleRecord {
     /// Kept by its backup target's `[schedule]` (changed by applying the target, not by
     /// `drover schedule add|rm`).
     pub managed: bool,
+    /// A release schedule's labels and options (its hosts by name are in `hosts`).
+    #[serde(default)]
+    pub release: Option<ScheduledRelease>,
+}
+
+/// What `drover release --at` asked for, kept until the release starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledRelease {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub options: crate::release::record::Options,
+    pub skip_backup: bool,
 }
 
 /// What happened to an event offered to the store.

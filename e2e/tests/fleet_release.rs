@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use drover_controller::config::WebhookConfig;
+use drover_controller::scheduler::Scheduler;
 use drover_e2e::notify::WebhookReceiver;
 use drover_e2e::{
     ScriptedAgent, TestController, drover_cli, eventually, fast_controller_config, init,
@@ -645,4 +646,106 @@ async fn a_controller_restart_mid_release_resumes_it_with_no_host_deployed_twice
     let mut ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
     ids.sort();
     assert_eq!(ids, [j1.as_str(), j2.as_str()], "one deploy per host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_at_a_time_is_planned_now_kept_as_a_schedule_and_started_by_the_scheduler() {
+    let fleet = Fleet::start(&["web-1", "web-2"]).await;
+    let mut a = fleet.connect("web-1").await;
+    let mut b = fleet.connect("web-2").await;
+
+    // A bad option fails now, not when the time comes; a time in the past is refused.
+    let (code, _, err) = fleet
+        .drover(&["release", APP, "v2.0.0", "--waves", "2,1", "--at", "+1h"])
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("--waves"), "{err}");
+    let (code, _, err) = fleet
+        .drover(&["release", APP, "v2.0.0", "--at", "2020-01-01T00:00:00Z"])
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("in the past"), "{err}");
+    // A release schedule comes with its options from `drover release` only.
+    let refused = fleet
+        .controller
+        .admin()
+        .add_schedule(v1::AddScheduleRequest {
+            kind: "release".into(),
+            target: APP.into(),
+            version: "v2.0.0".into(),
+            at_unix_ms: drover_model::units::now_ms() + 3_600_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("--at"), "{}", refused.message());
+
+    let (code, out, err) = fleet
+        .drover(&[
+            "release",
+            APP,
+            "v2.0.0",
+            "--waves",
+            "1,100%",
+            "--min-healthy",
+            "0s",
+            "--skip-backup",
+            "--at",
+            "+1h",
+        ])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("wave 1: 1 host(s): web-1"), "{out}");
+    assert!(
+        out.contains("schedule api-release-v2.0.0 (release api) stored; next run"),
+        "{out}"
+    );
+    a.assert_no_command().await;
+    let (code, out, err) = fleet.drover(&["schedule", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("api-release-v2.0.0"), "{out}");
+    let schedule = fleet
+        .controller
+        .shared
+        .store
+        .schedules()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.id == "api-release-v2.0.0")
+        .unwrap();
+
+    // Its time comes: the scheduler starts the release with the options kept.
+    let scheduler = Scheduler::new(fleet.controller.shared.clone());
+    let fired = scheduler.tick(schedule.at_unix_ms + 1).await.unwrap();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0].result, "started");
+    let id = fired[0].job_id.clone();
+    assert!(id.starts_with("release-"), "{id}");
+    let r = fleet.get(&id).await;
+    assert_eq!(r.waves_text, "1,100%");
+    assert_eq!(r.requested_by, "schedule:api-release-v2.0.0");
+    let (j1, _) = next_deploy(&mut a).await;
+    deployed(&mut a, &j1).await;
+    let (j2, _) = next_deploy(&mut b).await;
+    deployed(&mut b, &j2).await;
+    fleet.wait_state(&id, "succeeded").await;
+    // A one-off fires once; the schedule shows how the release ended.
+    assert!(
+        scheduler
+            .tick(schedule.at_unix_ms + 60_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let schedule = fleet
+        .controller
+        .shared
+        .store
+        .schedules()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.id == "api-release-v2.0.0")
+        .unwrap();
+    assert_eq!(schedule.last_run_job_id, id);
+    assert_eq!(schedule.last_result, "succeeded");
 }

@@ -7,7 +7,8 @@ use drover_model::units::{ago, parse_duration};
 use drover_proto::v1;
 use serde_json::{Value, json};
 
-use super::{Ctx, parse_label};
+use super::schedule::Stored;
+use super::{Ctx, parse_at, parse_label};
 use crate::render::{Format, Render, line};
 use crate::{CliError, exit, output};
 
@@ -75,6 +76,11 @@ pub struct StartArgs {
     /// Print the release id and return at once instead of following it.
     #[arg(long)]
     detach: bool,
+    /// Start later, once: RFC 3339 (2026-05-01T22:00:00Z) or from now (+30m). The plan is
+    /// checked now and a one-off schedule stored (`drover schedule list`); the hosts and waves
+    /// are chosen again when it starts.
+    #[arg(long, value_parser = parse_at, conflicts_with = "dry_run")]
+    at: Option<i64>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -166,10 +172,14 @@ async fn start(ctx: &mut Ctx, a: StartArgs) -> Result<(), CliError> {
             skip_offline: a.skip_offline,
             skip_backup: a.skip_backup,
             dry_run: a.dry_run,
+            at_unix_ms: a.at.unwrap_or(0),
         })
         .await
         .map_err(ctx.err())?
         .into_inner();
+    if release.scheduled.is_some() {
+        return ctx.show(&Scheduled(release));
+    }
     if a.dry_run || a.detach {
         return ctx.show(&Plan(release));
     }
@@ -288,7 +298,12 @@ fn why(h: &v1::FleetReleaseHost) -> String {
 /// The plan: hosts per wave, in order, and the policy.
 fn plan_text(r: &v1::FleetReleaseInfo) -> String {
     let mut out = String::new();
-    let head = if r.dry_run {
+    let head = if r.scheduled.is_some() {
+        format!(
+            "plan for {} {} as it would run now (scheduled: hosts and waves are chosen again when it starts)",
+            r.app, r.version,
+        )
+    } else if r.dry_run {
         format!(
             "plan for {} {} (dry run: nothing changes)",
             r.app, r.version
@@ -397,6 +412,26 @@ impl Render for Plan {
     }
     fn json(&self) -> Value {
         release_json(&self.0)
+    }
+}
+
+/// A release stored for later: the plan as of now, then the schedule that starts it.
+struct Scheduled(v1::FleetReleaseInfo);
+
+impl Render for Scheduled {
+    fn text(&self, now_ms: i64) -> String {
+        let mut out = plan_text(&self.0);
+        if let Some(s) = &self.0.scheduled {
+            out.push_str(&Stored(s.clone()).text(now_ms));
+        }
+        out
+    }
+    fn json(&self) -> Value {
+        let mut v = release_json(&self.0);
+        if let Some(s) = &self.0.scheduled {
+            v["scheduled"] = output::schedule_json(s);
+        }
+        v
     }
 }
 

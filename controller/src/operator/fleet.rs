@@ -14,6 +14,7 @@ use crate::convert;
 use crate::launch::Hosts;
 use crate::release::driver::{Control, Releases, StartArgs};
 use crate::release::record::{FleetRelease, Options};
+use crate::store::{ScheduleKind, ScheduleRecord, ScheduledRelease};
 
 use super::OperatorApi;
 
@@ -75,7 +76,9 @@ impl OperatorApi {
         request: Request<v1::StartReleaseRequest>,
     ) -> Result<Response<v1::FleetReleaseInfo>, Status> {
         let caller = authorize(&request, &self.shared.store)?;
+        let by = operator_name(&caller);
         let req = request.into_inner();
+        let scheduled = req.at_unix_ms != 0 && !req.dry_run;
         let args = StartArgs {
             options: options_of(&req)?,
             app: req.app,
@@ -85,10 +88,35 @@ impl OperatorApi {
                 labels: req.labels.into_iter().collect(),
             },
             skip_backup: req.skip_backup,
-            dry_run: req.dry_run,
+            // A release for later is planned now, so a bad option fails at once.
+            dry_run: req.dry_run || scheduled,
+            id: None,
         };
-        let release = self.releases().start(args, &operator_name(&caller)).await?;
-        Ok(Response::new(self.fleet_info(&release, req.dry_run)))
+        let release = self.releases().start(args.clone(), &by).await?;
+        let mut info = self.fleet_info(&release, req.dry_run);
+        if scheduled {
+            // Stored as a one-off schedule; the scheduler starts it (hosts chosen then).
+            let record = ScheduleRecord {
+                kind: Some(ScheduleKind::Release),
+                target: args.app,
+                version: args.version,
+                hosts: args.hosts.names,
+                at_unix_ms: req.at_unix_ms,
+                release: Some(ScheduledRelease {
+                    labels: args.hosts.labels,
+                    options: args.options,
+                    skip_backup: args.skip_backup,
+                }),
+                ..ScheduleRecord::default()
+            };
+            info = v1::FleetReleaseInfo {
+                scheduled: Some(self.add_schedule_record(record, &by).await?),
+                ..info
+            };
+            info.id.clear();
+            info.history.clear();
+        }
+        Ok(Response::new(info))
     }
 
     pub(super) async fn get_release(

@@ -27,6 +27,11 @@ impl OperatorApi {
                 req.kind
             ))
         })?;
+        if kind == ScheduleKind::Release {
+            return Err(Status::invalid_argument(
+                "a release is scheduled with its options by `drover release APP VERSION --at TIME`",
+            ));
+        }
         let record = ScheduleRecord {
             id: req.id,
             kind: Some(kind),
@@ -134,24 +139,27 @@ impl OperatorApi {
                     )));
                 }
             }
-            ScheduleKind::Deploy => {
+            ScheduleKind::Deploy | ScheduleKind::Release => {
+                let what = kind.as_str();
                 self.launcher()
                     .deployable(&record.target, &record.version)?;
                 if !record.cron.is_empty() || record.at_unix_ms == 0 {
-                    return Err(Status::invalid_argument(
-                        "a deploy schedule is one-off: give its time (--at) and no cron expression",
-                    ));
+                    return Err(Status::invalid_argument(format!(
+                        "a {what} schedule is one-off: give its time (--at) and no cron expression"
+                    )));
                 }
                 if record.at_unix_ms <= now {
-                    return Err(Status::invalid_argument(
-                        "the deploy time (--at) is in the past; deploy now without --at",
-                    ));
+                    return Err(Status::invalid_argument(format!(
+                        "the {what} time (--at) is in the past; {what} now without --at"
+                    )));
                 }
             }
         }
         if record.id.is_empty() {
             record.id = match kind {
-                ScheduleKind::Deploy => format!("{}-deploy-{}", record.target, record.version),
+                ScheduleKind::Deploy | ScheduleKind::Release => {
+                    format!("{}-{}-{}", record.target, kind.as_str(), record.version)
+                }
                 _ => format!("{}-{}", record.target, kind.as_str()),
             };
         }

@@ -36,6 +36,13 @@ pub struct StartArgs {
     pub skip_backup: bool,
     /// Plan only: nothing is stored or sent.
     pub dry_run: bool,
+    /// The release's id, made beforehand (by the scheduler); `None`: a new one.
+    pub id: Option<String>,
+}
+
+/// A new release id: `release-<stamp>-<4 hex>`.
+pub fn release_id(now_ms: i64) -> String {
+    format!("release-{}-{:04x}", id_stamp(now_ms), rand::random::<u16>())
 }
 
 /// What an operator does to a running release.
@@ -86,7 +93,7 @@ impl Releases {
             before.insert(host.clone(), live.unwrap_or_default());
         }
         let now = now_ms();
-        let id = format!("release-{}-{:04x}", id_stamp(now), rand::random::<u16>());
+        let id = args.id.clone().unwrap_or_else(|| release_id(now));
         let release = engine::new_release(
             &id,
             &args.version,

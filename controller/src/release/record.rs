@@ -61,7 +61,8 @@ impl FleetRelease {
 
 /// What an operator may set for one release; each unset one comes from the app spec's
 /// `[release]` table (its defaults when the spec has none).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Options {
     pub waves: Option<String>,
     pub canary: Option<String>,
