@@ -42,6 +42,10 @@ pub struct AgentConfig {
     /// App secrets: `<secrets_dir>/<app>.env`, KEY=value lines, owned by the agent's user,
     /// mode 0600. Read at each deploy; never sent to the controller.
     pub secrets_dir: PathBuf,
+    /// Private registry credentials, in Docker's `config.json` format (`auths` per registry),
+    /// owned by the agent's user, mode 0600, not a symlink. Read at each pull; no file: pulls
+    /// go without credentials. Never sent to the controller.
+    pub registry_auth: PathBuf,
     /// A deploy lock expires this long after its holder last renewed it (a crashed agent's
     /// lock does not block the app forever).
     #[serde(with = "duration_str")]
@@ -67,6 +71,7 @@ impl Default for AgentConfig {
             log_format: LogFormat::Text,
             labels: BTreeMap::new(),
             secrets_dir: PathBuf::from("/etc/drover/secrets"),
+            registry_auth: PathBuf::from("/etc/drover/registry-auth.json"),
             lock_lease: Duration::from_secs(60),
             health: Thresholds::default(),
             proxy: ProxyConfig::default(),

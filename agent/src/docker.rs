@@ -263,7 +263,11 @@ impl DockerClient {
 
     /// Pulls `image` (repository:tag) from its registry. Fails with the Engine's reason (no
     /// such image, registry unreachable, not authorized).
-    pub async fn pull(&self, image: &str) -> Result<(), DockerError> {
+    pub async fn pull(
+        &self,
+        image: &str,
+        credentials: Option<bollard::auth::DockerCredentials>,
+    ) -> Result<(), DockerError> {
         let docker = self.client().await?;
         let (repo, tag) = match image.rsplit_once(':') {
             Some((repo, tag)) if !tag.contains('/') => (repo, tag),
@@ -273,7 +277,7 @@ impl DockerClient {
             .from_image(repo)
             .tag(tag)
             .build();
-        let mut stream = docker.create_image(Some(options), None, None);
+        let mut stream = docker.create_image(Some(options), None, credentials);
         while let Some(item) = stream.next().await {
             let info = item.map_err(|e| Self::engine_err(&format!("pull {image}"), e))?;
             if let Some(detail) = info.error_detail.and_then(|d| d.message) {

@@ -22,6 +22,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod recovery;
 pub mod redact;
+pub mod registry;
 pub mod release;
 pub mod secrets;
 mod session;
@@ -223,6 +224,7 @@ impl Agent {
             apps: apps::Apps::new(self.config.proxy.limits(budget))
                 .with_liveness(self.liveness.clone()),
             secrets_dir: self.config.secrets_dir.clone(),
+            registry_auth: self.config.registry_auth.clone(),
             backups_dir: self.config.data_dir.join("backups"),
             shutdown: shutdown.clone(),
             lock_lease: self.config.lock_lease,

@@ -2,7 +2,8 @@
 //! names and labels, a container's spec and env, the health check, smoke requests and the
 //! workers' settle, the atomic switch of traffic (committed with the release table), the drain
 //! of the old upstream, stopping the old release, the post-deploy watch window (the pure
-//! `watch_breach`) and the pruning of releases beyond `keep_releases`. The kinds themselves are
+//! `watch_breach`), the pruning of releases beyond `keep_releases`, and an image made present
+//! (pulled with the host's registry credentials when absent; the pull kind uses it too). The kinds themselves are
 //! `crate::job::deploy` and `crate::job::rollback`.
 
 use std::collections::BTreeMap;
@@ -133,6 +134,53 @@ pub fn container_spec(
 }
 
 /// The last lines of a container's output, for a failure report; empty if unreadable.
+/// The id of `image` on this host, pulled first when it is absent, with the credentials of
+/// its registry from the host's file (`crate::registry`). A failure names the `step`.
+pub(crate) async fn ensure_image(
+    ctx: &JobCtx,
+    report: &Report<'_>,
+    step: &'static str,
+    image: &str,
+) -> Result<String, Failure> {
+    let present = |e: DockerError| fail(step, e.to_string());
+    if let Some(id) = ctx.docker.image_id(image).await.map_err(present)? {
+        return Ok(id);
+    }
+    let credentials = crate::registry::for_image(&ctx.registry_auth, image).map_err(|e| {
+        fail(
+            step,
+            format!("image {image} is not on this host and cannot be pulled: {e}"),
+        )
+    })?;
+    let with = if credentials.is_some() {
+        " with the host's registry credentials"
+    } else {
+        ""
+    };
+    report
+        .progress(
+            step,
+            format!("{image} is not on this host; pulling it{with}"),
+        )
+        .await;
+    ctx.docker.pull(image, credentials).await.map_err(|e| {
+        fail(
+            step,
+            format!("image {image} is not present on this host and pulling it failed: {e}"),
+        )
+    })?;
+    ctx.docker
+        .image_id(image)
+        .await
+        .map_err(present)?
+        .ok_or_else(|| {
+            fail(
+                step,
+                format!("image {image} is still missing after the pull"),
+            )
+        })
+}
+
 pub(crate) async fn logs_of(ctx: &JobCtx, name: &str) -> String {
     ctx.docker
         .logs_tail(name, LOG_LINES)

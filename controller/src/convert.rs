@@ -447,10 +447,11 @@ pub fn fleet_release_to_proto(
     live: impl Fn(&str) -> String,
     dry_run: bool,
 ) -> v1::FleetReleaseInfo {
-    use crate::release::engine::{HostPhase, OnFailure, Phase};
+    use crate::release::engine::{HostPhase, OnFailure, Phase, Pull};
     use drover_model::waves::Budget;
     let r = &f.release;
     let (wave, deadline, why) = match &r.phase {
+        Phase::Pulling { deadline_ms } => (0, *deadline_ms, String::new()),
         Phase::Running { wave, deadline_ms } => (*wave, *deadline_ms, String::new()),
         Phase::Paused { wave, .. } => (*wave, 0, String::new()),
         Phase::Reverting { why } | Phase::Halted { why } | Phase::Reverted { why } => {
@@ -481,8 +482,14 @@ pub fn fleet_release_to_proto(
                 live_version: live(&h.host),
                 connected: h.connected,
                 migrates: h.migrates,
+                pull: h.pull.as_str().to_string(),
                 ..Default::default()
             };
+            match &h.pull {
+                Pull::Pulling { job_id } => out.pull_job_id = job_id.clone(),
+                Pull::Failed { why } => out.pull_why = why.clone(),
+                _ => {}
+            }
             match &h.phase {
                 HostPhase::Deploying { job_id, started_ms } => {
                     out.job_id = job_id.clone();

@@ -159,6 +159,34 @@ impl Launcher {
         self.start(JobKind::Deploy, command, hosts, id).await
     }
 
+    /// A pull job: `app`'s image at `version` made present on `host` (a fleet release's first
+    /// step, under its derived job id `id`).
+    pub async fn pull(
+        &self,
+        app: &str,
+        version: &str,
+        host: &str,
+        by: &str,
+        id: Option<String>,
+    ) -> Result<JobRecord, LaunchError> {
+        let (app, _) = self.deployable(app, version)?;
+        let hosts = self.choose_hosts(
+            &app.name,
+            &Hosts {
+                names: vec![host.to_string()],
+                ..Hosts::default()
+            },
+            "pull",
+        )?;
+        let command = JobCommand::Pull {
+            app: app.name.clone(),
+            version: version.to_string(),
+            spec_toml: app.spec_toml.clone(),
+            requested_by: by.to_string(),
+        };
+        self.start(JobKind::Pull, command, hosts, id).await
+    }
+
     /// A rollback job; refused unless every chosen host has a release to go back to. `id`: a
     /// fleet release's derived job id.
     pub async fn rollback(

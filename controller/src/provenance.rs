@@ -123,7 +123,8 @@ fn job_target(job: &JobRecord) -> Option<String> {
         JobCommand::Deploy {
             skip_backup: true, ..
         }
-        | JobCommand::Rollback { .. } => {
+        | JobCommand::Rollback { .. }
+        | JobCommand::Pull { .. } => {
             return None;
         }
         JobCommand::Deploy {
@@ -328,6 +329,12 @@ mod tests {
                 app: "shop".into(),
                 to_version: String::new(),
                 wait_lock: false,
+                requested_by,
+            },
+            JobKind::Pull => JobCommand::Pull {
+                app: "shop".into(),
+                version: "v2".into(),
+                spec_toml: String::new(),
                 requested_by,
             },
         }

@@ -202,6 +202,28 @@ fn states(r: &v1::FleetReleaseInfo) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The image pull each of `agents` gets first (all at once, before the first wave), answered
+/// well.
+async fn pulled(agents: &mut [&mut ScriptedAgent]) {
+    let mut jobs = Vec::new();
+    for agent in agents.iter_mut() {
+        jobs.push(next_pull(agent).await);
+    }
+    for (agent, job) in agents.iter_mut().zip(&jobs) {
+        agent.finish_job(job, "succeeded").await;
+    }
+}
+
+async fn next_pull(agent: &mut ScriptedAgent) -> String {
+    let cmd = agent.next_command().await;
+    let Some(v1::command::Job::Pull(p)) = cmd.job else {
+        panic!("{}: expected a pull, got {cmd:?}", agent.host);
+    };
+    assert_eq!((p.app.as_str(), p.version.as_str()), (APP, "v2.0.0"));
+    assert!(p.spec_toml.contains("image"), "the spec names the image");
+    cmd.job_id
+}
+
 /// The deploy the controller sends next: (job id, skip_migration).
 async fn next_deploy(agent: &mut ScriptedAgent) -> (String, bool) {
     let cmd = agent.next_command().await;
@@ -272,9 +294,28 @@ async fn waves_wait_for_min_healthy_and_the_migration_runs_on_the_first_host_onl
             ..Default::default()
         })
         .await;
-    assert_eq!(r.state, "running");
+    assert_eq!(r.state, "pulling");
     assert_eq!(r.migration_host, "web-1");
     assert_eq!(host(&r, "web-1").before, "v1.0.0");
+
+    // First every host pulls the image, all at once (whatever the waves); no deploy starts
+    // before every pull ended well.
+    let pulls = [
+        next_pull(&mut a).await,
+        next_pull(&mut b).await,
+        next_pull(&mut c).await,
+    ];
+    assert_eq!(pulls[2], format!("{}-p2", r.id));
+    a.finish_job(&pulls[0], "succeeded").await;
+    b.finish_job(&pulls[1], "succeeded").await;
+    a.assert_no_command().await;
+    let (code, out, err) = fleet.drover(&["release", "status", &r.id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("image pull before wave 1: 2 pulled, 1 pulling, 0 failed"),
+        "{out}"
+    );
+    c.finish_job(&pulls[2], "succeeded").await;
 
     // Wave 1: web-1 alone, with the migration.
     let (job_a, skip) = next_deploy(&mut a).await;
@@ -378,6 +419,7 @@ async fn a_failure_past_the_budget_reverts_every_updated_host_at_once() {
             ..Default::default()
         })
         .await;
+    pulled(&mut agents.iter_mut().collect::<Vec<_>>()).await;
     let (j1, _) = next_deploy(&mut agents[0]).await;
     deployed(&mut agents[0], &j1).await;
     // Wave 2, all three at once: web-2 and web-3 succeed, web-4 fails.
@@ -448,6 +490,7 @@ async fn halt_without_revert_pause_resume_and_abort_are_recorded() {
             ..Default::default()
         })
         .await;
+    pulled(&mut [&mut a, &mut b, &mut c]).await;
     let (j1, _) = next_deploy(&mut a).await;
     // Paused while web-1 deploys: its deploy ends and settles, nothing new starts.
     let paused = fleet.control(&r.id, v1::ReleaseControl::Pause).await;
@@ -523,6 +566,8 @@ async fn an_offline_host_times_out_and_is_skipped_or_counted() {
             ..Default::default()
         })
         .await;
+    // web-2 is away: it gets no pull (it would pull at its own deploy).
+    pulled(&mut [&mut a]).await;
     let (j1, _) = next_deploy(&mut a).await;
     deployed(&mut a, &j1).await;
     let done = fleet.wait_state(&r.id, "succeeded").await;
@@ -579,6 +624,7 @@ async fn an_offline_host_times_out_and_is_skipped_or_counted() {
             ..Default::default()
         })
         .await;
+    pulled(&mut [&mut a]).await;
     let (j, _) = next_deploy(&mut a).await;
     a.finish_job(&j, "succeeded").await;
     let halted = fleet.wait_state(&r.id, "halted").await;
@@ -589,13 +635,14 @@ async fn an_offline_host_times_out_and_is_skipped_or_counted() {
 async fn a_controller_restart_mid_release_resumes_it_with_no_host_deployed_twice() {
     let fleet = Fleet::start(&["web-1", "web-2"]).await;
     let mut a = fleet.connect("web-1").await;
-    let b = fleet.connect("web-2").await;
+    let mut b = fleet.connect("web-2").await;
     let r = fleet
         .start_release(v1::StartReleaseRequest {
             min_healthy_set: true,
             ..Default::default()
         })
         .await;
+    pulled(&mut [&mut a, &mut b]).await;
     let (j1, _) = next_deploy(&mut a).await;
     a.close();
     b.close();
@@ -643,9 +690,15 @@ async fn a_controller_restart_mid_release_resumes_it_with_no_host_deployed_twice
         .unwrap()
         .into_inner()
         .jobs;
-    let mut ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+    let mut ids: Vec<&str> = jobs
+        .iter()
+        .filter(|j| j.kind == "deploy")
+        .map(|j| j.id.as_str())
+        .collect();
     ids.sort();
     assert_eq!(ids, [j1.as_str(), j2.as_str()], "one deploy per host");
+    // And one pull per host, before the restart.
+    assert_eq!(jobs.iter().filter(|j| j.kind == "pull").count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,6 +777,7 @@ async fn a_release_at_a_time_is_planned_now_kept_as_a_schedule_and_started_by_th
     let r = fleet.get(&id).await;
     assert_eq!(r.waves_text, "1,100%");
     assert_eq!(r.requested_by, "schedule:api-release-v2.0.0");
+    pulled(&mut [&mut a, &mut b]).await;
     let (j1, _) = next_deploy(&mut a).await;
     deployed(&mut a, &j1).await;
     let (j2, _) = next_deploy(&mut b).await;
@@ -748,4 +802,41 @@ async fn a_release_at_a_time_is_planned_now_kept_as_a_schedule_and_started_by_th
         .unwrap();
     assert_eq!(schedule.last_run_job_id, id);
     assert_eq!(schedule.last_result, "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_cannot_pull_fails_the_release_before_any_host_changes() {
+    let fleet = Fleet::start(&["web-1", "web-2"]).await;
+    let mut a = fleet.connect("web-1").await;
+    let mut b = fleet.connect("web-2").await;
+    let r = fleet
+        .start_release(v1::StartReleaseRequest {
+            waves: "1,100%".into(),
+            ..Default::default()
+        })
+        .await;
+    let pa = next_pull(&mut a).await;
+    let pb = next_pull(&mut b).await;
+    a.finish_job(&pa, "succeeded").await;
+    b.finish_job(&pb, "failed").await;
+    let halted = fleet.wait_state(&r.id, "halted").await;
+    assert!(
+        halted
+            .why
+            .contains("the image could not be pulled, so no host was changed: web-2"),
+        "{}",
+        halted.why
+    );
+    assert_eq!(host(&halted, "web-2").pull, "failed");
+    assert_eq!(
+        states(&halted),
+        [
+            ("web-1".into(), "skipped".into()),
+            ("web-2".into(), "skipped".into())
+        ]
+    );
+    a.assert_no_command().await;
+    b.assert_no_command().await;
+    let events = fleet.events(&r.id, "release_halted").await;
+    assert_eq!(events, ["release_started", "release_halted"]);
 }

@@ -54,6 +54,12 @@ fn every_kind() -> Vec<JobCommand> {
             requested_by: s("schedule:api-db-verify"),
             identity_file: s("/etc/drover/age.key"),
         },
+        JobCommand::Pull {
+            app: s("api"),
+            version: s("v1.4.2"),
+            spec_toml: s("name = \"api\"\n"),
+            requested_by: s("alice (release release-1)"),
+        },
     ]
 }
 

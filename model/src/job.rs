@@ -15,6 +15,8 @@ pub enum JobKind {
     Prune,
     /// Validation of a target's newest backup.
     Verify,
+    /// An app's image made present on the host (a fleet release pulls before its first wave).
+    Pull,
 }
 
 impl JobKind {
@@ -26,6 +28,7 @@ impl JobKind {
             JobKind::Restore => "restore",
             JobKind::Prune => "prune",
             JobKind::Verify => "verify",
+            JobKind::Pull => "pull",
         }
     }
 
@@ -97,6 +100,12 @@ pub enum JobCommand {
         #[serde(default)]
         identity_file: String,
     },
+    Pull {
+        app: String,
+        version: String,
+        spec_toml: String,
+        requested_by: String,
+    },
 }
 
 impl JobCommand {
@@ -108,13 +117,16 @@ impl JobCommand {
             JobCommand::Restore { .. } => JobKind::Restore,
             JobCommand::Prune { .. } => JobKind::Prune,
             JobCommand::Verify { .. } => JobKind::Verify,
+            JobCommand::Pull { .. } => JobKind::Pull,
         }
     }
 
     /// What the job is about: the app of a deploy or rollback, else the backup target.
     pub fn subject(&self) -> &str {
         match self {
-            JobCommand::Deploy { app, .. } | JobCommand::Rollback { app, .. } => app,
+            JobCommand::Deploy { app, .. }
+            | JobCommand::Rollback { app, .. }
+            | JobCommand::Pull { app, .. } => app,
             JobCommand::Backup { target, .. }
             | JobCommand::Restore { target, .. }
             | JobCommand::Prune { target, .. }
@@ -126,7 +138,7 @@ impl JobCommand {
     /// release), a restore's backup id; empty for the other kinds.
     pub fn version(&self) -> &str {
         match self {
-            JobCommand::Deploy { version, .. } => version,
+            JobCommand::Deploy { version, .. } | JobCommand::Pull { version, .. } => version,
             JobCommand::Rollback { to_version, .. } => to_version,
             JobCommand::Restore { backup_id, .. } => backup_id,
             JobCommand::Backup { .. } | JobCommand::Prune { .. } | JobCommand::Verify { .. } => "",
@@ -140,7 +152,8 @@ impl JobCommand {
             | JobCommand::Backup { requested_by, .. }
             | JobCommand::Restore { requested_by, .. }
             | JobCommand::Prune { requested_by, .. }
-            | JobCommand::Verify { requested_by, .. } => requested_by,
+            | JobCommand::Verify { requested_by, .. }
+            | JobCommand::Pull { requested_by, .. } => requested_by,
         }
     }
 }

@@ -96,6 +96,17 @@ pub fn to_proto(job_id: &str, command: &JobCommand) -> v1::Command {
             requested_by: requested_by.clone(),
             identity_file: identity_file.clone(),
         }),
+        JobCommand::Pull {
+            app,
+            version,
+            spec_toml,
+            requested_by,
+        } => Job::Pull(v1::PullCommand {
+            app: app.clone(),
+            version: version.clone(),
+            spec_toml: spec_toml.clone(),
+            requested_by: requested_by.clone(),
+        }),
     };
     v1::Command {
         job_id: job_id.to_string(),
@@ -153,6 +164,12 @@ pub fn from_proto(cmd: &v1::Command) -> Option<JobCommand> {
             target_toml: v.target_toml.clone(),
             requested_by: v.requested_by.clone(),
             identity_file: v.identity_file.clone(),
+        },
+        Job::Pull(p) => JobCommand::Pull {
+            app: p.app.clone(),
+            version: p.version.clone(),
+            spec_toml: p.spec_toml.clone(),
+            requested_by: p.requested_by.clone(),
         },
     })
 }

@@ -231,35 +231,7 @@ async fn deploy_steps(
 
     // image
     let since = begin(ctx, job, report, "image", format!("looking for {image}")).await?;
-    let image_id = match ctx
-        .docker
-        .image_id(&image)
-        .await
-        .map_err(|e| fail("image", e.to_string()))?
-    {
-        Some(id) => id,
-        None => {
-            report
-                .progress("image", format!("{image} is not on this host; pulling it"))
-                .await;
-            ctx.docker.pull(&image).await.map_err(|e| {
-                fail(
-                    "image",
-                    format!("image {image} is not present on this host and pulling it failed: {e}"),
-                )
-            })?;
-            ctx.docker
-                .image_id(&image)
-                .await
-                .map_err(|e| fail("image", e.to_string()))?
-                .ok_or_else(|| {
-                    fail(
-                        "image",
-                        format!("image {image} is still missing after the pull"),
-                    )
-                })?
-        }
-    };
+    let image_id = crate::release::ensure_image(ctx, report, "image", &image).await?;
     if let Some(r) = table.iter_mut().find(|r| r.id == release.id) {
         r.image_id = image_id.clone();
     }

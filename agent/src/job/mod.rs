@@ -1,6 +1,6 @@
 //! The agent's job kinds behind one dispatch. Each kind is one file with `run` (the job to its
 //! outcome) and `converge` (what recovery does with a job of that kind a crash interrupted):
-//! `deploy`, `rollback`, `backup`, `restore`, `prune`, `verify`. They share the step machinery
+//! `deploy`, `rollback`, `backup`, `restore`, `prune`, `verify`, `pull`. They share the step machinery
 //! in `step` and the neutral modules below them (`crate::release` for the release kinds,
 //! `crate::backup` for the backup kinds); a kind never imports another kind's module.
 //! `record_of` is what the agent stores of a command it accepts.
@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod deploy;
 pub mod prune;
+pub mod pull;
 pub mod restore;
 pub mod rollback;
 pub mod step;
@@ -28,6 +29,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
         JobKind::Restore => restore::run(ctx, job, report).await,
         JobKind::Prune => prune::run(ctx, job, report).await,
         JobKind::Verify => verify::run(ctx, job, report).await,
+        JobKind::Pull => pull::run(ctx, job, report).await,
     }
 }
 
@@ -40,6 +42,7 @@ pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError>
         JobKind::Restore => restore::converge(ctx, job).await,
         JobKind::Prune => prune::converge(ctx, job).await,
         JobKind::Verify => verify::converge(ctx, job).await,
+        JobKind::Pull => pull::converge(ctx, job).await,
     }
 }
 
@@ -88,6 +91,7 @@ pub fn record_of(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
             ..base
         },
         JobCommand::Rollback { wait_lock, .. } => JobRecord { wait_lock, ..base },
+        JobCommand::Pull { spec_toml, .. } => JobRecord { spec_toml, ..base },
         JobCommand::Backup {
             target_toml,
             trigger,

@@ -33,6 +33,8 @@ pub struct JobCtx {
     pub docker: DockerClient,
     pub apps: Apps,
     pub secrets_dir: PathBuf,
+    /// Private registry credentials (`crate::registry`), read at each pull.
+    pub registry_auth: PathBuf,
     /// The agent's shutdown: proxies live until it fires.
     pub shutdown: CancellationToken,
     /// Where backups go when a target names no `storage.dir` (`<data dir>/backups`).

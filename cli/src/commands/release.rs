@@ -383,6 +383,8 @@ fn release_json(r: &v1::FleetReleaseInfo) -> Value {
             "why": h.why,
             "connected": h.connected,
             "migrates": h.migrates,
+            "pull": h.pull,
+            "pull_why": h.pull_why,
             "healthy_since": (h.healthy_since_unix_ms > 0).then(|| output::rfc3339_ms(h.healthy_since_unix_ms)),
         })).collect::<Vec<_>>(),
         "history": r.history.iter().map(|e| json!({
@@ -468,9 +470,21 @@ impl Render for Status {
                 }
             )));
         }
+        let pulls = |state: &str| r.hosts.iter().filter(|h| h.pull == state).count();
+        if r.hosts.iter().any(|h| !h.pull.is_empty()) {
+            out.push_str(&line(format!(
+                "  image pull before wave 1: {} pulled, {} pulling, {} failed, {} not connected (they pull at their deploy)",
+                pulls("pulled"),
+                pulls("pulling"),
+                pulls("failed"),
+                pulls("skipped")
+            )));
+        }
         let mut t = comfy_table::Table::new();
         t.load_preset(comfy_table::presets::NOTHING);
-        t.set_header(["WAVE", "HOST", "STATE", "BEFORE", "LIVE", "SINCE", "WHY"]);
+        t.set_header([
+            "WAVE", "HOST", "STATE", "PULL", "BEFORE", "LIVE", "SINCE", "WHY",
+        ]);
         for h in &r.hosts {
             let since = [
                 h.passed_unix_ms,
@@ -492,6 +506,11 @@ impl Render for Status {
                 (h.wave + 1).to_string(),
                 h.host.clone(),
                 h.state.clone(),
+                if h.pull.is_empty() {
+                    "-".into()
+                } else {
+                    h.pull.clone()
+                },
                 if h.before.is_empty() {
                     "-".into()
                 } else {
@@ -499,10 +518,12 @@ impl Render for Status {
                 },
                 live,
                 since,
-                if h.why.is_empty() {
-                    "-".into()
-                } else {
+                if !h.why.is_empty() {
                     h.why.clone()
+                } else if !h.pull_why.is_empty() {
+                    format!("pull: {}", h.pull_why)
+                } else {
+                    "-".into()
                 },
             ]);
         }

@@ -15,7 +15,7 @@ use drover_model::jobevent::id_stamp;
 use drover_model::releases;
 use tracing::{info, warn};
 
-use super::engine::{self, Action, HostPhase, Input, Milestone};
+use super::engine::{self, Action, HostPhase, Input, Milestone, Pull};
 use super::plan;
 use super::record::{self, FleetRelease, Options};
 use crate::alerts::AlertRecord;
@@ -94,13 +94,17 @@ impl Releases {
         }
         let now = now_ms();
         let id = args.id.clone().unwrap_or_else(|| release_id(now));
-        let release = engine::new_release(
-            &id,
-            &args.version,
-            &waves,
-            policy,
-            |h| before.get(h).cloned().unwrap_or_default(),
-            |h| self.shared.registry.seen(h).1,
+        // Every connected host gets the image first: a wave's time is then the switch.
+        let release = engine::pull_first(
+            engine::new_release(
+                &id,
+                &args.version,
+                &waves,
+                policy,
+                |h| before.get(h).cloned().unwrap_or_default(),
+                |h| self.shared.registry.seen(h).1,
+                now,
+            ),
             now,
         );
         let mut fleet = FleetRelease {
@@ -180,7 +184,7 @@ impl Releases {
             Control::Pause => phase == "running",
             Control::Resume => phase == "paused",
             Control::Abort { revert } => {
-                matches!(phase, "running" | "paused") || (revert && phase == "halted")
+                matches!(phase, "pulling" | "running" | "paused") || (revert && phase == "halted")
             }
         };
         if !allowed {
@@ -336,6 +340,21 @@ impl Releases {
                     up: open,
                 });
             }
+            if let Pull::Pulling { job_id } = &h.pull {
+                match store.job(job_id).map_err(store_error)? {
+                    Some(job) if job.state().is_finished() => inputs.push(Input::JobEnded {
+                        host: h.host.clone(),
+                        job_id: job_id.clone(),
+                        ok: job.state() == JobState::Succeeded,
+                        why: job_why(&job),
+                    }),
+                    Some(_) => {}
+                    None => redo.push(Action::Pull {
+                        host: h.host.clone(),
+                        job_id: job_id.clone(),
+                    }),
+                }
+            }
             match &h.phase {
                 HostPhase::Settling { deployed_ms, .. } if open => {
                     let healthy = store
@@ -409,6 +428,20 @@ impl Releases {
             let mut changed = next != fleet.release;
             let revert_began = matches!(next.phase, engine::Phase::Reverting { .. })
                 && !matches!(fleet.release.phase, engine::Phase::Reverting { .. });
+            if matches!(fleet.release.phase, engine::Phase::Pulling { .. })
+                && matches!(next.phase, engine::Phase::Running { .. })
+            {
+                let count = |p: fn(&Pull) -> bool| next.hosts.iter().filter(|h| p(&h.pull)).count();
+                let pulled = count(|p| *p == Pull::Pulled);
+                let skipped = count(|p| *p == Pull::Skipped);
+                let mut what = format!("the image is on {pulled} host(s)");
+                if skipped > 0 {
+                    what.push_str(&format!(
+                        "; {skipped} not connected pull it at their deploy"
+                    ));
+                }
+                fleet.note(now, "", what);
+            }
             if revert_began && next.migration_ran {
                 fleet.note(
                     now,
@@ -449,6 +482,22 @@ impl Releases {
         let id = fleet.id();
         let by = format!("{} (release {id})", fleet.requested_by);
         let (host, job_id, started) = match action {
+            Action::Pull { host, job_id } => {
+                if self.job_exists(&job_id) {
+                    return None;
+                }
+                let started = self
+                    .launcher
+                    .pull(
+                        &fleet.app,
+                        &fleet.release.version,
+                        &host,
+                        &by,
+                        Some(job_id.clone()),
+                    )
+                    .await;
+                (host, job_id, started)
+            }
             Action::Deploy {
                 host,
                 job_id,

@@ -7,6 +7,10 @@
 //! already knows it).
 //!
 //! The rules:
+//! - A release made with [`pull_first`] first asks every connected host to pull the image
+//!   (all at once); the first wave starts when every pull ended well. A host that cannot pull
+//!   halts the release before any host changed; a pull still running at `progress_deadline`
+//!   does too. A host not connected then pulls at its own deploy.
 //! - Waves run in order. Within the running wave, hosts start deploying while fewer than
 //!   `max_parallel` are deploying; a host that is not connected waits, up to `host_timeout`,
 //!   then is `offline` (a failure, or skipped with `skip_offline`).
@@ -140,6 +144,36 @@ impl HostPhase {
     }
 }
 
+/// Where one host's image pull stands (the pull before the first wave).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Pull {
+    /// Not asked: the release has no pull phase, or it has not begun.
+    #[default]
+    NotAsked,
+    Pulling {
+        job_id: String,
+    },
+    Pulled,
+    Failed {
+        why: String,
+    },
+    /// Not connected when the pulls were sent: it pulls at its own deploy.
+    Skipped,
+}
+
+impl Pull {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Pull::NotAsked => "",
+            Pull::Pulling { .. } => "pulling",
+            Pull::Pulled => "pulled",
+            Pull::Failed { .. } => "failed",
+            Pull::Skipped => "skipped",
+        }
+    }
+}
+
 /// One host of a release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRelease {
@@ -154,12 +188,17 @@ pub struct HostRelease {
     pub connected: bool,
     /// This host runs the spec's migration (the first host of the first wave).
     pub migrates: bool,
+    /// Its image pull before the first wave.
+    #[serde(default)]
+    pub pull: Pull,
 }
 
 /// Where a release stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum Phase {
+    /// Every connected host pulls the image; the first wave starts when all have it.
+    Pulling { deadline_ms: i64 },
     /// Wave `wave` runs; it fails if not done by `deadline_ms`.
     Running { wave: usize, deadline_ms: i64 },
     /// Paused by an operator in wave `wave`, with `left_ms` of its deadline left.
@@ -177,6 +216,7 @@ pub enum Phase {
 impl Phase {
     pub fn as_str(&self) -> &'static str {
         match self {
+            Phase::Pulling { .. } => "pulling",
             Phase::Running { .. } => "running",
             Phase::Paused { .. } => "paused",
             Phase::Reverting { .. } => "reverting",
@@ -238,6 +278,8 @@ pub enum Input {
 /// What the driver does now, after storing the new state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Make the image present on a host (before the first wave).
+    Pull { host: String, job_id: String },
     Deploy {
         host: String,
         job_id: String,
@@ -285,6 +327,7 @@ pub fn new_release(
                 before: before(host),
                 connected: connected(host),
                 migrates: hosts.is_empty(),
+                pull: Pull::NotAsked,
             });
         }
     }
@@ -302,7 +345,16 @@ pub fn new_release(
     }
 }
 
-/// The job id of host `index`'s deploy (`d`) or rollback (`r`) in release `id`.
+/// The release, with every connected host pulling the image before its first wave starts
+/// (within `progress_deadline` from `now_ms`).
+pub fn pull_first(mut release: Release, now_ms: i64) -> Release {
+    release.phase = Phase::Pulling {
+        deadline_ms: now_ms + release.policy.progress_deadline_ms,
+    };
+    release
+}
+
+/// The job id of host `index`'s pull (`p`), deploy (`d`) or rollback (`r`) in release `id`.
 pub fn job_id(id: &str, kind: char, index: usize) -> String {
     format!("{id}-{kind}{index}")
 }
@@ -315,10 +367,15 @@ pub fn step(release: &Release, input: &Input, now_ms: i64) -> (Release, Vec<Acti
     if matches!(r.phase, Phase::Succeeded | Phase::Reverted { .. }) {
         return (r, actions);
     }
-    let started = matches!(r.phase, Phase::Running { wave: 0, .. })
-        && r.hosts.iter().all(|h| h.phase == HostPhase::Pending);
+    let started = matches!(
+        r.phase,
+        Phase::Running { wave: 0, .. } | Phase::Pulling { .. }
+    ) && r
+        .hosts
+        .iter()
+        .all(|h| h.phase == HostPhase::Pending && h.pull == Pull::NotAsked);
     apply(&mut r, input, now_ms, &mut actions);
-    if started && matches!(r.phase, Phase::Running { .. }) {
+    if started && matches!(r.phase, Phase::Running { .. } | Phase::Pulling { .. }) {
         actions.insert(0, Action::Tell(Milestone::Started));
     }
     advance(&mut r, now_ms, &mut actions);
@@ -379,6 +436,8 @@ fn apply(r: &mut Release, input: &Input, now_ms: i64, actions: &mut Vec<Action>)
             }
         }
         Input::Abort { revert } => match &r.phase {
+            // Nothing changed yet: there is nothing to revert.
+            Phase::Pulling { .. } => halt(r, "aborted by an operator".into(), false, actions),
             Phase::Running { .. } | Phase::Paused { .. } => {
                 halt(r, "aborted by an operator".into(), *revert, actions);
             }
@@ -399,6 +458,18 @@ fn job_ended(r: &mut Release, host: &str, job: &str, ok: bool, why: &str, now_ms
     let Some(h) = r.hosts.iter_mut().find(|h| h.host == host) else {
         return;
     };
+    if let Pull::Pulling { job_id } = &h.pull
+        && job_id == job
+    {
+        h.pull = if ok {
+            Pull::Pulled
+        } else {
+            Pull::Failed {
+                why: why.to_string(),
+            }
+        };
+        return;
+    }
     match &h.phase {
         HostPhase::Deploying { job_id, .. } if job_id == job => {
             if ok && h.migrates {
@@ -461,6 +532,7 @@ fn halt(r: &mut Release, why: String, revert: bool, actions: &mut Vec<Action>) {
 /// Moves the release on from where `apply` left it, as far as it can go at `now_ms`.
 fn advance(r: &mut Release, now_ms: i64, actions: &mut Vec<Action>) {
     match r.phase.clone() {
+        Phase::Pulling { deadline_ms } => pull_images(r, deadline_ms, now_ms, actions),
         Phase::Running { wave, deadline_ms } => run_wave(r, wave, deadline_ms, now_ms, actions),
         Phase::Paused { .. } => {
             // Deploys in flight go on; hosts that are deployed settle; nothing new starts.
@@ -470,6 +542,67 @@ fn advance(r: &mut Release, now_ms: i64, actions: &mut Vec<Action>) {
         // Halted: deploys in flight still end and settle, nothing starts.
         Phase::Halted { .. } => settle(r, now_ms),
         Phase::Succeeded | Phase::Reverted { .. } => {}
+    }
+}
+
+/// The pulls: sent to every connected host not asked yet; any failure, or a pull still
+/// running at the deadline, halts the release (nothing changed, so nothing is reverted);
+/// once every pull ended well the first wave starts.
+fn pull_images(r: &mut Release, deadline_ms: i64, now_ms: i64, actions: &mut Vec<Action>) {
+    for (i, h) in r.hosts.iter_mut().enumerate() {
+        if h.pull != Pull::NotAsked {
+            continue;
+        }
+        if h.connected {
+            let job_id = job_id(&r.id, 'p', i);
+            actions.push(Action::Pull {
+                host: h.host.clone(),
+                job_id: job_id.clone(),
+            });
+            h.pull = Pull::Pulling { job_id };
+        } else {
+            h.pull = Pull::Skipped;
+        }
+    }
+    let failed: Vec<String> = r
+        .hosts
+        .iter()
+        .filter_map(|h| match &h.pull {
+            Pull::Failed { why } => Some(format!("{}: {why}", h.host)),
+            _ => None,
+        })
+        .collect();
+    let pulling: Vec<&str> = r
+        .hosts
+        .iter()
+        .filter(|h| matches!(h.pull, Pull::Pulling { .. }))
+        .map(|h| h.host.as_str())
+        .collect();
+    let why = if !failed.is_empty() {
+        Some(format!(
+            "the image could not be pulled, so no host was changed: {}",
+            failed.join("; ")
+        ))
+    } else if !pulling.is_empty() && now_ms >= deadline_ms {
+        Some(format!(
+            "the image pull did not finish within the progress deadline ({} s) on {}; no host was changed",
+            r.policy.progress_deadline_ms / 1000,
+            pulling.join(", ")
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        halt(r, why, false, actions);
+        return;
+    }
+    if pulling.is_empty() {
+        let deadline_ms = now_ms + r.policy.progress_deadline_ms;
+        r.phase = Phase::Running {
+            wave: 0,
+            deadline_ms,
+        };
+        run_wave(r, 0, deadline_ms, now_ms, actions);
     }
 }
 
@@ -772,6 +905,117 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn pulls(actions: &[Action]) -> Vec<&str> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Pull { host, .. } => Some(host.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pulled(run: &mut Run, t: i64, host: &str, ok: bool) -> Vec<Action> {
+        let Pull::Pulling { job_id } = run.host(host).pull.clone() else {
+            panic!("{host} pulls nothing: {:?}", run.host(host).pull);
+        };
+        run.at(
+            t,
+            Input::JobEnded {
+                host: host.into(),
+                job_id,
+                ok,
+                why: if ok {
+                    String::new()
+                } else {
+                    "manifest unknown".into()
+                },
+            },
+        )
+    }
+
+    #[test]
+    fn every_connected_host_pulls_at_once_before_the_first_wave() {
+        let r = pull_first(release(&[&["a"], &["b", "c"]], policy(), &["c"]), 0);
+        let mut run = Run::new(r);
+        // All connected hosts at once, whatever max_parallel and the waves; c is offline.
+        assert_eq!(pulls(&run.actions), ["a", "b"]);
+        assert_eq!(job_id("rel-1", 'p', 0), "rel-1-p0");
+        assert_eq!(run.host("c").pull, Pull::Skipped);
+        assert_eq!(told(&run.actions), [&Milestone::Started]);
+        assert!(deploys(&run.actions).is_empty());
+        assert!(
+            deploys(&pulled(&mut run, S, "a", true)).is_empty(),
+            "b still pulls"
+        );
+        assert_eq!(run.r.phase.as_str(), "pulling");
+        let next = pulled(&mut run, 2 * S, "b", true);
+        assert_eq!(deploys(&next), ["a"], "the first wave starts");
+        assert_eq!(
+            run.r.phase,
+            Phase::Running {
+                wave: 0,
+                deadline_ms: 2 * S + 600 * S
+            }
+        );
+        // Started is told once, not again when the first wave begins.
+        assert_eq!(told(&run.actions), [&Milestone::Started]);
+        // A replayed end of the pull changes nothing.
+        let again = run.at(
+            3 * S,
+            Input::JobEnded {
+                host: "a".into(),
+                job_id: "rel-1-p0".into(),
+                ok: false,
+                why: "late".into(),
+            },
+        );
+        assert!(again.is_empty());
+        assert_eq!(run.host("a").pull, Pull::Pulled);
+    }
+
+    #[test]
+    fn a_host_that_cannot_pull_halts_the_release_before_any_host_changes() {
+        let r = pull_first(release(&[&["a"], &["b"]], policy(), &[]), 0);
+        let mut run = Run::new(r);
+        let halted = pulled(&mut run, S, "b", false);
+        assert!(deploys(&halted).is_empty());
+        assert!(rollbacks(&halted).is_empty());
+        let Phase::Halted { why } = &run.r.phase else {
+            panic!("halted: {:?}", run.r.phase);
+        };
+        assert!(
+            why.contains("b: manifest unknown") && why.contains("no host was changed"),
+            "{why}"
+        );
+        assert_eq!(run.phases(), [("a", "skipped"), ("b", "skipped")]);
+        // a's pull still ends; nothing starts.
+        assert!(deploys(&pulled(&mut run, 2 * S, "a", true)).is_empty());
+    }
+
+    #[test]
+    fn a_pull_past_the_deadline_halts_and_an_abort_while_pulling_reverts_nothing() {
+        let r = pull_first(release(&[&["a", "b"]], policy(), &[]), 0);
+        let mut run = Run::new(r);
+        pulled(&mut run, S, "a", true);
+        run.at(599 * S, Input::Tick);
+        assert_eq!(run.r.phase.as_str(), "pulling");
+        run.at(600 * S, Input::Tick);
+        let Phase::Halted { why } = &run.r.phase else {
+            panic!("halted: {:?}", run.r.phase);
+        };
+        assert!(
+            why.contains("did not finish within the progress deadline (600 s) on b"),
+            "{why}"
+        );
+
+        let r = pull_first(release(&[&["a", "b"]], policy(), &[]), 0);
+        let mut run = Run::new(r);
+        let out = run.at(S, Input::Abort { revert: true });
+        assert!(rollbacks(&out).is_empty());
+        assert_eq!(run.r.phase.as_str(), "halted");
     }
 
     fn told(actions: &[Action]) -> Vec<&Milestone> {
