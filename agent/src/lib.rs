@@ -221,6 +221,7 @@ impl Agent {
             cancels: job::step::Cancels::default(),
             docker: docker::connect(&self.config.docker_socket),
             apps: apps::Apps::new(self.config.proxy.limits(budget))
+                .with_listen_ip(self.config.proxy.listen_ip)
                 .with_liveness(self.liveness.clone()),
             secrets_dir: self.config.secrets_dir.clone(),
             backups_dir: self.config.data_dir.join("backups"),
