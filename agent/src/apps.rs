@@ -1,10 +1,12 @@
 //! The web apps this agent serves: one reverse proxy per app on its public address, kept for
 //! the agent's lifetime. A deploy reserves the address early (so a port already taken fails the
 //! deploy before anything runs) and installs the proxy when traffic first moves to the app.
-//! Every proxy gets the agent's connection limits; their connection budget is shared.
+//! Every proxy gets the agent's connection limits; their connection budget is shared. An app
+//! whose spec listens on a wildcard address binds the agent's `[proxy] listen_ip` when one is
+//! configured ([`public_addr`]), so agents sharing a machine serve one spec side by side.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
@@ -47,11 +49,23 @@ pub struct Traffic {
     pub stats: StatsSnapshot,
 }
 
+/// Where an app whose spec says `listen` is served: on `listen_ip` when `listen` is a
+/// wildcard (`0.0.0.0`, `::`) and an IP is configured, else `listen` itself. The port is always
+/// the spec's. Pure.
+pub fn public_addr(listen: SocketAddr, listen_ip: Option<IpAddr>) -> SocketAddr {
+    match listen_ip {
+        Some(ip) if listen.ip().is_unspecified() => SocketAddr::new(ip, listen.port()),
+        _ => listen,
+    }
+}
+
 /// Every app proxy of this agent.
 #[derive(Default)]
 pub struct Apps {
     served: Mutex<HashMap<String, Served>>,
     limits: ConnLimits,
+    /// `[proxy] listen_ip`: what a wildcard `web.listen` binds on this agent.
+    listen_ip: Option<IpAddr>,
     /// Each proxy's accept loop is a part of the daemon the watchdog checks.
     liveness: drover_daemon::Liveness,
 }
@@ -68,8 +82,21 @@ impl Apps {
         Apps {
             served: Mutex::default(),
             limits,
+            listen_ip: None,
             liveness: drover_daemon::Liveness::default(),
         }
+    }
+
+    /// Binds apps whose spec listens on a wildcard address on `ip` instead (`[proxy]
+    /// listen_ip`).
+    pub fn with_listen_ip(mut self, ip: Option<IpAddr>) -> Apps {
+        self.listen_ip = ip;
+        self
+    }
+
+    /// The address an app whose spec says `listen` is served on by this agent.
+    pub fn public_addr(&self, listen: SocketAddr) -> SocketAddr {
+        public_addr(listen, self.listen_ip)
     }
 
     /// Registers each proxy's accept loop with `liveness` (the daemon's watchdog check).
@@ -87,10 +114,12 @@ impl Apps {
         self.lock().get(app).map(|s| s.proxy.clone())
     }
 
-    /// Makes sure `app` can serve on `listen`: its running proxy if it is already there,
-    /// otherwise a listener bound now. Another app on that address, or a port taken by another
-    /// program, is an error that says so.
+    /// Makes sure `app` can serve on the address its spec's `listen` gives on this agent
+    /// ([`Apps::public_addr`]): its running proxy if it is already there, otherwise a listener
+    /// bound now. Another app on that address, or a port taken by another program, is an error
+    /// that says so.
     pub async fn reserve(&self, app: &str, listen: SocketAddr) -> Result<Reserved, ReserveError> {
+        let listen = self.public_addr(listen);
         {
             let served = self.lock();
             if let Some(s) = served.get(app)
@@ -223,6 +252,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot listen on"), "{err}");
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_takes_the_configured_ip() {
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            public_addr(addr("0.0.0.0:8080"), Some(ip)),
+            addr("127.0.0.2:8080")
+        );
+        assert_eq!(
+            public_addr(addr("[::]:8080"), Some(ip)),
+            addr("127.0.0.2:8080")
+        );
+        // A spec that names its IP keeps it (a loopback-only app stays loopback-only).
+        assert_eq!(
+            public_addr(addr("127.0.0.1:8080"), Some(ip)),
+            addr("127.0.0.1:8080")
+        );
+        assert_eq!(
+            public_addr(addr("0.0.0.0:8080"), None),
+            addr("0.0.0.0:8080")
+        );
+    }
+
+    #[tokio::test]
+    async fn two_agents_serve_one_wildcard_port_on_their_own_ips() {
+        let shutdown = CancellationToken::new();
+        let a = Apps::default().with_listen_ip(Some("127.0.0.2".parse().unwrap()));
+        let b = Apps::default().with_listen_ip(Some("127.0.0.3".parse().unwrap()));
+        // A free port on both addresses.
+        let port = std::net::TcpListener::bind("127.0.0.2:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let spec: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
+        for apps in [&a, &b] {
+            let reserved = apps.reserve("api", spec).await.unwrap();
+            let Reserved::Bound(bound, _) = &reserved else {
+                panic!("a new app binds");
+            };
+            assert_eq!(bound.port(), port);
+            assert!(!bound.ip().is_unspecified(), "{bound}");
+            apps.install("api", reserved, &shutdown);
+        }
+        assert_eq!(a.traffic().len(), 0, "no upstream yet");
+        assert!(matches!(
+            a.reserve("api", spec).await.unwrap(),
+            Reserved::Serving(_)
+        ));
         shutdown.cancel();
     }
 }

@@ -2,6 +2,7 @@
 //! `validate()` with messages that name the file and the key.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -80,10 +81,16 @@ impl Default for AgentConfig {
     }
 }
 
-/// The `[proxy]` table: how long a client may take and how many connections it may hold.
+/// The `[proxy]` table: where the app proxies listen, how long a client may take and how many
+/// connections it may hold.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
+    /// The IP an app proxy binds when its app's `web.listen` is a wildcard (`0.0.0.0:8080` or
+    /// `[::]:8080`): this host's address, so several agents on one machine (each with its own
+    /// IP) can serve the same app spec on the same port. Unset: the wildcard itself. An app
+    /// whose spec names an IP binds that IP whatever this says.
+    pub listen_ip: Option<IpAddr>,
     /// A request head must be complete this long after the connection opened or its previous
     /// response ended (slowloris clients are cut off here).
     #[serde(with = "duration_str")]
@@ -99,6 +106,7 @@ pub struct ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
+            listen_ip: None,
             header_timeout: ConnLimits::DEFAULT_HEADER_TIMEOUT,
             idle_timeout: ConnLimits::DEFAULT_IDLE_TIMEOUT,
             max_connections: ConnLimits::DEFAULT_MAX_CONNECTIONS as u64,
@@ -119,6 +127,16 @@ impl ProxyConfig {
 
     /// Bounds every value; the error names the `proxy.` key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(ip) = self.listen_ip
+            && ip.is_unspecified()
+        {
+            return Err((
+                "proxy.listen_ip",
+                format!(
+                    "{ip} is the wildcard itself: give one of this host's addresses, or leave the key out"
+                ),
+            ));
+        }
         let secs = Duration::from_secs;
         check_duration(self.header_timeout, secs(1), secs(600))
             .map_err(|m| ("proxy.header_timeout", m.to_string()))?;
@@ -252,6 +270,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.proxy.max_connections, 50);
+    }
+
+    #[test]
+    fn the_proxy_listen_ip_is_an_address_not_a_wildcard() {
+        let ok = AgentConfig::from_toml("[proxy]\nlisten_ip = \"127.0.0.2\"", "a.toml").unwrap();
+        assert_eq!(ok.proxy.listen_ip, Some("127.0.0.2".parse().unwrap()));
+        let ok = AgentConfig::from_toml("[proxy]\nlisten_ip = \"fd00::2\"", "a.toml").unwrap();
+        assert_eq!(ok.proxy.listen_ip, Some("fd00::2".parse().unwrap()));
+        for wildcard in ["0.0.0.0", "::"] {
+            let err =
+                AgentConfig::from_toml(&format!("[proxy]\nlisten_ip = \"{wildcard}\""), "a.toml")
+                    .unwrap_err()
+                    .to_string();
+            assert!(
+                err.starts_with("invalid config a.toml: key `proxy.listen_ip`: "),
+                "{err}"
+            );
+        }
+        let err = AgentConfig::from_toml("[proxy]\nlisten_ip = \"host-1\"", "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.toml"), "{err}");
     }
 
     #[test]

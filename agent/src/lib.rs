@@ -222,6 +222,7 @@ impl Agent {
             cancels: job::step::Cancels::default(),
             docker: docker::connect(&self.config.docker_socket),
             apps: apps::Apps::new(self.config.proxy.limits(budget))
+                .with_listen_ip(self.config.proxy.listen_ip)
                 .with_liveness(self.liveness.clone()),
             secrets_dir: self.config.secrets_dir.clone(),
             registry_auth: self.config.registry_auth.clone(),

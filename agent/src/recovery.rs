@@ -4,6 +4,10 @@
 //! orphan containers and releases beyond `keep_releases`, make sure every live release runs,
 //! and point each proxy at the release that is live in the end.
 //!
+//! Several agents may share one Docker Engine: everything here acts on the containers this
+//! agent's release tables name, and the orphan sweep removes only containers this agent owns
+//! (`release::owns`: labelled with its host, or made before that label existed).
+//!
 //! The rule for an interrupted job: if traffic had not moved (`switched` is false), the old
 //! release keeps serving and whatever the job created is removed; if it had, the new release
 //! stays if it passes its health check, else traffic goes back to the old one. The job is then
@@ -111,6 +115,7 @@ async fn ensure_running(
                 let info = ctx
                     .docker
                     .create_and_start(&container_spec(
+                        &ctx.host,
                         &spec,
                         release,
                         role,
@@ -255,7 +260,8 @@ pub(crate) async fn converge_release(
     Ok(())
 }
 
-/// Removes the app's orphan containers, stops kept releases left running, removes kept
+/// Removes the app's orphan containers (this agent's only: another agent on the same Engine
+/// may run the same app, `release::owns`), stops kept releases left running, removes kept
 /// releases beyond the live spec's `keep_releases` (an interrupted deploy never reached its
 /// prune step), and makes sure the live release runs.
 async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), RecoveryError> {
@@ -263,6 +269,7 @@ async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), RecoveryError> {
     let found = ctx.docker.list_labelled(release::LABEL_APP, app).await?;
     let pairs: Vec<(String, String)> = found
         .iter()
+        .filter(|c| release::owns(&c.labels, &ctx.host))
         .map(|c| {
             (
                 c.name.clone(),
@@ -339,7 +346,7 @@ async fn restore_proxy(ctx: &JobCtx, app: &str) {
             ctx.apps
                 .install_serving(app, reserved, Some(upstream), &ctx.shutdown);
             if !serving {
-                info!(app, listen = %web.listen, release = %live.version, "serving");
+                info!(app, listen = %ctx.apps.public_addr(web.listen), release = %live.version, "serving");
             }
         }
         Err(e) => warn!(app, error = %e, "cannot serve the live release"),

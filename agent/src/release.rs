@@ -29,6 +29,13 @@ pub const LABEL_APP: &str = "drover.app";
 pub const LABEL_RELEASE: &str = "drover.release";
 pub const LABEL_ROLE: &str = "drover.role";
 pub const LABEL_VERSION: &str = "drover.version";
+/// Which agent (its enrolled host name) made a container: several agents may share one Docker
+/// Engine, and each touches only its own containers ([`owns`]).
+pub const LABEL_HOST: &str = "drover.host";
+
+/// Container names are at most this long (readable in `docker ps`; the Engine sets no limit,
+/// but a name is not a place for a 300-character version string).
+pub const MAX_NAME: usize = 128;
 
 /// The web role's name in a release's containers.
 pub const WEB: &str = "web";
@@ -55,14 +62,42 @@ pub(crate) fn sanitize(name: &str) -> String {
         .collect()
 }
 
-/// The container name of `role` in a release: readable in `docker ps`, unique per release.
-pub fn container_name(app: &str, role: &str, version: &str, release_id: &str) -> String {
+/// The container name of `role` in a release made by the agent of `host`:
+/// `drover-<host>-<app>-<role>-<version>-<suffix>`, the suffix being the random end of the
+/// release's job id. Readable in `docker ps` and unique on an Engine several agents share: the
+/// agents of one job differ only in `host`, which comes first, and the jobs of one agent differ
+/// in their suffix. A name longer than [`MAX_NAME`] keeps its first part and ends with a hash
+/// of the whole, so it stays as unique.
+pub fn container_name(
+    host: &str,
+    app: &str,
+    role: &str,
+    version: &str,
+    release_id: &str,
+) -> String {
     let suffix = release_id
         .rsplit('-')
         .next()
         .filter(|s| s.len() >= 4)
         .unwrap_or(release_id);
-    sanitize(&format!("drover-{app}-{role}-{version}-{suffix}"))
+    let full = sanitize(&format!("drover-{host}-{app}-{role}-{version}-{suffix}"));
+    if full.len() <= MAX_NAME {
+        return full;
+    }
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(full.as_bytes()));
+    // `full` is ASCII (sanitized), so any byte index is a char boundary.
+    format!("{}-{}", &full[..MAX_NAME - 13], &digest[..12])
+}
+
+/// Whether the agent of `host` owns a container with these labels: one that names this host in
+/// [`LABEL_HOST`], or one with no [`LABEL_HOST`] at all, made by an agent from before the label
+/// existed, which the one agent of a host keeps adopting after its upgrade. Pure.
+///
+/// On an Engine shared by several agents, such an unlabelled container may be another agent's:
+/// every agent there must have created its containers with the label (see ARCHITECTURE.md).
+pub fn owns(labels: &BTreeMap<String, String>, host: &str) -> bool {
+    labels.get(LABEL_HOST).is_none_or(|h| h == host)
 }
 
 /// Whether the post-deploy watch window has been breached by the new release's traffic: the
@@ -100,8 +135,10 @@ pub(crate) fn app_env(
     Ok(env)
 }
 
-/// The container spec of `role` in `release`; `image` may be `repo:tag` or an image ID.
+/// The container spec of `role` in `release` on `host`; `image` may be `repo:tag` or an image
+/// ID.
 pub fn container_spec(
+    host: &str,
     spec: &AppSpec,
     release: &Release,
     role: &str,
@@ -124,6 +161,7 @@ pub fn container_spec(
             (LABEL_RELEASE.to_string(), release.id.clone()),
             (LABEL_ROLE.to_string(), role.to_string()),
             (LABEL_VERSION.to_string(), release.version.clone()),
+            (LABEL_HOST.to_string(), host.to_string()),
         ]),
         publish: (role == WEB)
             .then(|| spec.web.as_ref().map(|w| w.port))
@@ -500,7 +538,7 @@ pub(crate) async fn switch_step(
     let serves = spec
         .web
         .as_ref()
-        .map(|w| w.listen.to_string())
+        .map(|w| ctx.apps.public_addr(w.listen).to_string())
         .unwrap_or_else(|| "(workers)".into());
     report
         .step_done(
@@ -623,7 +661,8 @@ pub(crate) async fn watch(
 }
 
 /// Removes the containers of releases beyond the kept ones (never the live one or the rollback
-/// target), and untags their image when no live or kept release uses it. Returns what went.
+/// target), and untags their image when nothing uses it any more ([`image_in_use`]). Returns
+/// what went.
 pub(crate) async fn prune(ctx: &JobCtx, table: &mut [Release], keep: usize) -> Vec<String> {
     let mut pruned = Vec::new();
     for id in releases::to_prune(table, keep) {
@@ -632,13 +671,15 @@ pub(crate) async fn prune(ctx: &JobCtx, table: &mut [Release], keep: usize) -> V
         };
         remove_containers(ctx, &r).await;
         set_state(table, &id, ReleaseState::Removed, None);
-        let in_use = table.iter().any(|o| {
-            o.image == r.image
-                && matches!(
-                    o.state,
-                    ReleaseState::Live | ReleaseState::Kept | ReleaseState::Deploying
-                )
-        });
+        // Another agent on this Engine may run the same image: its containers are looked at
+        // too (an Engine that cannot list them keeps the image).
+        let in_use = match ctx.docker.list_labelled(LABEL_APP, &r.app).await {
+            Ok(containers) => image_in_use(table, &r, &containers),
+            Err(e) => {
+                warn!(image = %r.image, error = %e, "cannot list containers; the old image stays");
+                true
+            }
+        };
         if !in_use {
             match ctx.docker.remove_image(&r.image).await {
                 Ok(_) => {}
@@ -650,20 +691,197 @@ pub(crate) async fn prune(ctx: &JobCtx, table: &mut [Release], keep: usize) -> V
     pruned
 }
 
+/// Whether the image of the pruned release `pruned` is still in use, so its tag must stay: by
+/// a live, kept or deploying release of `table` with the same tag, or by any container still on
+/// the Engine from the same image ID (`containers`, listed after the pruned release's own went:
+/// they may be another agent's, whose next start or rollback needs the image). Pure.
+pub fn image_in_use(table: &[Release], pruned: &Release, containers: &[ContainerInfo]) -> bool {
+    let by_release = table.iter().any(|o| {
+        o.image == pruned.image
+            && matches!(
+                o.state,
+                ReleaseState::Live | ReleaseState::Kept | ReleaseState::Deploying
+            )
+    });
+    let by_container = !pruned.image_id.is_empty()
+        && containers.iter().any(|c| {
+            c.image_id == pruned.image_id && !pruned.containers.values().any(|n| *n == c.name)
+        });
+    by_release || by_container
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn valid_docker_name(name: &str) -> bool {
+        name.len() <= MAX_NAME
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    }
+
     #[test]
     fn container_names_are_readable_unique_and_valid() {
         assert_eq!(
-            container_name("api", "web", "v1.2.3", "deploy-20261123-142233-3f2a"),
-            "drover-api-web-v1.2.3-3f2a"
+            container_name(
+                "web-1",
+                "api",
+                "web",
+                "v1.2.3",
+                "deploy-20261123-142233-3f2a"
+            ),
+            "drover-web-1-api-web-v1.2.3-3f2a"
         );
         assert_eq!(
-            container_name("api", "bot", "v1.0.0+b7", "x"),
-            "drover-api-bot-v1.0.0-b7-x"
+            container_name("h", "api", "bot", "v1.0.0+b7", "x"),
+            "drover-h-api-bot-v1.0.0-b7-x"
         );
+        // A fleet release's job ids end in `-d0`: too short, so the whole id is the suffix.
+        assert_eq!(
+            container_name("h", "api", "web", "v1", "release-20261123-142233-3f2a-d0"),
+            "drover-h-api-web-v1-release-20261123-142233-3f2a-d0"
+        );
+    }
+
+    #[test]
+    fn two_hosts_never_share_a_container_name() {
+        let job = "deploy-20261123-142233-3f2a";
+        let hosts = ["a", "b", "web-1", "web-1.dc2", "web", "w"];
+        for role in ["web", "worker", "migrate"] {
+            let names: std::collections::BTreeSet<String> = hosts
+                .iter()
+                .map(|h| container_name(h, "api", role, "v1.0.0", job))
+                .collect();
+            assert_eq!(names.len(), hosts.len(), "{names:?}");
+        }
+        // Even when every part is at its longest, so the names are cut and hashed.
+        let long_version = "v".repeat(128);
+        let a = container_name(&"a".repeat(63), &"x".repeat(63), "web", &long_version, job);
+        let b = container_name(
+            &format!("{}b", "a".repeat(62)),
+            &"x".repeat(63),
+            "web",
+            &long_version,
+            job,
+        );
+        assert_ne!(a, b);
+        for name in [&a, &b] {
+            assert!(valid_docker_name(name), "{name}");
+            assert_eq!(name.len(), MAX_NAME, "{name}");
+        }
+        // Cut names differ in what was cut off, too.
+        assert_ne!(
+            container_name("h", "api", "web", &format!("{long_version}1"), job),
+            container_name("h", "api", "web", &format!("{long_version}2"), job)
+        );
+        assert!(valid_docker_name(&container_name(
+            "h", "api", "web", "v1+b7 ~x", job
+        )));
+    }
+
+    #[test]
+    fn an_agent_owns_its_own_and_unlabelled_containers_only() {
+        let labels = |host: Option<&str>| {
+            let mut l = BTreeMap::from([(LABEL_APP.to_string(), "api".to_string())]);
+            if let Some(h) = host {
+                l.insert(LABEL_HOST.to_string(), h.to_string());
+            }
+            l
+        };
+        assert!(owns(&labels(Some("web-1")), "web-1"));
+        assert!(!owns(&labels(Some("web-2")), "web-1"));
+        assert!(!owns(&labels(Some("")), "web-1"));
+        assert!(!owns(&labels(Some("web-1")), "web-10"));
+        // Made before the label existed: the host's one agent adopts it.
+        assert!(owns(&labels(None), "web-1"));
+    }
+
+    fn release(id: &str, image: &str, image_id: &str, state: ReleaseState) -> Release {
+        Release {
+            id: id.into(),
+            app: "api".into(),
+            version: id.into(),
+            image: image.into(),
+            image_id: image_id.into(),
+            job_id: id.into(),
+            requested_by: "alice".into(),
+            started_unix_ms: 0,
+            finished_unix_ms: 0,
+            result: None,
+            state,
+            spec_toml: String::new(),
+            containers: BTreeMap::from([(WEB.to_string(), format!("drover-h-api-web-{id}"))]),
+        }
+    }
+
+    #[test]
+    fn an_image_stays_while_a_release_or_another_agents_container_uses_it() {
+        let old = release("v1", "acme/api:v1", "sha256:1", ReleaseState::Removed);
+        let live = release("v2", "acme/api:v2", "sha256:2", ReleaseState::Live);
+        let container = |name: &str, image_id: &str| ContainerInfo {
+            name: name.into(),
+            image_id: image_id.into(),
+            ..ContainerInfo::default()
+        };
+        let table = vec![old.clone(), live.clone()];
+        assert!(!image_in_use(&table, &old, &[]));
+        assert!(!image_in_use(
+            &table,
+            &old,
+            &[container("drover-h-api-web-v2", "sha256:2")]
+        ));
+        // Another agent on the same Engine still runs v1.
+        assert!(image_in_use(
+            &table,
+            &old,
+            &[container("drover-g-api-web-v1", "sha256:1")]
+        ));
+        // The pruned release's own container (its removal failed) does not keep the image.
+        assert!(!image_in_use(
+            &table,
+            &old,
+            &[container("drover-h-api-web-v1", "sha256:1")]
+        ));
+        // A kept release of the same tag does.
+        let kept = release("v1b", "acme/api:v1", "sha256:1", ReleaseState::Kept);
+        assert!(image_in_use(&[old.clone(), kept], &old, &[]));
+        // Without a recorded image ID only the table decides.
+        let no_id = release("v0", "acme/api:v0", "", ReleaseState::Removed);
+        assert!(!image_in_use(
+            std::slice::from_ref(&no_id),
+            &no_id,
+            &[container("x", "")]
+        ));
+    }
+
+    #[test]
+    fn container_specs_carry_the_host() {
+        let spec = AppSpec::from_toml(
+            "name = \"api\"\nimage = \"acme/api\"\n[web]\nport = 8000\nlisten = \"127.0.0.1:8080\"\n",
+            "api.toml",
+        )
+        .unwrap();
+        let release = Release {
+            id: "deploy-1-abcd".into(),
+            app: "api".into(),
+            version: "v1".into(),
+            image: "acme/api:v1".into(),
+            image_id: String::new(),
+            job_id: "deploy-1-abcd".into(),
+            requested_by: "alice".into(),
+            started_unix_ms: 0,
+            finished_unix_ms: 0,
+            result: None,
+            state: ReleaseState::Deploying,
+            spec_toml: String::new(),
+            containers: BTreeMap::from([(WEB.to_string(), "drover-h-api-web-v1-abcd".into())]),
+        };
+        let c = container_spec("h", &spec, &release, WEB, "acme/api:v1", &BTreeMap::new());
+        assert_eq!(c.labels.get(LABEL_HOST).map(String::as_str), Some("h"));
+        assert!(owns(&c.labels, "h") && !owns(&c.labels, "other"));
+        assert_eq!(c.name, "drover-h-api-web-v1-abcd");
     }
 
     #[test]

@@ -337,7 +337,15 @@ async fn kill_9_at_every_step_converges_to_one_serving_version() {
             let mut wanted: Vec<String> = releases
                 .iter()
                 .filter(|r| r.state == "live" || r.state == "kept")
-                .map(|r| drover_agent::release::container_name(app, "web", &r.version, &r.id))
+                .map(|r| {
+                    drover_agent::release::container_name(
+                        &setup.host,
+                        app,
+                        "web",
+                        &r.version,
+                        &r.id,
+                    )
+                })
                 .collect();
             wanted.sort();
             let names: Vec<String> = app_containers(app).into_iter().map(|(n, _)| n).collect();
@@ -418,7 +426,7 @@ async fn kill_9_during_a_test_restore_leaves_no_scratch_database() {
         .into_inner()
         .jobs;
     let job = jobs[0].id.clone();
-    let prefix = drover_agent::job::verify::scratch_prefix(&job);
+    let prefix = drover_agent::job::verify::scratch_prefix(&setup.host, &job);
     let left = eventually(
         "the scratch database exists",
         Duration::from_secs(60),

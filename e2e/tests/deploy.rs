@@ -129,11 +129,11 @@ async fn deploys_switch_with_no_failed_request_and_roll_back_on_demand() {
         app_containers(app),
         [
             (
-                "drover-zdt-web-v1.0.0-aaaa".to_string(),
+                "drover-deploy-host-zdt-web-v1.0.0-aaaa".to_string(),
                 "exited".to_string()
             ),
             (
-                "drover-zdt-web-v1.1.0-bbbb".to_string(),
+                "drover-deploy-host-zdt-web-v1.1.0-bbbb".to_string(),
                 "running".to_string()
             ),
         ]
@@ -488,10 +488,22 @@ async fn worker_roles_are_swapped_and_a_dying_worker_fails_the_deploy() {
     assert_eq!(
         states,
         BTreeMap::from([
-            ("drover-workers-bot-v1.0.0-w100".into(), "exited".into()),
-            ("drover-workers-bot-v1.1.0-w110".into(), "running".into()),
-            ("drover-workers-web-v1.0.0-w100".into(), "exited".into()),
-            ("drover-workers-web-v1.1.0-w110".into(), "running".into()),
+            (
+                "drover-worker-host-workers-bot-v1.0.0-w100".into(),
+                "exited".into()
+            ),
+            (
+                "drover-worker-host-workers-bot-v1.1.0-w110".into(),
+                "running".into()
+            ),
+            (
+                "drover-worker-host-workers-web-v1.0.0-w100".into(),
+                "exited".into()
+            ),
+            (
+                "drover-worker-host-workers-web-v1.1.0-w110".into(),
+                "running".into()
+            ),
         ])
     );
 
@@ -503,8 +515,9 @@ async fn worker_roles_are_swapped_and_a_dying_worker_fails_the_deploy() {
     assert_eq!(get(&done, field::RESULT), "failed", "{done:?}");
     assert_eq!(get(&done, field::STEP), "health");
     assert!(
-        get(&done, field::ERROR)
-            .contains("worker container drover-workers-bot-v1.0.0-wdie exited with code 4"),
+        get(&done, field::ERROR).contains(
+            "worker container drover-worker-host-workers-bot-v1.0.0-wdie exited with code 4"
+        ),
         "{done:?}"
     );
     assert!(
@@ -532,11 +545,11 @@ async fn worker_roles_are_swapped_and_a_dying_worker_fails_the_deploy() {
         app_containers(bots),
         [
             (
-                "drover-bots-bot-v1.0.0-b000".to_string(),
+                "drover-worker-host-bots-bot-v1.0.0-b000".to_string(),
                 "exited".to_string()
             ),
             (
-                "drover-bots-bot-v1.1.0-b001".to_string(),
+                "drover-worker-host-bots-bot-v1.1.0-b001".to_string(),
                 "running".to_string()
             ),
         ]
@@ -567,11 +580,11 @@ async fn pruning_keeps_the_rollback_target_and_a_pruned_release_is_recreated_fro
         app_containers(app),
         [
             (
-                "drover-prune-web-v1.1.0-p001".to_string(),
+                "drover-prune-host-prune-web-v1.1.0-p001".to_string(),
                 "exited".to_string()
             ),
             (
-                "drover-prune-web-v2.0.0-p002".to_string(),
+                "drover-prune-host-prune-web-v2.0.0-p002".to_string(),
                 "running".to_string()
             ),
         ]
@@ -588,7 +601,7 @@ async fn pruning_keeps_the_rollback_target_and_a_pruned_release_is_recreated_fro
     assert!(
         events.iter().any(|e| get(e, field::STEP) == "start"
             && e.message
-                .contains("recreated drover-prune-web-v1.0.0-p000 from")),
+                .contains("recreated drover-prune-host-prune-web-v1.0.0-p000 from")),
         "{events:?}"
     );
     assert_eq!(version_at(listen).await, "v1.0.0");

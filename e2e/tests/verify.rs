@@ -231,7 +231,7 @@ async fn a_container_backup_restores_into_a_scratch_from_the_same_image_and_a_mi
     assert!(
         check(v, "restore")
             .message
-            .contains("container drover-verify-crm-db-"),
+            .contains("container drover-verify-db-1-crm-db-"),
         "{v:#?}"
     );
     assert_eq!(check(v, "sanity").evidence["rows"], "4000", "{v:#?}");
@@ -248,7 +248,13 @@ async fn a_container_backup_restores_into_a_scratch_from_the_same_image_and_a_mi
     assert_eq!(check(v, "scratch_removed").result, "passed", "{v:#?}");
     // No scratch container is left.
     let out = std::process::Command::new("docker")
-        .args(["ps", "-a", "-q", "--filter", "name=drover-verify-crm-db-"])
+        .args([
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            "name=drover-verify-db-1-crm-db-",
+        ])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());

@@ -214,7 +214,7 @@ async fn deploy_steps(
             .map(|role| {
                 (
                     role.clone(),
-                    container_name(&job.app, role, &job.version, &job.id),
+                    container_name(&ctx.host, &job.app, role, &job.version, &job.id),
                 )
             })
             .collect(),
@@ -269,8 +269,8 @@ async fn deploy_steps(
             format!("running {}", spec.migrate.join(" ")),
         )
         .await?;
-        let mut once = container_spec(&spec, &release, "migrate", &image, &env);
-        once.name = container_name(&job.app, "migrate", &job.version, &job.id);
+        let mut once = container_spec(&ctx.host, &spec, &release, "migrate", &image, &env);
+        once.name = container_name(&ctx.host, &job.app, "migrate", &job.version, &job.id);
         once.command = spec.migrate.clone();
         once.publish = None;
         let (code, logs) = ctx
@@ -318,7 +318,9 @@ async fn deploy_steps(
     for role in &roles {
         let info = ctx
             .docker
-            .create_and_start(&container_spec(&spec, &release, role, &image, &env))
+            .create_and_start(&container_spec(
+                &ctx.host, &spec, &release, role, &image, &env,
+            ))
             .await
             .map_err(|e| fail("start", e.to_string()))?;
         if role == WEB {

@@ -199,7 +199,7 @@ async fn rollback_bring_up(
                 };
                 let info = ctx
                     .docker
-                    .create_and_start(&container_spec(spec, target, role, &image, env))
+                    .create_and_start(&container_spec(&ctx.host, spec, target, role, &image, env))
                     .await
                     .map_err(|e| fail("start", e.to_string()))?;
                 how.push(format!(

@@ -28,6 +28,7 @@ use crate::job::step::{
     Failure, JobCtx, Outcome, RecoveryError, Report, fail, outcome_of, take_lock,
 };
 use crate::postgres::{self, Conn, RestoreOpts, TableFact};
+use crate::release::{LABEL_HOST, owns};
 use crate::store::JobRecord;
 use crate::unix_ms;
 use drover_model::backup::catalog::{self, Backup, Check, CheckResult, Table, Verification};
@@ -37,7 +38,8 @@ use drover_model::units::human_bytes;
 
 /// Label of every scratch container, so recovery can find one a crash left behind.
 pub const LABEL_SCRATCH: &str = "drover.scratch";
-/// Which agent made it (its backups directory): recovery removes only its own.
+/// Which agent made it (its backups directory): recovery removes only its own (with the host
+/// label, `release::LABEL_HOST`, that several agents on one Engine tell theirs apart by).
 pub const LABEL_SCRATCH_OWNER: &str = "drover.scratch.owner";
 /// How long a scratch container may take to accept connections.
 const SCRATCH_READY: Duration = Duration::from_secs(120);
@@ -783,7 +785,12 @@ async fn test_restore(
         .await;
     let scratch = match (&pg.container, on_server) {
         (Some(container), false) => {
-            let name = format!("drover-verify-{}-{:08x}", spec.name, rand::random::<u32>());
+            let name = format!(
+                "drover-verify-{}-{}-{:08x}",
+                ctx.host,
+                spec.name,
+                rand::random::<u32>()
+            );
             match start_scratch(ctx, container, &name, &pg.user).await {
                 Ok(conn) => Scratch::Container { name, conn },
                 Err(e) => {
@@ -796,7 +803,7 @@ async fn test_restore(
         }
         _ => Scratch::Databases {
             conn: source,
-            prefix: scratch_prefix(&job.id),
+            prefix: scratch_prefix(&ctx.host, &job.id),
         },
     };
     let mut made: Vec<String> = Vec::new();
@@ -849,6 +856,7 @@ async fn start_scratch(
             LABEL_SCRATCH_OWNER.to_string(),
             ctx.backups_dir.display().to_string(),
         ),
+        (LABEL_HOST.to_string(), ctx.host.clone()),
     ]);
     ctx.docker
         .run_scratch_like(source, name, &labels)
@@ -1107,11 +1115,13 @@ fn scratch_on_server(spec: &TargetSpec, pg: &PostgresSource) -> bool {
         .unwrap_or(pg.container.is_none())
 }
 
-/// The name prefix of a validation job's scratch databases: `drover_verify_` and 10 hex
-/// digits of the job id's SHA-256, so recovery can find exactly that job's databases.
-pub fn scratch_prefix(job_id: &str) -> String {
+/// The name prefix of a validation job's scratch databases on `host`: `drover_verify_` and 10
+/// hex digits of the SHA-256 of the host and the job id, so recovery can find exactly that
+/// job's databases, and the agents of one job on several hosts using one server never drop
+/// each other's.
+pub fn scratch_prefix(host: &str, job_id: &str) -> String {
     use sha2::Digest;
-    let digest = hex::encode(sha2::Sha256::digest(job_id.as_bytes()));
+    let digest = hex::encode(sha2::Sha256::digest(format!("{host}\n{job_id}").as_bytes()));
     format!("drover_verify_{}_", &digest[..10])
 }
 
@@ -1125,7 +1135,7 @@ pub async fn sweep_scratch_databases(ctx: &JobCtx, job: &JobRecord) -> Option<St
         return None;
     }
     let conn = conn_of(pg);
-    let prefix = scratch_prefix(&job.id);
+    let prefix = scratch_prefix(&ctx.host, &job.id);
     let found = match postgres::databases_with_prefix(&ctx.docker, &conn, &prefix).await {
         Ok(found) => found,
         Err(e) => {
@@ -1155,12 +1165,13 @@ pub async fn sweep_scratch_databases(ctx: &JobCtx, job: &JobRecord) -> Option<St
     })
 }
 
-/// Removes scratch containers of this agent a crash left behind (on start).
+/// Removes scratch containers of this agent a crash left behind (on start): those with its
+/// backups directory as their owner and its host (or none: made before the host label).
 pub async fn sweep_scratch(ctx: &JobCtx) {
     let owner = ctx.backups_dir.display().to_string();
     match ctx.docker.list_labelled(LABEL_SCRATCH_OWNER, &owner).await {
         Ok(found) => {
-            for c in found {
+            for c in found.into_iter().filter(|c| owns(&c.labels, &ctx.host)) {
                 match ctx.docker.remove_with_volumes(&c.name).await {
                     Ok(()) => {
                         tracing::info!(container = %c.name, "removed a scratch container left by a crash")
@@ -1389,9 +1400,11 @@ mod tests {
 
     #[test]
     fn scratch_prefixes_are_per_job_and_valid_names() {
-        let a = scratch_prefix("verify-20261123-201338-87a6");
-        assert_eq!(a, scratch_prefix("verify-20261123-201338-87a6"));
-        assert_ne!(a, scratch_prefix("verify-20261123-201338-87a7"));
+        let a = scratch_prefix("db-1", "verify-20261123-201338-87a6");
+        assert_eq!(a, scratch_prefix("db-1", "verify-20261123-201338-87a6"));
+        assert_ne!(a, scratch_prefix("db-1", "verify-20261123-201338-87a7"));
+        // One job on two hosts that verify against one server.
+        assert_ne!(a, scratch_prefix("db-2", "verify-20261123-201338-87a6"));
         assert!(a.starts_with("drover_verify_") && a.ends_with('_'), "{a}");
         assert_eq!(a.len(), "drover_verify_".len() + 11);
         assert!(
