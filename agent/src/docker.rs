@@ -261,13 +261,21 @@ impl DockerClient {
             .ok_or_else(|| DockerError::NoSuchContainer(spec.name.clone()))
     }
 
-    /// Pulls `image` (repository:tag) from its registry. Fails with the Engine's reason (no
-    /// such image, registry unreachable, not authorized).
+    /// Pulls `image` (repository:tag) from its registry, with `credentials` for it when given.
+    /// Fails with the Engine's reason (no such image, registry unreachable, not authorized).
     pub async fn pull(
         &self,
         image: &str,
-        credentials: Option<bollard::auth::DockerCredentials>,
+        credentials: Option<crate::registry::Credentials>,
     ) -> Result<(), DockerError> {
+        // Sent to the local Engine in the X-Registry-Auth header of this request only.
+        let credentials = credentials.map(|c| bollard::auth::DockerCredentials {
+            username: c.username,
+            password: c.password,
+            identitytoken: c.identitytoken,
+            serveraddress: Some(c.registry),
+            ..Default::default()
+        });
         let docker = self.client().await?;
         let (repo, tag) = match image.rsplit_once(':') {
             Some((repo, tag)) if !tag.contains('/') => (repo, tag),

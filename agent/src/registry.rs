@@ -10,8 +10,31 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use base64::Engine;
-use bollard::auth::DockerCredentials;
 use serde::Deserialize;
+
+/// The credentials of one registry, for one pull (`crate::docker` hands them to the Engine).
+/// Its `Debug` shows which fields are set, never their values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub registry: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub identitytoken: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("registry", &self.registry)
+            .field("username", &self.username.as_ref().map(|_| "<set>"))
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field(
+                "identitytoken",
+                &self.identitytoken.as_ref().map(|_| "<set>"),
+            )
+            .finish()
+    }
+}
 
 /// A credentials file larger than this is refused unread.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -86,7 +109,7 @@ pub fn credentials_in(
     text: &str,
     registry: &str,
     path: &str,
-) -> Result<Option<DockerCredentials>, RegistryAuthError> {
+) -> Result<Option<Credentials>, RegistryAuthError> {
     let malformed = |why: String| RegistryAuthError::Malformed {
         path: path.to_string(),
         why,
@@ -117,19 +140,18 @@ pub fn credentials_in(
             "auths.{key:?} has no auth, username/password or identitytoken"
         )));
     }
-    Ok(Some(DockerCredentials {
+    Ok(Some(Credentials {
+        registry: registry.to_string(),
         username,
         password,
         identitytoken: entry.identitytoken.clone(),
-        serveraddress: Some(registry.to_string()),
-        ..DockerCredentials::default()
     }))
 }
 
 /// The credentials for `image`'s registry from the file at `path`: `None` when there is no
 /// file or it does not name that registry (the pull goes without credentials). A file that is
 /// a symlink, readable by others, too large or malformed is an error naming the fix.
-pub fn for_image(path: &Path, image: &str) -> Result<Option<DockerCredentials>, RegistryAuthError> {
+pub fn for_image(path: &Path, image: &str) -> Result<Option<Credentials>, RegistryAuthError> {
     let shown = path.display().to_string();
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -194,7 +216,12 @@ mod tests {
             (c.username.as_deref(), c.password.as_deref()),
             (Some("ci"), Some("s3cret:with-colon"))
         );
-        assert_eq!(c.serveraddress.as_deref(), Some("registry.example.com"));
+        assert_eq!(c.registry, "registry.example.com");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("<set>"),
+            "{shown}"
+        );
         let c = credentials_in(&text, "docker.io", "f").unwrap().unwrap();
         assert_eq!(c.username.as_deref(), Some("hub"));
         let c = credentials_in(&text, "token.example.com", "f")

@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 
 pub mod backups;
 pub mod deploys;
+pub mod hostagent;
 pub mod notify;
 pub mod pg;
 pub mod s3;

@@ -6,132 +6,16 @@
 //! other agent's containers (and the image they run) alone.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use drover_e2e::deploys::{AppGuard, spec, test_repo};
+use drover_e2e::hostagent::HostAgent;
 use drover_e2e::{
-    TestController, bin, docker_available, eventually, fast_controller_config, free_port, http,
-    init,
+    TestController, docker_available, eventually, fast_controller_config, free_port, http, init,
 };
 use drover_model::jobevent::field;
 use drover_proto::v1;
-
-/// One `drover-agent run` process of a host, with its own data dir, config and log; killed
-/// with SIGKILL when dropped.
-struct HostAgent {
-    host: String,
-    ip: String,
-    config: PathBuf,
-    data: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl HostAgent {
-    /// Enrolls `host` with the real binary into `dir/<host>`; its proxies listen on `ip`.
-    async fn enroll(controller: &TestController, dir: &Path, host: &str, ip: &str) -> HostAgent {
-        let home = dir.join(host);
-        let data = home.join("data");
-        let token = controller.token(host).await;
-        let out = Command::new(bin("drover-agent"))
-            .args([
-                "enroll",
-                "--controller",
-                &controller.addr.to_string(),
-                "--data-dir",
-            ])
-            .arg(&data)
-            .env("DROVER_TOKEN", &token)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "enroll {host}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let config = home.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "heartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n\
-                 reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n\
-                 [proxy]\nlisten_ip = \"{ip}\"\n",
-                home.join("secrets").display()
-            ),
-        )
-        .unwrap();
-        HostAgent {
-            host: host.to_string(),
-            ip: ip.to_string(),
-            config,
-            data,
-            log: home.join("agent.log"),
-            child: None,
-        }
-    }
-
-    /// Starts the agent and waits until a session opened after now is up.
-    async fn start(&mut self, controller: &TestController) {
-        let since = drover_agent::unix_ms();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(bin("drover-agent"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .arg("--data-dir")
-            .arg(&self.data)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start drover-agent");
-        self.child = Some(child);
-        eventually(
-            &format!("{}'s new session", self.host),
-            Duration::from_secs(30),
-            || async {
-                let h = controller.host(&self.host).await?;
-                (h.session_open && h.last_seen_unix_ms > since).then_some(())
-            },
-        )
-        .await;
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let status = Command::new("kill")
-                .args(["-KILL", &child.id().to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success());
-            let _ = child.wait();
-        }
-    }
-
-    /// The address the app's proxy serves on this host.
-    fn public(&self, port: u16) -> SocketAddr {
-        format!("{}:{port}", self.ip).parse().unwrap()
-    }
-
-    /// Where this agent's backups (and so its scratch containers' owner label) live.
-    fn backups_dir(&self) -> String {
-        self.data.join("backups").display().to_string()
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// What `GET /` on `addr` says the version is.
 async fn version_at(addr: SocketAddr) -> Option<String> {

@@ -81,8 +81,8 @@ impl Releases {
     pub async fn start(&self, args: StartArgs, by: &str) -> Result<FleetRelease, LaunchError> {
         let (app, spec) = self.launcher.deployable(&args.app, &args.version)?;
         let hosts = self.launcher.release_hosts(&app.name, &args.hosts)?;
-        let (waves_text, reach, policy) =
-            record::resolve(&spec.release, &args.options).map_err(LaunchError::Invalid)?;
+        let (waves_text, reach, policy) = record::resolve(&spec.release, &args.options)
+            .map_err(|e| LaunchError::Invalid(e.to_string()))?;
         let waves = plan::plan(&hosts, &reach, args.options.canary.as_deref())
             .map_err(|e| LaunchError::Invalid(e.to_string()))?;
         let store = &self.shared.store;
@@ -604,7 +604,7 @@ fn under_way(fleet: &FleetRelease) -> bool {
             matches!(
                 h.phase,
                 HostPhase::Deploying { .. } | HostPhase::Reverting { .. }
-            )
+            ) || matches!(h.pull, Pull::Pulling { .. })
         })
 }
 

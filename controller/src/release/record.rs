@@ -84,12 +84,27 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// An option (or the app spec's `[release]` key under it) out of its bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionError {
+    /// Names the flag and the key: `--max-parallel (or release.max_parallel …): why`.
+    #[error("{flag} (or {key} in the app spec): {why}")]
+    Bound {
+        flag: String,
+        key: &'static str,
+        why: String,
+    },
+    /// The waves or the failure budget do not parse (the message names the flag).
+    #[error(transparent)]
+    Plan(#[from] waves::PlanError),
+}
+
 /// The options over the spec's defaults: the waves as asked for and the policy, checked with
 /// the same bounds as the `[release]` table. The error names the flag and the table key.
 pub fn resolve(
     defaults: &ReleaseDefaults,
     options: &Options,
-) -> Result<(String, Vec<Reach>, Policy), String> {
+) -> Result<(String, Vec<Reach>, Policy), OptionError> {
     let mut merged = defaults.clone();
     if let Some(v) = &options.waves {
         merged.waves = v.clone();
@@ -114,13 +129,14 @@ pub fn resolve(
     }
     merged.skip_offline |= options.skip_offline;
     if let Some((key, why)) = merged.problem() {
-        return Err(format!(
-            "{} (or {key} in the app spec): {why}",
-            flag_of(key)
-        ));
+        return Err(OptionError::Bound {
+            flag: flag_of(key),
+            key,
+            why,
+        });
     }
-    let reach = waves::parse_waves(&merged.waves).map_err(|e| e.to_string())?;
-    let budget = waves::parse_budget(&merged.max_failures).map_err(|e| e.to_string())?;
+    let reach = waves::parse_waves(&merged.waves)?;
+    let budget = waves::parse_budget(&merged.max_failures)?;
     let policy = Policy {
         max_parallel: merged.max_parallel,
         min_healthy_ms: ms(merged.min_healthy),
@@ -259,7 +275,7 @@ mod tests {
             progress_deadline: Some(Duration::from_secs(25 * 3600)),
             ..Options::default()
         };
-        let err = resolve(&spec, &too_long).unwrap_err();
+        let err = resolve(&spec, &too_long).unwrap_err().to_string();
         assert!(
             err.starts_with("--progress-deadline (or release.progress_deadline in the app spec): "),
             "{err}"
@@ -271,6 +287,7 @@ mod tests {
         assert!(
             resolve(&spec, &bad_waves)
                 .unwrap_err()
+                .to_string()
                 .starts_with("--waves ")
         );
         let none = Options {
@@ -280,6 +297,7 @@ mod tests {
         assert!(
             resolve(&spec, &none)
                 .unwrap_err()
+                .to_string()
                 .starts_with("--max-parallel ")
         );
     }

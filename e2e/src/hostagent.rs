@@ -1,0 +1,141 @@
+//! A real `drover-agent run` process per host for multi-host tests on one machine and one
+//! Docker Engine: its own data dir, config and log, its app proxies on its own loopback address
+//! (`[proxy] listen_ip`), enrolled with the real binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{TestController, bin, eventually};
+
+/// One `drover-agent run` process of a host, with its own data dir, config and log; killed
+/// with SIGKILL when dropped.
+pub struct HostAgent {
+    pub host: String,
+    pub ip: String,
+    pub config: PathBuf,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl HostAgent {
+    /// Enrolls `host` with the real binary into `dir/<host>`; its proxies listen on `ip`.
+    pub async fn enroll(
+        controller: &TestController,
+        dir: &Path,
+        host: &str,
+        ip: &str,
+    ) -> HostAgent {
+        HostAgent::enroll_with(controller, dir, host, ip, "").await
+    }
+
+    /// As [`HostAgent::enroll`], with `extra` TOML lines at the top of its config.
+    pub async fn enroll_with(
+        controller: &TestController,
+        dir: &Path,
+        host: &str,
+        ip: &str,
+        extra: &str,
+    ) -> HostAgent {
+        let home = dir.join(host);
+        let data = home.join("data");
+        let token = controller.token(host).await;
+        let out = Command::new(bin("drover-agent"))
+            .args([
+                "enroll",
+                "--controller",
+                &controller.addr.to_string(),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .env("DROVER_TOKEN", &token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "enroll {host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config = home.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{extra}\nheartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n\
+                 reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n\
+                 [proxy]\nlisten_ip = \"{ip}\"\n",
+                home.join("secrets").display()
+            ),
+        )
+        .unwrap();
+        HostAgent {
+            host: host.to_string(),
+            ip: ip.to_string(),
+            config,
+            data,
+            log: home.join("agent.log"),
+            child: None,
+        }
+    }
+
+    /// Starts the agent and waits until a session opened after now is up.
+    pub async fn start(&mut self, controller: &TestController) {
+        let since = drover_agent::unix_ms();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("drover-agent"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start drover-agent");
+        self.child = Some(child);
+        eventually(
+            &format!("{}'s new session", self.host),
+            Duration::from_secs(30),
+            || async {
+                let h = controller.host(&self.host).await?;
+                (h.session_open && h.last_seen_unix_ms > since).then_some(())
+            },
+        )
+        .await;
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-KILL", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let _ = child.wait();
+        }
+    }
+
+    /// The address the app's proxy serves on this host.
+    pub fn public(&self, port: u16) -> SocketAddr {
+        format!("{}:{port}", self.ip).parse().unwrap()
+    }
+
+    /// Where this agent's backups (and so its scratch containers' owner label) live.
+    pub fn backups_dir(&self) -> String {
+        self.data.join("backups").display().to_string()
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
