@@ -1,11 +1,13 @@
 //! `drover-bench`: hand-run benchmarks recorded in BENCHMARKS.md. `fleet` runs the real
 //! controller binary against N simulated agents (each its own mTLS connection and session, all in
-//! this one process); `agent-idle` watches a real idle agent's memory and CPU; `deploys`
+//! this one process); `release` (`release.rs`) has the real controller drive a fleet release
+//! across such agents; `agent-idle` watches a real idle agent's memory and CPU; `deploys`
 //! (`deploys.rs`) deploys under load with the real programs, beside stop-then-start.
 
 mod backups;
 mod deploys;
 mod realhost;
+mod release;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -51,20 +53,12 @@ enum Cmd {
         /// Pause between "all connected" and the steady window.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         settle: Duration,
-        /// Enrollments in flight at once.
-        #[arg(long, default_value_t = 32)]
-        enroll_concurrency: usize,
-        /// How long to wait for all agents to connect, in each phase, before failing.
-        #[arg(long, default_value = "120s", value_parser = parse_duration)]
-        patience: Duration,
-        #[arg(long, default_value = "target/release/drover-controller")]
-        controller_bin: PathBuf,
-        /// Loopback source addresses the simulated hosts connect from (127.0.0.1, .2, …), so
-        /// that the controller's per-source caps (`[connections] max_per_ip`, 1,024, and
-        /// `max_unauthenticated_per_ip`, 64) see a fleet of hosts, not one.
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=250))]
-        source_addrs: u8,
+        #[command(flatten)]
+        sim: SimArgs,
     },
+    /// One real controller drives a fleet release across N simulated agents that answer each
+    /// deploy after a fixed delay: wall time, controller CPU and memory, overhead per wave.
+    Release(release::ReleaseOpts),
     /// Zero-downtime deploys and rollbacks under a paced load, with the real controller, agent
     /// and CLI, beside `docker stop; docker run` with the same app and load (needs Docker and
     /// the test app images: scripts/testapp-image.sh).
@@ -117,6 +111,25 @@ enum Cmd {
     },
 }
 
+/// What the benchmarks of simulated agents (`fleet`, `release`) share.
+#[derive(Debug, Clone, clap::Args)]
+struct SimArgs {
+    /// Enrollments in flight at once.
+    #[arg(long, default_value_t = 32)]
+    enroll_concurrency: usize,
+    /// How long to wait for all agents to connect, in each phase, before failing (`release`:
+    /// also how long beyond the release's expected time).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    patience: Duration,
+    #[arg(long, default_value = "target/release/drover-controller")]
+    controller_bin: PathBuf,
+    /// Loopback source addresses the simulated hosts connect from (127.0.0.1, .2, …), so
+    /// that the controller's per-source caps (`[connections] max_per_ip`, 1,024, and
+    /// `max_unauthenticated_per_ip`, 64) see a fleet of hosts, not one.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=250))]
+    source_addrs: u8,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     match s.parse::<u64>() {
         Ok(secs) => Ok(Duration::from_secs(secs)),
@@ -138,22 +151,17 @@ fn main() {
                         agents,
                         steady,
                         settle,
-                        enroll_concurrency,
-                        patience,
-                        controller_bin,
-                        source_addrs,
+                        sim,
                     } => {
                         fleet(FleetOpts {
                             n: agents,
                             steady,
                             settle,
-                            enroll_concurrency,
-                            patience,
-                            controller_bin,
-                            source_addrs,
+                            sim,
                         })
                         .await
                     }
+                    Cmd::Release(opts) => release::release(opts).await,
                     Cmd::AgentIdle {
                         duration,
                         every,
@@ -484,10 +492,48 @@ struct FleetOpts {
     n: usize,
     steady: Duration,
     settle: Duration,
-    enroll_concurrency: usize,
-    patience: Duration,
-    controller_bin: PathBuf,
-    source_addrs: u8,
+    sim: SimArgs,
+}
+
+/// A controller started for `n` simulated hosts on a fresh data dir, serving.
+struct SimController {
+    /// Holds the data dir and the logs; removed when dropped.
+    tmp: tempfile::TempDir,
+    data: PathBuf,
+    addr: String,
+    /// The admin operator bundle.
+    admin: PathBuf,
+    controller: Proc,
+    /// The unit's `LimitNOFILE=` and the limit the controller runs with (see [`fleet_nofile`]).
+    unit: u64,
+    nofile: u64,
+}
+
+/// Starts `sim.controller_bin` with its output in `log` (in the temp dir) and waits until it
+/// serves the admin.
+async fn start_sim_controller(sim: &SimArgs, n: usize, log: &str) -> Result<SimController> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("controller");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let admin = data.join("operator/admin");
+    let (unit, nofile) = fleet_nofile(n)?;
+    let mut controller = start_controller_with_nofile(
+        &sim.controller_bin,
+        &data,
+        &addr,
+        &tmp.path().join(log),
+        nofile,
+    )?;
+    wait_serving(&mut controller, &addr, &admin).await?;
+    Ok(SimController {
+        tmp,
+        data,
+        addr,
+        admin,
+        controller,
+        unit,
+        nofile,
+    })
 }
 
 /// The loopback address simulated host `idx` connects from.
@@ -522,6 +568,25 @@ fn raise_own_nofile(need: u64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The file descriptor limit a controller for `n` simulated hosts runs with: the unit's
+/// `LimitNOFILE=` (returned first), or this machine's hard limit when that is smaller (raising
+/// a hard limit needs CAP_SYS_RESOURCE, which a container may lack: a stricter limit). Raises
+/// this process's own limit for its `n` simulated hosts and some.
+fn fleet_nofile(n: usize) -> Result<(u64, u64)> {
+    let unit = unit_nofile(CONTROLLER_UNIT)?;
+    raise_own_nofile(n as u64 + 512)?;
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX);
+    let nofile = unit.min(hard);
+    if nofile < unit {
+        eprintln!(
+            "this machine's hard RLIMIT_NOFILE is {hard}, below the unit's LimitNOFILE={unit}: the controller runs with {nofile}"
+        );
+    }
+    Ok((unit, nofile))
 }
 
 /// Enrolls `n` hosts `bench-0001`… through the real Enrollment RPC (a token from the operator
@@ -588,6 +653,21 @@ async fn enroll_fleet(
         .collect::<Result<Vec<_>>>()?;
     results.sort_by_key(|(i, _, _)| *i);
     Ok(results.into_iter().map(|(_, h, b)| (h, b)).collect())
+}
+
+/// [`enroll_fleet`] timed, then the controller's RSS (KiB) 2 s later: enrolled, no sessions.
+async fn enroll_measured(
+    sim: &SimArgs,
+    addr: &str,
+    admin: &Path,
+    pid: u32,
+    n: usize,
+) -> Result<(Vec<(String, Bundle)>, f64, u64)> {
+    let t = Instant::now();
+    let fleet = enroll_fleet(addr, admin, n, sim.enroll_concurrency, sim.source_addrs).await?;
+    let secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok((fleet, secs, rss_kib(pid)?))
 }
 
 /// What the simulated agents have seen, shared with the measuring code.
@@ -673,6 +753,52 @@ impl Board {
     }
 }
 
+/// The mTLS client configuration of a simulated host with `bundle`'s certificate.
+fn agent_tls(bundle: &Bundle) -> Result<rustls::ClientConfig> {
+    Ok(client_config(
+        &Trust::Ca(bundle.ca_pem.clone()),
+        Some(&ClientCert {
+            cert_pem: bundle.cert_pem.clone(),
+            key_pem: bundle.key_pem.clone(),
+        }),
+    )?)
+}
+
+/// Opens `AgentService.Session` as `host` from `source` with Hello already queued: the queue of
+/// what the simulated agent sends (`queue` deep) and what the controller sends it.
+async fn open_session(
+    addr: &str,
+    host: &str,
+    config: rustls::ClientConfig,
+    source: std::net::IpAddr,
+    queue: usize,
+) -> Result<(
+    mpsc::Sender<v1::AgentMessage>,
+    tonic::Streaming<v1::ControllerMessage>,
+)> {
+    let mut client = v1::agent_service_client::AgentServiceClient::new(channel_from(
+        addr,
+        config,
+        Duration::from_secs(10),
+        Some(source),
+    )?);
+    let (tx, rx) = mpsc::channel(queue);
+    tx.send(v1::AgentMessage {
+        msg: Some(Out::Hello(v1::Hello {
+            host: host.to_string(),
+            agent_version: "bench".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .context("Session")?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
 /// One simulated agent: its own TLS connection and session, Hello, a heartbeat every 5 s with a
 /// random phase, reading everything the controller sends, reconnecting with the agent's backoff.
 async fn simulated_agent(
@@ -683,13 +809,7 @@ async fn simulated_agent(
     board: Arc<Board>,
     source: std::net::IpAddr,
 ) {
-    let config = match client_config(
-        &Trust::Ca(bundle.ca_pem.clone()),
-        Some(&ClientCert {
-            cert_pem: bundle.cert_pem.clone(),
-            key_pem: bundle.key_pem.clone(),
-        }),
-    ) {
+    let config = match agent_tls(&bundle) {
         Ok(c) => c,
         Err(e) => {
             *board.last_error[idx].lock().unwrap() = e.to_string();
@@ -731,26 +851,7 @@ async fn session(
     attempt: &mut u32,
     source: std::net::IpAddr,
 ) -> Result<()> {
-    let mut client = v1::agent_service_client::AgentServiceClient::new(channel_from(
-        addr,
-        config,
-        Duration::from_secs(10),
-        Some(source),
-    )?);
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(v1::AgentMessage {
-        msg: Some(Out::Hello(v1::Hello {
-            host: host.to_string(),
-            agent_version: "bench".into(),
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut inbound = client
-        .session(ReceiverStream::new(rx))
-        .await
-        .context("Session")?
-        .into_inner();
+    let (tx, mut inbound) = open_session(addr, host, config, source, 8).await?;
     // A random phase spreads the fleet's heartbeats over the interval, as real agents drift.
     let phase = Duration::from_millis(rand::random::<u64>() % 5000);
     let mut tick =
@@ -791,46 +892,23 @@ async fn session(
 
 async fn fleet(o: FleetOpts) -> Result<Report> {
     let n = o.n;
-    let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("controller");
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let admin = data.join("operator/admin");
-
-    // The controller runs with the unit's file descriptor limit; this process needs one per
-    // simulated host and some.
-    // Raising a hard limit needs CAP_SYS_RESOURCE (a container may lack it): then the
-    // controller runs with this process's hard limit, a stricter one.
-    let unit = unit_nofile(CONTROLLER_UNIT)?;
-    raise_own_nofile(n as u64 + 512)?;
-    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .maximum
-        .unwrap_or(u64::MAX);
-    let nofile = unit.min(hard);
-    if nofile < unit {
-        eprintln!(
-            "this machine's hard RLIMIT_NOFILE is {hard}, below the unit's LimitNOFILE={unit}: the controller runs with {nofile}"
-        );
-    }
-    let mut controller = start_controller_with_nofile(
-        &o.controller_bin,
-        &data,
-        &addr,
-        &tmp.path().join("controller-1.log"),
+    let SimController {
+        tmp,
+        data,
+        addr,
+        admin,
+        mut controller,
+        unit,
         nofile,
-    )?;
-    wait_serving(&mut controller, &addr, &admin).await?;
+    } = start_sim_controller(&o.sim, n, "controller-1.log").await?;
     let pid = controller.pid();
     let controller_nofile = nofile_of(pid)?;
     eprintln!(
         "controller pid {pid} serving on {addr} with RLIMIT_NOFILE {controller_nofile} (the unit's LimitNOFILE={unit}); enrolling {n} hosts from {} loopback addresses",
-        o.source_addrs
+        o.sim.source_addrs
     );
 
-    let t = Instant::now();
-    let fleet = enroll_fleet(&addr, &admin, n, o.enroll_concurrency, o.source_addrs).await?;
-    let enroll_secs = t.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_baseline = rss_kib(pid)?;
+    let (fleet, enroll_secs, rss_baseline) = enroll_measured(&o.sim, &addr, &admin, pid, n).await?;
     eprintln!(
         "enrolled {n} hosts in {enroll_secs:.2}s; controller baseline RSS {rss_baseline} KiB"
     );
@@ -847,10 +925,10 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
             host,
             bundle,
             board.clone(),
-            source_addr(idx, o.source_addrs),
+            source_addr(idx, o.sim.source_addrs),
         ));
     }
-    if let Err(e) = board.wait_all(1, &hosts, o.patience).await {
+    if let Err(e) = board.wait_all(1, &hosts, o.sim.patience).await {
         bail!("cold start: {e:#}; {}", controller.log_tail());
     }
     let connect_cold = board.last_welcome(1).saturating_sub(started);
@@ -920,14 +998,14 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
     board.epoch.store(2, Ordering::SeqCst);
     let spawned = board.base.elapsed();
     let mut controller = start_controller_with_nofile(
-        &o.controller_bin,
+        &o.sim.controller_bin,
         &data,
         &addr,
         &tmp.path().join("controller-2.log"),
         nofile,
     )?;
     let accepting = wait_accepting(&mut controller, &addr).await? - board.base;
-    if let Err(e) = board.wait_all(2, &hosts, o.patience).await {
+    if let Err(e) = board.wait_all(2, &hosts, o.sim.patience).await {
         bail!("after the restart: {e:#}; {}", controller.log_tail());
     }
     let last = board.last_welcome(2);
@@ -959,9 +1037,9 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
          \x20 reconnect all after restart (spawn)   {:>9.2} s    (goal <= {reconnect_goal}: {})\n\
          \x20 reconnect all after accepting         {:>9.2} s\n\
          \x20 bench process: RSS {:.1} MiB, CPU {bench_cpu_pct:.1} % of one core in the window",
-        o.source_addrs,
+        o.sim.source_addrs,
         o.steady,
-        o.enroll_concurrency,
+        o.sim.enroll_concurrency,
         rss_baseline as f64 / 1024.0,
         rss_steady / 1024.0,
         rss_start / 1024.0,
@@ -989,12 +1067,12 @@ async fn fleet(o: FleetOpts) -> Result<Report> {
     let json = json!({
         "benchmark": "fleet",
         "agents": n,
-        "source_addrs": o.source_addrs,
+        "source_addrs": o.sim.source_addrs,
         "controller_nofile": controller_nofile,
         "unit_limit_nofile": unit,
         "steady_window_secs": window,
         "enroll_all_secs": enroll_secs,
-        "enroll_concurrency": o.enroll_concurrency,
+        "enroll_concurrency": o.sim.enroll_concurrency,
         "controller_rss_baseline_kib": rss_baseline,
         "controller_rss_steady_median_kib": rss_steady,
         "controller_rss_steady_start_kib": rss_start,
