@@ -539,13 +539,19 @@ impl Launcher {
         hosts: &Hosts,
         what: &'static str,
     ) -> Result<Vec<String>, LaunchError> {
-        let (_, live_on) = self.inventory(app)?;
+        // Where the app is live matters only when neither names nor labels choose: a fleet
+        // release starts one single-host job per host, which must not read every table.
+        let live_on = if hosts.names.is_empty() && hosts.labels.is_empty() {
+            self.live_on(app)?
+        } else {
+            Vec::new()
+        };
         self.choose_among(app, &hosts.names, &hosts.labels, &live_on, what)
     }
 
-    /// Every host as a selection candidate, and the hosts where `app` is live.
-    fn inventory(&self, app: &str) -> Result<(Vec<Candidate>, Vec<String>), LaunchError> {
-        let live_on: Vec<String> = self
+    /// The hosts where `app` is live, per the stored release tables.
+    fn live_on(&self, app: &str) -> Result<Vec<String>, LaunchError> {
+        Ok(self
             .shared
             .store
             .app_releases(app)
@@ -553,14 +559,30 @@ impl Launcher {
             .into_iter()
             .filter(|(_, table)| releases::live(table).is_some())
             .map(|(host, _)| host)
-            .collect();
-        Ok((self.candidates()?, live_on))
+            .collect())
     }
 
-    fn candidates(&self) -> Result<Vec<Candidate>, LaunchError> {
+    /// Every host as a selection candidate, and the hosts where `app` is live.
+    fn inventory(&self, app: &str) -> Result<(Vec<Candidate>, Vec<String>), LaunchError> {
+        Ok((self.candidates(&[])?, self.live_on(app)?))
+    }
+
+    /// The hosts as selection candidates: those named in `only` (an unknown name is left out,
+    /// for the selection to name), or every host when `only` is empty.
+    fn candidates(&self, only: &[String]) -> Result<Vec<Candidate>, LaunchError> {
         let now = now_ms();
         let mut inventory = Vec::new();
-        for h in self.shared.store.hosts().map_err(store_error)? {
+        let store = &self.shared.store;
+        let records = if only.is_empty() {
+            store.hosts().map_err(store_error)?
+        } else {
+            let mut named = Vec::new();
+            for name in only {
+                named.extend(store.host(name).map_err(store_error)?);
+            }
+            named
+        };
+        for h in records {
             let view = self.shared.host_view(&h, now);
             inventory.push(Candidate {
                 name: h.name.clone(),
@@ -584,7 +606,7 @@ impl Launcher {
         live_on: &[String],
         what: &'static str,
     ) -> Result<Vec<String>, LaunchError> {
-        let inventory = self.candidates()?;
+        let inventory = self.candidates(names)?;
         let hosts = select_hosts(&inventory, subject, names, labels, live_on)?;
         require_connected(&inventory, &hosts, what, now_ms())?;
         Ok(hosts)

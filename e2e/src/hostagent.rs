@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::{TestController, bin, eventually};
+use drover_model::jobevent::field;
+use drover_proto::v1;
+
+use crate::{TestController, bin, eventually, http};
 
 /// One `drover-agent run` process of a host, with its own data dir, config and log; killed
 /// with SIGKILL when dropped.
@@ -137,5 +140,40 @@ impl Drop for HostAgent {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// What `GET /` on `addr` says the version is.
+pub async fn version_at(addr: SocketAddr) -> Option<String> {
+    match http(addr, "GET", "/").await {
+        Ok((200, body)) => Some(body.trim().trim_start_matches("version=").to_string()),
+        _ => None,
+    }
+}
+
+/// One deploy job of `version` to `hosts`, waited for until each ended well.
+pub async fn deploy(controller: &TestController, app: &str, version: &str, hosts: &[&HostAgent]) {
+    let id = controller
+        .admin()
+        .deploy(v1::DeployRequest {
+            app: app.into(),
+            version: version.into(),
+            hosts: hosts.iter().map(|h| h.host.clone()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy accepted")
+        .into_inner()
+        .id;
+    for h in hosts {
+        let done = controller
+            .wait_job(&h.host, &id, Duration::from_secs(90))
+            .await;
+        assert_eq!(
+            done.fields[field::RESULT],
+            "succeeded",
+            "{version} on {}: {done:?}",
+            h.host
+        );
     }
 }

@@ -626,7 +626,7 @@ async fn an_offline_host_times_out_and_is_skipped_or_counted() {
         .await;
     pulled(&mut [&mut a]).await;
     let (j, _) = next_deploy(&mut a).await;
-    a.finish_job(&j, "succeeded").await;
+    deployed(&mut a, &j).await;
     let halted = fleet.wait_state(&r.id, "halted").await;
     assert!(halted.why.contains("1 host(s) failed"), "{}", halted.why);
 }
@@ -672,11 +672,11 @@ async fn a_controller_restart_mid_release_resumes_it_with_no_host_deployed_twice
     let mut a = fleet.connect("web-1").await;
     // The command comes again until `job.started` (same job id: an agent ignores one it knows).
     assert_eq!(a.next_command().await.job_id, j1);
-    a.finish_job(&j1, "succeeded").await;
+    deployed(&mut a, &j1).await;
     let mut b = fleet.connect("web-2").await;
     let (j2, _) = next_deploy(&mut b).await;
     assert_eq!(j2, format!("{}-d1", r.id));
-    b.finish_job(&j2, "succeeded").await;
+    deployed(&mut b, &j2).await;
     fleet.wait_state(&r.id, "succeeded").await;
     a.assert_no_command().await;
     let jobs = fleet

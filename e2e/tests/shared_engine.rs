@@ -10,20 +10,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use drover_e2e::deploys::{AppGuard, spec, test_repo};
-use drover_e2e::hostagent::HostAgent;
+use drover_e2e::hostagent::{HostAgent, deploy, version_at};
 use drover_e2e::{
-    TestController, docker_available, eventually, fast_controller_config, free_port, http, init,
+    TestController, docker_available, eventually, fast_controller_config, free_port, init,
 };
-use drover_model::jobevent::field;
 use drover_proto::v1;
-
-/// What `GET /` on `addr` says the version is.
-async fn version_at(addr: SocketAddr) -> Option<String> {
-    match http(addr, "GET", "/").await {
-        Ok((200, body)) => Some(body.trim().trim_start_matches("version=").to_string()),
-        _ => None,
-    }
-}
 
 /// One container as `docker ps` shows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,32 +86,6 @@ impl Drop for Planted {
         for name in &self.0 {
             let _ = Command::new("docker").args(["rm", "-f", name]).output();
         }
-    }
-}
-
-async fn deploy(controller: &TestController, app: &str, version: &str, hosts: &[&HostAgent]) {
-    let id = controller
-        .admin()
-        .deploy(v1::DeployRequest {
-            app: app.into(),
-            version: version.into(),
-            hosts: hosts.iter().map(|h| h.host.clone()).collect(),
-            ..Default::default()
-        })
-        .await
-        .expect("deploy accepted")
-        .into_inner()
-        .id;
-    for h in hosts {
-        let done = controller
-            .wait_job(&h.host, &id, Duration::from_secs(90))
-            .await;
-        assert_eq!(
-            done.fields[field::RESULT],
-            "succeeded",
-            "{version} on {}: {done:?}",
-            h.host
-        );
     }
 }
 

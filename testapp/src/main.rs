@@ -15,7 +15,8 @@
 //! - `/slow?ms=N`: answers after N ms (at most 10 minutes), for tests of the drain
 //! - `POST /control/fail-health|heal|errors-on|errors-off|exit`
 //!
-//! It exits at once on SIGTERM. With an argument it is not a server: `migrate` prints a line and exits with `MIGRATE_EXIT`
+//! It exits at once on SIGTERM. With an argument it is not a server: `migrate` prints a line,
+//! appends its version to the file `MIGRATE_LOG` names (if set), and exits with `MIGRATE_EXIT`
 //! (default 0); `worker` prints a line a second until stopped, or exits with status 4 after
 //! `WORKER_EXIT_AFTER_MS`; `echo-env` prints each variable named in `ECHO_ENV` (comma-separated)
 //! the way a failing app leaks one (as is, like SQLAlchemy's "Could not parse URL", and
@@ -192,6 +193,19 @@ async fn one_off(mode: &str, version: &str) -> ! {
                 .and_then(|v| v.parse::<i32>().ok())
                 .unwrap_or(0);
             println!("migrating to {version}");
+            // A count a test can read: one line per migration run, in a mounted file.
+            if let Some(path) = env("MIGRATE_LOG") {
+                use std::io::Write;
+                let appended = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| writeln!(f, "{version}"));
+                if let Err(e) = appended {
+                    eprintln!("cannot append to MIGRATE_LOG {path}: {e}");
+                    std::process::exit(5);
+                }
+            }
             if code != 0 {
                 eprintln!("migration failed: relation \"users\" already exists");
             }

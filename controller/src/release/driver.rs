@@ -368,6 +368,17 @@ impl Releases {
                 }
                 HostPhase::Deploying { job_id, .. } | HostPhase::Reverting { job_id } => {
                     match store.job(job_id).map_err(store_error)? {
+                        // The agent sends `job.finished` before the release table it made:
+                        // a deploy that went through counts once the table says so, so a
+                        // revert's rollback is checked against the table with the new release.
+                        Some(job)
+                            if job.state() == JobState::Succeeded
+                                && matches!(h.phase, HostPhase::Deploying { .. })
+                                && !self.live_is(
+                                    &fleet.app,
+                                    &h.host,
+                                    &fleet.release.version,
+                                )? => {}
                         Some(job) if job.state().is_finished() => inputs.push(Input::JobEnded {
                             host: h.host.clone(),
                             job_id: job_id.clone(),
@@ -394,6 +405,12 @@ impl Releases {
         }
         inputs.push(Input::Tick);
         Ok((inputs, redo))
+    }
+
+    /// Whether the controller's copy of `host`'s release table of `app` has `version` live.
+    fn live_is(&self, app: &str, host: &str, version: &str) -> Result<bool, LaunchError> {
+        let table = self.shared.store.releases(app, host).map_err(store_error)?;
+        Ok(releases::live(&table).is_some_and(|r| r.version == version))
     }
 
     /// Steps `fleet` through `inputs`, stores it (flushed) if it changed, then acts; an action

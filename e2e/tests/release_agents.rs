@@ -1,0 +1,320 @@
+//! Fleet releases on three real `drover-agent` processes, each with its own data dir and proxy
+//! address (127.0.0.2-4), on the one Docker Engine, driven by a real controller. Proves: the
+//! second wave starts only once the first wave's host stayed healthy for `min_healthy`; the
+//! spec's migration runs exactly once per release (counted in a mounted file); a host that
+//! fails in wave 2 halts the release and every updated host goes back to its previous version
+//! while load runs through every proxy with no failed request; an offline host (its agent
+//! stopped) is skipped, shows as behind once back, and `converge` brings it to the version
+//! without the migration.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use drover_e2e::deploys::{AppGuard, Load, test_repo};
+use drover_e2e::hostagent::{HostAgent, deploy, version_at};
+use drover_e2e::{
+    TestController, docker_available, eventually, fast_controller_config, free_port, init,
+};
+use drover_proto::v1;
+
+const APP: &str = "fleet";
+
+/// The app: its migration appends its version to `<mig>/log`; the host's secret FAIL_HEALTH
+/// decides whether a new container's health check passes (1: it fails).
+fn fleet_spec(repo: &str, listen: SocketAddr, mig: &Path) -> String {
+    format!(
+        "name = \"{APP}\"\nimage = \"{repo}\"\ndrain_timeout = \"2s\"\nstop_timeout = \"2s\"\n\
+         allow_host_mounts = true\nvolumes = [\"{}:/mig\"]\nmigrate = [\"migrate\"]\n\
+         [env]\nMIGRATE_LOG = \"/mig/log\"\n\
+         [secrets.FAIL_HEALTH]\nmin_length = 1\n\
+         [web]\nport = 8080\nlisten = \"{listen}\"\n\
+         [health]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nretries = 5\n\
+         [watch]\nwindow = \"1s\"\nmax_5xx_ratio = 0.05\nmax_p95_latency = \"1s\"\n",
+        mig.display()
+    )
+}
+
+/// Writes the host's secrets file for the app (mode 0600).
+fn secrets(agent: &HostAgent, fail_health: bool) {
+    let dir = agent.config.parent().unwrap().join("secrets");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{APP}.env"));
+    std::fs::write(
+        &path,
+        format!("FAIL_HEALTH={}\n", if fail_health { 1 } else { 0 }),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// How many times the migration ran for `version`.
+fn migrations(mig: &Path, version: &str) -> usize {
+    std::fs::read_to_string(mig.join("log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.trim() == version)
+        .count()
+}
+
+async fn get(controller: &TestController, id: &str) -> v1::FleetReleaseInfo {
+    controller
+        .admin()
+        .get_release(v1::GetReleaseRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn wait_state(controller: &TestController, id: &str, state: &str) -> v1::FleetReleaseInfo {
+    eventually(
+        &format!("release {id} {state}"),
+        Duration::from_secs(180),
+        || async {
+            let r = get(controller, id).await;
+            (r.state == state).then_some(r)
+        },
+    )
+    .await
+}
+
+async fn start(controller: &TestController, req: v1::StartReleaseRequest) -> String {
+    controller
+        .admin()
+        .start_release(v1::StartReleaseRequest {
+            app: APP.into(),
+            skip_backup: true,
+            ..req
+        })
+        .await
+        .expect("start the release")
+        .into_inner()
+        .id
+}
+
+fn host<'a>(r: &'a v1::FleetReleaseInfo, name: &str) -> &'a v1::FleetReleaseHost {
+    r.hosts.iter().find(|h| h.host == name).unwrap()
+}
+
+// Multi-threaded: the in-process controller keeps serving while this thread waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
+    if !docker_available("three_real_agents_release_in_waves_revert_under_load_and_converge") {
+        return;
+    }
+    init();
+    let _guard = AppGuard(APP.into());
+    let repo = test_repo(APP, &["v1.0.0", "v1.1.0", "v2.0.0"]);
+    let port = free_port();
+    let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mig = dir.path().join("mig");
+    std::fs::create_dir_all(&mig).unwrap();
+    // The migration container writes as its own user.
+    std::fs::set_permissions(&mig, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
+    let mut agents = Vec::new();
+    for (name, ip) in [
+        ("fleet-a", "127.0.0.2"),
+        ("fleet-b", "127.0.0.3"),
+        ("fleet-c", "127.0.0.4"),
+    ] {
+        let mut agent = HostAgent::enroll(&controller, dir.path(), name, ip).await;
+        secrets(&agent, false);
+        agent.start(&controller).await;
+        agents.push(agent);
+    }
+    controller
+        .admin()
+        .apply_app(v1::ApplyAppRequest {
+            spec_toml: fleet_spec(&repo, listen, &mig),
+            source: "fleet.toml".into(),
+        })
+        .await
+        .expect("apply the app");
+    let all: Vec<&HostAgent> = agents.iter().collect();
+    deploy(&controller, APP, "v1.0.0", &all).await;
+    let names: Vec<String> = agents.iter().map(|a| a.host.clone()).collect();
+
+    // 1. Waves gated on health: wave 2 starts only after fleet-a stayed healthy for
+    //    min_healthy; the migration runs once, on fleet-a.
+    let min_healthy = Duration::from_secs(3);
+    let id = start(
+        &controller,
+        v1::StartReleaseRequest {
+            version: "v1.1.0".into(),
+            hosts: names.clone(),
+            waves: "1,100%".into(),
+            max_parallel: 2,
+            min_healthy_ms: min_healthy.as_millis() as u64,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Watched as it runs: when a wave-2 host first moves, fleet-a has passed, and it passed
+    // min_healthy after its deploy ended.
+    let deployed = std::sync::atomic::AtomicI64::new(0);
+    let done = eventually("the release succeeds", Duration::from_secs(180), || async {
+        let r = get(&controller, &id).await;
+        let a = host(&r, "fleet-a");
+        if a.deployed_unix_ms > 0 {
+            deployed.store(a.deployed_unix_ms, std::sync::atomic::Ordering::Relaxed);
+        }
+        let moved = ["fleet-b", "fleet-c"]
+            .iter()
+            .any(|h| !matches!(host(&r, h).state.as_str(), "pending" | "queued"));
+        if moved && !matches!(r.state.as_str(), "succeeded") {
+            assert_eq!(
+                a.state, "passed",
+                "wave 2 moved before fleet-a passed: {r:?}"
+            );
+        }
+        (r.state == "succeeded").then_some(r)
+    })
+    .await;
+    let a = host(&done, "fleet-a");
+    let deployed_a = deployed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(deployed_a > 0, "fleet-a was seen settling");
+    assert!(
+        a.passed_unix_ms - deployed_a >= min_healthy.as_millis() as i64 - 300,
+        "fleet-a passed {} ms after its deploy ended, before min_healthy",
+        a.passed_unix_ms - deployed_a
+    );
+    assert!(
+        done.history.iter().any(|e| e.what == "wave 1 of 2 passed")
+            && done.history.iter().any(|e| e.what == "wave 2 of 2 passed"),
+        "{:?}",
+        done.history
+    );
+    assert_eq!(migrations(&mig, "v1.1.0"), 1, "the migration ran once");
+    for agent in &agents {
+        assert_eq!(
+            version_at(agent.public(port)).await.as_deref(),
+            Some("v1.1.0")
+        );
+    }
+
+    // 2. fleet-c cannot pass its health check: wave 2 fails, the release halts and fleet-a and
+    //    fleet-b go back to v1.1.0, all while load runs through every proxy.
+    secrets(&agents[2], true);
+    let loads: Vec<Load> = agents
+        .iter()
+        .map(|a| Load::start(a.public(port), 2))
+        .collect();
+    let id = start(
+        &controller,
+        v1::StartReleaseRequest {
+            version: "v2.0.0".into(),
+            hosts: names.clone(),
+            waves: "1,100%".into(),
+            max_parallel: 2,
+            min_healthy_ms: 1_000,
+            on_failure: "revert".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let reverted = wait_state(&controller, &id, "reverted").await;
+    let reverted_at = Instant::now();
+    assert!(reverted.why.contains("failed"), "{}", reverted.why);
+    assert_eq!(host(&reverted, "fleet-a").state, "reverted");
+    assert_eq!(host(&reverted, "fleet-c").state, "failed");
+    let b_state = host(&reverted, "fleet-b").state.clone();
+    assert!(
+        b_state == "reverted" || b_state == "failed",
+        "fleet-b was updated then reverted, or its deploy was cancelled: {b_state}: {:?}",
+        host(&reverted, "fleet-b")
+    );
+    for agent in &agents {
+        assert_eq!(
+            version_at(agent.public(port)).await.as_deref(),
+            Some("v1.1.0"),
+            "{} serves its previous version",
+            agent.host
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (agent, load) in agents.iter().zip(loads) {
+        let (ok, failed, first) = load.finish().await;
+        assert!(ok > 0, "{}: no request answered", agent.host);
+        assert_eq!(failed, 0, "{}: failed requests: {first:?}", agent.host);
+    }
+    assert_eq!(migrations(&mig, "v2.0.0"), 1, "the migration ran once");
+    assert!(
+        reverted
+            .history
+            .iter()
+            .any(|e| e.what.starts_with("the migration ran with this release")),
+        "{:?}",
+        reverted.history
+    );
+    eprintln!(
+        "revert: the release reverted {:?} after it was seen reverted",
+        reverted_at.elapsed()
+    );
+
+    // 3. fleet-c's agent is stopped: it is skipped after host_timeout; once back it is behind,
+    //    and converge deploys v2.0.0 to it without the migration.
+    secrets(&agents[2], false);
+    agents[2].kill9();
+    eventually("fleet-c seen gone", Duration::from_secs(30), || async {
+        let h = controller.host("fleet-c").await?;
+        (!h.session_open).then_some(())
+    })
+    .await;
+    let id = start(
+        &controller,
+        v1::StartReleaseRequest {
+            version: "v2.0.0".into(),
+            hosts: names.clone(),
+            waves: "100%".into(),
+            max_parallel: 2,
+            min_healthy_set: true,
+            host_timeout_ms: 2_000,
+            host_timeout_set: true,
+            skip_offline: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let done = wait_state(&controller, &id, "succeeded").await;
+    assert_eq!(host(&done, "fleet-c").state, "offline");
+    assert_eq!(migrations(&mig, "v2.0.0"), 2, "once more, for this release");
+    agents[2].start(&controller).await;
+    let behind = eventually("fleet-c behind", Duration::from_secs(30), || async {
+        let h = controller.host("fleet-c").await?;
+        h.behind.first().cloned()
+    })
+    .await;
+    assert_eq!(
+        (
+            behind.desired_version.as_str(),
+            behind.live_version.as_str()
+        ),
+        ("v2.0.0", "v1.1.0")
+    );
+    assert_eq!(behind.release_id, id);
+    controller
+        .admin()
+        .control_release(v1::ControlReleaseRequest {
+            id: id.clone(),
+            control: v1::ReleaseControl::Converge as i32,
+        })
+        .await
+        .expect("converge");
+    eventually("fleet-c on v2.0.0", Duration::from_secs(90), || async {
+        (version_at(agents[2].public(port)).await.as_deref() == Some("v2.0.0")).then_some(())
+    })
+    .await;
+    assert_eq!(migrations(&mig, "v2.0.0"), 2, "converge runs no migration");
+    eventually(
+        "fleet-c no longer behind",
+        Duration::from_secs(30),
+        || async {
+            let h = controller.host("fleet-c").await?;
+            h.behind.is_empty().then_some(())
+        },
+    )
+    .await;
+}
