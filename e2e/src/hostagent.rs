@@ -42,18 +42,26 @@ impl HostAgent {
         ip: &str,
         extra: &str,
     ) -> HostAgent {
+        let token = controller.token(host).await;
+        HostAgent::enroll_at(&controller.addr.to_string(), &token, dir, host, ip, extra)
+    }
+
+    /// Enrolls `host` to the controller at `addr` with `token` (a controller in its own
+    /// process); its proxies listen on `ip`, `extra` heads its config.
+    pub fn enroll_at(
+        addr: &str,
+        token: &str,
+        dir: &Path,
+        host: &str,
+        ip: &str,
+        extra: &str,
+    ) -> HostAgent {
         let home = dir.join(host);
         let data = home.join("data");
-        let token = controller.token(host).await;
         let out = Command::new(bin("drover-agent"))
-            .args([
-                "enroll",
-                "--controller",
-                &controller.addr.to_string(),
-                "--data-dir",
-            ])
+            .args(["enroll", "--controller", addr, "--data-dir"])
             .arg(&data)
-            .env("DROVER_TOKEN", &token)
+            .env("DROVER_TOKEN", token)
             .output()
             .unwrap();
         assert!(
@@ -85,6 +93,20 @@ impl HostAgent {
     /// Starts the agent and waits until a session opened after now is up.
     pub async fn start(&mut self, controller: &TestController) {
         let since = drover_agent::unix_ms();
+        self.spawn();
+        eventually(
+            &format!("{}'s new session", self.host),
+            Duration::from_secs(30),
+            || async {
+                let h = controller.host(&self.host).await?;
+                (h.session_open && h.last_seen_unix_ms > since).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Starts the agent process, not waiting for its session.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,15 +123,6 @@ impl HostAgent {
             .spawn()
             .expect("start drover-agent");
         self.child = Some(child);
-        eventually(
-            &format!("{}'s new session", self.host),
-            Duration::from_secs(30),
-            || async {
-                let h = controller.host(&self.host).await?;
-                (h.session_open && h.last_seen_unix_ms > since).then_some(())
-            },
-        )
-        .await;
     }
 
     pub fn kill9(&mut self) {

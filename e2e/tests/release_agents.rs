@@ -5,17 +5,20 @@
 //! fails in wave 2 halts the release and every updated host goes back to its previous version
 //! while load runs through every proxy with no failed request; an offline host (its agent
 //! stopped) is skipped, shows as behind once back, and `converge` brings it to the version
-//! without the migration.
+//! without the migration; and a real `drover-controller` process killed with SIGKILL while a
+//! host deploys resumes the release after its restart, each host deployed once.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use drover_e2e::deploys::{AppGuard, Load, test_repo};
 use drover_e2e::hostagent::{HostAgent, deploy, version_at};
 use drover_e2e::{
-    TestController, docker_available, eventually, fast_controller_config, free_port, init,
+    TestController, bin, docker_available, drover_cli, eventually, fast_controller_config,
+    free_port, init,
 };
 use drover_proto::v1;
 
@@ -317,4 +320,211 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
         },
     )
     .await;
+}
+
+/// Runs the real `drover` against the controller process; its output as JSON (exit 0 asserted).
+fn cli_json(addr: &str, admin: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = drover_cli(addr, admin, &all);
+    assert!(
+        out.status.success(),
+        "drover {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Polls `check` every 200 ms for up to `patience`.
+fn wait_for<T>(what: &str, patience: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `drover-controller run --config FILE`, its log appended to `log`.
+fn controller_process(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(bin("drover-controller"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start drover-controller")
+}
+
+/// Kills the controller process with SIGKILL when dropped (pass or fail).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// Multi-threaded: the agents are processes; this thread only waits on them and the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_controller_resumes_the_release_and_deploys_no_host_twice() {
+    if !docker_available("a_sigkilled_controller_resumes_the_release_and_deploys_no_host_twice") {
+        return;
+    }
+    init();
+    let app = "fleetkill";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0"]);
+    let port = free_port();
+    let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"{addr}\"\ndata_dir = \"{}\"\n", data.display()),
+    )
+    .unwrap();
+    let log = dir.path().join("controller.log");
+    let mut controller = Killed(controller_process(&config, &log));
+    let admin = data.join("operator/admin");
+    let serving =
+        || admin.join("key.pem").exists() && drover_cli(&addr, &admin, &["hosts"]).status.success();
+    wait_for("the controller serves", Duration::from_secs(30), || {
+        serving().then_some(())
+    });
+
+    let mut agents = Vec::new();
+    for (host, ip) in [("kill-a", "127.0.0.5"), ("kill-b", "127.0.0.6")] {
+        let out = drover_cli(
+            &addr,
+            &admin,
+            &["token", "create", "--host", host, "--ttl", "10m"],
+        );
+        assert!(out.status.success());
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let mut agent = HostAgent::enroll_at(&addr, &token, dir.path(), host, ip, "");
+        agent.spawn();
+        agents.push(agent);
+    }
+    wait_for("both agents connected", Duration::from_secs(30), || {
+        let hosts = cli_json(&addr, &admin, &["hosts"]);
+        let open = hosts
+            .as_array()?
+            .iter()
+            .filter(|h| h["session_open"] == true);
+        (open.count() == 2).then_some(())
+    });
+    let spec_file = dir.path().join("app.toml");
+    std::fs::write(
+        &spec_file,
+        drover_e2e::deploys::spec(app, &repo, listen, "drain_timeout = \"1s\"\n")
+            .replace("drain_timeout = \"5s\"\n", ""),
+    )
+    .unwrap();
+    cli_json(
+        &addr,
+        &admin,
+        &["app", "apply", spec_file.to_str().unwrap()],
+    );
+    let out = drover_cli(
+        &addr,
+        &admin,
+        &[
+            "deploy", app, "v1.0.0", "--host", "kill-a", "--host", "kill-b",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let started = cli_json(
+        &addr,
+        &admin,
+        &[
+            "release",
+            app,
+            "v1.1.0",
+            "--host",
+            "kill-a",
+            "--host",
+            "kill-b",
+            "--waves",
+            "1,100%",
+            "--min-healthy",
+            "2s",
+            "--skip-backup",
+            "--detach",
+        ],
+    );
+    let id = started["id"].as_str().unwrap().to_string();
+    let state_of = |r: &serde_json::Value, host: &str| -> String {
+        r["hosts"]
+            .as_array()
+            .and_then(|hs| hs.iter().find(|h| h["host"] == host))
+            .and_then(|h| h["state"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    // The controller is killed while kill-a deploys; kill-a's deploy ends while it is down.
+    wait_for("kill-a deploying", Duration::from_secs(60), || {
+        let r = cli_json(&addr, &admin, &["release", "status", &id]);
+        (state_of(&r, "kill-a") == "deploying").then_some(())
+    });
+    Command::new("kill")
+        .args(["-KILL", &controller.0.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = controller.0.wait();
+    std::thread::sleep(Duration::from_secs(6));
+    controller = Killed(controller_process(&config, &log));
+    wait_for(
+        "the controller serves again",
+        Duration::from_secs(30),
+        || serving().then_some(()),
+    );
+    let done = wait_for("the release succeeds", Duration::from_secs(120), || {
+        let r = cli_json(&addr, &admin, &["release", "status", &id]);
+        (r["state"] == "succeeded").then_some(r)
+    });
+    assert_eq!(state_of(&done, "kill-a"), "passed");
+    assert_eq!(state_of(&done, "kill-b"), "passed");
+    let jobs = cli_json(&addr, &admin, &["jobs", "--app", app, "--limit", "50"]);
+    let deploys: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["kind"] == "deploy" && j["id"].as_str().unwrap_or("").starts_with(&id))
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(deploys.len(), 2, "one deploy per host: {deploys:?}");
+    for agent in &agents {
+        assert_eq!(
+            version_at(agent.public(port)).await.as_deref(),
+            Some("v1.1.0"),
+            "{}",
+            agent.host
+        );
+        // The agent's own release table: v1.1.0 was deployed there once.
+        let table = cli_json(&addr, &admin, &["releases", app, "--host", &agent.host]);
+        let of_v11 = table
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["version"] == "v1.1.0")
+            .count();
+        assert_eq!(of_v11, 1, "{}: {table}", agent.host);
+    }
+    drop(controller);
 }
