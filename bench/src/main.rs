@@ -6,6 +6,7 @@
 
 mod backups;
 mod deploys;
+mod real_release;
 mod realhost;
 mod release;
 
@@ -59,6 +60,10 @@ enum Cmd {
     /// One real controller drives a fleet release across N simulated agents that answer each
     /// deploy after a fixed delay: wall time, controller CPU and memory, overhead per wave.
     Release(release::ReleaseOpts),
+    /// Fleet releases across N real agents on the one Docker Engine: wall time, and the time
+    /// from a host's failure to every updated host serving its previous version (needs Docker
+    /// and the test app images: scripts/testapp-image.sh).
+    RealRelease(real_release::RealReleaseOpts),
     /// Zero-downtime deploys and rollbacks under a paced load, with the real controller, agent
     /// and CLI, beside `docker stop; docker run` with the same app and load (needs Docker and
     /// the test app images: scripts/testapp-image.sh).
@@ -162,6 +167,7 @@ fn main() {
                         .await
                     }
                     Cmd::Release(opts) => release::release(opts).await,
+                    Cmd::RealRelease(opts) => real_release::real_release(opts).await,
                     Cmd::AgentIdle {
                         duration,
                         every,

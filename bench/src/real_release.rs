@@ -1,0 +1,286 @@
+//! `drover-bench real-release`: fleet releases across N real `drover-agent` processes on the one
+//! Docker Engine (each with its own data dir, its proxy on 127.0.0.(10+i)), driven by a real
+//! controller (in process, as the e2e tests run it). Per run: the wall time of a release that
+//! succeeds; then a release whose host in the last wave fails its health check, timed from that
+//! host's `job.finished` (the agent's clock, this machine) to every updated host answering its
+//! previous version through its own proxy, with load on every proxy (failed requests counted).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use drover_e2e::deploys::{AppGuard, Load, test_repo};
+use drover_e2e::hostagent::{HostAgent, deploy, version_at};
+use drover_e2e::{TestController, fast_controller_config, free_port};
+use drover_proto::v1;
+
+use crate::{Report, median};
+
+const APP: &str = "rbench";
+
+/// What `drover-bench real-release` takes.
+#[derive(Debug, clap::Args)]
+pub struct RealReleaseOpts {
+    #[arg(long, default_value_t = 10)]
+    pub agents: usize,
+    #[arg(long, default_value = "1,30%,100%")]
+    pub waves: String,
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
+    pub min_healthy: Duration,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+fn spec(repo: &str, listen: SocketAddr) -> String {
+    format!(
+        "name = \"{APP}\"\nimage = \"{repo}\"\ndrain_timeout = \"2s\"\nstop_timeout = \"2s\"\n\
+         [secrets.FAIL_HEALTH]\nmin_length = 1\n\
+         [web]\nport = 8080\nlisten = \"{listen}\"\n\
+         [health]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nretries = 5\n\
+         [watch]\nwindow = \"1s\"\nmax_5xx_ratio = 0.05\nmax_p95_latency = \"1s\"\n"
+    )
+}
+
+/// The host's secrets file: FAIL_HEALTH=1 makes a new container fail its health check.
+fn secrets(agent: &HostAgent, fail: bool) -> Result<()> {
+    let dir = agent.config.parent().context("agent home")?.join("secrets");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{APP}.env"));
+    std::fs::write(&path, format!("FAIL_HEALTH={}\n", u8::from(fail)))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+fn unix_ms() -> i64 {
+    drover_agent::unix_ms()
+}
+
+async fn get(c: &TestController, id: &str) -> Result<v1::FleetReleaseInfo> {
+    Ok(c.admin()
+        .get_release(v1::GetReleaseRequest { id: id.into() })
+        .await?
+        .into_inner())
+}
+
+async fn release(
+    c: &TestController,
+    o: &RealReleaseOpts,
+    version: &str,
+    until: &str,
+) -> Result<v1::FleetReleaseInfo> {
+    let id = c
+        .admin()
+        .start_release(v1::StartReleaseRequest {
+            app: APP.into(),
+            version: version.into(),
+            waves: o.waves.clone(),
+            max_parallel: o.agents as u32,
+            min_healthy_ms: o.min_healthy.as_millis() as u64,
+            min_healthy_set: true,
+            skip_backup: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let r = get(c, &id).await?;
+        if r.state == until {
+            return Ok(r);
+        }
+        if r.state != "running" && r.state != "pulling" && r.state != "reverting" {
+            bail!("release {id} ended {} ({}), not {until}", r.state, r.why);
+        }
+        if Instant::now() > deadline {
+            bail!("release {id} did not end within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
+    if o.agents < 3 || o.agents > 50 {
+        bail!("--agents {}: from 3 to 50", o.agents);
+    }
+    let _guard = AppGuard(APP.into());
+    let repo = test_repo(APP, &["v1.0.0", "v1.1.0", "v2.0.0"]);
+    let port = free_port();
+    let listen: SocketAddr = format!("0.0.0.0:{port}").parse()?;
+    let dir = tempfile::tempdir()?;
+    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
+    let mut agents = Vec::new();
+    for i in 0..o.agents {
+        let name = format!("rb-{i:02}");
+        let ip = format!("127.0.0.{}", 10 + i);
+        let mut agent = HostAgent::enroll(&controller, dir.path(), &name, &ip).await;
+        secrets(&agent, false)?;
+        agent.start(&controller).await;
+        agents.push(agent);
+    }
+    controller
+        .admin()
+        .apply_app(v1::ApplyAppRequest {
+            spec_toml: spec(&repo, listen),
+            source: "rbench.toml".into(),
+        })
+        .await?;
+    let all: Vec<&HostAgent> = agents.iter().collect();
+    deploy(&controller, APP, "v1.0.0", &all).await;
+    eprintln!("{} real agents serving v1.0.0 on 127.0.0.10-", o.agents);
+
+    let failing = agents.last().context("no agents")?;
+    let (mut walls, mut reverts, mut controller_walls) = (Vec::new(), Vec::new(), Vec::new());
+    // Where a revert's time goes: failure to halt (the controller seeing it), failure to the
+    // last rollback's job.started, and the longest rollback job (started to finished).
+    let (mut to_halt, mut to_last_start, mut longest) = (Vec::new(), Vec::new(), Vec::new());
+    let mut failed_requests = 0;
+    let mut live = "v1.0.0";
+    for run in 0..o.runs {
+        // A release that succeeds, to the version not live.
+        let next = if live == "v1.0.0" { "v1.1.0" } else { "v1.0.0" };
+        let t0 = Instant::now();
+        let done = release(&controller, &o, next, "succeeded").await?;
+        let wall = t0.elapsed().as_secs_f64();
+        walls.push(wall);
+        controller_walls.push((done.finished_unix_ms - done.created_unix_ms) as f64 / 1000.0);
+        live = next;
+
+        // The last host fails in the last wave: every updated host goes back to `live`.
+        secrets(failing, true)?;
+        let loads: Vec<Load> = agents
+            .iter()
+            .map(|a| Load::start(a.public(port), 1))
+            .collect();
+        let id = controller
+            .admin()
+            .start_release(v1::StartReleaseRequest {
+                app: APP.into(),
+                version: "v2.0.0".into(),
+                waves: o.waves.clone(),
+                max_parallel: o.agents as u32,
+                min_healthy_ms: o.min_healthy.as_millis() as u64,
+                min_healthy_set: true,
+                skip_backup: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .id;
+        // The failing host's deploy job: its id is derived from the release.
+        let index = agents.len() - 1;
+        let job = format!("{id}-d{index}");
+        let ended = controller
+            .wait_job(&failing.host, &job, Duration::from_secs(600))
+            .await;
+        let failed_at = ended.at_unix_ms;
+        // Which hosts had been updated: every one but the failing host whose deploy went
+        // through, as the release records it once it reverts.
+        let mut back = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let reverted = loop {
+            let r = get(&controller, &id).await?;
+            if r.state == "reverted" || r.state == "halted" {
+                break r;
+            }
+            if Instant::now() > deadline {
+                bail!("release {id} did not revert within 2 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let updated: Vec<&HostAgent> = agents
+            .iter()
+            .filter(|a| {
+                reverted
+                    .hosts
+                    .iter()
+                    .any(|h| h.host == a.host && h.state == "reverted")
+            })
+            .collect();
+        // Poll each updated host's proxy until it answers the previous version.
+        for a in &updated {
+            loop {
+                if version_at(a.public(port)).await.as_deref() == Some(live) {
+                    back.push(unix_ms());
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{} does not serve {live} again", a.host);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let all_back = back.iter().copied().max().unwrap_or(failed_at);
+        let halted_at = reverted
+            .history
+            .iter()
+            .find(|e| e.what.starts_with("halted"))
+            .map_or(failed_at, |e| e.at_unix_ms);
+        to_halt.push((halted_at - failed_at) as f64 / 1000.0);
+        let (mut last_start, mut max_job) = (failed_at, 0i64);
+        for (i, a) in agents.iter().enumerate() {
+            let events = controller.job_events(&a.host, &format!("{id}-r{i}"));
+            let at = |kind: &str| events.iter().find(|e| e.kind == kind).map(|e| e.at_unix_ms);
+            if let (Some(s), Some(f)) = (
+                at(drover_model::jobevent::STARTED),
+                at(drover_model::jobevent::FINISHED),
+            ) {
+                last_start = last_start.max(s);
+                max_job = max_job.max(f - s);
+            }
+        }
+        to_last_start.push((last_start - failed_at) as f64 / 1000.0);
+        longest.push(max_job as f64 / 1000.0);
+        let revert = (all_back - failed_at) as f64 / 1000.0;
+        reverts.push(revert);
+        for load in loads {
+            let (_, failed, _) = load.finish().await;
+            failed_requests += failed;
+        }
+        secrets(failing, false)?;
+        eprintln!(
+            "run {}: release {wall:.1} s; revert of {} updated host(s) {revert:.2} s after the failure ({})",
+            run + 1,
+            updated.len(),
+            reverted.state
+        );
+    }
+    let summary = format!(
+        "real-release: {} real agents, waves {}, min_healthy {:?}, {} run(s)\n\
+         \x20 release wall time, median {:.1} s (runs {:?}; the controller's own record {:?})\n\
+         \x20 failure to every updated host serving its previous version, median {:.2} s (runs {:?}; goal <= 5 s)\n\
+         \x20   of which failure to halt {:?} s, failure to the last rollback's start {:?} s, longest rollback job {:?} s\n\
+         \x20 failed requests through the proxies during the failing releases: {failed_requests}\n",
+        o.agents,
+        o.waves,
+        o.min_healthy,
+        o.runs,
+        median(&walls),
+        walls,
+        controller_walls,
+        median(&reverts),
+        reverts,
+        to_halt,
+        to_last_start,
+        longest,
+    );
+    Ok(Report {
+        summary,
+        json: json!({
+            "benchmark": "real-release",
+            "agents": o.agents,
+            "waves": o.waves,
+            "min_healthy_ms": o.min_healthy.as_millis() as u64,
+            "wall_secs": walls,
+            "controller_wall_secs": controller_walls,
+            "revert_secs": reverts,
+            "failure_to_halt_secs": to_halt,
+            "failure_to_last_rollback_start_secs": to_last_start,
+            "longest_rollback_job_secs": longest,
+            "failed_requests": failed_requests,
+        }),
+    })
+}
