@@ -65,14 +65,9 @@ async fn get(c: &TestController, id: &str) -> Result<v1::FleetReleaseInfo> {
         .into_inner())
 }
 
-async fn release(
-    c: &TestController,
-    o: &RealReleaseOpts,
-    version: &str,
-    until: &str,
-) -> Result<v1::FleetReleaseInfo> {
-    let id = c
-        .admin()
+/// Starts a release of `version` with the run's waves and `min_healthy`; its id.
+async fn start(c: &TestController, o: &RealReleaseOpts, version: &str) -> Result<String> {
+    Ok(c.admin()
         .start_release(v1::StartReleaseRequest {
             app: APP.into(),
             version: version.into(),
@@ -85,7 +80,17 @@ async fn release(
         })
         .await?
         .into_inner()
-        .id;
+        .id)
+}
+
+/// Starts a release of `version` and waits until it is `until`.
+async fn release(
+    c: &TestController,
+    o: &RealReleaseOpts,
+    version: &str,
+    until: &str,
+) -> Result<v1::FleetReleaseInfo> {
+    let id = start(c, o, version).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let r = get(c, &id).await?;
@@ -155,21 +160,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
             .iter()
             .map(|a| Load::start(a.public(port), 1))
             .collect();
-        let id = controller
-            .admin()
-            .start_release(v1::StartReleaseRequest {
-                app: APP.into(),
-                version: "v2.0.0".into(),
-                waves: o.waves.clone(),
-                max_parallel: o.agents as u32,
-                min_healthy_ms: o.min_healthy.as_millis() as u64,
-                min_healthy_set: true,
-                skip_backup: true,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .id;
+        let id = start(&controller, &o, "v2.0.0").await?;
         // The failing host's deploy job: its id is derived from the release.
         let index = agents.len() - 1;
         let job = format!("{id}-d{index}");

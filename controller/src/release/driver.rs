@@ -342,12 +342,9 @@ impl Releases {
             }
             if let Pull::Pulling { job_id } = &h.pull {
                 match store.job(job_id).map_err(store_error)? {
-                    Some(job) if job.state().is_finished() => inputs.push(Input::JobEnded {
-                        host: h.host.clone(),
-                        job_id: job_id.clone(),
-                        ok: job.state() == JobState::Succeeded,
-                        why: job_why(&job),
-                    }),
+                    Some(job) if job.state().is_finished() => {
+                        inputs.push(ended(&h.host, job_id, &job))
+                    }
                     Some(_) => {}
                     None => redo.push(Action::Pull {
                         host: h.host.clone(),
@@ -379,12 +376,9 @@ impl Releases {
                                     &h.host,
                                     &fleet.release.version,
                                 )? => {}
-                        Some(job) if job.state().is_finished() => inputs.push(Input::JobEnded {
-                            host: h.host.clone(),
-                            job_id: job_id.clone(),
-                            ok: job.state() == JobState::Succeeded,
-                            why: job_why(&job),
-                        }),
+                        Some(job) if job.state().is_finished() => {
+                            inputs.push(ended(&h.host, job_id, &job))
+                        }
                         Some(_) => {}
                         None if matches!(h.phase, HostPhase::Deploying { .. }) => {
                             redo.push(Action::Deploy {
@@ -623,6 +617,16 @@ fn under_way(fleet: &FleetRelease) -> bool {
                 HostPhase::Deploying { .. } | HostPhase::Reverting { .. }
             ) || matches!(h.pull, Pull::Pulling { .. })
         })
+}
+
+/// The engine's input for a release's job `job_id` on `host` that finished.
+fn ended(host: &str, job_id: &str, job: &crate::jobs::JobRecord) -> Input {
+    Input::JobEnded {
+        host: host.to_string(),
+        job_id: job_id.to_string(),
+        ok: job.state() == JobState::Succeeded,
+        why: job_why(job),
+    }
 }
 
 /// Why a job ended as it did, from its first target that did not succeed.
