@@ -76,20 +76,6 @@ async fn remove_all(ctx: &JobCtx, release: &Release) {
     }
 }
 
-async fn stop_all(ctx: &JobCtx, release: &Release) {
-    let timeout = AppSpec::from_toml(&release.spec_toml, "release")
-        .map(|s| s.stop_timeout)
-        .unwrap_or(Duration::from_secs(10));
-    for name in release.containers.values() {
-        if let Ok(Some(info)) = ctx.docker.inspect(name).await
-            && info.running
-            && let Err(e) = ctx.docker.stop(name, timeout).await
-        {
-            warn!(container = %name, error = %e, "cannot stop container");
-        }
-    }
-}
-
 /// Makes every container of `release` run: starts stopped ones, recreates missing ones from
 /// the release's image ID. Returns the web container, if any.
 async fn ensure_running(
@@ -177,7 +163,7 @@ pub(crate) async fn converge_release(
         (Some(t), true) => match healthy(ctx, &report, t).await {
             Ok(()) => {
                 if let Some(p) = &previous {
-                    stop_all(ctx, p).await;
+                    release::stop_running(ctx, p).await;
                     set(&mut table, &p.id, ReleaseState::Kept, None);
                 }
                 let result = t.result.or(Some(JobResult::Succeeded));
@@ -200,7 +186,7 @@ pub(crate) async fn converge_release(
                             Some(JobResult::Interrupted),
                         );
                     } else {
-                        stop_all(ctx, t).await;
+                        release::stop_running(ctx, t).await;
                         set(&mut table, &t.id, ReleaseState::Kept, None);
                     }
                     did.push(format!(
@@ -219,7 +205,7 @@ pub(crate) async fn converge_release(
                 remove_all(ctx, t).await;
                 did.push(format!("removed the containers of {}", t.version));
             } else {
-                stop_all(ctx, t).await;
+                release::stop_running(ctx, t).await;
                 did.push(format!("stopped {} again", t.version));
             }
             if job.kind == JobKind::Deploy {
@@ -286,7 +272,7 @@ async fn sweep(ctx: &JobCtx, app: &str) -> Result<(), RecoveryError> {
         }
     }
     for kept in table.iter().filter(|r| r.state == ReleaseState::Kept) {
-        stop_all(ctx, kept).await;
+        release::stop_running(ctx, kept).await;
     }
     let keep = releases::live(&table)
         .and_then(|live| AppSpec::from_toml(&live.spec_toml, "release").ok())

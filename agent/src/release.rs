@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::apps::Reserved;
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError};
@@ -439,6 +439,42 @@ pub(crate) async fn remove_containers(ctx: &JobCtx, release: &Release) -> Vec<St
     removed
 }
 
+/// Stops every running container of `release` (with its own spec's `stop_timeout`). Whether
+/// any was running.
+pub(crate) async fn stop_running(ctx: &JobCtx, release: &Release) -> bool {
+    let timeout = AppSpec::from_toml(&release.spec_toml, "release")
+        .map(|s| s.stop_timeout)
+        .unwrap_or(Duration::from_secs(10));
+    let mut ran = false;
+    for name in release.containers.values() {
+        if let Ok(Some(info)) = ctx.docker.inspect(name).await
+            && info.running
+        {
+            ran = true;
+            if let Err(e) = ctx.docker.stop(name, timeout).await {
+                warn!(container = %name, error = %e, "cannot stop container");
+            }
+        }
+    }
+    ran
+}
+
+/// Stops what still runs of every kept release in `table` but `except` (a release id). The
+/// versions that were running.
+pub(crate) async fn stop_kept(
+    ctx: &JobCtx,
+    table: &[Release],
+    except: Option<&str>,
+) -> Vec<String> {
+    let mut stopped = Vec::new();
+    for kept in table.iter().filter(|r| r.state == ReleaseState::Kept) {
+        if Some(kept.id.as_str()) != except && stop_running(ctx, kept).await {
+            stopped.push(kept.version.clone());
+        }
+    }
+    stopped
+}
+
 /// Stops the given roles' containers of a release (kept for rollback).
 pub(crate) async fn stop_roles(ctx: &JobCtx, release: &Release, web: bool, timeout: Duration) {
     for (role, name) in &release.containers {
@@ -599,13 +635,30 @@ pub(crate) async fn stop_old_step(
     report: &Report<'_>,
     previous: Option<&Release>,
     timeout: Duration,
+    keep_previous: bool,
 ) -> Result<(), Failure> {
+    // A kept release still running that is not `previous` (a fleet release kept it for its
+    // revert and its retire never came) stops here.
+    if let Ok(table) = ctx.store.releases(&job.app) {
+        let stopped = stop_kept(ctx, &table, previous.map(|p| p.id.as_str())).await;
+        if !stopped.is_empty() {
+            info!(app = %job.app, versions = %stopped.join(", "), "stopped kept releases still running");
+        }
+    }
     let Some(p) = previous else {
         report
             .step_skipped("stop_old", "nothing served before")
             .await;
         return Ok(());
     };
+    if keep_previous {
+        let why = format!(
+            "{} keeps running, not routed, so the fleet release's revert is a switch; the release stops it when it ends",
+            p.version
+        );
+        report.step_skipped("stop_old", why).await;
+        return Ok(());
+    }
     let message = format!("stopping {} (kept for rollback)", p.version);
     let since = begin(ctx, job, report, "stop_old", message).await?;
     stop_roles(ctx, p, true, timeout).await;

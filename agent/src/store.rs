@@ -86,6 +86,10 @@ pub struct JobRecord {
     /// Deploy: skip the spec's migration (a fleet release runs it on its first host only).
     #[serde(default)]
     pub skip_migration: bool,
+    /// Deploy: leave the previous web container running after the switch (a fleet release's
+    /// `keep_previous`; a retire job stops it).
+    #[serde(default)]
+    pub keep_previous: bool,
     pub requested_by: String,
     pub accepted_unix_ms: i64,
     /// The step started last.
@@ -135,6 +139,7 @@ impl JobRecord {
             skip_backup: false,
             wait_lock: false,
             skip_migration: false,
+            keep_previous: false,
             requested_by: by.to_string(),
             accepted_unix_ms: now_ms,
             step: String::new(),
@@ -674,6 +679,7 @@ mod tests {
             skip_backup: false,
             wait_lock: false,
             skip_migration: false,
+            keep_previous: false,
             requested_by: "alice".into(),
             accepted_unix_ms: n as i64,
             step: String::new(),

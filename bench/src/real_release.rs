@@ -5,6 +5,7 @@
 //! host's `job.finished` (the agent's clock, this machine) to every updated host answering its
 //! previous version through its own proxy, with load on every proxy (failed requests counted).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -142,6 +143,8 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
     // Where a revert's time goes: failure to halt (the controller seeing it), failure to the
     // last rollback's job.started, and the longest rollback job (started to finished).
     let (mut to_halt, mut to_last_start, mut longest) = (Vec::new(), Vec::new(), Vec::new());
+    // Every rollback job's steps: how long each took (ms), across runs.
+    let mut steps: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut failed_requests = 0;
     let mut live = "v1.0.0";
     for run in 0..o.runs {
@@ -222,6 +225,9 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
                 last_start = last_start.max(s);
                 max_job = max_job.max(f - s);
             }
+            for (step, ms) in step_durations(&events) {
+                steps.entry(step).or_default().push(ms);
+            }
         }
         to_last_start.push((last_start - failed_at) as f64 / 1000.0);
         longest.push(max_job as f64 / 1000.0);
@@ -244,6 +250,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
          \x20 release wall time, median {:.1} s (runs {:?}; the controller's own record {:?})\n\
          \x20 failure to every updated host serving its previous version, median {:.2} s (runs {:?}; goal <= 5 s)\n\
          \x20   of which failure to halt {:?} s, failure to the last rollback's start {:?} s, longest rollback job {:?} s\n\
+         \x20   rollback steps, median ms: {}\n\
          \x20 failed requests through the proxies during the failing releases: {failed_requests}\n",
         o.agents,
         o.waves,
@@ -257,6 +264,11 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
         to_halt,
         to_last_start,
         longest,
+        steps
+            .iter()
+            .map(|(step, ms)| format!("{step} {:.0}", median(ms)))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     Ok(Report {
         summary,
@@ -272,6 +284,21 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
             "failure_to_last_rollback_start_secs": to_last_start,
             "longest_rollback_job_secs": longest,
             "failed_requests": failed_requests,
+            "rollback_step_ms": steps,
         }),
     })
+}
+
+/// A job's steps that ended (done or failed) and how long each took, in ms.
+fn step_durations(events: &[drover_controller::jobs::EventRecord]) -> Vec<(String, f64)> {
+    use drover_model::jobevent::{STEP, field};
+    events
+        .iter()
+        .filter(|e| e.kind == STEP)
+        .filter_map(|e| {
+            let step = e.fields.get(field::STEP)?;
+            let ms: f64 = e.fields.get(field::DURATION_MS)?.parse().ok()?;
+            Some((step.clone(), ms))
+        })
+        .collect()
 }

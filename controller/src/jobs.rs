@@ -508,6 +508,7 @@ mod tests {
                 requested_by: "alice".into(),
                 backup_target_toml: String::new(),
                 skip_migration: false,
+                keep_previous: false,
             },
             &hosts,
         )

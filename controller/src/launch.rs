@@ -77,6 +77,9 @@ pub struct DeployArgs {
     pub wait_lock: bool,
     /// Skip the spec's migration (a fleet release's hosts after its first).
     pub skip_migration: bool,
+    /// Keep the previous web container running after the switch (a fleet release's
+    /// `keep_previous`, until it retires it).
+    pub keep_previous: bool,
 }
 
 /// A rollback of `app` to `to_version` (empty: the release live before the current one).
@@ -155,8 +158,33 @@ impl Launcher {
             requested_by: by.to_string(),
             backup_target_toml,
             skip_migration: args.skip_migration,
+            keep_previous: args.keep_previous,
         };
         self.start(JobKind::Deploy, command, hosts, id).await
+    }
+
+    /// A retire job: `host` stops the previous release of `app` that a fleet release's deploy
+    /// kept running (under the release's derived job id `id`).
+    pub async fn retire(
+        &self,
+        app: &str,
+        host: &str,
+        by: &str,
+        id: Option<String>,
+    ) -> Result<JobRecord, LaunchError> {
+        let hosts = self.choose_hosts(
+            app,
+            &Hosts {
+                names: vec![host.to_string()],
+                ..Hosts::default()
+            },
+            "retire",
+        )?;
+        let command = JobCommand::Retire {
+            app: app.to_string(),
+            requested_by: by.to_string(),
+        };
+        self.start(JobKind::Retire, command, hosts, id).await
     }
 
     /// A pull job: `app`'s image at `version` made present on `host` (a fleet release's first

@@ -124,7 +124,8 @@ fn job_target(job: &JobRecord) -> Option<String> {
             skip_backup: true, ..
         }
         | JobCommand::Rollback { .. }
-        | JobCommand::Pull { .. } => {
+        | JobCommand::Pull { .. }
+        | JobCommand::Retire { .. } => {
             return None;
         }
         JobCommand::Deploy {
@@ -324,6 +325,7 @@ mod tests {
                 requested_by,
                 backup_target_toml: target_toml,
                 skip_migration: false,
+                keep_previous: false,
             },
             JobKind::Rollback => JobCommand::Rollback {
                 app: "shop".into(),
@@ -335,6 +337,10 @@ mod tests {
                 app: "shop".into(),
                 version: "v2".into(),
                 spec_toml: String::new(),
+                requested_by,
+            },
+            JobKind::Retire => JobCommand::Retire {
+                app: "shop".into(),
                 requested_by,
             },
         }

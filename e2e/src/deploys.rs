@@ -191,6 +191,7 @@ pub fn deploy_job(
         skip_backup: false,
         wait_lock: false,
         skip_migration: false,
+        keep_previous: false,
         requested_by: "tester".into(),
         accepted_unix_ms: drover_agent::unix_ms(),
         step: String::new(),

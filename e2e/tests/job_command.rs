@@ -18,6 +18,7 @@ fn every_kind() -> Vec<JobCommand> {
             requested_by: s("alice"),
             backup_target_toml: s("name = \"api-db\"\n"),
             skip_migration: true,
+            keep_previous: true,
         },
         JobCommand::Rollback {
             app: s("api"),
@@ -58,6 +59,10 @@ fn every_kind() -> Vec<JobCommand> {
             app: s("api"),
             version: s("v1.4.2"),
             spec_toml: s("name = \"api\"\n"),
+            requested_by: s("alice (release release-1)"),
+        },
+        JobCommand::Retire {
+            app: s("api"),
             requested_by: s("alice (release release-1)"),
         },
     ]

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drover_e2e::deploys::{AppGuard, Load, test_repo};
+use drover_e2e::deploys::{AppGuard, Load, app_containers, test_repo};
 use drover_e2e::hostagent::{HostAgent, deploy, version_at};
 use drover_e2e::{
     TestController, bin, docker_available, drover_cli, eventually, fast_controller_config,
@@ -100,6 +100,33 @@ fn host<'a>(r: &'a v1::FleetReleaseInfo, name: &str) -> &'a v1::FleetReleaseHost
     r.hosts.iter().find(|h| h.host == name).unwrap()
 }
 
+/// The app's containers running on `host` (its agent names them `drover-<host>-...`).
+fn running_on(host: &str) -> Vec<String> {
+    app_containers(APP)
+        .into_iter()
+        .filter(|(name, state)| name.starts_with(&format!("drover-{host}-")) && state == "running")
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Once the release retired them, each host runs one web container: the new release's.
+async fn retired(controller: &TestController, id: &str, hosts: &[&HostAgent]) {
+    for (i, agent) in hosts.iter().enumerate() {
+        let job = format!("{id}-x{i}");
+        let ended = controller
+            .wait_job(&agent.host, &job, Duration::from_secs(60))
+            .await;
+        assert_eq!(
+            ended.fields.get("result").map(String::as_str),
+            Some("succeeded"),
+            "{job} on {}: {ended:?}",
+            agent.host
+        );
+        let left = running_on(&agent.host);
+        assert_eq!(left.len(), 1, "{}: {left:?}", agent.host);
+    }
+}
+
 // Multi-threaded: the in-process controller keeps serving while this thread waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
@@ -158,6 +185,8 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
     // Watched as it runs: when a wave-2 host first moves, fleet-a has passed, and it passed
     // min_healthy after its deploy ended.
     let deployed = std::sync::atomic::AtomicI64::new(0);
+    // fleet-a's containers running while wave 2 deploys: its v1.0.0 web kept for a revert.
+    let kept_a = std::sync::atomic::AtomicUsize::new(0);
     let done = eventually("the release succeeds", Duration::from_secs(180), || async {
         let r = get(&controller, &id).await;
         let a = host(&r, "fleet-a");
@@ -172,6 +201,12 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
                 a.state, "passed",
                 "wave 2 moved before fleet-a passed: {r:?}"
             );
+            if r.state == "running" {
+                kept_a.fetch_max(
+                    running_on("fleet-a").len(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
         }
         (r.state == "succeeded").then_some(r)
     })
@@ -197,6 +232,14 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
             Some("v1.1.0")
         );
     }
+    // Each host kept v1.0.0's web container running while the release could revert; the
+    // release retired it once it succeeded.
+    assert_eq!(
+        kept_a.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "fleet-a ran v1.0.0 and v1.1.0 while wave 2 deployed"
+    );
+    retired(&controller, &id, &all).await;
 
     // 2. fleet-c cannot pass its health check: wave 2 fails, the release halts and fleet-a and
     //    fleet-b go back to v1.1.0, all while load runs through every proxy.
@@ -236,6 +279,12 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
             "{} serves its previous version",
             agent.host
         );
+    }
+    // The rollbacks switched to v1.1.0's web container the deploys kept running, and stopped
+    // v2.0.0's: one web container each.
+    for agent in &agents {
+        let left = running_on(&agent.host);
+        assert_eq!(left.len(), 1, "{}: {left:?}", agent.host);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (agent, load) in agents.iter().zip(loads) {

@@ -17,6 +17,9 @@ pub enum JobKind {
     Verify,
     /// An app's image made present on the host (a fleet release pulls before its first wave).
     Pull,
+    /// The previous release a fleet release's deploy kept running is stopped (kept for
+    /// rollback as after any deploy).
+    Retire,
 }
 
 impl JobKind {
@@ -29,6 +32,7 @@ impl JobKind {
             JobKind::Prune => "prune",
             JobKind::Verify => "verify",
             JobKind::Pull => "pull",
+            JobKind::Retire => "retire",
         }
     }
 
@@ -61,6 +65,10 @@ pub enum JobCommand {
         /// Skip the spec's migration: a fleet release runs it on its first host only.
         #[serde(default)]
         skip_migration: bool,
+        /// Leave the previous web container running after the switch, not routed: a fleet
+        /// release's revert is then a switch; the release retires it when it ends.
+        #[serde(default)]
+        keep_previous: bool,
     },
     Rollback {
         app: String,
@@ -106,6 +114,10 @@ pub enum JobCommand {
         spec_toml: String,
         requested_by: String,
     },
+    Retire {
+        app: String,
+        requested_by: String,
+    },
 }
 
 impl JobCommand {
@@ -118,6 +130,7 @@ impl JobCommand {
             JobCommand::Prune { .. } => JobKind::Prune,
             JobCommand::Verify { .. } => JobKind::Verify,
             JobCommand::Pull { .. } => JobKind::Pull,
+            JobCommand::Retire { .. } => JobKind::Retire,
         }
     }
 
@@ -126,7 +139,8 @@ impl JobCommand {
         match self {
             JobCommand::Deploy { app, .. }
             | JobCommand::Rollback { app, .. }
-            | JobCommand::Pull { app, .. } => app,
+            | JobCommand::Pull { app, .. }
+            | JobCommand::Retire { app, .. } => app,
             JobCommand::Backup { target, .. }
             | JobCommand::Restore { target, .. }
             | JobCommand::Prune { target, .. }
@@ -141,7 +155,10 @@ impl JobCommand {
             JobCommand::Deploy { version, .. } | JobCommand::Pull { version, .. } => version,
             JobCommand::Rollback { to_version, .. } => to_version,
             JobCommand::Restore { backup_id, .. } => backup_id,
-            JobCommand::Backup { .. } | JobCommand::Prune { .. } | JobCommand::Verify { .. } => "",
+            JobCommand::Backup { .. }
+            | JobCommand::Prune { .. }
+            | JobCommand::Verify { .. }
+            | JobCommand::Retire { .. } => "",
         }
     }
 
@@ -153,7 +170,8 @@ impl JobCommand {
             | JobCommand::Restore { requested_by, .. }
             | JobCommand::Prune { requested_by, .. }
             | JobCommand::Verify { requested_by, .. }
-            | JobCommand::Pull { requested_by, .. } => requested_by,
+            | JobCommand::Pull { requested_by, .. }
+            | JobCommand::Retire { requested_by, .. } => requested_by,
         }
     }
 }

@@ -110,6 +110,9 @@ pub struct ReleaseDefaults {
     pub max_failures: String,
     /// An offline host is skipped instead of counted as a failure.
     pub skip_offline: bool,
+    /// Each updated host keeps its previous web container running, not routed, until the
+    /// release ends, so a revert switches traffic back at once instead of starting it again.
+    pub keep_previous: bool,
 }
 
 impl Default for ReleaseDefaults {
@@ -123,6 +126,7 @@ impl Default for ReleaseDefaults {
             on_failure: OnFailure::Revert,
             max_failures: "0".into(),
             skip_offline: false,
+            keep_previous: true,
         }
     }
 }

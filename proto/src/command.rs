@@ -20,6 +20,7 @@ pub fn to_proto(job_id: &str, command: &JobCommand) -> v1::Command {
             requested_by,
             backup_target_toml,
             skip_migration,
+            keep_previous,
         } => Job::Deploy(v1::DeployCommand {
             app: app.clone(),
             version: version.clone(),
@@ -30,6 +31,7 @@ pub fn to_proto(job_id: &str, command: &JobCommand) -> v1::Command {
             requested_by: requested_by.clone(),
             backup_target_toml: backup_target_toml.clone(),
             skip_migration: *skip_migration,
+            keep_previous: *keep_previous,
         }),
         JobCommand::Rollback {
             app,
@@ -107,6 +109,10 @@ pub fn to_proto(job_id: &str, command: &JobCommand) -> v1::Command {
             spec_toml: spec_toml.clone(),
             requested_by: requested_by.clone(),
         }),
+        JobCommand::Retire { app, requested_by } => Job::Retire(v1::RetireCommand {
+            app: app.clone(),
+            requested_by: requested_by.clone(),
+        }),
     };
     v1::Command {
         job_id: job_id.to_string(),
@@ -129,6 +135,7 @@ pub fn from_proto(cmd: &v1::Command) -> Option<JobCommand> {
             requested_by: d.requested_by.clone(),
             backup_target_toml: d.backup_target_toml.clone(),
             skip_migration: d.skip_migration,
+            keep_previous: d.keep_previous,
         },
         Job::Rollback(r) => JobCommand::Rollback {
             app: r.app.clone(),
@@ -170,6 +177,10 @@ pub fn from_proto(cmd: &v1::Command) -> Option<JobCommand> {
             version: p.version.clone(),
             spec_toml: p.spec_toml.clone(),
             requested_by: p.requested_by.clone(),
+        },
+        Job::Retire(r) => JobCommand::Retire {
+            app: r.app.clone(),
+            requested_by: r.requested_by.clone(),
         },
     })
 }

@@ -519,7 +519,15 @@ async fn deploy_steps(
         }
     }
 
-    stop_old_step(ctx, job, report, previous.as_ref(), spec.stop_timeout).await?;
+    stop_old_step(
+        ctx,
+        job,
+        report,
+        previous.as_ref(),
+        spec.stop_timeout,
+        job.keep_previous,
+    )
+    .await?;
 
     // prune
     let since = begin(

@@ -1,6 +1,6 @@
 //! The agent's job kinds behind one dispatch. Each kind is one file with `run` (the job to its
 //! outcome) and `converge` (what recovery does with a job of that kind a crash interrupted):
-//! `deploy`, `rollback`, `backup`, `restore`, `prune`, `verify`, `pull`. They share the step machinery
+//! `deploy`, `rollback`, `backup`, `restore`, `prune`, `verify`, `pull`, `retire`. They share the step machinery
 //! in `step` and the neutral modules below them (`crate::release` for the release kinds,
 //! `crate::backup` for the backup kinds); a kind never imports another kind's module.
 //! `record_of` is what the agent stores of a command it accepts.
@@ -12,6 +12,7 @@ pub mod deploy;
 pub mod prune;
 pub mod pull;
 pub mod restore;
+pub mod retire;
 pub mod rollback;
 pub mod step;
 pub mod verify;
@@ -30,6 +31,7 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
         JobKind::Prune => prune::run(ctx, job, report).await,
         JobKind::Verify => verify::run(ctx, job, report).await,
         JobKind::Pull => pull::run(ctx, job, report).await,
+        JobKind::Retire => retire::run(ctx, job, report).await,
     }
 }
 
@@ -43,6 +45,7 @@ pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError>
         JobKind::Prune => prune::converge(ctx, job).await,
         JobKind::Verify => verify::converge(ctx, job).await,
         JobKind::Pull => pull::converge(ctx, job).await,
+        JobKind::Retire => retire::converge(ctx, job).await,
     }
 }
 
@@ -59,6 +62,7 @@ pub fn record_of(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
         skip_backup: false,
         wait_lock: false,
         skip_migration: false,
+        keep_previous: false,
         requested_by: command.requested_by().to_string(),
         accepted_unix_ms: now_ms,
         step: String::new(),
@@ -76,6 +80,7 @@ pub fn record_of(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
             wait_lock,
             backup_target_toml,
             skip_migration,
+            keep_previous,
             ..
         } => JobRecord {
             spec_toml,
@@ -83,6 +88,7 @@ pub fn record_of(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
             skip_backup,
             wait_lock,
             skip_migration,
+            keep_previous,
             backup: (!backup_target_toml.is_empty()).then(|| BackupJob {
                 target_toml: backup_target_toml,
                 trigger: "pre_deploy".into(),
@@ -92,6 +98,10 @@ pub fn record_of(id: String, command: JobCommand, now_ms: i64) -> JobRecord {
         },
         JobCommand::Rollback { wait_lock, .. } => JobRecord { wait_lock, ..base },
         JobCommand::Pull { spec_toml, .. } => JobRecord { spec_toml, ..base },
+        JobCommand::Retire { .. } => JobRecord {
+            wait_lock: true,
+            ..base
+        },
         JobCommand::Backup {
             target_toml,
             trigger,

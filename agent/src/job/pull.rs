@@ -4,16 +4,13 @@
 //! the host's images: an image already present is left as it is.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use crate::job::step::{
-    Failure, JobCtx, Outcome, RecoveryError, Report, begin, fail, finish, interrupted_message,
-    outcome_of,
+    Failure, JobCtx, Outcome, RecoveryError, Report, begin, fail, outcome_of, report_interrupted,
 };
 use crate::release::{ensure_image, short_id};
 use crate::store::JobRecord;
 use drover_model::appspec::{AppSpec, check_version};
-use drover_model::jobevent::JobResult;
 
 /// Runs a pull to its outcome.
 pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outcome {
@@ -22,20 +19,8 @@ pub async fn run(ctx: &JobCtx, job: &mut JobRecord, report: &Report<'_>) -> Outc
 
 /// After a crash: nothing to undo (a half-pulled image is the Engine's to clean up); reported
 /// interrupted, and the release that asked for it decides.
-pub async fn converge(ctx: &JobCtx, mut job: JobRecord) -> Result<(), RecoveryError> {
-    let report = Report::new(&ctx.outbox, &job.id);
-    let step = if job.step.is_empty() {
-        "validate".to_string()
-    } else {
-        job.step.clone()
-    };
-    let outcome = Outcome {
-        result: JobResult::Interrupted,
-        error: interrupted_message(&step, &[]),
-        step,
-        ..Outcome::failed("", "")
-    };
-    finish(ctx, &mut job, &report, outcome, Duration::ZERO).await;
+pub async fn converge(ctx: &JobCtx, job: JobRecord) -> Result<(), RecoveryError> {
+    report_interrupted(ctx, job).await;
     Ok(())
 }
 

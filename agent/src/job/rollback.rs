@@ -131,7 +131,7 @@ async fn rollback(
         spec.drain_timeout,
     )
     .await?;
-    stop_old_step(ctx, job, report, live.as_ref(), spec.stop_timeout).await?;
+    stop_old_step(ctx, job, report, live.as_ref(), spec.stop_timeout, false).await?;
     Ok(Outcome::succeeded(
         &target.version,
         live.as_ref().map(|l| l.version.as_str()).unwrap_or(""),

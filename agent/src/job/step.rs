@@ -644,6 +644,24 @@ pub enum RecoveryError {
     Unhealthy(String),
 }
 
+/// Reports a job a crash interrupted as `interrupted` at the step it was in, with nothing to
+/// undo (kinds that change nothing a crash could leave half-done: pull, retire).
+pub async fn report_interrupted(ctx: &JobCtx, mut job: JobRecord) {
+    let report = Report::new(&ctx.outbox, &job.id);
+    let step = if job.step.is_empty() {
+        "validate".to_string()
+    } else {
+        job.step.clone()
+    };
+    let outcome = Outcome {
+        result: JobResult::Interrupted,
+        error: interrupted_message(&step, &[]),
+        step,
+        ..Outcome::failed("", "")
+    };
+    finish(ctx, &mut job, &report, outcome, Duration::ZERO).await;
+}
+
 /// The error of a job the agent's stop interrupted: the step, then what the agent did about it
 /// on restart (each a clause of its own). Pure.
 pub fn interrupted_message(step: &str, did: &[String]) -> String {

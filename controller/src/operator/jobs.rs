@@ -60,6 +60,7 @@ impl OperatorApi {
             skip_backup: req.skip_backup,
             wait_lock: req.wait_lock,
             skip_migration: false,
+            keep_previous: false,
         };
         let job = self.launcher().deploy(args, &by, None).await?;
         Ok(Response::new(convert::job_to_proto(&job)))

@@ -249,6 +249,7 @@ impl Releases {
             skip_backup: fleet.skip_backup,
             wait_lock: false,
             skip_migration: true,
+            keep_previous: false,
         };
         let job = self
             .launcher
@@ -385,6 +386,7 @@ impl Releases {
                                 host: h.host.clone(),
                                 job_id: job_id.clone(),
                                 migrate: h.migrates,
+                                keep_previous: fleet.release.policy.keep_previous,
                             })
                         }
                         None => redo.push(Action::Rollback {
@@ -513,6 +515,7 @@ impl Releases {
                 host,
                 job_id,
                 migrate,
+                keep_previous,
             } => {
                 if self.job_exists(&job_id) {
                     return None;
@@ -527,6 +530,7 @@ impl Releases {
                     skip_backup: fleet.skip_backup,
                     wait_lock: false,
                     skip_migration: !migrate,
+                    keep_previous,
                 };
                 let started = self.launcher.deploy(args, &by, Some(job_id.clone())).await;
                 (host, job_id, started)
@@ -554,6 +558,21 @@ impl Releases {
                     .rollback(args, &by, Some(job_id.clone()))
                     .await;
                 (host, job_id, started)
+            }
+            Action::Retire { host, job_id } => {
+                if self.job_exists(&job_id) {
+                    return None;
+                }
+                // Best effort: a host that does not take it stops the previous release at its
+                // next deploy of the app or its agent's next start (recovery).
+                if let Err(e) = self
+                    .launcher
+                    .retire(&fleet.app, &host, &by, Some(job_id.clone()))
+                    .await
+                {
+                    warn!(release = %id, host = %host, job = %job_id, error = %e, "the previous release kept running for a revert could not be retired");
+                }
+                return None;
             }
             Action::Cancel { host, job_id } => {
                 if let Err(e) = self.launcher.cancel(&job_id, &by).await {

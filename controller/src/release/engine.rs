@@ -40,6 +40,11 @@ pub struct Policy {
     pub max_failures: Budget,
     /// An offline host is skipped instead of counted as a failure.
     pub skip_offline: bool,
+    /// Each updated host keeps its previous web container running (not routed) until the
+    /// release ends, so a revert is a switch; the release then retires it (`Action::Retire`).
+    /// Absent in releases stored before it: false.
+    #[serde(default)]
+    pub keep_previous: bool,
 }
 
 /// Where one host of a release stands.
@@ -191,6 +196,9 @@ pub struct HostRelease {
     /// Its image pull before the first wave.
     #[serde(default)]
     pub pull: Pull,
+    /// The release asked it to stop the previous release it kept running (`keep_previous`).
+    #[serde(default)]
+    pub retired: bool,
 }
 
 /// Where a release stands.
@@ -284,7 +292,12 @@ pub enum Action {
         host: String,
         job_id: String,
         migrate: bool,
+        /// Keep the previous web container running after the switch (`Policy::keep_previous`).
+        keep_previous: bool,
     },
+    /// Stop the previous release a deploy kept running: the release ended, or halted, with
+    /// this host on the new version.
+    Retire { host: String, job_id: String },
     /// Cancel a deploy in flight (a revert does not wait for it).
     Cancel { host: String, job_id: String },
     Rollback {
@@ -328,6 +341,7 @@ pub fn new_release(
                 connected: connected(host),
                 migrates: hosts.is_empty(),
                 pull: Pull::NotAsked,
+                retired: false,
             });
         }
     }
@@ -354,7 +368,8 @@ pub fn pull_first(mut release: Release, now_ms: i64) -> Release {
     release
 }
 
-/// The job id of host `index`'s pull (`p`), deploy (`d`) or rollback (`r`) in release `id`.
+/// The job id of host `index`'s pull (`p`), deploy (`d`), rollback (`r`) or retire (`x`) in
+/// release `id`.
 pub fn job_id(id: &str, kind: char, index: usize) -> String {
     format!("{id}-{kind}{index}")
 }
@@ -542,6 +557,32 @@ fn advance(r: &mut Release, now_ms: i64, actions: &mut Vec<Action>) {
         // Halted: deploys in flight still end and settle, nothing starts.
         Phase::Halted { .. } => settle(r, now_ms),
         Phase::Succeeded | Phase::Reverted { .. } => {}
+    }
+    if matches!(
+        r.phase,
+        Phase::Succeeded | Phase::Halted { .. } | Phase::Reverted { .. }
+    ) {
+        retire(r, actions);
+    }
+}
+
+/// Once the release can no longer revert by itself (it succeeded, halted or reverted), every
+/// host left on the new version stops the previous web container its deploy kept running. A
+/// deploy that ends after a halt is retired when it ends. A host reverted needs none: its
+/// rollback stopped the new release.
+fn retire(r: &mut Release, actions: &mut Vec<Action>) {
+    if !r.policy.keep_previous {
+        return;
+    }
+    for (i, h) in r.hosts.iter_mut().enumerate() {
+        if h.retired || !h.phase.updated() || h.before.is_empty() {
+            continue;
+        }
+        actions.push(Action::Retire {
+            host: h.host.clone(),
+            job_id: job_id(&r.id, 'x', i),
+        });
+        h.retired = true;
     }
 }
 
@@ -745,6 +786,7 @@ fn run_wave(
             host: h.host.clone(),
             job_id: job_id.clone(),
             migrate: h.migrates,
+            keep_previous: policy.keep_previous,
         });
         h.phase = HostPhase::Deploying {
             job_id,
@@ -802,6 +844,7 @@ mod tests {
             on_failure: OnFailure::Revert,
             max_failures: Budget::Hosts(0),
             skip_offline: false,
+            keep_previous: false,
         }
     }
 
@@ -1039,7 +1082,8 @@ mod tests {
                 Action::Deploy {
                     host: "a".into(),
                     job_id: "rel-1-d0".into(),
-                    migrate: true
+                    migrate: true,
+                    keep_previous: false
                 }
             ]
         );
@@ -1131,6 +1175,71 @@ mod tests {
         // An operator can still take the updated hosts back.
         let now = run.at(40 * S, Input::Abort { revert: true });
         assert_eq!(rollbacks(&now), [("a", "v1"), ("c", "v1")]);
+    }
+
+    fn retired(actions: &[Action]) -> Vec<&str> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Retire { host, job_id } => {
+                    assert!(job_id.ends_with(&format!("-x{}", &job_id[job_id.len() - 1..])));
+                    Some(host.as_str())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_release_that_keeps_the_previous_release_running_retires_it_once_it_cannot_revert() {
+        let keep = Policy {
+            keep_previous: true,
+            ..policy()
+        };
+        // Succeeded: every host is retired once, at the end, and not before.
+        let mut run = Run::new(release(&[&["a"], &["b"]], keep, &[]));
+        assert!(run.actions.iter().all(|a| match a {
+            Action::Deploy { keep_previous, .. } => *keep_previous,
+            _ => true,
+        }));
+        run.ended(S, "a", true);
+        assert!(retired(&run.at(11 * S, Input::Tick)).is_empty());
+        let now = run.ended(12 * S, "b", true);
+        assert!(retired(&now).is_empty(), "b has not passed yet: {now:?}");
+        let now = run.at(22 * S, Input::Tick);
+        assert_eq!(run.r.phase, Phase::Succeeded);
+        assert_eq!(retired(&now), ["a", "b"]);
+        assert!(retired(&run.at(30 * S, Input::Tick)).is_empty());
+
+        // Reverted: the rollbacks stop the new release; nothing to retire.
+        let mut run = Run::new(release(&[&["a"], &["b"]], keep, &[]));
+        run.ended(S, "a", true);
+        run.at(11 * S, Input::Tick);
+        run.ended(12 * S, "b", false);
+        run.ended(13 * S, "a", true);
+        assert!(matches!(run.r.phase, Phase::Reverted { .. }));
+        assert!(retired(&run.actions).is_empty());
+
+        // Halted without revert: the updated hosts at once, a deploy in flight when it ends.
+        let halt = Policy {
+            on_failure: OnFailure::Halt,
+            ..keep
+        };
+        let mut run = Run::new(release(&[&["a"], &["b", "c"]], halt, &[]));
+        run.ended(S, "a", true);
+        run.at(11 * S, Input::Tick);
+        let now = run.ended(12 * S, "b", false);
+        assert!(matches!(run.r.phase, Phase::Halted { .. }));
+        assert_eq!(retired(&now), ["a"]);
+        assert_eq!(retired(&run.ended(13 * S, "c", true)), ["c"]);
+        assert!(retired(&run.at(30 * S, Input::Tick)).is_empty());
+
+        // Without keep_previous nothing is ever retired.
+        let mut run = Run::new(release(&[&["a"]], policy(), &[]));
+        run.ended(S, "a", true);
+        run.at(11 * S, Input::Tick);
+        assert_eq!(run.r.phase, Phase::Succeeded);
+        assert!(retired(&run.actions).is_empty());
     }
 
     #[test]

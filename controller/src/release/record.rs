@@ -145,6 +145,7 @@ pub fn resolve(
         on_failure: merged.on_failure,
         max_failures: budget,
         skip_offline: merged.skip_offline,
+        keep_previous: merged.keep_previous,
     };
     Ok((merged.waves, reach, policy))
 }
@@ -317,6 +318,7 @@ mod tests {
             on_failure: OnFailure::Revert,
             max_failures: Budget::Hosts(0),
             skip_offline: false,
+            keep_previous: false,
         };
         let waves = [vec!["a".to_string()], vec!["b".to_string()]];
         let mut release =
