@@ -99,7 +99,17 @@ async fn release(
             return Ok(r);
         }
         if r.state != "running" && r.state != "pulling" && r.state != "reverting" {
-            bail!("release {id} ended {} ({}), not {until}", r.state, r.why);
+            let hosts: Vec<String> = r
+                .hosts
+                .iter()
+                .map(|h| format!("{} {} {}", h.host, h.state, h.why))
+                .collect();
+            bail!(
+                "release {id} ended {} ({}), not {until}: {}",
+                r.state,
+                r.why,
+                hosts.join("; ")
+            );
         }
         if Instant::now() > deadline {
             bail!("release {id} did not end within 10 minutes");
@@ -167,10 +177,33 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
         // The failing host's deploy job: its id is derived from the release.
         let index = agents.len() - 1;
         let job = format!("{id}-d{index}");
-        let ended = controller
-            .wait_job(&failing.host, &job, Duration::from_secs(600))
-            .await;
-        let failed_at = ended.at_unix_ms;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let failed_at = loop {
+            let events = controller.job_events(&failing.host, &job);
+            if let Some(e) = events
+                .iter()
+                .find(|e| e.kind == drover_model::jobevent::FINISHED)
+            {
+                break e.at_unix_ms;
+            }
+            let r = get(&controller, &id).await?;
+            let ended = !matches!(r.state.as_str(), "pulling" | "running" | "paused");
+            if ended || Instant::now() > deadline {
+                let hosts: Vec<String> = r
+                    .hosts
+                    .iter()
+                    .map(|h| format!("{} {} {}", h.host, h.state, h.why))
+                    .collect();
+                bail!(
+                    "release {id} is {} ({}) and {} did not fail its deploy as planned: {}",
+                    r.state,
+                    r.why,
+                    failing.host,
+                    hosts.join("; ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         // Which hosts had been updated: every one but the failing host whose deploy went
         // through, as the release records it once it reverts.
         let mut back = Vec::new();

@@ -5,7 +5,9 @@
 //! fails in wave 2 halts the release and every updated host goes back to its previous version
 //! while load runs through every proxy with no failed request; an offline host (its agent
 //! stopped) is skipped, shows as behind once back, and `converge` brings it to the version
-//! without the migration; and a real `drover-controller` process killed with SIGKILL while a
+//! without the migration; a halt without revert leaves the updated hosts and rolls nothing
+//! back, and `abort --revert` of it does; pause holds the next wave past `min_healthy`,
+//! resume starts it, abort halts it; and a real `drover-controller` process killed with SIGKILL while a
 //! host deploys resumes the release after its restart, each host deployed once.
 
 use std::net::SocketAddr;
@@ -26,9 +28,9 @@ const APP: &str = "fleet";
 
 /// The app: its migration appends its version to `<mig>/log`; the host's secret FAIL_HEALTH
 /// decides whether a new container's health check passes (1: it fails).
-fn fleet_spec(repo: &str, listen: SocketAddr, mig: &Path) -> String {
+fn fleet_spec(app: &str, repo: &str, listen: SocketAddr, mig: &Path) -> String {
     format!(
-        "name = \"{APP}\"\nimage = \"{repo}\"\ndrain_timeout = \"2s\"\nstop_timeout = \"2s\"\n\
+        "name = \"{app}\"\nimage = \"{repo}\"\ndrain_timeout = \"2s\"\nstop_timeout = \"2s\"\n\
          allow_host_mounts = true\nvolumes = [\"{}:/mig\"]\nmigrate = [\"migrate\"]\n\
          [env]\nMIGRATE_LOG = \"/mig/log\"\n\
          [secrets.FAIL_HEALTH]\nmin_length = 1\n\
@@ -40,10 +42,10 @@ fn fleet_spec(repo: &str, listen: SocketAddr, mig: &Path) -> String {
 }
 
 /// Writes the host's secrets file for the app (mode 0600).
-fn secrets(agent: &HostAgent, fail_health: bool) {
+fn secrets(app: &str, agent: &HostAgent, fail_health: bool) {
     let dir = agent.config.parent().unwrap().join("secrets");
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{APP}.env"));
+    let path = dir.join(format!("{app}.env"));
     std::fs::write(
         &path,
         format!("FAIL_HEALTH={}\n", if fail_health { 1 } else { 0 }),
@@ -82,11 +84,17 @@ async fn wait_state(controller: &TestController, id: &str, state: &str) -> v1::F
     .await
 }
 
+/// Starts a release of `req.app` (APP when empty), without the pre-deploy backup.
 async fn start(controller: &TestController, req: v1::StartReleaseRequest) -> String {
+    let app = if req.app.is_empty() {
+        APP.to_string()
+    } else {
+        req.app.clone()
+    };
     controller
         .admin()
         .start_release(v1::StartReleaseRequest {
-            app: APP.into(),
+            app,
             skip_backup: true,
             ..req
         })
@@ -102,7 +110,11 @@ fn host<'a>(r: &'a v1::FleetReleaseInfo, name: &str) -> &'a v1::FleetReleaseHost
 
 /// The app's containers running on `host` (its agent names them `drover-<host>-...`).
 fn running_on(host: &str) -> Vec<String> {
-    app_containers(APP)
+    running_of(APP, host)
+}
+
+fn running_of(app: &str, host: &str) -> Vec<String> {
+    app_containers(app)
         .into_iter()
         .filter(|(name, state)| name.starts_with(&format!("drover-{host}-")) && state == "running")
         .map(|(name, _)| name)
@@ -110,8 +122,9 @@ fn running_on(host: &str) -> Vec<String> {
 }
 
 /// Once the release retired them, each host runs one web container: the new release's.
-async fn retired(controller: &TestController, id: &str, hosts: &[&HostAgent]) {
-    for (i, agent) in hosts.iter().enumerate() {
+/// `hosts`: the release's hosts with their index in it.
+async fn retired(controller: &TestController, app: &str, id: &str, hosts: &[(usize, &HostAgent)]) {
+    for (i, agent) in hosts {
         let job = format!("{id}-x{i}");
         let ended = controller
             .wait_job(&agent.host, &job, Duration::from_secs(60))
@@ -122,9 +135,21 @@ async fn retired(controller: &TestController, id: &str, hosts: &[&HostAgent]) {
             "{job} on {}: {ended:?}",
             agent.host
         );
-        let left = running_on(&agent.host);
+        let left = running_of(app, &agent.host);
         assert_eq!(left.len(), 1, "{}: {left:?}", agent.host);
     }
+}
+
+/// Controls a release as the admin operator.
+async fn control(controller: &TestController, id: &str, control: v1::ReleaseControl) {
+    controller
+        .admin()
+        .control_release(v1::ControlReleaseRequest {
+            id: id.into(),
+            control: control as i32,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{control:?} {id}: {e}"));
 }
 
 // Multi-threaded: the in-process controller keeps serving while this thread waits.
@@ -151,14 +176,14 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
         ("fleet-c", "127.0.0.4"),
     ] {
         let mut agent = HostAgent::enroll(&controller, dir.path(), name, ip).await;
-        secrets(&agent, false);
+        secrets(APP, &agent, false);
         agent.start(&controller).await;
         agents.push(agent);
     }
     controller
         .admin()
         .apply_app(v1::ApplyAppRequest {
-            spec_toml: fleet_spec(&repo, listen, &mig),
+            spec_toml: fleet_spec(APP, &repo, listen, &mig),
             source: "fleet.toml".into(),
         })
         .await
@@ -239,11 +264,17 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
         2,
         "fleet-a ran v1.0.0 and v1.1.0 while wave 2 deployed"
     );
-    retired(&controller, &id, &all).await;
+    retired(
+        &controller,
+        APP,
+        &id,
+        &all.iter().copied().enumerate().collect::<Vec<_>>(),
+    )
+    .await;
 
     // 2. fleet-c cannot pass its health check: wave 2 fails, the release halts and fleet-a and
     //    fleet-b go back to v1.1.0, all while load runs through every proxy.
-    secrets(&agents[2], true);
+    secrets(APP, &agents[2], true);
     let loads: Vec<Load> = agents
         .iter()
         .map(|a| Load::start(a.public(port), 2))
@@ -308,7 +339,7 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
 
     // 3. fleet-c's agent is stopped: it is skipped after host_timeout; once back it is behind,
     //    and converge deploys v2.0.0 to it without the migration.
-    secrets(&agents[2], false);
+    secrets(APP, &agents[2], false);
     agents[2].kill9();
     eventually("fleet-c seen gone", Duration::from_secs(30), || async {
         let h = controller.host("fleet-c").await?;
@@ -369,6 +400,171 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
         },
     )
     .await;
+}
+
+// Multi-threaded: the in-process controller keeps serving while this thread waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_real_agents_halt_without_revert_pause_resume_and_abort() {
+    if !docker_available("three_real_agents_halt_without_revert_pause_resume_and_abort") {
+        return;
+    }
+    init();
+    let app = "fleetctl";
+    let _guard = AppGuard(app.into());
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0", "v2.0.0"]);
+    let port = free_port();
+    let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mig = dir.path().join("mig");
+    std::fs::create_dir_all(&mig).unwrap();
+    std::fs::set_permissions(&mig, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
+    let mut agents = Vec::new();
+    for (name, ip) in [
+        ("ctl-a", "127.0.0.7"),
+        ("ctl-b", "127.0.0.8"),
+        ("ctl-c", "127.0.0.9"),
+    ] {
+        let mut agent = HostAgent::enroll(&controller, dir.path(), name, ip).await;
+        secrets(app, &agent, false);
+        agent.start(&controller).await;
+        agents.push(agent);
+    }
+    controller
+        .admin()
+        .apply_app(v1::ApplyAppRequest {
+            spec_toml: fleet_spec(app, &repo, listen, &mig),
+            source: "fleetctl.toml".into(),
+        })
+        .await
+        .expect("apply the app");
+    let all: Vec<&HostAgent> = agents.iter().collect();
+    deploy(&controller, app, "v1.0.0", &all).await;
+    let names: Vec<String> = agents.iter().map(|a| a.host.clone()).collect();
+    let serving = |i: usize| version_at(agents[i].public(port));
+    let index =
+        |r: &v1::FleetReleaseInfo, name: &str| r.hosts.iter().position(|h| h.host == name).unwrap();
+    let by_operator = |r: &v1::FleetReleaseInfo, what: &str| {
+        r.history
+            .iter()
+            .any(|e| !e.by.is_empty() && e.what.starts_with(&format!("{what} by ")))
+    };
+
+    // 1. Halt without revert: ctl-b fails its health check in wave 2 (one host at a time):
+    //    the release halts, ctl-a keeps v1.1.0, ctl-c never starts, nothing is rolled back.
+    secrets(app, &agents[1], true);
+    let id = start(
+        &controller,
+        v1::StartReleaseRequest {
+            app: app.into(),
+            version: "v1.1.0".into(),
+            hosts: names.clone(),
+            waves: "1,100%".into(),
+            max_parallel: 1,
+            min_healthy_ms: 1_000,
+            on_failure: "halt".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let halted = wait_state(&controller, &id, "halted").await;
+    assert!(halted.why.contains("failed"), "{}", halted.why);
+    assert_eq!(host(&halted, "ctl-a").state, "passed");
+    assert_eq!(host(&halted, "ctl-b").state, "failed");
+    assert_eq!(host(&halted, "ctl-c").state, "skipped");
+    assert_eq!(serving(0).await.as_deref(), Some("v1.1.0"));
+    assert_eq!(serving(1).await.as_deref(), Some("v1.0.0"));
+    assert_eq!(serving(2).await.as_deref(), Some("v1.0.0"));
+    for (i, agent) in agents.iter().enumerate() {
+        assert!(
+            controller
+                .job_events(
+                    &agent.host,
+                    &format!("{id}-r{}", index(&halted, &agent.host))
+                )
+                .is_empty(),
+            "{}: a halt without revert rolls nothing back",
+            names[i]
+        );
+    }
+    // Halted: it cannot revert by itself, so ctl-a stops the v1.0.0 it kept running.
+    retired(
+        &controller,
+        app,
+        &id,
+        &[(index(&halted, "ctl-a"), &agents[0])],
+    )
+    .await;
+
+    // 2. `abort --revert` of the halted release takes ctl-a back.
+    control(&controller, &id, v1::ReleaseControl::AbortRevert).await;
+    let reverted = wait_state(&controller, &id, "reverted").await;
+    assert_eq!(host(&reverted, "ctl-a").state, "reverted");
+    assert_eq!(serving(0).await.as_deref(), Some("v1.0.0"));
+    assert!(
+        by_operator(&reverted, "aborted with revert"),
+        "{:?}",
+        reverted.history
+    );
+    secrets(app, &agents[1], false);
+
+    // 3. Pause once ctl-a has deployed: it settles and passes, but wave 2 does not start
+    //    while paused; resume starts it; abort during wave 2 halts with ctl-c never started.
+    let min_healthy = Duration::from_secs(2);
+    let id = start(
+        &controller,
+        v1::StartReleaseRequest {
+            app: app.into(),
+            version: "v2.0.0".into(),
+            hosts: names.clone(),
+            waves: "1,2,100%".into(),
+            max_parallel: 1,
+            min_healthy_ms: min_healthy.as_millis() as u64,
+            ..Default::default()
+        },
+    )
+    .await;
+    eventually("ctl-a deployed", Duration::from_secs(120), || async {
+        let r = get(&controller, &id).await;
+        (host(&r, "ctl-a").state == "settling").then_some(())
+    })
+    .await;
+    control(&controller, &id, v1::ReleaseControl::Pause).await;
+    wait_state(&controller, &id, "paused").await;
+    tokio::time::sleep(min_healthy + Duration::from_secs(3)).await;
+    let paused = get(&controller, &id).await;
+    assert_eq!(paused.state, "paused");
+    assert_eq!(host(&paused, "ctl-a").state, "passed", "{paused:?}");
+    assert_eq!(host(&paused, "ctl-b").state, "pending", "{paused:?}");
+    assert_eq!(host(&paused, "ctl-c").state, "pending", "{paused:?}");
+    assert_eq!(serving(1).await.as_deref(), Some("v1.0.0"));
+    control(&controller, &id, v1::ReleaseControl::Resume).await;
+    eventually("ctl-b deployed", Duration::from_secs(120), || async {
+        let r = get(&controller, &id).await;
+        (host(&r, "ctl-b").state == "settling").then_some(())
+    })
+    .await;
+    control(&controller, &id, v1::ReleaseControl::Abort).await;
+    let aborted = wait_state(&controller, &id, "halted").await;
+    assert!(aborted.why.contains("aborted"), "{}", aborted.why);
+    assert_eq!(host(&aborted, "ctl-c").state, "skipped");
+    assert_eq!(serving(0).await.as_deref(), Some("v2.0.0"));
+    assert_eq!(serving(1).await.as_deref(), Some("v2.0.0"));
+    assert_eq!(serving(2).await.as_deref(), Some("v1.0.0"));
+    for what in ["paused", "resumed", "aborted"] {
+        assert!(by_operator(&aborted, what), "{what}: {:?}", aborted.history);
+    }
+    retired(
+        &controller,
+        app,
+        &id,
+        &[
+            (index(&aborted, "ctl-a"), &agents[0]),
+            (index(&aborted, "ctl-b"), &agents[1]),
+        ],
+    )
+    .await;
+    assert_eq!(migrations(&mig, "v2.0.0"), 1, "the migration ran once");
 }
 
 /// Runs the real `drover` against the controller process; its output as JSON (exit 0 asserted).

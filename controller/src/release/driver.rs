@@ -528,7 +528,9 @@ impl Releases {
                         ..Hosts::default()
                     },
                     skip_backup: fleet.skip_backup,
-                    wait_lock: false,
+                    // The previous release's retire (or a backup) may hold the app's lock for
+                    // a moment; the wave's progress deadline bounds the wait.
+                    wait_lock: true,
                     skip_migration: !migrate,
                     keep_previous,
                 };
