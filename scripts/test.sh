@@ -19,6 +19,8 @@ command -v pg_dump >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 # age-keygen: the restore and validation tests read identity files it wrote.
 command -v age-keygen >/dev/null 2>&1 || need_apt+=(age)
+# docker-registry: a real registry on loopback that a fleet release's image pull downloads from.
+[ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_apt[*]}"

@@ -36,6 +36,77 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// also what `connect_with_local_defaults` uses. Probes carry the short bound above.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Where an image pull stands, from the Engine's per-layer status lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PullProgress {
+    layers: BTreeMap<String, Layer>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Layer {
+    downloaded: u64,
+    size: u64,
+    done: bool,
+}
+
+impl PullProgress {
+    /// One status line of layer `id`. Lines that are not about a layer (`Pulling from ...`,
+    /// `Digest: ...`) are ignored.
+    pub fn apply(&mut self, id: &str, status: &str, current: Option<i64>, total: Option<i64>) {
+        let bytes = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+        let layer_line = matches!(
+            status,
+            "Pulling fs layer"
+                | "Waiting"
+                | "Downloading"
+                | "Verifying Checksum"
+                | "Download complete"
+                | "Extracting"
+                | "Pull complete"
+                | "Already exists"
+        );
+        if !layer_line {
+            return;
+        }
+        let layer = self.layers.entry(id.to_string()).or_default();
+        match status {
+            "Downloading" => {
+                if let Some(total) = bytes(total) {
+                    layer.size = total;
+                }
+                if let Some(current) = bytes(current) {
+                    layer.downloaded = current;
+                }
+            }
+            "Verifying Checksum" | "Download complete" | "Extracting" => {
+                layer.downloaded = layer.size;
+            }
+            "Pull complete" | "Already exists" => {
+                layer.downloaded = layer.size;
+                layer.done = true;
+            }
+            _ => {}
+        }
+    }
+
+    /// `2/5 layers, 12.3 of 40.0 MiB downloaded`.
+    pub fn describe(&self) -> String {
+        if self.layers.is_empty() {
+            return "asking the registry".into();
+        }
+        let done = self.layers.values().filter(|l| l.done).count();
+        let downloaded: u64 = self.layers.values().map(|l| l.downloaded).sum();
+        let size: u64 = self.layers.values().map(|l| l.size).sum();
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        format!(
+            "{done}/{} layers, {:.1} of {:.1} MiB downloaded",
+            self.layers.len(),
+            mib(downloaded),
+            mib(size)
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error("cannot reach the Docker Engine at {socket}: {message}")]
@@ -261,12 +332,14 @@ impl DockerClient {
             .ok_or_else(|| DockerError::NoSuchContainer(spec.name.clone()))
     }
 
-    /// Pulls `image` (repository:tag) from its registry, with `credentials` for it when given.
-    /// Fails with the Engine's reason (no such image, registry unreachable, not authorized).
+    /// Pulls `image` (repository:tag) from its registry, with `credentials` for it when given,
+    /// keeping `progress` up to date from the Engine's stream. Fails with the Engine's reason
+    /// (no such image, registry unreachable, not authorized).
     pub async fn pull(
         &self,
         image: &str,
         credentials: Option<crate::registry::Credentials>,
+        progress: &tokio::sync::watch::Sender<PullProgress>,
     ) -> Result<(), DockerError> {
         // Sent to the local Engine in the X-Registry-Auth header of this request only.
         let credentials = credentials.map(|c| bollard::auth::DockerCredentials {
@@ -293,6 +366,10 @@ impl DockerClient {
                     action: format!("pull {image}"),
                     message: detail,
                 });
+            }
+            if let (Some(id), Some(status)) = (&info.id, &info.status) {
+                let detail = info.progress_detail.unwrap_or_default();
+                progress.send_modify(|p| p.apply(id, status, detail.current, detail.total));
             }
         }
         Ok(())
@@ -846,6 +923,32 @@ fn container_info(inspect: ContainerInspectResponse) -> ContainerInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pull_progress_adds_up_the_layers_the_engine_reports() {
+        let mut p = PullProgress::default();
+        assert_eq!(p.describe(), "asking the registry");
+        // Lines that are not about a layer count for nothing.
+        p.apply("v2", "Pulling from acme/api", None, None);
+        assert_eq!(p.describe(), "asking the registry");
+        let mib = 1024 * 1024;
+        p.apply("aaa", "Pulling fs layer", None, None);
+        p.apply("bbb", "Waiting", None, None);
+        p.apply("ccc", "Already exists", None, None);
+        p.apply("aaa", "Downloading", Some(mib), Some(4 * mib));
+        p.apply("bbb", "Downloading", Some(mib / 2), Some(2 * mib));
+        assert_eq!(p.describe(), "1/3 layers, 1.5 of 6.0 MiB downloaded");
+        p.apply("aaa", "Download complete", None, None);
+        p.apply("aaa", "Extracting", Some(mib), Some(4 * mib));
+        assert_eq!(p.describe(), "1/3 layers, 4.5 of 6.0 MiB downloaded");
+        p.apply("aaa", "Pull complete", None, None);
+        p.apply("bbb", "Pull complete", None, None);
+        p.apply("v2", "Digest: sha256:0123", None, None);
+        assert_eq!(p.describe(), "3/3 layers, 6.0 of 6.0 MiB downloaded");
+        // A negative or absurd number from the Engine is ignored, not wrapped.
+        p.apply("ddd", "Downloading", Some(-5), Some(-1));
+        assert_eq!(p.describe(), "3/4 layers, 6.0 of 6.0 MiB downloaded");
+    }
 
     #[tokio::test]
     async fn probes_the_real_engine() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::apps::Reserved;
-use crate::docker::{ContainerInfo, ContainerSpec, DockerError};
+use crate::docker::{ContainerInfo, ContainerSpec, DockerError, PullProgress};
 use crate::httpcheck::{self, CheckError};
 use crate::job::step::{Failure, JobCtx, Report, begin, fail, pause_point, unless_cancelled};
 use crate::proxy::{Proxy, StatsSnapshot, Upstream};
@@ -171,7 +171,9 @@ pub fn container_spec(
     }
 }
 
-/// The last lines of a container's output, for a failure report; empty if unreadable.
+/// How often a running image pull reports its progress.
+const PULL_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
 /// The id of `image` on this host, pulled first when it is absent, with the credentials of
 /// its registry from the host's file (`crate::registry`). A failure names the `step`.
 pub(crate) async fn ensure_image(
@@ -201,12 +203,32 @@ pub(crate) async fn ensure_image(
             format!("{image} is not on this host; pulling it{with}"),
         )
         .await;
-    ctx.docker.pull(image, credentials).await.map_err(|e| {
+    // The pull's progress, one line a second at most while it runs, and its last state.
+    let (progress, mut seen) = tokio::sync::watch::channel(PullProgress::default());
+    let pull = ctx.docker.pull(image, credentials, &progress);
+    tokio::pin!(pull);
+    let mut tick = tokio::time::interval(PULL_PROGRESS_EVERY);
+    let pulled = loop {
+        tokio::select! {
+            pulled = &mut pull => break pulled,
+            _ = tick.tick() => {
+                if seen.has_changed().unwrap_or(false) {
+                    let line = seen.borrow_and_update().describe();
+                    report.progress(step, format!("pulling {image}: {line}")).await;
+                }
+            }
+        }
+    };
+    pulled.map_err(|e| {
         fail(
             step,
             format!("image {image} is not present on this host and pulling it failed: {e}"),
         )
     })?;
+    let line = seen.borrow().describe();
+    report
+        .progress(step, format!("pulled {image}: {line}"))
+        .await;
     ctx.docker
         .image_id(image)
         .await
@@ -219,6 +241,7 @@ pub(crate) async fn ensure_image(
         })
 }
 
+/// The last lines of a container's output, for a failure report; empty if unreadable.
 pub(crate) async fn logs_of(ctx: &JobCtx, name: &str) -> String {
     ctx.docker
         .logs_tail(name, LOG_LINES)

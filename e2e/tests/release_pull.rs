@@ -239,3 +239,225 @@ async fn the_release_pulls_first_with_the_host_s_credentials_and_a_failed_pull_c
         }
     }
 }
+
+/// A real registry (Debian's `docker-registry`, the distribution registry) on loopback,
+/// killed when dropped. None when the binary is missing outside CI (the reason is printed).
+struct RealRegistry {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RealRegistry {
+    fn start(test: &str) -> Option<RealRegistry> {
+        let Some(bin) = ["/usr/bin/docker-registry", "/usr/local/bin/docker-registry"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+        else {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: docker-registry is missing (scripts/test.sh installs it)");
+            }
+            eprintln!("skipping {test}: docker-registry is missing (apt-get install docker-registry)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", drover_e2e::free_port());
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let registry = RealRegistry {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry does not listen on {}",
+                registry.addr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(registry)
+    }
+}
+
+impl Drop for RealRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Pushes the test app at `version` to `image` with an 8 MiB layer of its own (so no layer is
+/// on this host yet), then removes it here: the agents' Engine has to download it.
+fn push_unique_image(image: &str, version: &str, dir: &std::path::Path) {
+    let base = drover_e2e::testapp_image(version);
+    let made = docker(&["create", &base]);
+    let fs = dir.join("fs.tar");
+    docker(&["export", "-o", fs.to_str().unwrap(), &made]);
+    docker(&["rm", &made]);
+    let filler = dir.join("filler");
+    std::fs::create_dir_all(&filler).unwrap();
+    let bytes: Vec<u8> = (0..8 * 1024 * 1024).map(|_| rand::random::<u8>()).collect();
+    std::fs::write(filler.join("filler.bin"), bytes).unwrap();
+    let status = std::process::Command::new("tar")
+        .arg("--append")
+        .arg("-f")
+        .arg(&fs)
+        .arg("-C")
+        .arg(&filler)
+        .arg("filler.bin")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar --append");
+    docker(&[
+        "import",
+        "--change",
+        "ENTRYPOINT [\"/app\"]",
+        "--change",
+        "EXPOSE 8080",
+        "--change",
+        &format!("ENV APP_VERSION={version}"),
+        fs.to_str().unwrap(),
+        image,
+    ]);
+    docker(&["push", "--quiet", image]);
+    docker(&["rmi", image]);
+}
+
+// Multi-threaded: the in-process controller keeps serving while this waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_pulls_from_a_real_registry_before_its_first_wave_with_progress() {
+    init();
+    let test = "a_release_pulls_from_a_real_registry_before_its_first_wave_with_progress";
+    if !docker_available(test) {
+        return;
+    }
+    let Some(registry) = RealRegistry::start(test) else {
+        return;
+    };
+    let app = "pullreal";
+    let _guard = drover_e2e::deploys::AppGuard(app.into());
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = format!("{}/drover-t-{app}", registry.addr);
+    let image = format!("{repo}:v1.1.0");
+    push_unique_image(&image, "v1.1.0", tmp.path());
+
+    let controller = TestController::start(fast_controller_config(&tmp.path().join("ctl"))).await;
+    let mut agents = Vec::new();
+    for (name, ip) in [("pullreal-a", "127.0.0.12"), ("pullreal-b", "127.0.0.13")] {
+        let mut agent = HostAgent::enroll(&controller, tmp.path(), name, ip).await;
+        agent.start(&controller).await;
+        agents.push(agent);
+    }
+    let port = drover_e2e::free_port();
+    controller
+        .admin()
+        .apply_app(v1::ApplyAppRequest {
+            spec_toml: format!(
+                "name = \"{app}\"\nimage = \"{repo}\"\n[web]\nport = 8080\nlisten = \"0.0.0.0:{port}\"\n[health]\npath = \"/healthz\"\ninterval = \"200ms\"\n[watch]\nwindow = \"1s\"\n"
+            ),
+            source: "pullreal.toml".into(),
+        })
+        .await
+        .expect("apply the app");
+    let started = controller
+        .admin()
+        .start_release(v1::StartReleaseRequest {
+            app: app.into(),
+            version: "v1.1.0".into(),
+            hosts: agents.iter().map(|a| a.host.clone()).collect(),
+            waves: "1,100%".into(),
+            min_healthy_ms: 1_000,
+            skip_backup: true,
+            ..Default::default()
+        })
+        .await
+        .expect("start the release")
+        .into_inner();
+    assert_eq!(started.state, "pulling");
+    let done = eventually("the release succeeds", Duration::from_secs(120), || async {
+        let r = controller
+            .admin()
+            .get_release(v1::GetReleaseRequest {
+                id: started.id.clone(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        assert!(
+            !matches!(r.state.as_str(), "halted" | "reverted"),
+            "{}: {:?}",
+            r.why,
+            r.hosts
+        );
+        (r.state == "succeeded").then_some(r)
+    })
+    .await;
+    for h in &done.hosts {
+        assert_eq!(h.pull, "pulled", "{h:?}");
+    }
+    // The Engine downloaded the 8 MiB layer for the first pull and reported it as it went;
+    // the pull's last line says what came down.
+    let lines: Vec<String> = agents
+        .iter()
+        .enumerate()
+        .flat_map(|(i, a)| controller.job_events(&a.host, &format!("{}-p{i}", started.id)))
+        .filter(|e| e.kind == drover_model::jobevent::PROGRESS)
+        .map(|e| e.message)
+        .collect();
+    let pulled = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("pulled {image}: 1/1 layers")))
+        .unwrap_or_else(|| panic!("no pull progress: {lines:?}"));
+    let mib: f64 = pulled
+        .split(" of ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{pulled}"));
+    assert!(mib >= 8.0, "{pulled}");
+    for a in &agents {
+        assert_eq!(
+            drover_e2e::hostagent::version_at(a.public(port))
+                .await
+                .as_deref(),
+            Some("v1.1.0"),
+            "{}",
+            a.host
+        );
+    }
+    drop(agents);
+    drover_e2e::deploys::remove_app_containers(app);
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &image])
+        .output();
+}

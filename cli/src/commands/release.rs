@@ -385,6 +385,7 @@ fn release_json(r: &v1::FleetReleaseInfo) -> Value {
             "migrates": h.migrates,
             "pull": h.pull,
             "pull_why": h.pull_why,
+            "pull_progress": h.pull_progress,
             "healthy_since": (h.healthy_since_unix_ms > 0).then(|| output::rfc3339_ms(h.healthy_since_unix_ms)),
         })).collect::<Vec<_>>(),
         "history": r.history.iter().map(|e| json!({
@@ -522,6 +523,8 @@ impl Render for Status {
                     h.why.clone()
                 } else if !h.pull_why.is_empty() {
                     format!("pull: {}", h.pull_why)
+                } else if !h.pull_progress.is_empty() {
+                    h.pull_progress.clone()
                 } else {
                     "-".into()
                 },

@@ -55,10 +55,11 @@ impl OperatorApi {
         Releases::new(self.shared.clone())
     }
 
-    /// The wire form of a release, with each host's live version from its last report.
+    /// The wire form of a release, with each host's live version from its last report and,
+    /// while it pulls, its pull job's last progress line.
     fn fleet_info(&self, f: &FleetRelease, dry_run: bool) -> v1::FleetReleaseInfo {
         let store = &self.shared.store;
-        convert::fleet_release_to_proto(
+        let mut info = convert::fleet_release_to_proto(
             f,
             |host| {
                 store
@@ -68,7 +69,15 @@ impl OperatorApi {
                     .unwrap_or_default()
             },
             dry_run,
-        )
+        );
+        for h in info.hosts.iter_mut().filter(|h| !h.pull_job_id.is_empty()) {
+            if let Ok(Some(job)) = store.job(&h.pull_job_id)
+                && let Some(target) = job.targets.iter().find(|t| t.host == h.host)
+            {
+                h.pull_progress = target.message.clone();
+            }
+        }
+        info
     }
 
     pub(super) async fn start_release(
