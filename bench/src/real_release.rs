@@ -4,6 +4,9 @@
 //! succeeds; then a release whose host in the last wave fails its health check, timed from that
 //! host's `job.finished` (the agent's clock, this machine) to every updated host answering its
 //! previous version through its own proxy, with load on every proxy (failed requests counted).
+//! Both revert modes side by side in one run: warm (`[release] keep_previous = true`, the
+//! default: the previous web container kept running, a revert is a switch) and cold (it is
+//! stopped at each deploy, a revert starts it again).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,13 +38,14 @@ pub struct RealReleaseOpts {
     pub runs: usize,
 }
 
-fn spec(repo: &str, listen: SocketAddr) -> String {
+fn spec(repo: &str, listen: SocketAddr, keep_previous: bool) -> String {
     format!(
         "name = \"{APP}\"\nimage = \"{repo}\"\ndrain_timeout = \"2s\"\nstop_timeout = \"2s\"\n\
          [secrets.FAIL_HEALTH]\nmin_length = 1\n\
          [web]\nport = 8080\nlisten = \"{listen}\"\n\
          [health]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nretries = 5\n\
-         [watch]\nwindow = \"1s\"\nmax_5xx_ratio = 0.05\nmax_p95_latency = \"1s\"\n"
+         [watch]\nwindow = \"1s\"\nmax_5xx_ratio = 0.05\nmax_p95_latency = \"1s\"\n\
+         [release]\nkeep_previous = {keep_previous}\n"
     )
 }
 
@@ -140,7 +144,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
     controller
         .admin()
         .apply_app(v1::ApplyAppRequest {
-            spec_toml: spec(&repo, listen),
+            spec_toml: spec(&repo, listen, true),
             source: "rbench.toml".into(),
         })
         .await?;
@@ -149,23 +153,127 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
     eprintln!("{} real agents serving v1.0.0 on 127.0.0.10-", o.agents);
 
     let failing = agents.last().context("no agents")?;
-    let (mut walls, mut reverts, mut controller_walls) = (Vec::new(), Vec::new(), Vec::new());
+    let mut live = "v1.0.0".to_string();
+    let mut modes = Vec::new();
+    for warm in [true, false] {
+        // The revert's mode is the spec's `[release] keep_previous`.
+        controller
+            .admin()
+            .apply_app(v1::ApplyAppRequest {
+                spec_toml: spec(&repo, listen, warm),
+                source: "rbench.toml".into(),
+            })
+            .await?;
+        let mode = if warm { "warm" } else { "cold" };
+        eprintln!("{mode} revert (keep_previous = {warm}):");
+        let m = measure(&controller, &o, &agents, failing, port, &mut live).await?;
+        modes.push((mode, m));
+    }
+    let mut summary = format!(
+        "real-release: {} real agents, waves {}, min_healthy {:?}, {} run(s) per mode\n",
+        o.agents, o.waves, o.min_healthy, o.runs,
+    );
+    let mut json_modes = serde_json::Map::new();
+    for (mode, m) in &modes {
+        summary.push_str(&m.summary(mode));
+        json_modes.insert(mode.to_string(), m.json());
+    }
+    if let [(_, warm), (_, cold)] = &modes[..] {
+        summary.push_str(&format!(
+            "  cold / warm revert time: {:.1}x\n",
+            median(&cold.reverts) / median(&warm.reverts).max(f64::EPSILON)
+        ));
+    }
+    Ok(Report {
+        summary,
+        json: json!({
+            "benchmark": "real-release",
+            "agents": o.agents,
+            "waves": o.waves,
+            "min_healthy_ms": o.min_healthy.as_millis() as u64,
+            "modes": json_modes,
+        }),
+    })
+}
+
+/// What the runs of one mode measured.
+#[derive(Default)]
+struct Measured {
+    walls: Vec<f64>,
+    controller_walls: Vec<f64>,
+    reverts: Vec<f64>,
     // Where a revert's time goes: failure to halt (the controller seeing it), failure to the
     // last rollback's job.started, and the longest rollback job (started to finished).
-    let (mut to_halt, mut to_last_start, mut longest) = (Vec::new(), Vec::new(), Vec::new());
+    to_halt: Vec<f64>,
+    to_last_start: Vec<f64>,
+    longest: Vec<f64>,
     // Every rollback job's steps: how long each took (ms), across runs.
-    let mut steps: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let mut failed_requests = 0;
-    let mut live = "v1.0.0";
+    steps: BTreeMap<String, Vec<f64>>,
+    failed_requests: u64,
+}
+
+impl Measured {
+    fn summary(&self, mode: &str) -> String {
+        format!(
+            "  {mode} revert:\n\
+             \x20   release wall time, median {:.1} s (runs {:?}; the controller's own record {:?})\n\
+             \x20   failure to every updated host serving its previous version, median {:.2} s (runs {:?}; goal <= 5 s)\n\
+             \x20     of which failure to halt {:?} s, failure to the last rollback's start {:?} s, longest rollback job {:?} s\n\
+             \x20     rollback steps, median ms: {}\n\
+             \x20   failed requests through the proxies during the failing releases: {}\n",
+            median(&self.walls),
+            self.walls,
+            self.controller_walls,
+            median(&self.reverts),
+            self.reverts,
+            self.to_halt,
+            self.to_last_start,
+            self.longest,
+            self.steps
+                .iter()
+                .map(|(step, ms)| format!("{step} {:.0}", median(ms)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.failed_requests,
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "wall_secs": self.walls,
+            "controller_wall_secs": self.controller_walls,
+            "revert_secs": self.reverts,
+            "failure_to_halt_secs": self.to_halt,
+            "failure_to_last_rollback_start_secs": self.to_last_start,
+            "longest_rollback_job_secs": self.longest,
+            "failed_requests": self.failed_requests,
+            "rollback_step_ms": self.steps,
+        })
+    }
+}
+
+/// `o.runs` times: a release that succeeds (to the version not live), then one whose last
+/// host fails in the last wave, timed from that failure to every updated host serving its
+/// previous version again.
+async fn measure(
+    controller: &TestController,
+    o: &RealReleaseOpts,
+    agents: &[HostAgent],
+    failing: &HostAgent,
+    port: u16,
+    live: &mut String,
+) -> Result<Measured> {
+    let mut m = Measured::default();
     for run in 0..o.runs {
         // A release that succeeds, to the version not live.
         let next = if live == "v1.0.0" { "v1.1.0" } else { "v1.0.0" };
         let t0 = Instant::now();
-        let done = release(&controller, &o, next, "succeeded").await?;
+        let done = release(controller, o, next, "succeeded").await?;
         let wall = t0.elapsed().as_secs_f64();
-        walls.push(wall);
-        controller_walls.push((done.finished_unix_ms - done.created_unix_ms) as f64 / 1000.0);
-        live = next;
+        m.walls.push(wall);
+        m.controller_walls
+            .push((done.finished_unix_ms - done.created_unix_ms) as f64 / 1000.0);
+        *live = next.to_string();
 
         // The last host fails in the last wave: every updated host goes back to `live`.
         secrets(failing, true)?;
@@ -173,7 +281,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
             .iter()
             .map(|a| Load::start(a.public(port), 1))
             .collect();
-        let id = start(&controller, &o, "v2.0.0").await?;
+        let id = start(controller, o, "v2.0.0").await?;
         // The failing host's deploy job: its id is derived from the release.
         let index = agents.len() - 1;
         let job = format!("{id}-d{index}");
@@ -186,7 +294,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
             {
                 break e.at_unix_ms;
             }
-            let r = get(&controller, &id).await?;
+            let r = get(controller, &id).await?;
             let ended = !matches!(r.state.as_str(), "pulling" | "running" | "paused");
             if ended || Instant::now() > deadline {
                 let hosts: Vec<String> = r
@@ -209,7 +317,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
         let mut back = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(120);
         let reverted = loop {
-            let r = get(&controller, &id).await?;
+            let r = get(controller, &id).await?;
             if r.state == "reverted" || r.state == "halted" {
                 break r;
             }
@@ -230,7 +338,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
         // Poll each updated host's proxy until it answers the previous version.
         for a in &updated {
             loop {
-                if version_at(a.public(port)).await.as_deref() == Some(live) {
+                if version_at(a.public(port)).await.as_deref() == Some(live.as_str()) {
                     back.push(unix_ms());
                     break;
                 }
@@ -246,7 +354,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
             .iter()
             .find(|e| e.what.starts_with("halted"))
             .map_or(failed_at, |e| e.at_unix_ms);
-        to_halt.push((halted_at - failed_at) as f64 / 1000.0);
+        m.to_halt.push((halted_at - failed_at) as f64 / 1000.0);
         let (mut last_start, mut max_job) = (failed_at, 0i64);
         for (i, a) in agents.iter().enumerate() {
             let events = controller.job_events(&a.host, &format!("{id}-r{i}"));
@@ -259,16 +367,17 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
                 max_job = max_job.max(f - s);
             }
             for (step, ms) in step_durations(&events) {
-                steps.entry(step).or_default().push(ms);
+                m.steps.entry(step).or_default().push(ms);
             }
         }
-        to_last_start.push((last_start - failed_at) as f64 / 1000.0);
-        longest.push(max_job as f64 / 1000.0);
+        m.to_last_start
+            .push((last_start - failed_at) as f64 / 1000.0);
+        m.longest.push(max_job as f64 / 1000.0);
         let revert = (all_back - failed_at) as f64 / 1000.0;
-        reverts.push(revert);
+        m.reverts.push(revert);
         for load in loads {
             let (_, failed, _) = load.finish().await;
-            failed_requests += failed;
+            m.failed_requests += failed;
         }
         secrets(failing, false)?;
         eprintln!(
@@ -278,48 +387,7 @@ pub async fn real_release(o: RealReleaseOpts) -> Result<Report> {
             reverted.state
         );
     }
-    let summary = format!(
-        "real-release: {} real agents, waves {}, min_healthy {:?}, {} run(s)\n\
-         \x20 release wall time, median {:.1} s (runs {:?}; the controller's own record {:?})\n\
-         \x20 failure to every updated host serving its previous version, median {:.2} s (runs {:?}; goal <= 5 s)\n\
-         \x20   of which failure to halt {:?} s, failure to the last rollback's start {:?} s, longest rollback job {:?} s\n\
-         \x20   rollback steps, median ms: {}\n\
-         \x20 failed requests through the proxies during the failing releases: {failed_requests}\n",
-        o.agents,
-        o.waves,
-        o.min_healthy,
-        o.runs,
-        median(&walls),
-        walls,
-        controller_walls,
-        median(&reverts),
-        reverts,
-        to_halt,
-        to_last_start,
-        longest,
-        steps
-            .iter()
-            .map(|(step, ms)| format!("{step} {:.0}", median(ms)))
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
-    Ok(Report {
-        summary,
-        json: json!({
-            "benchmark": "real-release",
-            "agents": o.agents,
-            "waves": o.waves,
-            "min_healthy_ms": o.min_healthy.as_millis() as u64,
-            "wall_secs": walls,
-            "controller_wall_secs": controller_walls,
-            "revert_secs": reverts,
-            "failure_to_halt_secs": to_halt,
-            "failure_to_last_rollback_start_secs": to_last_start,
-            "longest_rollback_job_secs": longest,
-            "failed_requests": failed_requests,
-            "rollback_step_ms": steps,
-        }),
-    })
+    Ok(m)
 }
 
 /// A job's steps that ended (done or failed) and how long each took, in ms.

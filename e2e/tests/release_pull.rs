@@ -257,7 +257,9 @@ impl RealRegistry {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("{test}: docker-registry is missing (scripts/test.sh installs it)");
             }
-            eprintln!("skipping {test}: docker-registry is missing (apt-get install docker-registry)");
+            eprintln!(
+                "skipping {test}: docker-registry is missing (apt-get install docker-registry)"
+            );
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
