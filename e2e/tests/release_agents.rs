@@ -152,15 +152,18 @@ async fn control(controller: &TestController, id: &str, control: v1::ReleaseCont
         .unwrap_or_else(|e| panic!("{control:?} {id}: {e}"));
 }
 
-// Multi-threaded: the in-process controller keeps serving while this thread waits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
-    if !docker_available("three_real_agents_release_in_waves_revert_under_load_and_converge") {
-        return;
-    }
-    init();
-    let _guard = AppGuard(APP.into());
-    let repo = test_repo(APP, &["v1.0.0", "v1.1.0", "v2.0.0"]);
+/// Three real agents serving `app` at v1.0.0: the controller, the agents, the app's public
+/// port and the migration log directory (in `dir`).
+struct Three {
+    controller: TestController,
+    agents: Vec<HostAgent>,
+    port: u16,
+    mig: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn three_agents(app: &str, hosts: [(&str, &str); 3]) -> Three {
+    let repo = test_repo(app, &["v1.0.0", "v1.1.0", "v2.0.0"]);
     let port = free_port();
     let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -170,26 +173,55 @@ async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
     std::fs::set_permissions(&mig, std::fs::Permissions::from_mode(0o777)).unwrap();
     let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
     let mut agents = Vec::new();
-    for (name, ip) in [
-        ("fleet-a", "127.0.0.2"),
-        ("fleet-b", "127.0.0.3"),
-        ("fleet-c", "127.0.0.4"),
-    ] {
+    for (name, ip) in hosts {
         let mut agent = HostAgent::enroll(&controller, dir.path(), name, ip).await;
-        secrets(APP, &agent, false);
+        secrets(app, &agent, false);
         agent.start(&controller).await;
         agents.push(agent);
     }
     controller
         .admin()
         .apply_app(v1::ApplyAppRequest {
-            spec_toml: fleet_spec(APP, &repo, listen, &mig),
-            source: "fleet.toml".into(),
+            spec_toml: fleet_spec(app, &repo, listen, &mig),
+            source: format!("{app}.toml"),
         })
         .await
         .expect("apply the app");
     let all: Vec<&HostAgent> = agents.iter().collect();
-    deploy(&controller, APP, "v1.0.0", &all).await;
+    deploy(&controller, app, "v1.0.0", &all).await;
+    Three {
+        controller,
+        agents,
+        port,
+        mig,
+        _dir: dir,
+    }
+}
+
+// Multi-threaded: the in-process controller keeps serving while this thread waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_real_agents_release_in_waves_revert_under_load_and_converge() {
+    if !docker_available("three_real_agents_release_in_waves_revert_under_load_and_converge") {
+        return;
+    }
+    init();
+    let _guard = AppGuard(APP.into());
+    let Three {
+        controller,
+        mut agents,
+        port,
+        mig,
+        _dir,
+    } = three_agents(
+        APP,
+        [
+            ("fleet-a", "127.0.0.2"),
+            ("fleet-b", "127.0.0.3"),
+            ("fleet-c", "127.0.0.4"),
+        ],
+    )
+    .await;
+    let all: Vec<&HostAgent> = agents.iter().collect();
     let names: Vec<String> = agents.iter().map(|a| a.host.clone()).collect();
 
     // 1. Waves gated on health: wave 2 starts only after fleet-a stayed healthy for
@@ -411,35 +443,21 @@ async fn three_real_agents_halt_without_revert_pause_resume_and_abort() {
     init();
     let app = "fleetctl";
     let _guard = AppGuard(app.into());
-    let repo = test_repo(app, &["v1.0.0", "v1.1.0", "v2.0.0"]);
-    let port = free_port();
-    let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mig = dir.path().join("mig");
-    std::fs::create_dir_all(&mig).unwrap();
-    std::fs::set_permissions(&mig, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let controller = TestController::start(fast_controller_config(&dir.path().join("c"))).await;
-    let mut agents = Vec::new();
-    for (name, ip) in [
-        ("ctl-a", "127.0.0.7"),
-        ("ctl-b", "127.0.0.8"),
-        ("ctl-c", "127.0.0.9"),
-    ] {
-        let mut agent = HostAgent::enroll(&controller, dir.path(), name, ip).await;
-        secrets(app, &agent, false);
-        agent.start(&controller).await;
-        agents.push(agent);
-    }
-    controller
-        .admin()
-        .apply_app(v1::ApplyAppRequest {
-            spec_toml: fleet_spec(app, &repo, listen, &mig),
-            source: "fleetctl.toml".into(),
-        })
-        .await
-        .expect("apply the app");
-    let all: Vec<&HostAgent> = agents.iter().collect();
-    deploy(&controller, app, "v1.0.0", &all).await;
+    let Three {
+        controller,
+        agents,
+        port,
+        mig,
+        _dir,
+    } = three_agents(
+        app,
+        [
+            ("ctl-a", "127.0.0.7"),
+            ("ctl-b", "127.0.0.8"),
+            ("ctl-c", "127.0.0.9"),
+        ],
+    )
+    .await;
     let names: Vec<String> = agents.iter().map(|a| a.host.clone()).collect();
     let serving = |i: usize| version_at(agents[i].public(port));
     let index =
