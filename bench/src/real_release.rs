@@ -3,7 +3,8 @@
 //! controller (in process, as the e2e tests run it). Per run: the wall time of a release that
 //! succeeds; then a release whose host in the last wave fails its health check, timed from that
 //! host's `job.finished` (the agent's clock, this machine) to every updated host answering its
-//! previous version through its own proxy, with load on every proxy (failed requests counted).
+//! previous version through its own proxy (each proxy polled every 10 ms from the release's
+//! start), with load on every proxy (failed requests counted).
 //! Both revert modes side by side in one run: warm (`[release] keep_previous = true`, the
 //! default: the previous web container kept running, a revert is a switch) and cold (it is
 //! stopped at each deploy, a revert starts it again).
@@ -281,6 +282,12 @@ async fn measure(
             .iter()
             .map(|a| Load::start(a.public(port), 1))
             .collect();
+        // Every proxy watched from now on: when it first answers v2.0.0, and when it answers
+        // the previous version again after that.
+        let watchers: Vec<Watcher> = agents
+            .iter()
+            .map(|a| Watcher::start(a.public(port), "v2.0.0", live))
+            .collect();
         let id = start(controller, o, "v2.0.0").await?;
         // The failing host's deploy job: its id is derived from the release.
         let index = agents.len() - 1;
@@ -295,7 +302,8 @@ async fn measure(
                 break e.at_unix_ms;
             }
             let r = get(controller, &id).await?;
-            let ended = !matches!(r.state.as_str(), "pulling" | "running" | "paused");
+            // Reverting may be seen a moment before the failing job's end is in its events.
+            let ended = matches!(r.state.as_str(), "succeeded" | "halted" | "reverted");
             if ended || Instant::now() > deadline {
                 let hosts: Vec<String> = r
                     .hosts
@@ -335,17 +343,22 @@ async fn measure(
                     .any(|h| h.host == a.host && h.state == "reverted")
             })
             .collect();
-        // Poll each updated host's proxy until it answers the previous version.
-        for a in &updated {
-            loop {
-                if version_at(a.public(port)).await.as_deref() == Some(live.as_str()) {
-                    back.push(unix_ms());
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("{} does not serve {live} again", a.host);
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        // When each updated host's proxy answered the previous version again (it may have done
+        // so long before the release was seen reverted: its rollback's switch comes before
+        // the rollback stops the new containers).
+        let mut timelines = Vec::new();
+        for w in watchers {
+            timelines.push(w.finish().await);
+        }
+        for (a, (new_at, back_at)) in agents.iter().zip(&timelines) {
+            if !updated.iter().any(|u| u.host == a.host) {
+                continue;
+            }
+            match (new_at, back_at) {
+                (Some(_), Some(at)) => back.push(*at),
+                (Some(_), None) => bail!("{} does not serve {live} again", a.host),
+                // Switched and back between two polls: at the latest by now.
+                (None, _) => back.push(unix_ms()),
             }
         }
         let all_back = back.iter().copied().max().unwrap_or(failed_at);
@@ -369,6 +382,23 @@ async fn measure(
             for (step, ms) in step_durations(&events) {
                 m.steps.entry(step).or_default().push(ms);
             }
+            // Each rollback on the failure's clock: started, switched, finished.
+            let switched = events
+                .iter()
+                .find(|e| {
+                    e.kind == drover_model::jobevent::STEP
+                        && e.fields.get("step").map(String::as_str) == Some("switch")
+                        && e.fields.get("status").map(String::as_str) == Some("done")
+                })
+                .map(|e| e.at_unix_ms);
+            if let (Some(s), Some(w)) = (at(drover_model::jobevent::STARTED), switched) {
+                eprintln!(
+                    "  {}: rollback started +{:.2} s, switched +{:.2} s",
+                    a.host,
+                    (s - failed_at) as f64 / 1000.0,
+                    (w - failed_at) as f64 / 1000.0
+                );
+            }
         }
         m.to_last_start
             .push((last_start - failed_at) as f64 / 1000.0);
@@ -388,6 +418,41 @@ async fn measure(
         );
     }
     Ok(m)
+}
+
+/// Polls one proxy every 10 ms: when it first answered `new`, and when it answered `old`
+/// after that (Unix ms, this machine's clock).
+struct Watcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(Option<i64>, Option<i64>)>,
+}
+
+impl Watcher {
+    fn start(addr: SocketAddr, new: &str, old: &str) -> Watcher {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, new, old) = (stop.clone(), new.to_string(), old.to_string());
+        let task = tokio::spawn(async move {
+            let (mut new_at, mut back_at) = (None, None);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && back_at.is_none() {
+                let answer = version_at(addr).await;
+                // After the answer: a switch is counted no earlier than it was seen.
+                let now = unix_ms();
+                match answer {
+                    Some(v) if v == new && new_at.is_none() => new_at = Some(now),
+                    Some(v) if v == old && new_at.is_some() => back_at = Some(now),
+                    _ => {}
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (new_at, back_at)
+        });
+        Watcher { stop, task }
+    }
+
+    async fn finish(self) -> (Option<i64>, Option<i64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap_or((None, None))
+    }
 }
 
 /// A job's steps that ended (done or failed) and how long each took, in ms.

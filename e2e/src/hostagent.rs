@@ -70,11 +70,14 @@ impl HostAgent {
             String::from_utf8_lossy(&out.stderr)
         );
         let config = home.join("agent.toml");
+        // Many agents share this machine's cores, so its load average is all of theirs: the
+        // load check would call every one of them unhealthy under a test's own load.
         std::fs::write(
             &config,
             format!(
                 "{extra}\nheartbeat_interval = \"1s\"\nhealth_interval = \"2s\"\nhealth_sample_interval = \"1s\"\n\
                  reconnect_max = \"2s\"\nlock_lease = \"3s\"\nsecrets_dir = \"{}\"\n\
+                 health.load_degraded_per_cpu = 50.0\nhealth.load_unhealthy_per_cpu = 100.0\n\
                  [proxy]\nlisten_ip = \"{ip}\"\n",
                 home.join("secrets").display()
             ),
