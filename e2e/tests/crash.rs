@@ -640,25 +640,31 @@ async fn an_interrupted_deploy_leaves_no_more_than_keep_releases() {
             && containers.iter().any(|(n, _)| n.contains("v1.1.0")),
         "the live release and the rollback target stay: {containers:?}"
     );
-    let releases = setup
-        .controller
-        .admin()
-        .list_releases(v1::ListReleasesRequest {
-            app: app.into(),
-            host: setup.host.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .releases;
-    let states: Vec<(String, String)> = releases
-        .iter()
-        .map(|r| (r.version.clone(), r.state.clone()))
-        .collect();
-    assert!(
-        states.contains(&("v1.0.0".into(), "removed".into())),
-        "{states:?}"
-    );
+    // The agent reports its pruned table after it removed the containers: the controller's
+    // copy follows.
+    let controller = &setup.controller;
+    let host = setup.host.clone();
+    eventually(
+        "the controller's table has v1.0.0 removed",
+        Duration::from_secs(30),
+        || async {
+            let releases = controller
+                .admin()
+                .list_releases(v1::ListReleasesRequest {
+                    app: app.into(),
+                    host: host.clone(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .releases;
+            releases
+                .iter()
+                .any(|r| r.version == "v1.0.0" && r.state == "removed")
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 /// 1,100 slowloris connections on a proxy port used to stop the app answering, fail backups
