@@ -386,7 +386,6 @@ impl Releases {
                                 host: h.host.clone(),
                                 job_id: job_id.clone(),
                                 migrate: h.migrates,
-                                keep_previous: fleet.release.policy.keep_previous,
                             })
                         }
                         None => redo.push(Action::Rollback {
@@ -515,7 +514,6 @@ impl Releases {
                 host,
                 job_id,
                 migrate,
-                keep_previous,
             } => {
                 if self.job_exists(&job_id) {
                     return None;
@@ -532,7 +530,9 @@ impl Releases {
                     // a moment; the wave's progress deadline bounds the wait.
                     wait_lock: true,
                     skip_migration: !migrate,
-                    keep_previous,
+                    // The release's policy says whether its deploys keep the previous web
+                    // container running for a warm revert.
+                    keep_previous: fleet.release.policy.keep_previous,
                 };
                 let started = self.launcher.deploy(args, &by, Some(job_id.clone())).await;
                 (host, job_id, started)

@@ -292,8 +292,6 @@ pub enum Action {
         host: String,
         job_id: String,
         migrate: bool,
-        /// Keep the previous web container running after the switch (`Policy::keep_previous`).
-        keep_previous: bool,
     },
     /// Stop the previous release a deploy kept running: the release ended, or halted, with
     /// this host on the new version.
@@ -786,7 +784,6 @@ fn run_wave(
             host: h.host.clone(),
             job_id: job_id.clone(),
             migrate: h.migrates,
-            keep_previous: policy.keep_previous,
         });
         h.phase = HostPhase::Deploying {
             job_id,
@@ -1082,8 +1079,7 @@ mod tests {
                 Action::Deploy {
                     host: "a".into(),
                     job_id: "rel-1-d0".into(),
-                    migrate: true,
-                    keep_previous: false
+                    migrate: true
                 }
             ]
         );
@@ -1198,10 +1194,6 @@ mod tests {
         };
         // Succeeded: every host is retired once, at the end, and not before.
         let mut run = Run::new(release(&[&["a"], &["b"]], keep, &[]));
-        assert!(run.actions.iter().all(|a| match a {
-            Action::Deploy { keep_previous, .. } => *keep_previous,
-            _ => true,
-        }));
         run.ended(S, "a", true);
         assert!(retired(&run.at(11 * S, Input::Tick)).is_empty());
         let now = run.ended(12 * S, "b", true);
